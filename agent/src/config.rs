@@ -1,0 +1,324 @@
+//! Command-line interface: `clap` flags with `SPOKELET_*` environment fallbacks and an optional YAML config file.
+//!
+//! Precedence, highest first: a flag on the command line, its `SPOKELET_*` environment
+//! variable, the config file (`--config` / `SPOKELET_CONFIG`), the built-in default.
+//! The config file is a flat YAML mapping whose keys are the long flag names
+//! (`works-dir: /var/lib/spokelet/works`), so every flag is configurable in one place
+//! and nothing has two spellings.
+
+use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, Subcommand, parser::ValueSource};
+
+use crate::{inventory::InventoryArgs, run::RunArgs, telemetry::LogFormat};
+
+/// The spokelet command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "spokelet",
+    version,
+    about = "Spoke-cluster agent: pulls ManifestWorks from the hub, applies them with drift correction, reports inventory and status.",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// YAML file with defaults for any flag; keys are long flag names (e.g. `log-format: json`).
+    #[arg(long, env = "SPOKELET_CONFIG", global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Log filter, `tracing` directive syntax (e.g. `info`, `spokelet=debug,kube=warn`).
+    #[arg(long, env = "SPOKELET_LOG", global = true, default_value = "info")]
+    pub log_level: String,
+
+    /// Log line format.
+    #[arg(long, env = "SPOKELET_LOG_FORMAT", global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Discover this node's hardware (CPU, memory, NICs, RDMA, GPUs, topology) and print it.
+    Inventory(InventoryArgs),
+    /// Apply ManifestWorks to this cluster and keep them applied (drift correction).
+    Run(RunCommand),
+}
+
+/// `spokelet run`: the work engine plus the admin endpoint.
+#[derive(Debug, clap::Args)]
+pub struct RunCommand {
+    /// Engine settings.
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Admin endpoint and shutdown settings.
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// Settings of every long-running command.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AdminArgs {
+    /// Where `/metrics`, `/healthz` and `/readyz` listen. Loopback by default so a
+    /// bare-metal install exposes nothing; the DaemonSet sets `0.0.0.0:9464`.
+    #[arg(long, env = "SPOKELET_ADMIN_ADDR", default_value = "127.0.0.1:9464")]
+    pub admin_addr: SocketAddr,
+
+    /// How long in-flight work may take to finish after SIGTERM before we exit anyway.
+    #[arg(long, env = "SPOKELET_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// Errors while reading the command line and config file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Bad flags, `--help` or `--version`: clap formats and prints these itself.
+    #[error(transparent)]
+    Clap(#[from] clap::Error),
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not a YAML mapping of flag names to values.
+    #[error("config file {path} is not valid: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+}
+
+impl Cli {
+    /// Parse the process's arguments, environment and config file.
+    pub fn load() -> Result<Self, ConfigError> {
+        Self::load_from(std::env::args_os())
+    }
+
+    /// Parse the given arguments (first is the program name), the environment and config file.
+    pub fn load_from<I, T>(args: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString>,
+    {
+        let mut argv: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let root = Cli::command();
+        // A first, forgiving pass finds `--config` and which flags the command line or
+        // environment already set, even if a required flag is only in the config file.
+        let partial = root.clone().ignore_errors(true).try_get_matches_from(argv.iter())?;
+        if let Some(path) = partial.get_one::<PathBuf>("config").cloned() {
+            let extra = config_file_args(&root, &partial, &path)?;
+            argv.extend(extra);
+        }
+        let matches = root.try_get_matches_from(argv)?;
+        Ok(Cli::from_arg_matches(&matches)?)
+    }
+}
+
+/// Turn the config file's entries into `--flag=value` arguments for every flag that
+/// neither the command line nor the environment set.
+fn config_file_args(
+    root: &clap::Command,
+    partial: &clap::ArgMatches,
+    path: &PathBuf,
+) -> Result<Vec<OsString>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let invalid = |message: String| ConfigError::Invalid {
+        path: path.clone(),
+        message,
+    };
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    let map = match doc {
+        serde_yaml::Value::Mapping(map) => map,
+        // An empty file is a valid (if pointless) config.
+        serde_yaml::Value::Null => return Ok(Vec::new()),
+        _ => return Err(invalid("expected a mapping of flag names to values".into())),
+    };
+
+    let (sub_name, sub_matches) = match partial.subcommand() {
+        Some((name, m)) => (Some(name), Some(m)),
+        None => (None, None),
+    };
+    let sub_cmd = sub_name.and_then(|n| root.find_subcommand(n));
+
+    let mut out = Vec::new();
+    for (key, value) in map {
+        let key = key
+            .as_str()
+            .ok_or_else(|| invalid(format!("key {key:?} is not a string")))?
+            .to_string();
+        if key == "config" {
+            return Err(invalid("`config` cannot point to another config file".into()));
+        }
+        // Which command owns the flag: the running subcommand, or the root (global flags).
+        let found = sub_cmd
+            .and_then(|c| find_long(c, &key).map(|a| (a, sub_matches)))
+            .or_else(|| find_long(root, &key).map(|a| (a, Some(partial))));
+        let Some((arg, matches)) = found else {
+            // A key for another subcommand is fine (one file serves them all); a key
+            // no subcommand knows is a typo worth failing on.
+            if root.get_subcommands().any(|c| find_long(c, &key).is_some()) {
+                continue;
+            }
+            return Err(invalid(format!("unknown key `{key}` (keys are long flag names, see --help)")));
+        };
+        let already_set = matches
+            .and_then(|m| m.value_source(arg.get_id().as_str()))
+            .is_some_and(|src| matches!(src, ValueSource::CommandLine | ValueSource::EnvVariable));
+        if already_set {
+            continue;
+        }
+        let is_switch = matches!(arg.get_action(), ArgAction::SetTrue | ArgAction::SetFalse);
+        let values = match value {
+            serde_yaml::Value::Sequence(items) => items,
+            other => vec![other],
+        };
+        for item in values {
+            let scalar = match item {
+                serde_yaml::Value::String(s) => s,
+                serde_yaml::Value::Bool(b) => b.to_string(),
+                serde_yaml::Value::Number(n) => n.to_string(),
+                _ => return Err(invalid(format!("value of `{key}` must be a string, number, boolean or list of those"))),
+            };
+            if is_switch {
+                match scalar.as_str() {
+                    "true" => out.push(OsString::from(format!("--{key}"))),
+                    "false" => {}
+                    _ => return Err(invalid(format!("`{key}` is a switch: use true or false"))),
+                }
+            } else {
+                out.push(OsString::from(format!("--{key}={scalar}")));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn find_long<'a>(cmd: &'a clap::Command, long: &str) -> Option<&'a clap::Arg> {
+    cmd.get_arguments().find(|a| a.get_long() == Some(long))
+}
+
+/// Parse a duration such as `250ms`, `30s`, `5m`, `1h`, `1h30m`, or a bare number of seconds.
+pub fn parse_duration(input: &str) -> Result<Duration, String> {
+    let s = input.trim();
+    if s.is_empty() {
+        return Err("empty duration".into());
+    }
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(format!("invalid duration {input:?}: expected a number before {rest:?}"));
+        }
+        let (num, tail) = rest.split_at(digits);
+        let value: f64 = num.parse().map_err(|_| format!("invalid number {num:?} in duration {input:?}"))?;
+        let unit_len = tail.find(|c: char| c.is_ascii_digit()).unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        let seconds = match unit {
+            "ms" => value / 1000.0,
+            "s" => value,
+            "m" => value * 60.0,
+            "h" => value * 3600.0,
+            "" => return Err(format!("invalid duration {input:?}: missing unit after {num} (ms, s, m, h)")),
+            other => return Err(format!("invalid duration {input:?}: unknown unit {other:?} (ms, s, m, h)")),
+        };
+        total += Duration::try_from_secs_f64(seconds).map_err(|e| format!("invalid duration {input:?}: {e}"))?;
+        rest = tail;
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        for bad in ["", "m", "5x", "5 m", "1e400s", "-3s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} should not parse");
+        }
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    fn write_config(text: &str) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), text).unwrap();
+        file
+    }
+
+    #[test]
+    fn config_file_fills_what_flags_leave_unset() {
+        let file = write_config("log-format: json\noutput: yaml\nroot: /from-file\nadmin-addr: 127.0.0.1:1\n");
+        let cli = Cli::load_from([
+            "spokelet".as_ref(),
+            "inventory".as_ref(),
+            "--root".as_ref(),
+            "/from-flag".as_ref(),
+            "--config".as_ref(),
+            file.path().as_os_str(),
+        ])
+        .unwrap();
+        assert_eq!(cli.log_format, LogFormat::Json, "global key from the file");
+        let Command::Inventory(args) = cli.command else {
+            panic!("wrong subcommand")
+        };
+        assert_eq!(args.root, PathBuf::from("/from-flag"), "the flag beats the file");
+        // `admin-addr` belongs to `run`: ignored here rather than rejected.
+    }
+
+    #[test]
+    fn config_file_typos_are_rejected_by_name() {
+        let file = write_config("log-formt: json\n");
+        let err = Cli::load_from([
+            "spokelet".as_ref(),
+            "--config".as_ref(),
+            file.path().as_os_str(),
+            "inventory".as_ref(),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown key `log-formt`"), "{err}");
+    }
+
+    #[test]
+    fn config_file_must_be_a_mapping_of_scalars() {
+        for text in ["- a\n- b\n", "log-format: {a: b}\n", ": : :\n"] {
+            let file = write_config(text);
+            let err = Cli::load_from([
+                "spokelet".as_ref(),
+                "--config".as_ref(),
+                file.path().as_os_str(),
+                "inventory".as_ref(),
+            ])
+            .unwrap_err();
+            assert!(matches!(err, ConfigError::Invalid { .. }), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn missing_config_file_names_the_path() {
+        let err = Cli::load_from(["spokelet", "--config", "/nonexistent/spokelet.yaml", "inventory"]).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/spokelet.yaml"), "{err}");
+    }
+}

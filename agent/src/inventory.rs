@@ -1,0 +1,1 @@
+//! `spokelet inventory`: discover this node's hardware and print it.

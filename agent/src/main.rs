@@ -1,0 +1,51 @@
+//! The `spokelet` binary: parse configuration, start telemetry, run the command, shut down on SIGTERM.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use spokelet::{
+    config::{Cli, Command, ConfigError},
+    daemon, inventory, telemetry,
+};
+
+fn main() -> ExitCode {
+    let cli = match Cli::load() {
+        Ok(cli) => cli,
+        // clap prints help, version and usage errors itself, with the right exit code.
+        Err(ConfigError::Clap(err)) => err.exit(),
+        Err(err) => {
+            eprintln!("spokelet: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(err) = telemetry::init(&cli.log_level, cli.log_format) {
+        eprintln!("spokelet: {err}");
+        return ExitCode::from(2);
+    }
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        // Inventory is a one-shot, synchronous job: no async runtime to start.
+        Command::Inventory(args) => {
+            let stdout = std::io::stdout();
+            inventory::run(&args, &mut stdout.lock()).context("inventory failed")
+        }
+        Command::Run(cmd) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("spokelet")
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(daemon::run(cmd)).context("spokelet run failed")
+        }
+    }
+}

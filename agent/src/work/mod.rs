@@ -1,0 +1,1 @@
+//! The work engine: applies ManifestWorks to the spoke and keeps them applied.

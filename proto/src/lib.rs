@@ -1,0 +1,24 @@
+//! CloudEvents gRPC wire types (`io.cloudevents.v1`) and the event-type strings spokelet speaks.
+#![forbid(unsafe_code)]
+
+/// Generated messages and the `CloudEventService` client and server stubs.
+pub mod cloudevents {
+    #![allow(missing_docs, clippy::all, clippy::pedantic, missing_debug_implementations)]
+    tonic::include_proto!("io.cloudevents.v1");
+}
+
+pub use cloudevents::{
+    CloudEvent, CloudEventAttributeValue, PublishRequest, SubscriptionRequest,
+    cloud_event::Data, cloud_event_attribute_value::Attr,
+    cloud_event_service_client::CloudEventServiceClient,
+    cloud_event_service_server::{CloudEventService, CloudEventServiceServer},
+};
+
+/// The CloudEvents spec version every event carries.
+pub const SPEC_VERSION: &str = "1.0";
+
+/// Data type of OCM work payloads (ManifestBundles).
+pub const MANIFEST_BUNDLES: &str = "io.open-cluster-management.works.v1alpha1.manifestbundles";
+
+/// Event type of the hub's liveness heartbeat.
+pub const HEARTBEAT: &str = "io.open-cluster-management.cloudevents.heartbeat";
