@@ -18,6 +18,10 @@ set -euo pipefail
 
 ASSETS="${SPOKELET_TEST_ASSETS:-$HOME/.cache/spokelet/test-assets}"
 SRC_ROOT="${SPOKELET_K8S_SRC:-$HOME/.cache/spokelet/kubernetes-src}"
+# Identifies how the cached binaries were made; a cache from another recipe is rebuilt.
+# Bump it whenever the build below changes what comes out.
+RECIPE="kubernetes v1.20.2 (Debian source) + reflect2 v1.0.2 (Debian), CGO_ENABLED=0"
+REFLECT2_SRC=/usr/share/gocode/src/github.com/modern-go/reflect2
 # Debian's package version of the source; the tarball inside is upstream v1.20.2.
 K8S_SOURCE_PACKAGE=kubernetes
 
@@ -33,8 +37,10 @@ fi
 # --- Debian packages -------------------------------------------------------------------
 # golang-go, make, gcc, rsync: the Kubernetes build. dpkg-dev, xz-utils: `apt-get source`.
 # etcd-server: etcd. docker-registry: an OCI registry. skopeo: an independent OCI client.
-# jq: scripts. lshw: hardware inventory tests. procps: pgrep, used to check for leftovers.
-packages=(golang-go make gcc rsync dpkg-dev xz-utils etcd-server docker-registry skopeo jq lshw procps)
+# jq: scripts. lshw: hardware inventory tests. procps: kill(1) for stale-run cleanup, pgrep.
+# golang-github-modern-go-reflect2-dev: a Go-1.18-safe reflect2 for the build (see below).
+packages=(golang-go make gcc rsync dpkg-dev xz-utils etcd-server docker-registry skopeo jq lshw procps
+          golang-github-modern-go-reflect2-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -77,9 +83,13 @@ if [ -n "$apiserver" ] && [ -n "$kcm" ]; then
   exit 0
 fi
 if [ -x "$ASSETS/kube-apiserver" ] && [ -x "$ASSETS/kube-controller-manager" ] \
+   && [ "$(cat "$ASSETS/RECIPE" 2>/dev/null)" = "$RECIPE" ] \
    && works "$ASSETS/kube-apiserver" && works "$ASSETS/kube-controller-manager"; then
   log "cached: $("$ASSETS/kube-apiserver" --version) in $ASSETS"
   exit 0
+fi
+if [ -x "$ASSETS/kube-apiserver" ]; then
+  log "cached binaries in $ASSETS are from another recipe (RECIPE file); rebuilding"
 fi
 
 # --- Source package -------------------------------------------------------------------
@@ -119,6 +129,18 @@ if [ -z "$srcdir" ]; then
   srcdir="$SRC_ROOT/$(basename "$unpacked")"
 fi
 
+# --- Patch -----------------------------------------------------------------------------
+# Kubernetes 1.20 vendors github.com/modern-go/reflect2 v1.0.1, whose map iterator assumes
+# the pre-Go-1.18 runtime layout. Built with Debian 12's Go 1.19 the API server then dies
+# with SIGSEGV (mapiternext, via json-iterator) on the first custom resource it stores.
+# v1.0.2 fixes exactly that and has the same API; Debian packages it, so swap it in.
+[ -f "$REFLECT2_SRC/go_above_118.go" ] || die "$REFLECT2_SRC lacks the Go 1.18 fix (package golang-github-modern-go-reflect2-dev >= 1.0.2)"
+vendored="$srcdir/vendor/github.com/modern-go/reflect2"
+[ -d "$vendored" ] || die "unexpected source layout: no $vendored"
+find "$vendored" -maxdepth 1 -type f \( -name '*.go' -o -name '*.s' \) -delete
+find "$REFLECT2_SRC" -maxdepth 1 -type f \( -name '*.go' -o -name '*.s' \) ! -name '*_test.go' \
+  -exec cp {} "$vendored/" \;
+
 # --- Build ----------------------------------------------------------------------------
 # As Debian's debian/rules does: a GOPATH inside the tree with k8s.io/kubernetes linking
 # back to it. A plain `go build` does not work: `make` first generates the OpenAPI code.
@@ -131,8 +153,10 @@ started=$SECONDS
 (cd "$GOPATH/src/k8s.io/kubernetes" && make WHAT="cmd/kube-apiserver cmd/kube-controller-manager") \
   >"$SRC_ROOT/build.log" 2>&1 || { tail -n 40 "$SRC_ROOT/build.log" >&2; die "build failed (full log: $SRC_ROOT/build.log)"; }
 # Install through a temporary name so a concurrent test run never sees a partial binary.
+rm -f "$ASSETS/RECIPE"
 for bin in kube-apiserver kube-controller-manager; do
   install -m 0755 "$srcdir/_output/bin/$bin" "$ASSETS/.$bin.tmp"
   mv -f "$ASSETS/.$bin.tmp" "$ASSETS/$bin"
 done
+printf '%s\n' "$RECIPE" >"$ASSETS/RECIPE"
 log "built $("$ASSETS/kube-apiserver" --version) in $((SECONDS - started))s into $ASSETS"
