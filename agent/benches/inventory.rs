@@ -1,1 +1,376 @@
-fn main() {}
+//! Wall time and peak RSS of `spokelet inventory --output json` against `lshw -json`.
+//!
+//! Every run is a fresh process. Wall time comes from plain runs (spawn,
+//! `wait4`). Peak RSS comes from separate runs in which the child is traced
+//! and its `VmHWM` read at exit (see [`peak_rss_kib`] for why `ru_maxrss`
+//! will not do). Scenarios: this machine, the `hgx-h100` fixture with the
+//! NVML test double, and `lshw -json` on this machine, in the same run.
+//! `SPOKELET_BENCH_RUNS` overrides the number of runs (default 20).
+//!
+//! Run with `cargo bench -p spokelet --bench inventory`.
+#![allow(unsafe_code)]
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use spokelet_hardware::Inventory;
+use spokelet_hardware::testing::{ShimVariant, build_nvml_shim};
+
+/// Runs per scenario unless `SPOKELET_BENCH_RUNS` says otherwise.
+const DEFAULT_RUNS: usize = 20;
+/// Unmeasured runs first, so that every scenario starts with a warm page
+/// cache and none pays for the first load of its binary.
+const WARMUP_RUNS: usize = 2;
+
+/// The speed and memory goals versus lshw.
+const TARGET_SPEEDUP: f64 = 10.0;
+const TARGET_RSS_RATIO: f64 = 0.5;
+
+/// Spawns `cmd` with its output discarded and returns its wall time.
+fn wall_time(cmd: &mut Command) -> Result<Duration, String> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let start = Instant::now();
+    let mut child = cmd.spawn().map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    let status = child
+        .wait()
+        .map_err(|e| format!("cannot wait for {cmd:?}: {e}"))?;
+    let wall = start.elapsed();
+    if !status.success() {
+        return Err(format!("{cmd:?} failed: {status}"));
+    }
+    Ok(wall)
+}
+
+/// Reads `VmHWM` (peak resident set size, KiB) from `/proc/<pid>/status`.
+fn vm_hwm_kib(pid: libc::pid_t) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Makes a raw `ptrace` request on `pid`.
+fn ptrace(request: libc::c_uint, pid: libc::pid_t, data: usize) -> Result<(), String> {
+    // SAFETY: the requests used here (SETOPTIONS, CONT) only act on a stopped
+    // tracee of ours; `addr` is unused by them and `data` is an integer
+    // (options or a signal number), never dereferenced.
+    let rc = unsafe {
+        libc::ptrace(
+            request,
+            pid,
+            std::ptr::null_mut::<libc::c_void>(),
+            data as *mut libc::c_void,
+        )
+    };
+    if rc == -1 {
+        return Err(format!(
+            "ptrace({request}) on {pid}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+fn waitpid(pid: libc::pid_t) -> Result<libc::c_int, String> {
+    let mut status: libc::c_int = 0;
+    // SAFETY: `status` is a valid, writable int for the duration of the call.
+    let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+    if rc != pid {
+        return Err(format!("waitpid({pid}): {}", std::io::Error::last_os_error()));
+    }
+    Ok(status)
+}
+
+/// The peak RSS of one run of `cmd`, in KiB, as the child's own `VmHWM`.
+///
+/// `wait4`'s `ru_maxrss` cannot be used: at `execve` the kernel folds the
+/// high-water mark of the address space being replaced into the process's
+/// `maxrss`, and right after `fork` (or during `vfork`) that address space is
+/// the parent's. Every child would then report at least this benchmark's own
+/// RSS. Instead the child is traced with `PTRACE_O_TRACEEXIT`, which stops it
+/// just before its memory is released, so `/proc/<pid>/status` still shows
+/// the final `VmHWM` of the program itself.
+fn peak_rss_kib(cmd: &mut Command) -> Result<u64, String> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: the closure runs in the forked child before `execve` and only
+    // makes one async-signal-safe system call.
+    unsafe {
+        cmd.pre_exec(|| {
+            let null = std::ptr::null_mut::<libc::c_void>();
+            if libc::ptrace(libc::PTRACE_TRACEME, 0, null, null) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    let pid = libc::pid_t::try_from(child.id()).map_err(|e| e.to_string())?;
+    // The child stops with SIGTRAP once `execve` has succeeded.
+    let status = waitpid(pid)?;
+    if !libc::WIFSTOPPED(status) {
+        return Err(format!("{cmd:?} did not stop at exec (status {status})"));
+    }
+    // EXITKILL: never leave a stopped child behind if we bail out.
+    let options = libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_EXITKILL;
+    ptrace(libc::PTRACE_SETOPTIONS, pid, options as usize)?;
+    ptrace(libc::PTRACE_CONT, pid, 0)?;
+    let exit_event = libc::SIGTRAP | (libc::PTRACE_EVENT_EXIT << 8);
+    let mut peak = None;
+    loop {
+        let status = waitpid(pid)?;
+        if libc::WIFEXITED(status) {
+            if libc::WEXITSTATUS(status) != 0 {
+                return Err(format!("{cmd:?} exited with {}", libc::WEXITSTATUS(status)));
+            }
+            break;
+        }
+        if libc::WIFSIGNALED(status) {
+            return Err(format!("{cmd:?} killed by signal {}", libc::WTERMSIG(status)));
+        }
+        if status >> 8 == exit_event {
+            peak = vm_hwm_kib(pid);
+            ptrace(libc::PTRACE_CONT, pid, 0)?;
+        } else {
+            // Any other stop is a signal for the child: pass it on.
+            let signal = usize::try_from(libc::WSTOPSIG(status)).unwrap_or(0);
+            ptrace(libc::PTRACE_CONT, pid, signal)?;
+        }
+    }
+    peak.ok_or_else(|| format!("no VmHWM for {cmd:?} at exit"))
+}
+
+#[derive(Clone)]
+struct Stats {
+    name: String,
+    runs: usize,
+    median: Duration,
+    p90: Duration,
+    max_rss_kib: u64,
+}
+
+/// Nearest-rank percentile of sorted samples.
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    // Lossless for any realistic run count.
+    #[allow(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss
+    )]
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn bench(name: &str, runs: usize, make: &dyn Fn() -> Command) -> Result<Stats, String> {
+    for _ in 0..WARMUP_RUNS {
+        wall_time(&mut make())?;
+    }
+    let mut walls = Vec::with_capacity(runs);
+    let mut max_rss_kib = 0;
+    // Interleaved, so that both measurements see the same machine load.
+    for _ in 0..runs {
+        walls.push(wall_time(&mut make())?);
+        max_rss_kib = max_rss_kib.max(peak_rss_kib(&mut make())?);
+    }
+    walls.sort_unstable();
+    Ok(Stats {
+        name: name.to_owned(),
+        runs,
+        median: percentile(&walls, 50.0),
+        p90: percentile(&walls, 90.0),
+        max_rss_kib,
+    })
+}
+
+/// Checks once, outside the timings, that the command really prints an
+/// inventory: timing a binary that prints nothing would be meaningless.
+fn check_inventory(mut cmd: Command) -> Result<Inventory, String> {
+    let out = cmd.output().map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| {
+        format!("{cmd:?} did not print an inventory as JSON ({e}); is `spokelet inventory` wired into main?")
+    })
+}
+
+fn spokelet(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_spokelet"));
+    cmd.args(["inventory", "--output", "json"]).args(args);
+    for var in [
+        "SPOKELET_INVENTORY_OUTPUT",
+        "SPOKELET_HOST_ROOT",
+        "SPOKELET_NVML_LIBRARY",
+        "SPOKELET_CONFIG",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+fn mib(kib: u64) -> String {
+    // Display only.
+    #[allow(clippy::cast_precision_loss)]
+    let m = kib as f64 / 1024.0;
+    format!("{m:.1}")
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn ratio(a: u64, b: u64) -> f64 {
+    a as f64 / b as f64
+}
+
+fn print_table(rows: &[Stats], lshw: Option<&Stats>) {
+    let header = [
+        "command",
+        "runs",
+        "median ms",
+        "p90 ms",
+        "max RSS MiB",
+        "speed vs lshw",
+        "RSS vs lshw",
+    ];
+    let mut cells: Vec<Vec<String>> = vec![header.iter().map(|s| (*s).to_owned()).collect()];
+    for r in rows {
+        let (speed, rss) = match lshw {
+            Some(l) => (
+                format!("{:.1}x", l.median.as_secs_f64() / r.median.as_secs_f64()),
+                format!("{:.2}", ratio(r.max_rss_kib, l.max_rss_kib)),
+            ),
+            None => ("-".to_owned(), "-".to_owned()),
+        };
+        cells.push(vec![
+            r.name.clone(),
+            r.runs.to_string(),
+            ms(r.median),
+            ms(r.p90),
+            mib(r.max_rss_kib),
+            speed,
+            rss,
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| cells.iter().map(|row| row[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    for (i, row) in cells.iter().enumerate() {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(c, (cell, w))| {
+                if c == 0 {
+                    format!("{cell:<w$}")
+                } else {
+                    format!("{cell:>w$}")
+                }
+            })
+            .collect();
+        println!("{}", line.join("  "));
+        if i == 0 {
+            println!(
+                "{}",
+                "-".repeat(widths.iter().sum::<usize>() + 2 * (widths.len() - 1))
+            );
+        }
+    }
+}
+
+fn lshw_path() -> Option<PathBuf> {
+    ["/usr/bin/lshw", "/usr/sbin/lshw", "/bin/lshw", "/sbin/lshw"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+fn run() -> Result<(), String> {
+    let runs = std::env::var("SPOKELET_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(DEFAULT_RUNS);
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hardware/tests/fixtures/hgx-h100");
+    let shim_dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let shim = build_nvml_shim(ShimVariant::H100, shim_dir.path()).map_err(|e| e.to_string())?;
+    let fixture_args = [
+        "--root",
+        fixture.to_str().ok_or("fixture path is not UTF-8")?,
+        "--nvml-library",
+        shim.to_str().ok_or("shim path is not UTF-8")?,
+    ];
+
+    let host = check_inventory(spokelet(&[]))?;
+    let hgx = check_inventory(spokelet(&fixture_args))?;
+    if hgx.gpus.devices.len() != 8 || hgx.rdma.len() != 8 {
+        return Err("the hgx-h100 fixture did not give 8 GPUs and 8 HCAs".to_owned());
+    }
+    println!(
+        "this machine: {} ({} threads, {} NICs, {} GPUs via {}); {runs} runs per command after {WARMUP_RUNS} warm-up runs\n",
+        host.hostname,
+        host.cpu.threads,
+        host.nics.len(),
+        host.gpus.devices.len(),
+        host.gpus.source
+    );
+
+    let mut rows = vec![
+        bench("spokelet inventory -o json (this machine)", runs, &|| {
+            spokelet(&[])
+        })?,
+        bench("spokelet inventory -o json (hgx-h100 + NVML shim)", runs, &|| {
+            spokelet(&fixture_args)
+        })?,
+    ];
+    let lshw = match lshw_path() {
+        Some(path) => {
+            let stats = bench("lshw -json (this machine)", runs, &|| {
+                let mut cmd = Command::new(&path);
+                cmd.arg("-json");
+                cmd
+            })?;
+            Some(stats)
+        }
+        None => {
+            println!("lshw is not installed (apt-get install lshw); no comparison\n");
+            None
+        }
+    };
+    rows.extend(lshw.clone());
+    print_table(&rows, lshw.as_ref());
+
+    let Some(l) = &lshw else {
+        return Ok(());
+    };
+    let ours = &rows[0];
+    let speedup = l.median.as_secs_f64() / ours.median.as_secs_f64();
+    let rss = ratio(ours.max_rss_kib, l.max_rss_kib);
+    let ok = speedup >= TARGET_SPEEDUP && rss < TARGET_RSS_RATIO;
+    println!(
+        "\ntarget on this machine: >= {TARGET_SPEEDUP:.0}x faster and < {TARGET_RSS_RATIO} of lshw's peak RSS: {:.1}x, {rss:.2} -> {}",
+        speedup,
+        if ok { "met" } else { "NOT met" }
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    // `cargo bench` passes `--bench`; there are no filters to honour.
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("inventory benchmark failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! GPUs: read through NVML when it loads, counted by a PCI scan when it does not.
+
+mod nvml;
+mod pci_scan;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::NvmlSource;
+use crate::pci::PciEntry;
+use crate::sysfs::{Root, Warnings};
+
+/// Where the GPU list came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GpuSource {
+    /// The NVIDIA management library: full detail.
+    Nvml,
+    /// `/sys/bus/pci/devices`: presence, model and driver binding only.
+    PciScan,
+}
+
+impl GpuSource {
+    /// The name used in JSON and labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Nvml => "nvml",
+            Self::PciScan => "pci-scan",
+        }
+    }
+}
+
+impl fmt::Display for GpuSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// All GPUs on the node and how they were found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuInventory {
+    /// `nvml`, or `pci-scan` when NVML could not be used.
+    pub source: GpuSource,
+    /// Why NVML was not used, when it was not. Kept apart from the general
+    /// warnings because on a node without GPUs it is expected, not a problem.
+    pub nvml_error: Option<String>,
+    /// Kernel driver version (`550.54.15`). From NVML, or from the loaded
+    /// module's `version` when NVML is unavailable.
+    pub driver_version: Option<String>,
+    /// Highest CUDA version the driver supports (`12.4`); NVML only.
+    pub cuda_driver_version: Option<String>,
+    /// The GPUs, in NVML index order (which is PCI bus order).
+    pub devices: Vec<Gpu>,
+}
+
+/// One physical GPU.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Gpu {
+    /// NVML index, or position in PCI order for a PCI scan (the same order
+    /// NVML uses by default, so the two agree on a healthy node).
+    pub index: u32,
+    /// Product name as NVML reports it (`NVIDIA H100 80GB HBM3`); from a
+    /// built-in table for a PCI scan.
+    pub name: String,
+    /// `GPU-<uuid>`; NVML only.
+    pub uuid: Option<String>,
+    /// Framebuffer size in bytes; NVML only.
+    pub memory_bytes: Option<u64>,
+    /// PCI address in sysfs form (`0000:1b:00.0`), so it can be matched with
+    /// NICs and HCAs; NVML's own form is `00000000:1B:00.0`.
+    pub pci_bus_id: Option<String>,
+    /// PCI device id (`2330` for H100 SXM5).
+    pub pci_device_id: Option<String>,
+    /// CUDA compute capability.
+    pub compute_capability: Option<ComputeCapability>,
+    /// Architecture family in GPU Feature Discovery spelling (`hopper`,
+    /// `ampere`, `ada-lovelace`...).
+    pub architecture: Option<String>,
+    /// MIG mode; `None` when the GPU does not support MIG.
+    pub mig_mode: Option<MigMode>,
+    /// MIG devices carved out of this GPU (empty unless MIG is enabled).
+    pub mig_devices: Vec<MigDevice>,
+    /// NVLinks currently up; `None` when the GPU has no NVLink.
+    pub nvlinks_active: Option<u32>,
+    /// NUMA node of the GPU's PCI function (from sysfs, not NVML, so it is
+    /// the same source as for NICs and directly comparable).
+    pub numa_node: Option<u32>,
+    /// Whether a kernel driver is bound. A GPU without one is still reported
+    /// (so it is counted), but nothing can use it.
+    pub driver_loaded: bool,
+    /// The bound driver (`nvidia`, or `vfio-pci` for passthrough).
+    pub driver: Option<String>,
+    /// Sysfs path of the GPU as the host sees it.
+    pub device_path: Option<String>,
+}
+
+/// CUDA compute capability (`major.minor`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComputeCapability {
+    /// Major version (9 for Hopper).
+    pub major: u32,
+    /// Minor version.
+    pub minor: u32,
+}
+
+impl fmt::Display for ComputeCapability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+impl ComputeCapability {
+    /// The architecture family, using the names GPU Feature Discovery puts
+    /// in `nvidia.com/gpu.family`.
+    pub fn family(self) -> Option<&'static str> {
+        Some(match (self.major, self.minor) {
+            (3, _) => "kepler",
+            (5, _) => "maxwell",
+            (6, _) => "pascal",
+            (7, 0..=4) => "volta",
+            (7, _) => "turing",
+            (8, 0..=8) => "ampere",
+            (8, _) => "ada-lovelace",
+            (9, _) => "hopper",
+            (10..=12, _) => "blackwell",
+            _ => return None,
+        })
+    }
+}
+
+/// MIG mode of a GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MigMode {
+    /// MIG is enabled now.
+    pub current: bool,
+    /// MIG will be enabled after the next GPU reset.
+    pub pending: bool,
+}
+
+/// One MIG device (a compute instance inside a GPU instance).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MigDevice {
+    /// Index within the parent GPU.
+    pub index: u32,
+    /// `MIG-<uuid>`, what `CUDA_VISIBLE_DEVICES` takes.
+    pub uuid: Option<String>,
+    /// Profile name (`1g.10gb`, `3g.40gb`, or `1c.3g.40gb` for a compute
+    /// instance smaller than its GPU instance).
+    pub profile: Option<String>,
+    /// Memory of the GPU instance in bytes.
+    pub memory_bytes: Option<u64>,
+    /// Streaming multiprocessors available to it.
+    pub multiprocessors: Option<u32>,
+}
+
+/// Why GPUs were not read through NVML.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    /// The caller asked not to use NVML.
+    #[error("NVML disabled by configuration")]
+    Disabled,
+    /// The library could not be opened, or lacks the entry points we need.
+    #[error("cannot load NVML from {library}: {reason}")]
+    Load {
+        /// The path or soname that was tried.
+        library: String,
+        /// The loader's message.
+        reason: String,
+    },
+    /// The library loaded but `nvmlInit` failed (driver not loaded, no
+    /// permission to the device nodes, driver/library version mismatch).
+    #[error("NVML initialization failed: {0}")]
+    Init(#[source] nvml_wrapper::error::NvmlError),
+    /// NVML initialised but could not even count the GPUs.
+    #[error("NVML cannot count GPUs: {0}")]
+    Count(#[source] nvml_wrapper::error::NvmlError),
+}
+
+/// Reads the NVIDIA kernel module's version, which is available without NVML
+/// (e.g. in a container that does not have the user-space library).
+fn module_driver_version(root: &Root, warnings: &mut Warnings) -> Option<String> {
+    warnings
+        .attr(&root.join("sys/module/nvidia/version"))
+        .filter(|v| !v.is_empty())
+}
+
+pub(crate) fn discover(
+    root: &Root,
+    source: &NvmlSource,
+    pci: &[PciEntry],
+    warnings: &mut Warnings,
+) -> GpuInventory {
+    let scanned = pci_scan::discover(pci);
+    let result = match source {
+        NvmlSource::Disabled => Err(GpuError::Disabled),
+        NvmlSource::Auto => nvml::discover(None, pci, warnings),
+        NvmlSource::Library(path) => nvml::discover(Some(path), pci, warnings),
+    };
+    match result {
+        Ok(inventory) => {
+            for gpu in &scanned {
+                let seen = inventory.devices.iter().any(|d| d.pci_bus_id == gpu.pci_bus_id);
+                if !seen {
+                    warnings.push(format!(
+                        "GPU at {} ({}) is on PCI but not visible to NVML",
+                        gpu.pci_bus_id.as_deref().unwrap_or("?"),
+                        gpu.name
+                    ));
+                }
+            }
+            inventory
+        }
+        Err(e) => {
+            if !scanned.is_empty() && !matches!(e, GpuError::Disabled) {
+                warnings.push(format!(
+                    "{} NVIDIA GPU(s) found on PCI but NVML is unavailable ({e}); reporting PCI scan only",
+                    scanned.len()
+                ));
+            }
+            let driver_version = if scanned.iter().any(|g| g.driver_loaded) {
+                module_driver_version(root, warnings)
+            } else {
+                None
+            };
+            GpuInventory {
+                source: GpuSource::PciScan,
+                nvml_error: Some(e.to_string()),
+                driver_version,
+                cuda_driver_version: None,
+                devices: scanned,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cc(major: u32, minor: u32) -> Option<&'static str> {
+        ComputeCapability { major, minor }.family()
+    }
+
+    #[test]
+    fn families() {
+        assert_eq!(cc(7, 0), Some("volta"));
+        assert_eq!(cc(7, 5), Some("turing"));
+        assert_eq!(cc(8, 0), Some("ampere"));
+        assert_eq!(cc(8, 6), Some("ampere"));
+        assert_eq!(cc(8, 7), Some("ampere"));
+        assert_eq!(cc(8, 9), Some("ada-lovelace"));
+        assert_eq!(cc(9, 0), Some("hopper"));
+        assert_eq!(cc(10, 0), Some("blackwell"));
+        assert_eq!(cc(12, 0), Some("blackwell"));
+        assert_eq!(cc(42, 0), None);
+    }
+}

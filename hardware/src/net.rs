@@ -1,0 +1,229 @@
+//! Network interfaces from `/sys/class/net`: link state, speed, driver, PCI placement and SR-IOV.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::pci::{self, PciPath};
+use crate::sysfs::{self, Root, Warnings};
+
+/// One network interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Nic {
+    /// Interface name (`eth0`, `ens1f0np0`, `ibp28s0`).
+    pub name: String,
+    /// Hardware address as the kernel prints it; 20 bytes long for IPoIB.
+    pub mac: Option<String>,
+    /// MTU in bytes.
+    pub mtu: Option<u32>,
+    /// RFC 2863 operational state (`up`, `down`, `unknown`...). Virtual
+    /// interfaces such as `lo` legitimately report `unknown`.
+    pub operstate: String,
+    /// Link layer from the ARPHRD `type` (`ether`, `infiniband`, `loopback`,
+    /// or `arphrd-<n>` for the rest).
+    pub link_type: Option<String>,
+    /// Negotiated speed in Mb/s. `None` when the link is down or the driver
+    /// does not know (virtio, most virtual devices): the kernel then reports
+    /// -1 or refuses the read with `EINVAL`, which is not an error.
+    pub speed_mbps: Option<u64>,
+    /// Kernel driver bound to the device (`mlx5_core`, `ice`, `virtio_net`).
+    pub driver: Option<String>,
+    /// PCI function backing the interface, when it is on PCI.
+    pub pci_address: Option<String>,
+    /// NUMA node of the backing device, when the platform reports one.
+    pub numa_node: Option<u32>,
+    /// Backed by a device (PCI, platform, USB) rather than purely software
+    /// (`lo`, bridges, veth, VLANs, which live under `/sys/devices/virtual`).
+    pub physical: bool,
+    /// A virtual function carved out of an SR-IOV physical function.
+    pub is_vf: bool,
+    /// SR-IOV capability of the physical function; `None` when it has none.
+    pub sriov: Option<Sriov>,
+    /// Sysfs path of the backing device as the host sees it; it encodes the
+    /// PCIe position used for topology.
+    pub device_path: Option<String>,
+}
+
+/// SR-IOV state of a physical function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Sriov {
+    /// How many VFs the device can expose (`sriov_totalvfs`).
+    pub total_vfs: u32,
+    /// How many are enabled now (`sriov_numvfs`).
+    pub num_vfs: u32,
+}
+
+/// Names for the ARPHRD link types that show up on servers.
+fn link_type(code: u32) -> String {
+    match code {
+        1 => "ether".to_owned(),
+        32 => "infiniband".to_owned(),
+        772 => "loopback".to_owned(),
+        776 => "sit".to_owned(),
+        65534 => "none".to_owned(),
+        n => format!("arphrd-{n}"),
+    }
+}
+
+/// Reads `speed`, mapping the kernel's ways of saying "unknown" to `None`.
+fn speed(path: &Path, warnings: &mut Warnings) -> Option<u64> {
+    match sysfs::read_attr(path) {
+        Ok(Some(value)) => match value.parse::<i64>() {
+            // SPEED_UNKNOWN is -1, and some drivers print it as u32.
+            Ok(n) if n > 0 && n != i64::from(u32::MAX) => u64::try_from(n).ok(),
+            Ok(_) => None,
+            Err(_) => {
+                warnings.push(sysfs::SysfsError::Parse {
+                    path: path.to_path_buf(),
+                    value: sysfs::excerpt(&value),
+                    expected: "a speed in Mb/s",
+                });
+                None
+            }
+        },
+        Ok(None) => None,
+        Err(e) if e.is_invalid_argument() || e.is_unsupported() => None,
+        Err(e) => {
+            warnings.push(e);
+            None
+        }
+    }
+}
+
+fn read_nic(root: &Root, class_entry: &Path, name: String, warnings: &mut Warnings) -> Option<Nic> {
+    // Resolving the class link tells us where the netdev lives; a loop or a
+    // dangling link leaves nothing trustworthy to read.
+    let dir = match root.resolve(class_entry) {
+        Ok(p) => p,
+        Err(e) => {
+            warnings.push(e);
+            return None;
+        }
+    };
+    let is_virtual_path = root.host_path(&dir).starts_with("/sys/devices/virtual/");
+    let device = if is_virtual_path {
+        None
+    } else {
+        match root.resolve(&dir.join("device")) {
+            Ok(p) => Some(p),
+            Err(e) if e.is_not_found() => None,
+            Err(e) => {
+                warnings.push(e);
+                None
+            }
+        }
+    };
+
+    let pci_dir = device.as_deref().and_then(pci::pci_function_dir);
+    let device_path = pci_dir.or(device.as_deref()).map(|p| root.host_path(p));
+    let pci_address = device_path
+        .as_deref()
+        .and_then(PciPath::parse)
+        .and_then(|p| p.address())
+        .map(str::to_owned);
+
+    let (sriov, is_vf) = match pci_dir {
+        Some(pci) => {
+            let total: Option<u32> = warnings.parse(&pci.join("sriov_totalvfs"), "a VF count");
+            let sriov = match total {
+                Some(total_vfs) if total_vfs > 0 => Some(Sriov {
+                    total_vfs,
+                    num_vfs: warnings
+                        .parse(&pci.join("sriov_numvfs"), "a VF count")
+                        .unwrap_or(0),
+                }),
+                _ => None,
+            };
+            (sriov, sysfs::exists(&pci.join("physfn")))
+        }
+        None => (None, false),
+    };
+
+    let mac = warnings.attr(&dir.join("address")).filter(|m| !m.is_empty());
+    Some(Nic {
+        mac,
+        mtu: warnings.parse(&dir.join("mtu"), "an MTU"),
+        operstate: warnings
+            .attr(&dir.join("operstate"))
+            .unwrap_or_else(|| "unknown".to_owned()),
+        link_type: warnings.parse(&dir.join("type"), "an ARPHRD type").map(link_type),
+        // Software interfaces have no link speed worth knowing (veth makes
+        // one up), and a Kubernetes node can have hundreds of them.
+        speed_mbps: device.as_ref().and_then(|_| speed(&dir.join("speed"), warnings)),
+        driver: device.as_deref().and_then(|d| warnings.link(&d.join("driver"))),
+        pci_address,
+        numa_node: device.as_deref().and_then(|d| {
+            // A virtio NIC's `device` is the virtio device, whose NUMA node is
+            // recorded on the PCI function above it.
+            let own = d.join("numa_node");
+            if sysfs::exists(&own) {
+                sysfs::numa_node(&own, warnings)
+            } else {
+                pci::numa_node_of(d, warnings)
+            }
+        }),
+        physical: device.is_some(),
+        is_vf,
+        sriov,
+        device_path,
+        name,
+    })
+}
+
+pub(crate) fn discover(root: &Root, warnings: &mut Warnings) -> Vec<Nic> {
+    let dir = root.join("sys/class/net");
+    let names = match sysfs::list_dir(&dir, warnings) {
+        Ok(Some(names)) => names,
+        Ok(None) => {
+            warnings.push(format!(
+                "{}: not found; no network interfaces listed",
+                dir.display()
+            ));
+            return Vec::new();
+        }
+        Err(e) => {
+            warnings.push(e);
+            return Vec::new();
+        }
+    };
+    names
+        .into_iter()
+        // `bonding_masters` is a control file that lives in the same directory.
+        .filter(|n| n != "bonding_masters")
+        .filter_map(|name| read_nic(root, &dir.join(&name), name, warnings))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn speed_unknown_is_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("speed");
+        let mut w = Warnings::default();
+        std::fs::write(&p, "-1\n").unwrap();
+        assert_eq!(speed(&p, &mut w), None);
+        std::fs::write(&p, "4294967295\n").unwrap();
+        assert_eq!(speed(&p, &mut w), None);
+        std::fs::write(&p, "400000\n").unwrap();
+        assert_eq!(speed(&p, &mut w), Some(400_000));
+        assert_eq!(speed(&dir.path().join("missing"), &mut w), None);
+        assert!(w.into_vec().is_empty());
+
+        let mut w = Warnings::default();
+        std::fs::write(&p, "fast\n").unwrap();
+        assert_eq!(speed(&p, &mut w), None);
+        assert_eq!(w.into_vec().len(), 1);
+    }
+
+    #[test]
+    fn link_types() {
+        assert_eq!(link_type(1), "ether");
+        assert_eq!(link_type(32), "infiniband");
+        assert_eq!(link_type(778), "arphrd-778");
+    }
+}
