@@ -167,3 +167,30 @@ fn binary_rejects_unknown_format() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("xml"));
 }
+
+#[test]
+fn lean_binary_prints_the_same_inventory_as_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = shim(&dir);
+    let args = [
+        "--output".as_ref(),
+        "json".as_ref(),
+        "--root".as_ref(),
+        fixture("hgx-h100").into_os_string(),
+        "--nvml-library".as_ref(),
+        lib.clone().into_os_string(),
+    ];
+    let mut lean = Command::new(env!("CARGO_BIN_EXE_spokelet-inventory"));
+    for var in ["SPOKELET_INVENTORY_OUTPUT", "SPOKELET_HOST_ROOT", "SPOKELET_NVML_LIBRARY"] {
+        lean.env_remove(var);
+    }
+    let from_lean: Inventory = serde_json::from_str(&stdout_of(lean.args(&args))).unwrap();
+    let from_agent: Inventory =
+        serde_json::from_str(&stdout_of(spokelet().arg("inventory").args(&args))).unwrap();
+    assert_eq!(from_lean.gpus.devices.len(), 8);
+    assert_eq!(
+        serde_json::to_value(&from_lean).unwrap(),
+        serde_json::to_value(&from_agent).unwrap(),
+        "both binaries run the same discovery"
+    );
+}

@@ -1,0 +1,47 @@
+//! `spokelet-inventory`: the lean bare-metal discovery binary — `spokelet inventory` without the agent.
+//!
+//! The full `spokelet` binary carries the Kubernetes client, gRPC and the work engine. None of
+//! that runs during discovery, but a large executable still costs memory and start-up time:
+//! the kernel maps code in 64 KiB fault-around chunks, so a few functions scattered over a
+//! 9 MB text segment pull megabytes into the resident set. This binary links only discovery
+//! and output, which is what a bare-metal node service (see `deploy/systemd/`) runs every
+//! few minutes. Flags and `SPOKELET_*` variables are the same as `spokelet inventory`.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use spokelet::{inventory, telemetry};
+
+/// Discover this node's hardware (CPU, memory, NICs, RDMA, GPUs, topology) and print it.
+#[derive(Debug, Parser)]
+#[command(name = "spokelet-inventory", version)]
+struct Cli {
+    /// Log filter, `tracing` directive syntax (warnings from discovery are also in the output).
+    #[arg(long, env = "SPOKELET_LOG", default_value = "info")]
+    log_level: String,
+
+    /// Log line format (logs go to stderr).
+    #[arg(long, env = "SPOKELET_LOG_FORMAT", value_enum, default_value_t = telemetry::LogFormat::Text)]
+    log_format: telemetry::LogFormat,
+
+    /// What to discover and how to print it.
+    #[command(flatten)]
+    inventory: inventory::InventoryArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(err) = telemetry::init(&cli.log_level, cli.log_format) {
+        eprintln!("spokelet-inventory: {err}");
+        return ExitCode::from(2);
+    }
+    let stdout = std::io::stdout();
+    match inventory::run(&cli.inventory, &mut stdout.lock()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("inventory failed: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
