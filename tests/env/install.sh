@@ -20,7 +20,7 @@ ASSETS="${SPOKELET_TEST_ASSETS:-$HOME/.cache/spokelet/test-assets}"
 SRC_ROOT="${SPOKELET_K8S_SRC:-$HOME/.cache/spokelet/kubernetes-src}"
 # Identifies how the cached binaries were made; a cache from another recipe is rebuilt.
 # Bump it whenever the build below changes what comes out.
-RECIPE="kubernetes v1.20.2 (Debian source) + reflect2 v1.0.2 (Debian), CGO_ENABLED=0"
+RECIPE="kubernetes v1.20.2 (Debian source) + reflect2 v1.0.2 (Debian) + kube-openapi null check, CGO_ENABLED=0"
 REFLECT2_SRC=/usr/share/gocode/src/github.com/modern-go/reflect2
 # Debian's package version of the source; the tarball inside is upstream v1.20.2.
 K8S_SOURCE_PACKAGE=kubernetes
@@ -140,6 +140,16 @@ vendored="$srcdir/vendor/github.com/modern-go/reflect2"
 find "$vendored" -maxdepth 1 -type f \( -name '*.go' -o -name '*.s' \) -delete
 find "$REFLECT2_SRC" -maxdepth 1 -type f \( -name '*.go' -o -name '*.s' \) ! -name '*_test.go' \
   -exec cp {} "$vendored/" \;
+
+# The vendored kube-openapi validator treats a value equal to its type's zero value as null:
+# `reflect.DeepEqual(reflect.Zero(T), reflect.ValueOf(data))` compared two reflect.Value
+# headers, which never matched under the Go it was written for but does under Go 1.19, so
+# every empty string in a custom resource ("", e.g. a core kind's `group`) is refused with
+# "must be of type string". Reduce the check to what it meant: a real null.
+typego="$srcdir/vendor/k8s.io/kube-openapi/pkg/validation/validate/type.go"
+sed -i 's/if data == nil || reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data)), reflect.ValueOf(data)) {/if data == nil {/' "$typego"
+grep -q 'reflect.DeepEqual(reflect.Zero(reflect.TypeOf(data))' "$typego" \
+  && die "could not patch the null check in $typego"
 
 # --- Build ----------------------------------------------------------------------------
 # As Debian's debian/rules does: a GOPATH inside the tree with k8s.io/kubernetes linking

@@ -125,6 +125,8 @@ pub struct TestHubOptions {
     pub source: String,
     /// Serve without TLS (only to test the agent's explicit insecure-plaintext mode).
     pub plaintext: bool,
+    /// Speak TLS 1.2 only (an old hub), to test the agent's TLS version setting.
+    pub tls12_only: bool,
 }
 
 impl TestHubOptions {
@@ -137,6 +139,7 @@ impl TestHubOptions {
             client_ca_pem: pki.client_ca.cert_pem().to_string(),
             source: "test-hub".into(),
             plaintext: false,
+            tls12_only: false,
         })
     }
 }
@@ -594,8 +597,13 @@ fn server_config(opts: &TestHubOptions) -> Result<Arc<ServerConfig>, TestHubErro
     let key: PrivateKeyDer<'static> =
         rustls_pemfile::private_key(&mut BufReader::new(opts.serving.key_pem.as_bytes()))?
             .ok_or_else(|| TestHubError::Tls("no serving key".into()))?;
+    let versions: &[&'static rustls::SupportedProtocolVersion] = if opts.tls12_only {
+        &[&rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13, &rustls::version::TLS12]
+    };
     let mut cfg = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .with_protocol_versions(versions)
         .map_err(|e| tls(&e))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)

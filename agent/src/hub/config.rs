@@ -1,0 +1,703 @@
+//! Hub connection settings: the reference-format YAML file (`url`, `caFile`, ...) and the `--hub-*` flags.
+//!
+//! Flags (and their `SPOKELET_*` environment variables) override the file, field by field.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use super::tls::{PemSource, TlsOptions};
+use crate::config::parse_duration;
+
+/// Bad hub settings.
+#[derive(Debug, thiserror::Error)]
+pub enum HubConfigError {
+    /// The hub config file cannot be read.
+    #[error("reading hub config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The hub config file is not valid YAML of the expected shape.
+    #[error("parsing hub config {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: serde_yaml::Error,
+    },
+    /// A required setting is missing.
+    #[error("hub setting missing: {0}")]
+    Missing(&'static str),
+    /// The hub URL cannot be used.
+    #[error("invalid hub url {url:?}: {reason}")]
+    Url {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Plaintext was asked for without explicitly allowing it.
+    #[error(
+        "hub url {0:?} is plaintext; refusing to send credentials and works unencrypted (set --insecure-plaintext to allow it)"
+    )]
+    Plaintext(String),
+    /// Both an inline value and a file were given for the same input.
+    #[error("both {0} and {1} are set; use one")]
+    Conflict(&'static str, &'static str),
+    /// A TLS setting that is not understood.
+    #[error("invalid minTLSVersion {0:?}: expected \"1.2\" or \"1.3\"")]
+    TlsVersion(String),
+}
+
+/// Which hub API spokelet talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HubTransport {
+    /// CloudEvents over gRPC (OCM "grpc" driver, Maestro).
+    Grpc,
+    /// The hub's Kubernetes API (classic klusterlet).
+    Kube,
+}
+
+/// HTTP/2 keepalive, as the reference config spells it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct KeepAliveConfig {
+    /// Send HTTP/2 pings at all. Off by default: hub heartbeats already detect dead streams.
+    pub enable: bool,
+    /// Interval between pings.
+    #[serde(deserialize_with = "de_duration")]
+    pub time: Duration,
+    /// How long to wait for a ping's answer before dropping the connection.
+    #[serde(deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// Ping even when no stream is open.
+    pub permit_without_stream: bool,
+}
+
+impl Default for KeepAliveConfig {
+    fn default() -> Self {
+        // The reference defaults.
+        KeepAliveConfig {
+            enable: false,
+            time: Duration::from_secs(30),
+            timeout: Duration::from_secs(10),
+            permit_without_stream: false,
+        }
+    }
+}
+
+/// Durations are Go-style strings (`30s`) in the reference format; bare numbers are seconds.
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        /// Seconds.
+        Num(u64),
+        /// `30s`, `1m30s`, ...
+        Str(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Num(n) => Ok(Duration::from_secs(n)),
+        Raw::Str(s) => parse_duration(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+/// The hub connection config file, in the reference implementation's field names.
+#[derive(Default, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct HubConfigFile {
+    /// Hub address: `https://host:port`, `host:port` (TLS), or `http://host:port` (plaintext).
+    pub url: Option<String>,
+    /// CA bundle file that signs the hub's certificate.
+    pub ca_file: Option<PathBuf>,
+    /// CA bundle inline (PEM or base64 of PEM).
+    pub ca_data: Option<String>,
+    /// Client certificate file.
+    pub client_cert_file: Option<PathBuf>,
+    /// Client certificate inline.
+    pub client_cert_data: Option<String>,
+    /// Client key file.
+    pub client_key_file: Option<PathBuf>,
+    /// Client key inline.
+    pub client_key_data: Option<String>,
+    /// Bearer token inline.
+    pub token: Option<String>,
+    /// Bearer token file, re-read on each connect so rotated tokens are picked up.
+    pub token_file: Option<PathBuf>,
+    /// HTTP/2 keepalive.
+    pub keep_alive_config: Option<KeepAliveConfig>,
+    /// Our extension: `"1.2"` also allows TLS 1.2; default is TLS 1.3 only.
+    #[serde(rename = "minTLSVersion")]
+    pub min_tls_version: Option<String>,
+    /// Our extension: allow an `http://` URL (logged loudly on every connect).
+    pub insecure_plaintext: Option<bool>,
+}
+
+impl fmt::Debug for HubConfigFile {
+    // Inline key and token stay out of logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HubConfigFile")
+            .field("url", &self.url)
+            .field("ca_file", &self.ca_file)
+            .field("ca_data", &self.ca_data.as_ref().map(|_| "<set>"))
+            .field("client_cert_file", &self.client_cert_file)
+            .field(
+                "client_cert_data",
+                &self.client_cert_data.as_ref().map(|_| "<set>"),
+            )
+            .field("client_key_file", &self.client_key_file)
+            .field(
+                "client_key_data",
+                &self.client_key_data.as_ref().map(|_| "<redacted>"),
+            )
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .field("keep_alive_config", &self.keep_alive_config)
+            .field("min_tls_version", &self.min_tls_version)
+            .field("insecure_plaintext", &self.insecure_plaintext)
+            .finish()
+    }
+}
+
+impl HubConfigFile {
+    /// Reads and parses a hub config file.
+    pub fn load(path: &std::path::Path) -> Result<Self, HubConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| HubConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|source| HubConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Parses hub config YAML.
+    pub fn parse(text: &str) -> Result<Self, serde_yaml::Error> {
+        if text.trim().is_empty() {
+            return Ok(HubConfigFile::default());
+        }
+        serde_yaml::from_str(text)
+    }
+}
+
+/// Hub flags of `spokelet run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HubArgs {
+    /// Hub transport; without one, works come from the local works directory only.
+    #[arg(long, env = "SPOKELET_HUB_TRANSPORT", value_enum)]
+    pub hub_transport: Option<HubTransport>,
+
+    /// Hub connection file in the reference format (`url`, `caFile`, `clientCertFile`, ...).
+    #[arg(long, env = "SPOKELET_HUB_CONFIG", value_name = "FILE")]
+    pub hub_config: Option<PathBuf>,
+
+    /// Hub address (`https://host:port` or `host:port`); overrides `url` in the hub config.
+    #[arg(long, env = "SPOKELET_HUB_URL")]
+    pub hub_url: Option<String>,
+
+    /// CA bundle for the hub's certificate; overrides `caFile`.
+    #[arg(long, env = "SPOKELET_HUB_CA_FILE", value_name = "FILE")]
+    pub hub_ca_file: Option<PathBuf>,
+
+    /// Client certificate; overrides `clientCertFile`. Reloaded when it changes on disk.
+    #[arg(long, env = "SPOKELET_HUB_CLIENT_CERT_FILE", value_name = "FILE")]
+    pub hub_client_cert_file: Option<PathBuf>,
+
+    /// Client key; overrides `clientKeyFile`. Reloaded when it changes on disk.
+    #[arg(long, env = "SPOKELET_HUB_CLIENT_KEY_FILE", value_name = "FILE")]
+    pub hub_client_key_file: Option<PathBuf>,
+
+    /// Bearer token file; overrides `tokenFile`. Re-read on every connect.
+    #[arg(long, env = "SPOKELET_HUB_TOKEN_FILE", value_name = "FILE")]
+    pub hub_token_file: Option<PathBuf>,
+
+    /// This cluster's name on the hub (the namespace its works live in).
+    #[arg(long, env = "SPOKELET_CLUSTER_NAME")]
+    pub cluster_name: Option<String>,
+
+    /// This agent's id, the `source` of the status it sends; defaults to the cluster name. Not a
+    /// flag of its own: `spokelet run` already has `--agent-id` (the engine's), and the caller
+    /// copies it here so there is one spelling.
+    #[arg(skip)]
+    pub agent_id: Option<String>,
+
+    /// Reconnect when the hub has sent nothing (not even a heartbeat, every 10 s by default) for this long.
+    #[arg(long, env = "SPOKELET_HUB_HEARTBEAT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub hub_heartbeat_timeout: Duration,
+
+    /// Allow an `http://` hub URL. Works and status then travel unencrypted; logged on every connect.
+    #[arg(long, env = "SPOKELET_INSECURE_PLAINTEXT")]
+    pub insecure_plaintext: bool,
+
+    /// Kubeconfig (client certificate) for the hub's API server, for `--hub-transport kube`.
+    #[arg(long, env = "SPOKELET_HUB_KUBECONFIG", value_name = "FILE")]
+    pub hub_kubeconfig: Option<PathBuf>,
+
+    /// Duration of the `managed-cluster-lease` renewed on a Kubernetes hub (also the renew interval).
+    #[arg(long, env = "SPOKELET_HUB_LEASE_DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub hub_lease_duration: Duration,
+}
+
+impl Default for HubArgs {
+    fn default() -> Self {
+        HubArgs {
+            hub_transport: None,
+            hub_config: None,
+            hub_url: None,
+            hub_ca_file: None,
+            hub_client_cert_file: None,
+            hub_client_key_file: None,
+            hub_token_file: None,
+            cluster_name: None,
+            agent_id: None,
+            hub_heartbeat_timeout: Duration::from_secs(30),
+            insecure_plaintext: false,
+            hub_kubeconfig: None,
+            hub_lease_duration: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Where the bearer token comes from.
+#[derive(Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    /// Given inline.
+    Inline(String),
+    /// Read from this file on each connect.
+    File(PathBuf),
+}
+
+impl fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenSource::Inline(_) => f.write_str("Inline(<redacted>)"),
+            TokenSource::File(p) => f.debug_tuple("File").field(p).finish(),
+        }
+    }
+}
+
+impl TokenSource {
+    /// The token now (trimmed); errors name the file only.
+    pub fn read(&self) -> Result<String, std::io::Error> {
+        match self {
+            TokenSource::Inline(t) => Ok(t.trim().to_string()),
+            TokenSource::File(p) => Ok(std::fs::read_to_string(p)?.trim().to_string()),
+        }
+    }
+}
+
+/// A parsed hub address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubUrl {
+    /// True for `http://`.
+    pub plaintext: bool,
+    /// Host name or IP (IPv6 in brackets).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+impl HubUrl {
+    /// Parses `https://host:port`, `http://host:port` or `host:port`.
+    pub fn parse(url: &str) -> Result<HubUrl, HubConfigError> {
+        let bad = |reason: &str| HubConfigError::Url {
+            url: url.to_string(),
+            reason: reason.to_string(),
+        };
+        let (plaintext, rest, default_port) = if let Some(r) = url.strip_prefix("https://") {
+            (false, r, Some(443))
+        } else if let Some(r) = url.strip_prefix("http://") {
+            (true, r, Some(80))
+        } else if url.contains("://") {
+            return Err(bad("scheme must be https:// or http://"));
+        } else {
+            (false, url, None)
+        };
+        let rest = rest.trim_end_matches('/');
+        if rest.contains('/') || rest.contains('@') {
+            return Err(bad("expected host:port without path or user info"));
+        }
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (h, tail) = v6.split_once(']').ok_or_else(|| bad("unclosed IPv6 bracket"))?;
+            (format!("[{h}]"), tail.strip_prefix(':'))
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), Some(p)),
+                None => (rest.to_string(), None),
+            }
+        };
+        if host.is_empty() || host == "[]" {
+            return Err(bad("empty host"));
+        }
+        let port = match port {
+            Some(p) => p.parse::<u16>().map_err(|_| bad("port is not a number"))?,
+            None => default_port.ok_or_else(|| bad("missing port"))?,
+        };
+        Ok(HubUrl {
+            plaintext,
+            host,
+            port,
+        })
+    }
+
+    /// `scheme://host:port` for logs and tonic.
+    pub fn uri(&self) -> String {
+        format!(
+            "{}://{}:{}",
+            if self.plaintext { "http" } else { "https" },
+            self.host,
+            self.port
+        )
+    }
+}
+
+/// Everything the gRPC transport needs, merged from file and flags.
+#[derive(Debug, Clone)]
+pub struct HubSettings {
+    /// Hub address.
+    pub url: HubUrl,
+    /// TLS inputs (unused for plaintext).
+    pub tls: TlsOptions,
+    /// Bearer token, sent as `authorization: Bearer ...` when set.
+    pub token: Option<TokenSource>,
+    /// HTTP/2 keepalive.
+    pub keep_alive: KeepAliveConfig,
+    /// Our cluster name.
+    pub cluster_name: String,
+    /// Our agent id (status `source`).
+    pub agent_id: String,
+    /// Reconnect after this long without any message from the hub.
+    pub heartbeat_timeout: Duration,
+    /// Plaintext explicitly allowed.
+    pub insecure_plaintext: bool,
+}
+
+/// Picks the file or the inline value, refusing both.
+fn pick(
+    file: Option<PathBuf>,
+    data: Option<String>,
+    names: (&'static str, &'static str),
+) -> Result<Option<PemSource>, HubConfigError> {
+    match (file, data) {
+        (Some(_), Some(_)) => Err(HubConfigError::Conflict(names.0, names.1)),
+        (Some(f), None) => Ok(Some(PemSource::File(f))),
+        (None, Some(d)) => Ok(Some(PemSource::Inline(d.into_bytes()))),
+        (None, None) => Ok(None),
+    }
+}
+
+/// Settings of the Kubernetes-hub transport.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubeHubSettings {
+    /// Kubeconfig for the hub API server.
+    pub kubeconfig: PathBuf,
+    /// Our cluster name (the namespace of our works and lease).
+    pub cluster_name: String,
+    /// Our agent id (lease holder).
+    pub agent_id: String,
+    /// Lease duration and renew interval.
+    pub lease_duration: Duration,
+}
+
+/// The selected transport with its settings.
+#[derive(Debug, Clone)]
+pub enum ResolvedHub {
+    /// CloudEvents over gRPC: pass to [`GrpcHubOptions::new`](super::grpc::GrpcHubOptions::new).
+    Grpc(HubSettings),
+    /// Kubernetes API: build a client with
+    /// [`client_from_kubeconfig`](super::kube_hub::client_from_kubeconfig).
+    Kube(KubeHubSettings),
+}
+
+impl HubArgs {
+    /// Merges the file (if any) under the flags. `Ok(None)` when no hub transport is selected.
+    pub fn resolve(&self) -> Result<Option<ResolvedHub>, HubConfigError> {
+        match self.hub_transport {
+            None => Ok(None),
+            Some(HubTransport::Grpc) => {
+                let file = match &self.hub_config {
+                    Some(p) => HubConfigFile::load(p)?,
+                    None => HubConfigFile::default(),
+                };
+                self.merge(file).map(|s| Some(ResolvedHub::Grpc(s)))
+            }
+            Some(HubTransport::Kube) => {
+                let kubeconfig = self
+                    .hub_kubeconfig
+                    .clone()
+                    .ok_or(HubConfigError::Missing("--hub-kubeconfig"))?;
+                let cluster_name = self
+                    .cluster_name
+                    .clone()
+                    .filter(|c| !c.is_empty())
+                    .ok_or(HubConfigError::Missing("--cluster-name"))?;
+                let agent_id = self
+                    .agent_id
+                    .clone()
+                    .filter(|a| !a.is_empty())
+                    .unwrap_or_else(|| cluster_name.clone());
+                Ok(Some(ResolvedHub::Kube(KubeHubSettings {
+                    kubeconfig,
+                    cluster_name,
+                    agent_id,
+                    lease_duration: self.hub_lease_duration,
+                })))
+            }
+        }
+    }
+
+    /// Merges `file` under the flags.
+    pub fn merge(&self, mut file: HubConfigFile) -> Result<HubSettings, HubConfigError> {
+        // A flag replaces both spellings of its input in the file.
+        if self.hub_ca_file.is_some() {
+            file.ca_data = None;
+        }
+        if self.hub_client_cert_file.is_some() {
+            file.client_cert_data = None;
+        }
+        if self.hub_client_key_file.is_some() {
+            file.client_key_data = None;
+        }
+        if self.hub_token_file.is_some() {
+            file.token = None;
+        }
+        let url_text = self
+            .hub_url
+            .clone()
+            .or(file.url)
+            .ok_or(HubConfigError::Missing("--hub-url or url"))?;
+        let url = HubUrl::parse(&url_text)?;
+        let insecure_plaintext = self.insecure_plaintext || file.insecure_plaintext.unwrap_or(false);
+        if url.plaintext && !insecure_plaintext {
+            return Err(HubConfigError::Plaintext(url_text));
+        }
+        let allow_tls12 = match file.min_tls_version.as_deref() {
+            None | Some("1.3") => false,
+            Some("1.2") => true,
+            Some(other) => return Err(HubConfigError::TlsVersion(other.to_string())),
+        };
+        let tls = TlsOptions {
+            ca: pick(
+                self.hub_ca_file.clone().or(file.ca_file),
+                file.ca_data,
+                ("caFile", "caData"),
+            )?,
+            client_cert: pick(
+                self.hub_client_cert_file.clone().or(file.client_cert_file),
+                file.client_cert_data,
+                ("clientCertFile", "clientCertData"),
+            )?,
+            client_key: pick(
+                self.hub_client_key_file.clone().or(file.client_key_file),
+                file.client_key_data,
+                ("clientKeyFile", "clientKeyData"),
+            )?,
+            allow_tls12,
+        };
+        let token = match (self.hub_token_file.clone().or(file.token_file), file.token) {
+            (Some(_), Some(_)) => return Err(HubConfigError::Conflict("token", "tokenFile")),
+            (Some(f), None) => Some(TokenSource::File(f)),
+            (None, Some(t)) => Some(TokenSource::Inline(t)),
+            (None, None) => None,
+        };
+        let cluster_name = self
+            .cluster_name
+            .clone()
+            .ok_or(HubConfigError::Missing("--cluster-name"))?;
+        if cluster_name.is_empty() {
+            return Err(HubConfigError::Missing("--cluster-name"));
+        }
+        let agent_id = self
+            .agent_id
+            .clone()
+            .filter(|a| !a.is_empty())
+            .unwrap_or_else(|| cluster_name.clone());
+        Ok(HubSettings {
+            url,
+            tls,
+            token,
+            keep_alive: file.keep_alive_config.unwrap_or_default(),
+            cluster_name,
+            agent_id,
+            heartbeat_timeout: self.hub_heartbeat_timeout,
+            insecure_plaintext,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        hub: HubArgs,
+    }
+
+    #[test]
+    fn parses_reference_file() {
+        let f = HubConfigFile::parse(
+            r#"
+url: hub.example.com:8090
+caFile: /etc/hub/ca.crt
+clientCertFile: /etc/hub/tls.crt
+clientKeyFile: /etc/hub/tls.key
+tokenFile: /etc/hub/token
+keepAliveConfig:
+  enable: true
+  time: 20s
+  timeout: 5
+  permitWithoutStream: true
+"#,
+        )
+        .unwrap();
+        assert_eq!(f.url.as_deref(), Some("hub.example.com:8090"));
+        let ka = f.keep_alive_config.clone().unwrap();
+        assert!(ka.enable && ka.permit_without_stream);
+        assert_eq!(ka.time, Duration::from_secs(20));
+        assert_eq!(ka.timeout, Duration::from_secs(5));
+        let args = HubArgs {
+            cluster_name: Some("c1".into()),
+            ..Default::default()
+        };
+        let s = args.merge(f).unwrap();
+        assert_eq!(
+            s.url,
+            HubUrl {
+                plaintext: false,
+                host: "hub.example.com".into(),
+                port: 8090
+            }
+        );
+        assert_eq!(s.tls.ca, Some(PemSource::File("/etc/hub/ca.crt".into())));
+        assert_eq!(s.token, Some(TokenSource::File("/etc/hub/token".into())));
+        assert_eq!(s.agent_id, "c1");
+        assert!(!s.tls.allow_tls12);
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let cli = Cli::try_parse_from([
+            "x",
+            "--hub-transport",
+            "grpc",
+            "--hub-url",
+            "https://10.0.0.1:9443",
+            "--hub-ca-file",
+            "/flag/ca",
+            "--cluster-name",
+            "c2",
+            "--hub-heartbeat-timeout",
+            "45s",
+        ])
+        .unwrap();
+        let mut cli = cli;
+        cli.hub.agent_id = Some("a2".into());
+        let file = HubConfigFile::parse("url: other:1\ncaData: QUJD\ntoken: secret\n").unwrap();
+        let s = cli.hub.merge(file).unwrap();
+        assert_eq!(s.url.host, "10.0.0.1");
+        assert_eq!(s.url.port, 9443);
+        assert_eq!(s.tls.ca, Some(PemSource::File("/flag/ca".into())));
+        assert_eq!(s.heartbeat_timeout, Duration::from_secs(45));
+        assert_eq!(s.agent_id, "a2");
+        assert!(!format!("{s:?}").contains("secret"));
+        assert_eq!(cli.hub.hub_transport, Some(HubTransport::Grpc));
+    }
+
+    #[test]
+    fn refuses_plaintext_unless_allowed() {
+        let args = HubArgs {
+            hub_url: Some("http://127.0.0.1:8090".into()),
+            cluster_name: Some("c".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            args.merge(HubConfigFile::default()),
+            Err(HubConfigError::Plaintext(_))
+        ));
+        let args = HubArgs {
+            insecure_plaintext: true,
+            ..args
+        };
+        assert!(args.merge(HubConfigFile::default()).unwrap().url.plaintext);
+    }
+
+    #[test]
+    fn flags_do_not_clash_with_the_engine_flags() {
+        use clap::CommandFactory;
+        #[derive(Parser, Debug)]
+        struct Run {
+            #[command(flatten)]
+            run: crate::run::RunArgs,
+            #[command(flatten)]
+            hub: HubArgs,
+        }
+        Run::command().debug_assert();
+    }
+
+    #[test]
+    fn resolves_kube_transport() {
+        let cli = Cli::try_parse_from([
+            "x",
+            "--hub-transport",
+            "kube",
+            "--hub-kubeconfig",
+            "/etc/hub/kubeconfig",
+            "--cluster-name",
+            "c3",
+        ])
+        .unwrap();
+        let Some(ResolvedHub::Kube(k)) = cli.hub.resolve().unwrap() else {
+            panic!("not kube")
+        };
+        assert_eq!(k.kubeconfig, PathBuf::from("/etc/hub/kubeconfig"));
+        assert_eq!(k.lease_duration, Duration::from_secs(60));
+        assert_eq!(k.agent_id, "c3");
+        let none = Cli::try_parse_from(["x"]).unwrap();
+        assert!(none.hub.resolve().unwrap().is_none());
+    }
+
+    #[test]
+    fn url_forms() {
+        assert_eq!(HubUrl::parse("https://h").unwrap().port, 443);
+        assert_eq!(HubUrl::parse("[::1]:8090").unwrap().host, "[::1]");
+        assert!(HubUrl::parse("h").is_err());
+        assert!(HubUrl::parse("grpc://h:1").is_err());
+        assert!(HubUrl::parse("https://h:1/path").is_err());
+        assert!(HubUrl::parse("https://:1").is_err());
+        assert_eq!(HubUrl::parse("https://h:1/").unwrap().uri(), "https://h:1");
+    }
+
+    #[test]
+    fn conflicts_and_missing() {
+        let base = HubArgs {
+            hub_url: Some("h:1".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            base.merge(HubConfigFile::default()),
+            Err(HubConfigError::Missing(_))
+        ));
+        let args = HubArgs {
+            cluster_name: Some("c".into()),
+            ..base
+        };
+        let f = HubConfigFile::parse("caFile: /a\ncaData: b\n").unwrap();
+        assert!(matches!(args.merge(f), Err(HubConfigError::Conflict(..))));
+        let f = HubConfigFile::parse("minTLSVersion: \"1.1\"\n").unwrap();
+        assert!(matches!(args.merge(f), Err(HubConfigError::TlsVersion(_))));
+        let f = HubConfigFile::parse("minTLSVersion: \"1.2\"\n").unwrap();
+        assert!(args.merge(f).unwrap().tls.allow_tls12);
+    }
+}

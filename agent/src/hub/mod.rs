@@ -1,0 +1,18 @@
+//! Hub transports: receive ManifestWorks from the hub and send their status back, over mutual TLS.
+//!
+//! - [`grpc`]: CloudEvents over gRPC (OCM "grpc" driver / Maestro), see [`GrpcHub::start`].
+//! - [`kube_hub`]: the hub's Kubernetes API (classic klusterlet), see [`kube_hub::KubeHub::start`].
+//! - [`cloudevents`]: the pure event codec.
+//! - [`tls`]: rustls client with certificate rotation.
+//! - [`config`]: the reference-format config file and the `--hub-*` flags ([`HubArgs`]).
+
+pub mod cloudevents;
+pub mod config;
+pub mod grpc;
+pub mod kube_hub;
+pub mod metrics;
+pub mod tls;
+
+pub use config::{HubArgs, HubConfigError, HubSettings, HubTransport, KubeHubSettings, ResolvedHub};
+pub use grpc::{GrpcError, GrpcHub, GrpcHubOptions, GrpcStatusSink, GrpcWorkSource, HubHandle, HubState};
+pub use metrics::HubMetrics;

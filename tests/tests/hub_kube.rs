@@ -1,0 +1,672 @@
+//! The Kubernetes-API hub transport against a real hub API server (etcd + kube-apiserver).
+//!
+//! The agent always talks to the hub with its own client certificate, allowed nothing but the
+//! role in `deploy/hub/agent-rbac.yaml`, so these tests also prove that role is enough.
+//!
+//! Needs the binaries from `tests/env/install.sh`. No wall-clock limits: every wait is a
+//! bounded number of checks (`spokelet_e2e::eventually`) that fails saying what it waited for.
+
+use std::time::Duration;
+
+use futures::FutureExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use spokelet::hub::kube_hub::{
+    CLEANUP_FINALIZER, KubeHub, KubeHubOptions, LEASE_NAME, client_from_kubeconfig,
+};
+use spokelet::work::manifestwork::{Condition, ManifestWork, ManifestWorkStatus};
+use spokelet::work::source::{StatusSink, StatusUpdate, WorkEvent, WorkSource};
+use spokelet_e2e::{ClusterOptions, KubeCluster, UserCredentials, eventually, unique_name};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const CRD: &str = include_str!("../../deploy/crds/manifestworks.work.open-cluster-management.io.yaml");
+const AGENT_RBAC: &str = include_str!("../../deploy/hub/agent-rbac.yaml");
+/// The cluster name `deploy/hub/agent-rbac.yaml` is written for.
+const RBAC_EXAMPLE_CLUSTER: &str = "cluster1";
+
+/// A hub API server with the ManifestWork CRD.
+async fn start_hub() -> (KubeCluster, kube::Client) {
+    let hub = KubeCluster::start(ClusterOptions::hub())
+        .await
+        .unwrap_or_else(|e| panic!("hub API server did not start (run tests/env/install.sh): {e}"));
+    let admin = hub.client();
+    let crd: CustomResourceDefinition = serde_yaml::from_str(CRD).unwrap();
+    let api: Api<CustomResourceDefinition> = Api::all(admin.clone());
+    api.create(&PostParams::default(), &crd).await.unwrap();
+    eventually("the ManifestWork CRD to be established", || {
+        let api = api.clone();
+        async move {
+            let c = api
+                .get("manifestworks.work.open-cluster-management.io")
+                .await
+                .map_err(|e| e.to_string())?;
+            let established = c
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            established.then_some(()).ok_or("not established yet".to_string())
+        }
+    })
+    .await
+    .unwrap();
+    (hub, admin)
+}
+
+/// Creates the cluster namespace and the agent's role from `deploy/hub/agent-rbac.yaml`, and
+/// issues the agent's certificate (user `system:open-cluster-management:<cluster>:agent`, group
+/// `system:open-cluster-management:<cluster>`).
+async fn onboard_cluster(hub: &KubeCluster, admin: &kube::Client, cluster: &str) -> UserCredentials {
+    let yaml = AGENT_RBAC.replace(RBAC_EXAMPLE_CLUSTER, cluster);
+    let mut kinds = Vec::new();
+    for doc in yaml.split("\n---\n") {
+        let value: serde_json::Value = serde_yaml::from_str(doc).unwrap();
+        let kind = value["kind"].as_str().unwrap_or_default().to_string();
+        // Retried: right after a CRD is established the API server may drop pooled connections.
+        eventually(&format!("creating the {kind} of {cluster}"), || {
+            let (admin, value, kind) = (admin.clone(), value.clone(), kind.clone());
+            async move {
+                let pp = PostParams::default();
+                let created = match kind.as_str() {
+                    "Namespace" => Api::<Namespace>::all(admin)
+                        .create(&pp, &serde_json::from_value(value).unwrap())
+                        .await
+                        .map(drop),
+                    "Role" => Api::<Role>::namespaced(admin, cluster)
+                        .create(&pp, &serde_json::from_value(value).unwrap())
+                        .await
+                        .map(drop),
+                    "RoleBinding" => Api::<RoleBinding>::namespaced(admin, cluster)
+                        .create(&pp, &serde_json::from_value(value).unwrap())
+                        .await
+                        .map(drop),
+                    other => panic!("unexpected kind {other} in deploy/hub/agent-rbac.yaml"),
+                };
+                created.map_err(|e| e.to_string())
+            }
+        })
+        .await
+        .unwrap();
+        kinds.push(kind);
+    }
+    assert_eq!(kinds, ["Namespace", "Role", "RoleBinding"]);
+    let group = format!("system:open-cluster-management:{cluster}");
+    hub.issue_user(&format!("{group}:agent"), &[&group]).unwrap()
+}
+
+fn work(name: &str, cm: &str) -> ManifestWork {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "work.open-cluster-management.io/v1",
+        "kind": "ManifestWork",
+        "metadata": {"name": name},
+        "spec": {"workload": {"manifests": [
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": cm, "namespace": "default"}}
+        ]}},
+    }))
+    .unwrap()
+}
+
+fn manifest_names(w: &ManifestWork) -> Vec<String> {
+    w.spec
+        .workload
+        .manifests
+        .iter()
+        .map(|m| m.0["metadata"]["name"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+fn condition(type_: &str, status: &str, reason: &str, generation: i64) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        observed_generation: generation,
+        last_transition_time: "2025-01-01T00:00:00Z".into(),
+        reason: reason.into(),
+        message: format!("{type_} is {status}"),
+    }
+}
+
+fn update(w: &ManifestWork, conditions: Vec<Condition>, deleted: bool) -> StatusUpdate {
+    StatusUpdate {
+        name: w.name_any(),
+        namespace: w.namespace(),
+        uid: w.metadata.uid.clone(),
+        generation: w.metadata.generation.unwrap_or(0),
+        status: ManifestWorkStatus {
+            conditions,
+            ..Default::default()
+        },
+        status_hash: String::new(),
+        deleted,
+    }
+}
+
+/// The next work event, polled a bounded number of times; fails if the source ends.
+async fn next_event(source: &mut impl WorkSource, what: &str) -> WorkEvent {
+    eventually(what, || {
+        let got = match source.next_event().now_or_never() {
+            Some(Some(ev)) => Ok(ev),
+            Some(None) => panic!("the work source ended while waiting for {what}"),
+            None => Err("no event yet"),
+        };
+        async move { got }
+    })
+    .await
+    .unwrap()
+}
+
+async fn next_upsert(source: &mut impl WorkSource, what: &str) -> ManifestWork {
+    match next_event(source, what).await {
+        WorkEvent::Upsert(w) => *w,
+        other => panic!("expected {what} (an upsert), got {other:?}"),
+    }
+}
+
+/// Polls the hub until `check` accepts the work.
+async fn hub_work(works: &Api<ManifestWork>, name: &str, what: &str, check: impl Fn(&ManifestWork) -> bool) {
+    eventually(what, || {
+        let works = works.clone();
+        let got = async move { works.get(name).await };
+        let check = &check;
+        async move {
+            let w = got.await.map_err(|e| e.to_string())?;
+            if check(&w) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "finalizers {:?}, status {:?}",
+                    w.finalizers(),
+                    w.status.as_ref().map(|s| &s.conditions)
+                ))
+            }
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// Shuts the transport down and waits, a bounded number of checks, for its tasks to end.
+async fn stop(shutdown: &CancellationToken, tasks: Vec<JoinHandle<()>>) {
+    shutdown.cancel();
+    eventually("the transport tasks to stop after shutdown", || {
+        let running = tasks.iter().filter(|t| !t.is_finished()).count();
+        async move {
+            if running == 0 {
+                Ok(())
+            } else {
+                Err(format!("{running} task(s) still running"))
+            }
+        }
+    })
+    .await
+    .unwrap();
+    for t in tasks {
+        t.await.expect("a transport task panicked");
+    }
+}
+
+fn agent_options(client: kube::Client, cluster: &str) -> KubeHubOptions {
+    let mut opts = KubeHubOptions::new(client, cluster, "agent-1");
+    opts.lease_duration = Duration::from_secs(1);
+    opts.retry_max = Duration::from_secs(1);
+    opts
+}
+
+#[tokio::test]
+async fn kube_hub_watches_writes_status_manages_finalizer_and_lease() {
+    let (hub, admin) = start_hub().await;
+    let cluster = unique_name("cluster");
+    let agent_user = onboard_cluster(&hub, &admin, &cluster).await;
+    let works: Api<ManifestWork> = Api::namespaced(admin.clone(), &cluster);
+    works
+        .create(&PostParams::default(), &work("w1", "a"))
+        .await
+        .unwrap();
+
+    // The agent authenticates with its own client certificate through a kubeconfig.
+    let client = client_from_kubeconfig(agent_user.kubeconfig_path())
+        .await
+        .unwrap();
+    // It is not an administrator: it may not create works, nor read another namespace's.
+    let agent_works: Api<ManifestWork> = Api::namespaced(client.clone(), &cluster);
+    let denied = agent_works
+        .create(&PostParams::default(), &work("mine", "x"))
+        .await;
+    assert!(
+        matches!(&denied, Err(kube::Error::Api(s)) if s.code == 403),
+        "{denied:?}"
+    );
+    let other: Api<ManifestWork> = Api::namespaced(client.clone(), "default");
+    let denied = other.list(&Default::default()).await;
+    assert!(
+        matches!(&denied, Err(kube::Error::Api(s)) if s.code == 403),
+        "{denied:?}"
+    );
+
+    let shutdown = CancellationToken::new();
+    let mut agent = KubeHub::start(agent_options(client, &cluster), shutdown.clone());
+
+    // Created on the hub: delivered whole, then Synced.
+    let w1 = next_upsert(&mut agent.source, "w1").await;
+    assert_eq!(w1.name_any(), "w1");
+    assert_eq!(w1.namespace().as_deref(), Some(cluster.as_str()));
+    assert_eq!(w1.metadata.generation, Some(1));
+    assert_eq!(manifest_names(&w1), ["a"]);
+    assert!(w1.metadata.managed_fields.is_none());
+    assert!(matches!(
+        next_event(&mut agent.source, "Synced").await,
+        WorkEvent::Synced
+    ));
+    hub_work(&works, "w1", "the cleanup finalizer on w1", |w| {
+        w.finalizers().iter().any(|f| f == CLEANUP_FINALIZER)
+    })
+    .await;
+
+    // Status goes to the status subresource.
+    let applied = vec![condition("Applied", "True", "AppliedManifestWorkComplete", 1)];
+    agent.sink.publish(update(&w1, applied, false)).await.unwrap();
+    hub_work(&works, "w1", "w1's status on the hub", |w| {
+        w.status
+            .as_ref()
+            .and_then(|s| s.conditions.first())
+            .map(|c| c.reason.as_str())
+            == Some("AppliedManifestWorkComplete")
+    })
+    .await;
+
+    // The lease is created and renewed.
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), &cluster);
+    let first = eventually("the cluster lease", || {
+        let leases = leases.clone();
+        async move {
+            let spec = leases.get(LEASE_NAME).await.map_err(|e| e.to_string())?.spec;
+            spec.ok_or("no spec".to_string())
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(first.holder_identity.as_deref(), Some("agent-1"));
+    assert_eq!(first.lease_duration_seconds, Some(1));
+    assert!(first.renew_time.is_some());
+    eventually("a lease renewal", || {
+        let leases = leases.clone();
+        let before = first.renew_time.clone();
+        async move {
+            let now = leases
+                .get(LEASE_NAME)
+                .await
+                .map_err(|e| e.to_string())?
+                .spec
+                .and_then(|s| s.renew_time);
+            (now != before).then_some(()).ok_or("not renewed yet".to_string())
+        }
+    })
+    .await
+    .unwrap();
+
+    // Updated on the hub: delivered again with the new generation. (Our own status and
+    // finalizer writes, echoed by the watch, were not: this is the next event.)
+    let mut changed = works.get("w1").await.unwrap();
+    changed.spec = work("w1", "b").spec;
+    works
+        .replace("w1", &PostParams::default(), &changed)
+        .await
+        .unwrap();
+    let w1 = next_upsert(&mut agent.source, "w1 generation 2").await;
+    assert_eq!(w1.metadata.generation, Some(2));
+    assert_eq!(manifest_names(&w1), ["b"]);
+
+    // Deleted on the hub: the finalizer holds the work until our final status.
+    works.delete("w1", &DeleteParams::default()).await.unwrap();
+    match next_event(&mut agent.source, "the delete of w1").await {
+        WorkEvent::Delete(r) => assert_eq!(r.name, "w1"),
+        other => panic!("expected the delete of w1, got {other:?}"),
+    }
+    let held = works
+        .get("w1")
+        .await
+        .expect("the finalizer keeps w1 until cleanup is done");
+    assert!(held.metadata.deletion_timestamp.is_some());
+    // A status while cleanup runs is still written (the object is terminating, not gone).
+    let deleting = vec![condition("Deleting", "True", "ManifestsDeleting", 2)];
+    agent.sink.publish(update(&w1, deleting, false)).await.unwrap();
+    hub_work(
+        &works,
+        "w1",
+        "w1's Deleting status on the terminating work",
+        |w| {
+            w.status
+                .as_ref()
+                .and_then(|s| s.conditions.first())
+                .map(|c| c.type_.as_str())
+                == Some("Deleting")
+        },
+    )
+    .await;
+    let gone = vec![
+        condition("Deleting", "False", "ManifestsDeleted", 2),
+        condition("Deleted", "True", "ManifestsDeleted", 2),
+    ];
+    agent.sink.publish(update(&w1, gone, true)).await.unwrap();
+    eventually("w1 to disappear after its final status", || {
+        let works = works.clone();
+        async move {
+            match works.get_opt("w1").await.map_err(|e| e.to_string())? {
+                None => Ok(()),
+                Some(w) => Err(format!("still there with finalizers {:?}", w.finalizers())),
+            }
+        }
+    })
+    .await
+    .unwrap();
+
+    stop(&shutdown, agent.tasks).await;
+}
+
+/// A status the hub refuses must not hold a deleted work forever, nor other works' statuses.
+#[tokio::test]
+async fn kube_hub_releases_a_deleted_work_whose_final_status_the_hub_rejects() {
+    let (hub, admin) = start_hub().await;
+    let cluster = unique_name("cluster-rejected");
+    let agent_user = onboard_cluster(&hub, &admin, &cluster).await;
+    let works: Api<ManifestWork> = Api::namespaced(admin.clone(), &cluster);
+    for name in ["bad", "good"] {
+        works
+            .create(&PostParams::default(), &work(name, name))
+            .await
+            .unwrap();
+    }
+    let shutdown = CancellationToken::new();
+    let client = agent_user.client();
+    let mut agent = KubeHub::start(agent_options(client, &cluster), shutdown.clone());
+    let mut delivered = Vec::new();
+    loop {
+        match next_event(&mut agent.source, "the initial works").await {
+            WorkEvent::Upsert(w) => delivered.push(*w),
+            WorkEvent::Synced => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    delivered.sort_by_key(|w| w.name_any());
+    let [bad, good] = &delivered[..] else {
+        panic!("expected two works, got {delivered:?}")
+    };
+    for name in ["bad", "good"] {
+        hub_work(&works, name, &format!("the cleanup finalizer on {name}"), |w| {
+            w.finalizers().iter().any(|f| f == CLEANUP_FINALIZER)
+        })
+        .await;
+    }
+
+    // "Maybe" is not a condition status the CRD allows: the hub answers 422 whatever we retry.
+    works.delete("bad", &DeleteParams::default()).await.unwrap();
+    match next_event(&mut agent.source, "the delete of bad").await {
+        WorkEvent::Delete(r) => assert_eq!(r.name, "bad"),
+        other => panic!("expected the delete of bad, got {other:?}"),
+    }
+    let invalid = vec![condition("Deleted", "Maybe", "ManifestsDeleted", 1)];
+    agent.sink.publish(update(bad, invalid, true)).await.unwrap();
+    let applied = vec![condition("Applied", "True", "AppliedManifestWorkComplete", 1)];
+    agent.sink.publish(update(good, applied, false)).await.unwrap();
+    hub_work(
+        &works,
+        "good",
+        "good's status, queued behind bad's rejected one",
+        |w| w.status.as_ref().is_some_and(|s| !s.conditions.is_empty()),
+    )
+    .await;
+    eventually(
+        "bad to be released although the hub rejected its final status",
+        || {
+            let works = works.clone();
+            async move {
+                match works.get_opt("bad").await.map_err(|e| e.to_string())? {
+                    None => Ok(()),
+                    Some(w) => Err(format!("still there with finalizers {:?}", w.finalizers())),
+                }
+            }
+        },
+    )
+    .await
+    .unwrap();
+    stop(&shutdown, agent.tasks).await;
+}
+
+/// Works the agent cannot read are skipped; the watch goes on delivering the others.
+#[tokio::test]
+async fn kube_hub_skips_malformed_works_and_keeps_watching() {
+    let (hub, admin) = start_hub().await;
+    let cluster = unique_name("cluster-malformed");
+    let agent_user = onboard_cluster(&hub, &admin, &cluster).await;
+    let works: Api<ManifestWork> = Api::namespaced(admin.clone(), &cluster);
+    let raw: Api<DynamicObject> = Api::namespaced_with(
+        admin.clone(),
+        &cluster,
+        &kube::api::ApiResource::erase::<ManifestWork>(&()),
+    );
+    let create_raw = |value: serde_json::Value| {
+        let raw = raw.clone();
+        async move {
+            let obj: DynamicObject = serde_json::from_value(value).unwrap();
+            raw.create(&PostParams::default(), &obj).await
+        }
+    };
+    let api_version = "work.open-cluster-management.io/v1";
+
+    // A manifest that is not an object never reaches the agent: the CRD refuses it.
+    let refused = create_raw(serde_json::json!({
+        "apiVersion": api_version, "kind": "ManifestWork", "metadata": {"name": "not-an-object"},
+        "spec": {"workload": {"manifests": ["just a string"]}},
+    }))
+    .await;
+    assert!(
+        matches!(&refused, Err(kube::Error::Api(s)) if s.code == 422),
+        "{refused:?}"
+    );
+    // No spec at all: the CRD allows it, the agent cannot use it.
+    create_raw(serde_json::json!({
+        "apiVersion": api_version, "kind": "ManifestWork", "metadata": {"name": "a-no-spec"},
+    }))
+    .await
+    .unwrap();
+    // A status entry without resourceMeta (the CRD allows it): the work itself is fine.
+    works
+        .create(&PostParams::default(), &work("b-odd-status", "odd"))
+        .await
+        .unwrap();
+    let odd = serde_json::json!({"status": {"resourceStatus": {"manifests": [
+        {"conditions": [{"type": "Applied", "status": "True", "reason": "Somebody", "message": "else"}]}
+    ]}}});
+    raw.patch_status("b-odd-status", &PatchParams::default(), &Patch::Merge(&odd))
+        .await
+        .unwrap();
+    works
+        .create(&PostParams::default(), &work("c-good", "good"))
+        .await
+        .unwrap();
+
+    let shutdown = CancellationToken::new();
+    let mut agent = KubeHub::start(agent_options(agent_user.client(), &cluster), shutdown.clone());
+    let mut names = Vec::new();
+    loop {
+        match next_event(&mut agent.source, "the initial works").await {
+            WorkEvent::Upsert(w) => names.push(w.name_any()),
+            WorkEvent::Synced => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    names.sort();
+    assert_eq!(names, ["b-odd-status", "c-good"]);
+
+    // Still watching: a new work, and a change of the unreadable one into a readable one.
+    works
+        .create(&PostParams::default(), &work("d-later", "later"))
+        .await
+        .unwrap();
+    let later = next_upsert(&mut agent.source, "d-later").await;
+    assert_eq!(later.name_any(), "d-later");
+    let fixed = serde_json::json!({"spec": {"workload": {"manifests": [
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "fixed", "namespace": "default"}}
+    ]}}});
+    raw.patch("a-no-spec", &PatchParams::default(), &Patch::Merge(&fixed))
+        .await
+        .unwrap();
+    let fixed = next_upsert(&mut agent.source, "a-no-spec once it has a spec").await;
+    assert_eq!(fixed.name_any(), "a-no-spec");
+    assert_eq!(manifest_names(&fixed), ["fixed"]);
+    hub_work(
+        &works,
+        "a-no-spec",
+        "the cleanup finalizer once the work is readable",
+        |w| w.finalizers().iter().any(|f| f == CLEANUP_FINALIZER),
+    )
+    .await;
+    stop(&shutdown, agent.tasks).await;
+}
+
+/// A TCP forwarder to the hub that can be taken down (connections cut, port closed) and
+/// brought back on the same port: the hub "going away" without becoming a different hub.
+struct Gate {
+    port: u16,
+    target: String,
+    open: Option<(CancellationToken, JoinHandle<()>)>,
+}
+
+impl Gate {
+    /// A gate on a free port, closed (connections refused).
+    async fn closed(target: &str) -> Gate {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        Gate {
+            port,
+            target: target.to_string(),
+            open: None,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    async fn open(&mut self) {
+        let listener = TcpListener::bind(("127.0.0.1", self.port)).await.unwrap();
+        let cut = CancellationToken::new();
+        let (target, token) = (self.target.clone(), cut.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    () = token.cancelled() => return,
+                    accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
+                };
+                let (target, token) = (target.clone(), token.clone());
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        () = token.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+        self.open = Some((cut, task));
+    }
+
+    /// Cuts every connection and closes the port.
+    async fn close(&mut self) {
+        if let Some((cut, task)) = self.open.take() {
+            cut.cancel();
+            task.await.unwrap();
+        }
+    }
+}
+
+/// The hub is down when the agent starts, comes up, goes away mid-watch and comes back.
+#[tokio::test]
+async fn kube_hub_waits_for_a_dead_hub_and_recovers_when_it_returns() {
+    let (hub, admin) = start_hub().await;
+    let cluster = unique_name("cluster-outage");
+    let agent_user = onboard_cluster(&hub, &admin, &cluster).await;
+    let works: Api<ManifestWork> = Api::namespaced(admin.clone(), &cluster);
+    works
+        .create(&PostParams::default(), &work("w1", "a"))
+        .await
+        .unwrap();
+    let target = hub.server_url().trim_start_matches("https://").to_string();
+    let mut gate = Gate::closed(&target).await;
+    let client = agent_user.client_for(&gate.url(), hub.ca_pem()).unwrap();
+    let shutdown = CancellationToken::new();
+    let mut agent = KubeHub::start(agent_options(client, &cluster), shutdown.clone());
+
+    // Dead hub: a few checks in which the source yields nothing and no task ends.
+    let mut quiet = 0;
+    let still_down = spokelet_e2e::eventually_with(
+        "the transport to keep retrying a dead hub",
+        10,
+        spokelet_e2e::POLL_INTERVAL,
+        || {
+            let polled = agent.source.next_event().now_or_never();
+            let ended = agent.tasks.iter().filter(|t| t.is_finished()).count();
+            assert!(
+                polled.is_none(),
+                "the source yielded {polled:?} with the hub down"
+            );
+            assert_eq!(ended, 0, "a transport task ended with the hub down");
+            quiet += 1;
+            let done = quiet >= 5;
+            async move { if done { Ok(()) } else { Err("checking") } }
+        },
+    )
+    .await;
+    still_down.unwrap();
+
+    // The hub appears: everything flows.
+    gate.open().await;
+    assert_eq!(
+        next_upsert(&mut agent.source, "w1 once the hub is up")
+            .await
+            .name_any(),
+        "w1"
+    );
+    assert!(matches!(
+        next_event(&mut agent.source, "Synced").await,
+        WorkEvent::Synced
+    ));
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), &cluster);
+    eventually("the cluster lease once the hub is up", || {
+        let leases = leases.clone();
+        async move { leases.get(LEASE_NAME).await.map(drop).map_err(|e| e.to_string()) }
+    })
+    .await
+    .unwrap();
+
+    // The hub goes away mid-watch; a work is created meanwhile; the hub comes back.
+    gate.close().await;
+    works
+        .create(&PostParams::default(), &work("w2", "b"))
+        .await
+        .unwrap();
+    gate.open().await;
+    assert_eq!(
+        next_upsert(&mut agent.source, "w2 after the outage")
+            .await
+            .name_any(),
+        "w2"
+    );
+    hub_work(&works, "w2", "the cleanup finalizer on w2", |w| {
+        w.finalizers().iter().any(|f| f == CLEANUP_FINALIZER)
+    })
+    .await;
+
+    stop(&shutdown, agent.tasks).await;
+    gate.close().await;
+}
