@@ -285,35 +285,43 @@ mod tests {
             panic!("wrong subcommand")
         };
         assert_eq!(args.root, PathBuf::from("/from-flag"), "the flag beats the file");
+        assert_eq!(args.output, crate::inventory::OutputFormat::Yaml, "the file beats the default");
         // `admin-addr` belongs to `run`: ignored here rather than rejected.
     }
 
-    #[test]
-    fn config_file_typos_are_rejected_by_name() {
-        let file = write_config("log-formt: json\n");
-        let err = Cli::load_from([
+    /// `spokelet --config FILE inventory`, with FILE holding `text`.
+    fn inventory_with_config(text: &str) -> Result<Cli, ConfigError> {
+        let file = write_config(text);
+        Cli::load_from([
             "spokelet".as_ref(),
             "--config".as_ref(),
             file.path().as_os_str(),
             "inventory".as_ref(),
         ])
-        .unwrap_err();
+    }
+
+    #[test]
+    fn config_file_typos_are_rejected_by_name() {
+        let err = inventory_with_config("log-formt: json\n").unwrap_err();
         assert!(err.to_string().contains("unknown key `log-formt`"), "{err}");
     }
 
     #[test]
     fn config_file_must_be_a_mapping_of_scalars() {
-        for text in ["- a\n- b\n", "log-format: {a: b}\n", ": : :\n"] {
-            let file = write_config(text);
-            let err = Cli::load_from([
-                "spokelet".as_ref(),
-                "--config".as_ref(),
-                file.path().as_os_str(),
-                "inventory".as_ref(),
-            ])
-            .unwrap_err();
+        for text in ["- a\n- b\n", "log-format: {a: b}\n", ": : :\n", "no-nvml: maybe\n"] {
+            let err = inventory_with_config(text).unwrap_err();
             assert!(matches!(err, ConfigError::Invalid { .. }), "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn config_file_switches_and_empty_files() {
+        let cli = inventory_with_config("no-nvml: true\n").unwrap();
+        let Command::Inventory(args) = cli.command else {
+            panic!("wrong subcommand")
+        };
+        assert!(args.no_nvml);
+        assert!(inventory_with_config("").is_ok(), "an empty config file is valid");
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::pci::{self, PciPath};
+use crate::pci;
 use crate::sysfs::{self, Root, Warnings};
 
 /// One network interface.
@@ -103,28 +103,14 @@ fn read_nic(root: &Root, class_entry: &Path, name: String, warnings: &mut Warnin
         }
     };
     let is_virtual_path = root.host_path(&dir).starts_with("/sys/devices/virtual/");
-    let device = if is_virtual_path {
-        None
+    let placement = if is_virtual_path {
+        pci::Placement::default()
     } else {
-        match root.resolve(&dir.join("device")) {
-            Ok(p) => Some(p),
-            Err(e) if e.is_not_found() => None,
-            Err(e) => {
-                warnings.push(e);
-                None
-            }
-        }
+        pci::Placement::of(root, &dir, warnings)
     };
+    let device = placement.device.as_deref();
 
-    let pci_dir = device.as_deref().and_then(pci::pci_function_dir);
-    let device_path = pci_dir.or(device.as_deref()).map(|p| root.host_path(p));
-    let pci_address = device_path
-        .as_deref()
-        .and_then(PciPath::parse)
-        .and_then(|p| p.address())
-        .map(str::to_owned);
-
-    let (sriov, is_vf) = match pci_dir {
+    let (sriov, is_vf) = match placement.pci_dir() {
         Some(pci) => {
             let total: Option<u32> = warnings.parse(&pci.join("sriov_totalvfs"), "a VF count");
             let sriov = match total {
@@ -151,10 +137,9 @@ fn read_nic(root: &Root, class_entry: &Path, name: String, warnings: &mut Warnin
         link_type: warnings.parse(&dir.join("type"), "an ARPHRD type").map(link_type),
         // Software interfaces have no link speed worth knowing (veth makes
         // one up), and a Kubernetes node can have hundreds of them.
-        speed_mbps: device.as_ref().and_then(|_| speed(&dir.join("speed"), warnings)),
-        driver: device.as_deref().and_then(|d| warnings.link(&d.join("driver"))),
-        pci_address,
-        numa_node: device.as_deref().and_then(|d| {
+        speed_mbps: device.and_then(|_| speed(&dir.join("speed"), warnings)),
+        driver: device.and_then(|d| warnings.link(&d.join("driver"))),
+        numa_node: device.and_then(|d| {
             // A virtio NIC's `device` is the virtio device, whose NUMA node is
             // recorded on the PCI function above it.
             let own = d.join("numa_node");
@@ -167,7 +152,8 @@ fn read_nic(root: &Root, class_entry: &Path, name: String, warnings: &mut Warnin
         physical: device.is_some(),
         is_vf,
         sriov,
-        device_path,
+        device_path: placement.device_path,
+        pci_address: placement.pci_address,
         name,
     })
 }

@@ -129,6 +129,49 @@ impl<'a> PciPath<'a> {
 /// The PCI function directory that `resolved` is (or is below): for a virtio
 /// NIC `device` resolves to `.../0000:00:03.0/virtio2`, whose PCI attributes
 /// (`numa_node`, `sriov_*`) live one level up.
+/// Where a class device (a netdev, an RDMA device) sits in the device tree.
+#[derive(Debug, Default)]
+pub(crate) struct Placement {
+    /// The resolved `device` link; `None` for software devices, which have none.
+    pub(crate) device: Option<PathBuf>,
+    /// Host-side path of the PCI function, or of the device when it is not on PCI
+    /// (reported so topology can be checked by hand).
+    pub(crate) device_path: Option<String>,
+    /// The PCI address, when the device is on PCI.
+    pub(crate) pci_address: Option<String>,
+}
+
+impl Placement {
+    /// Resolve `<class_dir>/device`; a missing link is a software device, not a warning.
+    pub(crate) fn of(root: &Root, class_dir: &Path, warnings: &mut Warnings) -> Placement {
+        let device = match root.resolve(&class_dir.join("device")) {
+            Ok(p) => p,
+            Err(e) => {
+                if !e.is_not_found() {
+                    warnings.push(e);
+                }
+                return Placement::default();
+            }
+        };
+        let device_path = Some(root.host_path(pci_function_dir(&device).unwrap_or(&device)));
+        let pci_address = device_path
+            .as_deref()
+            .and_then(PciPath::parse)
+            .and_then(|p| p.address())
+            .map(str::to_owned);
+        Placement {
+            device: Some(device),
+            device_path,
+            pci_address,
+        }
+    }
+
+    /// The PCI function directory the device belongs to, if it is on PCI.
+    pub(crate) fn pci_dir(&self) -> Option<&Path> {
+        self.device.as_deref().and_then(pci_function_dir)
+    }
+}
+
 pub(crate) fn pci_function_dir(resolved: &Path) -> Option<&Path> {
     resolved
         .ancestors()

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::pci::{self, PciPath};
+use crate::pci;
 use crate::sysfs::{self, Root, Warnings};
 
 /// One RDMA device (an HCA, or one port group of it, e.g. `mlx5_0`).
@@ -110,26 +110,12 @@ fn read_device(root: &Root, class_entry: &Path, name: String, warnings: &mut War
         warnings.push(e);
         class_entry.to_path_buf()
     });
-    let device = match root.resolve(&dir.join("device")) {
-        Ok(p) => Some(p),
-        Err(e) if e.is_not_found() => None,
-        Err(e) => {
-            warnings.push(e);
-            None
-        }
-    };
-    let pci_dir = device.as_deref().and_then(pci::pci_function_dir);
-    let device_path = pci_dir.or(device.as_deref()).map(|p| root.host_path(p));
-    let pci_address = device_path
-        .as_deref()
-        .and_then(PciPath::parse)
-        .and_then(|p| p.address())
-        .map(str::to_owned);
+    let placement = pci::Placement::of(root, &dir, warnings);
+    let device = placement.device.as_deref();
     let netdevs = device
-        .as_deref()
         .map(|d| warnings.list(&d.join("net")))
         .unwrap_or_default();
-    let numa_node = device.as_deref().and_then(|d| pci::numa_node_of(d, warnings));
+    let numa_node = device.and_then(|d| pci::numa_node_of(d, warnings));
 
     let ports_dir = dir.join("ports");
     let port_names = warnings.list(&ports_dir);
@@ -158,9 +144,9 @@ fn read_device(root: &Root, class_entry: &Path, name: String, warnings: &mut War
         board_id: warnings.attr(&dir.join("board_id")).filter(|s| !s.is_empty()),
         ports,
         netdevs,
-        pci_address,
+        pci_address: placement.pci_address,
         numa_node,
-        device_path,
+        device_path: placement.device_path,
         name,
     }
 }

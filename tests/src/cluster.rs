@@ -241,16 +241,7 @@ impl KubeCluster {
         cert: crate::pki::CertAndKey,
     ) -> Result<UserCredentials, HarnessError> {
         let n = self.users.fetch_add(1, Ordering::Relaxed);
-        let file: String = common_name
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
+        let file = crate::rundir::file_safe(common_name);
         let users_dir = self.dir().join("users");
         std::fs::create_dir_all(&users_dir)
             .map_err(|e| HarnessError::io(format!("creating {}", users_dir.display()), e))?;

@@ -41,21 +41,18 @@ pub(crate) fn run_dir() -> Result<&'static Path, HarnessError> {
         .map_err(|e| HarnessError::io("creating the run directory", std::io::Error::other(e.clone())))
 }
 
+/// `name` with everything but ASCII letters, digits and `-` replaced by `_`, for file names.
+pub(crate) fn file_safe(name: &str) -> String {
+    name.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .collect()
+}
+
 /// A fresh directory `<run dir>/<name>-<n>` for one cluster or registry.
 pub(crate) fn component_dir(name: &str) -> Result<PathBuf, HarnessError> {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let safe: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let dir = run_dir()?.join(format!("{safe}-{n}"));
+    let dir = run_dir()?.join(format!("{}-{n}", file_safe(name)));
     std::fs::create_dir_all(&dir).map_err(|e| HarnessError::io(format!("creating {}", dir.display()), e))?;
     Ok(dir)
 }
