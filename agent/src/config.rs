@@ -10,7 +10,7 @@ use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, Subcommand, parser::ValueSource};
 
-use crate::{inventory::InventoryArgs, run::RunArgs, telemetry::LogFormat};
+use crate::{hub::HubArgs, inventory::InventoryArgs, run::RunArgs, telemetry::LogFormat};
 
 /// The spokelet command line.
 #[derive(Debug, Parser)]
@@ -53,6 +53,9 @@ pub struct RunCommand {
     /// Engine settings.
     #[command(flatten)]
     pub run: RunArgs,
+    /// Where works come from: a hub (`--hub-transport grpc|kube`) or, without one, `--works-dir`.
+    #[command(flatten)]
+    pub hub: HubArgs,
     /// Admin endpoint and shutdown settings.
     #[command(flatten)]
     pub admin: AdminArgs,

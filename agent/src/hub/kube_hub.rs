@@ -70,17 +70,21 @@ pub enum KubeHubError {
     Api(#[from] kube::Error),
 }
 
-/// Builds a hub client from a kubeconfig (client-certificate authentication).
-pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, KubeHubError> {
+/// Reads a hub kubeconfig (client-certificate authentication) into a client configuration.
+pub async fn config_from_kubeconfig(path: &Path) -> Result<kube::Config, KubeHubError> {
     let err = |source| KubeHubError::Kubeconfig {
         path: path.display().to_string(),
         source,
     };
     let kc = kube::config::Kubeconfig::read_from(path).map_err(err)?;
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+    kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
         .await
-        .map_err(err)?;
-    Ok(kube::Client::try_from(cfg)?)
+        .map_err(err)
+}
+
+/// Builds a hub client from a kubeconfig (client-certificate authentication).
+pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, KubeHubError> {
+    Ok(kube::Client::try_from(config_from_kubeconfig(path).await?)?)
 }
 
 /// Settings of the Kubernetes-hub transport.

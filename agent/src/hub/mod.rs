@@ -5,14 +5,17 @@
 //! - [`cloudevents`]: the pure event codec.
 //! - [`tls`]: rustls client with certificate rotation.
 //! - [`config`]: the reference-format config file and the `--hub-*` flags ([`HubArgs`]).
+//! - [`connect`]: opens the configured transport for `spokelet run` ([`HubConnection::open`]).
 
 pub mod cloudevents;
 pub mod config;
+pub mod connect;
 pub mod grpc;
 pub mod kube_hub;
 pub mod metrics;
 pub mod tls;
 
+pub use connect::{ConnectError, HubCloser, HubConnection, HubSource};
 pub use config::{HubArgs, HubConfigError, HubSettings, HubTransport, KubeHubSettings, ResolvedHub};
 pub use grpc::{GrpcError, GrpcHub, GrpcHubOptions, GrpcStatusSink, GrpcWorkSource, HubHandle, HubState};
 pub use metrics::HubMetrics;

@@ -1,0 +1,152 @@
+//! Opens the hub transport chosen by `--hub-transport` and hands the engine one source and one sink.
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::config::{HubArgs, HubConfigError, ResolvedHub};
+use super::grpc::{GrpcError, GrpcHub, GrpcHubOptions, GrpcWorkSource, HubHandle};
+use super::kube_hub::{KubeHub, KubeHubError, KubeHubOptions, KubeWorkSource};
+use super::metrics;
+use crate::admin::SharedRegistry;
+use crate::work::source::{StatusSink, WorkEvent, WorkSource};
+
+/// Why the hub connection could not be set up (a hub that is down is not an error:
+/// the transports retry with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The `--hub-*` flags or the hub config file are incomplete or contradictory.
+    #[error(transparent)]
+    Config(#[from] HubConfigError),
+    /// The gRPC transport refused its settings (plaintext without opt-in, unreadable certificates).
+    #[error(transparent)]
+    Grpc(#[from] GrpcError),
+    /// The hub kubeconfig cannot be read or used.
+    #[error(transparent)]
+    Kube(#[from] KubeHubError),
+}
+
+/// Works from whichever transport is configured.
+///
+/// An enum rather than a boxed trait object: the engine takes `impl WorkSource`, and there are
+/// exactly two transports.
+#[derive(Debug)]
+pub enum HubSource {
+    /// CloudEvents over gRPC.
+    Grpc(GrpcWorkSource),
+    /// The hub's Kubernetes API.
+    Kube(KubeWorkSource),
+}
+
+impl WorkSource for HubSource {
+    fn next_event(&mut self) -> BoxFuture<'_, Option<WorkEvent>> {
+        match self {
+            HubSource::Grpc(source) => source.next_event(),
+            HubSource::Kube(source) => source.next_event(),
+        }
+    }
+}
+
+/// An open hub connection, split into what the engine consumes and what stops the transport.
+pub struct HubConnection {
+    /// Works from the hub.
+    pub source: HubSource,
+    /// Status to the hub.
+    pub sink: Arc<dyn StatusSink>,
+    /// The hub's address; its SHA-256 is the `hubHash` in AppliedManifestWork names, so works
+    /// from two hubs never collide on one spoke.
+    pub address: String,
+    /// Stops the transport after the engine is done.
+    pub closer: HubCloser,
+}
+
+impl std::fmt::Debug for HubConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubConnection")
+            .field("source", &self.source)
+            .field("address", &self.address)
+            .field("closer", &self.closer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Stops a hub transport.
+#[derive(Debug)]
+pub struct HubCloser {
+    /// The transport's own token: cancelled only after the engine has stopped, so the last
+    /// statuses the engine produced while draining still reach the hub.
+    stop: CancellationToken,
+    /// Transport tasks to wait for.
+    tasks: Vec<JoinHandle<()>>,
+    /// Connection state of the gRPC transport (None for the Kubernetes hub).
+    pub grpc: Option<HubHandle>,
+}
+
+impl HubCloser {
+    /// Cancel the transport and wait for its tasks (each bounds its own final flush).
+    pub async fn close(self) {
+        self.stop.cancel();
+        for task in self.tasks {
+            if let Err(err) = task.await {
+                tracing::warn!(error = %err, "hub transport task ended abnormally");
+            }
+        }
+    }
+}
+
+impl HubConnection {
+    /// Open the configured transport; `Ok(None)` when no `--hub-transport` is set.
+    pub async fn open(
+        args: &HubArgs,
+        agent_id: &str,
+        registry: &SharedRegistry,
+    ) -> Result<Option<HubConnection>, ConnectError> {
+        // `--agent-id` belongs to the engine's flags; the hub settings need it too.
+        let mut args = args.clone();
+        args.agent_id = Some(agent_id.to_string());
+        let stop = CancellationToken::new();
+        match args.resolve()? {
+            None => Ok(None),
+            Some(ResolvedHub::Grpc(settings)) => {
+                let address = settings.url.uri();
+                let opts = GrpcHubOptions::new(settings);
+                if let Ok(mut registry) = registry.lock() {
+                    metrics::register(&opts.metrics, &mut registry);
+                }
+                let hub = GrpcHub::start(opts, stop.clone())?;
+                tracing::info!(hub = %address, transport = "grpc", "hub transport started");
+                Ok(Some(HubConnection {
+                    source: HubSource::Grpc(hub.source),
+                    sink: Arc::new(hub.sink),
+                    address,
+                    closer: HubCloser {
+                        stop,
+                        tasks: vec![hub.task],
+                        grpc: Some(hub.handle),
+                    },
+                }))
+            }
+            Some(ResolvedHub::Kube(settings)) => {
+                let config = super::kube_hub::config_from_kubeconfig(&settings.kubeconfig).await?;
+                let address = config.cluster_url.to_string();
+                let client = kube::Client::try_from(config).map_err(KubeHubError::from)?;
+                let mut opts = KubeHubOptions::new(client, &settings.cluster_name, &settings.agent_id);
+                opts.lease_duration = settings.lease_duration;
+                let hub = KubeHub::start(opts, stop.clone());
+                tracing::info!(hub = %address, transport = "kube", cluster = %settings.cluster_name, "hub transport started");
+                Ok(Some(HubConnection {
+                    source: HubSource::Kube(hub.source),
+                    sink: Arc::new(hub.sink),
+                    address,
+                    closer: HubCloser {
+                        stop,
+                        tasks: hub.tasks,
+                        grpc: None,
+                    },
+                }))
+            }
+        }
+    }
+}
