@@ -25,7 +25,10 @@ pub enum DaemonError {
 
 /// Register `spokelet_build_info{version=…}` so dashboards can tell agent versions apart.
 pub fn register_build_info(ctx: &RunContext) {
-    let info = Info::new(vec![("version".to_string(), env!("CARGO_PKG_VERSION").to_string())]);
+    let info = Info::new(vec![(
+        "version".to_string(),
+        env!("CARGO_PKG_VERSION").to_string(),
+    )]);
     if let Ok(mut registry) = ctx.registry.lock() {
         registry.register("build", "spokelet build information", info);
     }
@@ -33,12 +36,6 @@ pub fn register_build_info(ctx: &RunContext) {
 
 /// `spokelet run`: serve the admin endpoint and run the work engine until SIGTERM, then drain.
 pub async fn run(cmd: RunCommand) -> Result<(), DaemonError> {
-    let ctx = RunContext::new();
-    register_build_info(&ctx);
-    let admin = AdminServer::bind(cmd.admin.admin_addr, ctx.registry.clone(), ctx.health.clone()).await?;
-    tracing::info!(addr = %admin.local_addr()?, "admin endpoint listening (/metrics, /healthz, /readyz)");
-    let admin_task = tokio::spawn(admin.serve(ctx.shutdown.clone()));
-
     let trigger = async {
         match shutdown::signal().await {
             Ok(signal) => tracing::info!(signal, "received shutdown signal"),
@@ -49,7 +46,21 @@ pub async fn run(cmd: RunCommand) -> Result<(), DaemonError> {
             }
         }
     };
-    let engine = crate::run::run(cmd.run, ctx.clone());
+    run_until(cmd, RunContext::new(), trigger).await
+}
+
+/// [`run`] with the shutdown trigger and context supplied by the caller, so tests (and
+/// embedders) can run a whole agent in-process and stop it without signals.
+pub async fn run_until<S>(cmd: RunCommand, ctx: RunContext, trigger: S) -> Result<(), DaemonError>
+where
+    S: std::future::Future<Output = ()>,
+{
+    register_build_info(&ctx);
+    let admin = AdminServer::bind(cmd.admin.admin_addr, ctx.registry.clone(), ctx.health.clone()).await?;
+    tracing::info!(addr = %admin.local_addr()?, "admin endpoint listening (/metrics, /healthz, /readyz)");
+    let admin_task = tokio::spawn(admin.serve(ctx.shutdown.clone()));
+
+    let engine = crate::run::run(cmd.run, cmd.hub, ctx.clone());
     let outcome = shutdown::drain(engine, trigger, ctx.shutdown.clone(), cmd.admin.shutdown_grace).await;
 
     // Whatever happened to the engine, stop the admin endpoint too.

@@ -1,0 +1,195 @@
+//! `spokelet run`: the work engine fed from a works directory (the file source), reporting status
+//! next to each work file and in the log.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::Config;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+use crate::admin::RunContext;
+use crate::hub::{ConnectError, HubArgs, HubConnection};
+use crate::config::parse_duration;
+use crate::work::applied_work::hub_hash;
+use crate::work::drift::FlapGuard;
+use crate::work::engine::{EngineConfig, EngineError, WorkEngine};
+use crate::work::file_source::{FileSource, FileSourceError, FileStatusSink};
+use crate::work::http2::{self, Http2ClientError};
+use crate::work::manifestwork::DEFAULT_FIELD_MANAGER;
+use crate::work::metrics::WorkMetrics;
+use crate::work::source::{StatusSink, WorkSource};
+
+/// Settings of the work engine.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Directory of ManifestWork YAML files to apply; status is written next to each as NAME.status.yaml.
+    #[arg(long, env = "SPOKELET_WORKS_DIR", value_name = "DIR")]
+    pub works_dir: Option<PathBuf>,
+
+    /// Kubeconfig of the spoke cluster (default: in-cluster config, then KUBECONFIG / ~/.kube/config).
+    #[arg(long, env = "SPOKELET_KUBECONFIG", value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Hub address or name; its SHA-256 names this agent's AppliedManifestWorks.
+    #[arg(long, env = "SPOKELET_HUB_NAME", default_value = "local")]
+    pub hub_name: String,
+
+    /// This agent's id, recorded on every AppliedManifestWork.
+    #[arg(long, env = "SPOKELET_AGENT_ID", default_value = "spokelet")]
+    pub agent_id: String,
+
+    /// Full re-apply period; only a backstop, since applied objects are watched (e.g. 30s, 5m).
+    #[arg(long, env = "SPOKELET_RESYNC_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    pub resync_interval: Duration,
+
+    /// Works reconciled at once.
+    #[arg(long, env = "SPOKELET_MAX_CONCURRENT_WORKS", default_value_t = 48)]
+    pub max_concurrent_works: usize,
+
+    /// Manifests applied at once, across all works.
+    #[arg(long, env = "SPOKELET_MAX_CONCURRENT_MANIFESTS", default_value_t = 96)]
+    pub max_concurrent_manifests: usize,
+
+    /// Default server-side-apply field manager.
+    #[arg(long, env = "SPOKELET_FIELD_MANAGER", default_value = DEFAULT_FIELD_MANAGER)]
+    pub field_manager: String,
+
+    /// How often the works directory is re-read.
+    #[arg(long, env = "SPOKELET_WORKS_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub works_poll_interval: Duration,
+
+    /// Largest accepted work, in bytes of manifest JSON.
+    #[arg(long, env = "SPOKELET_MAX_WORK_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_work_bytes: usize,
+
+    /// Debounce quiet period for drift corrections.
+    #[arg(long, env = "SPOKELET_DRIFT_DEBOUNCE", default_value = "20ms", value_parser = parse_duration)]
+    pub drift_debounce: Duration,
+}
+
+/// Why `spokelet run` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Both a hub transport and `--works-dir` were given.
+    #[error("both --hub-transport and --works-dir {0} are set: choose one source of works")]
+    TwoSources(PathBuf),
+    /// The hub transport could not be set up.
+    #[error(transparent)]
+    Hub(#[from] ConnectError),
+    /// No work source configured.
+    #[error("no work source: pass --hub-transport grpc|kube (with its --hub-* settings) or --works-dir (or their SPOKELET_* variables)")]
+    NoSource,
+    /// The kubeconfig could not be read.
+    #[error("kubeconfig {path}: {source}")]
+    Kubeconfig {
+        /// The file.
+        path: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    /// No usable cluster configuration.
+    #[error("cluster configuration: {0}")]
+    Infer(#[from] kube::config::InferConfigError),
+    /// The client could not be built.
+    #[error(transparent)]
+    Client(#[from] Http2ClientError),
+    /// The works directory is unusable.
+    #[error(transparent)]
+    Source(#[from] FileSourceError),
+    /// The engine failed to start.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// Loads the cluster configuration: the given kubeconfig, else the usual inference.
+pub async fn client_config(kubeconfig: Option<&std::path::Path>) -> Result<Config, RunError> {
+    match kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path).map_err(|source| RunError::Kubeconfig {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(|source| RunError::Kubeconfig {
+                    path: path.to_path_buf(),
+                    source,
+                })
+        }
+        None => Ok(Config::infer().await?),
+    }
+}
+
+/// Engine settings from the flags.
+pub fn engine_config(args: &RunArgs) -> EngineConfig {
+    let mut cfg = EngineConfig::new(hub_hash(&args.hub_name), args.agent_id.clone());
+    cfg.field_manager = args.field_manager.clone();
+    cfg.resync_interval = args.resync_interval.max(Duration::from_secs(1));
+    cfg.max_concurrent_works = args.max_concurrent_works.max(1);
+    cfg.max_concurrent_manifests = args.max_concurrent_manifests.max(1);
+    cfg.max_work_bytes = args.max_work_bytes;
+    cfg.debounce_quiet = args.drift_debounce;
+    cfg.flap = FlapGuard::default();
+    cfg
+}
+
+/// Runs the engine on the works directory until `ctx.shutdown` is cancelled.
+pub async fn run(args: RunArgs, hub: HubArgs, ctx: RunContext) -> Result<(), RunError> {
+    if let Some(conn) = HubConnection::open(&hub, &args.agent_id, &ctx.registry).await? {
+        if let Some(dir) = &args.works_dir {
+            // Two sources would fight over the same AppliedManifestWorks; refuse rather than guess.
+            conn.closer.close().await;
+            return Err(RunError::TwoSources(dir.clone()));
+        }
+        let HubConnection {
+            source,
+            sink,
+            address,
+            closer,
+        } = conn;
+        tracing::info!(hub = %address, "work engine starting (hub source)");
+        let result = run_engine(&args, &ctx, source, sink, &address).await;
+        // After the engine: its last statuses (final `Deleted`s included) still reach the hub.
+        closer.close().await;
+        return result;
+    }
+    let dir = args.works_dir.clone().ok_or(RunError::NoSource)?;
+    let source = FileSource::new(&dir, args.works_poll_interval)?;
+    let sink = Arc::new(FileStatusSink::new(&dir));
+    tracing::info!(dir = %dir.display(), hub = %args.hub_name, "work engine starting (file source)");
+    let hub = args.hub_name.clone();
+    run_engine(&args, &ctx, source, sink, &hub).await
+}
+
+/// Runs the engine on any source and sink (a hub transport, say) until `ctx.shutdown` is
+/// cancelled. `hub_address` names the hub: its SHA-256 is the hubHash of the AppliedManifestWorks.
+pub async fn run_engine(
+    args: &RunArgs,
+    ctx: &RunContext,
+    source: impl WorkSource,
+    sink: Arc<dyn StatusSink>,
+    hub_address: &str,
+) -> Result<(), RunError> {
+    let config = client_config(args.kubeconfig.as_deref()).await?;
+    // One client for everything: every request and watch is a stream on one HTTP/2 connection.
+    let client = http2::client(config)?;
+    let metrics = WorkMetrics::default();
+    if let Ok(mut reg) = ctx.registry.lock() {
+        metrics.register(reg.sub_registry_with_prefix("work"));
+    }
+    let mut cfg = engine_config(args);
+    cfg.hub_hash = hub_hash(hub_address);
+    let engine = WorkEngine::new(client, cfg, metrics);
+    let mut ready = engine.ready();
+    let health = ctx.health.clone();
+    tokio::spawn(async move {
+        if ready.wait_for(|r| *r).await.is_ok() {
+            tracing::info!("initial works applied; ready");
+            health.set_ready(true);
+        }
+    });
+    engine.run(source, sink, ctx.shutdown.clone()).await?;
+    Ok(())
+}

@@ -1,0 +1,214 @@
+//! The whole agent, end to end: `spokelet run --hub-transport grpc` parsed from a command line,
+//! dialling the test CloudEvents hub over mutual TLS and applying to a real kube-apiserver.
+//!
+//! A work published on the hub must become objects on the spoke and a status with feedback on
+//! the hub; an update must change the objects; a delete must remove them and end with a
+//! `Deleted` status. Waits are bounded polls; nothing asserts on elapsed time.
+
+use std::path::Path;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use kube::api::{Api, PostParams};
+use serde_json::{Value, json};
+use spokelet::admin::RunContext;
+use spokelet::config::{Cli, Command};
+use spokelet_e2e::cloudevents_hub::{HubPki, Received, TestHub, TestHubOptions};
+use spokelet_e2e::{eventually, shared_spoke, unique_name};
+
+/// The latest status the hub received for `work`, if it satisfies `pred`.
+fn latest_status(hub: &TestHub, uid: &str, pred: impl Fn(&Value) -> bool) -> Result<Value, String> {
+    let statuses: Vec<Received> = hub
+        .statuses()
+        .into_iter()
+        .filter(|r| r.ext("resourceid").as_deref() == Some(uid))
+        .collect();
+    let Some(last) = statuses.last() else {
+        return Err("no status for the work yet".into());
+    };
+    let json = last.json().ok_or("status event without JSON data")?;
+    if pred(&json) {
+        Ok(json)
+    } else {
+        Err(format!("latest status: {json}"))
+    }
+}
+
+fn condition(status: &Value, type_: &str) -> Option<String> {
+    status["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .and_then(|c| c["status"].as_str().map(str::to_owned))
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+#[tokio::test]
+async fn work_from_grpc_hub_is_applied_updated_and_deleted_with_status_back_on_the_hub() {
+    let spoke = shared_spoke().await;
+    let client = spoke.client();
+    let cluster = unique_name("cluster");
+    let ns = unique_name("agent-grpc");
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+        )
+        .await
+        .unwrap();
+
+    let pki = HubPki::generate().unwrap();
+    let hub = TestHub::start(TestHubOptions::new(&pki).unwrap()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let identity = pki
+        .client(&cluster, &["system:open-cluster-management:managed-clusters"])
+        .unwrap();
+    let ca = write(dir.path(), "ca.crt", pki.serving_ca.cert_pem());
+    let cert = write(dir.path(), "tls.crt", &identity.cert_pem);
+    let key = write(dir.path(), "tls.key", &identity.key_pem);
+    let url = hub.url();
+    let kubeconfig = spoke.kubeconfig_path().display().to_string();
+
+    // Exactly what an operator would type, through the real CLI parser.
+    let argv = [
+        "spokelet",
+        "run",
+        "--hub-transport",
+        "grpc",
+        "--hub-url",
+        &url,
+        "--hub-ca-file",
+        &ca,
+        "--hub-client-cert-file",
+        &cert,
+        "--hub-client-key-file",
+        &key,
+        "--cluster-name",
+        &cluster,
+        "--agent-id",
+        &cluster,
+        "--kubeconfig",
+        &kubeconfig,
+        "--admin-addr",
+        "127.0.0.1:0",
+    ];
+    let Command::Run(cmd) = Cli::load_from(argv).unwrap().command else {
+        panic!("not the run command")
+    };
+    let ctx = RunContext::new();
+    let health = ctx.health.clone();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(spokelet::daemon::run_until(cmd, ctx, async {
+        let _ = stop_rx.await;
+    }));
+
+    let bundle = |value: &str| {
+        json!({
+            "manifests": [
+                {"apiVersion": "v1", "kind": "ConfigMap",
+                 "metadata": {"name": "settings", "namespace": ns}, "data": {"model": value}},
+                {"apiVersion": "apps/v1", "kind": "Deployment",
+                 "metadata": {"name": "server", "namespace": ns},
+                 "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "server"}},
+                          "template": {"metadata": {"labels": {"app": "server"}},
+                                       "spec": {"containers": [{"name": "c", "image": "registry.invalid/server:1"}]}}}}
+            ],
+            "manifestConfigs": [
+                {"resourceIdentifier": {"group": "apps", "resource": "deployments", "name": "server", "namespace": ns},
+                 "feedbackRules": [{"type": "JSONPaths", "jsonPaths": [{"name": "replicas", "path": ".spec.replicas"}]}]}
+            ]
+        })
+    };
+    let work = hub.upsert_work(&cluster, "model-server", bundle("llama"));
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+
+    eventually("the ConfigMap from the hub on the spoke", || {
+        let cms = cms.clone();
+        async move {
+            match cms.get_opt("settings").await.map_err(|e| e.to_string())? {
+                Some(cm)
+                    if cm.data.as_ref().and_then(|d| d.get("model")).map(String::as_str) == Some("llama") =>
+                {
+                    Ok(())
+                }
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let status = eventually("Applied=True with feedback on the hub", || {
+        let found = latest_status(&hub, &work.uid, |s| {
+            condition(s, "Applied").as_deref() == Some("True") && s.to_string().contains("\"replicas\"")
+        });
+        async move { found }
+    })
+    .await
+    .unwrap();
+    assert!(status["resourceStatus"].is_array(), "{status}");
+    eventually("/readyz to turn ready once the hub's resync is applied", || {
+        let ready = health.is_ready();
+        async move { if ready { Ok(()) } else { Err("not ready") } }
+    })
+    .await
+    .unwrap();
+    let sent = hub
+        .statuses()
+        .into_iter()
+        .rev()
+        .find(|r| r.ext("resourceid").as_deref() == Some(work.uid.as_str()))
+        .unwrap();
+    assert_eq!(sent.ext("clustername").as_deref(), Some(cluster.as_str()));
+    assert_eq!(
+        sent.client_cn.as_deref(),
+        Some(cluster.as_str()),
+        "mTLS identity is the cluster's certificate"
+    );
+    assert!(sent.ext("statushash").is_some_and(|h| h.len() == 64));
+
+    // Update on the hub: the spoke follows.
+    let updated = hub.upsert_work(&cluster, "model-server", bundle("mistral"));
+    assert_eq!(updated.generation, 2);
+    eventually("the updated ConfigMap", || {
+        let cms = cms.clone();
+        async move {
+            let cm = cms.get_opt("settings").await.map_err(|e| e.to_string())?;
+            match cm.and_then(|c| c.data).and_then(|d| d.get("model").cloned()) {
+                Some(v) if v == "mistral" => Ok(()),
+                other => Err(format!("model = {other:?}")),
+            }
+        }
+    })
+    .await
+    .unwrap();
+
+    // Delete on the hub: objects go, and the last status says Deleted.
+    hub.delete_work(&cluster, "model-server").unwrap();
+    eventually("the ConfigMap to be deleted", || {
+        let cms = cms.clone();
+        async move {
+            match cms.get_opt("settings").await.map_err(|e| e.to_string())? {
+                None => Ok(()),
+                Some(_) => Err("still there".to_string()),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    eventually("a final Deleted status on the hub", || {
+        let found = latest_status(&hub, &work.uid, |s| {
+            condition(s, "Deleted").as_deref() == Some("True")
+        });
+        async move { found }
+    })
+    .await
+    .unwrap();
+
+    stop_tx.send(()).unwrap();
+    agent.await.unwrap().unwrap();
+    hub.stop().await;
+}
