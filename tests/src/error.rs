@@ -113,6 +113,15 @@ pub enum HarnessError {
         source: serde_yaml::Error,
     },
 
+    /// A manifest the harness ships (CRD, RBAC) could not be used.
+    #[error("manifest {what}: {reason}")]
+    InvalidManifest {
+        /// Which manifest.
+        what: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// A condition polled with [`crate::eventually`] never held.
     #[error("{what}: still not true after {attempts} checks; last observation: {last}")]
     NotReached {

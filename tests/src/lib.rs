@@ -100,3 +100,4 @@ mod tests {
     }
 }
 pub mod cloudevents_hub;
+pub mod ocm_hub;

@@ -1,5 +1,6 @@
-//! The whole agent, end to end: `spokelet run --hub-transport grpc` parsed from a command line,
-//! dialling the test CloudEvents hub over mutual TLS and applying to a real kube-apiserver.
+//! The whole agent, end to end, for both hub transports: `spokelet run --hub-transport grpc|kube`
+//! parsed from a command line, dialling the hub with a client certificate (the test CloudEvents
+//! hub, or a second real kube-apiserver) and applying to a real spoke kube-apiserver.
 //!
 //! A work published on the hub must become objects on the spoke and a status with feedback on
 //! the hub; an update must change the objects; a delete must remove them and end with a
@@ -8,11 +9,13 @@
 use std::path::Path;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
-use kube::api::{Api, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use spokelet::admin::RunContext;
 use spokelet::config::{Cli, Command};
+use spokelet::work::manifestwork::ManifestWork;
 use spokelet_e2e::cloudevents_hub::{HubPki, Received, TestHub, TestHubOptions};
+use spokelet_e2e::ocm_hub::{onboard_cluster, start_ocm_hub};
 use spokelet_e2e::{eventually, shared_spoke, unique_name};
 
 /// The latest status the hub received for `work`, if it satisfies `pred`.
@@ -41,6 +44,40 @@ fn condition(status: &Value, type_: &str) -> Option<String> {
         .and_then(|c| c["status"].as_str().map(str::to_owned))
 }
 
+/// A fresh namespace on the spoke for one test's objects.
+async fn spoke_namespace(client: &kube::Client, prefix: &str) -> String {
+    let ns = unique_name(prefix);
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    ns
+}
+
+/// Waits until ConfigMap `settings` in `cms` has `model` = `want` (`None`: until it is gone).
+async fn until_model(cms: &Api<ConfigMap>, want: Option<&str>) {
+    eventually(
+        &format!("ConfigMap settings with model={want:?} on the spoke"),
+        || {
+            let cms = cms.clone();
+            async move {
+                let cm = cms.get_opt("settings").await.map_err(|e| e.to_string())?;
+                let model = cm.map(|c| c.data.and_then(|d| d.get("model").cloned()));
+                match (model, want) {
+                    (None, None) => Ok(()),
+                    (Some(Some(m)), Some(w)) if m == w => Ok(()),
+                    (other, _) => Err(format!("found {other:?}")),
+                }
+            }
+        },
+    )
+    .await
+    .unwrap();
+}
+
 fn write(dir: &Path, name: &str, text: &str) -> String {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
@@ -52,14 +89,7 @@ async fn work_from_grpc_hub_is_applied_updated_and_deleted_with_status_back_on_t
     let spoke = shared_spoke().await;
     let client = spoke.client();
     let cluster = unique_name("cluster");
-    let ns = unique_name("agent-grpc");
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
-        )
-        .await
-        .unwrap();
+    let ns = spoke_namespace(&client, "agent-grpc").await;
 
     let pki = HubPki::generate().unwrap();
     let hub = TestHub::start(TestHubOptions::new(&pki).unwrap()).await.unwrap();
@@ -126,21 +156,7 @@ async fn work_from_grpc_hub_is_applied_updated_and_deleted_with_status_back_on_t
     let work = hub.upsert_work(&cluster, "model-server", bundle("llama"));
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
 
-    eventually("the ConfigMap from the hub on the spoke", || {
-        let cms = cms.clone();
-        async move {
-            match cms.get_opt("settings").await.map_err(|e| e.to_string())? {
-                Some(cm)
-                    if cm.data.as_ref().and_then(|d| d.get("model")).map(String::as_str) == Some("llama") =>
-                {
-                    Ok(())
-                }
-                other => Err(format!("{other:?}")),
-            }
-        }
-    })
-    .await
-    .unwrap();
+    until_model(&cms, Some("llama")).await;
     let status = eventually("Applied=True with feedback on the hub", || {
         let found = latest_status(&hub, &work.uid, |s| {
             condition(s, "Applied").as_deref() == Some("True") && s.to_string().contains("\"replicas\"")
@@ -173,37 +189,128 @@ async fn work_from_grpc_hub_is_applied_updated_and_deleted_with_status_back_on_t
     // Update on the hub: the spoke follows.
     let updated = hub.upsert_work(&cluster, "model-server", bundle("mistral"));
     assert_eq!(updated.generation, 2);
-    eventually("the updated ConfigMap", || {
-        let cms = cms.clone();
-        async move {
-            let cm = cms.get_opt("settings").await.map_err(|e| e.to_string())?;
-            match cm.and_then(|c| c.data).and_then(|d| d.get("model").cloned()) {
-                Some(v) if v == "mistral" => Ok(()),
-                other => Err(format!("model = {other:?}")),
-            }
-        }
-    })
-    .await
-    .unwrap();
+    until_model(&cms, Some("mistral")).await;
 
     // Delete on the hub: objects go, and the last status says Deleted.
     hub.delete_work(&cluster, "model-server").unwrap();
-    eventually("the ConfigMap to be deleted", || {
-        let cms = cms.clone();
-        async move {
-            match cms.get_opt("settings").await.map_err(|e| e.to_string())? {
-                None => Ok(()),
-                Some(_) => Err("still there".to_string()),
-            }
-        }
-    })
-    .await
-    .unwrap();
+    until_model(&cms, None).await;
     eventually("a final Deleted status on the hub", || {
         let found = latest_status(&hub, &work.uid, |s| {
             condition(s, "Deleted").as_deref() == Some("True")
         });
         async move { found }
+    })
+    .await
+    .unwrap();
+
+    stop_tx.send(()).unwrap();
+    agent.await.unwrap().unwrap();
+    hub.stop().await;
+}
+
+#[tokio::test]
+async fn work_from_kubernetes_hub_is_applied_updated_and_deleted_with_status_on_the_hub() {
+    let spoke = shared_spoke().await;
+    let client = spoke.client();
+    let ns = spoke_namespace(&client, "agent-kube").await;
+    let (hub, admin) = start_ocm_hub().await.unwrap();
+    let cluster = unique_name("cluster");
+    // The agent's identity on the hub: a client certificate bound to the shipped role only.
+    let agent_identity = onboard_cluster(&hub, &admin, &cluster).await.unwrap();
+    let hub_kubeconfig = agent_identity.kubeconfig_path().display().to_string();
+    let kubeconfig = spoke.kubeconfig_path().display().to_string();
+
+    let argv = [
+        "spokelet",
+        "run",
+        "--hub-transport",
+        "kube",
+        "--hub-kubeconfig",
+        &hub_kubeconfig,
+        "--cluster-name",
+        &cluster,
+        "--kubeconfig",
+        &kubeconfig,
+        "--admin-addr",
+        "127.0.0.1:0",
+    ];
+    let Command::Run(cmd) = Cli::load_from(argv).unwrap().command else {
+        panic!("not the run command")
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(spokelet::daemon::run_until(cmd, RunContext::new(), async {
+        let _ = stop_rx.await;
+    }));
+
+    let work = |value: &str| -> ManifestWork {
+        serde_json::from_value(json!({
+            "apiVersion": "work.open-cluster-management.io/v1", "kind": "ManifestWork",
+            "metadata": {"name": "model-server"},
+            "spec": {
+                "workload": {"manifests": [
+                    {"apiVersion": "v1", "kind": "ConfigMap",
+                     "metadata": {"name": "settings", "namespace": ns}, "data": {"model": value}}]},
+                "manifestConfigs": [
+                    {"resourceIdentifier": {"group": "", "resource": "configmaps", "name": "settings", "namespace": ns},
+                     "feedbackRules": [{"type": "JSONPaths", "jsonPaths": [{"name": "model", "path": ".data.model"}]}]}]
+            }
+        }))
+        .unwrap()
+    };
+    let works: Api<ManifestWork> = Api::namespaced(admin.clone(), &cluster);
+    works
+        .create(&PostParams::default(), &work("llama"))
+        .await
+        .unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    until_model(&cms, Some("llama")).await;
+
+    eventually(
+        "Applied=True and the feedback value in the hub work's status",
+        || {
+            let works = works.clone();
+            async move {
+                let w = serde_json::to_value(works.get("model-server").await.map_err(|e| e.to_string())?)
+                    .map_err(|e| e.to_string())?;
+                let status = &w["status"];
+                if condition(status, "Applied").as_deref() == Some("True")
+                    && status.to_string().contains("llama")
+                {
+                    Ok(())
+                } else {
+                    Err(format!("status: {status}"))
+                }
+            }
+        },
+    )
+    .await
+    .unwrap();
+
+    // Update on the hub.
+    works
+        .patch(
+            "model-server",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": serde_json::to_value(work("mistral")).unwrap()["spec"]})),
+        )
+        .await
+        .unwrap();
+    until_model(&cms, Some("mistral")).await;
+
+    // Delete on the hub: the spoke is cleaned up, then the finalizer lets the hub work go.
+    works
+        .delete("model-server", &DeleteParams::default())
+        .await
+        .unwrap();
+    until_model(&cms, None).await;
+    eventually("the hub work to be gone once cleanup is done", || {
+        let works = works.clone();
+        async move {
+            match works.get_opt("model-server").await.map_err(|e| e.to_string())? {
+                None => Ok(()),
+                Some(w) => Err(format!("still there, finalizers {:?}", w.metadata.finalizers)),
+            }
+        }
     })
     .await
     .unwrap();

@@ -10,9 +10,6 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use spokelet::hub::kube_hub::{
@@ -20,85 +17,24 @@ use spokelet::hub::kube_hub::{
 };
 use spokelet::work::manifestwork::{Condition, ManifestWork, ManifestWorkStatus};
 use spokelet::work::source::{StatusSink, StatusUpdate, WorkEvent, WorkSource};
-use spokelet_e2e::{ClusterOptions, KubeCluster, UserCredentials, eventually, unique_name};
+use spokelet_e2e::ocm_hub::{self, start_ocm_hub};
+use spokelet_e2e::{KubeCluster, UserCredentials, eventually, unique_name};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-const CRD: &str = include_str!("../../deploy/crds/manifestworks.work.open-cluster-management.io.yaml");
-const AGENT_RBAC: &str = include_str!("../../deploy/hub/agent-rbac.yaml");
-/// The cluster name `deploy/hub/agent-rbac.yaml` is written for.
-const RBAC_EXAMPLE_CLUSTER: &str = "cluster1";
-
 /// A hub API server with the ManifestWork CRD.
 async fn start_hub() -> (KubeCluster, kube::Client) {
-    let hub = KubeCluster::start(ClusterOptions::hub())
+    start_ocm_hub()
         .await
-        .unwrap_or_else(|e| panic!("hub API server did not start (run tests/env/install.sh): {e}"));
-    let admin = hub.client();
-    let crd: CustomResourceDefinition = serde_yaml::from_str(CRD).unwrap();
-    let api: Api<CustomResourceDefinition> = Api::all(admin.clone());
-    api.create(&PostParams::default(), &crd).await.unwrap();
-    eventually("the ManifestWork CRD to be established", || {
-        let api = api.clone();
-        async move {
-            let c = api
-                .get("manifestworks.work.open-cluster-management.io")
-                .await
-                .map_err(|e| e.to_string())?;
-            let established = c
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
-            established.then_some(()).ok_or("not established yet".to_string())
-        }
-    })
-    .await
-    .unwrap();
-    (hub, admin)
+        .unwrap_or_else(|e| panic!("hub API server did not start (run tests/env/install.sh): {e}"))
 }
 
-/// Creates the cluster namespace and the agent's role from `deploy/hub/agent-rbac.yaml`, and
-/// issues the agent's certificate (user `system:open-cluster-management:<cluster>:agent`, group
-/// `system:open-cluster-management:<cluster>`).
+/// The cluster namespace, the agent's role from `deploy/hub/agent-rbac.yaml`, and its certificate.
 async fn onboard_cluster(hub: &KubeCluster, admin: &kube::Client, cluster: &str) -> UserCredentials {
-    let yaml = AGENT_RBAC.replace(RBAC_EXAMPLE_CLUSTER, cluster);
-    let mut kinds = Vec::new();
-    for doc in yaml.split("\n---\n") {
-        let value: serde_json::Value = serde_yaml::from_str(doc).unwrap();
-        let kind = value["kind"].as_str().unwrap_or_default().to_string();
-        // Retried: right after a CRD is established the API server may drop pooled connections.
-        eventually(&format!("creating the {kind} of {cluster}"), || {
-            let (admin, value, kind) = (admin.clone(), value.clone(), kind.clone());
-            async move {
-                let pp = PostParams::default();
-                let created = match kind.as_str() {
-                    "Namespace" => Api::<Namespace>::all(admin)
-                        .create(&pp, &serde_json::from_value(value).unwrap())
-                        .await
-                        .map(drop),
-                    "Role" => Api::<Role>::namespaced(admin, cluster)
-                        .create(&pp, &serde_json::from_value(value).unwrap())
-                        .await
-                        .map(drop),
-                    "RoleBinding" => Api::<RoleBinding>::namespaced(admin, cluster)
-                        .create(&pp, &serde_json::from_value(value).unwrap())
-                        .await
-                        .map(drop),
-                    other => panic!("unexpected kind {other} in deploy/hub/agent-rbac.yaml"),
-                };
-                created.map_err(|e| e.to_string())
-            }
-        })
+    ocm_hub::onboard_cluster(hub, admin, cluster)
         .await
-        .unwrap();
-        kinds.push(kind);
-    }
-    assert_eq!(kinds, ["Namespace", "Role", "RoleBinding"]);
-    let group = format!("system:open-cluster-management:{cluster}");
-    hub.issue_user(&format!("{group}:agent"), &[&group]).unwrap()
+        .unwrap_or_else(|e| panic!("onboarding {cluster}: {e}"))
 }
 
 fn work(name: &str, cm: &str) -> ManifestWork {

@@ -1,0 +1,110 @@
+//! An OCM-style hub on a real API server: the `ManifestWork` CRD, cluster namespaces and the
+//! agent's RBAC, exactly as shipped in `deploy/`.
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, PostParams};
+
+use crate::{ClusterOptions, HarnessError, KubeCluster, UserCredentials, eventually};
+
+/// The hub CRD users without OCM install (`deploy/crds/`).
+pub const MANIFESTWORK_CRD: &str =
+    include_str!("../../deploy/crds/manifestworks.work.open-cluster-management.io.yaml");
+/// The agent's hub role (`deploy/hub/agent-rbac.yaml`), written for [`RBAC_EXAMPLE_CLUSTER`].
+pub const AGENT_RBAC: &str = include_str!("../../deploy/hub/agent-rbac.yaml");
+/// The cluster name `deploy/hub/agent-rbac.yaml` is written for; replaced per test.
+pub const RBAC_EXAMPLE_CLUSTER: &str = "cluster1";
+
+fn invalid(what: &str, reason: impl ToString) -> HarnessError {
+    HarnessError::InvalidManifest {
+        what: what.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// A fresh hub API server with the ManifestWork CRD installed and established, and its admin client.
+pub async fn start_ocm_hub() -> Result<(KubeCluster, kube::Client), HarnessError> {
+    let hub = KubeCluster::start(ClusterOptions::hub()).await?;
+    let admin = hub.try_client()?;
+    let crd: CustomResourceDefinition =
+        serde_yaml::from_str(MANIFESTWORK_CRD).map_err(|e| invalid("ManifestWork CRD", e))?;
+    let api: Api<CustomResourceDefinition> = Api::all(admin.clone());
+    api.create(&PostParams::default(), &crd)
+        .await
+        .map_err(|source| HarnessError::Kube {
+            context: "creating the ManifestWork CRD".into(),
+            source,
+        })?;
+    eventually("the ManifestWork CRD to be established", || {
+        let api = api.clone();
+        async move {
+            let crd = api
+                .get("manifestworks.work.open-cluster-management.io")
+                .await
+                .map_err(|e| e.to_string())?;
+            let established = crd
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            established.then_some(()).ok_or("not established yet".to_string())
+        }
+    })
+    .await?;
+    Ok((hub, admin))
+}
+
+/// Creates the cluster namespace and the agent's role from `deploy/hub/agent-rbac.yaml`, and
+/// issues the agent's certificate (user `system:open-cluster-management:<cluster>:agent`, group
+/// `system:open-cluster-management:<cluster>`).
+pub async fn onboard_cluster(
+    hub: &KubeCluster,
+    admin: &kube::Client,
+    cluster: &str,
+) -> Result<UserCredentials, HarnessError> {
+    let yaml = AGENT_RBAC.replace(RBAC_EXAMPLE_CLUSTER, cluster);
+    let mut kinds = Vec::new();
+    for doc in yaml.split("\n---\n") {
+        let value: serde_json::Value =
+            serde_yaml::from_str(doc).map_err(|e| invalid("deploy/hub/agent-rbac.yaml", e))?;
+        let kind = value["kind"].as_str().unwrap_or_default().to_string();
+        if !matches!(kind.as_str(), "Namespace" | "Role" | "RoleBinding") {
+            return Err(invalid(
+                "deploy/hub/agent-rbac.yaml",
+                format!("unexpected kind {kind:?}"),
+            ));
+        }
+        // Retried: right after a CRD is established the API server may drop pooled connections.
+        eventually(&format!("creating the {kind} of {cluster}"), || {
+            let (admin, value, kind) = (admin.clone(), value.clone(), kind.clone());
+            async move {
+                let pp = PostParams::default();
+                let parse_err = |e: serde_json::Error| e.to_string();
+                match kind.as_str() {
+                    "Namespace" => Api::<Namespace>::all(admin)
+                        .create(&pp, &serde_json::from_value(value).map_err(parse_err)?)
+                        .await
+                        .map(drop),
+                    "Role" => Api::<Role>::namespaced(admin, cluster)
+                        .create(&pp, &serde_json::from_value(value).map_err(parse_err)?)
+                        .await
+                        .map(drop),
+                    _ => Api::<RoleBinding>::namespaced(admin, cluster)
+                        .create(&pp, &serde_json::from_value(value).map_err(parse_err)?)
+                        .await
+                        .map(drop),
+                }
+                .map_err(|e| e.to_string())
+            }
+        })
+        .await?;
+        kinds.push(kind);
+    }
+    if kinds != ["Namespace", "Role", "RoleBinding"] {
+        return Err(invalid("deploy/hub/agent-rbac.yaml", format!("kinds {kinds:?}")));
+    }
+    let group = format!("system:open-cluster-management:{cluster}");
+    hub.issue_user(&format!("{group}:agent"), &[&group])
+}
