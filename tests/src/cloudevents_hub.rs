@@ -179,6 +179,8 @@ pub struct Received {
     pub client_cn: Option<String>,
     /// The `authorization` header, if any (test tokens only; a real hub would never keep it).
     pub authorization: Option<String>,
+    /// When the hub received it (for latency measurements).
+    pub at: std::time::Instant,
     /// The event.
     pub event: CloudEvent,
 }
@@ -459,6 +461,16 @@ impl TestHub {
     /// Every published event so far.
     pub fn received(&self) -> Vec<Received> {
         lock(&self.inner.state).received.clone()
+    }
+
+    /// Published events after the first `skip` (cheap incremental polling for benchmarks).
+    pub fn received_since(&self, skip: usize) -> Vec<Received> {
+        lock(&self.inner.state)
+            .received
+            .iter()
+            .skip(skip)
+            .cloned()
+            .collect()
     }
 
     /// Published events whose type ends with `suffix` (e.g. `status.update_request`).
@@ -777,6 +789,7 @@ impl CloudEventService for HubService {
         st.received.push(Received {
             client_cn,
             authorization,
+            at: std::time::Instant::now(),
             event: ev.clone(),
         });
         if ev.r#type == format!("{MANIFEST_BUNDLES}.spec.resync_request") {

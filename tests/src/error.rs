@@ -122,6 +122,10 @@ pub enum HarnessError {
         reason: String,
     },
 
+    /// The agent binary could not be built for a benchmark.
+    #[error("building the spokelet binary failed: {0}")]
+    AgentBuild(String),
+
     /// A condition polled with [`crate::eventually`] never held.
     #[error("{what}: still not true after {attempts} checks; last observation: {last}")]
     NotReached {

@@ -101,3 +101,4 @@ mod tests {
 }
 pub mod cloudevents_hub;
 pub mod ocm_hub;
+pub mod bench;

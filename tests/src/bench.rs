@@ -1,0 +1,130 @@
+//! What the benchmarks share: the agent binary, process memory readings, percentiles and tables.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::HarnessError;
+
+/// The `spokelet` binary for benchmarks that run the agent as its own process (so its memory
+/// is measured alone). `SPOKELET_BIN` wins; otherwise it is built (a no-op when up to date)
+/// with the same profile as the running benchmark, so it is never stale.
+pub fn spokelet_binary() -> Result<PathBuf, HarnessError> {
+    if let Ok(path) = std::env::var("SPOKELET_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().map_err(|e| HarnessError::AgentBuild(e.to_string()))?;
+    // target/<profile>/deps/<bench> -> target/<profile>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| HarnessError::AgentBuild(format!("unexpected location {}", exe.display())))?;
+    let profile = if dir.ends_with("release") {
+        "release"
+    } else {
+        "dev"
+    };
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "-p",
+            "spokelet",
+            "--bin",
+            "spokelet",
+            "--profile",
+            profile,
+        ])
+        .status()
+        .map_err(|e| HarnessError::AgentBuild(e.to_string()))?;
+    if !status.success() {
+        return Err(HarnessError::AgentBuild(format!(
+            "cargo build exited with {status}"
+        )));
+    }
+    Ok(dir.join("spokelet"))
+}
+
+/// A `VmXXX:` field of `/proc/<pid>/status`, in KiB (`VmHWM` = peak RSS, `VmRSS` = now).
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+/// The `p` quantile (0.0..=1.0) of sorted samples (nearest rank); zero when empty.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((sorted.len() - 1) as f64 * p.clamp(0.0, 1.0)).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+/// Milliseconds with two decimals, for table cells.
+pub fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+/// Prints a left-aligned first column and right-aligned others, with a rule under the header.
+pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut cells: Vec<Vec<String>> = vec![header.iter().map(|s| (*s).to_string()).collect()];
+    cells.extend(rows.iter().cloned());
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| {
+            cells
+                .iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for (i, row) in cells.iter().enumerate() {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(c, (cell, w))| {
+                if c == 0 {
+                    format!("{cell:<w$}")
+                } else {
+                    format!("{cell:>w$}")
+                }
+            })
+            .collect();
+        println!("{}", line.join("  "));
+        if i == 0 {
+            println!(
+                "{}",
+                "-".repeat(widths.iter().sum::<usize>() + 2 * widths.len().saturating_sub(1))
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&v, 0.5), Duration::from_millis(51));
+        assert_eq!(percentile(&v, 0.99), Duration::from_millis(99));
+        assert_eq!(percentile(&v, 1.0), Duration::from_millis(100));
+        assert_eq!(percentile(&[], 0.5), Duration::ZERO);
+    }
+
+    #[test]
+    fn reads_this_process_memory() {
+        let pid = std::process::id();
+        // RSS first: other test threads may grow the process between the two reads.
+        let rss = proc_status_kib(pid, "VmRSS").unwrap();
+        let hwm = proc_status_kib(pid, "VmHWM").unwrap();
+        assert!(hwm >= rss && rss > 0, "VmHWM {hwm} VmRSS {rss}");
+        assert_eq!(proc_status_kib(pid, "VmNope"), None);
+    }
+}
