@@ -9,8 +9,8 @@ use kube::Config;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::admin::RunContext;
-use crate::hub::{ConnectError, HubArgs, HubConnection};
 use crate::config::parse_duration;
+use crate::hub::{ConnectError, HubArgs, HubConnection};
 use crate::work::applied_work::hub_hash;
 use crate::work::drift::FlapGuard;
 use crate::work::engine::{EngineConfig, EngineError, WorkEngine};
@@ -78,7 +78,9 @@ pub enum RunError {
     #[error(transparent)]
     Hub(#[from] ConnectError),
     /// No work source configured.
-    #[error("no work source: pass --hub-transport grpc|kube (with its --hub-* settings) or --works-dir (or their SPOKELET_* variables)")]
+    #[error(
+        "no work source: pass --hub-transport grpc|kube (with its --hub-* settings) or --works-dir (or their SPOKELET_* variables)"
+    )]
     NoSource,
     /// The kubeconfig could not be read.
     #[error("kubeconfig {path}: {source}")]

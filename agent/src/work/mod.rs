@@ -1,1 +1,35 @@
 //! The work engine: applies ManifestWorks to the spoke and keeps them applied.
+//!
+//! Data flow: a [`source::WorkSource`] yields works; the [`engine::WorkEngine`] reconciles each
+//! ([`reconcile`]: validate, order, apply, prune, feedback) recording ownership on the spoke in an
+//! AppliedManifestWork ([`applied_work`]); the [`drift::DriftWatcher`] reports outside changes to
+//! what was applied; status goes to a [`source::StatusSink`] whenever its hash changes.
+
+pub mod applied_work;
+pub mod applier;
+pub mod claims;
+pub mod conditions;
+pub mod delete;
+pub mod discovery;
+pub mod drift;
+pub mod engine;
+pub mod feedback;
+pub mod file_source;
+pub mod http2;
+pub mod jsonpath;
+pub mod manifestwork;
+pub mod metrics;
+pub mod object;
+pub mod order;
+pub mod prune;
+pub mod reconcile;
+pub mod source;
+pub mod validate;
+
+pub use engine::{EngineConfig, EngineError, WorkEngine};
+pub use file_source::{FileSource, FileStatusSink};
+pub use manifestwork::{ManifestBundle, ManifestWork, ManifestWorkSpec, ManifestWorkStatus};
+pub use source::{StatusSink, StatusUpdate, WorkEvent, WorkRef, WorkSource};
+
+/// Re-exported so transports and tests can stop an engine without depending on tokio-util.
+pub use tokio_util::sync::CancellationToken;

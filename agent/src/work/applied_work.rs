@@ -1,0 +1,215 @@
+//! The AppliedManifestWork: the spoke-side record that makes the agent restart-safe. Its CRD is
+//! installed by the agent; its status lists every object a work applied (with UIDs), and applied
+//! objects carry an ownerReference to it.
+
+use std::time::Duration;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Client, Resource, ResourceExt};
+use sha2::{Digest, Sha256};
+
+use super::manifestwork::{
+    AppliedManifestResourceMeta, AppliedManifestWork, AppliedManifestWorkSpec, AppliedManifestWorkStatus,
+    DeleteOption,
+};
+
+/// The CRD, exactly as shipped in `deploy/crds/`.
+pub const CRD_YAML: &str =
+    include_str!("../../../deploy/crds/appliedmanifestworks.work.open-cluster-management.io.yaml");
+/// Name of the CRD.
+pub const CRD_NAME: &str = "appliedmanifestworks.work.open-cluster-management.io";
+/// Annotation carrying the work's delete option, so a work whose hub copy is gone can still be
+/// deleted the way it asked after a restart.
+pub const DELETE_OPTION_ANNOTATION: &str = "work.spokelet.io/delete-option";
+/// Field manager the agent uses for its own bookkeeping objects.
+pub const BOOKKEEPING_MANAGER: &str = "spokelet";
+
+/// AppliedManifestWork failures.
+#[derive(Debug, thiserror::Error)]
+pub enum AppliedWorkError {
+    /// The embedded CRD does not parse (a build defect).
+    #[error("embedded AppliedManifestWork CRD is invalid: {0}")]
+    BadCrd(#[from] serde_yaml::Error),
+    /// An API call failed.
+    #[error("AppliedManifestWork {name}: {}", super::object::api_message(source))]
+    Api {
+        /// Object name.
+        name: String,
+        /// Underlying error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The CRD did not become Established in time.
+    #[error("CRD {0} did not become Established")]
+    NotEstablished(String),
+}
+
+/// Hex SHA-256 of the hub address (or name, for the file source).
+pub fn hub_hash(hub: &str) -> String {
+    hex::encode(Sha256::digest(hub.as_bytes()))
+}
+
+/// `<hubHash>-<workName>`.
+pub fn applied_name(hub_hash: &str, work: &str) -> String {
+    format!("{hub_hash}-{work}")
+}
+
+/// Installs (server-side applies) the CRD and waits until it is Established.
+pub async fn install_crd(client: &Client) -> Result<(), AppliedWorkError> {
+    let crd: CustomResourceDefinition = serde_yaml::from_str(CRD_YAML)?;
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    api.patch(
+        CRD_NAME,
+        &PatchParams::apply(BOOKKEEPING_MANAGER).force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .map_err(|source| AppliedWorkError::Api {
+        name: CRD_NAME.into(),
+        source,
+    })?;
+    wait_established(client, CRD_NAME, Duration::from_secs(30)).await
+}
+
+/// Polls a CRD until its Established condition is True, or `limit` passes.
+pub async fn wait_established(client: &Client, name: &str, limit: Duration) -> Result<(), AppliedWorkError> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let crd = api.get(name).await.map_err(|source| AppliedWorkError::Api {
+            name: name.into(),
+            source,
+        })?;
+        let established = crd
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
+        if established {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(AppliedWorkError::NotEstablished(name.into()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Gets the record for a work, creating it if absent, and keeps its delete-option annotation current.
+pub async fn ensure(
+    api: &Api<AppliedManifestWork>,
+    name: &str,
+    spec: AppliedManifestWorkSpec,
+    delete_option: Option<&DeleteOption>,
+) -> Result<AppliedManifestWork, AppliedWorkError> {
+    let err = |source| AppliedWorkError::Api {
+        name: name.into(),
+        source,
+    };
+    let annotation = serde_json::to_string(&delete_option.cloned().unwrap_or_default()).unwrap_or_default();
+    // Create first: on a cold start that is the only request; an existing record answers 409.
+    let mut amw = AppliedManifestWork::new(name, spec);
+    amw.annotations_mut()
+        .insert(DELETE_OPTION_ANNOTATION.into(), annotation.clone());
+    match api.create(&PostParams::default(), &amw).await {
+        Ok(o) => return Ok(o),
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => return Err(err(e)),
+    }
+    let existing = api.get(name).await.map_err(err)?;
+    if existing.annotations().get(DELETE_OPTION_ANNOTATION) != Some(&annotation) {
+        let patch = serde_json::json!({"metadata": {"annotations": {DELETE_OPTION_ANNOTATION: annotation}}});
+        return api
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(err);
+    }
+    Ok(existing)
+}
+
+/// Replaces the applied-resource list (merge patch on the status subresource).
+pub async fn write_resources(
+    api: &Api<AppliedManifestWork>,
+    name: &str,
+    resources: &[AppliedManifestResourceMeta],
+) -> Result<AppliedManifestWork, AppliedWorkError> {
+    let patch = serde_json::json!({"status": {"appliedResources": resources}});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|source| AppliedWorkError::Api {
+            name: name.into(),
+            source,
+        })
+}
+
+/// Deletes the record (objects still owned by it are then garbage-collected).
+pub async fn delete(api: &Api<AppliedManifestWork>, name: &str) -> Result<(), AppliedWorkError> {
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(source) => Err(AppliedWorkError::Api {
+            name: name.into(),
+            source,
+        }),
+    }
+}
+
+/// The ownerReference applied objects carry.
+pub fn owner_ref(amw: &AppliedManifestWork) -> OwnerReference {
+    OwnerReference {
+        api_version: AppliedManifestWork::api_version(&()).into_owned(),
+        kind: AppliedManifestWork::kind(&()).into_owned(),
+        name: amw.name_any(),
+        uid: amw.uid().unwrap_or_default(),
+        // Not a controller reference: several works may own one object.
+        controller: None,
+        block_owner_deletion: None,
+    }
+}
+
+/// The delete option recorded on a record (Foreground when absent or unreadable).
+pub fn recorded_delete_option(amw: &AppliedManifestWork) -> DeleteOption {
+    amw.annotations()
+        .get(DELETE_OPTION_ANNOTATION)
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or_default()
+}
+
+/// The applied resources of a record.
+pub fn resources(amw: &AppliedManifestWork) -> Vec<AppliedManifestResourceMeta> {
+    amw.status
+        .as_ref()
+        .map(|s| s.applied_resources.clone())
+        .unwrap_or_default()
+}
+
+/// Convenience for an empty status.
+pub fn empty_status() -> AppliedManifestWorkStatus {
+    AppliedManifestWorkStatus::default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crd_parses_and_matches_type() {
+        let crd: CustomResourceDefinition = serde_yaml::from_str(CRD_YAML).unwrap();
+        assert_eq!(crd.metadata.name.as_deref(), Some(CRD_NAME));
+        assert_eq!(crd.spec.scope, "Cluster");
+        assert_eq!(crd.spec.names.kind, "AppliedManifestWork");
+        let v = &crd.spec.versions[0];
+        assert!(v.subresources.as_ref().unwrap().status.is_some());
+        assert_eq!(AppliedManifestWork::plural(&()), "appliedmanifestworks");
+    }
+
+    #[test]
+    fn names() {
+        let h = hub_hash("local");
+        assert_eq!(h.len(), 64);
+        assert_eq!(applied_name(&h, "w1"), format!("{h}-w1"));
+    }
+}

@@ -1,0 +1,120 @@
+//! Which work claims which spoke object. Two works may share an object only when they want the
+//! same content; otherwise the first claimer keeps it and the other gets a clear per-manifest
+//! error (two owners with different content would undo each other's apply forever).
+
+use std::collections::{HashMap, HashSet};
+
+use super::object::ObjKey;
+
+/// One claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Claim {
+    /// Claiming work.
+    work: String,
+    /// Manifest ordinal in that work.
+    ordinal: usize,
+    /// Hash of the desired content; None for claims loaded from the spoke record before the
+    /// owning work was seen again (they win ties until then).
+    content: Option<String>,
+}
+
+/// The claim table.
+#[derive(Debug, Default)]
+pub struct Claims {
+    /// Object -> its claims, first claimer first.
+    by_key: HashMap<ObjKey, Vec<Claim>>,
+}
+
+impl Claims {
+    /// Claims `key` for `work`. Err names the work holding it with different content.
+    pub fn claim(&mut self, key: &ObjKey, work: &str, ordinal: usize, content: &str) -> Result<(), String> {
+        let list = self.by_key.entry(key.clone()).or_default();
+        if let Some(other) = list
+            .iter()
+            .find(|c| c.work != work && c.content.as_deref() != Some(content))
+        {
+            return Err(other.work.clone());
+        }
+        list.retain(|c| c.work != work);
+        list.push(Claim {
+            work: work.to_string(),
+            ordinal,
+            content: Some(content.to_string()),
+        });
+        Ok(())
+    }
+
+    /// Records a claim read from an AppliedManifestWork at start-up (content unknown yet).
+    pub fn preload(&mut self, key: &ObjKey, work: &str) {
+        let list = self.by_key.entry(key.clone()).or_default();
+        if !list.iter().any(|c| c.work == work) {
+            list.push(Claim {
+                work: work.to_string(),
+                ordinal: usize::MAX,
+                content: None,
+            });
+        }
+    }
+
+    /// Drops the claims of `work` except on `keep`.
+    pub fn retain_work(&mut self, work: &str, keep: &HashSet<ObjKey>) {
+        self.by_key.retain(|k, list| {
+            if !keep.contains(k) {
+                list.retain(|c| c.work != work);
+            }
+            !list.is_empty()
+        });
+    }
+
+    /// Whether a work other than `work` claims `key`.
+    pub fn claimed_elsewhere(&self, key: &ObjKey, work: &str) -> bool {
+        self.by_key
+            .get(key)
+            .is_some_and(|l| l.iter().any(|c| c.work != work))
+    }
+
+    /// The (work, ordinal) pairs claiming `key`.
+    pub fn owners(&self, key: &ObjKey) -> Vec<(String, usize)> {
+        self.by_key
+            .get(key)
+            .map(|l| l.iter().map(|c| (c.work.clone(), c.ordinal)).collect())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn k(n: &str) -> ObjKey {
+        ObjKey {
+            group: String::new(),
+            resource: "configmaps".into(),
+            namespace: "ns".into(),
+            name: n.into(),
+        }
+    }
+
+    #[test]
+    fn same_content_shares_different_conflicts() {
+        let mut c = Claims::default();
+        assert!(c.claim(&k("a"), "w1", 0, "h1").is_ok());
+        assert!(c.claim(&k("a"), "w2", 3, "h1").is_ok());
+        assert!(c.claimed_elsewhere(&k("a"), "w1"));
+        assert_eq!(c.claim(&k("a"), "w3", 0, "h2"), Err("w1".to_string()));
+        // Re-claiming by the same work with new content is fine only when alone.
+        c.retain_work("w2", &HashSet::new());
+        assert!(c.claim(&k("a"), "w1", 0, "h9").is_ok());
+        assert!(!c.claimed_elsewhere(&k("a"), "w1"));
+        assert_eq!(c.owners(&k("a")), vec![("w1".to_string(), 0)]);
+    }
+
+    #[test]
+    fn preloaded_claims_win_until_owner_returns() {
+        let mut c = Claims::default();
+        c.preload(&k("a"), "w1");
+        assert_eq!(c.claim(&k("a"), "w2", 0, "h"), Err("w1".to_string()));
+        assert!(c.claim(&k("a"), "w1", 0, "h").is_ok());
+        assert!(c.claim(&k("a"), "w2", 0, "h").is_ok());
+    }
+}

@@ -1,0 +1,110 @@
+//! Prometheus metrics of the work engine (registered under `spokelet_work`).
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Label set: a list of (name, value) pairs.
+type Labels = Vec<(String, String)>;
+
+/// The engine's metrics. Clones share the same series.
+#[derive(Debug, Clone)]
+pub struct WorkMetrics {
+    /// Drift corrections per work: how often the agent restored what someone else changed.
+    pub drift_corrections: Family<Labels, Counter>,
+    /// Manifest applies by result (created, updated, unchanged, skipped, failed).
+    pub applies: Family<Labels, Counter>,
+    /// Reconciles by outcome (ok, failed).
+    pub reconciles: Family<Labels, Counter>,
+    /// Reconcile duration in seconds.
+    pub reconcile_seconds: Histogram,
+    /// Status updates published (only real changes are published).
+    pub status_updates: Counter,
+    /// Works currently held.
+    pub works: Gauge,
+}
+
+impl Default for WorkMetrics {
+    fn default() -> Self {
+        WorkMetrics {
+            drift_corrections: Family::default(),
+            applies: Family::default(),
+            reconciles: Family::default(),
+            reconcile_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            status_updates: Counter::default(),
+            works: Gauge::default(),
+        }
+    }
+}
+
+impl WorkMetrics {
+    /// Registers every metric in `registry` (the caller picks the prefix, `spokelet_work`).
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "drift_corrections",
+            "Drift corrections per work",
+            self.drift_corrections.clone(),
+        );
+        registry.register("applies", "Manifest applies by result", self.applies.clone());
+        registry.register(
+            "reconciles",
+            "Work reconciles by outcome",
+            self.reconciles.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Work reconcile duration",
+            self.reconcile_seconds.clone(),
+        );
+        registry.register(
+            "status_updates",
+            "Status updates published",
+            self.status_updates.clone(),
+        );
+        registry.register("works", "Works held by the engine", self.works.clone());
+    }
+
+    /// Counts one drift correction of `work`.
+    pub fn drift_corrected(&self, work: &str) {
+        self.drift_corrections
+            .get_or_create(&vec![("work".to_string(), work.to_string())])
+            .inc();
+    }
+
+    /// Counts one apply with `result`.
+    pub fn applied(&self, result: &str) {
+        self.applies
+            .get_or_create(&vec![("result".to_string(), result.to_string())])
+            .inc();
+    }
+
+    /// Counts one reconcile with `outcome`.
+    pub fn reconciled(&self, outcome: &str, seconds: f64) {
+        self.reconciles
+            .get_or_create(&vec![("outcome".to_string(), outcome.to_string())])
+            .inc();
+        self.reconcile_seconds.observe(seconds);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registers_under_prefix() {
+        let mut root = Registry::with_prefix("spokelet");
+        let m = WorkMetrics::default();
+        m.register(root.sub_registry_with_prefix("work"));
+        m.drift_corrected("w1");
+        m.applied("created");
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &root).unwrap();
+        assert!(
+            out.contains("spokelet_work_drift_corrections_total{work=\"w1\"} 1"),
+            "{out}"
+        );
+    }
+}

@@ -1,0 +1,168 @@
+//! Removing one applied object on behalf of a work: deleted with a UID precondition, or — when
+//! another work still claims it, or it is being orphaned — only stripped of this work's ownerReference.
+
+use kube::Client;
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, Preconditions, PropagationPolicy};
+use serde_json::{Value, json};
+
+use super::discovery::api_resource_for;
+use super::manifestwork::AppliedManifestResourceMeta;
+use super::object::{MANAGED_LABEL, ObjKey, owner_refs};
+
+/// Prune failures.
+#[derive(Debug, thiserror::Error)]
+pub enum PruneError {
+    /// The API call failed.
+    #[error("removing {key}: {}", super::object::api_message(source))]
+    Api {
+        /// Which object.
+        key: String,
+        /// Underlying error.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// What happened to the object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PruneOutcome {
+    /// Already gone.
+    Gone,
+    /// Delete requested (it may linger while finalizers run).
+    Deleted,
+    /// Left in place with this work's ownerReference removed.
+    Released,
+    /// Not ours (recreated by someone else under the same name, or never applied): untouched.
+    NotOurs,
+}
+
+/// How to remove an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Delete unless another work still claims it.
+    Delete,
+    /// Leave it; only drop our ownerReference (and our label if no other work owns it).
+    Orphan,
+}
+
+/// Key of an applied-resource entry.
+pub fn key_of(e: &AppliedManifestResourceMeta) -> ObjKey {
+    ObjKey {
+        group: e.group.clone(),
+        resource: e.resource.clone(),
+        namespace: e.namespace.clone(),
+        name: e.name.clone(),
+    }
+}
+
+fn api(client: &Client, e: &AppliedManifestResourceMeta) -> Api<DynamicObject> {
+    let ar = api_resource_for(&e.group, &e.version, &e.resource);
+    if e.namespace.is_empty() {
+        Api::all_with(client.clone(), &ar)
+    } else {
+        Api::namespaced_with(client.clone(), &e.namespace, &ar)
+    }
+}
+
+/// Removes one entry. `owner_uid` is this work's AppliedManifestWork UID; `claimed_elsewhere` says
+/// whether another work still wants the object.
+pub async fn remove(
+    client: &Client,
+    e: &AppliedManifestResourceMeta,
+    owner_uid: &str,
+    claimed_elsewhere: bool,
+    mode: Mode,
+) -> Result<PruneOutcome, PruneError> {
+    let err = |source| PruneError::Api {
+        key: key_of(e).to_string(),
+        source,
+    };
+    let api = api(client, e);
+    let Some(live) = api.get_opt(&e.name).await.map_err(err)? else {
+        return Ok(PruneOutcome::Gone);
+    };
+    let live_uid = live.metadata.uid.clone().unwrap_or_default();
+    let ours = live
+        .metadata
+        .owner_references
+        .as_ref()
+        .is_some_and(|r| r.iter().any(|o| o.uid == owner_uid));
+    // Recorded UID differs: the object was recreated by someone else; never delete it.
+    if !e.uid.is_empty() && e.uid != live_uid {
+        if ours {
+            release(&api, &live, owner_uid).await.map_err(err)?;
+        }
+        return Ok(PruneOutcome::NotOurs);
+    }
+    // Intent entries (no UID) are only acted on if the object really carries our reference.
+    if e.uid.is_empty() && !ours {
+        return Ok(PruneOutcome::NotOurs);
+    }
+    if claimed_elsewhere || mode == Mode::Orphan {
+        release(&api, &live, owner_uid).await.map_err(err)?;
+        return Ok(PruneOutcome::Released);
+    }
+    let dp = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: Some(live_uid),
+            resource_version: None,
+        }),
+        propagation_policy: Some(PropagationPolicy::Background),
+        ..Default::default()
+    };
+    match api.delete(&e.name, &dp).await {
+        Ok(_) => Ok(PruneOutcome::Deleted),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(PruneOutcome::Gone),
+        // UID precondition failed: someone replaced it in between; not ours any more.
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(PruneOutcome::NotOurs),
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// Drops `owner_uid` from the object's ownerReferences (resourceVersion-guarded), and our label
+/// too when no other AppliedManifestWork owns it, so our drift watch stops seeing it.
+async fn release(api: &Api<DynamicObject>, live: &DynamicObject, owner_uid: &str) -> Result<(), kube::Error> {
+    let v = serde_json::to_value(live).unwrap_or(Value::Null);
+    let refs: Vec<Value> = owner_refs(&v)
+        .into_iter()
+        .filter(|r| r.get("uid").and_then(Value::as_str) != Some(owner_uid))
+        .collect();
+    let other_works = refs
+        .iter()
+        .any(|r| r.get("kind").and_then(Value::as_str) == Some("AppliedManifestWork"));
+    let mut meta = json!({
+        "resourceVersion": live.metadata.resource_version,
+        "ownerReferences": refs,
+    });
+    if !other_works {
+        meta["labels"] = json!({ MANAGED_LABEL: null });
+    }
+    let name = live.metadata.name.clone().unwrap_or_default();
+    match api
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({ "metadata": meta })),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether an entry's object still exists with the recorded UID (or, for intents, at all).
+pub async fn still_present(client: &Client, e: &AppliedManifestResourceMeta) -> Result<bool, PruneError> {
+    let live = api(client, e)
+        .get_metadata_opt(&e.name)
+        .await
+        .map_err(|source| PruneError::Api {
+            key: key_of(e).to_string(),
+            source,
+        })?;
+    Ok(match live {
+        None => false,
+        Some(o) => e.uid.is_empty() || o.metadata.uid.as_deref() == Some(e.uid.as_str()),
+    })
+}
