@@ -131,7 +131,11 @@ struct AdminState {
 
 impl AdminServer {
     /// Bind `addr` for the given registry and health flags.
-    pub async fn bind(addr: SocketAddr, registry: SharedRegistry, health: Health) -> Result<Self, AdminError> {
+    pub async fn bind(
+        addr: SocketAddr,
+        registry: SharedRegistry,
+        health: Health,
+    ) -> Result<Self, AdminError> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| AdminError::Bind { addr, source })?;
@@ -171,7 +175,10 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
     match encoded {
         Ok(()) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             body,
         ),
         Err(err) => (
@@ -220,12 +227,19 @@ mod tests {
     async fn serves_metrics_health_and_readiness() {
         let ctx = RunContext::new();
         let counter: Counter = Counter::default();
-        ctx.registry.lock().unwrap().register("test_events", "Events seen by the test", counter.clone());
+        ctx.registry
+            .lock()
+            .unwrap()
+            .register("test_events", "Events seen by the test", counter.clone());
         counter.inc_by(3);
 
-        let server = AdminServer::bind("127.0.0.1:0".parse().unwrap(), ctx.registry.clone(), ctx.health.clone())
-            .await
-            .unwrap();
+        let server = AdminServer::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            ctx.registry.clone(),
+            ctx.health.clone(),
+        )
+        .await
+        .unwrap();
         let addr = server.local_addr().unwrap();
         let task = tokio::spawn(server.serve(ctx.shutdown.clone()));
 
@@ -234,7 +248,11 @@ mod tests {
         assert!(body.contains("spokelet_test_events_total 3"), "{body}");
 
         assert_eq!(get(addr, "/healthz").await.0, 200);
-        assert_eq!(get(addr, "/readyz").await.0, 503, "not ready before the engine says so");
+        assert_eq!(
+            get(addr, "/readyz").await.0,
+            503,
+            "not ready before the engine says so"
+        );
         ctx.health.set_ready(true);
         assert_eq!(get(addr, "/readyz").await.0, 200);
         ctx.health.set_live(false);
@@ -249,7 +267,9 @@ mod tests {
     async fn bind_failure_names_the_address() {
         let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = taken.local_addr().unwrap();
-        let err = AdminServer::bind(addr, new_registry(), Health::default()).await.unwrap_err();
+        let err = AdminServer::bind(addr, new_registry(), Health::default())
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains(&addr.to_string()), "{err}");
     }
 }

@@ -27,7 +27,11 @@ impl ExponentialBackoff {
         Self {
             min,
             max: max.max(min),
-            jitter: if jitter.is_finite() { jitter.clamp(0.0, 1.0) } else { 0.0 },
+            jitter: if jitter.is_finite() {
+                jitter.clamp(0.0, 1.0)
+            } else {
+                0.0
+            },
             attempt: 0,
         }
     }
@@ -88,7 +92,10 @@ mod tests {
         for attempt in 0..40u32 {
             let base = (500f64 * 2f64.powi(attempt.min(31) as i32)).min(30_000.0);
             let d = b.next_delay().as_secs_f64() * 1000.0;
-            assert!(d >= base * 0.5 - 1e-6 && d <= base * 1.5 + 1e-6, "attempt {attempt}: {d} vs {base}");
+            assert!(
+                d >= base * 0.5 - 1e-6 && d <= base * 1.5 + 1e-6,
+                "attempt {attempt}: {d} vs {base}"
+            );
         }
     }
 

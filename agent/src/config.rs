@@ -44,7 +44,7 @@ pub enum Command {
     /// Discover this node's hardware (CPU, memory, NICs, RDMA, GPUs, topology) and print it.
     Inventory(InventoryArgs),
     /// Apply ManifestWorks to this cluster and keep them applied (drift correction).
-    Run(RunCommand),
+    Run(Box<RunCommand>),
 }
 
 /// `spokelet run`: the work engine plus the admin endpoint.
@@ -114,7 +114,10 @@ impl Cli {
         let root = Cli::command();
         // A first, forgiving pass finds `--config` and which flags the command line or
         // environment already set, even if a required flag is only in the config file.
-        let partial = root.clone().ignore_errors(true).try_get_matches_from(argv.iter())?;
+        let partial = root
+            .clone()
+            .ignore_errors(true)
+            .try_get_matches_from(argv.iter())?;
         if let Some(path) = partial.get_one::<PathBuf>("config").cloned() {
             let extra = config_file_args(&root, &partial, &path)?;
             argv.extend(extra);
@@ -172,7 +175,9 @@ fn config_file_args(
             if root.get_subcommands().any(|c| find_long(c, &key).is_some()) {
                 continue;
             }
-            return Err(invalid(format!("unknown key `{key}` (keys are long flag names, see --help)")));
+            return Err(invalid(format!(
+                "unknown key `{key}` (keys are long flag names, see --help)"
+            )));
         };
         let already_set = matches
             .and_then(|m| m.value_source(arg.get_id().as_str()))
@@ -190,7 +195,11 @@ fn config_file_args(
                 serde_yaml::Value::String(s) => s,
                 serde_yaml::Value::Bool(b) => b.to_string(),
                 serde_yaml::Value::Number(n) => n.to_string(),
-                _ => return Err(invalid(format!("value of `{key}` must be a string, number, boolean or list of those"))),
+                _ => {
+                    return Err(invalid(format!(
+                        "value of `{key}` must be a string, number, boolean or list of those"
+                    )));
+                }
             };
             if is_switch {
                 match scalar.as_str() {
@@ -222,12 +231,18 @@ pub fn parse_duration(input: &str) -> Result<Duration, String> {
     let mut total = Duration::ZERO;
     let mut rest = s;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(rest.len());
         if digits == 0 {
-            return Err(format!("invalid duration {input:?}: expected a number before {rest:?}"));
+            return Err(format!(
+                "invalid duration {input:?}: expected a number before {rest:?}"
+            ));
         }
         let (num, tail) = rest.split_at(digits);
-        let value: f64 = num.parse().map_err(|_| format!("invalid number {num:?} in duration {input:?}"))?;
+        let value: f64 = num
+            .parse()
+            .map_err(|_| format!("invalid number {num:?} in duration {input:?}"))?;
         let unit_len = tail.find(|c: char| c.is_ascii_digit()).unwrap_or(tail.len());
         let (unit, tail) = tail.split_at(unit_len);
         let seconds = match unit {
@@ -235,10 +250,19 @@ pub fn parse_duration(input: &str) -> Result<Duration, String> {
             "s" => value,
             "m" => value * 60.0,
             "h" => value * 3600.0,
-            "" => return Err(format!("invalid duration {input:?}: missing unit after {num} (ms, s, m, h)")),
-            other => return Err(format!("invalid duration {input:?}: unknown unit {other:?} (ms, s, m, h)")),
+            "" => {
+                return Err(format!(
+                    "invalid duration {input:?}: missing unit after {num} (ms, s, m, h)"
+                ));
+            }
+            other => {
+                return Err(format!(
+                    "invalid duration {input:?}: unknown unit {other:?} (ms, s, m, h)"
+                ));
+            }
         };
-        total += Duration::try_from_secs_f64(seconds).map_err(|e| format!("invalid duration {input:?}: {e}"))?;
+        total +=
+            Duration::try_from_secs_f64(seconds).map_err(|e| format!("invalid duration {input:?}: {e}"))?;
         rest = tail;
     }
     Ok(total)
@@ -273,7 +297,8 @@ mod tests {
 
     #[test]
     fn config_file_fills_what_flags_leave_unset() {
-        let file = write_config("log-format: json\noutput: yaml\nroot: /from-file\nadmin-addr: 127.0.0.1:1\n");
+        let file =
+            write_config("log-format: json\noutput: yaml\nroot: /from-file\nadmin-addr: 127.0.0.1:1\n");
         let cli = Cli::load_from([
             "spokelet".as_ref(),
             "inventory".as_ref(),
@@ -288,7 +313,11 @@ mod tests {
             panic!("wrong subcommand")
         };
         assert_eq!(args.root, PathBuf::from("/from-flag"), "the flag beats the file");
-        assert_eq!(args.output, crate::inventory::OutputFormat::Yaml, "the file beats the default");
+        assert_eq!(
+            args.output,
+            crate::inventory::OutputFormat::Yaml,
+            "the file beats the default"
+        );
         // `admin-addr` belongs to `run`: ignored here rather than rejected.
     }
 
@@ -311,7 +340,12 @@ mod tests {
 
     #[test]
     fn config_file_must_be_a_mapping_of_scalars() {
-        for text in ["- a\n- b\n", "log-format: {a: b}\n", ": : :\n", "no-nvml: maybe\n"] {
+        for text in [
+            "- a\n- b\n",
+            "log-format: {a: b}\n",
+            ": : :\n",
+            "no-nvml: maybe\n",
+        ] {
             let err = inventory_with_config(text).unwrap_err();
             assert!(matches!(err, ConfigError::Invalid { .. }), "{text:?}: {err}");
         }
@@ -329,7 +363,8 @@ mod tests {
 
     #[test]
     fn missing_config_file_names_the_path() {
-        let err = Cli::load_from(["spokelet", "--config", "/nonexistent/spokelet.yaml", "inventory"]).unwrap_err();
+        let err =
+            Cli::load_from(["spokelet", "--config", "/nonexistent/spokelet.yaml", "inventory"]).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/spokelet.yaml"), "{err}");
     }
 }

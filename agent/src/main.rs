@@ -45,7 +45,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 .thread_name("spokelet")
                 .build()
                 .context("cannot start the async runtime")?;
-            runtime.block_on(daemon::run(cmd)).context("spokelet run failed")
+            runtime.block_on(daemon::run(*cmd)).context("spokelet run failed")
         }
     }
 }

@@ -75,7 +75,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn finished_task_needs_no_signal() {
         let token = CancellationToken::new();
-        let out = drain(async { 7 }, std::future::pending(), token.clone(), Duration::from_secs(1)).await;
+        let out = drain(
+            async { 7 },
+            std::future::pending(),
+            token.clone(),
+            Duration::from_secs(1),
+        )
+        .await;
         assert_eq!(out, Drained::Finished(7));
         assert!(!token.is_cancelled());
     }

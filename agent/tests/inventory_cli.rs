@@ -172,16 +172,20 @@ fn binary_rejects_unknown_format() {
 fn lean_binary_prints_the_same_inventory_as_the_agent() {
     let dir = tempfile::tempdir().unwrap();
     let lib = shim(&dir);
-    let args = [
-        "--output".as_ref(),
-        "json".as_ref(),
-        "--root".as_ref(),
+    let args: Vec<std::ffi::OsString> = vec![
+        "--output".into(),
+        "json".into(),
+        "--root".into(),
         fixture("hgx-h100").into_os_string(),
-        "--nvml-library".as_ref(),
+        "--nvml-library".into(),
         lib.clone().into_os_string(),
     ];
     let mut lean = Command::new(env!("CARGO_BIN_EXE_spokelet-inventory"));
-    for var in ["SPOKELET_INVENTORY_OUTPUT", "SPOKELET_HOST_ROOT", "SPOKELET_NVML_LIBRARY"] {
+    for var in [
+        "SPOKELET_INVENTORY_OUTPUT",
+        "SPOKELET_HOST_ROOT",
+        "SPOKELET_NVML_LIBRARY",
+    ] {
         lean.env_remove(var);
     }
     let from_lean: Inventory = serde_json::from_str(&stdout_of(lean.args(&args))).unwrap();

@@ -112,9 +112,7 @@ fn read_device(root: &Root, class_entry: &Path, name: String, warnings: &mut War
     });
     let placement = pci::Placement::of(root, &dir, warnings);
     let device = placement.device.as_deref();
-    let netdevs = device
-        .map(|d| warnings.list(&d.join("net")))
-        .unwrap_or_default();
+    let netdevs = device.map(|d| warnings.list(&d.join("net"))).unwrap_or_default();
     let numa_node = device.and_then(|d| pci::numa_node_of(d, warnings));
 
     let ports_dir = dir.join("ports");

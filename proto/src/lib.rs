@@ -9,7 +9,8 @@ pub mod cloudevents {
 
 pub use cloudevents::{
     CloudEvent, CloudEventAttributeValue, PublishRequest, SubscriptionRequest,
-    cloud_event::Data, cloud_event_attribute_value::Attr,
+    cloud_event::Data,
+    cloud_event_attribute_value::Attr,
     cloud_event_service_client::CloudEventServiceClient,
     cloud_event_service_server::{CloudEventService, CloudEventServiceServer},
 };

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 
 use futures::StreamExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,7 @@ use spokelet::work::conditions::find;
 use spokelet::work::manifestwork::{Manifest, ManifestWork, ManifestWorkSpec, ManifestsTemplate};
 use spokelet::work::metrics::WorkMetrics;
 use spokelet::work::{CancellationToken, EngineConfig, StatusUpdate, WorkEngine, WorkEvent};
+use spokelet_e2e::bench::{percentile, proc_status_kib, spokelet_binary};
 use spokelet_e2e::{ClusterOptions, KubeCluster};
 use tokio::sync::mpsc;
 
@@ -206,50 +207,6 @@ impl Engine {
             .get_or_create(&vec![("result".into(), result.into())])
             .get()
     }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
-
-fn agent_binary() -> PathBuf {
-    if let Ok(p) = std::env::var("SPOKELET_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-    let bin = dir.join("spokelet");
-    if !bin.exists() {
-        let profile = if dir.ends_with("release") {
-            "release"
-        } else {
-            "dev"
-        };
-        let st = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args([
-                "build",
-                "-p",
-                "spokelet",
-                "--bin",
-                "spokelet",
-                "--profile",
-                profile,
-            ])
-            .status()
-            .expect("cargo build runs");
-        assert!(st.success(), "building the spokelet binary failed");
-    }
-    bin
-}
-
-fn vm_hwm_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 fn main() {
@@ -450,7 +407,7 @@ async fn bench() {
         )
         .unwrap();
     }
-    let bin = agent_binary();
+    let bin = spokelet_binary().unwrap_or_else(|e| panic!("{e}"));
     let mut child = std::process::Command::new(&bin)
         .args(["run", "--works-dir"])
         .arg(&works_dir)
@@ -492,7 +449,7 @@ async fn bench() {
     let binary_cold = t2.elapsed();
     // Hold the works through a few drift-watch and status cycles before reading the peak.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let hwm = vm_hwm_kib(pid);
+    let hwm = proc_status_kib(pid, "VmHWM").unwrap_or(0);
     let _ = std::process::Command::new("kill")
         .arg("-TERM")
         .arg(pid.to_string())

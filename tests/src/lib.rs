@@ -99,6 +99,6 @@ mod tests {
         }
     }
 }
+pub mod bench;
 pub mod cloudevents_hub;
 pub mod ocm_hub;
-pub mod bench;

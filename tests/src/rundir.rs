@@ -44,7 +44,13 @@ pub(crate) fn run_dir() -> Result<&'static Path, HarnessError> {
 /// `name` with everything but ASCII letters, digits and `-` replaced by `_`, for file names.
 pub(crate) fn file_safe(name: &str) -> String {
     name.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 

@@ -132,7 +132,7 @@ async fn work_from_grpc_hub_is_applied_updated_and_deleted_with_status_back_on_t
     let ctx = RunContext::new();
     let health = ctx.health.clone();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(spokelet::daemon::run_until(cmd, ctx, async {
+    let agent = tokio::spawn(spokelet::daemon::run_until(*cmd, ctx, async {
         let _ = stop_rx.await;
     }));
 
@@ -238,7 +238,7 @@ async fn work_from_kubernetes_hub_is_applied_updated_and_deleted_with_status_on_
         panic!("not the run command")
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(spokelet::daemon::run_until(cmd, RunContext::new(), async {
+    let agent = tokio::spawn(spokelet::daemon::run_until(*cmd, RunContext::new(), async {
         let _ = stop_rx.await;
     }));
 

@@ -15,7 +15,7 @@ pub mod kube_hub;
 pub mod metrics;
 pub mod tls;
 
-pub use connect::{ConnectError, HubCloser, HubConnection, HubSource};
 pub use config::{HubArgs, HubConfigError, HubSettings, HubTransport, KubeHubSettings, ResolvedHub};
+pub use connect::{ConnectError, HubCloser, HubConnection, HubSource};
 pub use grpc::{GrpcError, GrpcHub, GrpcHubOptions, GrpcStatusSink, GrpcWorkSource, HubHandle, HubState};
 pub use metrics::HubMetrics;

@@ -237,14 +237,7 @@ impl Applier {
         p: &Prepared,
         owner: &OwnerReference,
     ) -> Result<ApplyOutcome, ApplyError> {
-        let mut body = p.desired.clone();
-        set_owner_refs(&mut body, vec![owner_value(owner)]);
-        let obj: DynamicObject =
-            serde_json::from_value(body).map_err(|e| ApplyError::Client(e.to_string()))?;
-        let pp = PostParams {
-            dry_run: false,
-            field_manager: Some(p.field_manager.clone()),
-        };
+        let (obj, pp) = create_request(p, owner)?;
         match self.api(p).create(&pp, &obj).await {
             Ok(o) => self.done(p, Action::Created, o, vec![]),
             Err(kube::Error::Api(s)) if s.code == 409 => {
@@ -267,14 +260,7 @@ impl Applier {
 
     /// Create with no fallback (used when an update finds the object gone).
     async fn create_plain(&self, p: &Prepared, owner: &OwnerReference) -> Result<ApplyOutcome, ApplyError> {
-        let mut body = p.desired.clone();
-        set_owner_refs(&mut body, vec![owner_value(owner)]);
-        let obj: DynamicObject =
-            serde_json::from_value(body).map_err(|e| ApplyError::Client(e.to_string()))?;
-        let pp = PostParams {
-            dry_run: false,
-            field_manager: Some(p.field_manager.clone()),
-        };
+        let (obj, pp) = create_request(p, owner)?;
         let o = self.api(p).create(&pp, &obj).await?;
         self.done(p, Action::Created, o, vec![])
     }
@@ -445,6 +431,18 @@ fn set_owner_refs(obj: &mut Value, refs: Vec<Value>) {
 
 /// The owner type, re-exported for callers that build owner references.
 pub type Owner = AppliedManifestWork;
+
+/// The object and parameters of a create: the desired manifest owned by the AppliedManifestWork.
+fn create_request(p: &Prepared, owner: &OwnerReference) -> Result<(DynamicObject, PostParams), ApplyError> {
+    let mut body = p.desired.clone();
+    set_owner_refs(&mut body, vec![owner_value(owner)]);
+    let obj: DynamicObject = serde_json::from_value(body).map_err(|e| ApplyError::Client(e.to_string()))?;
+    let pp = PostParams {
+        dry_run: false,
+        field_manager: Some(p.field_manager.clone()),
+    };
+    Ok((obj, pp))
+}
 
 #[cfg(test)]
 mod tests {
