@@ -36,13 +36,17 @@ pub async fn start_ocm_hub() -> Result<(KubeCluster, kube::Client), HarnessError
             context: "creating the ManifestWork CRD".into(),
             source,
         })?;
-    eventually("the ManifestWork CRD to be established", || {
+    crd_established(&admin, "manifestworks.work.open-cluster-management.io").await?;
+    Ok((hub, admin))
+}
+
+/// Waits until the CRD `name` reports `Established=True` (its kinds are then served).
+pub async fn crd_established(client: &kube::Client, name: &str) -> Result<(), HarnessError> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    eventually(&format!("the CRD {name} to be established"), || {
         let api = api.clone();
         async move {
-            let crd = api
-                .get("manifestworks.work.open-cluster-management.io")
-                .await
-                .map_err(|e| e.to_string())?;
+            let crd = api.get(name).await.map_err(|e| e.to_string())?;
             let established = crd
                 .status
                 .and_then(|s| s.conditions)
@@ -52,8 +56,7 @@ pub async fn start_ocm_hub() -> Result<(KubeCluster, kube::Client), HarnessError
             established.then_some(()).ok_or("not established yet".to_string())
         }
     })
-    .await?;
-    Ok((hub, admin))
+    .await
 }
 
 /// Creates the cluster namespace and the agent's role from `deploy/hub/agent-rbac.yaml`, and

@@ -16,6 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use sha2::{Digest as _, Sha256};
+use spokelet_e2e::ocm_hub::crd_established;
 use spokelet_e2e::{
     ClusterOptions, KubeCluster, OciRegistry, UserCredentials, eventually, shared_spoke, unique_name,
 };
@@ -653,26 +654,7 @@ async fn custom_resources_can_be_created_applied_and_listed() {
     let crds: Api<CustomResourceDefinition> = Api::all(spoke.client());
     crds.create(&PostParams::default(), &crd).await.unwrap();
     let crd_name = format!("widgets.{group}");
-    eventually("the CRD becomes established", || {
-        let crds = crds.clone();
-        let crd_name = crd_name.clone();
-        async move {
-            let crd = crds.get(&crd_name).await.map_err(|e| e.to_string())?;
-            let established = crd
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
-            if established {
-                Ok(())
-            } else {
-                Err("not established yet".to_string())
-            }
-        }
-    })
-    .await
-    .unwrap();
+    crd_established(&spoke.client(), &crd_name).await.unwrap();
 
     let ns = namespace(spoke, "crs").await;
     let resource =
