@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kube::Config;
-use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::admin::RunContext;
 use crate::config::parse_duration;
@@ -108,18 +107,12 @@ pub enum RunError {
 /// Loads the cluster configuration: the given kubeconfig, else the usual inference.
 pub async fn client_config(kubeconfig: Option<&std::path::Path>) -> Result<Config, RunError> {
     match kubeconfig {
-        Some(path) => {
-            let kc = Kubeconfig::read_from(path).map_err(|source| RunError::Kubeconfig {
+        Some(path) => http2::config_from_file(path)
+            .await
+            .map_err(|source| RunError::Kubeconfig {
                 path: path.to_path_buf(),
                 source,
-            })?;
-            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-                .await
-                .map_err(|source| RunError::Kubeconfig {
-                    path: path.to_path_buf(),
-                    source,
-                })
-        }
+            }),
         None => Ok(Config::infer().await?),
     }
 }

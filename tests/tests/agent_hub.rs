@@ -11,7 +11,7 @@ use std::path::Path;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-use spokelet::admin::RunContext;
+use spokelet::admin::{Health, RunContext};
 use spokelet::config::{Cli, Command};
 use spokelet::work::manifestwork::ManifestWork;
 use spokelet_e2e::cloudevents_hub::{HubPki, Received, TestHub, TestHubOptions};
@@ -78,6 +78,37 @@ async fn until_model(cms: &Api<ConfigMap>, want: Option<&str>) {
     .unwrap();
 }
 
+/// The whole agent running in-process from a command line, as `spokelet` would run it.
+struct Agent {
+    /// Readiness as `/readyz` reports it.
+    health: Health,
+    /// Plays SIGTERM.
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), spokelet::daemon::DaemonError>>,
+}
+
+impl Agent {
+    /// Parses `argv` with the real CLI (it must be a `run` command) and starts the agent.
+    fn start(argv: &[&str]) -> Agent {
+        let Command::Run(cmd) = Cli::load_from(argv).unwrap().command else {
+            panic!("not the run command: {argv:?}")
+        };
+        let ctx = RunContext::new();
+        let health = ctx.health.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(spokelet::daemon::run_until(*cmd, ctx, async {
+            let _ = stopped.await;
+        }));
+        Agent { health, stop, task }
+    }
+
+    /// Signals shutdown and checks the agent drained cleanly.
+    async fn stop(self) {
+        self.stop.send(()).unwrap();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
 fn write(dir: &Path, name: &str, text: &str) -> String {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
@@ -126,15 +157,8 @@ async fn work_from_grpc_hub_is_applied_updated_and_deleted_with_status_back_on_t
         "--admin-addr",
         "127.0.0.1:0",
     ];
-    let Command::Run(cmd) = Cli::load_from(argv).unwrap().command else {
-        panic!("not the run command")
-    };
-    let ctx = RunContext::new();
-    let health = ctx.health.clone();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(spokelet::daemon::run_until(*cmd, ctx, async {
-        let _ = stop_rx.await;
-    }));
+    let agent = Agent::start(&argv);
+    let health = agent.health.clone();
 
     let bundle = |value: &str| {
         json!({
@@ -203,8 +227,7 @@ async fn work_from_grpc_hub_is_applied_updated_and_deleted_with_status_back_on_t
     .await
     .unwrap();
 
-    stop_tx.send(()).unwrap();
-    agent.await.unwrap().unwrap();
+    agent.stop().await;
     hub.stop().await;
 }
 
@@ -234,13 +257,7 @@ async fn work_from_kubernetes_hub_is_applied_updated_and_deleted_with_status_on_
         "--admin-addr",
         "127.0.0.1:0",
     ];
-    let Command::Run(cmd) = Cli::load_from(argv).unwrap().command else {
-        panic!("not the run command")
-    };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(spokelet::daemon::run_until(*cmd, RunContext::new(), async {
-        let _ = stop_rx.await;
-    }));
+    let agent = Agent::start(&argv);
 
     let work = |value: &str| -> ManifestWork {
         serde_json::from_value(json!({
@@ -315,7 +332,6 @@ async fn work_from_kubernetes_hub_is_applied_updated_and_deleted_with_status_on_
     .await
     .unwrap();
 
-    stop_tx.send(()).unwrap();
-    agent.await.unwrap().unwrap();
+    agent.stop().await;
     hub.stop().await;
 }

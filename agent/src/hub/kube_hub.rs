@@ -72,14 +72,12 @@ pub enum KubeHubError {
 
 /// Reads a hub kubeconfig (client-certificate authentication) into a client configuration.
 pub async fn config_from_kubeconfig(path: &Path) -> Result<kube::Config, KubeHubError> {
-    let err = |source| KubeHubError::Kubeconfig {
-        path: path.display().to_string(),
-        source,
-    };
-    let kc = kube::config::Kubeconfig::read_from(path).map_err(err)?;
-    kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+    crate::work::http2::config_from_file(path)
         .await
-        .map_err(err)
+        .map_err(|source| KubeHubError::Kubeconfig {
+            path: path.display().to_string(),
+            source,
+        })
 }
 
 /// Builds a hub client from a kubeconfig (client-certificate authentication).

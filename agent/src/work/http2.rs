@@ -19,6 +19,13 @@ pub enum Http2ClientError {
     Config(#[from] kube::Error),
 }
 
+/// Reads a kubeconfig file (its current context) into a client configuration; used for the
+/// spoke (`--kubeconfig`) and for the hub (`--hub-kubeconfig`) alike.
+pub async fn config_from_file(path: &std::path::Path) -> Result<Config, kube::config::KubeconfigError> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(path)?;
+    Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default()).await
+}
+
 /// Builds an HTTP/2-capable client from `config` (ALPN offers h2 and http/1.1, so a server
 /// without h2 still works). Plain-HTTP servers are spoken to with HTTP/1.1.
 pub fn client(config: Config) -> Result<Client, Http2ClientError> {
