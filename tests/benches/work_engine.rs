@@ -25,7 +25,7 @@ use spokelet::work::conditions::find;
 use spokelet::work::manifestwork::{Manifest, ManifestWork, ManifestWorkSpec, ManifestsTemplate};
 use spokelet::work::metrics::WorkMetrics;
 use spokelet::work::{CancellationToken, EngineConfig, StatusUpdate, WorkEngine, WorkEvent};
-use spokelet_e2e::bench::{percentile, proc_status_kib, spokelet_binary};
+use spokelet_e2e::bench::{percentile, proc_cpu, proc_status_kib, spokelet_binary, total_cpu};
 use spokelet_e2e::{ClusterOptions, KubeCluster};
 use tokio::sync::mpsc;
 
@@ -57,7 +57,7 @@ fn work(ns_prefix: &str, i: usize, generation: i64) -> ManifestWork {
         &format!("bench-{i}"),
         ManifestWorkSpec {
             workload: ManifestsTemplate {
-                manifests: objects(ns_prefix, i).into_iter().map(Manifest).collect(),
+                manifests: objects(ns_prefix, i).into_iter().map(Manifest::from).collect(),
             },
             ..Default::default()
         },
@@ -131,12 +131,17 @@ fn kubectl() -> String {
     std::env::var("KUBECTL").unwrap_or_else(|_| "/usr/bin/kubectl".into())
 }
 
-fn kubectl_apply(kubeconfig: &Path, file: &Path) -> Duration {
+/// Runs `kubectl apply --server-side`; returns its wall time and its own CPU time (bash's `times`
+/// reports the CPU of the children it waited for).
+fn kubectl_apply(kubeconfig: &Path, file: &Path) -> (Duration, Duration) {
     let t0 = Instant::now();
-    let out = std::process::Command::new(kubectl())
-        .args(["--kubeconfig"])
+    let out = std::process::Command::new("bash")
+        .args([
+            "-c",
+            r#""$0" --kubeconfig "$1" apply --server-side --field-manager bench-kubectl -f "$2" >/dev/null && times"#,
+        ])
+        .arg(kubectl())
         .arg(kubeconfig)
-        .args(["apply", "--server-side", "--field-manager", "bench-kubectl", "-f"])
         .arg(file)
         .output()
         .expect("kubectl runs");
@@ -146,7 +151,22 @@ fn kubectl_apply(kubeconfig: &Path, file: &Path) -> Duration {
         "kubectl failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    took
+    // `times` prints the shell's user/sys times, then its children's: "0m1.234s 0m0.056s".
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let cpu = stdout
+        .lines()
+        .nth(1)
+        .map(|l| l.split_whitespace().filter_map(parse_times).sum())
+        .unwrap_or_default();
+    (took, cpu)
+}
+
+/// Parses one of bash's `times` values ("1m2.345s").
+fn parse_times(v: &str) -> Option<Duration> {
+    let (m, s) = v.strip_suffix('s')?.split_once('m')?;
+    Some(Duration::from_secs_f64(
+        m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?,
+    ))
 }
 
 struct Engine {
@@ -242,17 +262,21 @@ async fn bench() {
     }
     let file = tmp.path().join("all.yaml");
     std::fs::write(&file, yaml).unwrap();
-    let k_cold = kubectl_apply(&kubeconfig, &file);
+    let server = cluster.pids();
+    let s0 = total_cpu(&server);
+    let (k_cold, k_cpu) = kubectl_apply(&kubeconfig, &file);
+    let k_server_cpu = total_cpu(&server).saturating_sub(s0);
     // Let controllers finish their follow-up writes (service-account tokens) first.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let k_before = versions(&client, "kubectl").await;
-    let k_again = kubectl_apply(&kubeconfig, &file);
+    let (k_again, _) = kubectl_apply(&kubeconfig, &file);
     let k_after = versions(&client, "kubectl").await;
     assert_eq!(k_before.len(), WORKS * 5, "kubectl applied every object");
 
     // --- server floor: the same 1,000 creates sent straight from one client, 64 at a time ---
     make_namespaces(&client, "floor").await;
     let all: Vec<Value> = (0..WORKS).flat_map(|i| objects("floor", i)).collect();
+    let (s0, c0) = (total_cpu(&server), proc_cpu(0).unwrap_or_default());
     let t = Instant::now();
     futures::stream::iter(all.into_iter().map(|o| {
         let client = client.clone();
@@ -287,10 +311,16 @@ async fn bench() {
     .collect::<Vec<()>>()
     .await;
     let floor = t.elapsed();
+    let floor_server_cpu = total_cpu(&server).saturating_sub(s0);
+    let floor_cpu = proc_cpu(0).unwrap_or_default().saturating_sub(c0);
+    // As after kubectl: let controllers finish their follow-up writes for these objects (token
+    // Secrets, ReplicaSets, Pods) so they do not load the API server during the engine's run.
+    tokio::time::sleep(Duration::from_secs(3)).await;
 
     // --- 1. cold apply and unchanged re-apply: the engine ---
     make_namespaces(&client, "engine").await;
     let mut e = Engine::start(client.clone(), "bench-hub").await;
+    let (s0, c0) = (total_cpu(&server), proc_cpu(0).unwrap_or_default());
     let t0 = Instant::now();
     for i in 0..WORKS {
         e.tx.send(WorkEvent::Upsert(Box::new(work("engine", i, 1))))
@@ -298,6 +328,9 @@ async fn bench() {
     }
     e.all_applied(1).await;
     let e_cold = t0.elapsed();
+    let e_server_cpu = total_cpu(&server).saturating_sub(s0);
+    // This process is the engine plus the benchmark's own (small) bookkeeping.
+    let e_cpu = proc_cpu(0).unwrap_or_default().saturating_sub(c0);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let e_before = versions(&client, "engine").await;
     assert_eq!(e_before.len(), WORKS * 5, "engine applied every object");
@@ -317,6 +350,18 @@ async fn bench() {
     rows.push((
         "server floor: same 1,000 creates, raw, 64 in flight".into(),
         ms(floor),
+        String::new(),
+    ));
+    let cpu = |d: Duration| format!("{:.2} s", d.as_secs_f64());
+    rows.push((
+        "cold apply: API server + etcd + controllers CPU".into(),
+        cpu(e_server_cpu),
+        cpu(k_server_cpu),
+    ));
+    rows.push(("cold apply: client CPU".into(), cpu(e_cpu), cpu(k_cpu)));
+    rows.push((
+        "server floor: server CPU / client CPU".into(),
+        format!("{} / {}", cpu(floor_server_cpu), cpu(floor_cpu)),
         String::new(),
     ));
     rows.push((

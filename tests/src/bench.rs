@@ -54,6 +54,29 @@ pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat` (`pid` 0 means
+/// this process). Clock ticks are taken as 100 per second, the value on every Linux
+/// architecture this runs on (USER_HZ).
+pub fn proc_cpu(pid: u32) -> Option<Duration> {
+    let path = if pid == 0 {
+        "/proc/self/stat".to_string()
+    } else {
+        format!("/proc/{pid}/stat")
+    };
+    let stat = std::fs::read_to_string(path).ok()?;
+    // The command name (field 2) may contain spaces; fields after its closing parenthesis are plain.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, so 11 and 12 after the state.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// Total CPU time used so far by the given processes (those that have exited count as zero).
+pub fn total_cpu(pids: &[u32]) -> Duration {
+    pids.iter().filter_map(|p| proc_cpu(*p)).sum()
+}
+
 /// The `p` quantile (0.0..=1.0) of sorted samples (nearest rank); zero when empty.
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {

@@ -25,7 +25,14 @@ fn invalid(what: &str, reason: impl ToString) -> HarnessError {
 
 /// A fresh hub API server with the ManifestWork CRD installed and established, and its admin client.
 pub async fn start_ocm_hub() -> Result<(KubeCluster, kube::Client), HarnessError> {
-    let hub = KubeCluster::start(ClusterOptions::hub()).await?;
+    start_ocm_hub_with(ClusterOptions::hub()).await
+}
+
+/// [`start_ocm_hub`] with other cluster options, e.g. extra API server flags such as an audit log.
+pub async fn start_ocm_hub_with(
+    options: ClusterOptions,
+) -> Result<(KubeCluster, kube::Client), HarnessError> {
+    let hub = KubeCluster::start(options).await?;
     let admin = hub.try_client()?;
     let crd: CustomResourceDefinition =
         serde_yaml::from_str(MANIFESTWORK_CRD).map_err(|e| invalid("ManifestWork CRD", e))?;

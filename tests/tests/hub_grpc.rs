@@ -242,7 +242,10 @@ async fn subscribes_resyncs_and_delivers_create_update_delete() {
     f.hub.upsert_work(CLUSTER, "w1", bundle("b"));
     let w1b = f.next_upsert().await;
     assert_eq!(w1b.metadata.generation, Some(2));
-    assert_eq!(w1b.spec.workload.manifests[0].0["metadata"]["name"], "b");
+    assert_eq!(
+        w1b.spec.workload.manifests[0].value().unwrap()["metadata"]["name"],
+        "b"
+    );
 
     f.hub.upsert_work(CLUSTER, "w2", bundle("c"));
     assert_eq!(f.next_upsert().await.metadata.name.as_deref(), Some("w2"));

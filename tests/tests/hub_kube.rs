@@ -6,6 +6,7 @@
 //! Needs the binaries from `tests/env/install.sh`. No wall-clock limits: every wait is a
 //! bounded number of checks (`spokelet_e2e::eventually`) that fails saying what it waited for.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -17,8 +18,8 @@ use spokelet::hub::kube_hub::{
 };
 use spokelet::work::manifestwork::{Condition, ManifestWork, ManifestWorkStatus};
 use spokelet::work::source::{StatusSink, StatusUpdate, WorkEvent, WorkSource};
-use spokelet_e2e::ocm_hub::{self, start_ocm_hub};
-use spokelet_e2e::{KubeCluster, UserCredentials, eventually, unique_name};
+use spokelet_e2e::ocm_hub::{self, start_ocm_hub, start_ocm_hub_with};
+use spokelet_e2e::{ClusterOptions, KubeCluster, UserCredentials, eventually, unique_name};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -54,7 +55,12 @@ fn manifest_names(w: &ManifestWork) -> Vec<String> {
         .workload
         .manifests
         .iter()
-        .map(|m| m.0["metadata"]["name"].as_str().unwrap_or_default().to_string())
+        .map(|m| {
+            m.value().unwrap()["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
         .collect()
 }
 
@@ -605,4 +611,217 @@ async fn kube_hub_waits_for_a_dead_hub_and_recovers_when_it_returns() {
 
     stop(&shutdown, agent.tasks).await;
     gate.close().await;
+}
+
+/// Audit policy for the hub: one line (at `ResponseStarted` for watches, `ResponseComplete`
+/// for the rest) with the user, verb and object of every request.
+const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: Metadata
+";
+
+/// A hub (as [`start_hub`]) whose API server writes an audit log into `dir`; returns its path.
+async fn start_audited_hub(dir: &Path) -> (KubeCluster, kube::Client, PathBuf) {
+    let policy = dir.join("audit-policy.yaml");
+    std::fs::write(&policy, AUDIT_POLICY).unwrap();
+    let log = dir.join("audit.log");
+    let options = ClusterOptions {
+        extra_apiserver_args: vec![
+            format!("--audit-policy-file={}", policy.display()),
+            format!("--audit-log-path={}", log.display()),
+        ],
+        ..ClusterOptions::hub()
+    };
+    let (hub, admin) = start_ocm_hub_with(options)
+        .await
+        .unwrap_or_else(|e| panic!("hub API server did not start (run tests/env/install.sh): {e}"));
+    (hub, admin, log)
+}
+
+/// One request as the hub's audit log records it.
+#[derive(Debug)]
+struct AuditedRequest {
+    /// Who made it: the common name of the client certificate it came with.
+    user: String,
+    /// `get`, `list`, `watch`, `update`, `patch`, ...
+    verb: String,
+    /// The resource, with `/subresource` when there is one.
+    resource: String,
+    /// The object's name; empty for lists and watches.
+    name: String,
+}
+
+/// Every request the audit log records in `namespace` (a line still being written is skipped).
+fn audited_requests(log: &Path, namespace: &str) -> Vec<AuditedRequest> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|event| event["objectRef"]["namespace"] == namespace)
+        .map(|event| {
+            let field = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+            let object = &event["objectRef"];
+            let mut resource = field(&object["resource"]);
+            if let Some(sub) = object["subresource"].as_str() {
+                resource = format!("{resource}/{sub}");
+            }
+            AuditedRequest {
+                user: field(&event["user"]["username"]),
+                verb: field(&event["verb"]),
+                resource,
+                name: field(&object["name"]),
+            }
+        })
+        .collect()
+}
+
+/// Waits until the audit log holds a request in `namespace` that `matches`.
+async fn audited(log: &Path, namespace: &str, what: &str, matches: impl Fn(&AuditedRequest) -> bool) {
+    eventually(what, || {
+        let requests = audited_requests(log, namespace);
+        let found = requests.iter().any(&matches);
+        async move {
+            if found {
+                Ok(())
+            } else {
+                Err(format!("{} audited requests, none matching", requests.len()))
+            }
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// Replaces `path` the way a Secret volume or cert-manager does: written aside, renamed over.
+fn replace_file(path: &Path, contents: &str) {
+    let aside = path.with_extension("new");
+    std::fs::write(&aside, contents).unwrap();
+    std::fs::rename(&aside, path).unwrap();
+}
+
+/// The client certificate files are rotated on disk while the agent runs: new requests move to
+/// the new certificate, the watch carries on, and nothing reaches the engine again.
+///
+/// How the test tells the certificates apart: the rotated certificate is issued for another user
+/// name (`<group>:agent-rotated`) in the same group, which `deploy/hub/agent-rbac.yaml` binds, so
+/// both are allowed; the hub's audit log names the user of every request, so it shows which
+/// certificate each one came with. That is deterministic: the lease is renewed every second, and
+/// the first renewal after the files change must open a new connection with the new certificate
+/// (no waiting for a connection to break, and no wall-clock limit: bounded polls only).
+/// "The watch was not dropped" is shown by the work created after the rotation arriving as the
+/// next event with no watch or list of works ever made with the new certificate; "nothing
+/// re-applied" by no other event reaching the engine.
+#[tokio::test]
+async fn kube_hub_follows_client_certificate_rotation_without_dropping_the_watch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, admin, audit_log) = start_audited_hub(dir.path()).await;
+    let cluster = unique_name("cluster-rotation");
+    let first = onboard_cluster(&hub, &admin, &cluster).await;
+    let group = format!("system:open-cluster-management:{cluster}");
+    let rotated = hub
+        .issue_user(&format!("{group}:agent-rotated"), &[&group])
+        .unwrap();
+    assert_ne!(first.cert_pem, rotated.cert_pem);
+
+    // The kubeconfig names the certificate and key by paths relative to itself.
+    let hub_dir = dir.path().join("hub");
+    std::fs::create_dir(&hub_dir).unwrap();
+    let (cert_file, key_file) = (hub_dir.join("tls.crt"), hub_dir.join("tls.key"));
+    std::fs::write(&cert_file, &first.cert_pem).unwrap();
+    std::fs::write(&key_file, &first.key_pem).unwrap();
+    use base64::Engine as _;
+    let kubeconfig = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "hub", "cluster": {
+            "server": hub.server_url(),
+            "certificate-authority-data": base64::engine::general_purpose::STANDARD.encode(hub.ca_pem()),
+        }}],
+        "users": [{"name": "agent", "user": {"client-certificate": "tls.crt", "client-key": "tls.key"}}],
+        "contexts": [{"name": "hub", "context": {"cluster": "hub", "user": "agent"}}],
+        "current-context": "hub",
+    });
+    let kubeconfig_path = hub_dir.join("hub.kubeconfig");
+    std::fs::write(&kubeconfig_path, kubeconfig.to_string()).unwrap();
+
+    let works: Api<ManifestWork> = Api::namespaced(admin.clone(), &cluster);
+    works
+        .create(&PostParams::default(), &work("w1", "a"))
+        .await
+        .unwrap();
+    let client = client_from_kubeconfig(&kubeconfig_path).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let mut agent = KubeHub::start(agent_options(client, &cluster), shutdown.clone());
+    assert_eq!(next_upsert(&mut agent.source, "w1").await.name_any(), "w1");
+    assert!(matches!(
+        next_event(&mut agent.source, "Synced").await,
+        WorkEvent::Synced
+    ));
+    hub_work(&works, "w1", "the cleanup finalizer on w1", |w| {
+        w.finalizers().iter().any(|f| f == CLEANUP_FINALIZER)
+    })
+    .await;
+    let is_lease_renewal =
+        |user: &str, r: &AuditedRequest| r.user == user && r.resource == "leases" && r.verb == "update";
+    audited(
+        &audit_log,
+        &cluster,
+        "a lease renewal with the first certificate",
+        |r| is_lease_renewal(&first.common_name, r),
+    )
+    .await;
+    let before = audited_requests(&audit_log, &cluster);
+    assert!(before.iter().all(|r| r.user != rotated.common_name), "{before:?}");
+
+    // Rotation: key, then certificate, each replaced whole. In between the pair does not match;
+    // the agent keeps the old certificate until it does.
+    replace_file(&key_file, &rotated.key_pem);
+    replace_file(&cert_file, &rotated.cert_pem);
+
+    audited(
+        &audit_log,
+        &cluster,
+        "a lease renewal with the rotated certificate",
+        |r| is_lease_renewal(&rotated.common_name, r),
+    )
+    .await;
+    // The watch is still there: a work created now is the next event, so nothing before it
+    // (w1 again) reached the engine.
+    works
+        .create(&PostParams::default(), &work("w2", "b"))
+        .await
+        .unwrap();
+    let w2 = next_upsert(&mut agent.source, "w2, created after the rotation").await;
+    assert_eq!(w2.name_any(), "w2");
+    // Status and finalizer writes go with the new certificate too.
+    let applied = vec![condition("Applied", "True", "AppliedManifestWorkComplete", 1)];
+    agent.sink.publish(update(&w2, applied, false)).await.unwrap();
+    hub_work(&works, "w2", "w2's status and finalizer on the hub", |w| {
+        w.finalizers().iter().any(|f| f == CLEANUP_FINALIZER)
+            && w.status.as_ref().is_some_and(|s| !s.conditions.is_empty())
+    })
+    .await;
+    audited(
+        &audit_log,
+        &cluster,
+        "w2's status written with the rotated certificate",
+        |r| r.user == rotated.common_name && r.resource == "manifestworks/status" && r.name == "w2",
+    )
+    .await;
+    let requests = audited_requests(&audit_log, &cluster);
+    let rewatched: Vec<&AuditedRequest> = requests
+        .iter()
+        .filter(|r| r.resource == "manifestworks" && matches!(r.verb.as_str(), "watch" | "list"))
+        .filter(|r| r.user == rotated.common_name)
+        .collect();
+    assert!(
+        rewatched.is_empty(),
+        "the watch was re-established after the rotation: {rewatched:?}"
+    );
+    // Nothing else reached the engine: no work was re-delivered, so nothing is re-applied.
+    let extra = agent.source.next_event().now_or_never();
+    assert!(extra.is_none(), "unexpected event after the rotation: {extra:?}");
+
+    stop(&shutdown, agent.tasks).await;
 }

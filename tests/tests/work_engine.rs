@@ -146,7 +146,7 @@ fn work(name: &str, generation: i64, manifests: Vec<Value>) -> ManifestWork {
         name,
         ManifestWorkSpec {
             workload: ManifestsTemplate {
-                manifests: manifests.into_iter().map(Manifest).collect(),
+                manifests: manifests.into_iter().map(Manifest::from).collect(),
             },
             ..Default::default()
         },
@@ -277,7 +277,12 @@ async fn update_strategy_applies_owns_records_and_reapply_writes_nothing() {
     let w2 = work(
         "w-update",
         2,
-        w.spec.workload.manifests.iter().map(|m| m.0.clone()).collect(),
+        w.spec
+            .workload
+            .manifests
+            .iter()
+            .map(|m| m.value().unwrap())
+            .collect(),
     );
     a.upsert(&w2);
     a.wait_applied("w-update", 2).await;

@@ -477,6 +477,10 @@ fn build_config(
     };
     // gRPC runs over HTTP/2 only; servers that enforce ALPN refuse clients that do not offer h2.
     config.alpn_protocols = vec![b"h2".to_vec()];
+    // No session resumption: a resumed TLS 1.3 session sends no client certificate, so after a
+    // rotation the hub would keep seeing the old identity. A full handshake per (rare) reconnect
+    // is the price.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 

@@ -23,6 +23,11 @@ pub const CRD_NAME: &str = "appliedmanifestworks.work.open-cluster-management.io
 /// Annotation carrying the work's delete option, so a work whose hub copy is gone can still be
 /// deleted the way it asked after a restart.
 pub const DELETE_OPTION_ANNOTATION: &str = "work.spokelet.io/delete-option";
+/// Annotation carrying, on a freshly created record, the resources the agent is about to apply.
+/// It lets the first apply of a work record its intent in the create itself (the status
+/// subresource cannot be set on create), saving one write per new work; once the status has been
+/// written it is the only source and this annotation is ignored.
+pub const INTENT_ANNOTATION: &str = "work.spokelet.io/intended-resources";
 /// Field manager the agent uses for its own bookkeeping objects.
 pub const BOOKKEEPING_MANAGER: &str = "spokelet";
 
@@ -99,11 +104,14 @@ pub async fn wait_established(client: &Client, name: &str, limit: Duration) -> R
 }
 
 /// Gets the record for a work, creating it if absent, and keeps its delete-option annotation current.
+/// A record created here lists `intent` (the resources about to be applied) until its status is
+/// first written; an existing record is returned as it is.
 pub async fn ensure(
     api: &Api<AppliedManifestWork>,
     name: &str,
     spec: AppliedManifestWorkSpec,
     delete_option: Option<&DeleteOption>,
+    intent: &[AppliedManifestResourceMeta],
 ) -> Result<AppliedManifestWork, AppliedWorkError> {
     let err = |source| AppliedWorkError::Api {
         name: name.into(),
@@ -114,6 +122,11 @@ pub async fn ensure(
     let mut amw = AppliedManifestWork::new(name, spec);
     amw.annotations_mut()
         .insert(DELETE_OPTION_ANNOTATION.into(), annotation.clone());
+    if !intent.is_empty()
+        && let Ok(text) = serde_json::to_string(intent)
+    {
+        amw.annotations_mut().insert(INTENT_ANNOTATION.into(), text);
+    }
     match api.create(&PostParams::default(), &amw).await {
         Ok(o) => return Ok(o),
         Err(kube::Error::Api(s)) if s.code == 409 => {}
@@ -178,12 +191,17 @@ pub fn recorded_delete_option(amw: &AppliedManifestWork) -> DeleteOption {
         .unwrap_or_default()
 }
 
-/// The applied resources of a record.
+/// The applied resources of a record: its status once written, before that the intent it was
+/// created with (entries without UIDs).
 pub fn resources(amw: &AppliedManifestWork) -> Vec<AppliedManifestResourceMeta> {
-    amw.status
-        .as_ref()
-        .map(|s| s.applied_resources.clone())
-        .unwrap_or_default()
+    match &amw.status {
+        Some(s) => s.applied_resources.clone(),
+        None => amw
+            .annotations()
+            .get(INTENT_ANNOTATION)
+            .and_then(|text| serde_json::from_str(text).ok())
+            .unwrap_or_default(),
+    }
 }
 
 /// Convenience for an empty status.
@@ -204,6 +222,43 @@ mod tests {
         let v = &crd.spec.versions[0];
         assert!(v.subresources.as_ref().unwrap().status.is_some());
         assert_eq!(AppliedManifestWork::plural(&()), "appliedmanifestworks");
+    }
+
+    #[test]
+    fn resources_come_from_status_once_written_else_from_intent() {
+        let entry = |name: &str| AppliedManifestResourceMeta {
+            group: String::new(),
+            resource: "configmaps".into(),
+            name: name.into(),
+            namespace: "default".into(),
+            version: "v1".into(),
+            uid: String::new(),
+        };
+        let spec = AppliedManifestWorkSpec {
+            hub_hash: "h".into(),
+            agent_id: "a".into(),
+            manifest_work_name: "w".into(),
+        };
+        let mut amw = AppliedManifestWork::new("h-w", spec);
+        assert!(resources(&amw).is_empty());
+        amw.annotations_mut().insert(
+            INTENT_ANNOTATION.into(),
+            serde_json::to_string(&[entry("a"), entry("b")]).unwrap(),
+        );
+        assert_eq!(resources(&amw), vec![entry("a"), entry("b")]);
+        // A written status wins, even an empty one (everything pruned since).
+        amw.status = Some(AppliedManifestWorkStatus::default());
+        assert!(resources(&amw).is_empty());
+        amw.status = Some(AppliedManifestWorkStatus {
+            applied_resources: vec![entry("c")],
+            ..Default::default()
+        });
+        assert_eq!(resources(&amw), vec![entry("c")]);
+        // Garbage in the annotation reads as nothing recorded, never as a failure.
+        amw.status = None;
+        amw.annotations_mut()
+            .insert(INTENT_ANNOTATION.into(), "not json".into());
+        assert!(resources(&amw).is_empty());
     }
 
     #[test]

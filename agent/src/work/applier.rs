@@ -156,7 +156,10 @@ impl Applier {
         self.api(p)
             .get_opt(&p.key.name)
             .await?
-            .map(|o| serde_json::to_value(o).map(Arc::new))
+            .map(|mut o| {
+                o.metadata.managed_fields = None;
+                serde_json::to_value(o).map(Arc::new)
+            })
             .transpose()
             .map_err(|e| ApplyError::Client(e.to_string()))
     }
@@ -174,9 +177,11 @@ impl Applier {
         &self,
         p: &Prepared,
         action: Action,
-        obj: DynamicObject,
+        mut obj: DynamicObject,
         notes: Vec<String>,
     ) -> Result<ApplyOutcome, ApplyError> {
+        // managedFields is often half an object's size and nothing downstream reads it.
+        obj.metadata.managed_fields = None;
         let v = serde_json::to_value(obj).map_err(|e| ApplyError::Client(e.to_string()))?;
         self.drift.record_write(&p.key, &v);
         Ok(ApplyOutcome {

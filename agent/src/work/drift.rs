@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::object::{MANAGED_LABEL, ObjKey, meta_str, rv_num, slim};
+use super::object::{MANAGED_LABEL, ObjKey, meta_str};
 
 /// What the cache knows about an object.
 #[derive(Debug, Clone)]
@@ -33,6 +33,27 @@ pub enum Live {
 /// Identity of a watched kind.
 type KindKey = (String, String, String);
 
+/// One cached object. The object is kept as compact JSON text, not as a parsed tree: a
+/// `serde_json::Value` costs four to six times the bytes of its text, and with thousands of
+/// applied objects the parsed cache was most of the agent's memory. Lookups parse on demand,
+/// which costs microseconds per object and happens only when a work is reconciled.
+#[derive(Debug)]
+struct Cached {
+    /// `metadata.uid`: a different uid is a re-created object, never a stale version.
+    uid: Box<str>,
+    /// `metadata.resourceVersion`, to drop stale or repeated updates without parsing `json`.
+    resource_version: Box<str>,
+    /// The object with `managedFields` stripped, as compact JSON.
+    json: Box<str>,
+}
+
+impl Cached {
+    /// Parses the cached text back into an object.
+    fn value(&self) -> Option<Arc<Value>> {
+        serde_json::from_str(&self.json).ok().map(Arc::new)
+    }
+}
+
 /// Shared state of the watcher.
 struct Inner {
     /// Shared client (one HTTP connection pool for everything).
@@ -40,7 +61,7 @@ struct Inner {
     /// Kinds with a running watch, and whether its initial list is done.
     kinds: Mutex<HashMap<KindKey, bool>>,
     /// Our live objects, keyed version-independently.
-    objects: Mutex<HashMap<ObjKey, Arc<Value>>>,
+    objects: Mutex<HashMap<ObjKey, Cached>>,
     /// Where change notifications go (the engine).
     tx: mpsc::UnboundedSender<ObjKey>,
     /// Stops every watch task.
@@ -106,24 +127,33 @@ impl DriftWatcher {
         if !synced {
             return Live::Unknown;
         }
-        match self.inner.objects.lock().ok().and_then(|o| o.get(key).cloned()) {
-            Some(v) => Live::Present(v),
+        let Ok(objects) = self.inner.objects.lock() else {
+            return Live::Unknown;
+        };
+        match objects.get(key) {
+            // Text that does not parse cannot happen (we wrote it); asking the server is safe.
+            Some(c) => c.value().map_or(Live::Unknown, Live::Present),
             None => Live::Absent,
         }
     }
 
     /// Records an object the agent itself just wrote, so its own watch event is not taken for drift.
+    /// `obj` should come without `managedFields` (they are skipped here if present).
     pub fn record_write(&self, key: &ObjKey, obj: &Value) {
         let labelled = obj
             .get("metadata")
             .and_then(|m| m.get("labels"))
             .and_then(|l| l.get(MANAGED_LABEL))
             .is_some();
+        let entry = labelled.then(|| cached_from_value(obj)).flatten();
         if let Ok(mut o) = self.inner.objects.lock() {
-            if labelled {
-                store(&mut o, key.clone(), obj.clone());
-            } else {
-                o.remove(key);
+            match entry {
+                Some(c) => {
+                    store(&mut o, key.clone(), c);
+                }
+                None => {
+                    o.remove(key);
+                }
             }
         }
     }
@@ -141,23 +171,56 @@ impl DriftWatcher {
     }
 }
 
-/// Stores `obj` unless the cache already holds a newer version. Returns whether it changed.
-fn store(map: &mut HashMap<ObjKey, Arc<Value>>, key: ObjKey, obj: Value) -> bool {
-    if let Some(old) = map.get(&key) {
-        if meta_str(old, "resourceVersion") == meta_str(&obj, "resourceVersion")
-            && meta_str(old, "uid") == meta_str(&obj, "uid")
-        {
+/// Stores `new` unless the cache already holds the same or a newer version. Returns whether it changed.
+fn store(map: &mut HashMap<ObjKey, Cached>, key: ObjKey, new: Cached) -> bool {
+    if let Some(old) = map.get(&key)
+        && old.uid == new.uid
+    {
+        if old.resource_version == new.resource_version {
             return false;
         }
-        if let (Some(a), Some(b)) = (rv_num(old), rv_num(&obj))
-            && b < a
-            && meta_str(old, "uid") == meta_str(&obj, "uid")
+        // resourceVersions are opaque, but etcd-backed servers use increasing numbers; only
+        // then is "older" decidable, and an older update is dropped.
+        if let (Ok(a), Ok(b)) = (
+            old.resource_version.parse::<u64>(),
+            new.resource_version.parse::<u64>(),
+        ) && b < a
         {
             return false;
         }
     }
-    map.insert(key, Arc::new(slim(obj)));
+    map.insert(key, new);
     true
+}
+
+/// A cache entry for an object given as a JSON value (managedFields, if any, are left out).
+fn cached_from_value(obj: &Value) -> Option<Cached> {
+    let has_managed_fields = obj.get("metadata").and_then(|m| m.get("managedFields")).is_some();
+    let json = if has_managed_fields {
+        let mut slim = obj.clone();
+        if let Some(m) = slim.get_mut("metadata").and_then(Value::as_object_mut) {
+            m.remove("managedFields");
+        }
+        serde_json::to_string(&slim).ok()?
+    } else {
+        serde_json::to_string(obj).ok()?
+    };
+    Some(Cached {
+        uid: meta_str(obj, "uid").unwrap_or_default().into(),
+        resource_version: meta_str(obj, "resourceVersion").unwrap_or_default().into(),
+        json: json.into_boxed_str(),
+    })
+}
+
+/// A cache entry for a watched object, serialized straight from the typed object (no tree).
+fn cached_from_object(mut obj: DynamicObject) -> Option<Cached> {
+    obj.metadata.managed_fields = None;
+    let json = serde_json::to_string(&obj).ok()?.into_boxed_str();
+    Some(Cached {
+        uid: obj.metadata.uid.unwrap_or_default().into(),
+        resource_version: obj.metadata.resource_version.unwrap_or_default().into(),
+        json,
+    })
 }
 
 fn key_of(ar: &ApiResource, obj: &DynamicObject) -> ObjKey {
@@ -187,11 +250,13 @@ async fn watch_kind(inner: Arc<Inner>, ar: ApiResource, kind: KindKey) {
                 if let Some(seen) = relist.as_mut() {
                     seen.insert(key.clone());
                 }
-                let Ok(v) = serde_json::to_value(&o) else { continue };
+                let Some(entry) = cached_from_object(o) else {
+                    continue;
+                };
                 let changed = inner
                     .objects
                     .lock()
-                    .map(|mut m| store(&mut m, key.clone(), v))
+                    .map(|mut m| store(&mut m, key.clone(), entry))
                     .unwrap_or(false);
                 if changed {
                     let _ = inner.tx.send(key);
@@ -496,11 +561,21 @@ mod tests {
             namespace: "n".into(),
             name: "a".into(),
         };
-        let mk = |rv: &str| serde_json::json!({"metadata": {"uid": "u", "resourceVersion": rv, "managedFields": [1]}});
-        assert!(store(&mut m, k.clone(), mk("5")));
-        assert!(m[&k]["metadata"].get("managedFields").is_none());
-        assert!(!store(&mut m, k.clone(), mk("5")));
-        assert!(!store(&mut m, k.clone(), mk("4")));
-        assert!(store(&mut m, k.clone(), mk("6")));
+        let mk = |uid: &str, rv: &str| {
+            cached_from_value(
+                &serde_json::json!({"metadata": {"uid": uid, "resourceVersion": rv, "managedFields": [1]}}),
+            )
+            .unwrap()
+        };
+        assert!(store(&mut m, k.clone(), mk("u", "5")));
+        let v = m[&k].value().unwrap();
+        assert!(v["metadata"].get("managedFields").is_none());
+        assert_eq!(v["metadata"]["resourceVersion"], "5");
+        assert!(!store(&mut m, k.clone(), mk("u", "5")));
+        assert!(!store(&mut m, k.clone(), mk("u", "4")));
+        assert!(store(&mut m, k.clone(), mk("u", "6")));
+        // A re-created object (new uid) replaces the entry whatever its version.
+        assert!(store(&mut m, k.clone(), mk("u2", "3")));
+        assert_eq!(m[&k].value().unwrap()["metadata"]["uid"], "u2");
     }
 }

@@ -101,15 +101,17 @@ impl EngineConfig {
 #[derive(Debug, Default)]
 struct Slot {
     /// The latest desired work; None for a work known only from its spoke record (being deleted).
-    work: Option<ManifestWork>,
+    /// Shared with the running task rather than copied: with a thousand works queued behind the
+    /// concurrency limit, per-task copies were the agent's largest allocation.
+    work: Option<Arc<ManifestWork>>,
     /// A reconcile or delete task is running.
     running: bool,
     /// Run again when the current task ends.
     rerun: bool,
     /// Delete requested.
     delete: Option<DeleteOption>,
-    /// Last status built.
-    status: ManifestWorkStatus,
+    /// Last status built (shared with the next task, for the same reason as `work`).
+    status: Arc<ManifestWorkStatus>,
     /// Hash of the last status published.
     published: Option<String>,
     /// Consecutive failed reconciles (retry back-off).
@@ -135,7 +137,7 @@ enum Done {
         /// Whether everything was removed and the record deleted.
         ok: bool,
         /// Last status built.
-        status: ManifestWorkStatus,
+        status: Arc<ManifestWorkStatus>,
         /// Hash of the status now published.
         published: Option<String>,
     },
@@ -314,7 +316,7 @@ impl WorkEngine {
                             // Re-created while being deleted: apply again once deletion ends.
                             slot.delete = None;
                         }
-                        slot.work = Some(*w);
+                        slot.work = Some(Arc::from(w));
                         if changed {
                             slot.rerun = true;
                             slot.failures = 0;
@@ -385,7 +387,7 @@ impl WorkEngine {
             } => {
                 let Some(slot) = slots.get_mut(&name) else { return };
                 slot.running = false;
-                slot.status = report.status;
+                slot.status = Arc::new(report.status);
                 slot.published = published;
                 if report.failed {
                     slot.failures = slot.failures.saturating_add(1);
@@ -460,20 +462,23 @@ impl WorkEngine {
         let prev = slot.status.clone();
         let published = slot.published.clone();
         let name = name.to_string();
+        // Each task waits for a permit first and only then builds its (large) reconcile or delete
+        // future, boxed: a task queued behind the concurrency limit costs a few words, not a full
+        // future, which matters when a thousand works change at once.
         if let Some(option) = slot.delete.clone() {
             let work = slot.work.clone();
             let stopping = self.stopping.clone();
             tasks.spawn(async move {
                 let _permit = permits.acquire_owned().await;
-                let deletion = run_delete(
+                let deletion = Box::pin(run_delete(
                     &shared,
                     &name,
-                    work.as_ref(),
+                    work.as_deref(),
                     &option,
-                    prev,
+                    &prev,
                     published,
                     sink.as_ref(),
-                );
+                ));
                 let (ok, status, published) = tokio::select! {
                     r = deletion => r,
                     _ = stopping.cancelled() => {
@@ -484,7 +489,7 @@ impl WorkEngine {
                 let _ = done_tx.send(Done::Deleted {
                     name,
                     ok,
-                    status,
+                    status: Arc::new(status),
                     published,
                 });
             });
@@ -500,17 +505,17 @@ impl WorkEngine {
             async move {
                 let _permit = permits.acquire_owned().await;
                 let t0 = std::time::Instant::now();
-                let report = reconcile::reconcile(&shared, &work, &prev).await;
+                let report = Box::pin(reconcile::reconcile(&shared, &work, &prev)).await;
                 shared.metrics.reconciled(
                     if report.failed { "failed" } else { "ok" },
                     t0.elapsed().as_secs_f64(),
                 );
-                let published = publish(
+                let published = Box::pin(publish(
                     &shared,
                     sink.as_ref(),
                     &work_update(&work, &report.status, false),
                     published,
-                )
+                ))
                 .await;
                 let _ = done_tx.send(Done::Reconciled {
                     name,
@@ -569,7 +574,7 @@ async fn run_delete(
     name: &str,
     work: Option<&ManifestWork>,
     option: &DeleteOption,
-    prev: ManifestWorkStatus,
+    prev: &ManifestWorkStatus,
     mut published: Option<String>,
     sink: &dyn StatusSink,
 ) -> (bool, ManifestWorkStatus, Option<String>) {
@@ -593,7 +598,7 @@ async fn run_delete(
         let amw = match shared.amw_api.get_opt(&record).await {
             Ok(a) => a,
             Err(e) => {
-                let st = reconcile::deletion_status(&prev, generation, None, Some(&super::object::api_message(&e)));
+                let st = reconcile::deletion_status(prev, generation, None, Some(&super::object::api_message(&e)));
                 published = publish(shared, sink, &mk(&st, false), published).await;
                 return (false, st, published);
             }

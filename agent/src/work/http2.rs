@@ -1,15 +1,31 @@
 //! A kube client that talks HTTP/2 to the API server: one TLS connection multiplexes every
 //! request and watch of the engine (kube's own connector offers only HTTP/1.1 in ALPN, which
 //! means one connection per in-flight request).
+//!
+//! A client whose TLS identity can change (the hub client with a rotating client certificate)
+//! moves new requests to a fresh connection pool when it does, so they handshake with the new
+//! identity while requests in flight, such as watches, finish on the connection they are on.
 
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use kube::client::{Body, ConfigExt};
 use kube::{Client, Config};
+use rustls::pki_types::ServerName;
 use tower::ServiceBuilder;
 
 /// The error type kube's service stack uses.
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// hyper's pooling client over our TLS connector: one pool of connections.
+type HyperClient = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Body>;
+
+/// The version of a client's TLS identity, read before each request: when it changes, new
+/// requests go on new connections. It may do the reload itself (it is called outside handshakes).
+pub type IdentityVersion = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 /// Client construction failures.
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +33,9 @@ pub enum Http2ClientError {
     /// TLS or auth settings of the config are unusable.
     #[error("building the HTTP/2 client: {0}")]
     Config(#[from] kube::Error),
+    /// The kubeconfig's `tls-server-name` is not a DNS name or IP address.
+    #[error("invalid tls-server-name {0:?}")]
+    ServerName(String),
 }
 
 /// Reads a kubeconfig file (its current context) into a client configuration; used for the
@@ -29,30 +48,148 @@ pub async fn config_from_file(path: &std::path::Path) -> Result<Config, kube::co
 /// Builds an HTTP/2-capable client from `config` (ALPN offers h2 and http/1.1, so a server
 /// without h2 still works). Plain-HTTP servers are spoken to with HTTP/1.1.
 pub fn client(config: Config) -> Result<Client, Http2ClientError> {
-    let mut tls = config.rustls_client_config()?;
+    let tls = config.rustls_client_config()?;
+    client_with_tls(config, tls, None)
+}
+
+/// [`client`] with a TLS configuration the caller made, for example kube's own
+/// (`Config::rustls_client_config`) with a client-certificate resolver that follows rotation.
+/// Everything else (server, auth, headers, `tls-server-name`) still comes from `config`.
+/// With `identity_version`, a change of version retires the current connections for new
+/// requests (see `RenewingPool`); without, one pool serves the client's lifetime.
+pub fn client_with_tls(
+    config: Config,
+    mut tls: rustls::ClientConfig,
+    identity_version: Option<IdentityVersion>,
+) -> Result<Client, Http2ClientError> {
+    // The connector sets ALPN itself from the protocols enabled below.
     tls.alpn_protocols.clear();
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    let hyper_client: hyper_util::client::legacy::Client<_, Body> =
-        hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            // Watches idle for minutes; keep the one connection verified alive.
-            .http2_keep_alive_interval(std::time::Duration::from_secs(30))
-            .http2_keep_alive_while_idle(true)
-            .build(https);
+        .https_or_http();
+    // A kubeconfig's `tls-server-name` replaces the URL's host for SNI and verification, as in
+    // kube's own connector.
+    let https = match &config.tls_server_name {
+        Some(name) => {
+            let server_name =
+                ServerName::try_from(name.clone()).map_err(|_| Http2ClientError::ServerName(name.clone()))?;
+            https.with_server_name_resolver(FixedServerNameResolver::new(server_name))
+        }
+        None => https,
+    };
+    let https = https.enable_http1().enable_http2().wrap_connector(http);
+    let pool = match identity_version {
+        None => ConnectionPool::Fixed(Box::new(hyper_client(https))),
+        Some(version) => ConnectionPool::Renewing(Arc::new(RenewingPool::new(https, version))),
+    };
     let service = ServiceBuilder::new()
         .layer(config.base_uri_layer())
         .option_layer(config.auth_layer()?)
         .layer(config.extra_headers_layer()?)
         // The auth layers' errors are boxed; make the connection's error the same type.
         .map_err(|e: hyper_util::client::legacy::Error| -> BoxError { Box::new(e) })
-        .service(hyper_client);
+        .service(pool);
     Ok(Client::new(service, config.default_namespace))
+}
+
+/// A hyper client (a new, empty connection pool) over `https`.
+fn hyper_client(https: HttpsConnector<HttpConnector>) -> HyperClient {
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        // Watches idle for minutes; keep the one connection verified alive.
+        .http2_keep_alive_interval(std::time::Duration::from_secs(30))
+        .http2_keep_alive_while_idle(true)
+        .build(https)
+}
+
+/// The connections requests are sent on.
+#[derive(Clone)]
+enum ConnectionPool {
+    /// One pool for the client's lifetime: the identity cannot change (no lock per request).
+    /// Boxed to keep the enum small (hyper's client is some 300 bytes).
+    Fixed(Box<HyperClient>),
+    /// A pool replaced when the identity changes.
+    Renewing(Arc<RenewingPool>),
+}
+
+impl std::fmt::Debug for ConnectionPool {
+    // hyper's client has no Debug; which kind of pool this is says enough.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectionPool::Fixed(_) => f.write_str("ConnectionPool::Fixed"),
+            ConnectionPool::Renewing(_) => f.write_str("ConnectionPool::Renewing"),
+        }
+    }
+}
+
+/// A connection pool that follows the TLS identity. An HTTP/2 connection carries every request,
+/// so without this a new identity would wait for the connection to break, and requests would
+/// be refused once the old certificate expires. Dropping the old pool does not cut the
+/// connection: hyper closes it once the streams still on it (a watch) have ended.
+struct RenewingPool {
+    /// Builds the replacement pools (cloning it shares the TLS config and its resolver).
+    https: HttpsConnector<HttpConnector>,
+    /// Current identity version.
+    identity_version: IdentityVersion,
+    /// The version the current pool was made for, and the pool; replaced whole under the lock.
+    current: Mutex<(u64, HyperClient)>,
+}
+
+impl RenewingPool {
+    fn new(https: HttpsConnector<HttpConnector>, identity_version: IdentityVersion) -> Self {
+        let version = identity_version();
+        let client = hyper_client(https.clone());
+        RenewingPool {
+            https,
+            identity_version,
+            current: Mutex::new((version, client)),
+        }
+    }
+
+    /// The pool for the next request: a new one if the identity changed since the last request.
+    fn client(&self) -> HyperClient {
+        // Read outside the lock: it may reload files.
+        let version = (self.identity_version)();
+        let mut current = lock(&self.current);
+        if current.0 != version {
+            *current = (version, hyper_client(self.https.clone()));
+            tracing::info!(
+                version,
+                "TLS identity changed; new requests go on new connections"
+            );
+        }
+        current.1.clone()
+    }
+}
+
+/// Locks a mutex, carrying on after a panic elsewhere (the guarded pair is only replaced whole).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<R> tower::Service<R> for ConnectionPool
+where
+    HyperClient: tower::Service<R>,
+{
+    type Response = <HyperClient as tower::Service<R>>::Response;
+    type Error = <HyperClient as tower::Service<R>>::Error;
+    type Future = <HyperClient as tower::Service<R>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        match self {
+            ConnectionPool::Fixed(client) => client.poll_ready(cx),
+            // hyper's client is always ready (it queues on its pool); the pool is picked in `call`.
+            ConnectionPool::Renewing(_) => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn call(&mut self, request: R) -> Self::Future {
+        match self {
+            ConnectionPool::Fixed(client) => client.call(request),
+            ConnectionPool::Renewing(pool) => pool.client().call(request),
+        }
+    }
 }

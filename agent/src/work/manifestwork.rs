@@ -49,9 +49,52 @@ pub struct ManifestsTemplate {
 }
 
 /// One raw Kubernetes object inside a work (OCM inlines a RawExtension, so it is the object itself).
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[serde(transparent)]
-pub struct Manifest(pub serde_json::Value);
+///
+/// Held as compact JSON text, not as a parsed `serde_json::Value`: a parsed tree costs several
+/// times the bytes of its text, and the agent keeps every work it applies for as long as the
+/// work exists, so with a thousand works the trees were the largest thing in memory. The text is
+/// parsed only when the work is reconciled. Object keys are sorted (serde_json's map is ordered),
+/// so equal objects have equal text and `==` compares content.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Manifest(Box<str>);
+
+impl Manifest {
+    /// The object, parsed.
+    pub fn value(&self) -> Result<serde_json::Value, serde_json::Error> {
+        serde_json::from_str(&self.0)
+    }
+
+    /// The compact JSON text.
+    pub fn as_json(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<serde_json::Value> for Manifest {
+    fn from(v: serde_json::Value) -> Self {
+        // Serializing a Value cannot fail (its keys are strings); "null" is the unreachable fallback.
+        Manifest(
+            serde_json::to_string(&v)
+                .unwrap_or_else(|_| "null".into())
+                .into_boxed_str(),
+        )
+    }
+}
+
+impl Serialize for Manifest {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.value()
+            .map_err(serde::ser::Error::custom)?
+            .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Manifest {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // Through a Value, so YAML (file source) and JSON (hubs) both work.
+        serde_json::Value::deserialize(deserializer).map(Manifest::from)
+    }
+}
 
 /// How a work's objects are treated when the work is deleted.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]

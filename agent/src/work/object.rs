@@ -255,14 +255,6 @@ pub fn base64_encode(input: &[u8]) -> String {
     out
 }
 
-/// Drops what the cache need not hold (managedFields is often most of an object's size).
-pub fn slim(mut v: Value) -> Value {
-    if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
-        m.remove("managedFields");
-    }
-    v
-}
-
 /// Reads `metadata.<field>` as a string.
 pub fn meta_str<'a>(v: &'a Value, field: &str) -> Option<&'a str> {
     v.get("metadata")?.get(field)?.as_str()
@@ -282,12 +274,6 @@ pub fn has_owner(v: &Value, uid: &str) -> bool {
     owner_refs(v)
         .iter()
         .any(|r| r.get("uid").and_then(Value::as_str) == Some(uid))
-}
-
-/// Parses a resourceVersion as a number when it is one (etcd-backed servers always use numbers);
-/// used only to drop stale cache updates, never for correctness.
-pub fn rv_num(v: &Value) -> Option<u64> {
-    meta_str(v, "resourceVersion")?.parse().ok()
 }
 
 #[cfg(test)]

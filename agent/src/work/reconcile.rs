@@ -83,8 +83,11 @@ pub struct Shared {
 
 impl Shared {
     fn cache_record(&self, amw: &AppliedManifestWork) {
+        let mut copy = amw.clone();
+        // Never read from the cache, and larger than the rest of the record.
+        copy.metadata.managed_fields = None;
         if let Ok(mut c) = self.amw_cache.lock() {
-            c.insert(amw.name_any(), amw.clone());
+            c.insert(copy.name_any(), copy);
         }
     }
 
@@ -157,9 +160,8 @@ pub async fn reconcile(shared: &Shared, work: &ManifestWork, prev: &ManifestWork
     let generation = work.metadata.generation.unwrap_or(0);
     let now = now_rfc3339();
     let manifests = &work.spec.workload.manifests;
-    let size = serde_json::to_vec(&work.spec.workload)
-        .map(|v| v.len())
-        .unwrap_or(0);
+    // The size of `{"manifests":[...]}` as JSON, computed from the texts without serializing.
+    let size = manifests.iter().map(|m| m.as_json().len() + 1).sum::<usize>() + r#"{"manifests":[]}"#.len();
     if size > shared.cfg.max_work_bytes {
         let msg = format!(
             "work is {size} bytes of manifests, over the {} byte limit; nothing was applied and previously applied objects are left as they were",
@@ -167,45 +169,6 @@ pub async fn reconcile(shared: &Shared, work: &ManifestWork, prev: &ManifestWork
         );
         return whole_work_failure(prev, generation, "WorkTooLarge", msg, &now);
     }
-    let amw_name = record_name(shared, &name);
-    let spec = AppliedManifestWorkSpec {
-        hub_hash: shared.cfg.hub_hash.clone(),
-        agent_id: shared.cfg.agent_id.clone(),
-        manifest_work_name: name.clone(),
-    };
-    let wanted_option = work.spec.delete_option.clone().unwrap_or_default();
-    let cached = shared
-        .amw_cache
-        .lock()
-        .ok()
-        .and_then(|c| c.get(&amw_name).cloned())
-        .filter(|a| applied_work::recorded_delete_option(a) == wanted_option);
-    let amw = match cached {
-        Some(a) => a,
-        None => {
-            match applied_work::ensure(&shared.amw_api, &amw_name, spec, work.spec.delete_option.as_ref())
-                .await
-            {
-                Ok(a) => {
-                    shared.cache_record(&a);
-                    a
-                }
-                Err(e) => {
-                    return whole_work_failure(
-                        prev,
-                        generation,
-                        "AppliedManifestWorkFailed",
-                        e.to_string(),
-                        &now,
-                    );
-                }
-            }
-        }
-    };
-    let owner = owner_ref(&amw);
-    let mut recorded = applied_work::resources(&amw);
-    let recorded_at_start = recorded.clone();
-
     let mut results: Vec<ManifestResult> = (0..manifests.len())
         .map(|i| ManifestResult {
             meta: ManifestResourceMeta {
@@ -217,7 +180,8 @@ pub async fn reconcile(shared: &Shared, work: &ManifestWork, prev: &ManifestWork
         .collect();
     let mut parsed: Vec<Option<ParsedManifest>> = Vec::with_capacity(manifests.len());
     for (i, m) in manifests.iter().enumerate() {
-        match parse_manifest(&m.0) {
+        let value = m.value().map_err(|e| format!("manifest is not valid JSON: {e}"));
+        match value.and_then(|v| parse_manifest(&v)) {
             Ok(p) => {
                 let r = &mut results[i].meta;
                 r.group = p.group.clone();
@@ -247,9 +211,9 @@ pub async fn reconcile(shared: &Shared, work: &ManifestWork, prev: &ManifestWork
         })
         .collect();
 
-    // Record, in one write, the intent to apply everything that can be named now; the per-tier
-    // step below only adds what cannot be resolved yet (custom resources of CRDs in this work).
-    let mut upfront: Vec<AppliedManifestResourceMeta> = Vec::new();
+    // Everything that can be named now: the intent to record before writing. Custom resources
+    // of CRDs in this work cannot be resolved yet; the per-tier step below records those.
+    let mut candidates: Vec<AppliedManifestResourceMeta> = Vec::new();
     for p in parsed.iter().flatten() {
         if crd_kinds.contains(&(p.group.clone(), p.kind.clone())) {
             continue;
@@ -275,10 +239,10 @@ pub async fn reconcile(shared: &Shared, work: &ManifestWork, prev: &ManifestWork
             namespace,
             name: p.name.clone(),
         };
-        if read_only || recorded.iter().chain(upfront.iter()).any(|e| key_of(e) == key) {
+        if read_only || candidates.iter().any(|e| key_of(e) == key) {
             continue;
         }
-        upfront.push(AppliedManifestResourceMeta {
+        candidates.push(AppliedManifestResourceMeta {
             group: key.group,
             resource: key.resource,
             name: key.name,
@@ -287,6 +251,56 @@ pub async fn reconcile(shared: &Shared, work: &ManifestWork, prev: &ManifestWork
             uid: String::new(),
         });
     }
+
+    let amw_name = record_name(shared, &name);
+    let spec = AppliedManifestWorkSpec {
+        hub_hash: shared.cfg.hub_hash.clone(),
+        agent_id: shared.cfg.agent_id.clone(),
+        manifest_work_name: name.clone(),
+    };
+    let wanted_option = work.spec.delete_option.clone().unwrap_or_default();
+    let cached = shared
+        .amw_cache
+        .lock()
+        .ok()
+        .and_then(|c| c.get(&amw_name).cloned())
+        .filter(|a| applied_work::recorded_delete_option(a) == wanted_option);
+    let amw = match cached {
+        Some(a) => a,
+        // A record created here already lists the candidates (one write, not two).
+        None => match applied_work::ensure(
+            &shared.amw_api,
+            &amw_name,
+            spec,
+            work.spec.delete_option.as_ref(),
+            &candidates,
+        )
+        .await
+        {
+            Ok(a) => {
+                shared.cache_record(&a);
+                a
+            }
+            Err(e) => {
+                return whole_work_failure(
+                    prev,
+                    generation,
+                    "AppliedManifestWorkFailed",
+                    e.to_string(),
+                    &now,
+                );
+            }
+        },
+    };
+    let owner = owner_ref(&amw);
+    let mut recorded = applied_work::resources(&amw);
+    let recorded_at_start = recorded.clone();
+
+    // Record, in one write, the intent to apply what the record does not list yet.
+    let upfront: Vec<AppliedManifestResourceMeta> = candidates
+        .into_iter()
+        .filter(|c| !recorded.iter().any(|e| key_of(e) == key_of(c)))
+        .collect();
     if !upfront.is_empty() {
         recorded.extend(upfront);
         match applied_work::write_resources(&shared.amw_api, &amw_name, &recorded).await {
