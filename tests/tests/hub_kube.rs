@@ -111,6 +111,15 @@ async fn next_upsert(source: &mut impl WorkSource, what: &str) -> ManifestWork {
     }
 }
 
+/// Waits for the initial `Synced` event, then for the cleanup finalizer on `name` on the hub.
+async fn synced_and_finalized(source: &mut impl WorkSource, works: &Api<ManifestWork>, name: &str) {
+    assert!(matches!(next_event(source, "Synced").await, WorkEvent::Synced));
+    hub_work(works, name, &format!("the cleanup finalizer on {name}"), |w| {
+        w.finalizers().iter().any(|f| f == CLEANUP_FINALIZER)
+    })
+    .await;
+}
+
 /// Polls the hub until `check` accepts the work.
 async fn hub_work(works: &Api<ManifestWork>, name: &str, what: &str, check: impl Fn(&ManifestWork) -> bool) {
     eventually(what, || {
@@ -202,14 +211,7 @@ async fn kube_hub_watches_writes_status_manages_finalizer_and_lease() {
     assert_eq!(w1.metadata.generation, Some(1));
     assert_eq!(manifest_names(&w1), ["a"]);
     assert!(w1.metadata.managed_fields.is_none());
-    assert!(matches!(
-        next_event(&mut agent.source, "Synced").await,
-        WorkEvent::Synced
-    ));
-    hub_work(&works, "w1", "the cleanup finalizer on w1", |w| {
-        w.finalizers().iter().any(|f| f == CLEANUP_FINALIZER)
-    })
-    .await;
+    synced_and_finalized(&mut agent.source, &works, "w1").await;
 
     // Status goes to the status subresource.
     let applied = vec![condition("Applied", "True", "AppliedManifestWorkComplete", 1)];
@@ -754,14 +756,7 @@ async fn kube_hub_follows_client_certificate_rotation_without_dropping_the_watch
     let shutdown = CancellationToken::new();
     let mut agent = KubeHub::start(agent_options(client, &cluster), shutdown.clone());
     assert_eq!(next_upsert(&mut agent.source, "w1").await.name_any(), "w1");
-    assert!(matches!(
-        next_event(&mut agent.source, "Synced").await,
-        WorkEvent::Synced
-    ));
-    hub_work(&works, "w1", "the cleanup finalizer on w1", |w| {
-        w.finalizers().iter().any(|f| f == CLEANUP_FINALIZER)
-    })
-    .await;
+    synced_and_finalized(&mut agent.source, &works, "w1").await;
     let is_lease_renewal =
         |user: &str, r: &AuditedRequest| r.user == user && r.resource == "leases" && r.verb == "update";
     audited(

@@ -48,6 +48,16 @@ pub struct ManifestsTemplate {
     pub manifests: Vec<Manifest>,
 }
 
+impl ManifestsTemplate {
+    /// Size of the workload as JSON (`{"manifests":[...]}`), computed from the manifests' texts
+    /// without serializing anything.
+    pub fn json_len(&self) -> usize {
+        self.manifests.iter().map(|m| m.as_json().len()).sum::<usize>()
+            + self.manifests.len().saturating_sub(1) // the commas between manifests
+            + r#"{"manifests":[]}"#.len()
+    }
+}
+
 /// One raw Kubernetes object inside a work (OCM inlines a RawExtension, so it is the object itself).
 ///
 /// Held as compact JSON text, not as a parsed `serde_json::Value`: a parsed tree costs several
@@ -707,6 +717,29 @@ spec:
         assert_eq!(m["statusFeedback"]["values"][0]["fieldValue"]["jsonRaw"], "{}");
         let b = serde_json::to_value(ManifestBundleStatus::from(&s)).unwrap();
         assert!(b["resourceStatus"].is_array());
+    }
+
+    #[test]
+    fn manifest_keeps_content_and_sizes_match_serialization() {
+        let a = serde_json::json!({"kind": "ConfigMap", "apiVersion": "v1", "metadata": {"name": "a"}, "data": {"k": "ü"}});
+        let b = serde_json::json!({"apiVersion": "v1", "metadata": {"name": "a"}, "kind": "ConfigMap", "data": {"k": "ü"}});
+        // Same object, keys in another order: equal manifests, and the content survives.
+        assert_eq!(Manifest::from(a.clone()), Manifest::from(b));
+        assert_eq!(Manifest::from(a.clone()).value().unwrap(), a);
+        let from_yaml: Manifest =
+            serde_yaml::from_str("{apiVersion: v1, kind: ConfigMap, metadata: {name: a}, data: {k: ü}}")
+                .unwrap();
+        assert_eq!(from_yaml, Manifest::from(a.clone()));
+        for n in 0..3 {
+            let t = ManifestsTemplate {
+                manifests: (0..n).map(|_| Manifest::from(a.clone())).collect(),
+            };
+            assert_eq!(
+                t.json_len(),
+                serde_json::to_vec(&t).unwrap().len(),
+                "{n} manifests"
+            );
+        }
     }
 
     #[test]

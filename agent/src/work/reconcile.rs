@@ -160,8 +160,7 @@ pub async fn reconcile(shared: &Shared, work: &ManifestWork, prev: &ManifestWork
     let generation = work.metadata.generation.unwrap_or(0);
     let now = now_rfc3339();
     let manifests = &work.spec.workload.manifests;
-    // The size of `{"manifests":[...]}` as JSON, computed from the texts without serializing.
-    let size = manifests.iter().map(|m| m.as_json().len() + 1).sum::<usize>() + r#"{"manifests":[]}"#.len();
+    let size = work.spec.workload.json_len();
     if size > shared.cfg.max_work_bytes {
         let msg = format!(
             "work is {size} bytes of manifests, over the {} byte limit; nothing was applied and previously applied objects are left as they were",
