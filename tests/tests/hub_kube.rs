@@ -120,6 +120,21 @@ async fn synced_and_finalized(source: &mut impl WorkSource, works: &Api<Manifest
     .await;
 }
 
+/// Polls the hub until the work `name` is gone (its finalizer released).
+async fn hub_work_gone(works: &Api<ManifestWork>, name: &str, what: &str) {
+    eventually(what, || {
+        let works = works.clone();
+        async move {
+            match works.get_opt(name).await.map_err(|e| e.to_string())? {
+                None => Ok(()),
+                Some(w) => Err(format!("still there with finalizers {:?}", w.finalizers())),
+            }
+        }
+    })
+    .await
+    .unwrap();
+}
+
 /// Polls the hub until `check` accepts the work.
 async fn hub_work(works: &Api<ManifestWork>, name: &str, what: &str, check: impl Fn(&ManifestWork) -> bool) {
     eventually(what, || {
@@ -299,17 +314,7 @@ async fn kube_hub_watches_writes_status_manages_finalizer_and_lease() {
         condition("Deleted", "True", "ManifestsDeleted", 2),
     ];
     agent.sink.publish(update(&w1, gone, true)).await.unwrap();
-    eventually("w1 to disappear after its final status", || {
-        let works = works.clone();
-        async move {
-            match works.get_opt("w1").await.map_err(|e| e.to_string())? {
-                None => Ok(()),
-                Some(w) => Err(format!("still there with finalizers {:?}", w.finalizers())),
-            }
-        }
-    })
-    .await
-    .unwrap();
+    hub_work_gone(&works, "w1", "w1 to disappear after its final status").await;
 
     stop(&shutdown, agent.tasks).await;
 }
@@ -366,20 +371,12 @@ async fn kube_hub_releases_a_deleted_work_whose_final_status_the_hub_rejects() {
         |w| w.status.as_ref().is_some_and(|s| !s.conditions.is_empty()),
     )
     .await;
-    eventually(
+    hub_work_gone(
+        &works,
+        "bad",
         "bad to be released although the hub rejected its final status",
-        || {
-            let works = works.clone();
-            async move {
-                match works.get_opt("bad").await.map_err(|e| e.to_string())? {
-                    None => Ok(()),
-                    Some(w) => Err(format!("still there with finalizers {:?}", w.finalizers())),
-                }
-            }
-        },
     )
-    .await
-    .unwrap();
+    .await;
     stop(&shutdown, agent.tasks).await;
 }
 

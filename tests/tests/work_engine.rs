@@ -220,6 +220,18 @@ where
     eventually(what, f).await.unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// Waits (bounded) until the ConfigMap `ns/name` is gone.
+async fn cm_gone(client: &Client, ns: &str, name: &str, what: &str) {
+    until(what, || async move {
+        if get_cm(client, ns, name).await.is_none() {
+            Ok(())
+        } else {
+            Err("still there".to_string())
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn update_strategy_applies_owns_records_and_reapply_writes_nothing() {
     let mut a = Agent::start(&unique_name("hub")).await;
@@ -510,19 +522,7 @@ async fn removed_manifest_is_pruned_and_shared_object_only_loses_owner() {
 
     a.upsert(&work("w-a", 2, vec![cm(&ns, "keep", json!({}))]));
     a.wait_applied("w-a", 2).await;
-    let client = a.client.clone();
-    let ns2 = ns.clone();
-    until("dropped ConfigMap deleted", || {
-        let (client, ns) = (client.clone(), ns2.clone());
-        async move {
-            if get_cm(&client, &ns, "drop").await.is_none() {
-                Ok(())
-            } else {
-                Err("still there".to_string())
-            }
-        }
-    })
-    .await;
+    cm_gone(&a.client, &ns, "drop", "dropped ConfigMap deleted").await;
     let s = get_cm(&a.client, &ns, "shared")
         .await
         .expect("object still claimed by w-b must stay");
@@ -997,19 +997,7 @@ async fn file_source_end_to_end() {
     assert!(err.contains("InvalidWorkFile"), "{err}");
     // Removing the file deletes the work.
     std::fs::remove_file(dir.path().join("one.yaml")).unwrap();
-    let c2 = client.clone();
-    let ns2 = ns.clone();
-    until("f1 deleted after its file was removed", || {
-        let (c, ns) = (c2.clone(), ns2.clone());
-        async move {
-            if get_cm(&c, &ns, "f1").await.is_none() {
-                Ok(())
-            } else {
-                Err("still there".to_string())
-            }
-        }
-    })
-    .await;
+    cm_gone(&client, &ns, "f1", "f1 deleted after its file was removed").await;
     shutdown.cancel();
     task.await.unwrap().unwrap();
 }
