@@ -38,6 +38,35 @@ async fn onboard_cluster(hub: &KubeCluster, admin: &kube::Client, cluster: &str)
         .unwrap_or_else(|e| panic!("onboarding {cluster}: {e}"))
 }
 
+/// A hub with one onboarded cluster: what most tests start from.
+struct OnboardedHub {
+    /// The hub API server (stopped when dropped).
+    hub: KubeCluster,
+    /// Hub admin client.
+    admin: kube::Client,
+    /// The cluster's name, which is also its namespace on the hub.
+    cluster: String,
+    /// The agent's identity on the hub.
+    agent_user: UserCredentials,
+    /// ManifestWorks in the cluster namespace, as the hub admin sees them.
+    works: Api<ManifestWork>,
+}
+
+/// Starts a hub and onboards a cluster named from `prefix`.
+async fn onboarded_hub(prefix: &str) -> OnboardedHub {
+    let (hub, admin) = start_hub().await;
+    let cluster = unique_name(prefix);
+    let agent_user = onboard_cluster(&hub, &admin, &cluster).await;
+    let works = Api::namespaced(admin.clone(), &cluster);
+    OnboardedHub {
+        hub,
+        admin,
+        cluster,
+        agent_user,
+        works,
+    }
+}
+
 fn work(name: &str, cm: &str) -> ManifestWork {
     serde_json::from_value(serde_json::json!({
         "apiVersion": "work.open-cluster-management.io/v1",
@@ -187,10 +216,13 @@ fn agent_options(client: kube::Client, cluster: &str) -> KubeHubOptions {
 
 #[tokio::test]
 async fn kube_hub_watches_writes_status_manages_finalizer_and_lease() {
-    let (hub, admin) = start_hub().await;
-    let cluster = unique_name("cluster");
-    let agent_user = onboard_cluster(&hub, &admin, &cluster).await;
-    let works: Api<ManifestWork> = Api::namespaced(admin.clone(), &cluster);
+    let OnboardedHub {
+        hub: _hub,
+        admin,
+        cluster,
+        agent_user,
+        works,
+    } = onboarded_hub("cluster").await;
     works
         .create(&PostParams::default(), &work("w1", "a"))
         .await
@@ -322,10 +354,13 @@ async fn kube_hub_watches_writes_status_manages_finalizer_and_lease() {
 /// A status the hub refuses must not hold a deleted work forever, nor other works' statuses.
 #[tokio::test]
 async fn kube_hub_releases_a_deleted_work_whose_final_status_the_hub_rejects() {
-    let (hub, admin) = start_hub().await;
-    let cluster = unique_name("cluster-rejected");
-    let agent_user = onboard_cluster(&hub, &admin, &cluster).await;
-    let works: Api<ManifestWork> = Api::namespaced(admin.clone(), &cluster);
+    let OnboardedHub {
+        hub: _hub,
+        admin: _admin,
+        cluster,
+        agent_user,
+        works,
+    } = onboarded_hub("cluster-rejected").await;
     for name in ["bad", "good"] {
         works
             .create(&PostParams::default(), &work(name, name))
@@ -383,10 +418,13 @@ async fn kube_hub_releases_a_deleted_work_whose_final_status_the_hub_rejects() {
 /// Works the agent cannot read are skipped; the watch goes on delivering the others.
 #[tokio::test]
 async fn kube_hub_skips_malformed_works_and_keeps_watching() {
-    let (hub, admin) = start_hub().await;
-    let cluster = unique_name("cluster-malformed");
-    let agent_user = onboard_cluster(&hub, &admin, &cluster).await;
-    let works: Api<ManifestWork> = Api::namespaced(admin.clone(), &cluster);
+    let OnboardedHub {
+        hub: _hub,
+        admin,
+        cluster,
+        agent_user,
+        works,
+    } = onboarded_hub("cluster-malformed").await;
     let raw: Api<DynamicObject> = Api::namespaced_with(
         admin.clone(),
         &cluster,
@@ -534,10 +572,13 @@ impl Gate {
 /// The hub is down when the agent starts, comes up, goes away mid-watch and comes back.
 #[tokio::test]
 async fn kube_hub_waits_for_a_dead_hub_and_recovers_when_it_returns() {
-    let (hub, admin) = start_hub().await;
-    let cluster = unique_name("cluster-outage");
-    let agent_user = onboard_cluster(&hub, &admin, &cluster).await;
-    let works: Api<ManifestWork> = Api::namespaced(admin.clone(), &cluster);
+    let OnboardedHub {
+        hub,
+        admin,
+        cluster,
+        agent_user,
+        works,
+    } = onboarded_hub("cluster-outage").await;
     works
         .create(&PostParams::default(), &work("w1", "a"))
         .await
