@@ -10,6 +10,7 @@ use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, Subcommand, parser::ValueSource};
 
+use crate::duration::parse_duration;
 use crate::{hub::HubArgs, inventory::InventoryArgs, run::RunArgs, telemetry::LogFormat};
 
 /// The spokelet command line.
@@ -219,70 +220,9 @@ fn find_long<'a>(cmd: &'a clap::Command, long: &str) -> Option<&'a clap::Arg> {
     cmd.get_arguments().find(|a| a.get_long() == Some(long))
 }
 
-/// Parse a duration such as `250ms`, `30s`, `5m`, `1h`, `1h30m`, or a bare number of seconds.
-pub fn parse_duration(input: &str) -> Result<Duration, String> {
-    let s = input.trim();
-    if s.is_empty() {
-        return Err("empty duration".into());
-    }
-    if let Ok(secs) = s.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit() && c != '.')
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return Err(format!(
-                "invalid duration {input:?}: expected a number before {rest:?}"
-            ));
-        }
-        let (num, tail) = rest.split_at(digits);
-        let value: f64 = num
-            .parse()
-            .map_err(|_| format!("invalid number {num:?} in duration {input:?}"))?;
-        let unit_len = tail.find(|c: char| c.is_ascii_digit()).unwrap_or(tail.len());
-        let (unit, tail) = tail.split_at(unit_len);
-        let seconds = match unit {
-            "ms" => value / 1000.0,
-            "s" => value,
-            "m" => value * 60.0,
-            "h" => value * 3600.0,
-            "" => {
-                return Err(format!(
-                    "invalid duration {input:?}: missing unit after {num} (ms, s, m, h)"
-                ));
-            }
-            other => {
-                return Err(format!(
-                    "invalid duration {input:?}: unknown unit {other:?} (ms, s, m, h)"
-                ));
-            }
-        };
-        total +=
-            Duration::try_from_secs_f64(seconds).map_err(|e| format!("invalid duration {input:?}: {e}"))?;
-        rest = tail;
-    }
-    Ok(total)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
-        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-        for bad in ["", "m", "5x", "5 m", "1e400s", "-3s"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?} should not parse");
-        }
-    }
 
     #[test]
     fn cli_definition_is_consistent() {

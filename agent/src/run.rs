@@ -8,13 +8,13 @@ use std::time::Duration;
 use kube::Config;
 
 use crate::admin::RunContext;
-use crate::config::parse_duration;
+use crate::duration::parse_duration;
 use crate::hub::{ConnectError, HubArgs, HubConnection};
+use crate::kube_client::{self, Http2ClientError};
 use crate::work::applied_work::hub_hash;
 use crate::work::drift::FlapGuard;
 use crate::work::engine::{EngineConfig, EngineError, WorkEngine};
 use crate::work::file_source::{FileSource, FileSourceError, FileStatusSink};
-use crate::work::http2::{self, Http2ClientError};
 use crate::work::manifestwork::DEFAULT_FIELD_MANAGER;
 use crate::work::metrics::WorkMetrics;
 use crate::work::source::{StatusSink, WorkSource};
@@ -107,7 +107,7 @@ pub enum RunError {
 /// Loads the cluster configuration: the given kubeconfig, else the usual inference.
 pub async fn client_config(kubeconfig: Option<&std::path::Path>) -> Result<Config, RunError> {
     match kubeconfig {
-        Some(path) => http2::config_from_file(path)
+        Some(path) => kube_client::config_from_file(path)
             .await
             .map_err(|source| RunError::Kubeconfig {
                 path: path.to_path_buf(),
@@ -169,7 +169,7 @@ pub async fn run_engine(
 ) -> Result<(), RunError> {
     let config = client_config(args.kubeconfig.as_deref()).await?;
     // One client for everything: every request and watch is a stream on one HTTP/2 connection.
-    let client = http2::client(config)?;
+    let client = kube_client::client(config)?;
     let metrics = WorkMetrics::default();
     if let Ok(mut reg) = ctx.registry.lock() {
         metrics.register(reg.sub_registry_with_prefix("work"));

@@ -247,7 +247,7 @@ async fn bench() {
     let kubeconfig = cluster.kubeconfig_path().to_path_buf();
     // The same HTTP/2 client `spokelet run` uses.
     let config = spokelet::run::client_config(Some(&kubeconfig)).await.unwrap();
-    let client = spokelet::work::http2::client(config).unwrap();
+    let client = spokelet::kube_client::client(config).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let mut rows: Vec<(String, String, String)> = Vec::new();
 

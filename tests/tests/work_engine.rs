@@ -1064,7 +1064,7 @@ async fn engine_on_the_http2_client() {
     let config = spokelet::run::client_config(Some(cluster.kubeconfig_path()))
         .await
         .unwrap();
-    let client = spokelet::work::http2::client(config).unwrap();
+    let client = spokelet::kube_client::client(config).unwrap();
     let ns = namespace(&client, "h2").await;
     let hub = unique_name("hub");
     let (tx, rx) = mpsc::unbounded_channel();

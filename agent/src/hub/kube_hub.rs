@@ -45,7 +45,7 @@ use tracing::Instrument;
 
 use super::tls::{PemSource, ReloadingClientCert, TlsError};
 use crate::backoff::ExponentialBackoff;
-use crate::work::http2::{Http2ClientError, IdentityVersion};
+use crate::kube_client::{Http2ClientError, IdentityVersion};
 use crate::work::manifestwork::{GROUP, ManifestWork, VERSION};
 use crate::work::source::{SinkError, StatusSink, StatusUpdate, WorkEvent, WorkRef, WorkSource};
 
@@ -87,7 +87,7 @@ pub enum KubeHubError {
 
 /// Reads a hub kubeconfig (client-certificate authentication) into a client configuration.
 pub async fn config_from_kubeconfig(path: &Path) -> Result<kube::Config, KubeHubError> {
-    crate::work::http2::config_from_file(path)
+    crate::kube_client::config_from_file(path)
         .await
         .map_err(|source| KubeHubError::Kubeconfig {
             path: path.display().to_string(),
@@ -117,7 +117,7 @@ pub fn hub_client(config: kube::Config, kubeconfig: &Path) -> Result<kube::Clien
             identity.loads()
         })
     });
-    Ok(crate::work::http2::client_with_tls(
+    Ok(crate::kube_client::client_with_tls(
         config,
         tls,
         identity_version,

@@ -12,7 +12,7 @@ use std::future::Future;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 
@@ -26,6 +26,8 @@ use rustls::{ClientConfig, RootCertStore, SignatureScheme};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+
+use crate::lock::lock;
 
 /// TLS setup and connection failures. Messages name files, never their contents.
 #[derive(Debug, thiserror::Error)]
@@ -251,12 +253,6 @@ fn load_identity(
     )?;
     let key_der = parse_key(&key.read("client key")?, &key.origin())?;
     Ok(Arc::new(CertifiedKey::from_der(chain, key_der, provider)?))
-}
-
-/// Locks a mutex, carrying on after a panic elsewhere (the guarded data stays consistent: it is
-/// only ever replaced whole).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The loaded client identity and the stamps of the files it came from.

@@ -15,7 +15,6 @@ pub mod drift;
 pub mod engine;
 pub mod feedback;
 pub mod file_source;
-pub mod http2;
 pub mod jsonpath;
 pub mod manifestwork;
 pub mod metrics;

@@ -6,7 +6,7 @@
 //! moves new requests to a fresh connection pool when it does, so they handshake with the new
 //! identity while requests in flight, such as watches, finish on the connection they are on.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
@@ -16,6 +16,8 @@ use kube::client::{Body, ConfigExt};
 use kube::{Client, Config};
 use rustls::pki_types::ServerName;
 use tower::ServiceBuilder;
+
+use crate::lock::lock;
 
 /// The error type kube's service stack uses.
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -163,11 +165,6 @@ impl RenewingPool {
         }
         current.1.clone()
     }
-}
-
-/// Locks a mutex, carrying on after a panic elsewhere (the guarded pair is only replaced whole).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl<R> tower::Service<R> for ConnectionPool
