@@ -1,4 +1,5 @@
-//! Jittered exponential backoff for reconnects and retries.
+//! Jittered exponential backoff: the one delay formula of every retry in the agent (hub
+//! reconnects, status and lease retries, failed reconciles, drift-flap holds, deletion waits).
 
 use std::time::Duration;
 
@@ -38,8 +39,16 @@ impl ExponentialBackoff {
 
     /// The delay to wait before the next attempt; advances the exponent.
     pub fn next_delay(&mut self) -> Duration {
-        let delay = self.base_delay();
+        let delay = self.delay_for(self.attempt);
         self.attempt = self.attempt.saturating_add(1);
+        delay
+    }
+
+    /// The jittered delay before retry number `attempt` (0 for the first), without advancing:
+    /// for callers that keep the failure count themselves, such as the work engine, whose count
+    /// lives in each work's slot.
+    pub fn delay_for(&self, attempt: u32) -> Duration {
+        let delay = self.base_delay(attempt);
         if self.jitter == 0.0 {
             return delay;
         }
@@ -53,15 +62,20 @@ impl ExponentialBackoff {
         self.attempt = 0;
     }
 
+    /// `(min, max)`: the first delay and the ceiling, before jitter.
+    pub fn bounds(&self) -> (Duration, Duration) {
+        (self.min, self.max)
+    }
+
     /// Number of delays handed out since the last reset.
     pub fn attempts(&self) -> u32 {
         self.attempt
     }
 
     /// `min * 2^attempt`, saturating at `max`, before jitter.
-    fn base_delay(&self) -> Duration {
+    fn base_delay(&self, attempt: u32) -> Duration {
         // 2^31 already overflows any sane Duration; cap the shift to avoid overflow.
-        let factor = 1u32.checked_shl(self.attempt.min(31)).unwrap_or(u32::MAX);
+        let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
         self.min.saturating_mul(factor).min(self.max)
     }
 }
@@ -84,6 +98,14 @@ mod tests {
         assert_eq!(got, vec![100, 200, 400, 800, 1000, 1000]);
         b.reset();
         assert_eq!(b.next_delay(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn delay_for_matches_next_delay_without_advancing() {
+        let mut b = ExponentialBackoff::new(Duration::from_millis(100), Duration::from_secs(1), 0.0);
+        assert_eq!(b.delay_for(3), Duration::from_millis(800));
+        assert_eq!(b.attempts(), 0);
+        assert_eq!(b.next_delay(), b.delay_for(0));
     }
 
     #[test]

@@ -12,11 +12,11 @@ use crate::duration::parse_duration;
 use crate::hub::{ConnectError, HubArgs, HubConnection};
 use crate::kube_client::{self, Http2ClientError};
 use crate::work::applied_work::hub_hash;
-use crate::work::drift::FlapGuard;
 use crate::work::engine::{EngineConfig, EngineError, WorkEngine};
 use crate::work::file_source::{FileSource, FileSourceError, FileStatusSink};
 use crate::work::manifestwork::DEFAULT_FIELD_MANAGER;
 use crate::work::metrics::WorkMetrics;
+use crate::work::schedule::FlapGuard;
 use crate::work::source::{StatusSink, WorkSource};
 
 /// Settings of the work engine.

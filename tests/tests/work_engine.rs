@@ -1006,7 +1006,7 @@ async fn file_source_end_to_end() {
 async fn a_field_that_keeps_flipping_backs_off_and_degrades() {
     let hub = unique_name("hub");
     let mut cfg = test_config(&hub);
-    cfg.flap = spokelet::work::drift::FlapGuard::new(
+    cfg.flap = spokelet::work::schedule::FlapGuard::new(
         Duration::from_secs(120),
         3,
         Duration::from_secs(600),

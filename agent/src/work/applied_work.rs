@@ -11,8 +11,7 @@ use kube::{Client, Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
 use super::manifestwork::{
-    AppliedManifestResourceMeta, AppliedManifestWork, AppliedManifestWorkSpec, AppliedManifestWorkStatus,
-    DeleteOption,
+    AppliedManifestResourceMeta, AppliedManifestWork, AppliedManifestWorkSpec, DeleteOption,
 };
 
 /// The CRD, exactly as shipped in `deploy/crds/`.
@@ -143,8 +142,51 @@ pub async fn ensure(
     Ok(existing)
 }
 
+/// The record for a work, from `cache` when its recorded delete option is still the one wanted,
+/// else read or created on the spoke ([`ensure`]) and remembered in `cache`.
+pub async fn open(
+    api: &Api<AppliedManifestWork>,
+    name: &str,
+    spec: AppliedManifestWorkSpec,
+    delete_option: Option<&DeleteOption>,
+    intent: &[AppliedManifestResourceMeta],
+    cache: &mut Option<AppliedManifestWork>,
+) -> Result<AppliedManifestWork, AppliedWorkError> {
+    let wanted = delete_option.cloned().unwrap_or_default();
+    if let Some(cached) = cache.as_ref().filter(|a| recorded_delete_option(a) == wanted) {
+        return Ok(cached.clone());
+    }
+    let result = ensure(api, name, spec, delete_option, intent).await;
+    remember(cache, result.as_ref().ok());
+    result
+}
+
+/// Replaces the record's resource list and keeps `cache` true to the spoke: the record as
+/// written, or nothing when the write failed (the next reconcile then reads the spoke). Every
+/// change of a record's resources goes through here, so the copy can never go stale.
+pub async fn write_and_cache(
+    api: &Api<AppliedManifestWork>,
+    name: &str,
+    resources: &[AppliedManifestResourceMeta],
+    cache: &mut Option<AppliedManifestWork>,
+) -> Result<(), AppliedWorkError> {
+    let result = write_resources(api, name, resources).await;
+    remember(cache, result.as_ref().ok());
+    result.map(|_| ())
+}
+
+/// Keeps a copy of `amw` in `cache` (None forgets). `managedFields` are dropped: never read from
+/// the copy, and larger than the rest of the record.
+fn remember(cache: &mut Option<AppliedManifestWork>, amw: Option<&AppliedManifestWork>) {
+    *cache = amw.map(|a| {
+        let mut copy = a.clone();
+        copy.metadata.managed_fields = None;
+        copy
+    });
+}
+
 /// Replaces the applied-resource list (merge patch on the status subresource).
-pub async fn write_resources(
+async fn write_resources(
     api: &Api<AppliedManifestWork>,
     name: &str,
     resources: &[AppliedManifestResourceMeta],
@@ -204,14 +246,10 @@ pub fn resources(amw: &AppliedManifestWork) -> Vec<AppliedManifestResourceMeta> 
     }
 }
 
-/// Convenience for an empty status.
-pub fn empty_status() -> AppliedManifestWorkStatus {
-    AppliedManifestWorkStatus::default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::work::manifestwork::AppliedManifestWorkStatus;
 
     #[test]
     fn crd_parses_and_matches_type() {

@@ -18,6 +18,16 @@ struct Claim {
     content: Option<String>,
 }
 
+/// A claim refused because another work holds the object with different content.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key} is already applied by work {holder:?} with different content; this work leaves it alone")]
+pub struct ClaimConflict {
+    /// The contested object.
+    pub key: ObjKey,
+    /// The work that keeps it.
+    pub holder: String,
+}
+
 /// The claim table.
 #[derive(Debug, Default)]
 pub struct Claims {
@@ -26,14 +36,23 @@ pub struct Claims {
 }
 
 impl Claims {
-    /// Claims `key` for `work`. Err names the work holding it with different content.
-    pub fn claim(&mut self, key: &ObjKey, work: &str, ordinal: usize, content: &str) -> Result<(), String> {
+    /// Claims `key` for `work`, unless another work holds it with different content.
+    pub fn claim(
+        &mut self,
+        key: &ObjKey,
+        work: &str,
+        ordinal: usize,
+        content: &str,
+    ) -> Result<(), ClaimConflict> {
         let list = self.by_key.entry(key.clone()).or_default();
         if let Some(other) = list
             .iter()
             .find(|c| c.work != work && c.content.as_deref() != Some(content))
         {
-            return Err(other.work.clone());
+            return Err(ClaimConflict {
+                key: key.clone(),
+                holder: other.work.clone(),
+            });
         }
         list.retain(|c| c.work != work);
         list.push(Claim {
@@ -101,7 +120,10 @@ mod tests {
         assert!(c.claim(&k("a"), "w1", 0, "h1").is_ok());
         assert!(c.claim(&k("a"), "w2", 3, "h1").is_ok());
         assert!(c.claimed_elsewhere(&k("a"), "w1"));
-        assert_eq!(c.claim(&k("a"), "w3", 0, "h2"), Err("w1".to_string()));
+        assert_eq!(
+            c.claim(&k("a"), "w3", 0, "h2").map_err(|e| e.holder),
+            Err("w1".to_string())
+        );
         // Re-claiming by the same work with new content is fine only when alone.
         c.retain_work("w2", &HashSet::new());
         assert!(c.claim(&k("a"), "w1", 0, "h9").is_ok());
@@ -113,7 +135,10 @@ mod tests {
     fn preloaded_claims_win_until_owner_returns() {
         let mut c = Claims::default();
         c.preload(&k("a"), "w1");
-        assert_eq!(c.claim(&k("a"), "w2", 0, "h"), Err("w1".to_string()));
+        assert_eq!(
+            c.claim(&k("a"), "w2", 0, "h").map_err(|e| e.holder),
+            Err("w1".to_string())
+        );
         assert!(c.claim(&k("a"), "w1", 0, "h").is_ok());
         assert!(c.claim(&k("a"), "w2", 0, "h").is_ok());
     }

@@ -1,20 +1,33 @@
-//! Deleting a work from the spoke, honouring its deleteOption. Everything needed comes from the
-//! AppliedManifestWork, so a deletion interrupted by a restart is finished by the next agent.
+//! Deleting a work from the spoke, honouring its deleteOption, and reporting its progress as the
+//! work's status. Everything needed comes from the AppliedManifestWork, so a deletion interrupted
+//! by a restart is finished by the next agent.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use kube::api::Api;
 use kube::{Client, ResourceExt};
+use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use super::applied_work::{self, AppliedWorkError};
+use super::context::ReconcileContext;
 use super::manifestwork::{
-    AppliedManifestResourceMeta, AppliedManifestWork, DeleteOption, DeletePropagationPolicy,
+    AppliedManifestResourceMeta, AppliedManifestWork, DeleteOption, DeletePropagationPolicy, ManifestWork,
+    ManifestWorkStatus,
 };
-use super::object::ObjKey;
-use super::prune::{self, Mode, PruneError, PruneOutcome, key_of};
+use super::object::{ObjKey, api_message};
+use super::prune::{self, Mode, PruneError, PruneOutcome};
+use super::schedule::RetryPolicy;
+use super::source::{StatusSink, StatusUpdate};
+use super::status::{deletion_status, publish, work_update};
+use crate::lock::lock;
 
-/// How often deletion progress is polled.
-const POLL: Duration = Duration::from_millis(200);
+/// Deletion progress is polled from `POLL_MIN`, backing off to `POLL_MAX` while objects linger
+/// (finalizers can take minutes), with the engine's one retry formula.
+const POLL_MIN: Duration = Duration::from_millis(200);
+const POLL_MAX: Duration = Duration::from_secs(2);
+const POLL_JITTER: f64 = 0.2;
 
 /// Deletion failures.
 #[derive(Debug, thiserror::Error)]
@@ -65,13 +78,15 @@ pub async fn delete_work(
         } else {
             Mode::Delete
         };
-        let out = prune::remove(client, e, &owner_uid, claimed_elsewhere(&key_of(e)), mode).await?;
+        let out = prune::remove(client, e, &owner_uid, claimed_elsewhere(&ObjKey::from(e)), mode).await?;
         if out == PruneOutcome::Deleted {
             waiting.push(e.clone());
         }
     }
     let total = waiting.len();
     let mut last = usize::MAX;
+    let poll = RetryPolicy::new(POLL_MIN, POLL_MAX, POLL_JITTER);
+    let mut polls = 0;
     loop {
         let mut still = Vec::new();
         for e in waiting {
@@ -87,11 +102,149 @@ pub async fn delete_work(
         if waiting.is_empty() {
             break;
         }
-        tokio::time::sleep(POLL).await;
+        polls += 1;
+        tokio::time::sleep(poll.delay(polls)).await;
     }
     let api: Api<AppliedManifestWork> = Api::all(client.clone());
     applied_work::delete(&api, &amw.name_any()).await?;
     Ok(())
+}
+
+/// The engine's deletion task: deletes the work's objects as recorded, publishing `Deleting`
+/// progress, then the final `Deleted` status. Returns whether everything is gone (record
+/// included), the last status and the hash published.
+pub async fn run_delete(
+    ctx: &ReconcileContext,
+    name: &str,
+    work: Option<&ManifestWork>,
+    option: &DeleteOption,
+    prev: &ManifestWorkStatus,
+    published: Option<String>,
+    sink: &dyn StatusSink,
+) -> (bool, ManifestWorkStatus, Option<String>) {
+    let mut report = Reporter {
+        ctx,
+        sink,
+        name,
+        work,
+        generation: work.and_then(|w| w.metadata.generation).unwrap_or(0),
+        status: prev.clone(),
+        published,
+    };
+    let span = tracing::info_span!("delete", work = %name);
+    let ok = delete_recorded(ctx, name, option, &mut report)
+        .instrument(span)
+        .await;
+    (ok, report.status, report.published)
+}
+
+/// Deletes what the record lists; false (with the failure reported) when it could not.
+async fn delete_recorded(
+    ctx: &ReconcileContext,
+    name: &str,
+    option: &DeleteOption,
+    report: &mut Reporter<'_>,
+) -> bool {
+    let amw = match ctx.amw_api.get_opt(&ctx.record_name(name)).await {
+        Ok(a) => a,
+        Err(e) => {
+            report.failed(&api_message(&e)).await;
+            return false;
+        }
+    };
+    if let Some(amw) = amw {
+        if let Err(e) = delete_with_progress(ctx, name, &amw, option, report).await {
+            report.failed(&e.to_string()).await;
+            return false;
+        }
+        for e in applied_work::resources(&amw) {
+            ctx.drift.record_delete(&ObjKey::from(&e));
+        }
+    }
+    lock(&ctx.claims).retain_work(name, &HashSet::new());
+    let status = deletion_status(&report.status, report.generation, Some((0, 0)), None);
+    report.publish(status, true).await;
+    tracing::info!(work = %name, policy = ?option.propagation_policy, "work deleted from the spoke");
+    true
+}
+
+/// [`delete_work`], publishing each change of the count of objects still going away.
+async fn delete_with_progress(
+    ctx: &ReconcileContext,
+    name: &str,
+    amw: &AppliedManifestWork,
+    option: &DeleteOption,
+    report: &mut Reporter<'_>,
+) -> Result<(), DeleteError> {
+    // Claims are read once, up front: the claim table is not locked across the deletion's awaits.
+    let claimed: HashSet<ObjKey> = {
+        let claims = lock(&ctx.claims);
+        applied_work::resources(amw)
+            .iter()
+            .map(ObjKey::from)
+            .filter(|k| claims.claimed_elsewhere(k, name))
+            .collect()
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel::<(usize, usize)>();
+    let del = delete_work(
+        &ctx.client,
+        amw,
+        option,
+        |k| claimed.contains(k),
+        move |left, total| {
+            let _ = tx.send((left, total));
+        },
+    );
+    tokio::pin!(del);
+    loop {
+        tokio::select! {
+            r = &mut del => return r,
+            Some((left, total)) = rx.recv() => {
+                if left > 0 {
+                    let status = deletion_status(&report.status, report.generation, Some((left, total)), None);
+                    report.publish(status, false).await;
+                }
+            }
+        }
+    }
+}
+
+/// Publishes a deletion's statuses, each only once.
+struct Reporter<'a> {
+    ctx: &'a ReconcileContext,
+    sink: &'a dyn StatusSink,
+    name: &'a str,
+    /// The desired work, when the engine still has it (not for a record left by an earlier run).
+    work: Option<&'a ManifestWork>,
+    generation: i64,
+    /// Last status built.
+    status: ManifestWorkStatus,
+    /// Hash of the last status published.
+    published: Option<String>,
+}
+
+impl Reporter<'_> {
+    async fn publish(&mut self, status: ManifestWorkStatus, deleted: bool) {
+        let update = match self.work {
+            Some(w) => work_update(w, &status, deleted),
+            None => StatusUpdate {
+                name: self.name.to_string(),
+                namespace: None,
+                uid: None,
+                generation: self.generation,
+                status_hash: super::conditions::status_hash(&status),
+                status: status.clone(),
+                deleted,
+            },
+        };
+        self.published = publish(self.ctx, self.sink, &update, self.published.take()).await;
+        self.status = status;
+    }
+
+    async fn failed(&mut self, error: &str) {
+        let status = deletion_status(&self.status, self.generation, None, Some(error));
+        self.publish(status, false).await;
+    }
 }
 
 #[cfg(test)]

@@ -1,11 +1,9 @@
 //! Drift detection: one label-selected watch per applied kind feeding a cache of our live objects,
-//! plus the pure timing logic (debounce, flap back-off) the engine uses to correct drift without
-//! ever fighting another controller in a hot loop.
+//! and a notification to the engine for every outside change (the timing of the correction is
+//! `schedule`'s).
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::hash::Hash;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use futures::StreamExt;
 use kube::Client;
@@ -14,10 +12,10 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use serde_json::Value;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::object::{MANAGED_LABEL, ObjKey, meta_str};
+use crate::lock::lock;
 
 /// What the cache knows about an object.
 #[derive(Debug, Clone)]
@@ -99,9 +97,7 @@ impl DriftWatcher {
     pub fn ensure_watch(&self, ar: &ApiResource) {
         let key = (ar.group.clone(), ar.version.clone(), ar.plural.clone());
         {
-            let Ok(mut kinds) = self.inner.kinds.lock() else {
-                return;
-            };
+            let mut kinds = lock(&self.inner.kinds);
             // One watch per group/plural whatever the version: objects are the same.
             if kinds.keys().any(|(g, _, p)| g == &key.0 && p == &key.2) {
                 return;
@@ -115,22 +111,13 @@ impl DriftWatcher {
 
     /// What the cache knows about an object.
     pub fn lookup(&self, key: &ObjKey) -> Live {
-        let synced = self
-            .inner
-            .kinds
-            .lock()
-            .map(|k| {
-                k.iter()
-                    .any(|((g, _, p), s)| *s && g == &key.group && p == &key.resource)
-            })
-            .unwrap_or(false);
+        let synced = lock(&self.inner.kinds)
+            .iter()
+            .any(|((g, _, p), s)| *s && g == &key.group && p == &key.resource);
         if !synced {
             return Live::Unknown;
         }
-        let Ok(objects) = self.inner.objects.lock() else {
-            return Live::Unknown;
-        };
-        match objects.get(key) {
+        match lock(&self.inner.objects).get(key) {
             // Text that does not parse cannot happen (we wrote it); asking the server is safe.
             Some(c) => c.value().map_or(Live::Unknown, Live::Present),
             None => Live::Absent,
@@ -146,28 +133,25 @@ impl DriftWatcher {
             .and_then(|l| l.get(MANAGED_LABEL))
             .is_some();
         let entry = labelled.then(|| cached_from_value(obj)).flatten();
-        if let Ok(mut o) = self.inner.objects.lock() {
-            match entry {
-                Some(c) => {
-                    store(&mut o, key.clone(), c);
-                }
-                None => {
-                    o.remove(key);
-                }
+        let mut objects = lock(&self.inner.objects);
+        match entry {
+            Some(c) => {
+                store(&mut objects, key.clone(), c);
+            }
+            None => {
+                objects.remove(key);
             }
         }
     }
 
     /// Records that the agent deleted an object.
     pub fn record_delete(&self, key: &ObjKey) {
-        if let Ok(mut o) = self.inner.objects.lock() {
-            o.remove(key);
-        }
+        lock(&self.inner.objects).remove(key);
     }
 
     /// Number of cached objects (for tests and metrics).
     pub fn cached_len(&self) -> usize {
-        self.inner.objects.lock().map(|o| o.len()).unwrap_or(0)
+        lock(&self.inner.objects).len()
     }
 }
 
@@ -253,52 +237,37 @@ async fn watch_kind(inner: Arc<Inner>, ar: ApiResource, kind: KindKey) {
                 let Some(entry) = cached_from_object(o) else {
                     continue;
                 };
-                let changed = inner
-                    .objects
-                    .lock()
-                    .map(|mut m| store(&mut m, key.clone(), entry))
-                    .unwrap_or(false);
+                let changed = store(&mut lock(&inner.objects), key.clone(), entry);
                 if changed {
                     let _ = inner.tx.send(key);
                 }
             }
             Ok(Event::Delete(o)) => {
                 let key = key_of(&ar, &o);
-                let had = inner
-                    .objects
-                    .lock()
-                    .map(|mut m| m.remove(&key).is_some())
-                    .unwrap_or(false);
-                // Even if we did not hold it, a deleted object of ours is worth a look.
-                let _ = had;
+                lock(&inner.objects).remove(&key);
+                // Sent even when the cache did not hold it: a deleted object of ours is always
+                // worth a look.
                 let _ = inner.tx.send(key);
             }
             Ok(Event::InitDone) => {
                 if let Some(seen) = relist.take() {
-                    let gone: Vec<ObjKey> = inner
-                        .objects
-                        .lock()
-                        .map(|mut m| {
-                            let gone: Vec<ObjKey> = m
-                                .keys()
-                                .filter(|k| {
-                                    k.group == ar.group && k.resource == ar.plural && !seen.contains(*k)
-                                })
-                                .cloned()
-                                .collect();
-                            for k in &gone {
-                                m.remove(k);
-                            }
-                            gone
-                        })
-                        .unwrap_or_default();
+                    let gone: Vec<ObjKey> = {
+                        let mut m = lock(&inner.objects);
+                        let gone: Vec<ObjKey> = m
+                            .keys()
+                            .filter(|k| k.group == ar.group && k.resource == ar.plural && !seen.contains(*k))
+                            .cloned()
+                            .collect();
+                        for k in &gone {
+                            m.remove(k);
+                        }
+                        gone
+                    };
                     for k in gone {
                         let _ = inner.tx.send(k);
                     }
                 }
-                if let Ok(mut kinds) = inner.kinds.lock() {
-                    kinds.insert(kind.clone(), true);
-                }
+                lock(&inner.kinds).insert(kind.clone(), true);
             }
             Err(e) => {
                 tracing::warn!(kind = %ar.plural, error = %e, "drift watch error; retrying with back-off");
@@ -307,250 +276,9 @@ async fn watch_kind(inner: Arc<Inner>, ar: ApiResource, kind: KindKey) {
     }
 }
 
-/// Trailing-edge debounce: a key fires `quiet` after its last touch, but never later than
-/// `max_wait` after its first, so a constantly changing object is still looked at.
-#[derive(Debug)]
-pub struct Debouncer<K> {
-    /// Quiet period after the last change.
-    quiet: Duration,
-    /// Upper bound from the first change.
-    max_wait: Duration,
-    /// Pending keys: (first touch, deadline).
-    pending: HashMap<K, (Instant, Instant)>,
-}
-
-impl<K: Hash + Eq + Clone> Debouncer<K> {
-    /// A debouncer with the given windows.
-    pub fn new(quiet: Duration, max_wait: Duration) -> Self {
-        Debouncer {
-            quiet,
-            max_wait,
-            pending: HashMap::new(),
-        }
-    }
-
-    /// Records a change of `key` at `now`.
-    pub fn touch(&mut self, key: K, now: Instant) {
-        let (quiet, max_wait) = (self.quiet, self.max_wait);
-        let e = self.pending.entry(key).or_insert((now, now + quiet));
-        e.1 = (now + quiet).min(e.0 + max_wait);
-    }
-
-    /// Records a key that must fire no earlier than `at` (a back-off).
-    pub fn schedule_at(&mut self, key: K, at: Instant) {
-        let e = self.pending.entry(key).or_insert((at, at));
-        e.1 = e.1.max(at);
-    }
-
-    /// The earliest deadline.
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.pending.values().map(|(_, d)| *d).min()
-    }
-
-    /// Removes and returns the keys due at `now`.
-    pub fn take_due(&mut self, now: Instant) -> Vec<K> {
-        let due: Vec<K> = self
-            .pending
-            .iter()
-            .filter(|(_, (_, d))| *d <= now)
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in &due {
-            self.pending.remove(k);
-        }
-        due
-    }
-
-    /// Forgets a key.
-    pub fn cancel(&mut self, key: &K) {
-        self.pending.remove(key);
-    }
-
-    /// Whether nothing is pending.
-    pub fn is_empty(&self) -> bool {
-        self.pending.is_empty()
-    }
-}
-
-/// Detects a field that keeps flipping (someone else keeps changing what we keep restoring) and
-/// backs off exponentially instead of fighting.
-#[derive(Debug, Clone)]
-pub struct FlapGuard {
-    /// Corrections counted within this window.
-    window: Duration,
-    /// This many corrections within `window` means flapping.
-    threshold: usize,
-    /// First back-off; doubles each consecutive time, up to `max_backoff`.
-    base: Duration,
-    /// Longest back-off.
-    max_backoff: Duration,
-    /// Times of recent corrections.
-    history: VecDeque<Instant>,
-    /// Consecutive back-offs so far (reset after a quiet window).
-    strikes: u32,
-    /// No corrections before this instant.
-    blocked_until: Option<Instant>,
-}
-
-impl Default for FlapGuard {
-    fn default() -> Self {
-        FlapGuard::new(
-            Duration::from_secs(60),
-            5,
-            Duration::from_secs(1),
-            Duration::from_secs(300),
-        )
-    }
-}
-
-impl FlapGuard {
-    /// A guard with explicit parameters.
-    pub fn new(window: Duration, threshold: usize, base: Duration, max_backoff: Duration) -> Self {
-        FlapGuard {
-            window,
-            threshold,
-            base,
-            max_backoff,
-            history: VecDeque::new(),
-            strikes: 0,
-            blocked_until: None,
-        }
-    }
-
-    fn expire(&mut self, now: Instant) {
-        while self
-            .history
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > self.window)
-        {
-            self.history.pop_front();
-        }
-        if self.history.is_empty() && self.blocked_until.is_none_or(|b| now >= b + self.window) {
-            self.strikes = 0;
-        }
-    }
-
-    /// Ok if a correction may happen now, else the instant it may.
-    pub fn check(&mut self, now: Instant) -> Result<(), Instant> {
-        self.expire(now);
-        match self.blocked_until {
-            Some(until) if now < until => Err(until),
-            _ => Ok(()),
-        }
-    }
-
-    /// Records a correction made at `now`; returns the back-off end if this made it flapping.
-    pub fn record(&mut self, now: Instant) -> Option<Instant> {
-        self.expire(now);
-        self.history.push_back(now);
-        if self.history.len() >= self.threshold {
-            self.strikes += 1;
-            let factor = 2u32.saturating_pow(self.strikes.saturating_sub(1).min(20));
-            let backoff = self.base.saturating_mul(factor).min(self.max_backoff);
-            let until = now + backoff;
-            self.blocked_until = Some(until);
-            self.history.clear();
-            return Some(until);
-        }
-        None
-    }
-
-    /// Whether the guard is (or recently was) backing off: reported as Degraded.
-    pub fn is_flapping(&self, now: Instant) -> bool {
-        self.strikes > 0 && self.blocked_until.is_some_and(|b| now < b + self.window)
-    }
-
-    /// Consecutive back-offs.
-    pub fn strikes(&self) -> u32 {
-        self.strikes
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test(start_paused = true)]
-    async fn debounce_trailing_with_cap() {
-        let mut d = Debouncer::new(Duration::from_millis(50), Duration::from_millis(200));
-        let t0 = Instant::now();
-        d.touch("a", t0);
-        assert_eq!(d.next_deadline(), Some(t0 + Duration::from_millis(50)));
-        tokio::time::advance(Duration::from_millis(40)).await;
-        d.touch("a", Instant::now());
-        assert!(d.take_due(Instant::now()).is_empty());
-        assert_eq!(d.next_deadline(), Some(t0 + Duration::from_millis(90)));
-        // Keep touching: the cap fires it 200 ms after the first touch.
-        for _ in 0..10 {
-            tokio::time::advance(Duration::from_millis(30)).await;
-            d.touch("a", Instant::now());
-            if Instant::now() >= t0 + Duration::from_millis(200) {
-                break;
-            }
-        }
-        assert_eq!(d.next_deadline(), Some(t0 + Duration::from_millis(200)));
-        tokio::time::sleep_until(t0 + Duration::from_millis(200)).await;
-        assert_eq!(d.take_due(Instant::now()), vec!["a"]);
-        assert!(d.is_empty());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn sleep_until_deadline_fires_once() {
-        let mut d = Debouncer::new(Duration::from_millis(30), Duration::from_millis(100));
-        d.touch(1, Instant::now());
-        d.touch(2, Instant::now() + Duration::from_millis(10));
-        let first = d.next_deadline().unwrap();
-        tokio::time::sleep_until(first).await;
-        assert_eq!(d.take_due(Instant::now()), vec![1]);
-        tokio::time::sleep_until(d.next_deadline().unwrap()).await;
-        assert_eq!(d.take_due(Instant::now()), vec![2]);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn flap_guard_backs_off_exponentially_and_recovers() {
-        let mut g = FlapGuard::new(
-            Duration::from_secs(10),
-            3,
-            Duration::from_secs(1),
-            Duration::from_secs(8),
-        );
-        let t0 = Instant::now();
-        assert!(g.check(t0).is_ok());
-        assert!(g.record(t0).is_none());
-        tokio::time::advance(Duration::from_millis(100)).await;
-        assert!(g.record(Instant::now()).is_none());
-        tokio::time::advance(Duration::from_millis(100)).await;
-        let until = g
-            .record(Instant::now())
-            .expect("third correction in window flaps");
-        assert_eq!(until, Instant::now() + Duration::from_secs(1));
-        assert!(g.is_flapping(Instant::now()));
-        assert_eq!(g.check(Instant::now()), Err(until));
-        tokio::time::advance(Duration::from_secs(1)).await;
-        assert!(g.check(Instant::now()).is_ok());
-        // Flapping again right away doubles the back-off.
-        for _ in 0..2 {
-            assert!(g.record(Instant::now()).is_none());
-        }
-        let until2 = g.record(Instant::now()).unwrap();
-        assert_eq!(until2, Instant::now() + Duration::from_secs(2));
-        // Capped.
-        for _ in 0..5 {
-            tokio::time::advance(Duration::from_secs(9)).await;
-            let _ = g.check(Instant::now());
-            for _ in 0..2 {
-                g.record(Instant::now());
-            }
-            if let Some(u) = g.record(Instant::now()) {
-                assert!(u <= Instant::now() + Duration::from_secs(8));
-            }
-        }
-        // A quiet period resets everything.
-        tokio::time::advance(Duration::from_secs(60)).await;
-        assert!(g.check(Instant::now()).is_ok());
-        assert!(!g.is_flapping(Instant::now()));
-        assert_eq!(g.strikes(), 0);
-    }
 
     #[test]
     fn store_drops_stale_versions() {

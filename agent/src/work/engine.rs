@@ -1,9 +1,12 @@
 //! The work engine: takes works from a [`WorkSource`], keeps the spoke matching them, and sends
 //! status to a [`StatusSink`] only when it changes.
 //!
-//! One task per work reconcile (at most one in flight per work, bounded across works); a single
-//! loop owns all per-work state, so there are no locks around it. Drift notifications are
-//! debounced per work; failures retry with exponential back-off; a periodic resync is a backstop.
+//! One loop owns every work's slot: its desired work, last status and history. A reconcile or
+//! deletion runs as a task (at most one per work, bounded across works) that takes what it needs
+//! from the slot and hands it back when done, so nothing per work is shared or locked. The loop's
+//! events each have a named handler: a source event, a drift notification, a due timer, the
+//! periodic resync, a finished task. Drift is debounced per work and failures are retried,
+//! both on `schedule`'s timing.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -20,18 +23,25 @@ use tracing::Instrument;
 use super::applied_work::{self, AppliedWorkError};
 use super::applier::Applier;
 use super::claims::Claims;
-use super::conditions::status_hash;
-use super::delete;
+use super::context::{ReconcileConfig, ReconcileContext};
+use super::delete::run_delete;
 use super::discovery::Resolver;
-use super::drift::{Debouncer, DriftWatcher, FlapGuard};
+use super::drift::DriftWatcher;
+use super::history::WorkMemory;
 use super::manifestwork::{
     AppliedManifestWork, DEFAULT_FIELD_MANAGER, DeleteOption, ManifestWork, ManifestWorkStatus,
 };
 use super::metrics::WorkMetrics;
 use super::object::ObjKey;
-use super::prune::key_of;
-use super::reconcile::{self, ReconcileConfig, Report, Shared};
-use super::source::{StatusSink, StatusUpdate, WorkEvent, WorkSource};
+use super::reconcile::{self, Report};
+use super::schedule::{Debouncer, FlapGuard, RetryPolicy};
+use super::source::{StatusSink, WorkEvent, WorkRef, WorkSource};
+use super::status::{publish, work_update};
+use crate::lock::lock;
+
+/// Jitter of the retry delays of failed reconciles and deletions: works that failed together
+/// (the API server was down) do not all come back in the same instant.
+const RETRY_JITTER: f64 = 0.2;
 
 /// Engine failures (only start-up can fail; per-work problems go to status).
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +59,7 @@ pub enum EngineError {
 pub struct EngineConfig {
     /// Hex SHA-256 of the hub address.
     pub hub_hash: String,
-    /// Agent id.
+    /// Recorded on AppliedManifestWorks.
     pub agent_id: String,
     /// Default SSA field manager.
     pub field_manager: String,
@@ -66,11 +76,10 @@ pub struct EngineConfig {
     pub debounce_quiet: Duration,
     /// Drift debounce: longest delay from the first change.
     pub debounce_max: Duration,
-    /// First retry delay after a failed reconcile; doubles up to `retry_max`.
+    /// First retry delay after a failed reconcile or deletion; doubles up to `retry_max`.
     pub retry_base: Duration,
-    /// Longest retry delay.
     pub retry_max: Duration,
-    /// Flap detection parameters.
+    /// Flap detection parameters, the start of every manifest's guard.
     pub flap: FlapGuard,
     /// How long to wait for a CRD applied by a work to become Established.
     pub crd_wait: Duration,
@@ -104,62 +113,60 @@ struct Slot {
     /// Shared with the running task rather than copied: with a thousand works queued behind the
     /// concurrency limit, per-task copies were the agent's largest allocation.
     work: Option<Arc<ManifestWork>>,
-    /// A reconcile or delete task is running.
+    /// A reconcile or delete task is running (it holds `memory`).
     running: bool,
     /// Run again when the current task ends.
     rerun: bool,
-    /// Delete requested.
+    /// Deletion requested, with the option to delete by.
     delete: Option<DeleteOption>,
     /// Last status built (shared with the next task, for the same reason as `work`).
     status: Arc<ManifestWorkStatus>,
     /// Hash of the last status published.
     published: Option<String>,
-    /// Consecutive failed reconciles (retry back-off).
+    /// Consecutive failed reconciles or deletions: the retry delay's exponent.
     failures: u32,
+    /// Per-manifest history and the cached record, lent to each reconcile.
+    memory: WorkMemory,
 }
 
 /// What a finished task reports.
 #[derive(Debug)]
 enum Done {
-    /// A reconcile finished.
+    /// A reconcile finished; its report carries the work's history back.
     Reconciled {
-        /// Work name.
         name: String,
-        /// Its outcome and new status.
         report: Report,
         /// Hash of the status now published (unchanged if publishing failed).
         published: Option<String>,
     },
     /// A deletion finished (or failed).
     Deleted {
-        /// Work name.
         name: String,
         /// Whether everything was removed and the record deleted.
         ok: bool,
-        /// Last status built.
         status: Arc<ManifestWorkStatus>,
-        /// Hash of the status now published.
         published: Option<String>,
     },
 }
 
+impl Done {
+    fn name(&self) -> &str {
+        match self {
+            Done::Reconciled { name, .. } | Done::Deleted { name, .. } => name,
+        }
+    }
+}
+
 /// The engine. Build with [`WorkEngine::new`], then [`WorkEngine::run`].
 pub struct WorkEngine {
-    /// What reconciles share.
-    shared: Arc<Shared>,
-    /// Engine settings.
+    ctx: Arc<ReconcileContext>,
     cfg: EngineConfig,
     /// Drift notifications from the watcher.
     drift_rx: mpsc::UnboundedReceiver<ObjKey>,
     /// Stops the drift watches when the engine ends.
     watch_cancel: CancellationToken,
-    /// Cancelled at shutdown: deletions waiting on finalizers stop there (their record stays on
-    /// the spoke, so the next agent finishes them) instead of holding up the exit.
-    stopping: CancellationToken,
     /// Readiness: true once every work from the source's initial sync has been reconciled once.
     ready_tx: watch::Sender<bool>,
-    /// Bounds concurrent work reconciles.
-    work_permits: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for WorkEngine {
@@ -176,7 +183,7 @@ impl WorkEngine {
         let (tx, drift_rx) = mpsc::unbounded_channel();
         let watch_cancel = CancellationToken::new();
         let drift = DriftWatcher::new(client.clone(), tx, watch_cancel.clone());
-        let shared = Shared {
+        let ctx = ReconcileContext {
             client: client.clone(),
             cfg: ReconcileConfig {
                 hub_hash: cfg.hub_hash.clone(),
@@ -184,6 +191,7 @@ impl WorkEngine {
                 field_manager: cfg.field_manager.clone(),
                 max_work_bytes: cfg.max_work_bytes,
                 crd_wait: cfg.crd_wait,
+                flap: cfg.flap.clone(),
             },
             resolver: Resolver::new(client.clone()),
             applier: Applier::new(client.clone(), drift.clone()),
@@ -191,21 +199,14 @@ impl WorkEngine {
             claims: Mutex::new(Claims::default()),
             manifest_permits: Arc::new(Semaphore::new(cfg.max_concurrent_manifests.max(1))),
             metrics,
-            flaps: Mutex::new(HashMap::new()),
-            flap_template: cfg.flap.clone(),
-            drift_counts: Mutex::new(HashMap::new()),
-            applied_content: Mutex::new(HashMap::new()),
             amw_api: Api::all(client),
-            amw_cache: Mutex::new(HashMap::new()),
         };
         let (ready_tx, _) = watch::channel(false);
         WorkEngine {
-            work_permits: Arc::new(Semaphore::new(cfg.max_concurrent_works.max(1))),
-            shared: Arc::new(shared),
+            ctx: Arc::new(ctx),
             cfg,
             drift_rx,
             watch_cancel,
-            stopping: CancellationToken::new(),
             ready_tx,
         }
     }
@@ -217,314 +218,404 @@ impl WorkEngine {
 
     /// Runs until `shutdown` is cancelled (then finishes in-flight tasks) or the source ends.
     pub async fn run(
-        mut self,
+        self,
         mut source: impl WorkSource,
         sink: Arc<dyn StatusSink>,
         shutdown: CancellationToken,
     ) -> Result<(), EngineError> {
-        applied_work::install_crd(&self.shared.client)
+        applied_work::install_crd(&self.ctx.client)
             .await
             .map_err(EngineError::Crd)?;
-        // Records of this hub left by a previous run: claims, and works to clean up if the source
-        // no longer has them.
-        let mut orphans: HashMap<String, AppliedManifestWork> = HashMap::new();
-        let list = self
-            .shared
-            .amw_api
-            .list(&ListParams::default())
-            .await
-            .map_err(EngineError::List)?;
-        for amw in list.items {
-            if amw.spec.hub_hash != self.cfg.hub_hash {
-                continue;
-            }
-            let work = amw.spec.manifest_work_name.clone();
-            if let Ok(mut c) = self.shared.claims.lock() {
-                for e in applied_work::resources(&amw) {
-                    c.preload(&key_of(&e), &work);
-                }
-            }
-            orphans.insert(work, amw);
-        }
-
-        let mut slots: HashMap<String, Slot> = HashMap::new();
-        let mut timers: Debouncer<String> = Debouncer::new(self.cfg.debounce_quiet, self.cfg.debounce_max);
-        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
-        let mut tasks = JoinSet::new();
-        let mut source_open = true;
-        let mut initial: Option<HashSet<String>> = None;
-        let mut resync = tokio::time::interval_at(
-            Instant::now() + self.cfg.resync_interval,
-            self.cfg.resync_interval,
-        );
+        let orphans = load_records(&self.ctx).await?;
+        let WorkEngine {
+            ctx,
+            cfg,
+            mut drift_rx,
+            watch_cancel,
+            ready_tx,
+        } = self;
+        let mut resync = tokio::time::interval_at(Instant::now() + cfg.resync_interval, cfg.resync_interval);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-
+        let mut lp = EngineLoop::new(ctx, &cfg, ready_tx, sink, orphans);
         loop {
-            let next = timers.next_deadline();
+            let next = lp.timers.next_deadline();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                Some(done) = done_rx.recv() => {
-                    let name = match &done { Done::Reconciled { name, .. } | Done::Deleted { name, .. } => name.clone() };
-                    self.finish(&mut slots, &mut timers, done);
-                    if let Some(init) = initial.as_mut() {
-                        init.remove(&name);
-                        if init.is_empty() {
-                            initial = None;
-                            self.ready_tx.send_replace(true);
-                        }
-                    }
-                    self.start(&mut slots, &name, &mut tasks, &done_tx, &sink);
-                }
-                Some(key) = self.drift_rx.recv() => {
-                    let owners = self.shared.claims.lock().map(|c| c.owners(&key)).unwrap_or_default();
-                    let now = Instant::now();
-                    for (work, _) in owners {
-                        if slots.get(&work).is_some_and(|s| s.work.is_some() && s.delete.is_none()) {
-                            timers.touch(work, now);
-                        }
-                    }
-                }
-                _ = sleep_until_opt(next) => {
-                    for name in timers.take_due(Instant::now()) {
-                        if let Some(s) = slots.get_mut(&name) {
-                            s.rerun = true;
-                        }
-                        self.start(&mut slots, &name, &mut tasks, &done_tx, &sink);
-                    }
-                }
-                _ = resync.tick() => {
-                    let names: Vec<String> = slots.keys().cloned().collect();
-                    for name in names {
-                        if let Some(s) = slots.get_mut(&name) {
-                            s.rerun = true;
-                        }
-                        self.start(&mut slots, &name, &mut tasks, &done_tx, &sink);
-                    }
-                }
-                ev = source.next_event(), if source_open => match ev {
-                    None => {
-                        tracing::info!("work source ended");
-                        source_open = false;
-                    }
-                    Some(WorkEvent::Upsert(w)) => {
-                        let name = w.name_any();
-                        orphans.remove(&name);
-                        let slot = slots.entry(name.clone()).or_default();
-                        let changed = slot.work.as_ref().is_none_or(|old| old.spec != w.spec || old.metadata.generation != w.metadata.generation);
-                        if slot.delete.is_some() {
-                            // Re-created while being deleted: apply again once deletion ends.
-                            slot.delete = None;
-                        }
-                        slot.work = Some(Arc::from(w));
-                        if changed {
-                            slot.rerun = true;
-                            slot.failures = 0;
-                            self.start(&mut slots, &name, &mut tasks, &done_tx, &sink);
-                        }
-                    }
-                    Some(WorkEvent::Delete(r)) => {
-                        let amw = orphans.remove(&r.name);
-                        let option = slots
-                            .get(&r.name)
-                            .and_then(|s| s.work.as_ref())
-                            .and_then(|w| w.spec.delete_option.clone())
-                            .or_else(|| amw.as_ref().map(applied_work::recorded_delete_option))
-                            .unwrap_or_default();
-                        let slot = slots.entry(r.name.clone()).or_default();
-                        slot.delete = Some(option);
-                        slot.rerun = true;
-                        timers.cancel(&r.name);
-                        self.start(&mut slots, &r.name, &mut tasks, &done_tx, &sink);
-                    }
-                    Some(WorkEvent::Synced) => {
-                        // Records whose work the source no longer has: delete as recorded.
-                        for (name, amw) in orphans.drain() {
-                            tracing::info!(work = %name, "work is gone from the source; cleaning up its recorded resources");
-                            let slot = slots.entry(name.clone()).or_default();
-                            slot.delete = Some(applied_work::recorded_delete_option(&amw));
-                            slot.rerun = true;
-                            self.start(&mut slots, &name, &mut tasks, &done_tx, &sink);
-                        }
-                        let pending: HashSet<String> = slots.iter().filter(|(_, s)| s.running || s.rerun).map(|(n, _)| n.clone()).collect();
-                        if pending.is_empty() {
-                            self.ready_tx.send_replace(true);
-                        } else {
-                            initial = Some(pending);
-                        }
-                    }
-                },
-                Some(res) = tasks.join_next(), if !tasks.is_empty() => {
-                    if let Err(e) = res {
-                        tracing::error!(error = %e, "work task ended abnormally");
-                    }
-                }
+                Some(done) = lp.done_rx.recv() => lp.on_task_done(done),
+                Some(key) = drift_rx.recv() => lp.on_drift(&key),
+                _ = sleep_until_opt(next) => lp.on_timer(),
+                _ = resync.tick() => lp.on_resync(),
+                ev = source.next_event(), if lp.source_open => lp.on_source_event(ev),
+                Some(res) = lp.tasks.join_next(), if !lp.tasks.is_empty() => log_task_end(res),
             }
-            self.shared.metrics.works.set(slots.len() as i64);
+            lp.ctx.metrics.works.set(lp.slots.len() as i64);
         }
-        // Shutdown: take nothing new, let in-flight applies finish, leave long deletions.
-        self.stopping.cancel();
-        tracing::info!(
-            in_flight = tasks.len(),
-            "work engine stopping; finishing in-flight work"
-        );
-        while let Some(res) = tasks.join_next().await {
-            if let Err(e) = res {
-                tracing::error!(error = %e, "work task ended abnormally");
-            }
-        }
-        self.watch_cancel.cancel();
+        lp.drain().await;
+        watch_cancel.cancel();
         Ok(())
     }
+}
 
-    /// Applies a finished task's result to its slot.
-    fn finish(&self, slots: &mut HashMap<String, Slot>, timers: &mut Debouncer<String>, done: Done) {
+/// Records of this hub left by a previous run, by work name: their objects are claimed, and
+/// works the source no longer has are cleaned up once it has synced.
+async fn load_records(ctx: &ReconcileContext) -> Result<HashMap<String, AppliedManifestWork>, EngineError> {
+    let list = ctx
+        .amw_api
+        .list(&ListParams::default())
+        .await
+        .map_err(EngineError::List)?;
+    let mut orphans = HashMap::new();
+    for amw in list.items {
+        if amw.spec.hub_hash != ctx.cfg.hub_hash {
+            continue;
+        }
+        let work = amw.spec.manifest_work_name.clone();
+        let mut claims = lock(&ctx.claims);
+        for e in applied_work::resources(&amw) {
+            claims.preload(&ObjKey::from(&e), &work);
+        }
+        drop(claims);
+        orphans.insert(work, amw);
+    }
+    Ok(orphans)
+}
+
+/// The engine loop's state and its event handlers.
+struct EngineLoop {
+    ctx: Arc<ReconcileContext>,
+    sink: Arc<dyn StatusSink>,
+    slots: HashMap<String, Slot>,
+    /// Due reconciles: debounced drift, retries, flap holds.
+    timers: Debouncer<String>,
+    tasks: JoinSet<()>,
+    done_tx: mpsc::UnboundedSender<Done>,
+    done_rx: mpsc::UnboundedReceiver<Done>,
+    /// Recorded works not (yet) delivered by the source; deleted once it has synced.
+    orphans: HashMap<String, AppliedManifestWork>,
+    /// Works of the initial sync still to finish their first reconcile (then: ready).
+    initial: Option<HashSet<String>>,
+    source_open: bool,
+    ready_tx: watch::Sender<bool>,
+    /// Bounds concurrent work reconciles.
+    work_permits: Arc<Semaphore>,
+    /// Cancelled at shutdown: deletions waiting on finalizers stop there (their record stays on
+    /// the spoke, so the next agent finishes them) instead of holding up the exit.
+    stopping: CancellationToken,
+    retry: RetryPolicy,
+}
+
+impl EngineLoop {
+    fn new(
+        ctx: Arc<ReconcileContext>,
+        cfg: &EngineConfig,
+        ready_tx: watch::Sender<bool>,
+        sink: Arc<dyn StatusSink>,
+        orphans: HashMap<String, AppliedManifestWork>,
+    ) -> Self {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        EngineLoop {
+            ctx,
+            sink,
+            slots: HashMap::new(),
+            timers: Debouncer::new(cfg.debounce_quiet, cfg.debounce_max),
+            tasks: JoinSet::new(),
+            done_tx,
+            done_rx,
+            orphans,
+            initial: None,
+            source_open: true,
+            ready_tx,
+            work_permits: Arc::new(Semaphore::new(cfg.max_concurrent_works.max(1))),
+            stopping: CancellationToken::new(),
+            retry: RetryPolicy::new(cfg.retry_base, cfg.retry_max, RETRY_JITTER),
+        }
+    }
+
+    /// A task finished: take its result, count it towards readiness, start what is pending.
+    fn on_task_done(&mut self, done: Done) {
+        let name = done.name().to_string();
         match done {
             Done::Reconciled {
                 name,
                 report,
                 published,
-            } => {
-                let Some(slot) = slots.get_mut(&name) else { return };
-                slot.running = false;
-                slot.status = Arc::new(report.status);
-                slot.published = published;
-                if report.failed {
-                    slot.failures = slot.failures.saturating_add(1);
-                    let factor = 2u32.saturating_pow(slot.failures.saturating_sub(1).min(16));
-                    let delay = self.cfg.retry_base.saturating_mul(factor).min(self.cfg.retry_max);
-                    timers.schedule_at(name.clone(), Instant::now() + delay);
-                } else {
-                    slot.failures = 0;
-                }
-                if let Some(until) = report.hold_until {
-                    timers.schedule_at(name, until);
-                }
-            }
+            } => self.finish_reconcile(&name, report, published),
             Done::Deleted {
                 name,
                 ok,
                 status,
                 published,
-            } => {
-                let Some(slot) = slots.get_mut(&name) else { return };
-                slot.running = false;
-                slot.status = status;
-                slot.published = published;
-                if ok && slot.delete.is_some() {
-                    slots.remove(&name);
-                    for m in [&self.shared.flaps] {
-                        if let Ok(mut f) = m.lock() {
-                            f.retain(|(w, _), _| w != &name);
-                        }
-                    }
-                    if let Ok(mut c) = self.shared.drift_counts.lock() {
-                        c.retain(|(w, _), _| w != &name);
-                    }
-                    if let Ok(mut c) = self.shared.applied_content.lock() {
-                        c.retain(|(w, _), _| w != &name);
-                    }
-                } else if !ok {
-                    slot.failures = slot.failures.saturating_add(1);
-                    let delay = self
-                        .cfg
-                        .retry_base
-                        .saturating_mul(2u32.saturating_pow(slot.failures.min(8)))
-                        .min(self.cfg.retry_max);
-                    timers.schedule_at(name, Instant::now() + delay);
-                } else {
-                    // Deleted, then re-created meanwhile: apply it again.
-                    slot.rerun = true;
-                }
+            } => self.finish_delete(&name, ok, status, published),
+        }
+        if let Some(init) = self.initial.as_mut() {
+            init.remove(&name);
+            if init.is_empty() {
+                self.initial = None;
+                self.ready_tx.send_replace(true);
+            }
+        }
+        self.start(&name);
+    }
+
+    /// An object of ours changed outside the agent: look at the works claiming it, debounced.
+    fn on_drift(&mut self, key: &ObjKey) {
+        let owners = lock(&self.ctx.claims).owners(key);
+        let now = Instant::now();
+        for (work, _) in owners {
+            if self
+                .slots
+                .get(&work)
+                .is_some_and(|s| s.work.is_some() && s.delete.is_none())
+            {
+                self.timers.touch(work, now);
             }
         }
     }
 
-    /// Starts the slot's pending task if it has one and none is running.
-    fn start(
-        &self,
-        slots: &mut HashMap<String, Slot>,
+    /// Debounced drift, retries and flap holds that are due.
+    fn on_timer(&mut self) {
+        for name in self.timers.take_due(Instant::now()) {
+            self.rerun(&name);
+        }
+    }
+
+    /// The periodic backstop: every work once more.
+    fn on_resync(&mut self) {
+        let names: Vec<String> = self.slots.keys().cloned().collect();
+        for name in names {
+            self.rerun(&name);
+        }
+    }
+
+    fn on_source_event(&mut self, ev: Option<WorkEvent>) {
+        match ev {
+            None => {
+                tracing::info!("work source ended");
+                self.source_open = false;
+            }
+            Some(WorkEvent::Upsert(w)) => self.on_upsert(*w),
+            Some(WorkEvent::Delete(r)) => self.on_delete(r),
+            Some(WorkEvent::Synced) => self.on_synced(),
+        }
+    }
+
+    /// A new or changed work: reconcile it if its spec or generation changed.
+    fn on_upsert(&mut self, w: ManifestWork) {
+        let name = w.name_any();
+        self.orphans.remove(&name);
+        let slot = self.slots.entry(name.clone()).or_default();
+        let changed = slot
+            .work
+            .as_ref()
+            .is_none_or(|old| old.spec != w.spec || old.metadata.generation != w.metadata.generation);
+        // Re-created while being deleted: applied again once the deletion ends.
+        slot.delete = None;
+        slot.work = Some(Arc::new(w));
+        if changed {
+            slot.failures = 0;
+            self.rerun(&name);
+        }
+    }
+
+    /// The hub deleted a work: delete it as its (or its record's) delete option says.
+    fn on_delete(&mut self, r: WorkRef) {
+        let amw = self.orphans.remove(&r.name);
+        let option = self
+            .slots
+            .get(&r.name)
+            .and_then(|s| s.work.as_ref())
+            .and_then(|w| w.spec.delete_option.clone())
+            .or_else(|| amw.as_ref().map(applied_work::recorded_delete_option))
+            .unwrap_or_default();
+        self.slots.entry(r.name.clone()).or_default().delete = Some(option);
+        self.timers.cancel(&r.name);
+        self.rerun(&r.name);
+    }
+
+    /// The source delivered all it has: records it did not deliver are cleaned up, and the
+    /// engine is ready once the works it did deliver have been reconciled once.
+    fn on_synced(&mut self) {
+        let orphans: Vec<(String, AppliedManifestWork)> = self.orphans.drain().collect();
+        for (name, amw) in orphans {
+            tracing::info!(work = %name, "work is gone from the source; cleaning up its recorded resources");
+            self.slots.entry(name.clone()).or_default().delete =
+                Some(applied_work::recorded_delete_option(&amw));
+            self.rerun(&name);
+        }
+        let pending: HashSet<String> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.running || s.rerun)
+            .map(|(n, _)| n.clone())
+            .collect();
+        if pending.is_empty() {
+            self.ready_tx.send_replace(true);
+        } else {
+            self.initial = Some(pending);
+        }
+    }
+
+    /// Takes a reconcile's report into its slot and schedules a retry or hold it asks for.
+    fn finish_reconcile(&mut self, name: &str, report: Report, published: Option<String>) {
+        let Some(slot) = self.slots.get_mut(name) else {
+            return;
+        };
+        slot.running = false;
+        slot.status = Arc::new(report.status);
+        slot.published = published;
+        slot.memory = report.memory;
+        if report.failed {
+            slot.failures = slot.failures.saturating_add(1);
+            let delay = self.retry.delay(slot.failures);
+            self.timers.schedule_at(name.to_string(), Instant::now() + delay);
+        } else {
+            slot.failures = 0;
+        }
+        if let Some(until) = report.hold_until {
+            self.timers.schedule_at(name.to_string(), until);
+        }
+    }
+
+    /// Takes a deletion's result: the slot goes (with its history) once the work is gone,
+    /// unless the work was re-created meanwhile; a failed deletion is retried.
+    fn finish_delete(
+        &mut self,
         name: &str,
-        tasks: &mut JoinSet<()>,
-        done_tx: &mpsc::UnboundedSender<Done>,
-        sink: &Arc<dyn StatusSink>,
+        ok: bool,
+        status: Arc<ManifestWorkStatus>,
+        published: Option<String>,
     ) {
-        let Some(slot) = slots.get_mut(name) else { return };
+        let Some(slot) = self.slots.get_mut(name) else {
+            return;
+        };
+        slot.running = false;
+        slot.status = status;
+        slot.published = published;
+        if ok && slot.delete.is_some() {
+            self.slots.remove(name);
+        } else if !ok {
+            slot.failures = slot.failures.saturating_add(1);
+            let delay = self.retry.delay(slot.failures);
+            self.timers.schedule_at(name.to_string(), Instant::now() + delay);
+        } else {
+            // Deleted, then re-created meanwhile: apply it again.
+            slot.rerun = true;
+        }
+    }
+
+    /// Marks a work to run again and starts it unless a task for it is running.
+    fn rerun(&mut self, name: &str) {
+        if let Some(s) = self.slots.get_mut(name) {
+            s.rerun = true;
+        }
+        self.start(name);
+    }
+
+    /// Starts the slot's pending task if it has one and none is running.
+    fn start(&mut self, name: &str) {
+        let Some(slot) = self.slots.get_mut(name) else {
+            return;
+        };
         if slot.running || !slot.rerun {
             return;
         }
         slot.rerun = false;
-        slot.running = true;
-        let shared = self.shared.clone();
-        let sink = sink.clone();
-        let done_tx = done_tx.clone();
-        let permits = self.work_permits.clone();
-        let prev = slot.status.clone();
-        let published = slot.published.clone();
-        let name = name.to_string();
-        // Each task waits for a permit first and only then builds its (large) reconcile or delete
-        // future, boxed: a task queued behind the concurrency limit costs a few words, not a full
-        // future, which matters when a thousand works change at once.
         if let Some(option) = slot.delete.clone() {
-            let work = slot.work.clone();
-            let stopping = self.stopping.clone();
-            tasks.spawn(async move {
-                let _permit = permits.acquire_owned().await;
-                let deletion = Box::pin(run_delete(
-                    &shared,
-                    &name,
-                    work.as_deref(),
-                    &option,
-                    &prev,
-                    published,
-                    sink.as_ref(),
-                ));
-                let (ok, status, published) = tokio::select! {
-                    r = deletion => r,
-                    _ = stopping.cancelled() => {
-                        tracing::info!(work = %name, "shutting down mid-deletion; the next start resumes it");
-                        return;
-                    }
-                };
-                let _ = done_tx.send(Done::Deleted {
-                    name,
-                    ok,
-                    status: Arc::new(status),
-                    published,
-                });
-            });
-            return;
+            slot.running = true;
+            // The record is about to go: a later reconcile of a re-created work reads it afresh.
+            slot.memory.record = None;
+            self.spawn_delete(name, option);
+        } else if slot.work.is_some() {
+            slot.running = true;
+            self.spawn_reconcile(name);
         }
-        let Some(work) = slot.work.clone() else {
-            slot.running = false;
+    }
+
+    /// Spawns the deletion of a work. Each task waits for a permit first and only then builds
+    /// its (large) future, boxed: a task queued behind the concurrency limit costs a few words,
+    /// not a full future, which matters when a thousand works change at once.
+    fn spawn_delete(&mut self, name: &str, option: DeleteOption) {
+        let Some(slot) = self.slots.get(name) else { return };
+        let (ctx, sink, done_tx) = (self.ctx.clone(), self.sink.clone(), self.done_tx.clone());
+        let (permits, stopping) = (self.work_permits.clone(), self.stopping.clone());
+        let (work, prev, published) = (slot.work.clone(), slot.status.clone(), slot.published.clone());
+        let name = name.to_string();
+        self.tasks.spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            let deletion = Box::pin(run_delete(
+                &ctx,
+                &name,
+                work.as_deref(),
+                &option,
+                &prev,
+                published,
+                sink.as_ref(),
+            ));
+            let (ok, status, published) = tokio::select! {
+                r = deletion => r,
+                _ = stopping.cancelled() => {
+                    tracing::info!(work = %name, "shutting down mid-deletion; the next start resumes it");
+                    return;
+                }
+            };
+            let status = Arc::new(status);
+            let _ = done_tx.send(Done::Deleted {
+                name,
+                ok,
+                status,
+                published,
+            });
+        });
+    }
+
+    /// Spawns a reconcile, lending it the work's history (see [`EngineLoop::spawn_delete`] on
+    /// the permit-first shape).
+    fn spawn_reconcile(&mut self, name: &str) {
+        let Some(slot) = self.slots.get_mut(name) else {
             return;
         };
+        let Some(work) = slot.work.clone() else { return };
+        let memory = std::mem::take(&mut slot.memory);
+        let (prev, published) = (slot.status.clone(), slot.published.clone());
+        let (ctx, sink, done_tx) = (self.ctx.clone(), self.sink.clone(), self.done_tx.clone());
+        let permits = self.work_permits.clone();
+        let name = name.to_string();
         let generation = work.metadata.generation.unwrap_or(0);
         let span = tracing::info_span!("reconcile", work = %name, generation);
-        tasks.spawn(
-            async move {
-                let _permit = permits.acquire_owned().await;
-                let t0 = std::time::Instant::now();
-                let report = Box::pin(reconcile::reconcile(&shared, &work, &prev)).await;
-                shared.metrics.reconciled(
-                    if report.failed { "failed" } else { "ok" },
-                    t0.elapsed().as_secs_f64(),
-                );
-                let published = Box::pin(publish(
-                    &shared,
-                    sink.as_ref(),
-                    &work_update(&work, &report.status, false),
-                    published,
-                ))
-                .await;
-                let _ = done_tx.send(Done::Reconciled {
-                    name,
-                    report,
-                    published,
-                });
-            }
-            .instrument(span),
+        let task = async move {
+            let _permit = permits.acquire_owned().await;
+            let t0 = std::time::Instant::now();
+            let report = Box::pin(reconcile::reconcile(&ctx, &work, &prev, memory)).await;
+            let outcome = if report.failed { "failed" } else { "ok" };
+            ctx.metrics.reconciled(outcome, t0.elapsed().as_secs_f64());
+            let update = work_update(&work, &report.status, false);
+            let published = Box::pin(publish(&ctx, sink.as_ref(), &update, published)).await;
+            let _ = done_tx.send(Done::Reconciled {
+                name,
+                report,
+                published,
+            });
+        };
+        self.tasks.spawn(task.instrument(span));
+    }
+
+    /// Shutdown: take nothing new, let in-flight applies finish, leave long deletions.
+    async fn drain(mut self) {
+        self.stopping.cancel();
+        tracing::info!(
+            in_flight = self.tasks.len(),
+            "work engine stopping; finishing in-flight work"
         );
+        while let Some(res) = self.tasks.join_next().await {
+            log_task_end(res);
+        }
+    }
+}
+
+fn log_task_end(res: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = res {
+        tracing::error!(error = %e, "work task ended abnormally");
     }
 }
 
@@ -533,120 +624,4 @@ async fn sleep_until_opt(at: Option<Instant>) {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
     }
-}
-
-fn work_update(work: &ManifestWork, status: &ManifestWorkStatus, deleted: bool) -> StatusUpdate {
-    StatusUpdate {
-        name: work.name_any(),
-        namespace: work.namespace(),
-        uid: work.uid(),
-        generation: work.metadata.generation.unwrap_or(0),
-        status: status.clone(),
-        status_hash: status_hash(status),
-        deleted,
-    }
-}
-
-/// Publishes if the status hash differs from the last published one; returns the hash now published.
-async fn publish(
-    shared: &Shared,
-    sink: &dyn StatusSink,
-    update: &StatusUpdate,
-    last: Option<String>,
-) -> Option<String> {
-    if last.as_deref() == Some(update.status_hash.as_str()) {
-        return last;
-    }
-    match sink.publish(update.clone()).await {
-        Ok(()) => {
-            shared.metrics.status_updates.inc();
-            Some(update.status_hash.clone())
-        }
-        Err(e) => {
-            tracing::warn!(work = %update.name, error = %e, "status not delivered; will retry on next change or resync");
-            last
-        }
-    }
-}
-
-async fn run_delete(
-    shared: &Shared,
-    name: &str,
-    work: Option<&ManifestWork>,
-    option: &DeleteOption,
-    prev: &ManifestWorkStatus,
-    mut published: Option<String>,
-    sink: &dyn StatusSink,
-) -> (bool, ManifestWorkStatus, Option<String>) {
-    let span = tracing::info_span!("delete", work = %name);
-    async move {
-        let generation = work.and_then(|w| w.metadata.generation).unwrap_or(0);
-        let mk = |status: &ManifestWorkStatus, deleted: bool| match work {
-            Some(w) => work_update(w, status, deleted),
-            None => StatusUpdate {
-                name: name.to_string(),
-                namespace: None,
-                uid: None,
-                generation,
-                status: status.clone(),
-                status_hash: status_hash(status),
-                deleted,
-            },
-        };
-        let record = reconcile::record_name(shared, name);
-        shared.forget_record(&record);
-        let amw = match shared.amw_api.get_opt(&record).await {
-            Ok(a) => a,
-            Err(e) => {
-                let st = reconcile::deletion_status(prev, generation, None, Some(&super::object::api_message(&e)));
-                published = publish(shared, sink, &mk(&st, false), published).await;
-                return (false, st, published);
-            }
-        };
-        let mut status = prev.clone();
-        if let Some(amw) = amw {
-            let (tx, mut rx) = mpsc::unbounded_channel::<(usize, usize)>();
-            let claims_snapshot: Vec<(ObjKey, bool)> = applied_work::resources(&amw)
-                .iter()
-                .map(|e| {
-                    let k = key_of(e);
-                    let other = shared.claims.lock().map(|c| c.claimed_elsewhere(&k, name)).unwrap_or(true);
-                    (k, other)
-                })
-                .collect();
-            let elsewhere = move |k: &ObjKey| claims_snapshot.iter().any(|(kk, o)| kk == k && *o);
-            let del = delete::delete_work(&shared.client, &amw, option, elsewhere, move |left, total| {
-                let _ = tx.send((left, total));
-            });
-            tokio::pin!(del);
-            let result = loop {
-                tokio::select! {
-                    r = &mut del => break r,
-                    Some((left, total)) = rx.recv() => {
-                        if left > 0 {
-                            status = reconcile::deletion_status(&status, generation, Some((left, total)), None);
-                            published = publish(shared, sink, &mk(&status, false), published.clone()).await;
-                        }
-                    }
-                }
-            };
-            if let Err(e) = result {
-                status = reconcile::deletion_status(&status, generation, None, Some(&e.to_string()));
-                published = publish(shared, sink, &mk(&status, false), published).await;
-                return (false, status, published);
-            }
-            for e in applied_work::resources(&amw) {
-                shared.drift.record_delete(&key_of(&e));
-            }
-        }
-        if let Ok(mut c) = shared.claims.lock() {
-            c.retain_work(name, &HashSet::new());
-        }
-        status = reconcile::deletion_status(&status, generation, Some((0, 0)), None);
-        published = publish(shared, sink, &mk(&status, true), published).await;
-        tracing::info!(work = %name, policy = ?option.propagation_policy, "work deleted from the spoke");
-        (true, status, published)
-    }
-    .instrument(span)
-    .await
 }

@@ -3,6 +3,7 @@
 use serde_json::{Map, Value};
 
 use super::jsonpath::Step;
+use super::manifestwork::AppliedManifestResourceMeta;
 
 /// Label the agent puts on every object it writes, so drift watches can select only ours
 /// server-side (watching every object of a kind and filtering by ownerReference client-side would
@@ -22,7 +23,7 @@ pub fn api_message(e: &kube::Error) -> String {
 }
 
 /// Version-independent identity of an object on the spoke.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjKey {
     /// API group ("" for core).
     pub group: String,
@@ -32,6 +33,19 @@ pub struct ObjKey {
     pub namespace: String,
     /// Name.
     pub name: String,
+}
+
+impl From<&AppliedManifestResourceMeta> for ObjKey {
+    /// The object an AppliedManifestWork entry records (its version does not matter: one object
+    /// is served under every version of its kind).
+    fn from(e: &AppliedManifestResourceMeta) -> Self {
+        ObjKey {
+            group: e.group.clone(),
+            resource: e.resource.clone(),
+            namespace: e.namespace.clone(),
+            name: e.name.clone(),
+        }
+    }
 }
 
 impl std::fmt::Display for ObjKey {

@@ -1,13 +1,17 @@
 //! Removing one applied object on behalf of a work: deleted with a UID precondition, or — when
 //! another work still claims it, or it is being orphaned — only stripped of this work's ownerReference.
 
+use std::collections::HashSet;
+
 use kube::Client;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, Preconditions, PropagationPolicy};
 use serde_json::{Value, json};
 
+use super::context::ReconcileContext;
 use super::discovery::api_resource_for;
 use super::manifestwork::AppliedManifestResourceMeta;
 use super::object::{MANAGED_LABEL, ObjKey, owner_refs};
+use crate::lock::lock;
 
 /// Prune failures.
 #[derive(Debug, thiserror::Error)]
@@ -45,14 +49,42 @@ pub enum Mode {
     Orphan,
 }
 
-/// Key of an applied-resource entry.
-pub fn key_of(e: &AppliedManifestResourceMeta) -> ObjKey {
-    ObjKey {
-        group: e.group.clone(),
-        resource: e.resource.clone(),
-        namespace: e.namespace.clone(),
-        name: e.name.clone(),
+/// Prunes the record's `entries` the work no longer wants (`desired`): each is deleted or
+/// released ([`remove`]), except entries that may be the object of a manifest whose kind did not
+/// resolve (`unresolved`: group and name), kept until it does. Returns the entries the record
+/// keeps (wanted, unresolved, or failed to remove) and the failures.
+pub async fn prune_unlisted(
+    ctx: &ReconcileContext,
+    work: &str,
+    owner_uid: &str,
+    entries: Vec<AppliedManifestResourceMeta>,
+    desired: &HashSet<ObjKey>,
+    unresolved: &[(String, String)],
+) -> (Vec<AppliedManifestResourceMeta>, Vec<String>) {
+    let mut kept = Vec::new();
+    let mut errors = Vec::new();
+    for e in entries {
+        let key = ObjKey::from(&e);
+        let maybe_unresolved = unresolved.iter().any(|(g, n)| *g == e.group && *n == e.name);
+        if desired.contains(&key) || maybe_unresolved {
+            kept.push(e);
+            continue;
+        }
+        let elsewhere = lock(&ctx.claims).claimed_elsewhere(&key, work);
+        match remove(&ctx.client, &e, owner_uid, elsewhere, Mode::Delete).await {
+            Ok(out) => {
+                tracing::info!(work, object = %key, outcome = ?out, "pruned object no longer in the work");
+                if out != PruneOutcome::NotOurs {
+                    ctx.drift.record_delete(&key);
+                }
+            }
+            Err(err) => {
+                errors.push(err.to_string());
+                kept.push(e);
+            }
+        }
     }
+    (kept, errors)
 }
 
 fn api(client: &Client, e: &AppliedManifestResourceMeta) -> Api<DynamicObject> {
@@ -74,7 +106,7 @@ pub async fn remove(
     mode: Mode,
 ) -> Result<PruneOutcome, PruneError> {
     let err = |source| PruneError::Api {
-        key: key_of(e).to_string(),
+        key: ObjKey::from(e).to_string(),
         source,
     };
     let api = api(client, e);
@@ -158,7 +190,7 @@ pub async fn still_present(client: &Client, e: &AppliedManifestResourceMeta) -> 
         .get_metadata_opt(&e.name)
         .await
         .map_err(|source| PruneError::Api {
-            key: key_of(e).to_string(),
+            key: ObjKey::from(e).to_string(),
             source,
         })?;
     Ok(match live {

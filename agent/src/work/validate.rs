@@ -1,10 +1,85 @@
-//! Checks a raw manifest before anything is sent to the API server, with messages that say
-//! exactly what is wrong.
+//! Checks a work before anything is sent to the API server: its size, each manifest's required
+//! fields, and objects named twice, with messages that say exactly what is wrong.
+
+use std::collections::HashMap;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::manifestwork::ManifestWork;
+use super::object::ObjKey;
 use super::order::split_api_version;
+
+/// Why a manifest or a whole work is refused before anything is written.
+#[derive(Debug, thiserror::Error)]
+pub enum ValidateError {
+    /// The manifest's text is not JSON (possible only for works built outside serde).
+    #[error("manifest is not valid JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    /// A manifest must be a JSON object.
+    #[error("manifest is not an object")]
+    NotObject,
+    /// Fields every object needs, listed together so one status shows all that is wrong.
+    #[error("manifest is missing {}", .0.join(", "))]
+    Missing(Vec<&'static str>),
+    /// The agent must know an object's name before creating it, to record and prune it.
+    #[error("metadata.generateName is not supported: every manifest needs a fixed name")]
+    GenerateName,
+    /// An apiVersion with more than one `/` or no version.
+    #[error("apiVersion {0:?} is not of the form [group/]version")]
+    ApiVersion(String),
+    /// The work's manifests add up to more than the limit.
+    #[error(
+        "work is {size} bytes of manifests, over the {limit} byte limit; nothing was applied and previously applied objects are left as they were"
+    )]
+    TooLarge {
+        /// JSON bytes of all manifests.
+        size: usize,
+        /// `--max-work-bytes`.
+        limit: usize,
+    },
+    /// Two manifests of one work name the same object; the first one is applied.
+    #[error("manifest #{ordinal} is the same object as manifest #{first} ({key}); only #{first} is applied")]
+    Duplicate {
+        /// The later manifest, which is not applied.
+        ordinal: usize,
+        /// The manifest that is applied.
+        first: usize,
+        /// The object both name.
+        key: ObjKey,
+    },
+}
+
+/// Refuses a work whose manifests are larger than `limit` bytes of JSON in all.
+pub fn check_size(work: &ManifestWork, limit: usize) -> Result<(), ValidateError> {
+    let size = work.spec.workload.json_len();
+    if size > limit {
+        return Err(ValidateError::TooLarge { size, limit });
+    }
+    Ok(())
+}
+
+/// The first manifest seen for each object of one work, to refuse later ones naming it again.
+#[derive(Debug, Default)]
+pub struct FirstSeen {
+    /// Object → ordinal of the first manifest naming it.
+    by_key: HashMap<ObjKey, usize>,
+}
+
+impl FirstSeen {
+    /// Records manifest `ordinal` as naming `key`, or refuses it if an earlier one did.
+    pub fn check(&mut self, key: &ObjKey, ordinal: usize) -> Result<(), ValidateError> {
+        if let Some(&first) = self.by_key.get(key) {
+            return Err(ValidateError::Duplicate {
+                ordinal,
+                first,
+                key: key.clone(),
+            });
+        }
+        self.by_key.insert(key.clone(), ordinal);
+        Ok(())
+    }
+}
 
 /// A manifest that has the fields every object needs.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,9 +101,9 @@ pub struct ParsedManifest {
 }
 
 /// Validates one manifest.
-pub fn parse_manifest(v: &Value) -> Result<ParsedManifest, String> {
+pub fn parse_manifest(v: &Value) -> Result<ParsedManifest, ValidateError> {
     let Some(o) = v.as_object() else {
-        return Err("manifest is not an object".into());
+        return Err(ValidateError::NotObject);
     };
     let str_field = |k: &str| o.get(k).and_then(Value::as_str).unwrap_or("").trim().to_string();
     let api_version = str_field("apiVersion");
@@ -50,16 +125,14 @@ pub fn parse_manifest(v: &Value) -> Result<ParsedManifest, String> {
         missing.push("metadata.name");
     }
     if !missing.is_empty() {
-        return Err(format!("manifest is missing {}", missing.join(", ")));
+        return Err(ValidateError::Missing(missing));
     }
     if meta.and_then(|m| m.get("generateName")).is_some() {
-        return Err("metadata.generateName is not supported: every manifest needs a fixed name".into());
+        return Err(ValidateError::GenerateName);
     }
     let (group, version) = split_api_version(&api_version);
     if version.is_empty() || api_version.matches('/').count() > 1 {
-        return Err(format!(
-            "apiVersion {api_version:?} is not of the form [group/]version"
-        ));
+        return Err(ValidateError::ApiVersion(api_version));
     }
     let namespace = meta
         .and_then(|m| m.get("namespace"))
@@ -85,9 +158,11 @@ mod tests {
 
     #[test]
     fn missing_fields_listed() {
-        let e = parse_manifest(&json!({"metadata": {}})).unwrap_err();
+        let e = parse_manifest(&json!({"metadata": {}})).unwrap_err().to_string();
         assert_eq!(e, "manifest is missing apiVersion, kind, metadata.name");
-        let e = parse_manifest(&json!({"apiVersion": "v1", "kind": "ConfigMap"})).unwrap_err();
+        let e = parse_manifest(&json!({"apiVersion": "v1", "kind": "ConfigMap"}))
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "manifest is missing metadata.name");
         assert!(parse_manifest(&json!("str")).is_err());
         assert!(
@@ -98,6 +173,23 @@ mod tests {
                 &json!({"apiVersion": "v1", "kind": "K", "metadata": {"generateName": "n-", "name": "x"}})
             )
             .is_err()
+        );
+    }
+
+    #[test]
+    fn a_second_manifest_for_one_object_is_refused() {
+        let key = ObjKey {
+            group: String::new(),
+            resource: "configmaps".into(),
+            namespace: "n".into(),
+            name: "a".into(),
+        };
+        let mut seen = FirstSeen::default();
+        assert!(seen.check(&key, 0).is_ok());
+        let e = seen.check(&key, 3).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "manifest #3 is the same object as manifest #0 (configmaps/n/a); only #0 is applied"
         );
     }
 

@@ -1,0 +1,71 @@
+//! What every reconcile and deletion shares: the one client, discovery, the drift cache, the
+//! applier, the claim table, the manifest-apply bound and the settings.
+//!
+//! Only state that really spans works is here. What belongs to one work (its flap guards, drift
+//! counts, last applied content, cached record) is the engine slot's (`history`).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube::Client;
+use kube::api::Api;
+use tokio::sync::Semaphore;
+
+use super::applied_work::applied_name;
+use super::applier::Applier;
+use super::claims::Claims;
+use super::discovery::Resolver;
+use super::drift::DriftWatcher;
+use super::manifestwork::AppliedManifestWork;
+use super::metrics::WorkMetrics;
+use super::schedule::FlapGuard;
+
+/// Engine settings a reconcile needs.
+#[derive(Debug, Clone)]
+pub struct ReconcileConfig {
+    /// Hex SHA-256 of the hub address: records of different hubs never collide.
+    pub hub_hash: String,
+    /// Recorded on AppliedManifestWorks, so an operator sees which agent wrote one.
+    pub agent_id: String,
+    /// Field manager for manifests whose update strategy names none.
+    pub field_manager: String,
+    /// Largest work (JSON bytes of its manifests) accepted.
+    pub max_work_bytes: usize,
+    /// How long to wait for an applied CRD to become Established.
+    pub crd_wait: Duration,
+    /// The flap guard each manifest's history starts from.
+    pub flap: FlapGuard,
+}
+
+/// The shared part of every reconcile.
+pub struct ReconcileContext {
+    /// The one HTTP/2 client: every request and watch shares its connection.
+    pub client: Client,
+    pub cfg: ReconcileConfig,
+    pub resolver: Resolver,
+    pub drift: DriftWatcher,
+    pub applier: Applier,
+    /// Which work claims which object: spans works, so it is the one lock here (taken through
+    /// `crate::lock::lock`, never held across an await).
+    pub claims: Mutex<Claims>,
+    /// Bounds concurrent manifest applies across all works, so one huge work cannot starve the
+    /// API server's other clients.
+    pub manifest_permits: Arc<Semaphore>,
+    pub metrics: WorkMetrics,
+    pub amw_api: Api<AppliedManifestWork>,
+}
+
+impl ReconcileContext {
+    /// The AppliedManifestWork name of a work: `<hubHash>-<work>`.
+    pub fn record_name(&self, work: &str) -> String {
+        applied_name(&self.cfg.hub_hash, work)
+    }
+}
+
+impl std::fmt::Debug for ReconcileContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReconcileContext")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
