@@ -12,6 +12,8 @@ use axum::{Router, extract::State, http::StatusCode, http::header, response::Int
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
+use crate::lock::lock;
+
 /// Errors from the admin server.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -166,12 +168,7 @@ impl AdminServer {
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
     let mut body = String::new();
-    let encoded = match state.registry.lock() {
-        Ok(registry) => prometheus_client::encoding::text::encode(&mut body, &registry),
-        // A panic while holding the lock poisoned it; the registry itself is still
-        // consistent (registration is append-only), so keep serving it.
-        Err(poisoned) => prometheus_client::encoding::text::encode(&mut body, &poisoned.into_inner()),
-    };
+    let encoded = prometheus_client::encoding::text::encode(&mut body, &lock(&state.registry));
     match encoded {
         Ok(()) => (
             StatusCode::OK,

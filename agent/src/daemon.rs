@@ -5,6 +5,7 @@ use prometheus_client::metrics::info::Info;
 use crate::{
     admin::{AdminError, AdminServer, RunContext},
     config::RunCommand,
+    lock::lock,
     run::RunError,
     shutdown::{self, Drained},
 };
@@ -29,9 +30,7 @@ pub fn register_build_info(ctx: &RunContext) {
         "version".to_string(),
         env!("CARGO_PKG_VERSION").to_string(),
     )]);
-    if let Ok(mut registry) = ctx.registry.lock() {
-        registry.register("build", "spokelet build information", info);
-    }
+    lock(&ctx.registry).register("build", "spokelet build information", info);
 }
 
 /// `spokelet run`: serve the admin endpoint and run the work engine until SIGTERM, then drain.

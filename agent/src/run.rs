@@ -11,6 +11,7 @@ use crate::admin::RunContext;
 use crate::duration::parse_duration;
 use crate::hub::{ConnectError, HubArgs, HubConnection};
 use crate::kube_client::{self, Http2ClientError};
+use crate::lock::lock;
 use crate::work::applied_work::hub_hash;
 use crate::work::engine::{EngineConfig, EngineError, WorkEngine};
 use crate::work::file_source::{FileSource, FileSourceError, FileStatusSink};
@@ -171,9 +172,7 @@ pub async fn run_engine(
     // One client for everything: every request and watch is a stream on one HTTP/2 connection.
     let client = kube_client::client(config)?;
     let metrics = WorkMetrics::default();
-    if let Ok(mut reg) = ctx.registry.lock() {
-        metrics.register(reg.sub_registry_with_prefix("work"));
-    }
+    metrics.register(lock(&ctx.registry).sub_registry_with_prefix("work"));
     let mut cfg = engine_config(args);
     cfg.hub_hash = hub_hash(hub_address);
     let engine = WorkEngine::new(client, cfg, metrics);

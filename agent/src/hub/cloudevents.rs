@@ -80,7 +80,7 @@ pub enum CodecError {
     BadAttribute {
         /// Attribute name without prefix.
         name: &'static str,
-        /// What is wrong.
+        /// What is wrong, naming the value's kind but never its contents.
         reason: String,
     },
     /// The event is for another cluster.
@@ -88,15 +88,15 @@ pub enum CodecError {
     WrongCluster {
         /// Cluster named in the event.
         got: String,
-        /// Our cluster.
+        /// The cluster this agent serves.
         ours: String,
     },
     /// The payload exceeds [`MAX_PAYLOAD`].
     #[error("payload of {size} bytes exceeds the {limit}-byte limit")]
     TooLarge {
-        /// Payload size.
+        /// Payload size in bytes.
         size: usize,
-        /// The limit.
+        /// [`MAX_PAYLOAD`], in bytes.
         limit: usize,
     },
     /// No payload where one is needed.
@@ -139,7 +139,7 @@ pub struct SpecEvent {
 /// One `statusHashes` entry of a status resync request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusHash {
-    /// Work UID.
+    /// The work's UID (`resourceid`).
     #[serde(rename = "resourceID")]
     pub resource_id: String,
     /// The hash the hub holds.
@@ -160,25 +160,21 @@ pub enum Incoming {
 
 /// The subset of ObjectMeta that travels in the `metadata` extension. Other fields are ignored
 /// rather than rejected, so a hub sending full ObjectMeta (with timestamps, managedFields) is fine.
+/// The fields are ObjectMeta's; empty ones are left out of the JSON.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase", default)]
 pub struct WireMeta {
-    /// Work name.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub name: String,
-    /// Work namespace (the cluster namespace on the hub).
+    /// The cluster namespace on the hub.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub namespace: String,
-    /// Work UID.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub uid: String,
-    /// Work generation.
     #[serde(skip_serializing_if = "is_zero")]
     pub generation: i64,
-    /// Labels.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
-    /// Annotations.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
 }
@@ -394,7 +390,7 @@ fn decode_status_resync(ev: &CloudEvent) -> Result<Vec<StatusHash>, CodecError> 
 /// One `resourceVersions` entry of a spec resync request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResourceVersion {
-    /// Work UID.
+    /// The work's UID (`resourceid`).
     #[serde(rename = "resourceID")]
     pub resource_id: String,
     /// Generation we hold.
@@ -495,17 +491,17 @@ pub enum StatusKind {
 pub struct StatusTarget<'a> {
     /// Our agent id (event source).
     pub agent_id: &'a str,
-    /// Our cluster.
+    /// The `clustername`: this agent's cluster.
     pub cluster: &'a str,
-    /// Work UID.
+    /// The work's UID, the `resourceid`.
     pub resource_id: &'a str,
     /// Generation the status describes.
     pub resource_version: i64,
-    /// Source that created the work.
+    /// The `originalsource` the hub sent with the work (who created it).
     pub original_source: &'a str,
     /// Work metadata for the `metadata` extension.
     pub meta: &'a WireMeta,
-    /// The update's sequence id.
+    /// From [`SequenceIds::next`], so the hub sees ours increase.
     pub sequence_id: u64,
 }
 
@@ -558,7 +554,7 @@ pub struct SequenceIds {
 }
 
 impl SequenceIds {
-    /// The next id.
+    /// The next id: above the last one, and at least the id of the current millisecond.
     pub fn next(&self) -> u64 {
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)

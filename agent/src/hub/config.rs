@@ -17,18 +17,14 @@ pub enum HubConfigError {
     /// The hub config file cannot be read.
     #[error("reading hub config {path}: {source}")]
     Read {
-        /// The file.
         path: PathBuf,
-        /// Underlying error.
         #[source]
         source: std::io::Error,
     },
     /// The hub config file is not valid YAML of the expected shape.
     #[error("parsing hub config {path}: {source}")]
     Parse {
-        /// The file.
         path: PathBuf,
-        /// Underlying error.
         #[source]
         source: serde_yaml::Error,
     },
@@ -132,7 +128,7 @@ pub struct HubConfigFile {
     pub token: Option<String>,
     /// Bearer token file, re-read on each connect so rotated tokens are picked up.
     pub token_file: Option<PathBuf>,
-    /// HTTP/2 keepalive.
+    /// HTTP/2 pings; absent means none (see [`KeepAliveConfig`]).
     pub keep_alive_config: Option<KeepAliveConfig>,
     /// Our extension: `"1.2"` also allows TLS 1.2; default is TLS 1.3 only.
     #[serde(rename = "minTLSVersion")]
@@ -270,7 +266,7 @@ impl Default for HubArgs {
 /// Where the bearer token comes from.
 #[derive(Clone, PartialEq, Eq)]
 pub enum TokenSource {
-    /// Given inline.
+    /// Given inline in the config file: fixed until restart.
     Inline(String),
     /// Read from this file on each connect.
     File(PathBuf),
@@ -302,7 +298,7 @@ pub struct HubUrl {
     pub plaintext: bool,
     /// Host name or IP (IPv6 in brackets).
     pub host: String,
-    /// Port.
+    /// 443 for `https://` and 80 for `http://` when the URL names none; required without a scheme.
     pub port: u16,
 }
 
@@ -363,15 +359,15 @@ impl HubUrl {
 /// Everything the gRPC transport needs, merged from file and flags.
 #[derive(Debug, Clone)]
 pub struct HubSettings {
-    /// Hub address.
+    /// Where to dial; a plaintext URL also needs `insecure_plaintext`.
     pub url: HubUrl,
     /// TLS inputs (unused for plaintext).
     pub tls: TlsOptions,
     /// Bearer token, sent as `authorization: Bearer ...` when set.
     pub token: Option<TokenSource>,
-    /// HTTP/2 keepalive.
+    /// HTTP/2 pings, off unless enabled (hub heartbeats already detect dead streams).
     pub keep_alive: KeepAliveConfig,
-    /// Our cluster name.
+    /// This cluster's name on the hub: the subscription's cluster and the namespace of its works.
     pub cluster_name: String,
     /// Our agent id (status `source`).
     pub agent_id: String,
@@ -457,19 +453,7 @@ impl HubArgs {
 
     /// Merges `file` under the flags.
     pub fn merge(&self, mut file: HubConfigFile) -> Result<HubSettings, HubConfigError> {
-        // A flag replaces both spellings of its input in the file.
-        if self.hub_ca_file.is_some() {
-            file.ca_data = None;
-        }
-        if self.hub_client_cert_file.is_some() {
-            file.client_cert_data = None;
-        }
-        if self.hub_client_key_file.is_some() {
-            file.client_key_data = None;
-        }
-        if self.hub_token_file.is_some() {
-            file.token = None;
-        }
+        self.drop_overridden_inline(&mut file);
         let url_text = self
             .hub_url
             .clone()
@@ -480,11 +464,7 @@ impl HubArgs {
         if url.plaintext && !insecure_plaintext {
             return Err(HubConfigError::Plaintext(url_text));
         }
-        let allow_tls12 = match file.min_tls_version.as_deref() {
-            None | Some("1.3") => false,
-            Some("1.2") => true,
-            Some(other) => return Err(HubConfigError::TlsVersion(other.to_string())),
-        };
+        let allow_tls12 = allow_tls12(file.min_tls_version.as_deref())?;
         let tls = TlsOptions {
             ca: pick(
                 self.hub_ca_file.clone().or(file.ca_file),
@@ -503,12 +483,7 @@ impl HubArgs {
             )?,
             allow_tls12,
         };
-        let token = match (self.hub_token_file.clone().or(file.token_file), file.token) {
-            (Some(_), Some(_)) => return Err(HubConfigError::Conflict("token", "tokenFile")),
-            (Some(f), None) => Some(TokenSource::File(f)),
-            (None, Some(t)) => Some(TokenSource::Inline(t)),
-            (None, None) => None,
-        };
+        let token = pick_token(self.hub_token_file.clone().or(file.token_file), file.token)?;
         let cluster_name = self
             .cluster_name
             .clone()
@@ -531,6 +506,42 @@ impl HubArgs {
             heartbeat_timeout: self.hub_heartbeat_timeout,
             insecure_plaintext,
         })
+    }
+
+    /// A flag replaces both spellings of its input in the file, so a file flag does not conflict
+    /// with the file's inline data.
+    fn drop_overridden_inline(&self, file: &mut HubConfigFile) {
+        if self.hub_ca_file.is_some() {
+            file.ca_data = None;
+        }
+        if self.hub_client_cert_file.is_some() {
+            file.client_cert_data = None;
+        }
+        if self.hub_client_key_file.is_some() {
+            file.client_key_data = None;
+        }
+        if self.hub_token_file.is_some() {
+            file.token = None;
+        }
+    }
+}
+
+/// Whether `minTLSVersion` allows TLS 1.2 (unset means TLS 1.3 only).
+fn allow_tls12(min_tls_version: Option<&str>) -> Result<bool, HubConfigError> {
+    match min_tls_version {
+        None | Some("1.3") => Ok(false),
+        Some("1.2") => Ok(true),
+        Some(other) => Err(HubConfigError::TlsVersion(other.to_string())),
+    }
+}
+
+/// The token file or the inline token, refusing both.
+fn pick_token(file: Option<PathBuf>, inline: Option<String>) -> Result<Option<TokenSource>, HubConfigError> {
+    match (file, inline) {
+        (Some(_), Some(_)) => Err(HubConfigError::Conflict("token", "tokenFile")),
+        (Some(f), None) => Ok(Some(TokenSource::File(f))),
+        (None, Some(t)) => Ok(Some(TokenSource::Inline(t))),
+        (None, None) => Ok(None),
     }
 }
 

@@ -2,16 +2,17 @@
 
 use std::sync::Arc;
 
-use futures::future::BoxFuture;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::HubEvents;
 use super::config::{HubArgs, HubConfigError, ResolvedHub};
-use super::grpc::{GrpcError, GrpcHub, GrpcHubOptions, GrpcWorkSource, HubHandle};
-use super::kube_hub::{KubeHub, KubeHubError, KubeHubOptions, KubeWorkSource};
+use super::grpc::{GrpcError, GrpcHub, GrpcHubOptions, HubHandle};
+use super::kube_hub::{KubeHub, KubeHubError, KubeHubOptions};
 use super::metrics;
 use crate::admin::SharedRegistry;
-use crate::work::source::{StatusSink, WorkEvent, WorkSource};
+use crate::lock::lock;
+use crate::work::source::StatusSink;
 
 /// Why the hub connection could not be set up (a hub that is down is not an error:
 /// the transports retry with backoff).
@@ -28,32 +29,11 @@ pub enum ConnectError {
     Kube(#[from] KubeHubError),
 }
 
-/// Works from whichever transport is configured.
-///
-/// An enum rather than a boxed trait object: the engine takes `impl WorkSource`, and there are
-/// exactly two transports.
-#[derive(Debug)]
-pub enum HubSource {
-    /// CloudEvents over gRPC.
-    Grpc(GrpcWorkSource),
-    /// The hub's Kubernetes API.
-    Kube(KubeWorkSource),
-}
-
-impl WorkSource for HubSource {
-    fn next_event(&mut self) -> BoxFuture<'_, Option<WorkEvent>> {
-        match self {
-            HubSource::Grpc(source) => source.next_event(),
-            HubSource::Kube(source) => source.next_event(),
-        }
-    }
-}
-
 /// An open hub connection, split into what the engine consumes and what stops the transport.
 pub struct HubConnection {
-    /// Works from the hub.
-    pub source: HubSource,
-    /// Status to the hub.
+    /// Works from the hub, whichever transport brings them.
+    pub source: HubEvents,
+    /// Takes the engine's statuses and returns at once; the transport delivers them.
     pub sink: Arc<dyn StatusSink>,
     /// The hub's address; its SHA-256 is the `hubHash` in AppliedManifestWork names, so works
     /// from two hubs never collide on one spoke.
@@ -112,13 +92,11 @@ impl HubConnection {
             Some(ResolvedHub::Grpc(settings)) => {
                 let address = settings.url.uri();
                 let opts = GrpcHubOptions::new(settings);
-                if let Ok(mut registry) = registry.lock() {
-                    metrics::register(&opts.metrics, &mut registry);
-                }
+                metrics::register(&opts.metrics, &mut lock(registry));
                 let hub = GrpcHub::start(opts, stop.clone())?;
                 tracing::info!(hub = %address, transport = "grpc", "hub transport started");
                 Ok(Some(HubConnection {
-                    source: HubSource::Grpc(hub.source),
+                    source: hub.source,
                     sink: Arc::new(hub.sink),
                     address,
                     closer: HubCloser {
@@ -137,7 +115,7 @@ impl HubConnection {
                 let hub = KubeHub::start(opts, stop.clone());
                 tracing::info!(hub = %address, transport = "kube", cluster = %settings.cluster_name, "hub transport started");
                 Ok(Some(HubConnection {
-                    source: HubSource::Kube(hub.source),
+                    source: hub.source,
                     sink: Arc::new(hub.sink),
                     address,
                     closer: HubCloser {

@@ -37,16 +37,14 @@ pub enum TlsError {
     Read {
         /// Which input (CA, client certificate, client key).
         what: &'static str,
-        /// The file.
         path: PathBuf,
-        /// Underlying error.
         #[source]
         source: std::io::Error,
     },
     /// The input holds no usable PEM of the expected kind.
     #[error("{what} from {origin}: {reason}")]
     Pem {
-        /// Which input.
+        /// Which input (CA, client certificate, client key).
         what: &'static str,
         /// File path or "inline data".
         origin: String,
@@ -70,7 +68,6 @@ pub enum TlsError {
     Connect {
         /// host:port dialled.
         addr: String,
-        /// Underlying error.
         #[source]
         source: std::io::Error,
     },
@@ -270,9 +267,7 @@ struct IdentityState {
 /// A failed reload (for example the certificate already replaced but the key not yet) keeps the
 /// previous identity and logs a warning; the next handshake tries again.
 pub struct ReloadingClientCert {
-    /// Certificate chain source.
     cert: PemSource,
-    /// Private key source.
     key: PemSource,
     /// Crypto provider that turns the key into a signer.
     provider: Arc<CryptoProvider>,
@@ -356,7 +351,7 @@ struct CaState {
 /// Everything the hub TLS client needs; cheap to clone.
 #[derive(Clone)]
 pub struct ClientTls {
-    /// Shared state.
+    /// Clones share it, so every connection sees the same reloaded CA and identity.
     inner: Arc<ClientTlsInner>,
 }
 
@@ -368,9 +363,9 @@ struct ClientTlsInner {
     identity: Option<Arc<ReloadingClientCert>>,
     /// TLS 1.2 allowed as well as 1.3.
     allow_tls12: bool,
-    /// Crypto provider.
+    /// The provider the identity's signer also comes from; a config may not mix two.
     provider: Arc<CryptoProvider>,
-    /// Current config.
+    /// The config new connections get, with the CA stamp it was built from.
     ca_state: Mutex<CaState>,
 }
 

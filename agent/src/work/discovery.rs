@@ -8,6 +8,8 @@ use kube::Client;
 use kube::api::{ApiResource, GroupVersionKind};
 use kube::discovery::{ApiCapabilities, Scope};
 
+use crate::lock::lock;
+
 /// Discovery failures.
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
@@ -65,7 +67,7 @@ impl Resolver {
 
     /// Cached answer only.
     pub fn cached(&self, gvk: &GroupVersionKind) -> Option<Resolved> {
-        self.cache.lock().ok()?.get(gvk).cloned()
+        lock(&self.cache).get(gvk).cloned()
     }
 
     /// Resolves a kind: the cache, else one fresh query of its group-version.
@@ -85,9 +87,7 @@ impl Resolver {
                     ar,
                     namespaced: is_namespaced(&caps),
                 };
-                if let Ok(mut c) = self.cache.lock() {
-                    c.insert(gvk, r.clone());
-                }
+                lock(&self.cache).insert(gvk, r.clone());
                 Ok(r)
             }
             // 404 for the group-version, or the kind missing from it: unknown kind.
@@ -105,9 +105,7 @@ impl Resolver {
 
     /// Forgets a kind (after its CRD is deleted, say).
     pub fn forget(&self, gvk: &GroupVersionKind) {
-        if let Ok(mut c) = self.cache.lock() {
-            c.remove(gvk);
-        }
+        lock(&self.cache).remove(gvk);
     }
 }
 

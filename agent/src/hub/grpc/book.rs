@@ -1,0 +1,378 @@
+//! What the transport remembers about the works the hub sent, and the status outbox.
+//!
+//! The sink (engine side) and the connection task share it: the sink stores statuses, the
+//! publisher takes them out, and the event handlers record the works the hub delivers.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use spokelet_proto::CloudEvent;
+use tokio::sync::Notify;
+
+use crate::hub::cloudevents::{
+    self, ResourceVersion, SequenceIds, StatusHash, StatusKind, StatusTarget, WireMeta,
+};
+use crate::hub::metrics::HubMetrics;
+use crate::hub::outbox::Outbox;
+use crate::lock::lock;
+use crate::work::source::{SinkError, StatusUpdate};
+
+/// What we know about a work the hub sent.
+#[derive(Debug, Clone, Default)]
+pub(super) struct WorkInfo {
+    /// Metadata echoed in status events.
+    pub(super) meta: WireMeta,
+    /// The `originalsource` to answer to.
+    pub(super) original_source: String,
+}
+
+/// The latest status of one work.
+#[derive(Debug, Clone)]
+pub(super) struct Latest {
+    /// As the engine gave it, with the uid filled in.
+    update: StatusUpdate,
+    /// The engine's hash, or one computed when it gave none.
+    hash: String,
+}
+
+/// Bookkeeping shared by the sink and the connection task.
+#[derive(Debug, Default)]
+pub(super) struct Book {
+    /// uid → generation of works delivered to the engine and not deleted: the resync list.
+    pub(super) held: HashMap<String, i64>,
+    /// uid → identity, kept until the work's final (deleted) status is out.
+    pub(super) info: HashMap<String, WorkInfo>,
+    /// name → uid, to address status updates that carry no uid.
+    pub(super) names: HashMap<String, String>,
+    /// uid → latest status (answers status resync requests).
+    pub(super) latest: HashMap<String, Latest>,
+    /// uid → kind of event to send, for the statuses waiting to be published.
+    pub(super) outbox: Outbox<StatusKind>,
+}
+
+impl Book {
+    /// Queues `uid` (once); a resync response request does not downgrade a queued update.
+    fn queue(&mut self, uid: &str, kind: StatusKind) {
+        self.outbox.push_with(uid.to_string(), kind, |queued, kind| {
+            if kind == StatusKind::Update {
+                *queued = StatusKind::Update;
+            }
+        });
+    }
+
+    /// Forgets a deleted work entirely.
+    fn forget(&mut self, uid: &str) {
+        self.held.remove(uid);
+        if let Some(i) = self.info.remove(uid)
+            && self.names.get(&i.meta.name).is_some_and(|u| u == uid)
+        {
+            self.names.remove(&i.meta.name);
+        }
+        self.latest.remove(uid);
+    }
+
+    /// The works we hold with their generations, sorted by uid: the spec resync request.
+    pub(super) fn held_versions(&self) -> Vec<ResourceVersion> {
+        let mut v: Vec<ResourceVersion> = self
+            .held
+            .iter()
+            .map(|(uid, g)| ResourceVersion {
+                resource_id: uid.clone(),
+                resource_version: *g,
+            })
+            .collect();
+        v.sort_by(|a, b| a.resource_id.cmp(&b.resource_id));
+        v
+    }
+}
+
+/// State shared between the handles and the task.
+#[derive(Debug)]
+pub(super) struct Shared {
+    /// This cluster's name on the hub: events for another cluster are ignored.
+    pub(super) cluster: String,
+    /// The `source` of our status events.
+    agent_id: String,
+    /// Hands out each status event's `sequenceid`, monotonic across restarts.
+    seq: SequenceIds,
+    /// Taken through [`lock`], never across an await.
+    pub(super) book: Mutex<Book>,
+    /// Wakes the publisher when the outbox gains an entry.
+    pub(super) outbox_ready: Notify,
+    /// Synced was emitted (once per process).
+    pub(super) synced: AtomicBool,
+    /// A Publish is in flight (so an empty outbox does not yet mean everything is delivered).
+    pub(super) in_flight: AtomicBool,
+    /// The options' metrics: clones share the series `/metrics` shows.
+    pub(super) metrics: HubMetrics,
+}
+
+/// A status event ready to send.
+#[derive(Debug)]
+pub(super) struct Outgoing {
+    pub(super) uid: String,
+    pub(super) kind: StatusKind,
+    /// The status hash in the event; a different latest hash means a newer status arrived.
+    pub(super) hash: String,
+    /// The final status of a deleted work: once it is out, the work is forgotten.
+    deleted: bool,
+    pub(super) event: CloudEvent,
+}
+
+impl Shared {
+    /// Nothing known or queued yet.
+    pub(super) fn new(cluster: &str, agent_id: &str, metrics: HubMetrics) -> Self {
+        Shared {
+            cluster: cluster.to_string(),
+            agent_id: agent_id.to_string(),
+            seq: SequenceIds::default(),
+            book: Mutex::new(Book::default()),
+            outbox_ready: Notify::new(),
+            synced: AtomicBool::new(false),
+            in_flight: AtomicBool::new(false),
+            metrics,
+        }
+    }
+
+    /// Stores the latest status of a work and queues it for publishing.
+    pub(super) fn enqueue_status(&self, mut update: StatusUpdate) -> Result<(), SinkError> {
+        let mut book = lock(&self.book);
+        let uid = match update.uid.clone().filter(|u| !u.is_empty()) {
+            Some(u) => u,
+            None => match book.names.get(&update.name) {
+                Some(u) => u.clone(),
+                None => {
+                    // Without a uid there is no resourceid to address the hub with.
+                    tracing::warn!(work = %update.name, "status for a work the hub never sent; not publishing it");
+                    return Ok(());
+                }
+            },
+        };
+        update.uid = Some(uid.clone());
+        let hash = if update.status_hash.is_empty() {
+            cloudevents::status_hash(&update.status)
+        } else {
+            update.status_hash.clone()
+        };
+        book.latest.insert(uid.clone(), Latest { update, hash });
+        book.queue(&uid, StatusKind::Update);
+        self.set_outbox_gauge(&book);
+        drop(book);
+        self.outbox_ready.notify_one();
+        Ok(())
+    }
+
+    /// Takes the next queued status and builds its event.
+    pub(super) fn next_outgoing(&self) -> Option<Outgoing> {
+        let mut book = lock(&self.book);
+        loop {
+            let (uid, kind) = book.outbox.pop()?;
+            let Some(latest) = book.latest.get(&uid).cloned() else {
+                continue;
+            };
+            let event = self.status_event(&book, &uid, kind, &latest);
+            self.set_outbox_gauge(&book);
+            self.in_flight.store(true, Ordering::SeqCst);
+            return Some(Outgoing {
+                uid,
+                kind,
+                hash: latest.hash,
+                deleted: latest.update.deleted,
+                event,
+            });
+        }
+    }
+
+    /// The status event of `latest`, addressed with what the hub told us about the work and
+    /// falling back to what the engine said for a work the hub never described.
+    fn status_event(&self, book: &Book, uid: &str, kind: StatusKind, latest: &Latest) -> CloudEvent {
+        let info = book.info.get(uid).cloned().unwrap_or_default();
+        let mut meta = info.meta;
+        if meta.name.is_empty() {
+            meta.name = latest.update.name.clone();
+        }
+        if meta.namespace.is_empty() {
+            meta.namespace = latest.update.namespace.clone().unwrap_or_default();
+        }
+        meta.uid = uid.to_string();
+        meta.generation = latest.update.generation;
+        let target = StatusTarget {
+            agent_id: &self.agent_id,
+            cluster: &self.cluster,
+            resource_id: uid,
+            resource_version: latest.update.generation,
+            original_source: &info.original_source,
+            meta: &meta,
+            sequence_id: self.seq.next(),
+        };
+        cloudevents::status_event(kind, &target, &latest.update.status, &latest.hash)
+    }
+
+    /// Shows how many works wait to be published.
+    fn set_outbox_gauge(&self, book: &Book) {
+        self.metrics
+            .outbox
+            .set(i64::try_from(book.outbox.len()).unwrap_or(i64::MAX));
+    }
+
+    /// Records a successful publish: a deleted work whose final status is out is forgotten.
+    pub(super) fn published(&self, out: &Outgoing) {
+        let mut book = lock(&self.book);
+        let still_latest = book.latest.get(&out.uid).is_some_and(|l| l.hash == out.hash);
+        if out.deleted && still_latest && !book.outbox.contains(&out.uid) {
+            book.forget(&out.uid);
+        }
+    }
+
+    /// Nothing queued and nothing in flight.
+    pub(super) fn idle(&self) -> bool {
+        // Read under the lock: next_outgoing pops and sets in_flight under it too.
+        let book = lock(&self.book);
+        book.outbox.is_empty() && !self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Queues resync responses for works whose status hash the hub does not have.
+    pub(super) fn answer_status_resync(&self, hub: &[StatusHash]) -> usize {
+        let mut book = lock(&self.book);
+        let want: HashMap<&str, &str> = hub
+            .iter()
+            .map(|h| (h.resource_id.as_str(), h.status_hash.as_str()))
+            .collect();
+        let stale: Vec<String> = book
+            .latest
+            .iter()
+            .filter(|(uid, l)| hub.is_empty() || want.get(uid.as_str()) != Some(&l.hash.as_str()))
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in &stale {
+            book.queue(uid, StatusKind::ResyncResponse);
+        }
+        drop(book);
+        if !stale.is_empty() {
+            self.outbox_ready.notify_one();
+        }
+        stale.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::work::manifestwork::{Condition, ManifestWorkStatus};
+
+    fn shared() -> Shared {
+        Shared {
+            cluster: "c1".into(),
+            agent_id: "a".into(),
+            seq: SequenceIds::default(),
+            book: Mutex::new(Book::default()),
+            outbox_ready: Notify::new(),
+            synced: AtomicBool::new(false),
+            in_flight: AtomicBool::new(false),
+            metrics: HubMetrics::default(),
+        }
+    }
+
+    fn update(uid: &str, reason: &str, deleted: bool) -> StatusUpdate {
+        let status = ManifestWorkStatus {
+            conditions: vec![Condition {
+                type_: "Applied".into(),
+                status: "True".into(),
+                reason: reason.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        StatusUpdate {
+            name: format!("w-{uid}"),
+            namespace: None,
+            uid: Some(uid.into()),
+            generation: 1,
+            status_hash: String::new(),
+            status,
+            deleted,
+        }
+    }
+
+    #[test]
+    fn outbox_keeps_only_the_latest_per_work() {
+        let s = shared();
+        s.enqueue_status(update("u1", "A", false)).unwrap();
+        s.enqueue_status(update("u2", "A", false)).unwrap();
+        s.enqueue_status(update("u1", "B", false)).unwrap();
+        let a = s.next_outgoing().unwrap();
+        let b = s.next_outgoing().unwrap();
+        assert!(s.next_outgoing().is_none());
+        assert_eq!((a.uid.as_str(), b.uid.as_str()), ("u1", "u2"));
+        let want = cloudevents::status_hash(&update("u1", "B", false).status);
+        assert_eq!(a.hash, want);
+    }
+
+    #[test]
+    fn failed_send_is_requeued_unless_superseded() {
+        let s = shared();
+        s.enqueue_status(update("u1", "A", false)).unwrap();
+        let a = s.next_outgoing().unwrap();
+        lock(&s.book).outbox.retry_front(a.uid.clone(), a.kind);
+        let again = s.next_outgoing().unwrap();
+        assert_eq!(again.hash, a.hash);
+        // A newer status while in flight: published once more with the new content.
+        s.enqueue_status(update("u1", "B", false)).unwrap();
+        s.published(&again);
+        let next = s.next_outgoing().unwrap();
+        assert_ne!(next.hash, again.hash);
+        assert!(s.next_outgoing().is_none());
+    }
+
+    #[test]
+    fn deleted_work_is_forgotten_after_its_final_status() {
+        let s = shared();
+        lock(&s.book).held.insert("u1".into(), 1);
+        s.enqueue_status(update("u1", "Deleted", true)).unwrap();
+        let out = s.next_outgoing().unwrap();
+        assert!(out.deleted);
+        s.published(&out);
+        let book = lock(&s.book);
+        assert!(book.latest.is_empty() && book.held.is_empty());
+    }
+
+    #[test]
+    fn status_resync_answers_only_differing_hashes() {
+        let s = shared();
+        s.enqueue_status(update("u1", "A", false)).unwrap();
+        s.enqueue_status(update("u2", "A", false)).unwrap();
+        while let Some(o) = s.next_outgoing() {
+            s.published(&o);
+        }
+        let h1 = lock(&s.book).latest["u1"].hash.clone();
+        let n = s.answer_status_resync(&[
+            StatusHash {
+                resource_id: "u1".into(),
+                status_hash: h1,
+            },
+            StatusHash {
+                resource_id: "u2".into(),
+                status_hash: "old".into(),
+            },
+        ]);
+        assert_eq!(n, 1);
+        let o = s.next_outgoing().unwrap();
+        assert_eq!(o.uid, "u2");
+        assert_eq!(o.kind, StatusKind::ResyncResponse);
+        assert!(o.event.r#type.ends_with("status.resync_response"));
+        assert_eq!(s.answer_status_resync(&[]), 2);
+    }
+
+    #[test]
+    fn status_without_uid_uses_the_name_or_is_dropped() {
+        let s = shared();
+        let mut u = update("u1", "A", false);
+        u.uid = None;
+        s.enqueue_status(u.clone()).unwrap();
+        assert!(s.next_outgoing().is_none());
+        lock(&s.book).names.insert(u.name.clone(), "u9".into());
+        s.enqueue_status(u).unwrap();
+        assert_eq!(s.next_outgoing().unwrap().uid, "u9");
+    }
+}

@@ -1,0 +1,169 @@
+//! What each event from the hub does: spec changes go to the engine, status resync requests
+//! queue answers, undecodable events are reported as a failed condition of their work.
+
+use kube::ResourceExt;
+use spokelet_proto::{CloudEvent, MANIFEST_BUNDLES};
+
+use super::book::WorkInfo;
+use super::session::Runner;
+use crate::hub::cloudevents::{self, CodecError, Incoming, SpecEvent, WireMeta};
+use crate::lock::lock;
+use crate::work::conditions::{FALSE, cond, now_rfc3339, types};
+use crate::work::manifestwork::ManifestWorkStatus;
+use crate::work::source::{StatusUpdate, WorkEvent, WorkRef};
+
+impl Runner {
+    /// Handles one event; true when it was a spec event (which extends the sync quiet period).
+    pub(super) fn handle_event(&self, ev: &CloudEvent) -> bool {
+        let m = &self.opts.metrics;
+        match cloudevents::decode(ev, &self.shared.cluster) {
+            Ok(Incoming::Heartbeat) => {
+                m.event("heartbeat");
+                false
+            }
+            Ok(Incoming::StatusResync(hashes)) => {
+                m.event("status.resync_request");
+                let n = self.shared.answer_status_resync(&hashes);
+                tracing::debug!(hub_hashes = hashes.len(), answering = n, "status resync request");
+                false
+            }
+            Ok(Incoming::Spec(spec)) => {
+                // Decoded events have one of the known types, so the label set stays small.
+                let kind = ev
+                    .r#type
+                    .strip_prefix(MANIFEST_BUNDLES)
+                    .unwrap_or("")
+                    .trim_start_matches('.');
+                m.event(if spec.deleted && !kind.ends_with(cloudevents::action::DELETE) {
+                    "spec.deletion_timestamp"
+                } else {
+                    kind
+                });
+                self.handle_spec(spec);
+                true
+            }
+            Err(e @ CodecError::WrongCluster { .. }) => {
+                m.event("ignored");
+                tracing::warn!(id = %ev.id, error = %e, "ignoring event for another cluster");
+                false
+            }
+            Err(e) => {
+                m.event("invalid");
+                tracing::warn!(id = %ev.id, r#type = %ev.r#type, error = %e, "invalid event from the hub; skipped");
+                // Only a work's own spec event that fails to decode says something about that work;
+                // an event type we do not know (perhaps newer than us) must not fail a good work.
+                let about_the_work = !matches!(e, CodecError::UnknownType(_));
+                if about_the_work && let Some((uid, version)) = cloudevents::identify(ev) {
+                    self.report_invalid(&uid, version, &e);
+                }
+                // A broken spec event is still activity in the resync window.
+                ev.r#type.contains(".spec.")
+            }
+        }
+    }
+
+    /// Passes a spec change to the engine and records it.
+    fn handle_spec(&self, spec: SpecEvent) {
+        if spec.deleted {
+            self.handle_delete(spec);
+        } else {
+            self.handle_upsert(spec);
+        }
+    }
+
+    /// A work deleted on the hub: it leaves the resync list, and its identity is kept (or taken
+    /// from the event) so its final status can still be addressed.
+    fn handle_delete(&self, spec: SpecEvent) {
+        let uid = spec.resource_id.clone();
+        let mut book = lock(&self.shared.book);
+        let name = spec
+            .name
+            .clone()
+            .or_else(|| book.info.get(&uid).map(|i| i.meta.name.clone()));
+        book.held.remove(&uid);
+        let Some(name) = name.filter(|n| !n.is_empty()) else {
+            tracing::warn!(resource_id = %uid, "delete for a work we do not know and whose name the event lacks");
+            return;
+        };
+        let info = book.info.entry(uid.clone()).or_default();
+        info.meta.name.clone_from(&name);
+        info.meta.uid.clone_from(&uid);
+        if info.meta.namespace.is_empty() {
+            info.meta.namespace.clone_from(&self.shared.cluster);
+        }
+        if info.original_source.is_empty() {
+            info.original_source = spec.original_source;
+        }
+        book.names.insert(name.clone(), uid.clone());
+        drop(book);
+        tracing::info!(work = %name, resource_id = %uid, "work deleted on the hub");
+        let _ = self.events.send(WorkEvent::Delete(WorkRef { name }));
+    }
+
+    /// A created or changed work, unless it is older than the version we hold.
+    fn handle_upsert(&self, spec: SpecEvent) {
+        let uid = spec.resource_id.clone();
+        let mut book = lock(&self.shared.book);
+        let Some(work) = spec.work else { return };
+        if let Some(&have) = book.held.get(&uid)
+            && spec.resource_version != 0
+            && spec.resource_version < have
+        {
+            tracing::debug!(resource_id = %uid, have, got = spec.resource_version, "stale work version; ignored");
+            return;
+        }
+        let name = work.name_any();
+        book.held.insert(uid.clone(), spec.resource_version);
+        book.names.insert(name.clone(), uid.clone());
+        book.info.insert(
+            uid.clone(),
+            WorkInfo {
+                meta: WireMeta {
+                    name: name.clone(),
+                    namespace: work.namespace().unwrap_or_default(),
+                    uid: uid.clone(),
+                    generation: spec.resource_version,
+                    labels: work.labels().clone(),
+                    annotations: work.annotations().clone(),
+                },
+                original_source: spec.original_source,
+            },
+        );
+        drop(book);
+        tracing::info!(work = %name, resource_id = %uid, generation = spec.resource_version, "work from the hub");
+        let _ = self.events.send(WorkEvent::Upsert(work));
+    }
+
+    /// Reports an event that could not be decoded as a failed `Applied` condition of its work.
+    fn report_invalid(&self, uid: &str, version: i64, err: &CodecError) {
+        let name = {
+            let book = lock(&self.shared.book);
+            book.info
+                .get(uid)
+                .map(|i| i.meta.name.clone())
+                .unwrap_or_else(|| uid.to_string())
+        };
+        let mut c = cond(
+            types::APPLIED,
+            FALSE,
+            "InvalidManifestBundle",
+            format!("event rejected: {err}"),
+            version,
+        );
+        c.last_transition_time = now_rfc3339();
+        let status = ManifestWorkStatus {
+            conditions: vec![c],
+            ..Default::default()
+        };
+        let update = StatusUpdate {
+            name,
+            namespace: Some(self.shared.cluster.clone()),
+            uid: Some(uid.to_string()),
+            generation: version,
+            status_hash: cloudevents::status_hash(&status),
+            status,
+            deleted: false,
+        };
+        let _ = self.shared.enqueue_status(update);
+    }
+}

@@ -1,0 +1,236 @@
+//! The CloudEvents-over-gRPC hub transport: a [`WorkSource`](crate::work::source::WorkSource) and
+//! [`StatusSink`] backed by one subscription.
+//!
+//! One background task owns the connection. Per session it dials (mTLS through
+//! [`HubConnector`](crate::hub::tls::HubConnector)), subscribes for this cluster's manifest bundles,
+//! sends `spec.resync_request` listing the works it delivered and the engine still holds, then
+//! reads events until the stream ends or the hub is silent past the heartbeat timeout, and
+//! reconnects with jittered exponential backoff. Status updates from the engine go into an outbox
+//! that keeps only the latest status per work; a per-session publisher drains it while connected,
+//! so status produced while disconnected is sent once, after the reconnect.
+//!
+//! `WorkEvent::Synced` is emitted once, after the first resync: the protocol has no "end of
+//! resync" marker, so we wait until no spec event has arrived for a quiet period (default 2 s)
+//! after the hub acknowledged our resync request (the reference hub queues its answers before it
+//! acknowledges), capped by a maximum wait so a busy hub cannot hold it back for ever. Later
+//! resyncs need no Synced: a hub answers them with explicit delete events.
+//!
+//! - `session`: the connection task (dial, subscribe, resync, read, reconnect).
+//! - `events`: what each incoming event does.
+//! - `book`: what the transport remembers about works and the status outbox.
+//! - `publish`: the per-session status publisher.
+
+mod book;
+mod events;
+mod publish;
+mod session;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use self::book::Shared;
+use self::session::Runner;
+use super::HubEvents;
+use super::config::HubSettings;
+use super::metrics::HubMetrics;
+use super::tls::{ClientTls, TlsError};
+use crate::work::source::{SinkError, StatusSink, StatusUpdate};
+
+/// Transport failures. Setup errors are returned by [`GrpcHub::start`]; the rest end one session
+/// (logged, then reconnect).
+#[derive(Debug, thiserror::Error)]
+pub enum GrpcError {
+    /// TLS material could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// A plaintext URL without `insecure_plaintext`.
+    #[error("hub url {0} is plaintext and insecure_plaintext is not set")]
+    Plaintext(String),
+    /// The endpoint could not be built or connected.
+    #[error("connecting to the hub: {0}")]
+    Connect(#[source] tonic::transport::Error),
+    /// The hub URL is not a valid URI.
+    #[error("hub url: {0}")]
+    Url(String),
+    /// The bearer token could not be read or is not a valid header value.
+    #[error("hub token: {0}")]
+    Token(String),
+    /// The hub refused or broke the subscription.
+    #[error("subscribe: {0}")]
+    Subscribe(#[source] tonic::Status),
+    /// Sending the spec resync request failed.
+    #[error("spec resync request: {0}")]
+    Resync(#[source] tonic::Status),
+    /// The event stream failed.
+    #[error("event stream: {0}")]
+    Stream(#[source] tonic::Status),
+    /// The hub closed the event stream.
+    #[error("the hub closed the event stream")]
+    StreamEnded,
+    /// Nothing (not even a heartbeat) was heard for the timeout.
+    #[error("no message from the hub for {0:?} (heartbeat timeout)")]
+    HeartbeatTimeout(Duration),
+    /// Publishing a status failed in a way that suggests the connection is gone.
+    #[error("publishing status: {0}")]
+    Publish(#[source] tonic::Status),
+    /// An RPC did not finish in time.
+    #[error("{0} timed out")]
+    Timeout(&'static str),
+}
+
+/// Tunables of the transport. [`GrpcHubOptions::new`] gives production defaults.
+#[derive(Debug, Clone)]
+pub struct GrpcHubOptions {
+    /// Where and how to reach the hub: URL, TLS, token, keepalive and heartbeat timeout.
+    pub settings: HubSettings,
+    /// Counters and gauges of this transport; register them with [`HubMetrics::register`]
+    /// (clones share the series).
+    pub metrics: HubMetrics,
+    /// Quiet period after the first resync before `Synced` (see the module docs).
+    pub sync_quiet: Duration,
+    /// Longest wait for the quiet period before `Synced` is emitted anyway.
+    pub sync_max_wait: Duration,
+    /// First reconnect delay (jittered by ±50 %).
+    pub backoff_min: Duration,
+    /// Largest reconnect delay.
+    pub backoff_max: Duration,
+    /// TCP + TLS connect timeout; also bounds the subscribe call.
+    pub connect_timeout: Duration,
+    /// Timeout of one Publish RPC.
+    pub publish_timeout: Duration,
+    /// How long a shutdown waits for queued statuses to be published (0: not at all).
+    pub shutdown_flush: Duration,
+    /// Largest gRPC message we decode. Above the codec's 4 MiB payload limit on purpose: an
+    /// oversized event is then refused by the codec (logged, reported) instead of breaking the
+    /// stream, which would reconnect and receive the same event again.
+    pub max_message_size: usize,
+}
+
+impl GrpcHubOptions {
+    /// Production defaults around `settings`.
+    pub fn new(settings: HubSettings) -> Self {
+        GrpcHubOptions {
+            settings,
+            metrics: HubMetrics::default(),
+            sync_quiet: Duration::from_secs(2),
+            sync_max_wait: Duration::from_secs(30),
+            backoff_min: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            publish_timeout: Duration::from_secs(10),
+            shutdown_flush: Duration::from_secs(5),
+            max_message_size: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// Connection state, for readiness and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HubState {
+    /// A subscription is established.
+    pub connected: bool,
+    /// Successful subscribes so far (1 after the first connect; +1 per reconnect).
+    pub sessions: u64,
+    /// Failed connect or subscribe attempts and broken sessions so far.
+    pub failures: u64,
+    /// `Synced` was emitted.
+    pub synced: bool,
+    /// Why the last attempt or session failed (full error chain, no secrets).
+    pub last_error: Option<String>,
+    /// Spec resync requests sent.
+    pub resyncs: u64,
+}
+
+/// Observes the transport.
+#[derive(Debug, Clone)]
+pub struct HubHandle {
+    state: watch::Receiver<HubState>,
+}
+
+impl HubHandle {
+    /// The state now.
+    pub fn state(&self) -> HubState {
+        self.state.borrow().clone()
+    }
+
+    /// Waits until `pred` holds for the state (returns at once if it already does).
+    pub async fn wait_for(&mut self, pred: impl FnMut(&HubState) -> bool) -> HubState {
+        let done = self.state.wait_for(pred).await.map(|s| s.clone());
+        // Err: the task ended; report the final state.
+        done.unwrap_or_else(|_| self.state.borrow().clone())
+    }
+}
+
+/// The running transport: hand `source` and `sink` to the engine.
+#[derive(Debug)]
+pub struct GrpcHub {
+    /// Work events for the engine, in the order the hub sent them; `recv` is cancel-safe.
+    pub source: HubEvents,
+    /// Takes the engine's statuses and returns at once; the connection task delivers them.
+    pub sink: GrpcStatusSink,
+    /// Readiness and test observers of the connection.
+    pub handle: HubHandle,
+    /// The background task; ends after `shutdown` is cancelled.
+    pub task: JoinHandle<()>,
+}
+
+/// Status sink: buffers the latest status per work and returns at once; the connection task
+/// delivers it when the hub is reachable.
+#[derive(Debug, Clone)]
+pub struct GrpcStatusSink {
+    /// The outbox it fills, shared with the connection task.
+    shared: Arc<Shared>,
+}
+
+impl StatusSink for GrpcStatusSink {
+    fn publish(&self, update: StatusUpdate) -> BoxFuture<'_, Result<(), SinkError>> {
+        let r = self.shared.enqueue_status(update);
+        Box::pin(async move { r })
+    }
+}
+
+impl GrpcHub {
+    /// Validates the settings, loads TLS material (failing fast on a bad setup) and starts the
+    /// connection task. Must be called inside a tokio runtime.
+    pub fn start(opts: GrpcHubOptions, shutdown: CancellationToken) -> Result<GrpcHub, GrpcError> {
+        let s = &opts.settings;
+        if s.url.plaintext && !s.insecure_plaintext {
+            return Err(GrpcError::Plaintext(s.url.uri()));
+        }
+        let tls = if s.url.plaintext {
+            None
+        } else {
+            Some(ClientTls::new(s.tls.clone())?)
+        };
+        if let Some(tls) = &tls {
+            // Validate the server name now rather than at the first connect.
+            tls.connector(&s.url.host, s.url.port)?;
+        }
+        let shared = Arc::new(Shared::new(&s.cluster_name, &s.agent_id, opts.metrics.clone()));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (state_tx, state_rx) = watch::channel(HubState::default());
+        let span =
+            tracing::info_span!("hub", transport = "grpc", url = %s.url.uri(), cluster = %s.cluster_name);
+        let runner = Runner {
+            opts,
+            tls,
+            shared: shared.clone(),
+            events: tx,
+            state: state_tx,
+            shutdown,
+        };
+        let task = tokio::spawn(runner.run().instrument(span));
+        Ok(GrpcHub {
+            source: rx,
+            sink: GrpcStatusSink { shared },
+            handle: HubHandle { state: state_rx },
+            task,
+        })
+    }
+}

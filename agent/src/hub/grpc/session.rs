@@ -1,0 +1,371 @@
+//! The connection task: dial, subscribe, send the spec resync, read events; reconnect with
+//! backoff when a session breaks.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use spokelet_proto::{
+    CloudEvent, CloudEventServiceClient, MANIFEST_BUNDLES, PublishRequest, SubscriptionRequest,
+};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::Streaming;
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument;
+
+use super::book::Shared;
+use super::publish::publish_loop;
+use super::{GrpcError, GrpcHubOptions, HubState};
+use crate::backoff::ExponentialBackoff;
+use crate::hub::cloudevents;
+use crate::hub::config::TokenSource;
+use crate::hub::tls::{ClientTls, HubConnector, error_chain};
+use crate::lock::lock;
+use crate::work::source::WorkEvent;
+
+/// TLS alerts a hub sends when it does not accept our client certificate (rustls spelling).
+const REFUSED_IDENTITY_ALERTS: &[&str] = &[
+    "fatal alert: CertificateExpired",
+    "fatal alert: UnknownCA",
+    "fatal alert: BadCertificate",
+    "fatal alert: CertificateRequired",
+    "fatal alert: CertificateRevoked",
+    "fatal alert: AccessDenied",
+];
+
+/// Adds `authorization: Bearer <token>` when a token is configured.
+#[derive(Clone)]
+pub(super) struct Auth {
+    /// The header value, marked sensitive so it is never logged by tonic/hyper.
+    header: Option<AsciiMetadataValue>,
+}
+
+impl Auth {
+    /// Reads the token now: a token file is read at each connect, so a rotated token is used.
+    fn new(token: Option<&TokenSource>) -> Result<Auth, GrpcError> {
+        let header = match token {
+            None => None,
+            Some(src) => {
+                let token = src
+                    .read()
+                    .map_err(|e| GrpcError::Token(format!("reading {src:?}: {e}")))?;
+                let mut v: AsciiMetadataValue = MetadataValue::try_from(format!("Bearer {token}"))
+                    .map_err(|_| GrpcError::Token("token is not a valid header value".into()))?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+        };
+        Ok(Auth { header })
+    }
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.header.is_some() {
+            "Auth(<bearer>)"
+        } else {
+            "Auth(none)"
+        })
+    }
+}
+
+impl Interceptor for Auth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(h) = &self.header {
+            req.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// The client type of one session.
+pub(super) type Client = CloudEventServiceClient<InterceptedService<Channel, Auth>>;
+
+/// How one session ended.
+enum SessionEnd {
+    /// Shutdown was requested.
+    Shutdown,
+    /// The session broke; `heard` tells whether anything was received (resets the backoff).
+    Broken {
+        error: GrpcError,
+        /// At least one message arrived in this session.
+        heard: bool,
+    },
+}
+
+/// The connection task's own state.
+pub(super) struct Runner {
+    pub(super) opts: GrpcHubOptions,
+    /// TLS client (None for plaintext).
+    pub(super) tls: Option<ClientTls>,
+    /// Works held and the status outbox, shared with the sink.
+    pub(super) shared: Arc<Shared>,
+    /// The sending end of the engine's [`GrpcHub::source`](super::GrpcHub::source).
+    pub(super) events: mpsc::UnboundedSender<WorkEvent>,
+    /// Seen by every [`HubHandle`](super::HubHandle).
+    pub(super) state: watch::Sender<HubState>,
+    /// Ends the transport, after a bounded flush of the outbox (see `flush`).
+    pub(super) shutdown: CancellationToken,
+}
+
+/// Sleeps until `t`, or for ever when there is no deadline.
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => futures::future::pending().await,
+    }
+}
+
+/// `http::uri` through tonic, so no direct `http` dependency is needed.
+mod http_uri {
+    pub use tonic::codegen::http::uri::InvalidUri;
+}
+
+impl Runner {
+    /// Connect, run a session, back off, repeat until shutdown.
+    pub(super) async fn run(self) {
+        let mut backoff = ExponentialBackoff::new(self.opts.backoff_min, self.opts.backoff_max, 0.5);
+        let mut first = true;
+        loop {
+            if !first {
+                self.opts.metrics.reconnects.inc();
+            }
+            first = false;
+            let end = self.session().await;
+            self.opts.metrics.connected.set(0);
+            self.state.send_modify(|s| s.connected = false);
+            match end {
+                SessionEnd::Shutdown => break,
+                SessionEnd::Broken { error, heard } => {
+                    let mut msg = error_chain(&error);
+                    if REFUSED_IDENTITY_ALERTS.iter().any(|a| msg.contains(a)) {
+                        msg.push_str(" (the hub refused this agent's client certificate)");
+                    }
+                    tracing::warn!(error = %msg, "hub session ended; reconnecting");
+                    self.state.send_modify(|s| {
+                        s.failures += 1;
+                        s.last_error = Some(msg);
+                    });
+                    if heard {
+                        backoff.reset();
+                    }
+                }
+            }
+            let delay = backoff.next_delay();
+            tracing::debug!(?delay, "waiting before reconnecting");
+            tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+        tracing::info!("hub transport stopped");
+    }
+
+    /// The endpoint to dial, with the connect timeout and keepalive settings.
+    fn endpoint(&self) -> Result<Endpoint, GrpcError> {
+        let s = &self.opts.settings;
+        let mut endpoint = if s.url.plaintext {
+            tracing::warn!(url = %s.url.uri(), "connecting to the hub WITHOUT TLS (insecure plaintext): works, status and credentials travel unencrypted");
+            Endpoint::from_shared(s.url.uri()).map_err(GrpcError::Connect)?
+        } else {
+            // tonic must not add TLS itself (our connector does), so it sees http; requests still
+            // carry the https origin.
+            let dial = format!("http://{}:{}", s.url.host, s.url.port);
+            let origin: tonic::transport::Uri = s
+                .url
+                .uri()
+                .parse()
+                .map_err(|e: http_uri::InvalidUri| GrpcError::Url(e.to_string()))?;
+            Endpoint::from_shared(dial)
+                .map_err(GrpcError::Connect)?
+                .origin(origin)
+        };
+        endpoint = endpoint
+            .connect_timeout(self.opts.connect_timeout)
+            .tcp_nodelay(true);
+        if s.keep_alive.enable {
+            endpoint = endpoint
+                .http2_keep_alive_interval(s.keep_alive.time)
+                .keep_alive_timeout(s.keep_alive.timeout)
+                .keep_alive_while_idle(s.keep_alive.permit_without_stream);
+        }
+        Ok(endpoint)
+    }
+
+    /// Dials the hub and builds a client.
+    async fn connect(&self) -> Result<Client, GrpcError> {
+        let s = &self.opts.settings;
+        let endpoint = self.endpoint()?;
+        let channel = match &self.tls {
+            None => endpoint.connect().await.map_err(GrpcError::Connect)?,
+            Some(tls) => {
+                let connector: HubConnector = tls.connector(&s.url.host, s.url.port)?;
+                endpoint
+                    .connect_with_connector(connector)
+                    .await
+                    .map_err(GrpcError::Connect)?
+            }
+        };
+        let auth = Auth::new(s.token.as_ref())?;
+        Ok(CloudEventServiceClient::with_interceptor(channel, auth)
+            .max_decoding_message_size(self.opts.max_message_size)
+            .max_encoding_message_size(self.opts.max_message_size))
+    }
+
+    /// One connection: subscribe, resync, read until it breaks.
+    async fn session(&self) -> SessionEnd {
+        let broken = |error| SessionEnd::Broken { error, heard: false };
+        let client = tokio::select! {
+            () = self.shutdown.cancelled() => return SessionEnd::Shutdown,
+            c = self.connect() => match c { Ok(c) => c, Err(e) => return broken(e) },
+        };
+        let mut stream = tokio::select! {
+            () = self.shutdown.cancelled() => return SessionEnd::Shutdown,
+            r = self.subscribe(&client) => match r { Ok(s) => s, Err(e) => return broken(e) },
+        };
+        self.opts.metrics.connected.set(1);
+        self.state.send_modify(|st| {
+            st.connected = true;
+            st.sessions += 1;
+        });
+        tracing::info!("subscribed to the hub");
+        if let Err(e) = self.send_spec_resync(&client).await {
+            return broken(e);
+        }
+
+        // Publisher: drains the outbox while this session lives. Its own token (not a child of
+        // shutdown) so it can flush the outbox after shutdown is requested.
+        let session = CancellationToken::new();
+        let (pub_err_tx, mut pub_err_rx) = mpsc::channel::<GrpcError>(1);
+        let publisher = tokio::spawn(
+            publish_loop(
+                self.shared.clone(),
+                client.clone(),
+                self.opts.publish_timeout,
+                session.clone(),
+                pub_err_tx,
+            )
+            .in_current_span(),
+        );
+        let _stop_publisher = session.clone().drop_guard();
+
+        let end = self.read_events(&mut stream, &mut pub_err_rx).await;
+        if matches!(end, SessionEnd::Shutdown) && !self.opts.shutdown_flush.is_zero() {
+            self.flush(&mut pub_err_rx).await;
+        }
+        session.cancel();
+        let _ = publisher.await;
+        end
+    }
+
+    /// Subscribes for this cluster's manifest bundles.
+    async fn subscribe(&self, client: &Client) -> Result<Streaming<CloudEvent>, GrpcError> {
+        let mut sub_client = client.clone();
+        let req = SubscriptionRequest {
+            source: String::new(),
+            cluster_name: self.opts.settings.cluster_name.clone(),
+            data_type: MANIFEST_BUNDLES.to_string(),
+        };
+        match tokio::time::timeout(self.opts.connect_timeout, sub_client.subscribe(req)).await {
+            Err(_) => Err(GrpcError::Timeout("subscribe")),
+            Ok(Err(st)) => Err(GrpcError::Subscribe(st)),
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+        }
+    }
+
+    /// Resync: tells the hub what we hold so it sends what changed while we were away.
+    async fn send_spec_resync(&self, client: &Client) -> Result<(), GrpcError> {
+        let s = &self.opts.settings;
+        let held = lock(&self.shared.book).held_versions();
+        let count = held.len();
+        let ev = cloudevents::spec_resync_request(&s.agent_id, &s.cluster_name, held);
+        let mut pub_client = client.clone();
+        match tokio::time::timeout(
+            self.opts.publish_timeout,
+            pub_client.publish(PublishRequest { event: Some(ev) }),
+        )
+        .await
+        {
+            Err(_) => return Err(GrpcError::Timeout("spec resync request")),
+            Ok(Err(st)) => return Err(GrpcError::Resync(st)),
+            Ok(Ok(_)) => {}
+        }
+        self.state.send_modify(|st| st.resyncs += 1);
+        tracing::debug!(works = count, "spec resync request sent");
+        Ok(())
+    }
+
+    /// Reads events until the stream breaks, the hub goes silent past the heartbeat timeout, the
+    /// publisher reports a broken connection, or shutdown. Emits `Synced` once the first resync
+    /// has gone quiet (see the module docs).
+    async fn read_events(
+        &self,
+        stream: &mut Streaming<CloudEvent>,
+        publish_errors: &mut mpsc::Receiver<GrpcError>,
+    ) -> SessionEnd {
+        let hb_timeout = self.opts.settings.heartbeat_timeout;
+        let start = Instant::now();
+        let mut last_heard = start;
+        let mut heard = false;
+        let mut sync_at = (!self.shared.synced.load(Ordering::Relaxed)).then(|| start + self.opts.sync_quiet);
+        let sync_limit = start + self.opts.sync_max_wait;
+        loop {
+            let sync_deadline = sync_at.map(|t| t.min(sync_limit));
+            tokio::select! {
+                () = self.shutdown.cancelled() => return SessionEnd::Shutdown,
+                Some(e) = publish_errors.recv() => return SessionEnd::Broken { error: e, heard },
+                () = tokio::time::sleep_until(last_heard + hb_timeout) => {
+                    return SessionEnd::Broken { error: GrpcError::HeartbeatTimeout(hb_timeout), heard };
+                }
+                () = sleep_until_opt(sync_deadline) => {
+                    sync_at = None;
+                    self.emit_synced();
+                }
+                msg = stream.message() => match msg {
+                    Ok(Some(ev)) => {
+                        last_heard = Instant::now();
+                        heard = true;
+                        if self.handle_event(&ev) && sync_at.is_some() {
+                            sync_at = Some(last_heard + self.opts.sync_quiet);
+                        }
+                    }
+                    Ok(None) => return SessionEnd::Broken { error: GrpcError::StreamEnded, heard },
+                    Err(st) => return SessionEnd::Broken { error: GrpcError::Stream(st), heard },
+                },
+            }
+        }
+    }
+
+    /// Emits `Synced`, once per process: later sessions' resyncs are answered with explicit deletes.
+    fn emit_synced(&self) {
+        if !self.shared.synced.swap(true, Ordering::Relaxed) {
+            tracing::info!("initial resync complete");
+            let _ = self.events.send(WorkEvent::Synced);
+            self.state.send_modify(|st| st.synced = true);
+        }
+    }
+
+    /// After shutdown: gives the publisher up to `shutdown_flush` to send what is queued (the
+    /// final statuses of a graceful stop), unless the connection fails first.
+    async fn flush(&self, errors: &mut mpsc::Receiver<GrpcError>) {
+        let deadline = Instant::now() + self.opts.shutdown_flush;
+        loop {
+            if self.shared.idle() {
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => {
+                    tracing::warn!(queued = lock(&self.shared.book).outbox.len(), "shutdown: statuses not delivered in time");
+                    return;
+                }
+                _ = errors.recv() => return,
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! The Kubernetes-API hub transport (classic klusterlet): watch ManifestWorks, write status, finalizer, lease.
+//!
+//! - Works: a watch on `ManifestWork`s in the namespace named after the cluster. Each list (first
+//!   start and every re-list after a watch gap) ends with `InitDone`; works known before but not
+//!   listed again were deleted while we were away and are reported as deletes. The first
+//!   `InitDone` is the engine's `Synced`. Objects are decoded one by one, so a work the agent
+//!   cannot read is logged and skipped instead of failing the whole list and stalling every
+//!   other work; a status it cannot read is ignored (the agent overwrites it anyway).
+//! - Finalizer: live works get `cluster.open-cluster-management.io/manifest-work-cleanup`, so a
+//!   deletion on the hub waits for our cleanup; it is removed after the final (`deleted`) status,
+//!   also when the hub refuses that status: the cleanup on the spoke is done either way.
+//! - Status: the `status` subresource (JSON merge patch of `status`), latest-per-work. Transient
+//!   failures (hub unreachable, 5xx, 401/403/409/429) are retried with backoff; a status the hub
+//!   rejects as invalid (400/413/422) is logged and dropped, as retrying the same body cannot
+//!   succeed, and it must not hold up other works' statuses.
+//! - Lease: `managed-cluster-lease` (coordination.k8s.io/v1) in the cluster namespace, read and
+//!   replaced (RBAC: get, create, update) every lease duration (60 s by default), retried with
+//!   backoff when that fails.
+//! - Every retry loop (watch, status, lease) uses [`ExponentialBackoff`] and ends on shutdown, so
+//!   a hub that is down at start or goes away mid-watch costs retries, never the transport.
+//! - Client certificate: when the hub kubeconfig references `client-certificate` and
+//!   `client-key` files, the client's TLS config serves them through
+//!   [`ReloadingClientCert`](crate::hub::tls::ReloadingClientCert), the same resolver the gRPC
+//!   transport uses. Once the files change, the next request opens a new connection with the new
+//!   certificate ([`hub_client`]); the watch finishes on the old connection and the engine is
+//!   told nothing. A certificate embedded in the kubeconfig (`client-certificate-data`) is fixed
+//!   until restart.
+//!
+//! The RBAC the agent needs on the hub is in `deploy/hub/agent-rbac.yaml`.
+//!
+//! - `client`: the hub kubeconfig, the client and its reloading client certificate.
+//! - `works`: the watch on works and the cleanup finalizer.
+//! - `status`: the status sink and the task that writes statuses.
+//! - `lease`: the cluster lease renewal.
+
+mod client;
+mod lease;
+mod status;
+mod works;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::{Api, DynamicObject};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+pub use self::client::{
+    ClientCertSource, HubTls, client_cert_source, client_from_kubeconfig, config_from_kubeconfig, hub_client,
+    hub_tls_config,
+};
+use self::lease::renew_lease;
+pub use self::status::KubeStatusSink;
+use self::status::{StatusQueue, write_statuses};
+use self::works::{watch_works, work_resource};
+use super::HubEvents;
+use super::tls::TlsError;
+use crate::backoff::ExponentialBackoff;
+use crate::kube_client::Http2ClientError;
+
+/// Finalizer that keeps a hub work until the agent has cleaned up after it.
+pub const CLEANUP_FINALIZER: &str = "cluster.open-cluster-management.io/manifest-work-cleanup";
+/// Name of the lease the agent renews in its cluster namespace.
+pub const LEASE_NAME: &str = "managed-cluster-lease";
+/// Default lease duration (the hub marks the cluster unknown after 5 missed durations).
+pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(60);
+/// First retry delay of every retry loop; doubles up to [`KubeHubOptions::retry_max`].
+const RETRY_MIN: Duration = Duration::from_millis(200);
+/// Jitter of the retry delays.
+const RETRY_JITTER: f64 = 0.5;
+
+/// Kubernetes-hub transport failures.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeHubError {
+    /// The hub kubeconfig cannot be read or used.
+    #[error("hub kubeconfig {path}: {source}")]
+    Kubeconfig {
+        /// The kubeconfig path as given.
+        path: String,
+        /// Why kube could not read or use it.
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    /// A client could not be built or a request failed.
+    #[error("hub API: {0}")]
+    Api(#[from] kube::Error),
+    /// The HTTP/2 client for the hub could not be built.
+    #[error("hub client: {0}")]
+    Client(#[from] Http2ClientError),
+    /// The client certificate files the hub kubeconfig names cannot be loaded.
+    #[error("hub client certificate: {0}")]
+    ClientCert(#[from] TlsError),
+}
+
+/// Settings of the Kubernetes-hub transport.
+#[derive(Clone)]
+pub struct KubeHubOptions {
+    /// Client for the hub API server.
+    pub client: kube::Client,
+    /// Our cluster name: the namespace our works live in.
+    pub cluster_name: String,
+    /// Our agent id (the lease holder identity).
+    pub agent_id: String,
+    /// Lease duration, also the renew interval.
+    pub lease_duration: Duration,
+    /// Largest retry delay of the watch, status writes and lease renewals.
+    pub retry_max: Duration,
+}
+
+impl std::fmt::Debug for KubeHubOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeHubOptions")
+            .field("cluster_name", &self.cluster_name)
+            .field("agent_id", &self.agent_id)
+            .field("lease_duration", &self.lease_duration)
+            .finish()
+    }
+}
+
+impl KubeHubOptions {
+    /// Defaults around a client.
+    pub fn new(client: kube::Client, cluster_name: &str, agent_id: &str) -> Self {
+        KubeHubOptions {
+            client,
+            cluster_name: cluster_name.to_string(),
+            agent_id: agent_id.to_string(),
+            lease_duration: DEFAULT_LEASE_DURATION,
+            retry_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The running transport.
+#[derive(Debug)]
+pub struct KubeHub {
+    /// Work events from the watch, for the engine; `recv` is cancel-safe.
+    pub source: HubEvents,
+    /// Takes the engine's statuses and returns at once; a background task writes them.
+    pub sink: KubeStatusSink,
+    /// Watch, status writer and lease tasks; they end after shutdown.
+    pub tasks: Vec<JoinHandle<()>>,
+}
+
+impl KubeHub {
+    /// Starts the watch, status writer and lease tasks. Must be called inside a tokio runtime.
+    /// Nothing here needs the hub to be up: each task retries until it is, or until shutdown.
+    pub fn start(opts: KubeHubOptions, shutdown: CancellationToken) -> KubeHub {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queue = Arc::new(StatusQueue::default());
+        let span = tracing::info_span!("hub", transport = "kube", cluster = %opts.cluster_name);
+        // Untyped, so one object the agent cannot decode fails alone (see `decode_work`).
+        let works: Api<DynamicObject> =
+            Api::namespaced_with(opts.client.clone(), &opts.cluster_name, &work_resource());
+        let tasks = vec![
+            tokio::spawn(
+                watch_works(works.clone(), tx, opts.retry_max, shutdown.clone()).instrument(span.clone()),
+            ),
+            tokio::spawn(
+                write_statuses(works, queue.clone(), opts.retry_max, shutdown.clone())
+                    .instrument(span.clone()),
+            ),
+            tokio::spawn(renew_lease(opts, shutdown).instrument(span)),
+        ];
+        KubeHub {
+            source: rx,
+            sink: KubeStatusSink { queue },
+            tasks,
+        }
+    }
+}
+
+/// The API status code of a failed request, if the server answered.
+fn api_code(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+/// Whether an API error means the object is gone.
+fn is_not_found(e: &kube::Error) -> bool {
+    api_code(e) == Some(404)
+}
+
+/// The backoff of every retry loop here, up to `max`.
+fn retry_backoff(max: Duration) -> ExponentialBackoff {
+    ExponentialBackoff::new(RETRY_MIN, max, RETRY_JITTER)
+}
+
+/// Sleeps for the next backoff delay; false when shutdown came first.
+async fn pause(backoff: &mut ExponentialBackoff, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        () = shutdown.cancelled() => false,
+        () = tokio::time::sleep(backoff.next_delay()) => true,
+    }
+}
