@@ -135,22 +135,13 @@ fn config_file_args(
     partial: &clap::ArgMatches,
     path: &PathBuf,
 ) -> Result<Vec<OsString>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.clone(),
-        source,
-    })?;
     let invalid = |message: String| ConfigError::Invalid {
         path: path.clone(),
         message,
     };
-    let doc: serde_yaml::Value = serde_yaml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-    let map = match doc {
-        serde_yaml::Value::Mapping(map) => map,
-        // An empty file is a valid (if pointless) config.
-        serde_yaml::Value::Null => return Ok(Vec::new()),
-        _ => return Err(invalid("expected a mapping of flag names to values".into())),
+    let Some(map) = read_config_map(path)? else {
+        return Ok(Vec::new());
     };
-
     let (sub_name, sub_matches) = match partial.subcommand() {
         Some((name, m)) => (Some(name), Some(m)),
         None => (None, None),
@@ -183,37 +174,66 @@ fn config_file_args(
         let already_set = matches
             .and_then(|m| m.value_source(arg.get_id().as_str()))
             .is_some_and(|src| matches!(src, ValueSource::CommandLine | ValueSource::EnvVariable));
-        if already_set {
-            continue;
-        }
-        let is_switch = matches!(arg.get_action(), ArgAction::SetTrue | ArgAction::SetFalse);
-        let values = match value {
-            serde_yaml::Value::Sequence(items) => items,
-            other => vec![other],
-        };
-        for item in values {
-            let scalar = match item {
-                serde_yaml::Value::String(s) => s,
-                serde_yaml::Value::Bool(b) => b.to_string(),
-                serde_yaml::Value::Number(n) => n.to_string(),
-                _ => {
-                    return Err(invalid(format!(
-                        "value of `{key}` must be a string, number, boolean or list of those"
-                    )));
-                }
-            };
-            if is_switch {
-                match scalar.as_str() {
-                    "true" => out.push(OsString::from(format!("--{key}"))),
-                    "false" => {}
-                    _ => return Err(invalid(format!("`{key}` is a switch: use true or false"))),
-                }
-            } else {
-                out.push(OsString::from(format!("--{key}={scalar}")));
-            }
+        if !already_set {
+            push_flag(&mut out, arg, &key, value).map_err(invalid)?;
         }
     }
     Ok(out)
+}
+
+/// The config file's mapping; None for an empty file (a valid, if pointless, config).
+fn read_config_map(path: &PathBuf) -> Result<Option<serde_yaml::Mapping>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let invalid = |message: String| ConfigError::Invalid {
+        path: path.clone(),
+        message,
+    };
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    match doc {
+        serde_yaml::Value::Mapping(map) => Ok(Some(map)),
+        serde_yaml::Value::Null => Ok(None),
+        _ => Err(invalid("expected a mapping of flag names to values".into())),
+    }
+}
+
+/// Appends the arguments for one config entry: `--key=value` per value (a list repeats the
+/// flag), or `--key` for a switch set to true.
+fn push_flag(
+    out: &mut Vec<OsString>,
+    arg: &clap::Arg,
+    key: &str,
+    value: serde_yaml::Value,
+) -> Result<(), String> {
+    let is_switch = matches!(arg.get_action(), ArgAction::SetTrue | ArgAction::SetFalse);
+    let values = match value {
+        serde_yaml::Value::Sequence(items) => items,
+        other => vec![other],
+    };
+    for item in values {
+        let scalar = match item {
+            serde_yaml::Value::String(s) => s,
+            serde_yaml::Value::Bool(b) => b.to_string(),
+            serde_yaml::Value::Number(n) => n.to_string(),
+            _ => {
+                return Err(format!(
+                    "value of `{key}` must be a string, number, boolean or list of those"
+                ));
+            }
+        };
+        if !is_switch {
+            out.push(OsString::from(format!("--{key}={scalar}")));
+            continue;
+        }
+        match scalar.as_str() {
+            "true" => out.push(OsString::from(format!("--{key}"))),
+            "false" => {}
+            _ => return Err(format!("`{key}` is a switch: use true or false")),
+        }
+    }
+    Ok(())
 }
 
 fn find_long<'a>(cmd: &'a clap::Command, long: &str) -> Option<&'a clap::Arg> {

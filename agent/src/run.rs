@@ -9,12 +9,12 @@ use kube::Config;
 
 use crate::admin::RunContext;
 use crate::duration::parse_duration;
+use crate::hub::file_source::{FileSource, FileSourceError, FileStatusSink};
 use crate::hub::{ConnectError, HubArgs, HubConnection};
 use crate::kube_client::{self, Http2ClientError};
 use crate::lock::lock;
 use crate::work::applied_work::hub_hash;
 use crate::work::engine::{EngineConfig, EngineError, WorkEngine};
-use crate::work::file_source::{FileSource, FileSourceError, FileStatusSink};
 use crate::work::manifestwork::DEFAULT_FIELD_MANAGER;
 use crate::work::metrics::WorkMetrics;
 use crate::work::schedule::FlapGuard;

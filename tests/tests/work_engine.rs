@@ -958,7 +958,7 @@ async fn immutable_field_rejection_is_reported() {
 
 #[tokio::test]
 async fn file_source_end_to_end() {
-    use spokelet::work::{FileSource, FileStatusSink};
+    use spokelet::hub::{FileSource, FileStatusSink};
     let client = shared_spoke().await.client();
     let ns = namespace(&client, "files").await;
     let dir = tempfile::tempdir().unwrap();

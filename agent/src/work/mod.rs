@@ -16,7 +16,6 @@ pub mod drift;
 pub mod engine;
 pub mod failure;
 pub mod feedback;
-pub mod file_source;
 pub mod history;
 pub mod jsonpath;
 pub mod manifestwork;
@@ -32,7 +31,6 @@ pub mod status;
 pub mod validate;
 
 pub use engine::{EngineConfig, EngineError, WorkEngine};
-pub use file_source::{FileSource, FileStatusSink};
 pub use manifestwork::{ManifestBundle, ManifestWork, ManifestWorkSpec, ManifestWorkStatus};
 pub use source::{StatusSink, StatusUpdate, WorkEvent, WorkRef, WorkSource};
 

@@ -1,5 +1,6 @@
-//! A work source reading ManifestWork YAML files from a directory (re-read on change; a removed
-//! file deletes its works), and a sink writing each work's status next to it as `NAME.status.yaml`.
+//! A directory standing in for a hub: a work source reading ManifestWork YAML files from it
+//! (re-read on change; a removed file deletes its works), and a sink writing each work's status
+//! next to it as `NAME.status.yaml`. For a single node or a test bed without a hub.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -9,9 +10,9 @@ use futures::future::BoxFuture;
 use kube::ResourceExt;
 use sha2::{Digest, Sha256};
 
-use super::conditions::{FALSE, cond, now_rfc3339, types};
-use super::manifestwork::{ManifestWork, ManifestWorkStatus};
-use super::source::{SinkError, StatusSink, StatusUpdate, WorkEvent, WorkRef, WorkSource, log_status};
+use crate::work::conditions::{FALSE, cond, now_rfc3339, types};
+use crate::work::manifestwork::{ManifestWork, ManifestWorkStatus};
+use crate::work::source::{SinkError, StatusSink, StatusUpdate, WorkEvent, WorkRef, WorkSource, log_status};
 
 /// File-source failures (only construction can fail; bad files are reported, never fatal).
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +26,29 @@ pub enum FileSourceError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Why a work file is refused (its works keep their last good version).
+#[derive(Debug, thiserror::Error)]
+pub enum WorkFileError {
+    #[error("not UTF-8: {0}")]
+    NotUtf8(#[from] std::str::Utf8Error),
+    /// A YAML document (counted from 0) does not parse, or is not a ManifestWork's shape.
+    #[error("document {doc}: {source}")]
+    Yaml {
+        doc: usize,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("document {doc}: kind is {kind:?}, expected ManifestWork")]
+    WrongKind { doc: usize, kind: String },
+    /// The name becomes a file name and part of an object name.
+    #[error(
+        "document {doc}: work name {name:?} must be lower-case letters, digits, '-' or '.' (at most 200)"
+    )]
+    BadName { doc: usize, name: String },
+    #[error("two documents define a work with the same name")]
+    DuplicateName,
 }
 
 /// What was last read from one file.
@@ -78,7 +102,6 @@ impl FileSource {
 
     /// Scans once, queueing events for what changed.
     pub fn scan(&mut self) {
-        let mut present = Vec::new();
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(e) => e,
             Err(e) => {
@@ -86,47 +109,59 @@ impl FileSource {
                 return;
             }
         };
+        let mut present = Vec::new();
         for entry in entries.flatten() {
             let path = entry.path();
-            if !is_work_file(&path) {
-                continue;
-            }
-            present.push(path.clone());
-            let Ok(bytes) = std::fs::read(&path) else { continue };
-            let hash: [u8; 32] = Sha256::digest(&bytes).into();
-            if self.files.get(&path).is_some_and(|f| f.hash == hash) {
-                continue;
-            }
-            match parse_works(&path, &bytes) {
-                Ok(works) => {
-                    let names: Vec<String> = works.iter().map(|w| w.name_any()).collect();
-                    let old = self.files.insert(
-                        path.clone(),
-                        FileState {
-                            hash,
-                            works: names.clone(),
-                        },
-                    );
-                    for gone in old.map(|o| o.works).unwrap_or_default() {
-                        if !names.contains(&gone) && !self.defined_elsewhere(&gone, &path) {
-                            self.generations.remove(&gone);
-                            self.queue.push_back(WorkEvent::Delete(WorkRef { name: gone }));
-                        }
-                    }
-                    for w in works {
-                        let w = self.stamp(w);
-                        self.queue.push_back(WorkEvent::Upsert(Box::new(w)));
-                    }
-                }
-                Err(msg) => {
-                    // Keep the works of the last good version: a typo must not delete them.
-                    let prev = self.files.get(&path).map(|f| f.works.clone()).unwrap_or_default();
-                    self.files.insert(path.clone(), FileState { hash, works: prev });
-                    tracing::error!(file = %path.display(), error = %msg, "invalid work file; ignoring it");
-                    write_file_error(&self.dir, &path, &msg);
-                }
+            if is_work_file(&path) {
+                self.scan_file(&path);
+                present.push(path);
             }
         }
+        self.forget_removed(&present);
+        if !self.synced {
+            self.synced = true;
+            self.queue.push_back(WorkEvent::Synced);
+        }
+    }
+
+    /// Reads one work file if it changed: its works are upserted, works it no longer defines
+    /// deleted. A file that does not parse keeps its last good works (a typo must not delete them).
+    fn scan_file(&mut self, path: &Path) {
+        let Ok(bytes) = std::fs::read(path) else { return };
+        let hash: [u8; 32] = Sha256::digest(&bytes).into();
+        if self.files.get(path).is_some_and(|f| f.hash == hash) {
+            return;
+        }
+        let works = match parse_works(path, &bytes) {
+            Ok(works) => works,
+            Err(e) => {
+                let prev = self.files.get(path).map(|f| f.works.clone()).unwrap_or_default();
+                self.files
+                    .insert(path.to_path_buf(), FileState { hash, works: prev });
+                tracing::error!(file = %path.display(), error = %e, "invalid work file; ignoring it");
+                write_file_error(&self.dir, path, &e.to_string());
+                return;
+            }
+        };
+        let names: Vec<String> = works.iter().map(|w| w.name_any()).collect();
+        let state = FileState {
+            hash,
+            works: names.clone(),
+        };
+        let old = self.files.insert(path.to_path_buf(), state);
+        for gone in old.map(|o| o.works).unwrap_or_default() {
+            if !names.contains(&gone) {
+                self.delete_unless_elsewhere(gone, path);
+            }
+        }
+        for w in works {
+            let w = self.stamp(w);
+            self.queue.push_back(WorkEvent::Upsert(Box::new(w)));
+        }
+    }
+
+    /// Deletes the works of files that are gone.
+    fn forget_removed(&mut self, present: &[PathBuf]) {
         let removed: Vec<PathBuf> = self
             .files
             .keys()
@@ -134,18 +169,17 @@ impl FileSource {
             .cloned()
             .collect();
         for p in removed {
-            if let Some(st) = self.files.remove(&p) {
-                for name in st.works {
-                    if !self.defined_elsewhere(&name, &p) {
-                        self.generations.remove(&name);
-                        self.queue.push_back(WorkEvent::Delete(WorkRef { name }));
-                    }
-                }
+            for name in self.files.remove(&p).map(|st| st.works).unwrap_or_default() {
+                self.delete_unless_elsewhere(name, &p);
             }
         }
-        if !self.synced {
-            self.synced = true;
-            self.queue.push_back(WorkEvent::Synced);
+    }
+
+    /// Queues the deletion of a work `file` no longer defines, unless another file defines it.
+    fn delete_unless_elsewhere(&mut self, name: String, file: &Path) {
+        if !self.defined_elsewhere(&name, file) {
+            self.generations.remove(&name);
+            self.queue.push_back(WorkEvent::Delete(WorkRef { name }));
         }
     }
 
@@ -206,50 +240,52 @@ fn stem(p: &Path) -> String {
 }
 
 /// Parses every YAML document of a file as a ManifestWork. A missing name defaults to the file name.
-pub fn parse_works(path: &Path, bytes: &[u8]) -> Result<Vec<ManifestWork>, String> {
-    let text = std::str::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
+pub fn parse_works(path: &Path, bytes: &[u8]) -> Result<Vec<ManifestWork>, WorkFileError> {
+    let text = std::str::from_utf8(bytes)?;
     let mut out = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let v = serde_yaml::Value::deserialize_any_doc(doc).map_err(|e| format!("document {i}: {e}"))?;
+    for (doc, yaml) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let yaml_err = |source| WorkFileError::Yaml { doc, source };
+        let mut v = serde_yaml::Value::deserialize_any_doc(yaml).map_err(yaml_err)?;
         if v.is_null() {
             continue;
         }
         if let Some(kind) = v.get("kind").and_then(|k| k.as_str())
             && kind != "ManifestWork"
         {
-            return Err(format!("document {i}: kind is {kind:?}, expected ManifestWork"));
+            let kind = kind.to_string();
+            return Err(WorkFileError::WrongKind { doc, kind });
         }
-        let mut v = v;
         if let Some(m) = v.as_mapping_mut() {
             m.entry("metadata".into())
                 .or_insert_with(|| serde_yaml::Value::Mapping(Default::default()));
         }
-        let mut w: ManifestWork = serde_yaml::from_value(v).map_err(|e| format!("document {i}: {e}"))?;
+        let mut w: ManifestWork = serde_yaml::from_value(v).map_err(yaml_err)?;
         if w.metadata.name.as_deref().unwrap_or("").is_empty() {
             w.metadata.name = Some(stem(path));
         }
         let name = w.name_any();
-        // The name becomes a file name (NAME.status.yaml) and part of an object name: only
-        // DNS-1123 subdomain characters, so it can never point outside the directory.
-        let valid = !name.is_empty()
-            && name.len() <= 200
-            && !name.starts_with(['.', '-'])
-            && name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
-        if !valid {
-            return Err(format!(
-                "document {i}: work name {name:?} must be lower-case letters, digits, '-' or '.' (at most 200)"
-            ));
+        if !is_safe_name(&name) {
+            return Err(WorkFileError::BadName { doc, name });
         }
         out.push(w);
     }
     let mut names: Vec<String> = out.iter().map(|w| w.name_any()).collect();
     names.sort();
     if names.windows(2).any(|p| p[0] == p[1]) {
-        return Err("two documents define a work with the same name".into());
+        return Err(WorkFileError::DuplicateName);
     }
     Ok(out)
+}
+
+/// Only DNS-1123 subdomain characters: the name becomes a file name (NAME.status.yaml) and part
+/// of an object name, so it can never point outside the directory.
+fn is_safe_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && !name.starts_with(['.', '-'])
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
 }
 
 /// Small extension so a document can be read as a Value.
