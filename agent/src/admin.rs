@@ -14,18 +14,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::lock::lock;
 
-/// Errors from the admin server.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     /// The listen address could not be bound (in use, or not ours to bind).
     #[error("cannot listen for admin requests on {addr}: {source}")]
     Bind {
-        /// The address we tried.
         addr: SocketAddr,
-        /// Why the bind failed.
         source: std::io::Error,
     },
-    /// The server stopped with an I/O error.
+    /// Serving stopped with an I/O error, or the bound socket's address could not be read.
     #[error("admin server failed: {0}")]
     Serve(#[source] std::io::Error),
 }
@@ -120,11 +117,10 @@ impl Default for RunContext {
 pub struct AdminServer {
     /// Bound before serving so the caller learns the real port (tests bind port 0).
     listener: tokio::net::TcpListener,
-    /// Shared state handed to the handlers.
     state: AdminState,
 }
 
-/// What the handlers read.
+/// Cloned into every request by axum's `State`; both fields are shared handles, so that is cheap.
 #[derive(Debug, Clone)]
 struct AdminState {
     registry: SharedRegistry,
@@ -132,7 +128,7 @@ struct AdminState {
 }
 
 impl AdminServer {
-    /// Bind `addr` for the given registry and health flags.
+    /// Binds `addr` at once, so a port in use fails start-up with [`AdminError::Bind`].
     pub async fn bind(
         addr: SocketAddr,
         registry: SharedRegistry,

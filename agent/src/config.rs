@@ -13,7 +13,7 @@ use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, Subcommand, parser
 use crate::duration::parse_duration;
 use crate::{hub::HubArgs, inventory::InventoryArgs, run::RunArgs, telemetry::LogFormat};
 
-/// The spokelet command line.
+/// Read with [`Cli::load`], which layers the config file under flags and environment.
 #[derive(Debug, Parser)]
 #[command(
     name = "spokelet",
@@ -30,16 +30,14 @@ pub struct Cli {
     #[arg(long, env = "SPOKELET_LOG", global = true, default_value = "info")]
     pub log_level: String,
 
-    /// Log line format.
+    /// Log line format (logs go to stderr).
     #[arg(long, env = "SPOKELET_LOG_FORMAT", global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
-/// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Discover this node's hardware (CPU, memory, NICs, RDMA, GPUs, topology) and print it.
@@ -51,7 +49,6 @@ pub enum Command {
 /// `spokelet run`: the work engine plus the admin endpoint.
 #[derive(Debug, clap::Args)]
 pub struct RunCommand {
-    /// Engine settings.
     #[command(flatten)]
     pub run: RunArgs,
     /// Where works come from: a hub (`--hub-transport grpc|kube`) or, without one, `--works-dir`.
@@ -83,16 +80,10 @@ pub enum ConfigError {
     Clap(#[from] clap::Error),
     /// The config file could not be read.
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     /// The config file is not a YAML mapping of flag names to values.
     #[error("config file {path} is not valid: {message}")]
     Invalid {
-        /// The file.
         path: PathBuf,
         /// What is wrong, naming the key.
         message: String,

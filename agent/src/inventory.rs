@@ -27,7 +27,7 @@ pub enum OutputFormat {
 /// Arguments of `spokelet inventory`.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct InventoryArgs {
-    /// Output format.
+    /// Output format: a table for people, JSON or YAML for tools, or the node labels.
     #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Table, env = "SPOKELET_INVENTORY_OUTPUT")]
     pub output: OutputFormat,
 
@@ -83,10 +83,8 @@ pub enum InventoryError {
     /// Writing to the output failed (e.g. a closed pipe).
     #[error("writing the inventory failed: {0}")]
     Write(#[from] std::io::Error),
-    /// JSON serialisation failed.
     #[error("encoding the inventory as JSON failed: {0}")]
     Json(#[from] serde_json::Error),
-    /// YAML serialisation failed.
     #[error("encoding the inventory as YAML failed: {0}")]
     Yaml(#[from] serde_yaml::Error),
 }

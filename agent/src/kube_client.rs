@@ -107,7 +107,6 @@ fn hyper_client(https: HttpsConnector<HttpConnector>) -> HyperClient {
         .build(https)
 }
 
-/// The connections requests are sent on.
 #[derive(Clone)]
 enum ConnectionPool {
     /// One pool for the client's lifetime: the identity cannot change (no lock per request).
@@ -134,7 +133,6 @@ impl std::fmt::Debug for ConnectionPool {
 struct RenewingPool {
     /// Builds the replacement pools (cloning it shares the TLS config and its resolver).
     https: HttpsConnector<HttpConnector>,
-    /// Current identity version.
     identity_version: IdentityVersion,
     /// The version the current pool was made for, and the pool; replaced whole under the lock.
     current: Mutex<(u64, HyperClient)>,

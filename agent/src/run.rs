@@ -1,5 +1,5 @@
-//! `spokelet run`: the work engine fed from a works directory (the file source), reporting status
-//! next to each work file and in the log.
+//! `spokelet run`: the work engine fed from a hub transport or, without one, a works directory
+//! (the file source, reporting status next to each work file and in the log).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,7 +27,7 @@ pub struct RunArgs {
     #[arg(long, env = "SPOKELET_WORKS_DIR", value_name = "DIR")]
     pub works_dir: Option<PathBuf>,
 
-    /// Kubeconfig of the spoke cluster (default: in-cluster config, then KUBECONFIG / ~/.kube/config).
+    /// Kubeconfig of the spoke cluster (default: KUBECONFIG / ~/.kube/config, then the in-cluster config).
     #[arg(long, env = "SPOKELET_KUBECONFIG", value_name = "FILE")]
     pub kubeconfig: Option<PathBuf>,
 
@@ -85,16 +85,13 @@ pub enum RunError {
     /// The kubeconfig could not be read.
     #[error("kubeconfig {path}: {source}")]
     Kubeconfig {
-        /// The file.
         path: PathBuf,
-        /// Underlying error.
         #[source]
         source: kube::config::KubeconfigError,
     },
-    /// No usable cluster configuration.
+    /// No `--kubeconfig`, and neither KUBECONFIG / ~/.kube/config nor the in-cluster config is usable.
     #[error("cluster configuration: {0}")]
     Infer(#[from] kube::config::InferConfigError),
-    /// The client could not be built.
     #[error(transparent)]
     Client(#[from] Http2ClientError),
     /// The works directory is unusable.
@@ -118,7 +115,8 @@ pub async fn client_config(kubeconfig: Option<&std::path::Path>) -> Result<Confi
     }
 }
 
-/// Engine settings from the flags.
+/// The engine settings the flags select. A resync interval under 1 s is raised to 1 s and a
+/// concurrency limit of 0 to 1; settings without a flag keep [`EngineConfig::new`]'s defaults.
 pub fn engine_config(args: &RunArgs) -> EngineConfig {
     let mut cfg = EngineConfig::new(hub_hash(&args.hub_name), args.agent_id.clone());
     cfg.field_manager = args.field_manager.clone();
@@ -131,7 +129,8 @@ pub fn engine_config(args: &RunArgs) -> EngineConfig {
     cfg
 }
 
-/// Runs the engine on the works directory until `ctx.shutdown` is cancelled.
+/// Runs the engine on the hub's works when a hub transport is set, else on `--works-dir`, until
+/// `ctx.shutdown` is cancelled. Setting both is an error ([`RunError::TwoSources`]).
 pub async fn run(args: RunArgs, hub: HubArgs, ctx: RunContext) -> Result<(), RunError> {
     if let Some(conn) = HubConnection::open(&hub, &args.agent_id, &ctx.registry).await? {
         if let Some(dir) = &args.works_dir {

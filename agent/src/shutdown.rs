@@ -4,15 +4,13 @@ use std::{future::Future, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
-/// Errors from shutdown handling.
 #[derive(Debug, thiserror::Error)]
 pub enum ShutdownError {
     /// The OS refused to install a signal handler.
     #[error("cannot install a handler for {signal}: {source}")]
     Signal {
-        /// Which signal.
+        /// `"SIGTERM"` or `"SIGINT"`.
         signal: &'static str,
-        /// Why.
         source: std::io::Error,
     },
 }

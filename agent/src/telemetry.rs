@@ -3,7 +3,6 @@
 use clap::ValueEnum;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
-/// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -20,9 +19,7 @@ pub enum TelemetryError {
     /// The filter directive did not parse (e.g. `--log-level spokelet=loud`).
     #[error("invalid log filter {filter:?}: {source}")]
     Filter {
-        /// The directive as given.
         filter: String,
-        /// Parser complaint.
         source: tracing_subscriber::filter::ParseError,
     },
     /// A global subscriber was already installed (only possible when embedded).

@@ -17,7 +17,6 @@ use super::manifestwork::{
 /// The CRD, exactly as shipped in `deploy/crds/`.
 pub const CRD_YAML: &str =
     include_str!("../../../deploy/crds/appliedmanifestworks.work.open-cluster-management.io.yaml");
-/// Name of the CRD.
 pub const CRD_NAME: &str = "appliedmanifestworks.work.open-cluster-management.io";
 /// Annotation carrying the work's delete option, so a work whose hub copy is gone can still be
 /// deleted the way it asked after a restart.
@@ -30,7 +29,6 @@ pub const INTENT_ANNOTATION: &str = "work.spokelet.io/intended-resources";
 /// Field manager the agent uses for its own bookkeeping objects.
 pub const BOOKKEEPING_MANAGER: &str = "spokelet";
 
-/// AppliedManifestWork failures.
 #[derive(Debug, thiserror::Error)]
 pub enum AppliedWorkError {
     /// The embedded CRD does not parse (a build defect).
@@ -39,13 +37,12 @@ pub enum AppliedWorkError {
     /// An API call failed.
     #[error("AppliedManifestWork {name}: {}", super::object::api_message(source))]
     Api {
-        /// Object name.
+        /// The record's name, or the CRD's when installing it.
         name: String,
-        /// Underlying error.
         #[source]
         source: kube::Error,
     },
-    /// The CRD did not become Established in time.
+    /// The CRD was not Established within the wait's limit (30 s for [`install_crd`]).
     #[error("CRD {0} did not become Established")]
     NotEstablished(String),
 }

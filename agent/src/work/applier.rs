@@ -25,11 +25,9 @@ pub enum ApplyError {
     /// The API server refused the write (invalid, immutable field, conflict, forbidden ...).
     #[error("{message}")]
     Rejected {
-        /// HTTP status code.
         code: u16,
         /// Kubernetes reason (Invalid, Conflict, ...).
         reason: String,
-        /// The API server's message.
         message: String,
     },
     /// Transport or decoding failure.
@@ -68,11 +66,9 @@ impl ApplyError {
 /// An ignoreFields path, parsed.
 #[derive(Debug, Clone)]
 pub struct IgnorePath {
-    /// When it applies.
     pub condition: IgnoreFieldsCondition,
     /// The path as written (for messages).
     pub raw: String,
-    /// Field/index steps.
     pub steps: Vec<Step>,
 }
 
@@ -81,19 +77,16 @@ pub struct IgnorePath {
 pub struct Prepared {
     /// Index in the work.
     pub ordinal: usize,
-    /// Discovery answer.
+    /// The manifest's kind as discovery resolved it: plural and scope, for the API calls.
     pub resolved: Resolved,
-    /// Object identity.
     pub key: ObjKey,
     /// Object to write: namespace defaulted, our label/annotations added, no ownerReferences.
     pub desired: Value,
-    /// Update strategy.
     pub strategy: UpdateStrategyType,
-    /// SSA force.
+    /// The work's `serverSideApply.force`: take over fields other managers own instead of conflicting.
     pub force: bool,
-    /// SSA / create field manager.
+    /// Field manager of server-side applies and creates: the work's, else the agent's, else `work-agent`.
     pub field_manager: String,
-    /// Parsed ignoreFields.
     pub ignore: Vec<IgnorePath>,
     /// Hash of the manifest as the hub sent it (see SPEC_HASH_ANNOTATION).
     pub spec_hash: String,
@@ -112,10 +105,8 @@ pub enum Action {
     Skipped,
 }
 
-/// Result of one apply.
 #[derive(Debug, Clone)]
 pub struct ApplyOutcome {
-    /// What happened.
     pub action: Action,
     /// The object as it is now, for feedback and the UID.
     pub live: Arc<Value>,
@@ -126,7 +117,6 @@ pub struct ApplyOutcome {
 /// Applies manifests. Cheap to clone: it shares one client and the drift cache.
 #[derive(Clone)]
 pub struct Applier {
-    /// The one shared client.
     client: Client,
     /// Cache of our live objects; also told about our own writes.
     drift: DriftWatcher,
@@ -139,7 +129,6 @@ impl std::fmt::Debug for Applier {
 }
 
 impl Applier {
-    /// An applier on a client and drift cache.
     pub fn new(client: Client, drift: DriftWatcher) -> Self {
         Applier { client, drift }
     }

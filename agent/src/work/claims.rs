@@ -6,10 +6,8 @@ use std::collections::{HashMap, HashSet};
 
 use super::object::ObjKey;
 
-/// One claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Claim {
-    /// Claiming work.
     work: String,
     /// Manifest ordinal in that work.
     ordinal: usize,
@@ -22,13 +20,11 @@ struct Claim {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{key} is already applied by work {holder:?} with different content; this work leaves it alone")]
 pub struct ClaimConflict {
-    /// The contested object.
     pub key: ObjKey,
     /// The work that keeps it.
     pub holder: String,
 }
 
-/// The claim table.
 #[derive(Debug, Default)]
 pub struct Claims {
     /// Object -> its claims, first claimer first.

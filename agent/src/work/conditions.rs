@@ -23,11 +23,9 @@ pub mod types {
     pub const FEEDBACK_SYNCED: &str = "StatusFeedbackSynced";
 }
 
-/// Condition status strings.
+/// The values of a condition's `status`.
 pub const TRUE: &str = "True";
-/// Condition status strings.
 pub const FALSE: &str = "False";
-/// Condition status strings.
 pub const UNKNOWN: &str = "Unknown";
 
 /// Builds a condition with no transition time; `merge_conditions` fills it.
@@ -63,7 +61,6 @@ pub fn merge_conditions(old: &[Condition], mut new: Vec<Condition>, now: &str) -
     new
 }
 
-/// Finds a condition by type.
 pub fn find<'a>(conds: &'a [Condition], type_: &str) -> Option<&'a Condition> {
     conds.iter().find(|c| c.type_ == type_)
 }

@@ -29,7 +29,6 @@ const POLL_MIN: Duration = Duration::from_millis(200);
 const POLL_MAX: Duration = Duration::from_secs(2);
 const POLL_JITTER: f64 = 0.2;
 
-/// Deletion failures.
 #[derive(Debug, thiserror::Error)]
 pub enum DeleteError {
     /// Removing an object failed.

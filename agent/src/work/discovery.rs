@@ -10,29 +10,20 @@ use kube::discovery::{ApiCapabilities, Scope};
 
 use crate::lock::lock;
 
-/// Discovery failures.
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
     /// The API server serves no such kind, even after a fresh look.
     #[error("kind {kind} is not served by the API server in {api_version} (checked discovery again)")]
-    UnknownKind {
-        /// The apiVersion asked for.
-        api_version: String,
-        /// The kind asked for.
-        kind: String,
-    },
+    UnknownKind { api_version: String, kind: String },
     /// Discovery itself failed (network, auth).
     #[error("discovery of {api_version}: {}", super::object::api_message(source))]
     Request {
-        /// The apiVersion asked for.
         api_version: String,
-        /// Underlying error.
         #[source]
         source: kube::Error,
     },
 }
 
-/// A resolved kind.
 #[derive(Debug, Clone)]
 pub struct Resolved {
     /// Group, version, kind and plural, for dynamic API calls.
@@ -44,7 +35,6 @@ pub struct Resolved {
 /// Cached discovery shared by every work.
 #[derive(Clone)]
 pub struct Resolver {
-    /// The shared client.
     client: Client,
     /// GVK -> resource. Only positive answers are cached: a missing kind may appear any moment (CRDs).
     cache: Arc<Mutex<HashMap<GroupVersionKind, Resolved>>>,
@@ -57,7 +47,6 @@ impl std::fmt::Debug for Resolver {
 }
 
 impl Resolver {
-    /// A resolver with an empty cache.
     pub fn new(client: Client) -> Self {
         Resolver {
             client,

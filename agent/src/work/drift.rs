@@ -28,7 +28,7 @@ pub enum Live {
     Present(Arc<Value>),
 }
 
-/// Identity of a watched kind.
+/// A watched kind as (group, version, plural).
 type KindKey = (String, String, String);
 
 /// One cached object. The object is kept as compact JSON text, not as a parsed tree: a
@@ -52,7 +52,6 @@ impl Cached {
     }
 }
 
-/// Shared state of the watcher.
 struct Inner {
     /// Shared client (one HTTP connection pool for everything).
     client: Client,
@@ -109,7 +108,7 @@ impl DriftWatcher {
         tokio::spawn(async move { watch_kind(inner, ar, key).await });
     }
 
-    /// What the cache knows about an object.
+    /// The cache's answer alone, never the server's: on [`Live::Unknown`] the caller asks.
     pub fn lookup(&self, key: &ObjKey) -> Live {
         let synced = lock(&self.inner.kinds)
             .iter()

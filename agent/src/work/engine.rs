@@ -54,7 +54,7 @@ pub enum EngineError {
     List(#[source] kube::Error),
 }
 
-/// Engine settings.
+/// Defaults come from [`EngineConfig::new`]; `spokelet run` overrides some from its flags.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// Hex SHA-256 of the hub address.
@@ -297,7 +297,7 @@ struct EngineLoop {
     initial: Option<HashSet<String>>,
     source_open: bool,
     ready_tx: watch::Sender<bool>,
-    /// Bounds concurrent work reconciles.
+    /// `max_concurrent_works` permits, taken by reconciles and deletions alike.
     work_permits: Arc<Semaphore>,
     /// Cancelled at shutdown: deletions waiting on finalizers stop there (their record stays on
     /// the spoke, so the next agent finishes them) instead of holding up the exit.

@@ -26,7 +26,7 @@ pub enum ManifestFailure {
     /// The API server refused the write, or the request failed.
     #[error(transparent)]
     Apply(#[from] ApplyError),
-    /// A CRD was applied but did not become Established in time.
+    /// A CRD was applied but not Established within `crd_wait` (60 s by default).
     #[error("{0}")]
     CrdNotEstablished(#[source] AppliedWorkError),
 }
@@ -50,7 +50,7 @@ impl ManifestFailure {
 /// A failure of the whole work: nothing of it was applied this time.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkFailure {
-    /// Over the size limit.
+    /// Larger than `--max-work-bytes`, counted in JSON bytes of its manifests.
     #[error(transparent)]
     TooLarge(ValidateError),
     /// The record could not be read or created.
@@ -62,7 +62,7 @@ pub enum WorkFailure {
 }
 
 impl WorkFailure {
-    /// The condition reason.
+    /// The condition reason; as stable as [`ManifestFailure::reason`]'s.
     pub fn reason(&self) -> &'static str {
         match self {
             WorkFailure::TooLarge(_) => "WorkTooLarge",

@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use super::manifestwork::AppliedManifestWork;
 use super::schedule::FlapGuard;
 
-/// One manifest's history.
 #[derive(Debug, Clone)]
 pub struct ManifestHistory {
     /// Its drift corrections and the hold when they come too often.
@@ -43,7 +42,7 @@ impl WorkMemory {
         })
     }
 
-    /// Drift corrections of manifest `ordinal` so far.
+    /// Drift corrections of manifest `ordinal` so far (0 before it has a history).
     pub fn drift_corrections(&self, ordinal: usize) -> i64 {
         self.manifests.get(&ordinal).map_or(0, |h| h.drift_corrections)
     }

@@ -7,7 +7,7 @@ use serde_json::Value;
 /// Why a path does not parse.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum JsonPathError {
-    /// The path is empty.
+    /// Nothing but whitespace, `{}` or `$`.
     #[error("empty JSONPath")]
     Empty,
     /// Unexpected character at a position.
@@ -15,17 +15,14 @@ pub enum JsonPathError {
     Syntax {
         /// The whole path as given.
         path: String,
-        /// What went wrong.
         reason: String,
         /// Character offset.
         pos: usize,
     },
 }
 
-/// One step of a path.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
-    /// Object member.
     Field(String),
     /// Array index (negative counts from the end).
     Index(i64),
@@ -47,13 +44,12 @@ pub struct Filter {
 /// Filter comparison operators.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CmpOp {
-    /// Equal.
+    /// `==`: some value at the path equals the literal (numbers by value, `1 == 1.0`).
     Eq,
-    /// Not equal.
+    /// `!=`: the path has values and none equals the literal; a missing field does not match.
     Ne,
 }
 
-/// A parsed path.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JsonPath {
     /// Steps from the root.
@@ -61,7 +57,7 @@ pub struct JsonPath {
 }
 
 impl JsonPath {
-    /// Parses a path.
+    /// Also accepts `{}` around the path, a leading `$`, and a first step without its dot (`status.x`).
     pub fn parse(input: &str) -> Result<Self, JsonPathError> {
         let mut s = input.trim();
         if s.starts_with('{') && s.ends_with('}') && s.len() >= 2 {

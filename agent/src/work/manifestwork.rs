@@ -14,6 +14,10 @@ pub const VERSION: &str = "v1";
 pub const DEFAULT_FIELD_MANAGER: &str = "work-agent";
 
 /// Desired state of a ManifestWork: the objects to apply and how.
+///
+/// This and the other wire types here mirror OCM's `work.open-cluster-management.io/v1` API
+/// field for field; a field is documented only where a default or this agent's handling of it
+/// needs saying.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[kube(
     group = "work.open-cluster-management.io",
@@ -39,7 +43,7 @@ pub struct ManifestWorkSpec {
     pub executor: Option<ManifestWorkExecutor>,
 }
 
-/// The list of manifests of a work.
+/// OCM's wrapper around the manifest list (`spec.workload`).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ManifestsTemplate {
@@ -69,7 +73,7 @@ impl ManifestsTemplate {
 pub struct Manifest(Box<str>);
 
 impl Manifest {
-    /// The object, parsed.
+    /// The object, parsed afresh on each call.
     pub fn value(&self) -> Result<serde_json::Value, serde_json::Error> {
         serde_json::from_str(&self.0)
     }
@@ -133,7 +137,6 @@ pub enum DeletePropagationPolicy {
     SelectivelyOrphan,
 }
 
-/// The orphaning rules of SelectivelyOrphan.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct SelectivelyOrphan {
@@ -152,7 +155,6 @@ pub struct OrphaningRule {
     /// Plural resource name, e.g. `configmaps`.
     #[serde(default)]
     pub resource: String,
-    /// Object name.
     #[serde(default)]
     pub name: String,
     /// Object namespace ("" for cluster-scoped).
@@ -164,7 +166,6 @@ pub struct OrphaningRule {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ManifestConfigOption {
-    /// Which manifest this applies to.
     pub resource_identifier: ResourceIdentifier,
     /// Status values to read back from the applied object.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -205,7 +206,6 @@ pub struct UpdateStrategy {
     /// The strategy; absent means Update.
     #[serde(rename = "type", default)]
     pub type_: UpdateStrategyType,
-    /// Options for ServerSideApply.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_side_apply: Option<ServerSideApplyConfig>,
 }
@@ -224,7 +224,6 @@ pub enum UpdateStrategyType {
     ReadOnly,
 }
 
-/// Server-side apply options.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ServerSideApplyConfig {
@@ -261,11 +260,9 @@ pub enum IgnoreFieldsCondition {
     OnSpokeChange,
 }
 
-/// A feedback rule.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct FeedbackRule {
-    /// WellKnownStatus or JSONPaths.
     #[serde(rename = "type")]
     pub type_: FeedbackType,
     /// The paths to read for JSONPaths.
@@ -307,10 +304,8 @@ pub struct ConditionRule {
     /// WellKnownConditions or CEL.
     #[serde(rename = "type", default)]
     pub type_: String,
-    /// CEL expressions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cel_expressions: Vec<String>,
-    /// Message to set.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
     /// CEL expression producing the message.
@@ -327,7 +322,6 @@ pub struct ManifestWorkExecutor {
     pub subject: ManifestWorkExecutorSubject,
 }
 
-/// The executor subject.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ManifestWorkExecutorSubject {
@@ -339,14 +333,11 @@ pub struct ManifestWorkExecutorSubject {
     pub service_account: Option<ManifestWorkSubjectServiceAccount>,
 }
 
-/// A service account reference.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ManifestWorkSubjectServiceAccount {
-    /// Namespace of the service account.
     #[serde(default)]
     pub namespace: String,
-    /// Name of the service account.
     #[serde(default)]
     pub name: String,
 }
@@ -394,7 +385,6 @@ pub struct ManifestWorkStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ManifestResourceStatus {
-    /// Per-manifest entries.
     #[serde(default)]
     pub manifests: Vec<ManifestCondition>,
 }
@@ -403,9 +393,7 @@ pub struct ManifestResourceStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ManifestCondition {
-    /// Which object this is.
     pub resource_meta: ManifestResourceMeta,
-    /// Values read back from the object.
     #[serde(default)]
     pub status_feedback: StatusFeedbackResult,
     /// Applied, Available, StatusFeedbackSynced.
@@ -419,22 +407,17 @@ pub struct ManifestCondition {
 pub struct ManifestResourceMeta {
     /// Index of the manifest in `workload.manifests`.
     pub ordinal: i32,
-    /// API group.
     #[serde(default)]
     pub group: String,
-    /// API version.
     #[serde(default)]
     pub version: String,
-    /// Kind.
     #[serde(default)]
     pub kind: String,
     /// Plural resource (empty when discovery could not resolve the kind).
     #[serde(default)]
     pub resource: String,
-    /// Object name.
     #[serde(default)]
     pub name: String,
-    /// Object namespace.
     #[serde(default)]
     pub namespace: String,
 }
@@ -448,13 +431,11 @@ pub struct StatusFeedbackResult {
     pub values: Vec<FeedbackValue>,
 }
 
-/// One named feedback value.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct FeedbackValue {
     /// Name from the rule (or the well-known name).
     pub name: String,
-    /// The typed value.
     pub field_value: FieldValue,
 }
 
@@ -485,9 +466,7 @@ pub enum ValueType {
     /// 64-bit integer.
     #[default]
     Integer,
-    /// String.
     String,
-    /// Boolean.
     Boolean,
     /// Raw JSON of an object or list.
     JsonRaw,
@@ -497,13 +476,10 @@ pub enum ValueType {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ManifestBundle {
-    /// The objects to apply.
     #[serde(default)]
     pub manifests: Vec<Manifest>,
-    /// Deletion behaviour.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delete_option: Option<DeleteOption>,
-    /// Per-resource settings.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub manifest_configs: Vec<ManifestConfigOption>,
     /// Executor, spelled `executer` on this wire.
@@ -515,10 +491,8 @@ pub struct ManifestBundle {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ManifestBundleStatus {
-    /// Work conditions.
     #[serde(default)]
     pub conditions: Vec<Condition>,
-    /// Per-manifest status.
     #[serde(default)]
     pub resource_status: Vec<ManifestCondition>,
 }
@@ -533,7 +507,7 @@ impl From<&ManifestWorkStatus> for ManifestBundleStatus {
 }
 
 impl ManifestBundle {
-    /// Turns a bundle received for `name` into a work (the transport supplies metadata).
+    /// The work spec this bundle carries; the transport supplies the work's metadata.
     pub fn into_spec(self) -> ManifestWorkSpec {
         ManifestWorkSpec {
             workload: ManifestsTemplate {
@@ -596,13 +570,11 @@ pub struct AppliedManifestWorkStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[serde(rename_all = "camelCase")]
 pub struct AppliedManifestResourceMeta {
-    /// API group.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub group: String,
     /// Plural resource.
     #[serde(default)]
     pub resource: String,
-    /// Object name.
     #[serde(default)]
     pub name: String,
     /// Object namespace ("" for cluster-scoped).

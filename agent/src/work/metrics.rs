@@ -6,7 +6,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-/// Label set: a list of (name, value) pairs.
 type Labels = Vec<(String, String)>;
 
 /// The engine's metrics. Clones share the same series.

@@ -31,7 +31,6 @@ pub struct ObjKey {
     pub resource: String,
     /// Namespace ("" for cluster-scoped).
     pub namespace: String,
-    /// Name.
     pub name: String,
 }
 
@@ -274,7 +273,6 @@ pub fn meta_str<'a>(v: &'a Value, field: &str) -> Option<&'a str> {
     v.get("metadata")?.get(field)?.as_str()
 }
 
-/// The ownerReferences of an object.
 pub fn owner_refs(v: &Value) -> Vec<Value> {
     v.get("metadata")
         .and_then(|m| m.get("ownerReferences"))

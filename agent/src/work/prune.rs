@@ -13,15 +13,12 @@ use super::manifestwork::AppliedManifestResourceMeta;
 use super::object::{MANAGED_LABEL, ObjKey, owner_refs};
 use crate::lock::lock;
 
-/// Prune failures.
 #[derive(Debug, thiserror::Error)]
 pub enum PruneError {
     /// The API call failed.
     #[error("removing {key}: {}", super::object::api_message(source))]
     Api {
-        /// Which object.
         key: String,
-        /// Underlying error.
         #[source]
         source: kube::Error,
     },

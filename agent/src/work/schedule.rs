@@ -60,7 +60,6 @@ pub struct Debouncer<K> {
 }
 
 impl<K: Hash + Eq + Clone> Debouncer<K> {
-    /// A debouncer with the given windows.
     pub fn new(quiet: Duration, max_wait: Duration) -> Self {
         Debouncer {
             quiet,
@@ -101,7 +100,7 @@ impl<K: Hash + Eq + Clone> Debouncer<K> {
         due
     }
 
-    /// Forgets a key.
+    /// Drops `key`'s pending deadline, whether it came from a touch or a back-off.
     pub fn cancel(&mut self, key: &K) {
         self.pending.remove(key);
     }

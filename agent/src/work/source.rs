@@ -17,17 +17,14 @@ pub enum WorkEvent {
     Synced,
 }
 
-/// Names a work.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkRef {
-    /// Work name.
     pub name: String,
 }
 
 /// A status update for one work.
 #[derive(Debug, Clone)]
 pub struct StatusUpdate {
-    /// Work name.
     pub name: String,
     /// Hub namespace of the work (the cluster namespace), when the source gave one.
     pub namespace: Option<String>,
@@ -35,7 +32,6 @@ pub struct StatusUpdate {
     pub uid: Option<String>,
     /// Work generation the status describes (the CloudEvents `resourceversion`).
     pub generation: i64,
-    /// The status.
     pub status: ManifestWorkStatus,
     /// Hex SHA-256 of the status JSON (the CloudEvents `statushash`).
     pub status_hash: String,
@@ -60,7 +56,6 @@ pub trait WorkSource: Send {
 /// Receives status updates. Called at most once per actual change of a work's status.
 /// Debug is a supertrait so holders of an `Arc<dyn StatusSink>` can derive Debug.
 pub trait StatusSink: Send + Sync + std::fmt::Debug {
-    /// Delivers one update.
     fn publish(&self, update: StatusUpdate) -> BoxFuture<'_, Result<(), SinkError>>;
 }
 

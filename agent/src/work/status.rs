@@ -124,7 +124,6 @@ fn manifest_status(
     }
 }
 
-/// The manifest's Applied condition.
 fn applied_condition(r: &ManifestResult, generation: i64) -> Condition {
     let notes = if r.notes.is_empty() {
         String::new()

@@ -86,21 +86,20 @@ impl FirstSeen {
 pub struct ParsedManifest {
     /// API group ("" for core).
     pub group: String,
-    /// API version.
     pub version: String,
-    /// Kind.
     pub kind: String,
     /// metadata.name.
     pub name: String,
     /// metadata.namespace as given (None when absent or empty).
     pub namespace: Option<String>,
-    /// The object.
+    /// The whole manifest, unchanged.
     pub obj: Value,
     /// Hash of the manifest as given (see SPEC_HASH_ANNOTATION and claims).
     pub content_hash: String,
 }
 
-/// Validates one manifest.
+/// Checks one manifest's required fields (reporting all missing ones together) and splits its
+/// apiVersion into group and version.
 pub fn parse_manifest(v: &Value) -> Result<ParsedManifest, ValidateError> {
     let Some(o) = v.as_object() else {
         return Err(ValidateError::NotObject);
