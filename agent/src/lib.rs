@@ -3,15 +3,16 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod admin;
-pub mod backoff;
 pub mod config;
 pub mod daemon;
 pub mod duration;
 pub mod hub;
 pub mod inventory;
 pub mod kube_client;
-pub mod lock;
 pub mod run;
 pub mod shutdown;
 pub mod telemetry;
-pub mod work;
+
+pub use spokelet_base::{backoff, lock};
+/// The engine, its own crate (`work/`), under the path the agent has always used for it.
+pub use spokelet_work as work;

@@ -31,7 +31,7 @@ use super::prepare::{self, KindSet, Unresolved};
 use super::prune;
 use super::status::{ManifestResult, build_status, whole_work_status};
 use super::validate::{FirstSeen, ParsedManifest, check_size};
-use crate::lock::lock;
+use spokelet_base::lock::lock;
 
 /// Result of a reconcile.
 #[derive(Debug)]

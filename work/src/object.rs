@@ -291,7 +291,7 @@ pub fn has_owner(v: &Value, uid: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::work::jsonpath::JsonPath;
+    use crate::jsonpath::JsonPath;
     use serde_json::json;
 
     #[test]

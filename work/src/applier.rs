@@ -441,7 +441,7 @@ fn create_request(p: &Prepared, owner: &OwnerReference) -> Result<(DynamicObject
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::work::jsonpath::JsonPath;
+    use crate::jsonpath::JsonPath;
     use serde_json::json;
 
     fn ip(cond: IgnoreFieldsCondition, p: &str) -> IgnorePath {

@@ -424,8 +424,8 @@ fn truncate(mut s: String, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::work::applier::ApplyError;
-    use crate::work::conditions::find;
+    use crate::applier::ApplyError;
+    use crate::conditions::find;
 
     fn ok(i: usize, kind: &str) -> ManifestResult {
         ManifestResult {
@@ -462,8 +462,8 @@ mod tests {
         // Same outcome later: identical status, identical hash.
         let s2 = build_status(3, &results, &[], &s1, "t2");
         assert_eq!(
-            crate::work::conditions::status_hash(&s1),
-            crate::work::conditions::status_hash(&s2)
+            crate::conditions::status_hash(&s1),
+            crate::conditions::status_hash(&s2)
         );
         // A failure flips Applied and Degraded with a per-manifest message.
         let mut bad = vec![ok(0, "ConfigMap"), ok(1, "ConfigMap")];

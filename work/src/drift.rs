@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::object::{MANAGED_LABEL, ObjKey, meta_str};
-use crate::lock::lock;
+use spokelet_base::lock::lock;
 
 /// What the cache knows about an object.
 #[derive(Debug, Clone)]

@@ -4,6 +4,11 @@
 //! ([`reconcile`]: validate, order, apply, prune, feedback) recording ownership on the spoke in an
 //! AppliedManifestWork ([`applied_work`]); the [`drift::DriftWatcher`] reports outside changes to
 //! what was applied; status goes to a [`source::StatusSink`] whenever its hash changes.
+//!
+//! A crate of its own so that the engine cannot reach into the hub transports or the command
+//! line: it knows works only through [`source::WorkSource`] and [`source::StatusSink`].
+#![forbid(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod applied_work;
 pub mod applier;

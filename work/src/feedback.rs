@@ -159,7 +159,7 @@ pub fn typed(found: &[&Value]) -> Result<Option<FieldValue>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::work::manifestwork::JsonPath as Jp;
+    use crate::manifestwork::JsonPath as Jp;
     use serde_json::json;
 
     fn rule(paths: &[(&str, &str)]) -> FeedbackRule {

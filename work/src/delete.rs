@@ -21,7 +21,7 @@ use super::prune::{self, Mode, PruneError, PruneOutcome};
 use super::schedule::RetryPolicy;
 use super::source::{StatusSink, StatusUpdate};
 use super::status::{deletion_status, publish, work_update};
-use crate::lock::lock;
+use spokelet_base::lock::lock;
 
 /// Deletion progress is polled from `POLL_MIN`, backing off to `POLL_MAX` while objects linger
 /// (finalizers can take minutes), with the engine's one retry formula.
@@ -249,7 +249,7 @@ impl Reporter<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::work::manifestwork::{OrphaningRule, SelectivelyOrphan};
+    use crate::manifestwork::{OrphaningRule, SelectivelyOrphan};
 
     fn e(name: &str) -> AppliedManifestResourceMeta {
         AppliedManifestResourceMeta {

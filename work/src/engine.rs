@@ -37,7 +37,7 @@ use super::reconcile::{self, Report};
 use super::schedule::{Debouncer, FlapGuard, RetryPolicy};
 use super::source::{StatusSink, WorkEvent, WorkRef, WorkSource};
 use super::status::{publish, work_update};
-use crate::lock::lock;
+use spokelet_base::lock::lock;
 
 /// Jitter of the retry delays of failed reconciles and deletions: works that failed together
 /// (the API server was down) do not all come back in the same instant.

@@ -102,7 +102,7 @@ pub fn rfc3339(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::work::manifestwork::ManifestWorkStatus;
+    use crate::manifestwork::ManifestWorkStatus;
 
     #[test]
     fn rfc3339_known_values() {

@@ -11,7 +11,7 @@ use super::context::ReconcileContext;
 use super::discovery::api_resource_for;
 use super::manifestwork::AppliedManifestResourceMeta;
 use super::object::{MANAGED_LABEL, ObjKey, owner_refs};
-use crate::lock::lock;
+use spokelet_base::lock::lock;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PruneError {

@@ -16,7 +16,7 @@ use super::manifestwork::{
 
 /// The CRD, exactly as shipped in `deploy/crds/`.
 pub const CRD_YAML: &str =
-    include_str!("../../../deploy/crds/appliedmanifestworks.work.open-cluster-management.io.yaml");
+    include_str!("../../deploy/crds/appliedmanifestworks.work.open-cluster-management.io.yaml");
 pub const CRD_NAME: &str = "appliedmanifestworks.work.open-cluster-management.io";
 /// Annotation carrying the work's delete option, so a work whose hub copy is gone can still be
 /// deleted the way it asked after a restart.
@@ -246,7 +246,7 @@ pub fn resources(amw: &AppliedManifestWork) -> Vec<AppliedManifestResourceMeta> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::work::manifestwork::AppliedManifestWorkStatus;
+    use crate::manifestwork::AppliedManifestWorkStatus;
 
     #[test]
     fn crd_parses_and_matches_type() {

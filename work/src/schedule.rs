@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::backoff::ExponentialBackoff;
+use spokelet_base::backoff::ExponentialBackoff;
 
 /// The delay before trying again after consecutive failures: the one back-off of the engine,
 /// shared by failed reconciles, failed deletions, deletion waits and flap holds, so all of them

@@ -8,7 +8,7 @@ use kube::Client;
 use kube::api::{ApiResource, GroupVersionKind};
 use kube::discovery::{ApiCapabilities, Scope};
 
-use crate::lock::lock;
+use spokelet_base::lock::lock;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
