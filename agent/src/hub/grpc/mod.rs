@@ -21,6 +21,7 @@
 //! - `publish`: the per-session status publisher.
 
 mod book;
+mod dial;
 mod events;
 mod publish;
 mod session;

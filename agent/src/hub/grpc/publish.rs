@@ -11,7 +11,7 @@ use tonic::Code;
 
 use super::GrpcError;
 use super::book::Shared;
-use super::session::Client;
+use super::dial::Client;
 use crate::hub::cloudevents::StatusKind;
 use crate::hub::tls::error_chain;
 use crate::lock::lock;

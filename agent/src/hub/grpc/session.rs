@@ -5,26 +5,20 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use spokelet_proto::{
-    CloudEvent, CloudEventServiceClient, MANIFEST_BUNDLES, PublishRequest, SubscriptionRequest,
-};
+use spokelet_proto::{CloudEvent, MANIFEST_BUNDLES, PublishRequest, SubscriptionRequest};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
-use tonic::metadata::{AsciiMetadataValue, MetadataValue};
-use tonic::service::Interceptor;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 
 use super::book::Shared;
+use super::dial::{self, Client};
 use super::publish::publish_loop;
 use super::{GrpcError, GrpcHubOptions, HubState};
 use crate::backoff::ExponentialBackoff;
 use crate::hub::cloudevents;
-use crate::hub::config::TokenSource;
-use crate::hub::tls::{ClientTls, HubConnector, error_chain};
+use crate::hub::tls::{ClientTls, error_chain};
 use crate::lock::lock;
 use crate::work::source::WorkEvent;
 
@@ -37,54 +31,6 @@ const REFUSED_IDENTITY_ALERTS: &[&str] = &[
     "fatal alert: CertificateRevoked",
     "fatal alert: AccessDenied",
 ];
-
-/// Adds `authorization: Bearer <token>` when a token is configured.
-#[derive(Clone)]
-pub(super) struct Auth {
-    /// The header value, marked sensitive so it is never logged by tonic/hyper.
-    header: Option<AsciiMetadataValue>,
-}
-
-impl Auth {
-    /// Reads the token now: a token file is read at each connect, so a rotated token is used.
-    fn new(token: Option<&TokenSource>) -> Result<Auth, GrpcError> {
-        let header = match token {
-            None => None,
-            Some(src) => {
-                let token = src
-                    .read()
-                    .map_err(|e| GrpcError::Token(format!("reading {src:?}: {e}")))?;
-                let mut v: AsciiMetadataValue = MetadataValue::try_from(format!("Bearer {token}"))
-                    .map_err(|_| GrpcError::Token("token is not a valid header value".into()))?;
-                v.set_sensitive(true);
-                Some(v)
-            }
-        };
-        Ok(Auth { header })
-    }
-}
-
-impl std::fmt::Debug for Auth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.header.is_some() {
-            "Auth(<bearer>)"
-        } else {
-            "Auth(none)"
-        })
-    }
-}
-
-impl Interceptor for Auth {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(h) = &self.header {
-            req.metadata_mut().insert("authorization", h.clone());
-        }
-        Ok(req)
-    }
-}
-
-/// The client type of one session.
-pub(super) type Client = CloudEventServiceClient<InterceptedService<Channel, Auth>>;
 
 /// How one session ended.
 enum SessionEnd {
@@ -119,11 +65,6 @@ async fn sleep_until_opt(t: Option<Instant>) {
         Some(t) => tokio::time::sleep_until(t).await,
         None => futures::future::pending().await,
     }
-}
-
-/// `http::uri` through tonic, so no direct `http` dependency is needed.
-mod http_uri {
-    pub use tonic::codegen::http::uri::InvalidUri;
 }
 
 impl Runner {
@@ -166,55 +107,9 @@ impl Runner {
         tracing::info!("hub transport stopped");
     }
 
-    /// The endpoint to dial, with the connect timeout and keepalive settings.
-    fn endpoint(&self) -> Result<Endpoint, GrpcError> {
-        let s = &self.opts.settings;
-        let mut endpoint = if s.url.plaintext {
-            tracing::warn!(url = %s.url.uri(), "connecting to the hub WITHOUT TLS (insecure plaintext): works, status and credentials travel unencrypted");
-            Endpoint::from_shared(s.url.uri()).map_err(GrpcError::Connect)?
-        } else {
-            // tonic must not add TLS itself (our connector does), so it sees http; requests still
-            // carry the https origin.
-            let dial = format!("http://{}:{}", s.url.host, s.url.port);
-            let origin: tonic::transport::Uri = s
-                .url
-                .uri()
-                .parse()
-                .map_err(|e: http_uri::InvalidUri| GrpcError::Url(e.to_string()))?;
-            Endpoint::from_shared(dial)
-                .map_err(GrpcError::Connect)?
-                .origin(origin)
-        };
-        endpoint = endpoint
-            .connect_timeout(self.opts.connect_timeout)
-            .tcp_nodelay(true);
-        if s.keep_alive.enable {
-            endpoint = endpoint
-                .http2_keep_alive_interval(s.keep_alive.time)
-                .keep_alive_timeout(s.keep_alive.timeout)
-                .keep_alive_while_idle(s.keep_alive.permit_without_stream);
-        }
-        Ok(endpoint)
-    }
-
     /// Dials the hub and builds a client.
     async fn connect(&self) -> Result<Client, GrpcError> {
-        let s = &self.opts.settings;
-        let endpoint = self.endpoint()?;
-        let channel = match &self.tls {
-            None => endpoint.connect().await.map_err(GrpcError::Connect)?,
-            Some(tls) => {
-                let connector: HubConnector = tls.connector(&s.url.host, s.url.port)?;
-                endpoint
-                    .connect_with_connector(connector)
-                    .await
-                    .map_err(GrpcError::Connect)?
-            }
-        };
-        let auth = Auth::new(s.token.as_ref())?;
-        Ok(CloudEventServiceClient::with_interceptor(channel, auth)
-            .max_decoding_message_size(self.opts.max_message_size)
-            .max_encoding_message_size(self.opts.max_message_size))
+        dial::connect(&self.opts, self.tls.as_ref()).await
     }
 
     /// One connection: subscribe, resync, read until it breaks.
