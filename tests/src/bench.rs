@@ -5,43 +5,48 @@ use std::time::Duration;
 
 use crate::HarnessError;
 
-/// The `spokelet` binary for benchmarks that run the agent as its own process (so its memory
-/// is measured alone). `SPOKELET_BIN` wins; otherwise it is built (a no-op when up to date)
-/// with the same profile as the running benchmark, so it is never stale.
+/// The `spokelet` binary, for benchmarks that run the agent as its own process (so its memory
+/// is measured alone). See [`release_binary`].
 pub fn spokelet_binary() -> Result<PathBuf, HarnessError> {
-    if let Ok(path) = std::env::var("SPOKELET_BIN") {
-        return Ok(PathBuf::from(path));
+    release_binary("spokelet")
+}
+
+/// A binary of the workspace as `cargo build --release` makes it, the build an operator ships:
+/// `SPOKELET_BIN_DIR` wins; otherwise `cargo build --release` runs first (a no-op when up to
+/// date). The benchmark must not build the binary itself with other options: a different
+/// package selection or profile resolves other features and rebuilds the agent, and the
+/// figures would then be of a binary nobody runs.
+pub fn release_binary(name: &str) -> Result<PathBuf, HarnessError> {
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    if let Ok(dir) = std::env::var("SPOKELET_BIN_DIR") {
+        return Ok(PathBuf::from(dir).join(name));
     }
-    let exe = std::env::current_exe().map_err(|e| HarnessError::AgentBuild(e.to_string()))?;
-    // target/<profile>/deps/<bench> -> target/<profile>
+    let dir = BUILT
+        .get_or_init(build_release)
+        .clone()
+        .map_err(HarnessError::AgentBuild)?;
+    Ok(dir.join(name))
+}
+
+/// Runs `cargo build --release` in the workspace; returns `target/release`.
+fn build_release() -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    // target/release/deps/<bench> -> target/release
     let dir = exe
         .parent()
         .and_then(Path::parent)
-        .ok_or_else(|| HarnessError::AgentBuild(format!("unexpected location {}", exe.display())))?;
-    let profile = if dir.ends_with("release") {
-        "release"
-    } else {
-        "dev"
-    };
+        .ok_or_else(|| format!("unexpected location {}", exe.display()))?;
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = std::process::Command::new(cargo)
-        .args([
-            "build",
-            "-p",
-            "spokelet",
-            "--bin",
-            "spokelet",
-            "--profile",
-            profile,
-        ])
+        .current_dir(&workspace)
+        .args(["build", "--release"])
         .status()
-        .map_err(|e| HarnessError::AgentBuild(e.to_string()))?;
+        .map_err(|e| e.to_string())?;
     if !status.success() {
-        return Err(HarnessError::AgentBuild(format!(
-            "cargo build exited with {status}"
-        )));
+        return Err(format!("cargo build --release exited with {status}"));
     }
-    Ok(dir.join("spokelet"))
+    Ok(dir.to_path_buf())
 }
 
 /// A `VmXXX:` field of `/proc/<pid>/status`, in KiB (`VmHWM` = peak RSS, `VmRSS` = now).

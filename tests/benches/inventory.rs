@@ -7,7 +7,8 @@
 //! NVML test double, and `lshw -json` on this machine, in the same run.
 //! `SPOKELET_BENCH_RUNS` overrides the number of runs (default 20).
 //!
-//! Run with `cargo bench -p spokelet --bench inventory`.
+//! Run with `cargo bench -p spokelet-e2e --bench inventory`. It measures the binaries that
+//! `cargo build --release` makes (built first if they are not up to date).
 #![allow(unsafe_code)]
 
 use std::os::unix::process::CommandExt;
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use spokelet_e2e::bench::{ms, percentile, print_table, proc_status_kib, release_binary};
 use spokelet_hardware::Inventory;
 use spokelet_hardware::testing::{ShimVariant, build_nvml_shim};
 
@@ -43,13 +45,6 @@ fn wall_time(cmd: &mut Command) -> Result<Duration, String> {
         return Err(format!("{cmd:?} failed: {status}"));
     }
     Ok(wall)
-}
-
-/// Reads `VmHWM` (peak resident set size, KiB) from `/proc/<pid>/status`.
-fn vm_hwm_kib(pid: libc::pid_t) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Makes a raw `ptrace` request on `pid`.
@@ -133,7 +128,7 @@ fn peak_rss_kib(cmd: &mut Command) -> Result<u64, String> {
             return Err(format!("{cmd:?} killed by signal {}", libc::WTERMSIG(status)));
         }
         if status >> 8 == exit_event {
-            peak = vm_hwm_kib(pid);
+            peak = u32::try_from(pid).ok().and_then(|p| proc_status_kib(p, "VmHWM"));
             ptrace(libc::PTRACE_CONT, pid, 0)?;
         } else {
             // Any other stop is a signal for the child: pass it on.
@@ -153,18 +148,6 @@ struct Stats {
     max_rss_kib: u64,
 }
 
-/// Nearest-rank percentile of sorted samples.
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    // Lossless for any realistic run count.
-    #[allow(
-        clippy::cast_precision_loss,
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss
-    )]
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 fn bench(name: &str, runs: usize, make: &dyn Fn() -> Command) -> Result<Stats, String> {
     for _ in 0..WARMUP_RUNS {
         wall_time(&mut make())?;
@@ -180,8 +163,8 @@ fn bench(name: &str, runs: usize, make: &dyn Fn() -> Command) -> Result<Stats, S
     Ok(Stats {
         name: name.to_owned(),
         runs,
-        median: percentile(&walls, 50.0),
-        p90: percentile(&walls, 90.0),
+        median: percentile(&walls, 0.5),
+        p90: percentile(&walls, 0.9),
         max_rss_kib,
     })
 }
@@ -204,14 +187,15 @@ fn check_inventory(mut cmd: Command) -> Result<Inventory, String> {
 
 /// The full agent binary: `spokelet inventory --output json ARGS`.
 fn spokelet(args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_spokelet"));
+    let mut cmd = Command::new(release_binary("spokelet").unwrap_or_else(|e| panic!("{e}")));
     cmd.arg("inventory");
     with_inventory_args(cmd, args)
 }
 
 /// The lean discovery binary: `spokelet-inventory --output json ARGS`.
 fn spokelet_inventory(args: &[&str]) -> Command {
-    with_inventory_args(Command::new(env!("CARGO_BIN_EXE_spokelet-inventory")), args)
+    let bin = release_binary("spokelet-inventory").unwrap_or_else(|e| panic!("{e}"));
+    with_inventory_args(Command::new(bin), args)
 }
 
 fn with_inventory_args(mut cmd: Command, args: &[&str]) -> Command {
@@ -227,10 +211,6 @@ fn with_inventory_args(mut cmd: Command, args: &[&str]) -> Command {
     cmd
 }
 
-fn ms(d: Duration) -> String {
-    format!("{:.2}", d.as_secs_f64() * 1000.0)
-}
-
 fn mib(kib: u64) -> String {
     // Display only.
     #[allow(clippy::cast_precision_loss)]
@@ -243,7 +223,7 @@ fn ratio(a: u64, b: u64) -> f64 {
     a as f64 / b as f64
 }
 
-fn print_table(rows: &[Stats], lshw: Option<&Stats>) {
+fn print_results(rows: &[Stats], lshw: Option<&Stats>) {
     let header = [
         "command",
         "runs",
@@ -253,49 +233,28 @@ fn print_table(rows: &[Stats], lshw: Option<&Stats>) {
         "speed vs lshw",
         "RSS vs lshw",
     ];
-    let mut cells: Vec<Vec<String>> = vec![header.iter().map(|s| (*s).to_owned()).collect()];
-    for r in rows {
-        let (speed, rss) = match lshw {
-            Some(l) => (
-                format!("{:.1}x", l.median.as_secs_f64() / r.median.as_secs_f64()),
-                format!("{:.2}", ratio(r.max_rss_kib, l.max_rss_kib)),
-            ),
-            None => ("-".to_owned(), "-".to_owned()),
-        };
-        cells.push(vec![
-            r.name.clone(),
-            r.runs.to_string(),
-            ms(r.median),
-            ms(r.p90),
-            mib(r.max_rss_kib),
-            speed,
-            rss,
-        ]);
-    }
-    let widths: Vec<usize> = (0..header.len())
-        .map(|c| cells.iter().map(|row| row[c].chars().count()).max().unwrap_or(0))
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let (speed, rss) = match lshw {
+                Some(l) => (
+                    format!("{:.1}x", l.median.as_secs_f64() / r.median.as_secs_f64()),
+                    format!("{:.2}", ratio(r.max_rss_kib, l.max_rss_kib)),
+                ),
+                None => ("-".to_owned(), "-".to_owned()),
+            };
+            vec![
+                r.name.clone(),
+                r.runs.to_string(),
+                ms(r.median),
+                ms(r.p90),
+                mib(r.max_rss_kib),
+                speed,
+                rss,
+            ]
+        })
         .collect();
-    for (i, row) in cells.iter().enumerate() {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .enumerate()
-            .map(|(c, (cell, w))| {
-                if c == 0 {
-                    format!("{cell:<w$}")
-                } else {
-                    format!("{cell:>w$}")
-                }
-            })
-            .collect();
-        println!("{}", line.join("  "));
-        if i == 0 {
-            println!(
-                "{}",
-                "-".repeat(widths.iter().sum::<usize>() + 2 * (widths.len() - 1))
-            );
-        }
-    }
+    print_table(&header, &cells);
 }
 
 fn lshw_path() -> Option<PathBuf> {
@@ -366,7 +325,7 @@ fn run() -> Result<(), String> {
         }
     };
     rows.extend(lshw.clone());
-    print_table(&rows, lshw.as_ref());
+    print_results(&rows, lshw.as_ref());
 
     let Some(l) = &lshw else {
         return Ok(());
