@@ -87,24 +87,20 @@ impl HubConnection {
         let mut args = args.clone();
         args.agent_id = Some(agent_id.to_string());
         let stop = CancellationToken::new();
-        match args.resolve()? {
-            None => Ok(None),
+        let conn = match args.resolve()? {
+            None => return Ok(None),
             Some(ResolvedHub::Grpc(settings)) => {
                 let address = settings.url.uri();
                 let opts = GrpcHubOptions::new(settings);
                 metrics::register(&opts.metrics, &mut lock(registry));
                 let hub = GrpcHub::start(opts, stop.clone())?;
                 tracing::info!(hub = %address, transport = "grpc", "hub transport started");
-                Ok(Some(HubConnection {
-                    source: hub.source,
-                    sink: Arc::new(hub.sink),
-                    address,
-                    closer: HubCloser {
-                        stop,
-                        tasks: vec![hub.task],
-                        grpc: Some(hub.handle),
-                    },
-                }))
+                let closer = HubCloser {
+                    stop,
+                    tasks: vec![hub.task],
+                    grpc: Some(hub.handle),
+                };
+                HubConnection::new(hub.source, Arc::new(hub.sink), address, closer)
             }
             Some(ResolvedHub::Kube(settings)) => {
                 let config = super::kube_hub::config_from_kubeconfig(&settings.kubeconfig).await?;
@@ -114,17 +110,23 @@ impl HubConnection {
                 opts.lease_duration = settings.lease_duration;
                 let hub = KubeHub::start(opts, stop.clone());
                 tracing::info!(hub = %address, transport = "kube", cluster = %settings.cluster_name, "hub transport started");
-                Ok(Some(HubConnection {
-                    source: hub.source,
-                    sink: Arc::new(hub.sink),
-                    address,
-                    closer: HubCloser {
-                        stop,
-                        tasks: hub.tasks,
-                        grpc: None,
-                    },
-                }))
+                let closer = HubCloser {
+                    stop,
+                    tasks: hub.tasks,
+                    grpc: None,
+                };
+                HubConnection::new(hub.source, Arc::new(hub.sink), address, closer)
             }
+        };
+        Ok(Some(conn))
+    }
+
+    fn new(source: HubEvents, sink: Arc<dyn StatusSink>, address: String, closer: HubCloser) -> Self {
+        HubConnection {
+            source,
+            sink,
+            address,
+            closer,
         }
     }
 }
