@@ -135,7 +135,8 @@ enum Done {
     /// A reconcile finished; its report carries the work's history back.
     Reconciled {
         name: String,
-        report: Report,
+        /// Boxed: a report (status and history) is many times the size of the other variant.
+        report: Box<Report>,
         /// Hash of the status now published (unchanged if publishing failed).
         published: Option<String>,
     },
@@ -340,7 +341,7 @@ impl EngineLoop {
                 name,
                 report,
                 published,
-            } => self.finish_reconcile(&name, report, published),
+            } => self.finish_reconcile(&name, *report, published),
             Done::Deleted {
                 name,
                 ok,
@@ -591,6 +592,7 @@ impl EngineLoop {
             ctx.metrics.reconciled(outcome, t0.elapsed().as_secs_f64());
             let update = work_update(&work, &report.status, false);
             let published = Box::pin(publish(&ctx, sink.as_ref(), &update, published)).await;
+            let report = Box::new(report);
             let _ = done_tx.send(Done::Reconciled {
                 name,
                 report,
