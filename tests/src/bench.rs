@@ -38,15 +38,36 @@ fn build_release() -> Result<PathBuf, String> {
         .ok_or_else(|| format!("unexpected location {}", exe.display()))?;
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = std::process::Command::new(cargo)
-        .current_dir(&workspace)
-        .args(["build", "--release"])
-        .status()
-        .map_err(|e| e.to_string())?;
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.current_dir(&workspace).args(["build", "--release"]);
+    // Cargo runs this benchmark with variables describing it (CARGO_PKG_NAME,
+    // CARGO_MANIFEST_DIR, ...). Build scripts such as ring's ask to rerun when those change, so
+    // passing them on would rebuild the TLS stack and the agent instead of reusing the build.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy().into_owned();
+        if is_per_target_cargo_var(&name) {
+            cmd.env_remove(&name);
+        }
+    }
+    let status = cmd.status().map_err(|e| e.to_string())?;
     if !status.success() {
         return Err(format!("cargo build --release exited with {status}"));
     }
     Ok(dir.to_path_buf())
+}
+
+/// Whether `name` is one of the variables cargo sets for the target it runs (as opposed to
+/// settings of cargo itself, such as `CARGO_HOME` or `CARGO_TARGET_DIR`, which must be kept).
+fn is_per_target_cargo_var(name: &str) -> bool {
+    const PREFIXES: &[&str] = &[
+        "CARGO_PKG_",
+        "CARGO_MANIFEST_",
+        "CARGO_CRATE_",
+        "CARGO_BIN_",
+        "CARGO_CFG_",
+    ];
+    const NAMES: &[&str] = &["CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR", "OUT_DIR"];
+    PREFIXES.iter().any(|p| name.starts_with(p)) || NAMES.contains(&name)
 }
 
 /// A `VmXXX:` field of `/proc/<pid>/status`, in KiB (`VmHWM` = peak RSS, `VmRSS` = now).
@@ -136,6 +157,27 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_per_target_cargo_variables_are_dropped() {
+        for name in [
+            "CARGO_PKG_NAME",
+            "CARGO_MANIFEST_DIR",
+            "CARGO_BIN_EXE_spokelet",
+            "OUT_DIR",
+        ] {
+            assert!(is_per_target_cargo_var(name), "{name}");
+        }
+        for name in [
+            "CARGO",
+            "CARGO_HOME",
+            "CARGO_TARGET_DIR",
+            "CARGO_TERM_COLOR",
+            "PATH",
+        ] {
+            assert!(!is_per_target_cargo_var(name), "{name}");
+        }
+    }
 
     #[test]
     fn percentiles_use_nearest_rank() {
