@@ -4,12 +4,21 @@
 
 use serde_json::Value;
 
+/// Longest path accepted, in characters. Real feedback and ignoreFields paths are a few dozen;
+/// the cap keeps a hostile work from making the agent parse megabytes per reconcile.
+pub const MAX_PATH_CHARS: usize = 4096;
+/// Deepest nesting of filters (`[?(@.a[?(@.b)])]`). Parsing and evaluation recurse once per
+/// level, so without a cap a long enough path overflows the stack and aborts the agent.
+pub const MAX_FILTER_DEPTH: usize = 8;
+
 /// Why a path does not parse.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum JsonPathError {
     /// Nothing but whitespace, `{}` or `$`.
     #[error("empty JSONPath")]
     Empty,
+    #[error("JSONPath of {len} characters is longer than the {max} characters accepted")]
+    TooLong { len: usize, max: usize },
     /// Unexpected character at a position.
     #[error("invalid JSONPath {path:?}: {reason} at position {pos}")]
     Syntax {
@@ -66,11 +75,17 @@ impl JsonPath {
         if s.is_empty() {
             return Err(JsonPathError::Empty);
         }
+        let len = s.chars().count();
+        if len > MAX_PATH_CHARS {
+            let max = MAX_PATH_CHARS;
+            return Err(JsonPathError::TooLong { len, max });
+        }
         let mut p = Parser {
             src: s,
             chars: s.char_indices().collect(),
             i: 0,
             orig: input,
+            depth: 0,
         };
         if p.peek() == Some('$') {
             p.i += 1;
@@ -170,6 +185,8 @@ struct Parser<'s> {
     i: usize,
     /// The path exactly as given, for error messages.
     orig: &'s str,
+    /// Filters open around the current position (at most [`MAX_FILTER_DEPTH`]).
+    depth: usize,
 }
 
 impl Parser<'_> {
@@ -259,7 +276,13 @@ impl Parser<'_> {
                 self.expect('(')?;
                 self.skip_ws();
                 self.expect('@')?;
-                let path = self.steps(false, true)?;
+                if self.depth >= MAX_FILTER_DEPTH {
+                    return Err(self.err(&format!("filters nested deeper than {MAX_FILTER_DEPTH}")));
+                }
+                self.depth += 1;
+                let path = self.steps(false, true);
+                self.depth -= 1;
+                let path = path?;
                 self.skip_ws();
                 let cmp = match self.peek() {
                     Some('=') => {
@@ -442,6 +465,25 @@ mod tests {
         }
         let e = JsonPath::parse(".status[").unwrap_err().to_string();
         assert!(e.contains("invalid JSONPath"), "{e}");
+    }
+
+    #[test]
+    fn hostile_paths_fail_clearly_without_exhausting_the_stack() {
+        // 60,000 nested filters aborted the agent with a stack overflow before the caps.
+        let deep = "[?(@".repeat(60_000);
+        let e = JsonPath::parse(&deep).unwrap_err();
+        assert!(matches!(e, JsonPathError::TooLong { len: 240_000, .. }), "{e}");
+        // Within the length cap, nesting is capped on its own.
+        let nested = format!(".a{}", "[?(@.b".repeat(MAX_FILTER_DEPTH + 1));
+        let e = JsonPath::parse(&nested).unwrap_err().to_string();
+        assert!(e.contains("nested deeper than 8"), "{e}");
+        // Nesting up to the cap still parses.
+        let ok = format!(
+            ".a{}{}",
+            "[?(@.b".repeat(MAX_FILTER_DEPTH),
+            ")]".repeat(MAX_FILTER_DEPTH)
+        );
+        assert!(JsonPath::parse(&ok).is_ok(), "{ok}");
     }
 
     #[test]
