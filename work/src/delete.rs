@@ -226,15 +226,7 @@ impl Reporter<'_> {
     async fn publish(&mut self, status: ManifestWorkStatus, deleted: bool) {
         let update = match self.work {
             Some(w) => work_update(w, &status, deleted),
-            None => StatusUpdate {
-                name: self.name.to_string(),
-                namespace: None,
-                uid: None,
-                generation: self.generation,
-                status_hash: super::conditions::status_hash(&status),
-                status: status.clone(),
-                deleted,
-            },
+            None => StatusUpdate::new(self.name, self.generation, status.clone(), deleted),
         };
         self.published = publish(self.ctx, self.sink, &update, self.published.take()).await;
         self.status = status;

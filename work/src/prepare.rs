@@ -18,7 +18,7 @@ use super::manifestwork::{
 };
 use super::object::{MANAGED_LABEL, ObjKey, SPEC_HASH_ANNOTATION, normalize_secret};
 use super::status::ManifestResult;
-use super::validate::{ParsedManifest, parse_manifest};
+use super::validate::{ParsedManifest, ValidateError, parse_manifest};
 
 /// How often, and how many times, a kind defined by a CRD of the same work is looked up again:
 /// discovery can lag a just-established CRD by a few seconds.
@@ -51,7 +51,7 @@ pub fn parse_manifests(work: &ManifestWork) -> (Vec<ManifestResult>, Vec<Option<
             },
             ..Default::default()
         };
-        let value = m.value().map_err(super::validate::ValidateError::NotJson);
+        let value = m.value().map_err(ValidateError::NotJson);
         match value.and_then(|v| parse_manifest(&v)) {
             Ok(p) => {
                 r.meta.group = p.group.clone();

@@ -22,8 +22,8 @@ use super::drift::Live;
 use super::failure::{ManifestFailure, WorkFailure};
 use super::history::WorkMemory;
 use super::manifestwork::{
-    AppliedManifestResourceMeta, AppliedManifestWorkSpec, ManifestWork, ManifestWorkStatus,
-    UpdateStrategyType,
+    AppliedManifestResourceMeta, AppliedManifestWork, AppliedManifestWorkSpec, ManifestWork,
+    ManifestWorkStatus, UpdateStrategyType,
 };
 use super::object::{ObjKey, meta_str};
 use super::order::plan;
@@ -121,7 +121,7 @@ impl Ledger {
         work: &ManifestWork,
         parsed: &[Option<ParsedManifest>],
         crd_kinds: &KindSet,
-        cache: &mut Option<super::manifestwork::AppliedManifestWork>,
+        cache: &mut Option<AppliedManifestWork>,
     ) -> Result<Ledger, WorkFailure> {
         let name = work.name_any();
         let candidates = prepare::intent_candidates(ctx, work, parsed, crd_kinds).await;
@@ -162,7 +162,7 @@ impl Ledger {
         &mut self,
         ctx: &ReconcileContext,
         new: Vec<AppliedManifestResourceMeta>,
-        cache: &mut Option<super::manifestwork::AppliedManifestWork>,
+        cache: &mut Option<AppliedManifestWork>,
     ) -> Result<(), AppliedWorkError> {
         if new.is_empty() {
             return Ok(());

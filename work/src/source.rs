@@ -39,6 +39,22 @@ pub struct StatusUpdate {
     pub deleted: bool,
 }
 
+impl StatusUpdate {
+    /// An update for the work `name` (no hub namespace or uid known), its hash computed here so
+    /// every update carries the one hash sinks compare and hubs receive.
+    pub fn new(name: impl Into<String>, generation: i64, status: ManifestWorkStatus, deleted: bool) -> Self {
+        StatusUpdate {
+            name: name.into(),
+            namespace: None,
+            uid: None,
+            generation,
+            status_hash: super::conditions::status_hash(&status),
+            status,
+            deleted,
+        }
+    }
+}
+
 /// Failure to deliver a status update.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {

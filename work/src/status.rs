@@ -7,7 +7,7 @@ use kube::ResourceExt;
 use serde_json::Value;
 
 use super::applier::Action;
-use super::conditions::{FALSE, TRUE, cond, merge_conditions, now_rfc3339, status_hash, types};
+use super::conditions::{FALSE, TRUE, cond, merge_conditions, now_rfc3339, types};
 use super::context::ReconcileContext;
 use super::failure::{ManifestFailure, WorkFailure};
 use super::feedback;
@@ -366,14 +366,11 @@ pub fn deletion_status(
 
 /// The sink's view of a work's status.
 pub fn work_update(work: &ManifestWork, status: &ManifestWorkStatus, deleted: bool) -> StatusUpdate {
+    let generation = work.metadata.generation.unwrap_or(0);
     StatusUpdate {
-        name: work.name_any(),
         namespace: work.namespace(),
         uid: work.uid(),
-        generation: work.metadata.generation.unwrap_or(0),
-        status: status.clone(),
-        status_hash: status_hash(status),
-        deleted,
+        ..StatusUpdate::new(work.name_any(), generation, status.clone(), deleted)
     }
 }
 

@@ -505,11 +505,6 @@ pub struct StatusTarget<'a> {
     pub sequence_id: u64,
 }
 
-/// Hex SHA-256 of the status JSON, the `statushash` (same definition as the engine's).
-pub fn status_hash(status: &ManifestWorkStatus) -> String {
-    crate::work::conditions::status_hash(status)
-}
-
 /// A status event with every extension the contract lists.
 pub fn status_event(
     kind: StatusKind,
@@ -774,7 +769,7 @@ mod tests {
             }],
             ..Default::default()
         };
-        let hash = status_hash(&status);
+        let hash = crate::work::conditions::status_hash(&status);
         let meta = WireMeta {
             name: "w1".into(),
             namespace: "c1".into(),

@@ -16,6 +16,7 @@ use crate::hub::cloudevents::{
 use crate::hub::metrics::HubMetrics;
 use crate::hub::outbox::Outbox;
 use crate::lock::lock;
+use crate::work::conditions::status_hash;
 use crate::work::source::{SinkError, StatusUpdate};
 
 /// What we know about a work the hub sent.
@@ -151,7 +152,7 @@ impl Shared {
         };
         update.uid = Some(uid.clone());
         let hash = if update.status_hash.is_empty() {
-            cloudevents::status_hash(&update.status)
+            status_hash(&update.status)
         } else {
             update.status_hash.clone()
         };
@@ -305,7 +306,7 @@ mod tests {
         let b = s.next_outgoing().unwrap();
         assert!(s.next_outgoing().is_none());
         assert_eq!((a.uid.as_str(), b.uid.as_str()), ("u1", "u2"));
-        let want = cloudevents::status_hash(&update("u1", "B", false).status);
+        let want = status_hash(&update("u1", "B", false).status);
         assert_eq!(a.hash, want);
     }
 

@@ -156,13 +156,9 @@ impl Runner {
             ..Default::default()
         };
         let update = StatusUpdate {
-            name,
             namespace: Some(self.shared.cluster.clone()),
             uid: Some(uid.to_string()),
-            generation: version,
-            status_hash: cloudevents::status_hash(&status),
-            status,
-            deleted: false,
+            ..StatusUpdate::new(name, version, status, false)
         };
         let _ = self.shared.enqueue_status(update);
     }
