@@ -66,6 +66,11 @@ pub struct RunArgs {
     /// Debounce quiet period for drift corrections.
     #[arg(long, env = "SPOKELET_DRIFT_DEBOUNCE", default_value = "20ms", value_parser = parse_duration)]
     pub drift_debounce: Duration,
+
+    /// How long a recorded work the hub has not re-sent keeps running before its objects are
+    /// cleaned up, counted from when a connected, synced hub first lacked it (OCM's default).
+    #[arg(long, env = "SPOKELET_EVICTION_GRACE_PERIOD", default_value = "60m", value_parser = parse_duration)]
+    pub eviction_grace_period: Duration,
 }
 
 /// Why `spokelet run` stopped.
@@ -126,13 +131,17 @@ pub fn engine_config(args: &RunArgs) -> EngineConfig {
     cfg.max_work_bytes = args.max_work_bytes;
     cfg.debounce_quiet = args.drift_debounce;
     cfg.flap = FlapGuard::default();
+    cfg.eviction_grace = args.eviction_grace_period;
     cfg
 }
 
 /// Runs the engine on the hub's works when a hub transport is set, else on `--works-dir`, until
 /// `ctx.shutdown` is cancelled. Setting both is an error ([`RunError::TwoSources`]).
 pub async fn run(args: RunArgs, hub: HubArgs, ctx: RunContext) -> Result<(), RunError> {
-    if let Some(conn) = HubConnection::open(&hub, &args.agent_id, &ctx.registry).await? {
+    let config = client_config(args.kubeconfig.as_deref()).await?;
+    // One client for everything: every request and watch is a stream on one HTTP/2 connection.
+    let client = kube_client::client(config)?;
+    if let Some(conn) = HubConnection::open(&hub, &args.agent_id, &ctx.registry, &client).await? {
         if let Some(dir) = &args.works_dir {
             // Two sources would fight over the same AppliedManifestWorks; refuse rather than guess.
             conn.closer.close().await;
@@ -145,7 +154,7 @@ pub async fn run(args: RunArgs, hub: HubArgs, ctx: RunContext) -> Result<(), Run
             closer,
         } = conn;
         tracing::info!(hub = %address, "work engine starting (hub source)");
-        let result = run_engine(&args, &ctx, source, sink, &address).await;
+        let result = run_engine(&args, &ctx, client, source, sink, &address).await;
         // After the engine: its last statuses (final `Deleted`s included) still reach the hub.
         closer.close().await;
         return result;
@@ -155,7 +164,7 @@ pub async fn run(args: RunArgs, hub: HubArgs, ctx: RunContext) -> Result<(), Run
     let sink = Arc::new(FileStatusSink::new(&dir));
     tracing::info!(dir = %dir.display(), hub = %args.hub_name, "work engine starting (file source)");
     let hub = args.hub_name.clone();
-    run_engine(&args, &ctx, source, sink, &hub).await
+    run_engine(&args, &ctx, client, source, sink, &hub).await
 }
 
 /// Runs the engine on any source and sink (a hub transport, say) until `ctx.shutdown` is
@@ -163,13 +172,11 @@ pub async fn run(args: RunArgs, hub: HubArgs, ctx: RunContext) -> Result<(), Run
 pub async fn run_engine(
     args: &RunArgs,
     ctx: &RunContext,
+    client: kube::Client,
     source: impl WorkSource,
     sink: Arc<dyn StatusSink>,
     hub_address: &str,
 ) -> Result<(), RunError> {
-    let config = client_config(args.kubeconfig.as_deref()).await?;
-    // One client for everything: every request and watch is a stream on one HTTP/2 connection.
-    let client = kube_client::client(config)?;
     let metrics = WorkMetrics::default();
     metrics.register(lock(&ctx.registry).sub_registry_with_prefix("work"));
     let mut cfg = engine_config(args);

@@ -24,7 +24,7 @@ use spokelet::work::applied_work::hub_hash;
 use spokelet::work::conditions::find;
 use spokelet::work::manifestwork::{Manifest, ManifestWork, ManifestWorkSpec, ManifestsTemplate};
 use spokelet::work::metrics::WorkMetrics;
-use spokelet::work::{CancellationToken, EngineConfig, StatusUpdate, WorkEngine, WorkEvent};
+use spokelet::work::{CancellationToken, EngineConfig, Listing, StatusUpdate, WorkEngine, WorkEvent};
 use spokelet_e2e::bench::{percentile, proc_cpu, proc_status_kib, spokelet_binary, total_cpu};
 use spokelet_e2e::{ClusterOptions, KubeCluster};
 use tokio::sync::mpsc;
@@ -187,7 +187,7 @@ impl Engine {
         let shutdown = CancellationToken::new();
         let sd = shutdown.clone();
         tokio::spawn(async move { engine.run(src, Arc::new(stx), sd).await.unwrap() });
-        tx.send(WorkEvent::Synced).unwrap();
+        tx.send(WorkEvent::Synced(Listing::Complete)).unwrap();
         ready.wait_for(|r| *r).await.unwrap();
         Engine {
             tx,

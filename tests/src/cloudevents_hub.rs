@@ -241,8 +241,21 @@ struct Inner {
     state: Mutex<State>,
     /// No heartbeats while set.
     silent: AtomicBool,
+    /// How long the hub waits before answering a spec resync request, in milliseconds (an
+    /// overloaded hub, or one still loading its works).
+    resync_delay_ms: AtomicU64,
+    /// Whether a resync answer includes deletes for works the agent lists and the hub lacks
+    /// (the reference hub's behaviour); off plays a hub that lost its store and answers only
+    /// with what it has.
+    answer_deletes: AtomicBool,
     /// Source of unique ids.
     counter: AtomicU64,
+}
+
+impl Inner {
+    fn deletes(&self) -> bool {
+        self.answer_deletes.load(Ordering::SeqCst)
+    }
 }
 
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -278,6 +291,8 @@ impl TestHub {
             opts: opts.clone(),
             state: Mutex::new(State::default()),
             silent: AtomicBool::new(false),
+            resync_delay_ms: AtomicU64::new(0),
+            answer_deletes: AtomicBool::new(true),
             counter: AtomicU64::new(1),
         });
         let listener = TcpListener::bind(opts.addr).await?;
@@ -372,6 +387,34 @@ impl TestHub {
     /// Stops or resumes heartbeats to every subscriber (the connection stays open).
     pub fn set_silent(&self, silent: bool) {
         self.inner.silent.store(silent, Ordering::SeqCst);
+    }
+
+    /// Answers later spec resync requests only after `delay` (Publish itself returns at once).
+    pub fn set_resync_delay(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.inner.resync_delay_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Whether resync answers include deletes (see [`Inner`]'s `answer_deletes`).
+    pub fn set_answer_deletes(&self, on: bool) {
+        self.inner.answer_deletes.store(on, Ordering::SeqCst);
+    }
+
+    /// Drops a work without a trace: no delete event and no tombstone, as a hub restored from an
+    /// old backup would. A resync asking about it gets a delete, one not asking gets nothing.
+    pub fn forget_work(&self, cluster: &str, name: &str) -> Option<HubWork> {
+        lock(&self.inner.state)
+            .works
+            .remove(&(cluster.to_string(), name.to_string()))
+    }
+
+    /// Puts a forgotten work back as it was (same uid and generation) and sends it.
+    pub fn restore_work(&self, work: &HubWork) {
+        let mut st = lock(&self.inner.state);
+        st.works
+            .insert((work.cluster.clone(), work.name.clone()), work.clone());
+        let ev = spec_event(&self.inner.opts.source, work, "create_request");
+        broadcast(&mut st, &work.cluster, ev);
     }
 
     /// Creates a work, or updates it (generation + 1), and sends it to the cluster's subscribers.
@@ -793,7 +836,17 @@ impl CloudEventService for HubService {
             event: ev.clone(),
         });
         if ev.r#type == format!("{MANIFEST_BUNDLES}.spec.resync_request") {
-            answer_spec_resync(&self.inner.opts.source, &mut st, &ev);
+            let delay = Duration::from_millis(self.inner.resync_delay_ms.load(Ordering::SeqCst));
+            if delay.is_zero() {
+                answer_spec_resync(&self.inner.opts.source, self.inner.deletes(), &mut st, &ev);
+            } else {
+                // A slow hub: acknowledged now, answered later (from the state at that time).
+                let inner = self.inner.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    answer_spec_resync(&inner.opts.source, inner.deletes(), &mut lock(&inner.state), &ev);
+                });
+            }
         }
         Ok(Response::new(()))
     }
@@ -847,7 +900,8 @@ impl CloudEventService for HubService {
 
 /// Answers a spec resync request: create/update for newer works, delete for works we no longer have.
 /// The answers are queued on the subscriber streams before Publish returns, as the reference hub does.
-fn answer_spec_resync(source: &str, st: &mut State, ev: &CloudEvent) {
+/// `deletes`: answer works the agent lists and the hub lacks with deletes.
+fn answer_spec_resync(source: &str, deletes: bool, st: &mut State, ev: &CloudEvent) {
     let cluster = match ev.attributes.get("ce-clustername").and_then(|v| v.attr.as_ref()) {
         Some(Attr::CeString(c)) => c.clone(),
         _ => return,
@@ -871,7 +925,7 @@ fn answer_spec_resync(source: &str, st: &mut State, ev: &CloudEvent) {
             Some(_) => {}
         }
     }
-    for (uid, v) in held {
+    for (uid, v) in held.into_iter().filter(|_| deletes) {
         let name = st.tombstones.get(&uid).map(|(_, n)| n.clone());
         out.push(delete_event(source, &uid, v, &cluster, name.as_deref()));
     }
@@ -921,7 +975,7 @@ mod tests {
             &serde_json::json!({"resourceVersions":[{"resourceID":"u1","resourceVersion":1},{"resourceID":"u2","resourceVersion":1}]}),
         );
         req.attributes.insert("ce-clustername".into(), string_attr("c"));
-        answer_spec_resync("hub", &mut st, &req);
+        answer_spec_resync("hub", true, &mut st, &req);
         let mut types = Vec::new();
         while let Ok(Ok(e)) = rx.try_recv() {
             types.push(e.r#type.rsplit('.').next().unwrap().to_string());

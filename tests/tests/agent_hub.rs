@@ -6,56 +6,16 @@
 //! the hub; an update must change the objects; a delete must remove them and end with a
 //! `Deleted` status. Waits are bounded polls; nothing asserts on elapsed time.
 
-use std::path::Path;
-
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use serde_json::{Value, json};
-use spokelet::admin::{Health, RunContext};
-use spokelet::config::{Cli, Command};
+use serde_json::json;
 use spokelet::work::manifestwork::ManifestWork;
-use spokelet_e2e::cloudevents_hub::{HubPki, Received, TestHub, TestHubOptions};
+use spokelet_e2e::cloudevents_hub::{HubPki, TestHub, TestHubOptions};
 use spokelet_e2e::ocm_hub::{onboard_cluster, start_ocm_hub};
 use spokelet_e2e::{eventually, shared_spoke, unique_name};
 
-/// The latest status the hub received for `work`, if it satisfies `pred`.
-fn latest_status(hub: &TestHub, uid: &str, pred: impl Fn(&Value) -> bool) -> Result<Value, String> {
-    let statuses: Vec<Received> = hub
-        .statuses()
-        .into_iter()
-        .filter(|r| r.ext("resourceid").as_deref() == Some(uid))
-        .collect();
-    let Some(last) = statuses.last() else {
-        return Err("no status for the work yet".into());
-    };
-    let json = last.json().ok_or("status event without JSON data")?;
-    if pred(&json) {
-        Ok(json)
-    } else {
-        Err(format!("latest status: {json}"))
-    }
-}
-
-fn condition(status: &Value, type_: &str) -> Option<String> {
-    status["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-        .and_then(|c| c["status"].as_str().map(str::to_owned))
-}
-
-/// A fresh namespace on the spoke for one test's objects.
-async fn spoke_namespace(client: &kube::Client, prefix: &str) -> String {
-    let ns = unique_name(prefix);
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
-        )
-        .await
-        .unwrap();
-    ns
-}
+mod support;
+use support::{Agent, condition, latest_status, spoke_namespace, write};
 
 /// Waits until ConfigMap `settings` in `cms` has `model` = `want` (`None`: until it is gone).
 async fn until_model(cms: &Api<ConfigMap>, want: Option<&str>) {
@@ -76,43 +36,6 @@ async fn until_model(cms: &Api<ConfigMap>, want: Option<&str>) {
     )
     .await
     .unwrap();
-}
-
-/// The whole agent running in-process from a command line, as `spokelet` would run it.
-struct Agent {
-    /// Readiness as `/readyz` reports it.
-    health: Health,
-    /// Plays SIGTERM.
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), spokelet::daemon::DaemonError>>,
-}
-
-impl Agent {
-    /// Parses `argv` with the real CLI (it must be a `run` command) and starts the agent.
-    fn start(argv: &[&str]) -> Agent {
-        let Command::Run(cmd) = Cli::load_from(argv).unwrap().command else {
-            panic!("not the run command: {argv:?}")
-        };
-        let ctx = RunContext::new();
-        let health = ctx.health.clone();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(spokelet::daemon::run_until(*cmd, ctx, async {
-            let _ = stopped.await;
-        }));
-        Agent { health, stop, task }
-    }
-
-    /// Signals shutdown and checks the agent drained cleanly.
-    async fn stop(self) {
-        self.stop.send(()).unwrap();
-        self.task.await.unwrap().unwrap();
-    }
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path.display().to_string()
 }
 
 #[tokio::test]

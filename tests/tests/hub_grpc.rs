@@ -12,7 +12,7 @@ use spokelet::hub::config::{HubSettings, HubUrl, KeepAliveConfig};
 use spokelet::hub::tls::{PemSource, TlsOptions};
 use spokelet::hub::{GrpcHub, GrpcHubOptions, HubState};
 use spokelet::work::manifestwork::{Condition, ManifestWorkStatus};
-use spokelet::work::source::{StatusSink, StatusUpdate, WorkEvent, WorkSource};
+use spokelet::work::source::{Listing, StatusSink, StatusUpdate, WorkEvent, WorkSource};
 use spokelet_e2e::cloudevents_hub::{HubPki, Received, TestHub, TestHubOptions, spec_event};
 use spokelet_e2e::pki::CertAndKey;
 use spokelet_proto::{Attr, CloudEvent, CloudEventAttributeValue, Data, MANIFEST_BUNDLES};
@@ -216,7 +216,7 @@ async fn subscribes_resyncs_and_delivers_create_update_delete() {
     assert_eq!(w1.metadata.generation, Some(1));
     assert_eq!(w1.spec.workload.manifests.len(), 1);
     assert!(
-        matches!(f.next().await, WorkEvent::Synced),
+        matches!(f.next().await, WorkEvent::Synced(Listing::Quiet)),
         "Synced follows the initial resync"
     );
 
@@ -340,7 +340,7 @@ async fn status_carries_every_extension_and_answers_status_resync() {
     loop {
         match f.next().await {
             WorkEvent::Delete(r) if r.name == "w1" => break,
-            WorkEvent::Synced => continue,
+            WorkEvent::Synced(_) | WorkEvent::Disconnected => continue,
             other => panic!("expected the delete of w1, got {other:?}"),
         }
     }
@@ -370,7 +370,7 @@ async fn hub_restart_reconnects_and_resyncs() {
     ];
     names.sort();
     assert_eq!(names, ["w1", "w2"]);
-    assert!(matches!(f.next().await, WorkEvent::Synced));
+    assert!(matches!(f.next().await, WorkEvent::Synced(Listing::Quiet)));
     let uid1 = f.hub.work(CLUSTER, "w1").unwrap().uid;
     let uid2 = f.hub.work(CLUSTER, "w2").unwrap().uid;
 
@@ -389,6 +389,11 @@ async fn hub_restart_reconnects_and_resyncs() {
         match f.next().await {
             WorkEvent::Delete(r) => {
                 assert_eq!(r.name, "w1");
+                assert_eq!(
+                    r.uid.as_deref(),
+                    Some(uid1.as_str()),
+                    "a delete names its work by uid"
+                );
                 saw_delete = true;
             }
             WorkEvent::Upsert(w) => {
@@ -396,7 +401,9 @@ async fn hub_restart_reconnects_and_resyncs() {
                 assert_eq!(w.metadata.generation, Some(2));
                 saw_update = true;
             }
-            WorkEvent::Synced => panic!("Synced is emitted once per process, not per reconnect"),
+            // Each session's resync ends quiet; a broken session says so.
+            WorkEvent::Synced(Listing::Quiet) | WorkEvent::Disconnected => {}
+            other => panic!("unexpected {other:?}"),
         }
     }
     let resync = f.hub.received_of("spec.resync_request");
@@ -445,7 +452,7 @@ async fn silent_hub_hits_the_heartbeat_timeout_and_we_reconnect() {
                 assert_eq!(w.metadata.name.as_deref(), Some("after"));
                 break;
             }
-            WorkEvent::Synced => continue,
+            WorkEvent::Synced(_) | WorkEvent::Disconnected => continue,
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -546,7 +553,7 @@ async fn rotated_certificate_is_used_by_new_handshakes_without_dropping_the_stre
                 assert_eq!(w.metadata.name.as_deref(), Some("after-rotation"));
                 break;
             }
-            WorkEvent::Synced => continue,
+            WorkEvent::Synced(_) | WorkEvent::Disconnected => continue,
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -673,7 +680,7 @@ fn with_attr(mut ev: CloudEvent, key: &str, v: &str) -> CloudEvent {
 async fn malformed_events_are_logged_reported_and_the_stream_keeps_flowing() {
     let mut f = Fixture::start().await;
     f.wait_state("the first session", |s| s.connected).await;
-    assert!(matches!(f.next().await, WorkEvent::Synced));
+    assert!(matches!(f.next().await, WorkEvent::Synced(Listing::Quiet)));
     let mk = |uid: &str| spokelet_e2e::cloudevents_hub::HubWork {
         name: format!("bad-{uid}"),
         cluster: CLUSTER.into(),
@@ -703,39 +710,33 @@ async fn malformed_events_are_logged_reported_and_the_stream_keeps_flowing() {
     for ev in [bad_json, unknown, no_id, wrong, huge] {
         assert_eq!(f.hub.send_raw(CLUSTER, ev), 1);
     }
-    // A valid event afterwards still arrives, and is the first thing the engine sees.
+    // A valid event afterwards still arrives. Before it, the engine hears only of the broken
+    // works it can identify, as unreadable (it leaves their objects alone and reports why).
     f.hub.upsert_work(CLUSTER, "good", bundle("g"));
-    let w = f.next_upsert().await;
+    let mut unreadable = Vec::new();
+    let w = loop {
+        match f.next().await {
+            WorkEvent::Upsert(w) => break w,
+            WorkEvent::Unreadable { work, reason, .. } => {
+                assert!(reason.contains("InvalidManifestBundle"), "{reason}");
+                assert_eq!(
+                    work.name,
+                    format!("bad-{}", work.uid.as_deref().unwrap()),
+                    "named by its metadata"
+                );
+                unreadable.push(work.uid.unwrap());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    };
     assert_eq!(w.metadata.name.as_deref(), Some("good"));
     assert_eq!(
         f.agent.handle.state().sessions,
         1,
         "malformed events must not break the stream"
     );
-
-    // Identifiable broken works are reported to the hub as failed.
-    for uid in ["u-json", "u-huge"] {
-        let s = eventually(&format!("a failure status for {uid}"), || {
-            f.hub
-                .statuses()
-                .into_iter()
-                .find(|r| r.ext("resourceid").as_deref() == Some(uid))
-        })
-        .await;
-        let c = &s.json().unwrap()["conditions"][0];
-        assert_eq!(c["type"], "Applied");
-        assert_eq!(c["status"], "False");
-        assert_eq!(c["reason"], "InvalidManifestBundle");
-    }
-    // Nothing is reported for the event of another cluster, nor for an event type we do not know.
-    for uid in ["u-wrong", "u-type"] {
-        let reported = f
-            .hub
-            .statuses()
-            .iter()
-            .any(|r| r.ext("resourceid").as_deref() == Some(uid));
-        assert!(!reported, "a status was published for {uid}");
-    }
+    // Nothing for the event of another cluster, an event type we do not know, or one without id.
+    assert_eq!(unreadable, ["u-json", "u-huge"]);
 }
 
 #[tokio::test]

@@ -17,7 +17,7 @@ use spokelet::hub::kube_hub::{
     CLEANUP_FINALIZER, KubeHub, KubeHubOptions, LEASE_NAME, client_from_kubeconfig,
 };
 use spokelet::work::manifestwork::{Condition, ManifestWork, ManifestWorkStatus};
-use spokelet::work::source::{StatusSink, StatusUpdate, WorkEvent, WorkSource};
+use spokelet::work::source::{Listing, StatusSink, StatusUpdate, WorkEvent, WorkSource};
 use spokelet_e2e::ocm_hub::{self, start_ocm_hub, start_ocm_hub_with};
 use spokelet_e2e::{ClusterOptions, KubeCluster, UserCredentials, eventually, unique_name};
 use tokio::net::{TcpListener, TcpStream};
@@ -142,7 +142,10 @@ async fn next_upsert(source: &mut impl WorkSource, what: &str) -> ManifestWork {
 
 /// Waits for the initial `Synced` event, then for the cleanup finalizer on `name` on the hub.
 async fn synced_and_finalized(source: &mut impl WorkSource, works: &Api<ManifestWork>, name: &str) {
-    assert!(matches!(next_event(source, "Synced").await, WorkEvent::Synced));
+    assert!(matches!(
+        next_event(source, "Synced").await,
+        WorkEvent::Synced(Listing::Complete)
+    ));
     hub_work(works, name, &format!("the cleanup finalizer on {name}"), |w| {
         w.finalizers().iter().any(|f| f == CLEANUP_FINALIZER)
     })
@@ -374,7 +377,7 @@ async fn kube_hub_releases_a_deleted_work_whose_final_status_the_hub_rejects() {
     loop {
         match next_event(&mut agent.source, "the initial works").await {
             WorkEvent::Upsert(w) => delivered.push(*w),
-            WorkEvent::Synced => break,
+            WorkEvent::Synced(_) => break,
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -417,7 +420,7 @@ async fn kube_hub_releases_a_deleted_work_whose_final_status_the_hub_rejects() {
 
 /// Works the agent cannot read are skipped; the watch goes on delivering the others.
 #[tokio::test]
-async fn kube_hub_skips_malformed_works_and_keeps_watching() {
+async fn kube_hub_reports_malformed_works_as_unreadable_and_keeps_watching() {
     let OnboardedHub {
         hub: _hub,
         admin,
@@ -474,15 +477,26 @@ async fn kube_hub_skips_malformed_works_and_keeps_watching() {
     let shutdown = CancellationToken::new();
     let mut agent = KubeHub::start(agent_options(agent_user.client(), &cluster), shutdown.clone());
     let mut names = Vec::new();
+    let mut unreadable = Vec::new();
     loop {
         match next_event(&mut agent.source, "the initial works").await {
             WorkEvent::Upsert(w) => names.push(w.name_any()),
-            WorkEvent::Synced => break,
+            // Known but unreadable: the engine leaves its objects alone and reports why.
+            WorkEvent::Unreadable { work, reason, .. } => {
+                assert!(work.uid.is_some(), "an unreadable work is named by uid too");
+                assert!(reason.contains("spec"), "{reason}");
+                unreadable.push(work.name);
+            }
+            WorkEvent::Synced(listing) => {
+                assert_eq!(listing, Listing::Complete, "a list is complete evidence");
+                break;
+            }
             other => panic!("unexpected {other:?}"),
         }
     }
     names.sort();
     assert_eq!(names, ["b-odd-status", "c-good"]);
+    assert_eq!(unreadable, ["a-no-spec"]);
 
     // Still watching: a new work, and a change of the unreadable one into a readable one.
     works
@@ -621,7 +635,7 @@ async fn kube_hub_waits_for_a_dead_hub_and_recovers_when_it_returns() {
     );
     assert!(matches!(
         next_event(&mut agent.source, "Synced").await,
-        WorkEvent::Synced
+        WorkEvent::Synced(Listing::Complete)
     ));
     let leases: Api<Lease> = Api::namespaced(admin.clone(), &cluster);
     eventually("the cluster lease once the hub is up", || {

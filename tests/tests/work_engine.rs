@@ -19,7 +19,9 @@ use spokelet::work::manifestwork::{
     AppliedManifestWork, Manifest, ManifestWork, ManifestWorkSpec, ManifestsTemplate,
 };
 use spokelet::work::metrics::WorkMetrics;
-use spokelet::work::{CancellationToken, EngineConfig, StatusUpdate, WorkEngine, WorkEvent, WorkRef};
+use spokelet::work::{
+    CancellationToken, EngineConfig, Listing, StatusUpdate, WorkEngine, WorkEvent, WorkRef,
+};
 use spokelet_e2e::{eventually, shared_spoke, unique_name};
 use tokio::sync::mpsc;
 
@@ -80,7 +82,7 @@ impl Agent {
 
     /// Tells the engine the source has delivered everything (call after the initial upserts).
     fn synced(&self) {
-        self.tx.send(WorkEvent::Synced).unwrap();
+        self.tx.send(WorkEvent::Synced(Listing::Complete)).unwrap();
     }
 
     fn upsert(&self, w: &ManifestWork) {
@@ -88,11 +90,7 @@ impl Agent {
     }
 
     fn delete(&self, name: &str) {
-        self.tx
-            .send(WorkEvent::Delete(WorkRef {
-                name: name.to_string(),
-            }))
-            .unwrap();
+        self.tx.send(WorkEvent::Delete(WorkRef::named(name))).unwrap();
     }
 
     fn drain(&mut self) {
@@ -1079,7 +1077,7 @@ async fn engine_on_the_http2_client() {
         vec![cm(&ns, "c", json!({"k": "v"}))],
     ))))
     .unwrap();
-    tx.send(WorkEvent::Synced).unwrap();
+    tx.send(WorkEvent::Synced(Listing::Complete)).unwrap();
     let mut applied = false;
     for _ in 0..1500 {
         match tokio::time::timeout(Duration::from_millis(200), srx.recv()).await {

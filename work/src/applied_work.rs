@@ -26,6 +26,10 @@ pub const DELETE_OPTION_ANNOTATION: &str = "work.spokelet.io/delete-option";
 /// subresource cannot be set on create), saving one write per new work; once the status has been
 /// written it is the only source and this annotation is ignored.
 pub const INTENT_ANNOTATION: &str = "work.spokelet.io/intended-resources";
+/// Annotation carrying the uid of the hub work a record belongs to: after a restart it lets the
+/// agent ask a CloudEvents hub about exactly the works it holds (so the hub answers the ones it
+/// deleted with explicit deletes), and lets a delete be checked against the work it names.
+pub const HUB_UID_ANNOTATION: &str = "work.spokelet.io/hub-uid";
 /// Field manager the agent uses for its own bookkeeping objects.
 pub const BOOKKEEPING_MANAGER: &str = "spokelet";
 
@@ -99,25 +103,55 @@ pub async fn wait_established(client: &Client, name: &str, limit: Duration) -> R
     }
 }
 
-/// Gets the record for a work, creating it if absent, and keeps its delete-option annotation current.
+/// What a record says about its work besides the resources: how to delete it and which hub work
+/// it belongs to. Kept current on every open.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordIdentity<'a> {
+    pub delete_option: Option<&'a DeleteOption>,
+    /// The hub work's uid (empty when the source gave none).
+    pub hub_uid: &'a str,
+}
+
+impl RecordIdentity<'_> {
+    /// The annotations a record of this identity carries.
+    fn annotations(&self) -> Vec<(&'static str, String)> {
+        let option =
+            serde_json::to_string(&self.delete_option.cloned().unwrap_or_default()).unwrap_or_default();
+        let mut v = vec![(DELETE_OPTION_ANNOTATION, option)];
+        if !self.hub_uid.is_empty() {
+            v.push((HUB_UID_ANNOTATION, self.hub_uid.to_string()));
+        }
+        v
+    }
+
+    /// Whether `amw` already carries these annotations.
+    fn matches(&self, amw: &AppliedManifestWork) -> bool {
+        self.annotations()
+            .iter()
+            .all(|(k, v)| amw.annotations().get(*k) == Some(v))
+    }
+}
+
+/// Gets the record for a work, creating it if absent, and keeps its identity annotations current.
 /// A record created here lists `intent` (the resources about to be applied) until its status is
 /// first written; an existing record is returned as it is.
 pub async fn ensure(
     api: &Api<AppliedManifestWork>,
     name: &str,
     spec: AppliedManifestWorkSpec,
-    delete_option: Option<&DeleteOption>,
+    identity: RecordIdentity<'_>,
     intent: &[AppliedManifestResourceMeta],
 ) -> Result<AppliedManifestWork, AppliedWorkError> {
     let err = |source| AppliedWorkError::Api {
         name: name.into(),
         source,
     };
-    let annotation = serde_json::to_string(&delete_option.cloned().unwrap_or_default()).unwrap_or_default();
+    let annotations = identity.annotations();
     // Create first: on a cold start that is the only request; an existing record answers 409.
     let mut amw = AppliedManifestWork::new(name, spec);
-    amw.annotations_mut()
-        .insert(DELETE_OPTION_ANNOTATION.into(), annotation.clone());
+    for (k, v) in &annotations {
+        amw.annotations_mut().insert((*k).into(), v.clone());
+    }
     if !intent.is_empty()
         && let Ok(text) = serde_json::to_string(intent)
     {
@@ -129,8 +163,12 @@ pub async fn ensure(
         Err(e) => return Err(err(e)),
     }
     let existing = api.get(name).await.map_err(err)?;
-    if existing.annotations().get(DELETE_OPTION_ANNOTATION) != Some(&annotation) {
-        let patch = serde_json::json!({"metadata": {"annotations": {DELETE_OPTION_ANNOTATION: annotation}}});
+    if !identity.matches(&existing) {
+        let map: serde_json::Map<String, serde_json::Value> = annotations
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.into()))
+            .collect();
+        let patch = serde_json::json!({"metadata": {"annotations": map}});
         return api
             .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
@@ -139,21 +177,20 @@ pub async fn ensure(
     Ok(existing)
 }
 
-/// The record for a work, from `cache` when its recorded delete option is still the one wanted,
-/// else read or created on the spoke ([`ensure`]) and remembered in `cache`.
+/// The record for a work, from `cache` when it still carries the identity wanted, else read or
+/// created on the spoke ([`ensure`]) and remembered in `cache`.
 pub async fn open(
     api: &Api<AppliedManifestWork>,
     name: &str,
     spec: AppliedManifestWorkSpec,
-    delete_option: Option<&DeleteOption>,
+    identity: RecordIdentity<'_>,
     intent: &[AppliedManifestResourceMeta],
     cache: &mut Option<AppliedManifestWork>,
 ) -> Result<AppliedManifestWork, AppliedWorkError> {
-    let wanted = delete_option.cloned().unwrap_or_default();
-    if let Some(cached) = cache.as_ref().filter(|a| recorded_delete_option(a) == wanted) {
+    if let Some(cached) = cache.as_ref().filter(|a| identity.matches(a)) {
         return Ok(cached.clone());
     }
-    let result = ensure(api, name, spec, delete_option, intent).await;
+    let result = ensure(api, name, spec, identity, intent).await;
     remember(cache, result.as_ref().ok());
     result
 }
@@ -197,6 +234,23 @@ async fn write_resources(
         })
 }
 
+/// The records of one hub on the spoke (the CRD must be installed; a missing CRD reads as none).
+pub async fn list_for_hub(
+    api: &Api<AppliedManifestWork>,
+    hub_hash: &str,
+) -> Result<Vec<AppliedManifestWork>, kube::Error> {
+    let list = match api.list(&kube::api::ListParams::default()).await {
+        Ok(l) => l,
+        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    Ok(list
+        .items
+        .into_iter()
+        .filter(|a| a.spec.hub_hash == hub_hash)
+        .collect())
+}
+
 /// Deletes the record (objects still owned by it are then garbage-collected).
 pub async fn delete(api: &Api<AppliedManifestWork>, name: &str) -> Result<(), AppliedWorkError> {
     match api.delete(name, &DeleteParams::background()).await {
@@ -228,6 +282,14 @@ pub fn recorded_delete_option(amw: &AppliedManifestWork) -> DeleteOption {
         .get(DELETE_OPTION_ANNOTATION)
         .and_then(|s| serde_json::from_str(s).ok())
         .unwrap_or_default()
+}
+
+/// The hub uid recorded on a record, if any.
+pub fn recorded_hub_uid(amw: &AppliedManifestWork) -> Option<&str> {
+    amw.annotations()
+        .get(HUB_UID_ANNOTATION)
+        .map(String::as_str)
+        .filter(|u| !u.is_empty())
 }
 
 /// The applied resources of a record: its status once written, before that the intent it was

@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use kube::{Client, ResourceExt};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
@@ -35,8 +35,8 @@ use super::metrics::WorkMetrics;
 use super::object::ObjKey;
 use super::reconcile::{self, Report};
 use super::schedule::{Debouncer, FlapGuard, RetryPolicy};
-use super::source::{StatusSink, WorkEvent, WorkRef, WorkSource};
-use super::status::{publish, work_update};
+use super::source::{Listing, StatusSink, StatusUpdate, WorkEvent, WorkRef, WorkSource};
+use super::status::{publish, unreadable_status, work_update};
 use spokelet_base::lock::lock;
 
 /// Jitter of the retry delays of failed reconciles and deletions: works that failed together
@@ -83,6 +83,11 @@ pub struct EngineConfig {
     pub flap: FlapGuard,
     /// How long to wait for a CRD applied by a work to become Established.
     pub crd_wait: Duration,
+    /// How long a recorded work the hub has not re-sent is kept before its objects are cleaned
+    /// up, counted from when the agent first found it missing on a connected, synced hub. OCM's
+    /// work agent waits 60 minutes too: long enough for a hub restored from backup, or a hub
+    /// still streaming its answer, to send the work again.
+    pub eviction_grace: Duration,
 }
 
 impl EngineConfig {
@@ -102,6 +107,7 @@ impl EngineConfig {
             retry_max: Duration::from_secs(300),
             flap: FlapGuard::default(),
             crd_wait: Duration::from_secs(60),
+            eviction_grace: Duration::from_secs(60 * 60),
         }
     }
 }
@@ -127,6 +133,21 @@ struct Slot {
     failures: u32,
     /// Per-manifest history and the cached record, lent to each reconcile.
     memory: WorkMemory,
+    /// The hub's current version cannot be read: while set, nothing of the work is applied,
+    /// pruned or deleted (its objects stay as they are); its runs only report why.
+    unreadable: Option<Unreadable>,
+    /// The delete option of the work's record, for a work deleted before a readable version
+    /// arrived (its record is the only place that says how to delete it).
+    recorded_option: Option<DeleteOption>,
+}
+
+/// Why a work's current version cannot be read, for its status.
+#[derive(Debug, Clone)]
+struct Unreadable {
+    /// The hub uid, so the status reaches the right work even when the name is unsure.
+    uid: Option<String>,
+    generation: i64,
+    reason: String,
 }
 
 /// What a finished task reports.
@@ -138,6 +159,12 @@ enum Done {
         /// Boxed: a report (status and history) is many times the size of the other variant.
         report: Box<Report>,
         /// Hash of the status now published (unchanged if publishing failed).
+        published: Option<String>,
+    },
+    /// The status of an unreadable work was published.
+    Reported {
+        name: String,
+        status: Arc<ManifestWorkStatus>,
         published: Option<String>,
     },
     /// A deletion finished (or failed).
@@ -153,7 +180,7 @@ enum Done {
 impl Done {
     fn name(&self) -> &str {
         match self {
-            Done::Reconciled { name, .. } | Done::Deleted { name, .. } => name,
+            Done::Reconciled { name, .. } | Done::Reported { name, .. } | Done::Deleted { name, .. } => name,
         }
     }
 }
@@ -227,7 +254,7 @@ impl WorkEngine {
         applied_work::install_crd(&self.ctx.client)
             .await
             .map_err(EngineError::Crd)?;
-        let orphans = load_records(&self.ctx).await?;
+        let records = load_records(&self.ctx).await?;
         let WorkEngine {
             ctx,
             cfg,
@@ -237,9 +264,9 @@ impl WorkEngine {
         } = self;
         let mut resync = tokio::time::interval_at(Instant::now() + cfg.resync_interval, cfg.resync_interval);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut lp = EngineLoop::new(ctx, &cfg, ready_tx, sink, orphans);
+        let mut lp = EngineLoop::new(ctx, &cfg, ready_tx, sink, records);
         loop {
-            let next = lp.timers.next_deadline();
+            let next = earliest(lp.timers.next_deadline(), lp.evictions.next_deadline());
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -259,27 +286,22 @@ impl WorkEngine {
 }
 
 /// Records of this hub left by a previous run, by work name: their objects are claimed, and
-/// works the source no longer has are cleaned up once it has synced.
+/// works the hub no longer has are cleaned up on evidence of that (see [`EngineLoop::on_synced`]).
 async fn load_records(ctx: &ReconcileContext) -> Result<HashMap<String, AppliedManifestWork>, EngineError> {
-    let list = ctx
-        .amw_api
-        .list(&ListParams::default())
+    let list = applied_work::list_for_hub(&ctx.amw_api, &ctx.cfg.hub_hash)
         .await
         .map_err(EngineError::List)?;
-    let mut orphans = HashMap::new();
-    for amw in list.items {
-        if amw.spec.hub_hash != ctx.cfg.hub_hash {
-            continue;
-        }
+    let mut records = HashMap::new();
+    for amw in list {
         let work = amw.spec.manifest_work_name.clone();
         let mut claims = lock(&ctx.claims);
         for e in applied_work::resources(&amw) {
             claims.preload(&ObjKey::from(&e), &work);
         }
         drop(claims);
-        orphans.insert(work, amw);
+        records.insert(work, amw);
     }
-    Ok(orphans)
+    Ok(records)
 }
 
 /// The engine loop's state and its event handlers.
@@ -292,8 +314,23 @@ struct EngineLoop {
     tasks: JoinSet<()>,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
-    /// Recorded works not (yet) delivered by the source; deleted once it has synced.
-    orphans: HashMap<String, AppliedManifestWork>,
+    /// Recorded works the source has not delivered yet. On a complete listing they are deleted
+    /// (the hub has no such work); when the source only goes quiet they become `missing`.
+    undelivered: HashMap<String, AppliedManifestWork>,
+    /// Recorded works a synced hub did not re-send: kept running and reported, and evicted when
+    /// their deadline in `evictions` passes while the hub is synced.
+    missing: HashMap<String, AppliedManifestWork>,
+    /// Eviction deadlines of the `missing` works.
+    evictions: Debouncer<String>,
+    /// Missing works whose deadline passed while the hub was away: evicted once it has synced
+    /// again and still not re-sent them.
+    overdue: HashSet<String>,
+    /// See [`EngineConfig::eviction_grace`].
+    eviction_grace: Duration,
+    /// The source is connected and has synced since it last connected.
+    hub_synced: bool,
+    /// The first `Synced` has been seen (readiness is computed once, from the first sync).
+    synced_once: bool,
     /// Works of the initial sync still to finish their first reconcile (then: ready).
     initial: Option<HashSet<String>>,
     source_open: bool,
@@ -312,7 +349,7 @@ impl EngineLoop {
         cfg: &EngineConfig,
         ready_tx: watch::Sender<bool>,
         sink: Arc<dyn StatusSink>,
-        orphans: HashMap<String, AppliedManifestWork>,
+        records: HashMap<String, AppliedManifestWork>,
     ) -> Self {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         EngineLoop {
@@ -323,7 +360,13 @@ impl EngineLoop {
             tasks: JoinSet::new(),
             done_tx,
             done_rx,
-            orphans,
+            undelivered: records,
+            missing: HashMap::new(),
+            evictions: Debouncer::new(Duration::ZERO, Duration::ZERO),
+            overdue: HashSet::new(),
+            eviction_grace: cfg.eviction_grace,
+            hub_synced: false,
+            synced_once: false,
             initial: None,
             source_open: true,
             ready_tx,
@@ -348,6 +391,17 @@ impl EngineLoop {
                 status,
                 published,
             } => self.finish_delete(&name, ok, status, published),
+            Done::Reported {
+                name,
+                status,
+                published,
+            } => {
+                if let Some(slot) = self.slots.get_mut(&name) {
+                    slot.running = false;
+                    slot.status = status;
+                    slot.published = published;
+                }
+            }
         }
         if let Some(init) = self.initial.as_mut() {
             init.remove(&name);
@@ -367,18 +421,40 @@ impl EngineLoop {
             if self
                 .slots
                 .get(&work)
-                .is_some_and(|s| s.work.is_some() && s.delete.is_none())
+                .is_some_and(|s| s.work.is_some() && s.delete.is_none() && s.unreadable.is_none())
             {
                 self.timers.touch(work, now);
             }
         }
     }
 
-    /// Debounced drift, retries and flap holds that are due.
+    /// Debounced drift, retries and flap holds that are due, and evictions.
     fn on_timer(&mut self) {
-        for name in self.timers.take_due(Instant::now()) {
+        let now = Instant::now();
+        for name in self.timers.take_due(now) {
             self.rerun(&name);
         }
+        for name in self.evictions.take_due(now) {
+            if self.hub_synced {
+                self.evict(&name);
+            } else {
+                self.overdue.insert(name);
+            }
+        }
+    }
+
+    /// A missing work's grace period is over on a synced hub: clean it up as its record says.
+    fn evict(&mut self, name: &str) {
+        let Some(amw) = self.missing.remove(name) else {
+            return;
+        };
+        tracing::warn!(work = %name, grace = ?self.eviction_grace,
+            "work still missing from the hub after the eviction grace period; cleaning up its recorded resources");
+        self.ctx.metrics.evictions.inc();
+        self.ctx.metrics.missing.set(self.missing.len() as i64);
+        self.slots.entry(name.to_string()).or_default().delete =
+            Some(applied_work::recorded_delete_option(&amw));
+        self.rerun(name);
     }
 
     /// The periodic backstop: every work once more.
@@ -397,19 +473,52 @@ impl EngineLoop {
             }
             Some(WorkEvent::Upsert(w)) => self.on_upsert(*w),
             Some(WorkEvent::Delete(r)) => self.on_delete(r),
-            Some(WorkEvent::Synced) => self.on_synced(),
+            Some(WorkEvent::Unreadable {
+                work,
+                generation,
+                reason,
+            }) => self.on_unreadable(work, generation, reason),
+            Some(WorkEvent::Synced(listing)) => self.on_synced(listing),
+            Some(WorkEvent::Disconnected) => {
+                if self.hub_synced {
+                    tracing::info!(
+                        missing = self.missing.len(),
+                        "hub lost; no evictions until it has synced again"
+                    );
+                }
+                self.hub_synced = false;
+            }
         }
+    }
+
+    /// Takes a recorded work off the undelivered and missing lists (the hub has it after all).
+    fn found(&mut self, name: &str) -> Option<AppliedManifestWork> {
+        if let Some(amw) = self.undelivered.remove(name) {
+            return Some(amw);
+        }
+        let amw = self.missing.remove(name)?;
+        self.evictions.cancel(&name.to_string());
+        self.overdue.remove(name);
+        self.ctx.metrics.missing.set(self.missing.len() as i64);
+        tracing::info!(work = %name, "missing work is back from the hub; nothing was deleted");
+        Some(amw)
     }
 
     /// A new or changed work: reconcile it if its spec or generation changed.
     fn on_upsert(&mut self, w: ManifestWork) {
         let name = w.name_any();
-        self.orphans.remove(&name);
+        self.found(&name);
         let slot = self.slots.entry(name.clone()).or_default();
-        let changed = slot
-            .work
-            .as_ref()
-            .is_none_or(|old| old.spec != w.spec || old.metadata.generation != w.metadata.generation);
+        let was_unreadable = slot.unreadable.take().is_some();
+        if was_unreadable {
+            self.ctx.metrics.unreadable.dec();
+            tracing::info!(work = %name, "work is readable again");
+        }
+        let changed = was_unreadable
+            || slot
+                .work
+                .as_ref()
+                .is_none_or(|old| old.spec != w.spec || old.metadata.generation != w.metadata.generation);
         // Re-created while being deleted: applied again once the deletion ends.
         slot.delete = None;
         slot.work = Some(Arc::new(w));
@@ -419,30 +528,108 @@ impl EngineLoop {
         }
     }
 
-    /// The hub deleted a work: delete it as its (or its record's) delete option says.
+    /// The hub deleted a work: delete it as its (or its record's) delete option says, unless the
+    /// delete names a different work (another uid) than the one held under that name.
     fn on_delete(&mut self, r: WorkRef) {
-        let amw = self.orphans.remove(&r.name);
-        let option = self
-            .slots
-            .get(&r.name)
-            .and_then(|s| s.work.as_ref())
+        if let (Some(uid), Some(held)) = (r.uid.as_deref(), self.held_uid(&r.name))
+            && uid != held
+        {
+            tracing::warn!(work = %r.name, delete_for = %uid, held = %held,
+                "delete names another work than the one held under this name; ignored");
+            return;
+        }
+        let amw = self.found(&r.name);
+        let slot = self.slots.entry(r.name.clone()).or_default();
+        let option = slot
+            .work
+            .as_ref()
             .and_then(|w| w.spec.delete_option.clone())
             .or_else(|| amw.as_ref().map(applied_work::recorded_delete_option))
+            .or_else(|| slot.recorded_option.clone())
             .unwrap_or_default();
-        self.slots.entry(r.name.clone()).or_default().delete = Some(option);
+        if slot.unreadable.take().is_some() {
+            self.ctx.metrics.unreadable.dec();
+        }
+        slot.delete = Some(option);
         self.timers.cancel(&r.name);
         self.rerun(&r.name);
     }
 
-    /// The source delivered all it has: records it did not deliver are cleaned up, and the
-    /// engine is ready once the works it did deliver have been reconciled once.
-    fn on_synced(&mut self) {
-        let orphans: Vec<(String, AppliedManifestWork)> = self.orphans.drain().collect();
-        for (name, amw) in orphans {
-            tracing::info!(work = %name, "work is gone from the source; cleaning up its recorded resources");
-            self.slots.entry(name.clone()).or_default().delete =
-                Some(applied_work::recorded_delete_option(&amw));
-            self.rerun(&name);
+    /// The hub uid of the work held under `name`: the delivered work's, else its record's.
+    fn held_uid(&self, name: &str) -> Option<String> {
+        if let Some(uid) = self
+            .slots
+            .get(name)
+            .and_then(|s| s.work.as_ref())
+            .and_then(|w| w.uid())
+        {
+            return Some(uid);
+        }
+        self.undelivered
+            .get(name)
+            .or_else(|| self.missing.get(name))
+            .and_then(applied_work::recorded_hub_uid)
+            .map(str::to_string)
+    }
+
+    /// The hub holds a work the source cannot read: leave its objects exactly as they are (no
+    /// apply, prune or delete), keep its record off the eviction path, and say why in its status.
+    fn on_unreadable(&mut self, r: WorkRef, generation: i64, reason: String) {
+        let name = self.recorded_name(&r);
+        tracing::error!(work = %name, generation, %reason, "the hub's version of the work cannot be read; its objects are left as they are");
+        let amw = self.found(&name);
+        let slot = self.slots.entry(name.clone()).or_default();
+        if slot.unreadable.is_none() {
+            self.ctx.metrics.unreadable.inc();
+        }
+        slot.unreadable = Some(Unreadable {
+            uid: r.uid,
+            generation,
+            reason,
+        });
+        if let Some(amw) = amw {
+            slot.recorded_option = Some(applied_work::recorded_delete_option(&amw));
+        }
+        self.timers.cancel(&name);
+        self.rerun(&name);
+    }
+
+    /// The name a ref's work is recorded under: its own, or that of the record carrying its
+    /// uid (an unreadable event may not say the name right).
+    fn recorded_name(&self, r: &WorkRef) -> String {
+        if self.slots.contains_key(&r.name)
+            || self.undelivered.contains_key(&r.name)
+            || self.missing.contains_key(&r.name)
+        {
+            return r.name.clone();
+        }
+        let Some(uid) = r.uid.as_deref() else {
+            return r.name.clone();
+        };
+        self.undelivered
+            .iter()
+            .chain(self.missing.iter())
+            .find(|(_, amw)| applied_work::recorded_hub_uid(amw) == Some(uid))
+            .map(|(n, _)| n.clone())
+            .unwrap_or_else(|| r.name.clone())
+    }
+
+    /// The source delivered all it has. On a complete listing, records it did not deliver are
+    /// of works the hub deleted, and are cleaned up; when it only went quiet they are missing,
+    /// kept and evicted after the grace period. The engine is ready once the works of the first
+    /// sync have been reconciled once.
+    fn on_synced(&mut self, listing: Listing) {
+        self.hub_synced = true;
+        match listing {
+            Listing::Complete => self.delete_undelivered(),
+            Listing::Quiet => self.mark_missing(),
+        }
+        let overdue: Vec<String> = self.overdue.drain().collect();
+        for name in overdue {
+            self.evict(&name);
+        }
+        if std::mem::replace(&mut self.synced_once, true) {
+            return;
         }
         let pending: HashSet<String> = self
             .slots
@@ -455,6 +642,33 @@ impl EngineLoop {
         } else {
             self.initial = Some(pending);
         }
+    }
+
+    /// A complete listing omitted these recorded works: the hub deleted them while we were away.
+    fn delete_undelivered(&mut self) {
+        let gone: Vec<(String, AppliedManifestWork)> =
+            self.undelivered.drain().chain(self.missing.drain()).collect();
+        self.evictions = Debouncer::new(Duration::ZERO, Duration::ZERO);
+        self.ctx.metrics.missing.set(0);
+        for (name, amw) in gone {
+            tracing::info!(work = %name, "the hub's complete list omits the work; cleaning up its recorded resources");
+            self.slots.entry(name.clone()).or_default().delete =
+                Some(applied_work::recorded_delete_option(&amw));
+            self.rerun(&name);
+        }
+    }
+
+    /// A quiet source did not re-send these recorded works: keep them, say so, and start their
+    /// grace period.
+    fn mark_missing(&mut self) {
+        let deadline = Instant::now() + self.eviction_grace;
+        for (name, amw) in self.undelivered.drain() {
+            tracing::warn!(work = %name, grace = ?self.eviction_grace,
+                "recorded work not re-sent by the hub; kept running, and cleaned up only if still missing after the grace period");
+            self.evictions.schedule_at(name.clone(), deadline);
+            self.missing.insert(name, amw);
+        }
+        self.ctx.metrics.missing.set(self.missing.len() as i64);
     }
 
     /// Takes a reconcile's report into its slot and schedules a retry or hold it asks for.
@@ -495,6 +709,7 @@ impl EngineLoop {
         slot.published = published;
         if ok && slot.delete.is_some() {
             self.slots.remove(name);
+            self.ctx.metrics.forget(name);
         } else if !ok {
             slot.failures = slot.failures.saturating_add(1);
             let delay = self.retry.delay(slot.failures);
@@ -521,6 +736,19 @@ impl EngineLoop {
         if slot.running || !slot.rerun {
             return;
         }
+        if let Some(u) = slot.unreadable.clone()
+            && slot.delete.is_none()
+        {
+            // Known but unreadable: its objects are left alone; the run only reports why.
+            slot.running = true;
+            let status = unreadable_status(&slot.status, u.generation, &u.reason);
+            let update = StatusUpdate {
+                uid: u.uid,
+                ..StatusUpdate::new(name, u.generation, status, false)
+            };
+            self.spawn_report(name, update);
+            return;
+        }
         slot.rerun = false;
         if let Some(option) = slot.delete.clone() {
             slot.running = true;
@@ -531,6 +759,24 @@ impl EngineLoop {
             slot.running = true;
             self.spawn_reconcile(name);
         }
+    }
+
+    /// Publishes a status the loop built (an unreadable work's) as the slot's task. It takes no
+    /// permit: it applies nothing.
+    fn spawn_report(&mut self, name: &str, update: StatusUpdate) {
+        let Some(slot) = self.slots.get(name) else { return };
+        let (ctx, sink, done_tx) = (self.ctx.clone(), self.sink.clone(), self.done_tx.clone());
+        let published = slot.published.clone();
+        let name = name.to_string();
+        self.tasks.spawn(async move {
+            let published = publish(&ctx, sink.as_ref(), &update, published).await;
+            let status = Arc::new(update.status);
+            let _ = done_tx.send(Done::Reported {
+                name,
+                status,
+                published,
+            });
+        });
     }
 
     /// Spawns the deletion of a work. Each task waits for a permit first and only then builds
@@ -618,6 +864,14 @@ impl EngineLoop {
 fn log_task_end(res: Result<(), tokio::task::JoinError>) {
     if let Err(e) = res {
         tracing::error!(error = %e, "work task ended abnormally");
+    }
+}
+
+/// The earlier of two optional deadlines.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 

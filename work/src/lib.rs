@@ -27,6 +27,7 @@ pub mod manifestwork;
 pub mod metrics;
 pub mod object;
 pub mod order;
+pub mod policy;
 pub mod prepare;
 pub mod prune;
 pub mod reconcile;
@@ -37,7 +38,7 @@ pub mod validate;
 
 pub use engine::{EngineConfig, EngineError, WorkEngine};
 pub use manifestwork::{ManifestBundle, ManifestWork, ManifestWorkSpec, ManifestWorkStatus};
-pub use source::{StatusSink, StatusUpdate, WorkEvent, WorkRef, WorkSource};
+pub use source::{Listing, StatusSink, StatusUpdate, WorkEvent, WorkRef, WorkSource};
 
 /// Re-exported so transports and tests can stop an engine without depending on tokio-util.
 pub use tokio_util::sync::CancellationToken;

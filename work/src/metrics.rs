@@ -23,6 +23,12 @@ pub struct WorkMetrics {
     pub status_updates: Counter,
     /// Works currently held.
     pub works: Gauge,
+    /// Recorded works the hub has not re-sent: kept running until their grace period ends.
+    pub missing: Gauge,
+    /// Works the hub holds that the agent cannot read (left as they are).
+    pub unreadable: Gauge,
+    /// Missing works evicted after their grace period.
+    pub evictions: Counter,
 }
 
 impl Default for WorkMetrics {
@@ -34,6 +40,9 @@ impl Default for WorkMetrics {
             reconcile_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             status_updates: Counter::default(),
             works: Gauge::default(),
+            missing: Gauge::default(),
+            unreadable: Gauge::default(),
+            evictions: Counter::default(),
         }
     }
 }
@@ -63,6 +72,28 @@ impl WorkMetrics {
             self.status_updates.clone(),
         );
         registry.register("works", "Works held by the engine", self.works.clone());
+        registry.register(
+            "missing_works",
+            "Recorded works the hub has not re-sent, kept until their eviction grace period ends",
+            self.missing.clone(),
+        );
+        registry.register(
+            "unreadable_works",
+            "Works the hub holds that the agent cannot read; their objects are left as they are",
+            self.unreadable.clone(),
+        );
+        registry.register(
+            "evictions",
+            "Missing works cleaned up after their eviction grace period",
+            self.evictions.clone(),
+        );
+    }
+
+    /// Drops the per-work series of a work the engine no longer holds, so the series count
+    /// follows the works held instead of every work ever seen.
+    pub fn forget(&self, work: &str) {
+        self.drift_corrections
+            .remove(&vec![("work".to_string(), work.to_string())]);
     }
 
     /// Counts one drift correction of `work`.

@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::ResourceExt;
 use tokio::time::Instant;
 
-use super::applied_work::{self, AppliedWorkError, owner_ref};
+use super::applied_work::{self, AppliedWorkError, RecordIdentity, owner_ref};
 use super::applier::{Action, ApplyError, ApplyOutcome, Prepared};
 use super::conditions::now_rfc3339;
 use super::context::ReconcileContext;
@@ -131,8 +131,12 @@ impl Ledger {
             manifest_work_name: name.clone(),
         };
         let record = ctx.record_name(&name);
-        let delete_option = work.spec.delete_option.as_ref();
-        let amw = applied_work::open(&ctx.amw_api, &record, spec, delete_option, &candidates, cache)
+        let uid = work.uid().unwrap_or_default();
+        let identity = RecordIdentity {
+            delete_option: work.spec.delete_option.as_ref(),
+            hub_uid: &uid,
+        };
+        let amw = applied_work::open(&ctx.amw_api, &record, spec, identity, &candidates, cache)
             .await
             .map_err(WorkFailure::Record)?;
         let entries = applied_work::resources(&amw);

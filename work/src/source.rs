@@ -10,16 +10,54 @@ use super::manifestwork::{ManifestWork, ManifestWorkStatus};
 pub enum WorkEvent {
     /// A work was created or changed (the full work; the engine diffs it).
     Upsert(Box<ManifestWork>),
-    /// A work was deleted on the hub: clean it up as its deleteOption says.
+    /// The hub deleted a work: clean it up as its deleteOption says. This is the evidence the
+    /// engine deletes on; when the ref carries a uid it must be the work's.
     Delete(WorkRef),
-    /// The source has delivered every work it currently has. Works recorded on the spoke that were
-    /// not delivered by then were deleted while the agent was away and get cleaned up.
-    Synced,
+    /// The hub holds a work the source cannot read. Its objects stay exactly as they are (never
+    /// applied, pruned or deleted on this evidence) and its status says why.
+    Unreadable {
+        work: WorkRef,
+        /// The generation the unreadable version claims (0 when unknown).
+        generation: i64,
+        /// What is wrong with it, for the status message.
+        reason: String,
+    },
+    /// The source has delivered every work it currently has (see [`Listing`] for what that
+    /// proves about the recorded works it did not deliver).
+    Synced(Listing),
+    /// The source lost its hub: missing works are not evicted until it has synced again, so a
+    /// hub outage never counts towards their grace period's end.
+    Disconnected,
 }
 
+/// What a [`WorkEvent::Synced`] proves about recorded works the source did not deliver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listing {
+    /// The source read a complete list (a Kubernetes list, a directory): a recorded work absent
+    /// from it was deleted on the hub, and is cleaned up now.
+    Complete,
+    /// The source only went quiet (CloudEvents has no end-of-resync marker, so a slow hub looks
+    /// the same as a hub without the work): an absent work is *missing*, kept running and
+    /// reported, and evicted only after the engine's grace period.
+    Quiet,
+}
+
+/// Names a work in an event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkRef {
     pub name: String,
+    /// The work's uid on the hub, when the source knows it (the CloudEvents `resourceid`).
+    pub uid: Option<String>,
+}
+
+impl WorkRef {
+    /// A ref by name only.
+    pub fn named(name: impl Into<String>) -> Self {
+        WorkRef {
+            name: name.into(),
+            uid: None,
+        }
+    }
 }
 
 /// A status update for one work.

@@ -326,6 +326,35 @@ pub fn whole_work_status(
     }
 }
 
+/// Reason of the `Applied=False` condition of a work the source cannot read.
+pub const UNREADABLE_REASON: &str = "UnreadableWork";
+
+/// Status of a work the hub holds but the agent cannot read: the manifests' last statuses as they
+/// were (their objects are left alone) and conditions saying why nothing is applied.
+pub fn unreadable_status(prev: &ManifestWorkStatus, generation: i64, reason: &str) -> ManifestWorkStatus {
+    let msg = truncate(
+        format!(
+            "the hub's version of this work cannot be read, so its objects are left as they are: {reason}"
+        ),
+        MAX_MESSAGE,
+    );
+    let conds = vec![
+        cond(types::APPLIED, FALSE, UNREADABLE_REASON, msg.clone(), generation),
+        cond(
+            types::PROGRESSING,
+            FALSE,
+            UNREADABLE_REASON,
+            "waiting for a readable version from the hub",
+            generation,
+        ),
+        cond(types::DEGRADED, TRUE, UNREADABLE_REASON, msg, generation),
+    ];
+    ManifestWorkStatus {
+        conditions: merge_conditions(&prev.conditions, conds, &now_rfc3339()),
+        resource_status: prev.resource_status.clone(),
+    }
+}
+
 /// Status of a work while (and after) it is deleted: `remaining` is (left, total) of the
 /// objects being deleted, `(0, _)` once all are gone.
 pub fn deletion_status(

@@ -262,6 +262,14 @@ fn payload(ev: &CloudEvent) -> Result<Option<&[u8]>, CodecError> {
     Ok(if bytes.is_empty() { None } else { Some(bytes) })
 }
 
+/// The work name an event's `metadata` extension gives, read leniently (for an event that
+/// failed to decode: its name is what its status and the spoke's record are found by).
+pub fn identify_name(ev: &CloudEvent) -> Option<String> {
+    let text = attr_string(ev, ext::METADATA).ok().flatten()?;
+    let meta: WireMeta = serde_json::from_str(&text).ok()?;
+    Some(meta.name).filter(|n| !n.is_empty())
+}
+
 /// Resource id and version of an event, for reporting an event that failed to decode.
 pub fn identify(ev: &CloudEvent) -> Option<(String, i64)> {
     let id = attr_string(ev, ext::RESOURCE_ID)

@@ -7,11 +7,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::HubEvents;
 use super::config::{HubArgs, HubConfigError, ResolvedHub};
-use super::grpc::{GrpcError, GrpcHub, GrpcHubOptions, HubHandle};
+use super::grpc::{GrpcError, GrpcHub, GrpcHubOptions, HubHandle, RecordedWork};
 use super::kube_hub::{KubeHub, KubeHubError, KubeHubOptions};
 use super::metrics;
 use crate::admin::SharedRegistry;
 use crate::lock::lock;
+use crate::work::applied_work;
 use crate::work::source::StatusSink;
 
 /// Why the hub connection could not be set up (a hub that is down is not an error:
@@ -82,6 +83,7 @@ impl HubConnection {
         args: &HubArgs,
         agent_id: &str,
         registry: &SharedRegistry,
+        spoke: &kube::Client,
     ) -> Result<Option<HubConnection>, ConnectError> {
         // `--agent-id` belongs to the engine's flags; the hub settings need it too.
         let mut args = args.clone();
@@ -91,7 +93,8 @@ impl HubConnection {
             None => return Ok(None),
             Some(ResolvedHub::Grpc(settings)) => {
                 let address = settings.url.uri();
-                let opts = GrpcHubOptions::new(settings);
+                let mut opts = GrpcHubOptions::new(settings);
+                opts.recorded = recorded_works(spoke, &address).await;
                 metrics::register(&opts.metrics, &mut lock(registry));
                 let hub = GrpcHub::start(opts, stop.clone())?;
                 tracing::info!(hub = %address, transport = "grpc", "hub transport started");
@@ -127,6 +130,28 @@ impl HubConnection {
             sink,
             address,
             closer,
+        }
+    }
+}
+
+/// The works this hub's records on the spoke belong to, so the first resync asks the hub about
+/// each. Unreadable records only cost that: those works are then missing, not deleted.
+async fn recorded_works(spoke: &kube::Client, address: &str) -> Vec<RecordedWork> {
+    let api = kube::Api::all(spoke.clone());
+    match applied_work::list_for_hub(&api, &applied_work::hub_hash(address)).await {
+        Ok(records) => records
+            .iter()
+            .filter_map(|amw| {
+                let uid = applied_work::recorded_hub_uid(amw)?;
+                Some(RecordedWork {
+                    uid: uid.to_string(),
+                    name: amw.spec.manifest_work_name.clone(),
+                })
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list the spoke's records; the first resync asks about none of them");
+            Vec::new()
         }
     }
 }

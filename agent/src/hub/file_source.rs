@@ -12,7 +12,9 @@ use sha2::{Digest, Sha256};
 
 use crate::work::conditions::{FALSE, cond, now_rfc3339, types};
 use crate::work::manifestwork::{ManifestWork, ManifestWorkStatus};
-use crate::work::source::{SinkError, StatusSink, StatusUpdate, WorkEvent, WorkRef, WorkSource, log_status};
+use crate::work::source::{
+    Listing, SinkError, StatusSink, StatusUpdate, WorkEvent, WorkRef, WorkSource, log_status,
+};
 
 /// File-source failures (only construction can fail; bad files are reported, never fatal).
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +60,8 @@ struct FileState {
     hash: [u8; 32],
     /// Names of the works the file defined when it last parsed.
     works: Vec<String>,
+    /// The current bytes parsed (false: `works` are from an earlier version, or none).
+    parsed: bool,
 }
 
 /// Polls a directory for work files. Polling (default 1 s) needs no extra dependency and is
@@ -110,43 +114,61 @@ impl FileSource {
             }
         };
         let mut present = Vec::new();
+        let mut complete = true;
         for entry in entries.flatten() {
             let path = entry.path();
             if is_work_file(&path) {
-                self.scan_file(&path);
+                complete &= self.scan_file(&path);
                 present.push(path);
             }
         }
         self.forget_removed(&present);
         if !self.synced {
             self.synced = true;
-            self.queue.push_back(WorkEvent::Synced);
+            // A file that does not parse may define recorded works: the listing then proves
+            // nothing about them, and they are kept as missing instead of deleted.
+            let listing = if complete {
+                Listing::Complete
+            } else {
+                Listing::Quiet
+            };
+            self.queue.push_back(WorkEvent::Synced(listing));
         }
     }
 
     /// Reads one work file if it changed: its works are upserted, works it no longer defines
-    /// deleted. A file that does not parse keeps its last good works (a typo must not delete them).
-    fn scan_file(&mut self, path: &Path) {
-        let Ok(bytes) = std::fs::read(path) else { return };
+    /// deleted. A file that does not parse keeps its last good works (a typo must not delete
+    /// them). False when the file could not be read or parsed.
+    fn scan_file(&mut self, path: &Path) -> bool {
+        let Ok(bytes) = std::fs::read(path) else {
+            return false;
+        };
         let hash: [u8; 32] = Sha256::digest(&bytes).into();
-        if self.files.get(path).is_some_and(|f| f.hash == hash) {
-            return;
+        if let Some(f) = self.files.get(path)
+            && f.hash == hash
+        {
+            return f.parsed;
         }
         let works = match parse_works(path, &bytes) {
             Ok(works) => works,
             Err(e) => {
                 let prev = self.files.get(path).map(|f| f.works.clone()).unwrap_or_default();
-                self.files
-                    .insert(path.to_path_buf(), FileState { hash, works: prev });
+                let state = FileState {
+                    hash,
+                    works: prev,
+                    parsed: false,
+                };
+                self.files.insert(path.to_path_buf(), state);
                 tracing::error!(file = %path.display(), error = %e, "invalid work file; ignoring it");
                 write_file_error(&self.dir, path, &e.to_string());
-                return;
+                return false;
             }
         };
         let names: Vec<String> = works.iter().map(|w| w.name_any()).collect();
         let state = FileState {
             hash,
             works: names.clone(),
+            parsed: true,
         };
         let old = self.files.insert(path.to_path_buf(), state);
         for gone in old.map(|o| o.works).unwrap_or_default() {
@@ -158,6 +180,7 @@ impl FileSource {
             let w = self.stamp(w);
             self.queue.push_back(WorkEvent::Upsert(Box::new(w)));
         }
+        true
     }
 
     /// Deletes the works of files that are gone.
@@ -179,7 +202,7 @@ impl FileSource {
     fn delete_unless_elsewhere(&mut self, name: String, file: &Path) {
         if !self.defined_elsewhere(&name, file) {
             self.generations.remove(&name);
-            self.queue.push_back(WorkEvent::Delete(WorkRef { name }));
+            self.queue.push_back(WorkEvent::Delete(WorkRef::named(name)));
         }
     }
 
@@ -382,7 +405,8 @@ mod tests {
             matches!(&ev[0], WorkEvent::Upsert(w) if w.name_any() == "w1" && w.metadata.generation == Some(1)),
             "{ev:?}"
         );
-        assert!(matches!(ev.last(), Some(WorkEvent::Synced)));
+        // The broken file may define recorded works: the first listing proves nothing about them.
+        assert!(matches!(ev.last(), Some(WorkEvent::Synced(Listing::Quiet))));
         assert_eq!(ev.len(), 2);
         let err = std::fs::read_to_string(dir.path().join("broken.status.yaml")).unwrap();
         assert!(err.contains("InvalidWorkFile"), "{err}");
@@ -399,6 +423,25 @@ mod tests {
         std::fs::remove_file(dir.path().join("w1.yaml")).unwrap();
         let ev = drain(&mut s);
         assert!(matches!(&ev[0], WorkEvent::Delete(r) if r.name == "w1"), "{ev:?}");
+    }
+
+    #[test]
+    fn a_directory_of_good_files_is_a_complete_listing() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("w1.yaml"), WORK).unwrap();
+        let mut s = FileSource::new(dir.path(), Duration::from_secs(1)).unwrap();
+        let ev = drain(&mut s);
+        assert!(
+            matches!(ev.last(), Some(WorkEvent::Synced(Listing::Complete))),
+            "{ev:?}"
+        );
+    }
+
+    #[test]
+    fn a_missing_directory_is_an_error_not_an_empty_listing() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = FileSource::new(dir.path().join("absent"), Duration::from_secs(1)).unwrap_err();
+        assert!(err.to_string().contains("absent"), "{err}");
     }
 
     #[test]

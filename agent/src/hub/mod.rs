@@ -26,7 +26,7 @@ pub mod tls;
 pub use config::{HubArgs, HubConfigError, HubSettings, HubTransport, KubeHubSettings, ResolvedHub};
 pub use connect::{ConnectError, HubCloser, HubConnection};
 pub use file_source::{FileSource, FileStatusSink};
-pub use grpc::{GrpcError, GrpcHub, GrpcHubOptions, GrpcStatusSink, HubHandle, HubState};
+pub use grpc::{GrpcError, GrpcHub, GrpcHubOptions, GrpcStatusSink, HubHandle, HubState, RecordedWork};
 pub use metrics::HubMetrics;
 
 /// Work events from a hub transport to the engine (a [`WorkSource`](crate::work::source::WorkSource)).

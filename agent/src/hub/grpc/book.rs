@@ -101,7 +101,7 @@ pub(super) struct Shared {
     pub(super) book: Mutex<Book>,
     /// Wakes the publisher when the outbox gains an entry.
     pub(super) outbox_ready: Notify,
-    /// Synced was emitted (once per process).
+    /// Synced was emitted at least once.
     pub(super) synced: AtomicBool,
     /// A Publish is in flight (so an empty outbox does not yet mean everything is delivered).
     pub(super) in_flight: AtomicBool,
@@ -133,6 +133,20 @@ impl Shared {
             synced: AtomicBool::new(false),
             in_flight: AtomicBool::new(false),
             metrics,
+        }
+    }
+
+    /// Holds the works of the spoke's records at version 0, so the first resync request asks
+    /// the hub about each: it re-sends the ones it has and answers the others with deletes.
+    pub(super) fn hold_recorded(&self, recorded: &[super::RecordedWork]) {
+        let mut book = lock(&self.book);
+        for r in recorded {
+            book.held.entry(r.uid.clone()).or_insert(0);
+            let info = book.info.entry(r.uid.clone()).or_default();
+            info.meta.name.clone_from(&r.name);
+            info.meta.uid.clone_from(&r.uid);
+            info.meta.namespace.clone_from(&self.cluster);
+            book.names.insert(r.name.clone(), r.uid.clone());
         }
     }
 

@@ -1,5 +1,6 @@
 //! What each event from the hub does: spec changes go to the engine, status resync requests
-//! queue answers, undecodable events are reported as a failed condition of their work.
+//! queue answers, and a work whose spec event cannot be decoded goes to the engine as
+//! `Unreadable` (its objects are left alone, its status says why).
 
 use kube::ResourceExt;
 use spokelet_proto::{CloudEvent, MANIFEST_BUNDLES};
@@ -8,9 +9,7 @@ use super::book::WorkInfo;
 use super::session::Runner;
 use crate::hub::cloudevents::{self, CodecError, Incoming, SpecEvent, WireMeta};
 use crate::lock::lock;
-use crate::work::conditions::{FALSE, cond, now_rfc3339, types};
-use crate::work::manifestwork::ManifestWorkStatus;
-use crate::work::source::{StatusUpdate, WorkEvent, WorkRef};
+use crate::work::source::{WorkEvent, WorkRef};
 
 impl Runner {
     /// Handles one event; true when it was a spec event (which extends the sync quiet period).
@@ -54,7 +53,7 @@ impl Runner {
                 // an event type we do not know (perhaps newer than us) must not fail a good work.
                 let about_the_work = !matches!(e, CodecError::UnknownType(_));
                 if about_the_work && let Some((uid, version)) = cloudevents::identify(ev) {
-                    self.report_invalid(&uid, version, &e);
+                    self.report_unreadable(ev, &uid, version, &e);
                 }
                 // A broken spec event is still activity in the resync window.
                 ev.r#type.contains(".spec.")
@@ -72,14 +71,18 @@ impl Runner {
     }
 
     /// A work deleted on the hub: it leaves the resync list, and its identity is kept (or taken
-    /// from the event) so its final status can still be addressed.
+    /// from the event) so its final status can still be addressed. The work is the one the
+    /// event's resource id names: the name we hold for that id wins over the event's, and the
+    /// engine refuses a delete whose id is not the id of the work it holds under that name.
     fn handle_delete(&self, spec: SpecEvent) {
         let uid = spec.resource_id.clone();
         let mut book = lock(&self.shared.book);
-        let name = spec
-            .name
-            .clone()
-            .or_else(|| book.info.get(&uid).map(|i| i.meta.name.clone()));
+        let name = book
+            .info
+            .get(&uid)
+            .map(|i| i.meta.name.clone())
+            .filter(|n| !n.is_empty())
+            .or_else(|| spec.name.clone());
         book.held.remove(&uid);
         let Some(name) = name.filter(|n| !n.is_empty()) else {
             tracing::warn!(resource_id = %uid, "delete for a work we do not know and whose name the event lacks");
@@ -97,7 +100,9 @@ impl Runner {
         book.names.insert(name.clone(), uid.clone());
         drop(book);
         tracing::info!(work = %name, resource_id = %uid, "work deleted on the hub");
-        let _ = self.events.send(WorkEvent::Delete(WorkRef { name }));
+        let _ = self
+            .events
+            .send(WorkEvent::Delete(WorkRef { name, uid: Some(uid) }));
     }
 
     /// A created or changed work, unless it is older than the version we hold.
@@ -134,32 +139,38 @@ impl Runner {
         let _ = self.events.send(WorkEvent::Upsert(work));
     }
 
-    /// Reports an event that could not be decoded as a failed `Applied` condition of its work.
-    fn report_invalid(&self, uid: &str, version: i64, err: &CodecError) {
+    /// Passes a work whose spec event could not be decoded to the engine as unreadable, and
+    /// keeps its identity so the engine's status about it can be addressed.
+    fn report_unreadable(&self, ev: &CloudEvent, uid: &str, version: i64, err: &CodecError) {
         let name = {
-            let book = lock(&self.shared.book);
-            book.info
+            let mut book = lock(&self.shared.book);
+            let known = book
+                .info
                 .get(uid)
                 .map(|i| i.meta.name.clone())
-                .unwrap_or_else(|| uid.to_string())
+                .filter(|n| !n.is_empty());
+            let name = known
+                .or_else(|| cloudevents::identify_name(ev))
+                .unwrap_or_else(|| uid.to_string());
+            let info = book.info.entry(uid.to_string()).or_default();
+            if info.meta.name.is_empty() {
+                info.meta.name.clone_from(&name);
+                info.meta.uid = uid.to_string();
+                info.meta.namespace.clone_from(&self.shared.cluster);
+            }
+            if info.original_source.is_empty() {
+                info.original_source.clone_from(&ev.source);
+            }
+            book.names.insert(name.clone(), uid.to_string());
+            name
         };
-        let mut c = cond(
-            types::APPLIED,
-            FALSE,
-            "InvalidManifestBundle",
-            format!("event rejected: {err}"),
-            version,
-        );
-        c.last_transition_time = now_rfc3339();
-        let status = ManifestWorkStatus {
-            conditions: vec![c],
-            ..Default::default()
-        };
-        let update = StatusUpdate {
-            namespace: Some(self.shared.cluster.clone()),
-            uid: Some(uid.to_string()),
-            ..StatusUpdate::new(name, version, status, false)
-        };
-        let _ = self.shared.enqueue_status(update);
+        let _ = self.events.send(WorkEvent::Unreadable {
+            work: WorkRef {
+                name,
+                uid: Some(uid.to_string()),
+            },
+            generation: version,
+            reason: format!("event {} rejected (InvalidManifestBundle): {err}", ev.r#type),
+        });
     }
 }

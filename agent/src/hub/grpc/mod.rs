@@ -9,11 +9,14 @@
 //! that keeps only the latest status per work; a per-session publisher drains it while connected,
 //! so status produced while disconnected is sent once, after the reconnect.
 //!
-//! `WorkEvent::Synced` is emitted once, after the first resync: the protocol has no "end of
-//! resync" marker, so we wait until no spec event has arrived for a quiet period (default 2 s)
-//! after the hub acknowledged our resync request (the reference hub queues its answers before it
-//! acknowledges), capped by a maximum wait so a busy hub cannot hold it back for ever. Later
-//! resyncs need no Synced: a hub answers them with explicit delete events.
+//! After each session's resync the transport emits `WorkEvent::Synced(Listing::Quiet)`: the
+//! protocol has no "end of resync" marker, so we wait until no spec event has arrived for a quiet
+//! period (default 2 s) after the hub acknowledged our resync request, capped by a maximum wait.
+//! That proves nothing about works the hub did not send, so the engine treats those as missing
+//! (kept, evicted only after its grace period), never as deleted. Deletion evidence is an
+//! explicit delete: the resync request lists every work the agent holds (after a restart, the
+//! spoke's records, as version 0 so the hub re-sends all it still has), and the hub answers the
+//! ones it no longer has with delete events. A broken session emits `WorkEvent::Disconnected`.
 //!
 //! - `session`: the connection task (dial, subscribe, resync, read, reconnect).
 //! - `events`: what each incoming event does.
@@ -93,10 +96,12 @@ pub struct GrpcHubOptions {
     /// Counters and gauges of this transport; register them with [`HubMetrics::register`]
     /// (clones share the series).
     pub metrics: HubMetrics,
-    /// Quiet period after the first resync before `Synced` (see the module docs).
+    /// Quiet period after a resync before `Synced` (see the module docs).
     pub sync_quiet: Duration,
     /// Longest wait for the quiet period before `Synced` is emitted anyway.
     pub sync_max_wait: Duration,
+    /// Works the spoke's records hold from an earlier run, asked about in the first resync.
+    pub recorded: Vec<RecordedWork>,
     /// First reconnect delay (jittered by ±50 %).
     pub backoff_min: Duration,
     /// Largest reconnect delay.
@@ -121,6 +126,7 @@ impl GrpcHubOptions {
             metrics: HubMetrics::default(),
             sync_quiet: Duration::from_secs(2),
             sync_max_wait: Duration::from_secs(30),
+            recorded: Vec::new(),
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
@@ -129,6 +135,13 @@ impl GrpcHubOptions {
             max_message_size: 16 * 1024 * 1024,
         }
     }
+}
+
+/// A work the spoke holds a record of: its hub uid and name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedWork {
+    pub uid: String,
+    pub name: String,
 }
 
 /// Connection state, for readiness and tests.
@@ -140,7 +153,7 @@ pub struct HubState {
     pub sessions: u64,
     /// Failed connect or subscribe attempts and broken sessions so far.
     pub failures: u64,
-    /// `Synced` was emitted.
+    /// A resync has gone quiet (`Synced` was emitted) at least once.
     pub synced: bool,
     /// Why the last attempt or session failed (full error chain, no secrets).
     pub last_error: Option<String>,
@@ -214,6 +227,7 @@ impl GrpcHub {
             tls.connector(&s.url.host, s.url.port)?;
         }
         let shared = Arc::new(Shared::new(&s.cluster_name, &s.agent_id, opts.metrics.clone()));
+        shared.hold_recorded(&opts.recorded);
         let (tx, rx) = mpsc::unbounded_channel();
         let (state_tx, state_rx) = watch::channel(HubState::default());
         let span =

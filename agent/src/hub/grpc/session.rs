@@ -20,7 +20,7 @@ use crate::backoff::ExponentialBackoff;
 use crate::hub::cloudevents;
 use crate::hub::tls::{ClientTls, error_chain};
 use crate::lock::lock;
-use crate::work::source::WorkEvent;
+use crate::work::source::{Listing, WorkEvent};
 
 /// TLS alerts a hub sends when it does not accept our client certificate (rustls spelling).
 const REFUSED_IDENTITY_ALERTS: &[&str] = &[
@@ -80,6 +80,8 @@ impl Runner {
             let end = self.session().await;
             self.opts.metrics.connected.set(0);
             self.state.send_modify(|s| s.connected = false);
+            // No evictions of missing works while the hub is away (see `WorkEvent::Disconnected`).
+            let _ = self.events.send(WorkEvent::Disconnected);
             match end {
                 SessionEnd::Shutdown => break,
                 SessionEnd::Broken { error, heard } => {
@@ -196,8 +198,8 @@ impl Runner {
     }
 
     /// Reads events until the stream breaks, the hub goes silent past the heartbeat timeout, the
-    /// publisher reports a broken connection, or shutdown. Emits `Synced` once the first resync
-    /// has gone quiet (see the module docs).
+    /// publisher reports a broken connection, or shutdown. Emits `Synced(Quiet)` once this
+    /// session's resync has gone quiet (see the module docs).
     async fn read_events(
         &self,
         stream: &mut Streaming<CloudEvent>,
@@ -207,7 +209,7 @@ impl Runner {
         let start = Instant::now();
         let mut last_heard = start;
         let mut heard = false;
-        let mut sync_at = (!self.shared.synced.load(Ordering::Relaxed)).then(|| start + self.opts.sync_quiet);
+        let mut sync_at = Some(start + self.opts.sync_quiet);
         let sync_limit = start + self.opts.sync_max_wait;
         loop {
             let sync_deadline = sync_at.map(|t| t.min(sync_limit));
@@ -236,13 +238,16 @@ impl Runner {
         }
     }
 
-    /// Emits `Synced`, once per process: later sessions' resyncs are answered with explicit deletes.
+    /// Emits `Synced(Quiet)` for this session's resync. It proves nothing about works the hub
+    /// did not send (the hub may still be answering): those are only missing.
     fn emit_synced(&self) {
         if !self.shared.synced.swap(true, Ordering::Relaxed) {
-            tracing::info!("initial resync complete");
-            let _ = self.events.send(WorkEvent::Synced);
-            self.state.send_modify(|st| st.synced = true);
+            tracing::info!("initial resync quiet");
+        } else {
+            tracing::debug!("resync quiet");
         }
+        let _ = self.events.send(WorkEvent::Synced(Listing::Quiet));
+        self.state.send_modify(|st| st.synced = true);
     }
 
     /// After shutdown: gives the publisher up to `shutdown_flush` to send what is queued (the

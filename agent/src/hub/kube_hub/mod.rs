@@ -3,9 +3,12 @@
 //! - Works: a watch on `ManifestWork`s in the namespace named after the cluster. Each list (first
 //!   start and every re-list after a watch gap) ends with `InitDone`; works known before but not
 //!   listed again were deleted while we were away and are reported as deletes. The first
-//!   `InitDone` is the engine's `Synced`. Objects are decoded one by one, so a work the agent
-//!   cannot read is logged and skipped instead of failing the whole list and stalling every
-//!   other work; a status it cannot read is ignored (the agent overwrites it anyway).
+//!   `InitDone` is the engine's `Synced(Complete)`: a list is evidence that a recorded work not
+//!   in it was deleted. Objects are decoded one by one, so a work the agent cannot read is
+//!   passed on as `Unreadable` (its objects are left alone and its status says why) instead of
+//!   failing the whole list and stalling every other work; a status it cannot read is ignored
+//!   (the agent overwrites it anyway). Deletes carry the object's uid, so a delete of an older
+//!   work of the same name cannot delete the current one.
 //! - Finalizer: live works get `cluster.open-cluster-management.io/manifest-work-cleanup`, so a
 //!   deletion on the hub waits for our cleanup; it is removed after the final (`deleted`) status,
 //!   also when the hub refuses that status: the cleanup on the spoke is done either way.

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{CLEANUP_FINALIZER, api_code, is_not_found, pause, retry_backoff};
 use crate::work::manifestwork::{GROUP, ManifestWork, VERSION};
-use crate::work::source::{WorkEvent, WorkRef};
+use crate::work::source::{Listing, WorkEvent, WorkRef};
 
 /// Attempts at removing the finalizer when the work keeps changing under us (409 Conflict).
 const FINALIZER_CONFLICT_ATTEMPTS: u32 = 5;
@@ -59,7 +59,8 @@ struct WatchState {
     /// Works delivered and not deleted, with the generation last delivered (so our own status
     /// writes, which the watch echoes, are not re-delivered).
     known: HashMap<String, i64>,
-    /// Works whose deletion was passed on (a delete is delivered once).
+    /// Works whose deletion was passed on (a delete is delivered once); a name leaves when its
+    /// object is gone from the hub or re-created, so the set holds only works being deleted.
     deleting: HashSet<String>,
     /// Names listed in the current (re-)list.
     listing: Option<HashSet<String>>,
@@ -68,12 +69,13 @@ struct WatchState {
 }
 
 impl WatchState {
-    /// Passes a deletion on, once.
-    fn deleted(&mut self, name: String, tx: &mpsc::UnboundedSender<WorkEvent>) {
+    /// Passes a deletion on, once. `uid` is the deleted object's, when known: the engine then
+    /// refuses it if the work it holds under that name is another one.
+    fn deleted(&mut self, name: String, uid: Option<String>, tx: &mpsc::UnboundedSender<WorkEvent>) {
         self.known.remove(&name);
         if self.deleting.insert(name.clone()) {
             tracing::info!(work = %name, "work deleted on the hub");
-            let _ = tx.send(WorkEvent::Delete(WorkRef { name }));
+            let _ = tx.send(WorkEvent::Delete(WorkRef { name, uid }));
         }
     }
 
@@ -88,13 +90,14 @@ impl WatchState {
                 .cloned()
                 .collect();
             for name in gone {
-                self.deleted(name, tx);
+                self.deleted(name, None, tx);
             }
         }
         if !self.synced {
             self.synced = true;
             tracing::info!(works = self.known.len(), "initial list of hub works complete");
-            let _ = tx.send(WorkEvent::Synced);
+            // A list is complete: every work the hub has is in it, the unreadable ones too.
+            let _ = tx.send(WorkEvent::Synced(Listing::Complete));
         }
     }
 }
@@ -152,7 +155,9 @@ async fn on_event(
         Event::Apply(obj) => on_apply(api, obj, st, tx).await,
         Event::Delete(obj) => {
             if let Some(name) = obj.metadata.name {
-                st.deleted(name, tx);
+                st.deleted(name.clone(), obj.metadata.uid, tx);
+                // Gone from the hub: no later event can ask for this deletion again.
+                st.deleting.remove(&name);
             }
         }
     }
@@ -169,7 +174,7 @@ async fn on_apply(
         return;
     };
     if obj.metadata.deletion_timestamp.is_some() {
-        st.deleted(name, tx);
+        st.deleted(name, obj.metadata.uid.clone(), tx);
         return;
     }
     let generation = obj.metadata.generation.unwrap_or(0);
@@ -177,19 +182,30 @@ async fn on_apply(
         // Our own status or finalizer write echoed back: nothing new for the engine.
         return;
     }
-    let mut work = match decode_work(&obj) {
-        Ok(w) => w,
-        Err(e) => {
-            // Not taken on: no finalizer, no event. A fixed version arrives as a new event.
-            tracing::error!(work = %name, generation, error = %e, "cannot read the work from the hub; skipped");
-            return;
-        }
-    };
     // A work re-created under the same name after a delete is live again.
     st.deleting.remove(&name);
     if !has_finalizer(&obj.metadata) {
+        // Readable or not, it is a work of ours: a deletion on the hub waits for our cleanup.
         add_finalizer(api, &name, &obj.metadata).await;
     }
+    let mut work = match decode_work(&obj) {
+        Ok(w) => w,
+        Err(e) => {
+            // Known but unreadable: the engine leaves its objects alone and reports why. A
+            // fixed version comes with a new generation.
+            tracing::error!(work = %name, generation, error = %e, "cannot read the work from the hub");
+            st.known.insert(name.clone(), generation);
+            let _ = tx.send(WorkEvent::Unreadable {
+                work: WorkRef {
+                    name,
+                    uid: obj.metadata.uid.clone(),
+                },
+                generation,
+                reason: e.to_string(),
+            });
+            return;
+        }
+    };
     if st.known.get(&name) == Some(&generation) {
         return;
     }

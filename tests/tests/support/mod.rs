@@ -1,0 +1,142 @@
+//! What the whole-agent tests share: the agent run in-process from a command line, a gRPC hub
+//! identity on disk, and readers of the statuses a hub received.
+#![allow(dead_code)] // Each test binary uses its own subset.
+
+use std::path::Path;
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, PostParams};
+use serde_json::{Value, json};
+use spokelet::admin::{Health, RunContext};
+use spokelet::config::{Cli, Command};
+use spokelet_e2e::cloudevents_hub::{HubPki, Received, TestHub};
+use spokelet_e2e::unique_name;
+
+/// The latest status the hub received for `work`, if it satisfies `pred`.
+pub fn latest_status(hub: &TestHub, uid: &str, pred: impl Fn(&Value) -> bool) -> Result<Value, String> {
+    let statuses: Vec<Received> = hub
+        .statuses()
+        .into_iter()
+        .filter(|r| r.ext("resourceid").as_deref() == Some(uid))
+        .collect();
+    let Some(last) = statuses.last() else {
+        return Err("no status for the work yet".into());
+    };
+    let json = last.json().ok_or("status event without JSON data")?;
+    if pred(&json) {
+        Ok(json)
+    } else {
+        Err(format!("latest status: {json}"))
+    }
+}
+
+pub fn condition(status: &Value, type_: &str) -> Option<String> {
+    status["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .and_then(|c| c["status"].as_str().map(str::to_owned))
+}
+
+/// A fresh namespace on the spoke for one test's objects.
+pub async fn spoke_namespace(client: &kube::Client, prefix: &str) -> String {
+    let ns = unique_name(prefix);
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    ns
+}
+
+/// The whole agent running in-process from a command line, as `spokelet` would run it.
+pub struct Agent {
+    /// Readiness as `/readyz` reports it.
+    pub health: Health,
+    /// Plays SIGTERM.
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), spokelet::daemon::DaemonError>>,
+}
+
+impl Agent {
+    /// Parses `argv` with the real CLI (it must be a `run` command) and starts the agent.
+    pub fn start<S: AsRef<str>>(argv: &[S]) -> Agent {
+        let argv: Vec<&str> = argv.iter().map(AsRef::as_ref).collect();
+        let Command::Run(cmd) = Cli::load_from(&argv).unwrap().command else {
+            panic!("not the run command: {argv:?}")
+        };
+        let ctx = RunContext::new();
+        let health = ctx.health.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(spokelet::daemon::run_until(*cmd, ctx, async {
+            let _ = stopped.await;
+        }));
+        Agent { health, stop, task }
+    }
+
+    /// Signals shutdown and checks the agent drained cleanly.
+    pub async fn stop(self) {
+        self.stop.send(()).unwrap();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+pub fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+/// Files and flags for `spokelet run --hub-transport grpc` against a test hub, as cluster
+/// `cluster` with a client certificate from `pki`.
+pub struct GrpcAgentArgs {
+    /// Holds the certificate files for as long as the agent runs.
+    _dir: tempfile::TempDir,
+    argv: Vec<String>,
+}
+
+impl GrpcAgentArgs {
+    pub fn new(pki: &HubPki, hub: &TestHub, cluster: &str, kubeconfig: &Path) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let identity = pki
+            .client(cluster, &["system:open-cluster-management:managed-clusters"])
+            .unwrap();
+        let ca = write(dir.path(), "ca.crt", pki.serving_ca.cert_pem());
+        let cert = write(dir.path(), "tls.crt", &identity.cert_pem);
+        let key = write(dir.path(), "tls.key", &identity.key_pem);
+        let argv = [
+            "spokelet",
+            "run",
+            "--hub-transport",
+            "grpc",
+            "--hub-url",
+            &hub.url(),
+            "--hub-ca-file",
+            &ca,
+            "--hub-client-cert-file",
+            &cert,
+            "--hub-client-key-file",
+            &key,
+            "--cluster-name",
+            cluster,
+            "--agent-id",
+            cluster,
+            "--kubeconfig",
+            &kubeconfig.display().to_string(),
+            "--admin-addr",
+            "127.0.0.1:0",
+        ]
+        .map(String::from)
+        .to_vec();
+        GrpcAgentArgs { _dir: dir, argv }
+    }
+
+    /// The command line with `extra` flags appended.
+    pub fn with(&self, extra: &[&str]) -> Vec<String> {
+        let mut v = self.argv.clone();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    }
+}
