@@ -17,6 +17,7 @@ use crate::work::applied_work::hub_hash;
 use crate::work::engine::{EngineConfig, EngineError, WorkEngine};
 use crate::work::manifestwork::DEFAULT_FIELD_MANAGER;
 use crate::work::metrics::WorkMetrics;
+use crate::work::policy::{AgentIdentity, Policy, PolicyError};
 use crate::work::schedule::FlapGuard;
 use crate::work::source::{StatusSink, WorkSource};
 
@@ -71,6 +72,21 @@ pub struct RunArgs {
     /// cleaned up, counted from when a connected, synced hub first lacked it (OCM's default).
     #[arg(long, env = "SPOKELET_EVICTION_GRACE_PERIOD", default_value = "60m", value_parser = parse_duration)]
     pub eviction_grace_period: Duration,
+
+    /// Spoke-side write policy (YAML): which kinds and namespaces hub works may write. Without
+    /// it the built-in policy refuses kube-system, kube-public, kube-node-lease, the agent's
+    /// namespace and its own RBAC (see docs/POLICY.md).
+    #[arg(long, env = "SPOKELET_POLICY", value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+
+    /// Largest status sent to the hub, in bytes of JSON; a larger one is summarised (long texts
+    /// cut, then only the manifests not applied listed), never dropped.
+    #[arg(long, env = "SPOKELET_MAX_STATUS_BYTES", default_value_t = 1024 * 1024)]
+    pub max_status_bytes: usize,
+
+    /// The namespace the agent runs in, protected by the built-in policy.
+    #[arg(long, env = "SPOKELET_AGENT_NAMESPACE", default_value = "spokelet-system")]
+    pub agent_namespace: String,
 }
 
 /// Why `spokelet run` stopped.
@@ -105,6 +121,30 @@ pub enum RunError {
     /// The engine failed to start.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// The policy file cannot be used; the agent does not start with a policy other than the one written.
+    #[error("--policy {path}: {source}")]
+    Policy {
+        path: PathBuf,
+        #[source]
+        source: PolicyError,
+    },
+}
+
+/// The write policy `--policy` names, else the built-in one, for the agent's identity.
+pub fn load_policy(args: &RunArgs) -> Result<Policy, RunError> {
+    let agent = AgentIdentity {
+        namespace: args.agent_namespace.clone(),
+        ..AgentIdentity::default()
+    };
+    let policy = match &args.policy {
+        None => Policy::builtin(&agent),
+        Some(path) => Policy::load(path, &agent).map_err(|source| RunError::Policy {
+            path: path.clone(),
+            source,
+        })?,
+    };
+    tracing::info!(policy = %policy.summary(), file = ?args.policy, "write policy");
+    Ok(policy)
 }
 
 /// Loads the cluster configuration: the given kubeconfig, else the usual inference.
@@ -132,6 +172,7 @@ pub fn engine_config(args: &RunArgs) -> EngineConfig {
     cfg.debounce_quiet = args.drift_debounce;
     cfg.flap = FlapGuard::default();
     cfg.eviction_grace = args.eviction_grace_period;
+    cfg.max_status_bytes = args.max_status_bytes;
     cfg
 }
 
@@ -181,6 +222,7 @@ pub async fn run_engine(
     metrics.register(lock(&ctx.registry).sub_registry_with_prefix("work"));
     let mut cfg = engine_config(args);
     cfg.hub_hash = hub_hash(hub_address);
+    cfg.policy = Arc::new(load_policy(args)?);
     let engine = WorkEngine::new(client, cfg, metrics);
     let mut ready = engine.ready();
     let health = ctx.health.clone();

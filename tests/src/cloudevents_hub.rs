@@ -248,6 +248,9 @@ struct Inner {
     /// (the reference hub's behaviour); off plays a hub that lost its store and answers only
     /// with what it has.
     answer_deletes: AtomicBool,
+    /// Largest status payload accepted, in bytes (0: any); larger ones are refused with
+    /// `RESOURCE_EXHAUSTED`, as a Go gRPC hub refuses a message over its 4 MiB default.
+    max_status_bytes: AtomicU64,
     /// Source of unique ids.
     counter: AtomicU64,
 }
@@ -293,6 +296,7 @@ impl TestHub {
             silent: AtomicBool::new(false),
             resync_delay_ms: AtomicU64::new(0),
             answer_deletes: AtomicBool::new(true),
+            max_status_bytes: AtomicU64::new(0),
             counter: AtomicU64::new(1),
         });
         let listener = TcpListener::bind(opts.addr).await?;
@@ -393,6 +397,11 @@ impl TestHub {
     pub fn set_resync_delay(&self, delay: Duration) {
         let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
         self.inner.resync_delay_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Refuses status events whose payload is over `bytes` (0: accept any).
+    pub fn set_max_status_bytes(&self, bytes: u64) {
+        self.inner.max_status_bytes.store(bytes, Ordering::SeqCst);
     }
 
     /// Whether resync answers include deletes (see [`Inner`]'s `answer_deletes`).
@@ -828,6 +837,17 @@ impl CloudEventService for HubService {
             .into_inner()
             .event
             .ok_or_else(|| Status::invalid_argument("no event"))?;
+        let limit = self.inner.max_status_bytes.load(Ordering::SeqCst);
+        let size = match &ev.data {
+            Some(Data::BinaryData(b)) => b.len() as u64,
+            Some(Data::TextData(t)) => t.len() as u64,
+            _ => 0,
+        };
+        if limit > 0 && ev.r#type.contains(".status.") && size > limit {
+            return Err(Status::resource_exhausted(format!(
+                "grpc: received message larger than max ({size} vs. {limit})"
+            )));
+        }
         let mut st = lock(&self.inner.state);
         st.received.push(Received {
             client_cn,

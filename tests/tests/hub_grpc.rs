@@ -851,3 +851,49 @@ async fn tls12_only_hub_needs_an_explicit_opt_in() {
     within("a TLS 1.2 session", agent.handle.wait_for(|s| s.connected)).await;
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn a_status_the_hub_refuses_as_too_large_does_not_hold_up_the_others() {
+    let mut f = Fixture::start_with(|hub| {
+        hub.upsert_work(CLUSTER, "big", bundle("a"));
+        hub.upsert_work(CLUSTER, "small", bundle("b"));
+    })
+    .await;
+    let mut works = vec![f.next_upsert().await, f.next_upsert().await];
+    works.sort_by_key(|w| w.metadata.name.clone());
+    let [big, small] = &works[..] else { unreachable!() };
+    f.wait_state("synced", |s| s.synced).await;
+    // A Go gRPC hub refuses messages over 4 MiB with RESOURCE_EXHAUSTED.
+    f.hub.set_max_status_bytes(4 * 1024 * 1024);
+    let mut huge = status("Huge");
+    huge.conditions[0].message = "x".repeat(5 * 1024 * 1024);
+    let huge_hash = hash(&huge);
+    f.agent.sink.publish(update(big, huge, false)).await.unwrap();
+    let fine = status("Small");
+    let fine_hash = hash(&fine);
+    f.agent.sink.publish(update(small, fine, false)).await.unwrap();
+
+    // Refused first, then the next work's status still goes out, on the same connection.
+    eventually("the small work's status on the hub", || {
+        statuses_with_hash(&f.hub, &fine_hash).pop()
+    })
+    .await;
+    assert!(
+        statuses_with_hash(&f.hub, &huge_hash).is_empty(),
+        "the hub accepted nothing over its limit"
+    );
+    assert_eq!(
+        f.agent.handle.state().sessions,
+        1,
+        "a refused status must not break the connection"
+    );
+    // Later statuses of the refused work go through when they fit.
+    let smaller = status("Smaller");
+    let smaller_hash = hash(&smaller);
+    f.agent.sink.publish(update(big, smaller, false)).await.unwrap();
+    eventually("the big work's next status", || {
+        statuses_with_hash(&f.hub, &smaller_hash).pop()
+    })
+    .await;
+    assert_eq!(f.agent.handle.state().sessions, 1);
+}

@@ -190,6 +190,20 @@ fn manifest_cond<'a>(
         .unwrap_or_else(|| panic!("manifest {ordinal} has no {t} condition: {:?}", u.status))
 }
 
+/// A manifest's condition, if it has that manifest and condition yet.
+fn manifest_cond_opt<'a>(
+    u: &'a StatusUpdate,
+    ordinal: usize,
+    t: &str,
+) -> Option<&'a spokelet::work::manifestwork::Condition> {
+    u.status
+        .resource_status
+        .manifests
+        .iter()
+        .find(|m| m.resource_meta.ordinal == ordinal as i32)
+        .and_then(|m| find(&m.conditions, t))
+}
+
 fn feedback(
     u: &StatusUpdate,
     ordinal: usize,
@@ -1092,4 +1106,150 @@ async fn engine_on_the_http2_client() {
     assert!(get_cm(&client, &ns, "c").await.is_some());
     shutdown.cancel();
     task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn the_policy_refuses_protected_namespaces_alone_and_deleting_the_work_leaves_them() {
+    let mut a = Agent::start(&unique_name("hub")).await;
+    let ns = namespace(&a.client, "policy").await;
+    let probe = unique_name("probe");
+    let w = work(
+        "w-policy",
+        1,
+        vec![
+            cm("kube-system", &probe, json!({"k": "v"})),
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kube-system"}}),
+            cm(&ns, "allowed", json!({"k": "v"})),
+        ],
+    );
+    a.upsert(&w);
+    let st = a
+        .wait("w-policy", "the allowed manifest applied", |u| {
+            manifest_cond_opt(u, 2, "Applied").is_some_and(|c| c.status == "True")
+        })
+        .await;
+    for i in [0, 1] {
+        let c = manifest_cond(&st, i, "Applied");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "DeniedByPolicy"),
+            "{c:?}"
+        );
+        assert!(c.message.contains("kube-system"), "{}", c.message);
+    }
+    assert!(
+        get_cm(&a.client, "kube-system", &probe).await.is_none(),
+        "nothing written to kube-system"
+    );
+    assert!(get_cm(&a.client, &ns, "allowed").await.is_some());
+
+    a.delete("w-policy");
+    a.wait("w-policy", "Deleted=True", |u| u.deleted).await;
+    cm_gone(
+        &a.client,
+        &ns,
+        "allowed",
+        "the allowed ConfigMap deleted with its work",
+    )
+    .await;
+    let kube_system = Api::<k8s_openapi::api::core::v1::Namespace>::all(a.client.clone())
+        .get("kube-system")
+        .await
+        .unwrap();
+    assert!(
+        kube_system.metadata.deletion_timestamp.is_none(),
+        "kube-system must never be deleted"
+    );
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn deleting_one_of_two_records_owning_an_object_only_releases_it() {
+    // Two agents of two hubs (two record sets, neither engine knowing the other's claims)
+    // apply the same ConfigMap: it carries both records' ownerReferences.
+    let mut a = Agent::start(&unique_name("hub-a")).await;
+    let mut b = Agent::start(&unique_name("hub-b")).await;
+    let ns = namespace(&a.client, "shared-owner").await;
+    let shared = || work("w-shared", 1, vec![cm(&ns, "shared", json!({"k": "v"}))]);
+    a.upsert(&shared());
+    a.wait_applied("w-shared", 1).await;
+    b.upsert(&shared());
+    b.wait_applied("w-shared", 1).await;
+    let owners = |cm: &ConfigMap| -> Vec<String> {
+        cm.metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .map(|o| o.name.clone())
+            .collect()
+    };
+    let cm_now = get_cm(&a.client, &ns, "shared").await.unwrap();
+    assert_eq!(owners(&cm_now).len(), 2, "{:?}", owners(&cm_now));
+    let uid = cm_now.metadata.uid.clone();
+
+    a.delete("w-shared");
+    a.wait("w-shared", "Deleted=True", |u| u.deleted).await;
+    let after = get_cm(&a.client, &ns, "shared")
+        .await
+        .expect("the other record's object stays");
+    assert_eq!(after.metadata.uid, uid);
+    assert_eq!(
+        owners(&after),
+        [b.amw_name("w-shared")],
+        "only the deleted record let go"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn sixty_deletions_stuck_on_finalizers_do_not_stop_a_61st_work() {
+    // More stuck deletions than the engine's 48 work permits.
+    let mut a = Agent::start(&unique_name("hub")).await;
+    let ns = namespace(&a.client, "stuck").await;
+    let stuck = |i: usize| {
+        let mut m = cm(&ns, &format!("stuck-{i}"), json!({"k": "v"}));
+        m["metadata"]["finalizers"] = json!(["spokelet.test/stuck"]);
+        work(&format!("w-stuck-{i}"), 1, vec![m])
+    };
+    for i in 0..60 {
+        a.upsert(&stuck(i));
+    }
+    for i in 0..60 {
+        a.wait_applied(&format!("w-stuck-{i}"), 1).await;
+    }
+    for i in 0..60 {
+        a.delete(&format!("w-stuck-{i}"));
+    }
+    for i in 0..60 {
+        let st = a
+            .wait(
+                &format!("w-stuck-{i}"),
+                "Deleting while the finalizer holds",
+                |u| find(&u.status.conditions, "Deleting").is_some_and(|c| c.status == "True"),
+            )
+            .await;
+        let c = find(&st.status.conditions, "Deleting").unwrap();
+        assert!(c.message.contains("still being deleted"), "{}", c.message);
+    }
+    a.upsert(&work("w-61st", 1, vec![cm(&ns, "free", json!({"k": "v"}))]));
+    a.wait_applied("w-61st", 1).await;
+
+    // Let the finalizers go: the deletions finish.
+    let cms: Api<ConfigMap> = Api::namespaced(a.client.clone(), &ns);
+    for i in 0..60 {
+        let name = format!("stuck-{i}");
+        cms.patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .unwrap();
+    }
+    for i in 0..60 {
+        a.wait(&format!("w-stuck-{i}"), "Deleted=True", |u| u.deleted)
+            .await;
+    }
+    a.stop().await;
 }

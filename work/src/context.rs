@@ -16,8 +16,10 @@ use super::applier::Applier;
 use super::claims::Claims;
 use super::discovery::Resolver;
 use super::drift::DriftWatcher;
+use super::manifestwork::AppliedManifestResourceMeta;
 use super::manifestwork::AppliedManifestWork;
 use super::metrics::WorkMetrics;
+use super::policy::{Denied, Policy, Target};
 use super::schedule::FlapGuard;
 
 /// Engine settings a reconcile needs.
@@ -35,6 +37,11 @@ pub struct ReconcileConfig {
     pub crd_wait: Duration,
     /// The flap guard each manifest's history starts from.
     pub flap: FlapGuard,
+    /// Which objects hub works may write: a refused manifest fails alone, and a recorded object
+    /// the policy protects is only released, never deleted.
+    pub policy: Arc<Policy>,
+    /// Largest status published, in bytes of JSON (larger ones are summarised).
+    pub max_status_bytes: usize,
 }
 
 /// The shared part of every reconcile.
@@ -59,6 +66,20 @@ impl ReconcileContext {
     /// The AppliedManifestWork name of a work: `<hubHash>-<work>`.
     pub fn record_name(&self, work: &str) -> String {
         applied_name(&self.cfg.hub_hash, work)
+    }
+
+    /// Whether the policy refuses writes to a recorded object (its kind found by discovery; an
+    /// unknown kind is checked by group, namespace and name alone).
+    pub async fn policy_denies(&self, e: &AppliedManifestResourceMeta) -> Option<Denied> {
+        let kind = self
+            .resolver
+            .kind_of(&e.group, &e.version, &e.resource)
+            .await
+            .unwrap_or_default();
+        self.cfg
+            .policy
+            .check(&Target::new(&e.group, &kind, &e.namespace, &e.name))
+            .err()
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use kube::api::Api;
 use kube::{Client, ResourceExt};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tracing::Instrument;
 
 use super::applied_work::{self, AppliedWorkError};
@@ -112,6 +112,11 @@ pub async fn delete_work(
 /// The engine's deletion task: deletes the work's objects as recorded, publishing `Deleting`
 /// progress, then the final `Deleted` status. Returns whether everything is gone (record
 /// included), the last status and the hash published.
+///
+/// `permit` (the engine's work-concurrency permit) is held only while the deletes are issued and
+/// dropped before waiting for the objects to go: a stuck finalizer then stalls only its own work,
+/// never the works queued behind the concurrency limit.
+#[allow(clippy::too_many_arguments)] // One call site, the engine's; a struct would only rename them.
 pub async fn run_delete(
     ctx: &ReconcileContext,
     name: &str,
@@ -120,8 +125,10 @@ pub async fn run_delete(
     prev: &ManifestWorkStatus,
     published: Option<String>,
     sink: &dyn StatusSink,
+    permit: Option<OwnedSemaphorePermit>,
 ) -> (bool, ManifestWorkStatus, Option<String>) {
     let mut report = Reporter {
+        permit,
         ctx,
         sink,
         name,
@@ -176,7 +183,7 @@ async fn delete_with_progress(
     report: &mut Reporter<'_>,
 ) -> Result<(), DeleteError> {
     // Claims are read once, up front: the claim table is not locked across the deletion's awaits.
-    let claimed: HashSet<ObjKey> = {
+    let mut claimed: HashSet<ObjKey> = {
         let claims = lock(&ctx.claims);
         applied_work::resources(amw)
             .iter()
@@ -184,6 +191,13 @@ async fn delete_with_progress(
             .filter(|k| claims.claimed_elsewhere(k, name))
             .collect()
     };
+    // Objects the policy protects (recorded before it refused them) are released, never deleted.
+    for e in applied_work::resources(amw) {
+        if let Some(denied) = ctx.policy_denies(&e).await {
+            tracing::warn!(work = %name, object = %ObjKey::from(&e), %denied, "protected object released, not deleted");
+            claimed.insert(ObjKey::from(&e));
+        }
+    }
     let (tx, mut rx) = mpsc::unbounded_channel::<(usize, usize)>();
     let del = delete_work(
         &ctx.client,
@@ -199,6 +213,8 @@ async fn delete_with_progress(
         tokio::select! {
             r = &mut del => return r,
             Some((left, total)) = rx.recv() => {
+                // Every delete is issued: what is left is waiting, which needs no permit.
+                report.permit.take();
                 if left > 0 {
                     let status = deletion_status(&report.status, report.generation, Some((left, total)), None);
                     report.publish(status, false).await;
@@ -220,12 +236,14 @@ struct Reporter<'a> {
     status: ManifestWorkStatus,
     /// Hash of the last status published.
     published: Option<String>,
+    /// The engine's concurrency permit, until the deletes are issued (see [`run_delete`]).
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Reporter<'_> {
     async fn publish(&mut self, status: ManifestWorkStatus, deleted: bool) {
         let update = match self.work {
-            Some(w) => work_update(w, &status, deleted),
+            Some(w) => work_update(w, &status, deleted, self.ctx.cfg.max_status_bytes),
             None => StatusUpdate::new(self.name, self.generation, status.clone(), deleted),
         };
         self.published = publish(self.ctx, self.sink, &update, self.published.take()).await;

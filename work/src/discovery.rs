@@ -92,6 +92,31 @@ impl Resolver {
         }
     }
 
+    /// The kind served as `plural` in a group-version: the cache, else one query of the
+    /// group-version (whose kinds are then cached). None when it is not served.
+    pub async fn kind_of(&self, group: &str, version: &str, plural: &str) -> Option<String> {
+        let cached = lock(&self.cache)
+            .iter()
+            .find(|(gvk, r)| gvk.group == group && gvk.version == version && r.ar.plural == plural)
+            .map(|(gvk, _)| gvk.kind.clone());
+        if cached.is_some() {
+            return cached;
+        }
+        let gv = kube::core::GroupVersion::gv(group, version);
+        let api_group = kube::discovery::pinned_group(&self.client, &gv).await.ok()?;
+        let mut found = None;
+        let mut cache = lock(&self.cache);
+        for (ar, caps) in api_group.versioned_resources(version) {
+            if ar.plural == plural {
+                found = Some(ar.kind.clone());
+            }
+            let gvk = GroupVersionKind::gvk(&ar.group, &ar.version, &ar.kind);
+            let namespaced = is_namespaced(&caps);
+            cache.entry(gvk).or_insert(Resolved { ar, namespaced });
+        }
+        found
+    }
+
     /// Forgets a kind (after its CRD is deleted, say).
     pub fn forget(&self, gvk: &GroupVersionKind) {
         lock(&self.cache).remove(gvk);

@@ -33,10 +33,12 @@ use super::manifestwork::{
 };
 use super::metrics::WorkMetrics;
 use super::object::ObjKey;
+use super::policy::{AgentIdentity, Policy};
 use super::reconcile::{self, Report};
 use super::schedule::{Debouncer, FlapGuard, RetryPolicy};
 use super::source::{Listing, StatusSink, StatusUpdate, WorkEvent, WorkRef, WorkSource};
 use super::status::{publish, unreadable_status, work_update};
+use super::status_fit::DEFAULT_MAX_STATUS_BYTES;
 use spokelet_base::lock::lock;
 
 /// Jitter of the retry delays of failed reconciles and deletions: works that failed together
@@ -88,6 +90,10 @@ pub struct EngineConfig {
     /// work agent waits 60 minutes too: long enough for a hub restored from backup, or a hub
     /// still streaming its answer, to send the work again.
     pub eviction_grace: Duration,
+    /// Which objects hub works may write (default: [`Policy::builtin`] for the default identity).
+    pub policy: Arc<Policy>,
+    /// Largest status published, in bytes of JSON; a larger one is summarised (see `status_fit`).
+    pub max_status_bytes: usize,
 }
 
 impl EngineConfig {
@@ -108,6 +114,8 @@ impl EngineConfig {
             flap: FlapGuard::default(),
             crd_wait: Duration::from_secs(60),
             eviction_grace: Duration::from_secs(60 * 60),
+            policy: Arc::new(Policy::builtin(&AgentIdentity::default())),
+            max_status_bytes: DEFAULT_MAX_STATUS_BYTES,
         }
     }
 }
@@ -220,6 +228,8 @@ impl WorkEngine {
                 max_work_bytes: cfg.max_work_bytes,
                 crd_wait: cfg.crd_wait,
                 flap: cfg.flap.clone(),
+                policy: cfg.policy.clone(),
+                max_status_bytes: cfg.max_status_bytes,
             },
             resolver: Resolver::new(client.clone()),
             applier: Applier::new(client.clone(), drift.clone()),
@@ -789,7 +799,7 @@ impl EngineLoop {
         let (work, prev, published) = (slot.work.clone(), slot.status.clone(), slot.published.clone());
         let name = name.to_string();
         self.tasks.spawn(async move {
-            let _permit = permits.acquire_owned().await;
+            let permit = permits.acquire_owned().await.ok();
             let deletion = Box::pin(run_delete(
                 &ctx,
                 &name,
@@ -798,6 +808,7 @@ impl EngineLoop {
                 &prev,
                 published,
                 sink.as_ref(),
+                permit,
             ));
             let (ok, status, published) = tokio::select! {
                 r = deletion => r,
@@ -836,7 +847,7 @@ impl EngineLoop {
             let report = Box::pin(reconcile::reconcile(&ctx, &work, &prev, memory)).await;
             let outcome = if report.failed { "failed" } else { "ok" };
             ctx.metrics.reconciled(outcome, t0.elapsed().as_secs_f64());
-            let update = work_update(&work, &report.status, false);
+            let update = work_update(&work, &report.status, false, ctx.cfg.max_status_bytes);
             let published = Box::pin(publish(&ctx, sink.as_ref(), &update, published)).await;
             let report = Box::new(report);
             let _ = done_tx.send(Done::Reconciled {

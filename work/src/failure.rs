@@ -5,6 +5,7 @@ use super::applied_work::AppliedWorkError;
 use super::applier::ApplyError;
 use super::claims::ClaimConflict;
 use super::discovery::DiscoveryError;
+use super::policy::{DENIED_REASON, Denied};
 use super::validate::ValidateError;
 
 /// One manifest's failure; reported on its `Applied=False` condition.
@@ -29,6 +30,9 @@ pub enum ManifestFailure {
     /// A CRD was applied but not Established within `crd_wait` (60 s by default).
     #[error("{0}")]
     CrdNotEstablished(#[source] AppliedWorkError),
+    /// The spoke's policy does not let hub works write this object.
+    #[error(transparent)]
+    Denied(#[from] Denied),
 }
 
 impl ManifestFailure {
@@ -43,6 +47,7 @@ impl ManifestFailure {
             ManifestFailure::Intent(_) => "AppliedManifestWorkFailed",
             ManifestFailure::Apply(e) => e.reason(),
             ManifestFailure::CrdNotEstablished(_) => "CRDNotEstablished",
+            ManifestFailure::Denied(_) => DENIED_REASON,
         }
     }
 }

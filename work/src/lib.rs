@@ -34,6 +34,7 @@ pub mod reconcile;
 pub mod schedule;
 pub mod source;
 pub mod status;
+pub mod status_fit;
 pub mod validate;
 
 pub use engine::{EngineConfig, EngineError, WorkEngine};

@@ -17,6 +17,7 @@ use super::manifestwork::{
     ManifestResourceMeta, ManifestWork, ServerSideApplyConfig, UpdateStrategyType,
 };
 use super::object::{MANAGED_LABEL, ObjKey, SPEC_HASH_ANNOTATION, normalize_secret};
+use super::policy::Target;
 use super::status::ManifestResult;
 use super::validate::{ParsedManifest, ValidateError, parse_manifest};
 
@@ -98,6 +99,8 @@ pub async fn intent_candidates(
     crd_kinds: &KindSet,
 ) -> Vec<AppliedManifestResourceMeta> {
     let mut candidates: Vec<AppliedManifestResourceMeta> = Vec::new();
+    // A set beside the list keeps this linear in the number of manifests.
+    let mut seen: HashSet<ObjKey> = HashSet::new();
     for p in parsed.iter().flatten() {
         if crd_kinds.contains(&(p.group.clone(), p.kind.clone())) {
             continue;
@@ -111,10 +114,15 @@ pub async fn intent_candidates(
             String::new()
         };
         let key = object_key(p, &res, namespace);
+        let target = Target::new(&p.group, &p.kind, &key.namespace, &p.name);
+        if ctx.cfg.policy.check(&target).is_err() {
+            // Never applied, so never recorded.
+            continue;
+        }
         let read_only = config_for(work, &key)
             .and_then(|c| c.update_strategy.as_ref())
             .is_some_and(|s| s.type_ == UpdateStrategyType::ReadOnly);
-        if read_only || candidates.iter().any(|e| ObjKey::from(e) == key) {
+        if read_only || !seen.insert(key.clone()) {
             continue;
         }
         candidates.push(entry(&key, &res.ar.version, ""));

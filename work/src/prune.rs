@@ -68,7 +68,12 @@ pub async fn prune_unlisted(
             continue;
         }
         let elsewhere = lock(&ctx.claims).claimed_elsewhere(&key, work);
-        match remove(&ctx.client, &e, owner_uid, elsewhere, Mode::Delete).await {
+        // An object the policy protects is released, never deleted.
+        let mode = match ctx.policy_denies(&e).await {
+            Some(_) => Mode::Orphan,
+            None => Mode::Delete,
+        };
+        match remove(&ctx.client, &e, owner_uid, elsewhere, mode).await {
             Ok(out) => {
                 tracing::info!(work, object = %key, outcome = ?out, "pruned object no longer in the work");
                 if out != PruneOutcome::NotOurs {
@@ -127,7 +132,14 @@ pub async fn remove(
     if e.uid.is_empty() && !ours {
         return Ok(PruneOutcome::NotOurs);
     }
-    if claimed_elsewhere || mode == Mode::Orphan {
+    // The live object decides, not only our claims: another record (of any hub, or one this
+    // agent has not loaded) owning it means this work only lets go of it.
+    let owned_by_another_work = live.metadata.owner_references.iter().flatten().any(|o| {
+        o.kind == "AppliedManifestWork"
+            && o.uid != owner_uid
+            && o.api_version.starts_with(super::manifestwork::GROUP)
+    });
+    if claimed_elsewhere || owned_by_another_work || mode == Mode::Orphan {
         release(&api, &live, owner_uid).await.map_err(err)?;
         return Ok(PruneOutcome::Released);
     }

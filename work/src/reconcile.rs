@@ -27,6 +27,7 @@ use super::manifestwork::{
 };
 use super::object::{ObjKey, meta_str};
 use super::order::plan;
+use super::policy::Target;
 use super::prepare::{self, KindSet, Unresolved};
 use super::prune;
 use super::status::{ManifestResult, build_status, whole_work_status};
@@ -248,6 +249,13 @@ impl Run<'_> {
             };
             if let Err(e) = self.seen.check(&prep.key, i) {
                 r.error = Some(e.into());
+                continue;
+            }
+            let target = Target::new(&p.group, &p.kind, &prep.key.namespace, &p.name);
+            if let Err(denied) = self.ctx.cfg.policy.check(&target) {
+                r.error = Some(denied.into());
+                // Kept as it is: an object recorded before the policy refused it is not pruned.
+                self.desired.insert(prep.key.clone());
                 continue;
             }
             if prep.strategy != UpdateStrategyType::ReadOnly {

@@ -17,6 +17,7 @@ use super::manifestwork::{
     ValueType,
 };
 use super::source::{StatusSink, StatusUpdate};
+use super::status_fit;
 
 /// Longest work-level condition message: a work with many failures still fits a status.
 const MAX_MESSAGE: usize = 4096;
@@ -394,12 +395,19 @@ pub fn deletion_status(
 }
 
 /// The sink's view of a work's status.
-pub fn work_update(work: &ManifestWork, status: &ManifestWorkStatus, deleted: bool) -> StatusUpdate {
+/// The status is fitted to `max_bytes` first ([`status_fit::fit`]): summarised, never dropped.
+pub fn work_update(
+    work: &ManifestWork,
+    status: &ManifestWorkStatus,
+    deleted: bool,
+    max_bytes: usize,
+) -> StatusUpdate {
     let generation = work.metadata.generation.unwrap_or(0);
+    let status = status_fit::fit(status.clone(), max_bytes);
     StatusUpdate {
         namespace: work.namespace(),
         uid: work.uid(),
-        ..StatusUpdate::new(work.name_any(), generation, status.clone(), deleted)
+        ..StatusUpdate::new(work.name_any(), generation, status, deleted)
     }
 }
 

@@ -21,6 +21,8 @@ pub struct HubMetrics {
     pub statuses: Family<Labels, Counter>,
     /// Statuses waiting in the outbox (latest per work) for the hub to be reachable.
     pub outbox: Gauge,
+    /// Statuses the hub refused, by gRPC code (`resource_exhausted`, `invalid_argument`, ...).
+    pub refused: Family<Labels, Counter>,
 }
 
 impl HubMetrics {
@@ -48,12 +50,24 @@ impl HubMetrics {
             self.statuses.clone(),
         );
         registry.register("outbox", "Statuses waiting to be published", self.outbox.clone());
+        registry.register(
+            "statuses_refused",
+            "Status events the hub refused, by gRPC code",
+            self.refused.clone(),
+        );
     }
 
     /// Counts one received event of `kind`.
     pub fn event(&self, kind: &str) {
         self.events
             .get_or_create(&vec![("type".to_string(), kind.to_string())])
+            .inc();
+    }
+
+    /// Counts one status the hub refused with `code`.
+    pub fn refused(&self, code: &str) {
+        self.refused
+            .get_or_create(&vec![("code".to_string(), code.to_string())])
             .inc();
     }
 

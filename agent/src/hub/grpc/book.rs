@@ -4,8 +4,8 @@
 //! publisher takes them out, and the event handlers record the works the hub delivers.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use spokelet_proto::CloudEvent;
 use tokio::sync::Notify;
@@ -229,6 +229,23 @@ impl Shared {
         self.metrics
             .outbox
             .set(i64::try_from(book.outbox.len()).unwrap_or(i64::MAX));
+    }
+
+    /// Offers a refused status again after `delay`, at the back of the outbox, unless a newer
+    /// status of the work was queued meanwhile (that one is sent in its place).
+    pub(super) fn defer(self: &Arc<Self>, out: &Outgoing, delay: std::time::Duration) {
+        let (shared, uid, kind, hash) = (self.clone(), out.uid.clone(), out.kind, out.hash.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let mut book = lock(&shared.book);
+            let still_latest = book.latest.get(&uid).is_some_and(|l| l.hash == hash);
+            if still_latest && !book.outbox.contains(&uid) {
+                book.outbox.retry_back(uid, kind);
+                shared.set_outbox_gauge(&book);
+                drop(book);
+                shared.outbox_ready.notify_one();
+            }
+        });
     }
 
     /// Records a successful publish: a deleted work whose final status is out is forgotten.

@@ -16,9 +16,14 @@ use crate::hub::cloudevents::StatusKind;
 use crate::hub::tls::error_chain;
 use crate::lock::lock;
 
+/// How long a status the hub refused as too large waits before it is offered again, behind
+/// every other queued status (the hub's limit may be raised, or the status shrink meanwhile).
+const REFUSED_RETRY: Duration = Duration::from_secs(30);
+
 /// Whether a failed Publish means the connection is unusable (keep the status and reconnect)
-/// rather than the hub refusing this status (log and drop it; it is resent on the next change or
-/// status resync).
+/// rather than the hub refusing this one status. `ResourceExhausted` is a refusal: a gRPC hub
+/// answers it for a message over its size limit, and treating that as a broken connection would
+/// resend the same status first after every reconnect, stopping all status reporting.
 fn is_transport_failure(code: Code) -> bool {
     matches!(
         code,
@@ -28,8 +33,19 @@ fn is_transport_failure(code: Code) -> bool {
             | Code::DeadlineExceeded
             | Code::Internal
             | Code::Aborted
-            | Code::ResourceExhausted
     )
+}
+
+/// The metric label of a gRPC code (`resource_exhausted`, ...).
+fn code_label(code: Code) -> String {
+    let mut label = String::new();
+    for (i, ch) in format!("{code:?}").chars().enumerate() {
+        if ch.is_uppercase() && i > 0 {
+            label.push('_');
+        }
+        label.push(ch.to_ascii_lowercase());
+    }
+    label
 }
 
 /// Clears the in-flight flag when one send is fully handled (after any requeue).
@@ -80,7 +96,14 @@ pub(super) async fn publish_loop(
                 tracing::debug!(resource_id = %out.uid, kind = kind_label, hash = %out.hash, "status published");
                 shared.published(&out);
             }
+            Ok(Err(st)) if st.code() == Code::ResourceExhausted => {
+                shared.metrics.refused(&code_label(st.code()));
+                tracing::warn!(resource_id = %out.uid, error = %error_chain(&st), retry_in = ?REFUSED_RETRY,
+                    "hub refused a status as too large; other statuses go first, this one is offered again later");
+                shared.defer(&out, REFUSED_RETRY);
+            }
             Ok(Err(st)) if !is_transport_failure(st.code()) => {
+                shared.metrics.refused(&code_label(st.code()));
                 tracing::error!(resource_id = %out.uid, error = %error_chain(&st), "hub refused a status update; dropping it");
             }
             Ok(Err(st)) => {
@@ -106,5 +129,9 @@ mod tests {
         assert!(is_transport_failure(Code::Unavailable));
         assert!(!is_transport_failure(Code::PermissionDenied));
         assert!(!is_transport_failure(Code::InvalidArgument));
+        // A message over the hub's limit is a refusal of that status, not a broken connection.
+        assert!(!is_transport_failure(Code::ResourceExhausted));
+        assert_eq!(code_label(Code::ResourceExhausted), "resource_exhausted");
+        assert_eq!(code_label(Code::Internal), "internal");
     }
 }
