@@ -859,7 +859,7 @@ async fn a_status_the_hub_refuses_as_too_large_does_not_hold_up_the_others() {
         hub.upsert_work(CLUSTER, "small", bundle("b"));
     })
     .await;
-    let mut works = vec![f.next_upsert().await, f.next_upsert().await];
+    let mut works = [f.next_upsert().await, f.next_upsert().await];
     works.sort_by_key(|w| w.metadata.name.clone());
     let [big, small] = &works[..] else { unreachable!() };
     f.wait_state("synced", |s| s.synced).await;

@@ -39,6 +39,7 @@ use super::schedule::{Debouncer, FlapGuard, RetryPolicy};
 use super::source::{Listing, StatusSink, StatusUpdate, WorkEvent, WorkRef, WorkSource};
 use super::status::{publish, unreadable_status, work_update};
 use super::status_fit::DEFAULT_MAX_STATUS_BYTES;
+use super::validate::{MAX_WORK_NAME, check_subdomain};
 use spokelet_base::lock::lock;
 
 /// Jitter of the retry delays of failed reconciles and deletions: works that failed together
@@ -517,6 +518,15 @@ impl EngineLoop {
     /// A new or changed work: reconcile it if its spec or generation changed.
     fn on_upsert(&mut self, w: ManifestWork) {
         let name = w.name_any();
+        // The name goes into the record's name and every request path about it.
+        if let Err(e) = check_subdomain("work name", &name, MAX_WORK_NAME) {
+            let r = WorkRef {
+                name: name.clone(),
+                uid: w.uid(),
+            };
+            self.on_unreadable(r, w.metadata.generation.unwrap_or(0), e.to_string());
+            return;
+        }
         self.found(&name);
         let slot = self.slots.entry(name.clone()).or_default();
         let was_unreadable = slot.unreadable.take().is_some();

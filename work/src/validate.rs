@@ -38,6 +38,14 @@ pub enum ValidateError {
         /// `--max-work-bytes`.
         limit: usize,
     },
+    /// A name, namespace, group or version that cannot go into a request path as it is.
+    #[error("{field} {value:?} is not valid: {why}")]
+    BadName {
+        field: &'static str,
+        /// The value, cut to 100 characters (it may be hostile and long).
+        value: String,
+        why: &'static str,
+    },
     /// Two manifests of one work name the same object; the first one is applied.
     #[error("manifest #{ordinal} is the same object as manifest #{first} ({key}); only #{first} is applied")]
     Duplicate {
@@ -48,6 +56,82 @@ pub enum ValidateError {
         /// The object both name.
         key: ObjKey,
     },
+}
+
+/// Longest work name: its record is `<64 hex>-<name>`, itself at most 253 characters.
+pub const MAX_WORK_NAME: usize = 253 - 65;
+
+fn bad(field: &'static str, value: &str, why: &'static str) -> ValidateError {
+    ValidateError::BadName {
+        field,
+        value: value.chars().take(100).collect(),
+        why,
+    }
+}
+
+/// An object name as the API server takes it in a path: at most 253 characters, not `.` or
+/// `..`, no `/` or `%` (the server's own rule for every kind; DNS rules vary by kind and are the
+/// server's to apply).
+pub fn check_object_name(field: &'static str, name: &str) -> Result<(), ValidateError> {
+    if name.len() > 253 {
+        return Err(bad(field, name, "longer than 253 characters"));
+    }
+    if name == "." || name == ".." {
+        return Err(bad(field, name, "may not be '.' or '..'"));
+    }
+    if name.contains(['/', '%']) || name.chars().any(char::is_control) {
+        return Err(bad(field, name, "may not contain '/', '%' or control characters"));
+    }
+    Ok(())
+}
+
+/// A DNS-1123 label (namespaces): lower-case letters, digits and '-', alphanumeric at both
+/// ends, at most 63 characters.
+pub fn check_label(field: &'static str, value: &str) -> Result<(), ValidateError> {
+    let ok_chars = value
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let ok_ends = !value.starts_with('-') && !value.ends_with('-');
+    if value.is_empty() || value.len() > 63 || !ok_chars || !ok_ends {
+        return Err(bad(
+            field,
+            value,
+            "must be a DNS-1123 label (a-z, 0-9, '-'; at most 63)",
+        ));
+    }
+    Ok(())
+}
+
+/// A DNS-1123 subdomain of at most `max` characters (work names).
+pub fn check_subdomain(field: &'static str, value: &str, max: usize) -> Result<(), ValidateError> {
+    let ok_chars = value
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    let alnum = |c: Option<u8>| c.is_some_and(|b| b.is_ascii_alphanumeric());
+    let ok_ends = alnum(value.bytes().next()) && alnum(value.bytes().last());
+    if value.len() > max || !ok_chars || !ok_ends {
+        return Err(bad(
+            field,
+            value,
+            "must be a DNS-1123 subdomain (a-z, 0-9, '-', '.') within the length limit",
+        ));
+    }
+    Ok(())
+}
+
+/// An API group or version: lower-case letters, digits, '-' and '.' only (they go into paths).
+fn check_api_part(field: &'static str, value: &str) -> Result<(), ValidateError> {
+    let ok = value
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    if !ok || value.len() > 253 || value.starts_with('.') || value.contains("..") {
+        return Err(bad(
+            field,
+            value,
+            "may hold only a-z, 0-9, '-' and '.' (not leading, not doubled)",
+        ));
+    }
+    Ok(())
 }
 
 /// Refuses a work whose manifests are larger than `limit` bytes of JSON in all.
@@ -138,6 +222,12 @@ pub fn parse_manifest(v: &Value) -> Result<ParsedManifest, ValidateError> {
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
         .map(str::to_string);
+    check_object_name("metadata.name", &name)?;
+    if let Some(ns) = &namespace {
+        check_label("metadata.namespace", ns)?;
+    }
+    check_api_part("apiVersion group", group)?;
+    check_api_part("apiVersion version", version)?;
     let content_hash = hex::encode(&Sha256::digest(serde_json::to_vec(v).unwrap_or_default())[..16]);
     Ok(ParsedManifest {
         group: group.to_string(),
@@ -190,6 +280,36 @@ mod tests {
             e,
             "manifest #3 is the same object as manifest #0 (configmaps/n/a); only #0 is applied"
         );
+    }
+
+    #[test]
+    fn names_that_cannot_go_into_a_path_are_refused_before_any_request() {
+        let m = |name: &str, ns: &str| {
+            parse_manifest(
+                &json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": ns}}),
+            )
+        };
+        for (name, ns) in [
+            ("..", "ok"),
+            ("a/b", "ok"),
+            ("a%2f", "ok"),
+            ("ok", "Bad_NS"),
+            ("ok", "../x"),
+            ("ok", "-a"),
+        ] {
+            let e = m(name, ns).unwrap_err();
+            assert!(matches!(e, ValidateError::BadName { .. }), "{name} {ns}: {e}");
+        }
+        assert!(m(&"n".repeat(254), "ok").is_err());
+        // RBAC names may hold ':'; the server decides per kind.
+        assert!(m("system:aggregate-to-view", "ok").is_ok());
+        let bad_group =
+            parse_manifest(&json!({"apiVersion": "../v1", "kind": "K", "metadata": {"name": "n"}}));
+        assert!(bad_group.is_err());
+        assert!(check_subdomain("work name", "model-server.v1", MAX_WORK_NAME).is_ok());
+        for w in ["", "UPPER", "a/b", "-a", &"w".repeat(MAX_WORK_NAME + 1)] {
+            assert!(check_subdomain("work name", w, MAX_WORK_NAME).is_err(), "{w}");
+        }
     }
 
     #[test]
