@@ -15,7 +15,7 @@ use spokelet_e2e::ocm_hub::{onboard_cluster, start_ocm_hub};
 use spokelet_e2e::{eventually, shared_spoke, unique_name};
 
 mod support;
-use support::{Agent, condition, latest_status, spoke_namespace, write};
+use support::{Agent, GrpcAgentArgs, condition, latest_status, spoke_namespace};
 
 /// Waits until ConfigMap `settings` in `cms` has `model` = `want` (`None`: until it is gone).
 async fn until_model(cms: &Api<ConfigMap>, want: Option<&str>) {
@@ -47,40 +47,9 @@ async fn work_from_grpc_hub_is_applied_updated_and_deleted_with_status_back_on_t
 
     let pki = HubPki::generate().unwrap();
     let hub = TestHub::start(TestHubOptions::new(&pki).unwrap()).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let identity = pki
-        .client(&cluster, &["system:open-cluster-management:managed-clusters"])
-        .unwrap();
-    let ca = write(dir.path(), "ca.crt", pki.serving_ca.cert_pem());
-    let cert = write(dir.path(), "tls.crt", &identity.cert_pem);
-    let key = write(dir.path(), "tls.key", &identity.key_pem);
-    let url = hub.url();
-    let kubeconfig = spoke.kubeconfig_path().display().to_string();
-
     // Exactly what an operator would type, through the real CLI parser.
-    let argv = [
-        "spokelet",
-        "run",
-        "--hub-transport",
-        "grpc",
-        "--hub-url",
-        &url,
-        "--hub-ca-file",
-        &ca,
-        "--hub-client-cert-file",
-        &cert,
-        "--hub-client-key-file",
-        &key,
-        "--cluster-name",
-        &cluster,
-        "--agent-id",
-        &cluster,
-        "--kubeconfig",
-        &kubeconfig,
-        "--admin-addr",
-        "127.0.0.1:0",
-    ];
-    let agent = Agent::start(&argv);
+    let args = GrpcAgentArgs::new(&pki, &hub, &cluster, spoke.kubeconfig_path());
+    let agent = Agent::start(&args.with(&[]));
     let health = agent.health.clone();
 
     let bundle = |value: &str| {
