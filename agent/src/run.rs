@@ -64,6 +64,10 @@ pub struct RunArgs {
     #[arg(long, env = "SPOKELET_MAX_WORK_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_work_bytes: usize,
 
+    /// Most manifests per work (the work's record must fit in one API object).
+    #[arg(long, env = "SPOKELET_MAX_MANIFESTS", default_value_t = 5_000)]
+    pub max_manifests: usize,
+
     /// Debounce quiet period for drift corrections.
     #[arg(long, env = "SPOKELET_DRIFT_DEBOUNCE", default_value = "20ms", value_parser = parse_duration)]
     pub drift_debounce: Duration,
@@ -169,6 +173,7 @@ pub fn engine_config(args: &RunArgs) -> EngineConfig {
     cfg.max_concurrent_works = args.max_concurrent_works.max(1);
     cfg.max_concurrent_manifests = args.max_concurrent_manifests.max(1);
     cfg.max_work_bytes = args.max_work_bytes;
+    cfg.max_manifests = args.max_manifests.max(1);
     cfg.debounce_quiet = args.drift_debounce;
     cfg.flap = FlapGuard::default();
     cfg.eviction_grace = args.eviction_grace_period;

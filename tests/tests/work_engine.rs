@@ -1253,3 +1253,38 @@ async fn sixty_deletions_stuck_on_finalizers_do_not_stop_a_61st_work() {
     }
     a.stop().await;
 }
+
+#[tokio::test]
+async fn a_work_of_10000_manifests_is_refused_clearly_and_one_of_3500_applies() {
+    let mut a = Agent::start(&unique_name("hub")).await;
+    let ns = namespace(&a.client, "big-work").await;
+    let many = |name: &str, n: usize| {
+        let manifests = (0..n)
+            .map(|i| cm(&ns, &format!("c{i}"), json!({"i": i.to_string()})))
+            .collect();
+        work(name, 1, manifests)
+    };
+    // Over the 5,000-manifest limit: refused whole, with a reason that says so.
+    a.upsert(&many("w-10000", 10_000));
+    let st = a
+        .wait("w-10000", "refused", |u| {
+            find(&u.status.conditions, "Applied").is_some_and(|c| c.status == "False")
+        })
+        .await;
+    let c = find(&st.status.conditions, "Applied").unwrap();
+    assert_eq!(c.reason, "TooManyManifests", "{c:?}");
+    assert!(c.message.contains("10000 manifests"), "{}", c.message);
+    assert!(get_cm(&a.client, &ns, "c0").await.is_none(), "nothing applied");
+
+    // Past the size at which the record's intent annotation used to overflow (about 3,000).
+    a.upsert(&many("w-3500", 3_500));
+    let st = a.wait_applied("w-3500", 1).await;
+    assert!(get_cm(&a.client, &ns, "c3499").await.is_some());
+    let record = a.amw_api().get(&a.amw_name("w-3500")).await.unwrap();
+    let listed = record.status.map(|s| s.applied_resources.len()).unwrap_or(0);
+    assert_eq!(listed, 3_500, "every object is recorded");
+    // The status would be megabytes: it is summarised, not dropped.
+    let size = serde_json::to_vec(&st.status).unwrap().len();
+    assert!(size <= 1024 * 1024, "status of {size} bytes");
+    a.stop().await;
+}

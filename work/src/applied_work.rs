@@ -30,6 +30,10 @@ pub const INTENT_ANNOTATION: &str = "work.spokelet.io/intended-resources";
 /// agent ask a CloudEvents hub about exactly the works it holds (so the hub answers the ones it
 /// deleted with explicit deletes), and lets a delete be checked against the work it names.
 pub const HUB_UID_ANNOTATION: &str = "work.spokelet.io/hub-uid";
+/// Largest intent carried in the create's annotation. The API server refuses an object whose
+/// annotations total over 256 KiB; a larger intent (a work of thousands of manifests) is written
+/// to the status right after the create instead, one write more.
+pub const MAX_INTENT_ANNOTATION: usize = 128 * 1024;
 /// Field manager the agent uses for its own bookkeeping objects.
 pub const BOOKKEEPING_MANAGER: &str = "spokelet";
 
@@ -154,6 +158,7 @@ pub async fn ensure(
     }
     if !intent.is_empty()
         && let Ok(text) = serde_json::to_string(intent)
+        && text.len() <= MAX_INTENT_ANNOTATION
     {
         amw.annotations_mut().insert(INTENT_ANNOTATION.into(), text);
     }

@@ -33,6 +33,8 @@ pub struct ReconcileConfig {
     pub field_manager: String,
     /// Largest work (JSON bytes of its manifests) accepted.
     pub max_work_bytes: usize,
+    /// Most manifests a work may have.
+    pub max_manifests: usize,
     /// How long to wait for an applied CRD to become Established.
     pub crd_wait: Duration,
     /// The flap guard each manifest's history starts from.

@@ -75,6 +75,9 @@ pub struct EngineConfig {
     /// Largest work accepted (JSON bytes of its manifests). Default 4 MiB, the hub's default
     /// message limit: larger works cannot come from a real hub anyway.
     pub max_work_bytes: usize,
+    /// Most manifests per work. 5,000 keeps the work's record (about 150 bytes per object)
+    /// well inside the API server's 1.5 MiB request limit.
+    pub max_manifests: usize,
     /// Drift debounce: quiet period after the last change.
     pub debounce_quiet: Duration,
     /// Drift debounce: longest delay from the first change.
@@ -108,6 +111,7 @@ impl EngineConfig {
             max_concurrent_works: 48,
             max_concurrent_manifests: 96,
             max_work_bytes: 4 * 1024 * 1024,
+            max_manifests: 5_000,
             debounce_quiet: Duration::from_millis(20),
             debounce_max: Duration::from_millis(200),
             retry_base: Duration::from_secs(1),
@@ -227,6 +231,7 @@ impl WorkEngine {
                 agent_id: cfg.agent_id.clone(),
                 field_manager: cfg.field_manager.clone(),
                 max_work_bytes: cfg.max_work_bytes,
+                max_manifests: cfg.max_manifests,
                 crd_wait: cfg.crd_wait,
                 flap: cfg.flap.clone(),
                 policy: cfg.policy.clone(),

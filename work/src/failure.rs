@@ -55,7 +55,7 @@ impl ManifestFailure {
 /// A failure of the whole work: nothing of it was applied this time.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkFailure {
-    /// Larger than `--max-work-bytes`, counted in JSON bytes of its manifests.
+    /// Larger than `--max-work-bytes` (JSON bytes of its manifests) or `--max-manifests`.
     #[error(transparent)]
     TooLarge(ValidateError),
     /// The record could not be read or created.
@@ -70,6 +70,7 @@ impl WorkFailure {
     /// The condition reason; as stable as [`ManifestFailure::reason`]'s.
     pub fn reason(&self) -> &'static str {
         match self {
+            WorkFailure::TooLarge(ValidateError::TooManyManifests { .. }) => "TooManyManifests",
             WorkFailure::TooLarge(_) => "WorkTooLarge",
             WorkFailure::Record(_) | WorkFailure::Intent(_) => "AppliedManifestWorkFailed",
         }

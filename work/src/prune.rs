@@ -60,9 +60,12 @@ pub async fn prune_unlisted(
 ) -> (Vec<AppliedManifestResourceMeta>, Vec<String>) {
     let mut kept = Vec::new();
     let mut errors = Vec::new();
+    // A set, so pruning stays linear however many manifests did not resolve.
+    let unresolved: HashSet<(&str, &str)> =
+        unresolved.iter().map(|(g, n)| (g.as_str(), n.as_str())).collect();
     for e in entries {
         let key = ObjKey::from(&e);
-        let maybe_unresolved = unresolved.iter().any(|(g, n)| *g == e.group && *n == e.name);
+        let maybe_unresolved = unresolved.contains(&(e.group.as_str(), e.name.as_str()));
         if desired.contains(&key) || maybe_unresolved {
             kept.push(e);
             continue;

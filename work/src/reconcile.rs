@@ -8,7 +8,7 @@
 //! record UIDs; last, prune ([`prune`](super::prune)) and build the status
 //! ([`status`](super::status)).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::ResourceExt;
@@ -56,7 +56,7 @@ pub async fn reconcile(
 ) -> Report {
     let generation = work.metadata.generation.unwrap_or(0);
     let now = now_rfc3339();
-    if let Err(e) = check_size(work, ctx.cfg.max_work_bytes) {
+    if let Err(e) = check_size(work, ctx.cfg.max_work_bytes, ctx.cfg.max_manifests) {
         return refused(prev, generation, &WorkFailure::TooLarge(e), &now, memory);
     }
     let (results, parsed) = prepare::parse_manifests(work);
@@ -110,6 +110,9 @@ struct Ledger {
     owner: OwnerReference,
     /// What the record lists now, as this reconcile has written it.
     entries: Vec<AppliedManifestResourceMeta>,
+    /// Object → its position in `entries`, so each manifest's lookup is O(1) and a reconcile
+    /// stays linear in the number of manifests (a work of thousands was quadratic).
+    index: HashMap<ObjKey, usize>,
     /// What it listed when the reconcile began: pruning rewrites the record only if different.
     at_start: Vec<AppliedManifestResourceMeta>,
 }
@@ -141,11 +144,17 @@ impl Ledger {
             .await
             .map_err(WorkFailure::Record)?;
         let entries = applied_work::resources(&amw);
+        let index = entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (ObjKey::from(e), i))
+            .collect();
         let mut ledger = Ledger {
             name: record,
             owner: owner_ref(&amw),
             at_start: entries.clone(),
             entries,
+            index,
         };
         let upfront: Vec<_> = candidates
             .into_iter()
@@ -159,7 +168,13 @@ impl Ledger {
     }
 
     fn lists(&self, key: &ObjKey) -> bool {
-        self.entries.iter().any(|e| ObjKey::from(e) == *key)
+        self.index.contains_key(key)
+    }
+
+    /// The entry of `key`, if the record lists it.
+    fn entry_mut(&mut self, key: &ObjKey) -> Option<&mut AppliedManifestResourceMeta> {
+        let i = *self.index.get(key)?;
+        self.entries.get_mut(i)
     }
 
     /// Adds `new` entries and writes the record (nothing to do when there are none).
@@ -172,7 +187,14 @@ impl Ledger {
         if new.is_empty() {
             return Ok(());
         }
-        self.entries.extend(new);
+        for e in new {
+            let key = ObjKey::from(&e);
+            if self.index.contains_key(&key) {
+                continue;
+            }
+            self.index.insert(key, self.entries.len());
+            self.entries.push(e);
+        }
         applied_work::write_and_cache(&ctx.amw_api, &self.name, &self.entries, cache).await
     }
 }
@@ -222,8 +244,9 @@ impl Run<'_> {
         }
         self.hold_flapping(&batch);
         let outcomes = self.apply_batch(&batch).await;
+        let by_ordinal: HashMap<usize, &Prepared> = batch.iter().map(|p| (p.ordinal, p)).collect();
         for (i, out) in outcomes {
-            if let Some(p) = batch.iter().find(|p| p.ordinal == i) {
+            if let Some(p) = by_ordinal.get(&i) {
                 self.take_outcome(p, out).await;
             }
         }
@@ -388,11 +411,7 @@ impl Run<'_> {
                 .and_then(|l| meta_str(l, "uid"))
                 .map(str::to_string);
             if let Some(uid) = uid
-                && let Some(e) = self
-                    .ledger
-                    .entries
-                    .iter_mut()
-                    .find(|e| ObjKey::from(&**e) == p.key)
+                && let Some(e) = self.ledger.entry_mut(&p.key)
             {
                 *e = prepare::entry(&p.key, &p.resolved.ar.version, &uid);
             }

@@ -38,6 +38,11 @@ pub enum ValidateError {
         /// `--max-work-bytes`.
         limit: usize,
     },
+    /// More manifests than the limit: the record of their objects must fit in one API object.
+    #[error(
+        "work has {count} manifests, over the limit of {limit}; nothing was applied and previously applied objects are left as they were"
+    )]
+    TooManyManifests { count: usize, limit: usize },
     /// A name, namespace, group or version that cannot go into a request path as it is.
     #[error("{field} {value:?} is not valid: {why}")]
     BadName {
@@ -134,8 +139,16 @@ fn check_api_part(field: &'static str, value: &str) -> Result<(), ValidateError>
     Ok(())
 }
 
-/// Refuses a work whose manifests are larger than `limit` bytes of JSON in all.
-pub fn check_size(work: &ManifestWork, limit: usize) -> Result<(), ValidateError> {
+/// Refuses a work whose manifests are larger than `limit` bytes of JSON in all, or more than
+/// `max_manifests` in number.
+pub fn check_size(work: &ManifestWork, limit: usize, max_manifests: usize) -> Result<(), ValidateError> {
+    let count = work.spec.workload.manifests.len();
+    if count > max_manifests {
+        return Err(ValidateError::TooManyManifests {
+            count,
+            limit: max_manifests,
+        });
+    }
     let size = work.spec.workload.json_len();
     if size > limit {
         return Err(ValidateError::TooLarge { size, limit });
