@@ -912,7 +912,7 @@ proptest! {
         let work = work_of(manifests);
         let size = serde_json::to_vec(&work.spec.workload).unwrap().len();
         prop_assert_eq!(work.spec.workload.json_len(), size);
-        match check_size(&work, limit) {
+        match check_size(&work, limit, usize::MAX) {
             Ok(()) => prop_assert!(size <= limit),
             Err(ValidateError::TooLarge { size: s, limit: l }) => {
                 prop_assert!(size > limit);
