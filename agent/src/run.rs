@@ -88,9 +88,22 @@ pub struct RunArgs {
     #[arg(long, env = "SPOKELET_MAX_STATUS_BYTES", default_value_t = 1024 * 1024)]
     pub max_status_bytes: usize,
 
+    /// What happens to an object that existed before the work that adopted it, when the work
+    /// lets go of it: `release` (default: our ownerReference and label removed, the object
+    /// stays) or `delete` (OCM's reference behaviour).
+    #[arg(long, env = "SPOKELET_ADOPTED_OBJECTS", value_enum, default_value_t = AdoptedObjects::Release)]
+    pub adopted_objects: AdoptedObjects,
+
     /// The namespace the agent runs in, protected by the built-in policy.
     #[arg(long, env = "SPOKELET_AGENT_NAMESPACE", default_value = "spokelet-system")]
     pub agent_namespace: String,
+}
+
+/// See [`RunArgs::adopted_objects`].
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdoptedObjects {
+    Release,
+    Delete,
 }
 
 /// Why `spokelet run` stopped.
@@ -178,6 +191,7 @@ pub fn engine_config(args: &RunArgs) -> EngineConfig {
     cfg.flap = FlapGuard::default();
     cfg.eviction_grace = args.eviction_grace_period;
     cfg.max_status_bytes = args.max_status_bytes;
+    cfg.release_adopted = args.adopted_objects == AdoptedObjects::Release;
     cfg
 }
 

@@ -1288,3 +1288,102 @@ async fn a_work_of_10000_manifests_is_refused_clearly_and_one_of_3500_applies() 
     assert!(size <= 1024 * 1024, "status of {size} bytes");
     a.stop().await;
 }
+
+/// Creates ConfigMap `name` in `ns` as someone other than the agent would (its own field manager).
+async fn create_foreign_cm(client: &Client, ns: &str, name: &str) -> String {
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let pp = PostParams {
+        field_manager: Some("someone-else".into()),
+        ..Default::default()
+    };
+    let made = cms
+        .create(
+            &pp,
+            &serde_json::from_value(cm(ns, name, json!({"k": "theirs"}))).unwrap(),
+        )
+        .await
+        .unwrap();
+    made.metadata.uid.unwrap()
+}
+
+#[tokio::test]
+async fn a_pre_existing_config_map_is_adopted_then_released_not_deleted() {
+    let mut a = Agent::start(&unique_name("hub")).await;
+    let ns = namespace(&a.client, "adopt").await;
+    let pruned_uid = create_foreign_cm(&a.client, &ns, "pre-pruned").await;
+    let deleted_uid = create_foreign_cm(&a.client, &ns, "pre-deleted").await;
+    let w = |generation, names: &[&str]| {
+        work(
+            "w-adopt",
+            generation,
+            names.iter().map(|n| cm(&ns, n, json!({"k": "ours"}))).collect(),
+        )
+    };
+    a.upsert(&w(1, &["pre-pruned", "pre-deleted", "new"]));
+    a.wait_applied("w-adopt", 1).await;
+    let record = a.amw_api().get(&a.amw_name("w-adopt")).await.unwrap();
+    let adopted = spokelet::work::applied_work::adopted_uids(&record);
+    assert!(
+        adopted.contains(&pruned_uid) && adopted.contains(&deleted_uid),
+        "{adopted:?}"
+    );
+    assert_eq!(
+        adopted.len(),
+        2,
+        "the object the work created is not adopted: {adopted:?}"
+    );
+
+    // Dropped from the work: released, not deleted.
+    a.upsert(&w(2, &["pre-deleted", "new"]));
+    a.wait_applied("w-adopt", 2).await;
+    let released = get_cm(&a.client, &ns, "pre-pruned")
+        .await
+        .expect("adopted object kept");
+    assert_eq!(released.metadata.uid.as_deref(), Some(pruned_uid.as_str()));
+    assert!(
+        released
+            .metadata
+            .owner_references
+            .clone()
+            .unwrap_or_default()
+            .is_empty()
+    );
+    assert!(!released.labels().contains_key("work.spokelet.io/managed"));
+
+    // The work deleted: what it created goes, what it adopted stays.
+    a.delete("w-adopt");
+    a.wait("w-adopt", "Deleted=True", |u| u.deleted).await;
+    cm_gone(&a.client, &ns, "new", "the object the work created").await;
+    let kept = get_cm(&a.client, &ns, "pre-deleted")
+        .await
+        .expect("adopted object kept");
+    assert_eq!(kept.metadata.uid.as_deref(), Some(deleted_uid.as_str()));
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn with_the_reference_behaviour_an_adopted_object_is_deleted_with_its_work() {
+    let hub = unique_name("hub");
+    let mut cfg = test_config(&hub);
+    cfg.release_adopted = false;
+    let mut a = Agent::start_with(&hub, cfg).await;
+    a.synced();
+    let ns = namespace(&a.client, "adopt-ref").await;
+    create_foreign_cm(&a.client, &ns, "pre").await;
+    a.upsert(&work(
+        "w-adopt-ref",
+        1,
+        vec![cm(&ns, "pre", json!({"k": "ours"}))],
+    ));
+    a.wait_applied("w-adopt-ref", 1).await;
+    a.delete("w-adopt-ref");
+    a.wait("w-adopt-ref", "Deleted=True", |u| u.deleted).await;
+    cm_gone(
+        &a.client,
+        &ns,
+        "pre",
+        "the adopted object, deleted as OCM's agent does",
+    )
+    .await;
+    a.stop().await;
+}

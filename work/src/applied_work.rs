@@ -30,6 +30,9 @@ pub const INTENT_ANNOTATION: &str = "work.spokelet.io/intended-resources";
 /// agent ask a CloudEvents hub about exactly the works it holds (so the hub answers the ones it
 /// deleted with explicit deletes), and lets a delete be checked against the work it names.
 pub const HUB_UID_ANNOTATION: &str = "work.spokelet.io/hub-uid";
+/// Annotation listing the UIDs of objects the work adopted (they existed before it), as a JSON
+/// array: by default such an object is released, not deleted, when the work lets go of it.
+pub const ADOPTED_ANNOTATION: &str = "work.spokelet.io/adopted-uids";
 /// Largest intent carried in the create's annotation. The API server refuses an object whose
 /// annotations total over 256 KiB; a larger intent (a work of thousands of manifests) is written
 /// to the status right after the create instead, one write more.
@@ -287,6 +290,45 @@ pub fn recorded_delete_option(amw: &AppliedManifestWork) -> DeleteOption {
         .get(DELETE_OPTION_ANNOTATION)
         .and_then(|s| serde_json::from_str(s).ok())
         .unwrap_or_default()
+}
+
+/// The UIDs of the objects a record's work adopted.
+pub fn adopted_uids(amw: &AppliedManifestWork) -> std::collections::HashSet<String> {
+    amw.annotations()
+        .get(ADOPTED_ANNOTATION)
+        .and_then(|s| serde_json::from_str::<Vec<String>>(s).ok())
+        .unwrap_or_default()
+        .into_iter()
+        .collect()
+}
+
+/// Adds `uids` to the record's adopted objects (one metadata write) and keeps `cache` true.
+pub async fn add_adopted(
+    api: &Api<AppliedManifestWork>,
+    name: &str,
+    uids: &[String],
+    cache: &mut Option<AppliedManifestWork>,
+) -> Result<(), AppliedWorkError> {
+    let mut all: Vec<String> = cache
+        .as_ref()
+        .map(adopted_uids)
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    all.extend(uids.iter().cloned());
+    all.sort();
+    all.dedup();
+    let text = serde_json::to_string(&all).unwrap_or_default();
+    let patch = serde_json::json!({"metadata": {"annotations": {ADOPTED_ANNOTATION: text}}});
+    let result = api
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|source| AppliedWorkError::Api {
+            name: name.into(),
+            source,
+        });
+    remember(cache, result.as_ref().ok());
+    result.map(|_| ())
 }
 
 /// The hub uid recorded on a record, if any.

@@ -112,6 +112,9 @@ pub struct ApplyOutcome {
     pub live: Arc<Value>,
     /// Remarks for the condition message (e.g. an ignoreFields path that matches nothing).
     pub notes: Vec<String>,
+    /// The object existed before this work wrote it (someone else created it): the work
+    /// adopted it, and by default releases rather than deletes it when letting go.
+    pub pre_existing: bool,
 }
 
 /// Applies manifests. Cheap to clone: it shares one client and the drift cache.
@@ -169,11 +172,13 @@ impl Applier {
         mut obj: DynamicObject,
         notes: Vec<String>,
     ) -> Result<ApplyOutcome, ApplyError> {
+        let pre_existing = written_by_others(&obj, &p.field_manager);
         // managedFields is often half an object's size and nothing downstream reads it.
         obj.metadata.managed_fields = None;
         let v = serde_json::to_value(obj).map_err(|e| ApplyError::Client(e.to_string()))?;
         self.drift.record_write(&p.key, &v);
         Ok(ApplyOutcome {
+            pre_existing,
             action,
             live: Arc::new(v),
             notes,
@@ -188,6 +193,7 @@ impl Applier {
         match p.strategy {
             UpdateStrategyType::ReadOnly => match self.current(p).await? {
                 Some(live) => Ok(ApplyOutcome {
+                    pre_existing: false,
                     action: Action::Skipped,
                     live,
                     notes: vec![],
@@ -196,6 +202,7 @@ impl Applier {
             },
             UpdateStrategyType::CreateOnly => match self.current(p).await? {
                 Some(live) => Ok(ApplyOutcome {
+                    pre_existing: !has_owner(&live, &owner.uid),
                     action: Action::Skipped,
                     live,
                     notes: vec![],
@@ -241,6 +248,7 @@ impl Applier {
                     .ok_or_else(|| ApplyError::Client(format!("{} vanished during create", p.key)))?;
                 if p.strategy == UpdateStrategyType::CreateOnly {
                     return Ok(ApplyOutcome {
+                        pre_existing: !has_owner(&live, &owner.uid),
                         action: Action::Skipped,
                         live,
                         notes: vec![],
@@ -270,6 +278,7 @@ impl Applier {
             let notes = overlay_ignored(&mut desired, Some(&live), &p.ignore, &p.spec_hash);
             if desired_is_subset(&desired, &live) && has_owner(&live, &owner.uid) {
                 return Ok(ApplyOutcome {
+                    pre_existing: false,
                     action: Action::Unchanged,
                     live,
                     notes,
@@ -325,6 +334,7 @@ impl Applier {
             && has_owner(live, &owner.uid)
         {
             return Ok(ApplyOutcome {
+                pre_existing: false,
                 action: Action::Unchanged,
                 live: live.clone(),
                 notes,
@@ -357,6 +367,17 @@ impl Applier {
         };
         self.done(p, action, o, notes)
     }
+}
+
+/// Whether someone other than the agent wrote the object's spec: a managedFields entry of another
+/// field manager (status writers such as controllers do not count). On an object this work never
+/// recorded with a UID, that means it existed before the work.
+fn written_by_others(obj: &DynamicObject, ours: &str) -> bool {
+    obj.metadata.managed_fields.iter().flatten().any(|m| {
+        let status_only = m.subresource.as_deref().is_some_and(|s| !s.is_empty());
+        let manager = m.manager.as_deref().unwrap_or("");
+        !status_only && manager != ours && manager != super::manifestwork::DEFAULT_FIELD_MANAGER
+    })
 }
 
 /// Kind of the owner objects, used to recognise other works' ownerReferences.

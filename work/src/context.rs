@@ -44,6 +44,9 @@ pub struct ReconcileConfig {
     pub policy: Arc<Policy>,
     /// Largest status published, in bytes of JSON (larger ones are summarised).
     pub max_status_bytes: usize,
+    /// Release (owner reference and label removed), rather than delete, objects a work adopted
+    /// because they existed before it. False gives OCM's behaviour: they are deleted.
+    pub release_adopted: bool,
 }
 
 /// The shared part of every reconcile.

@@ -191,6 +191,13 @@ async fn delete_with_progress(
             .filter(|k| claims.claimed_elsewhere(k, name))
             .collect()
     };
+    // Objects the work adopted are released by default; see `ReconcileConfig::release_adopted`.
+    let adopted = applied_work::adopted_uids(amw);
+    for e in applied_work::resources(amw) {
+        if ctx.cfg.release_adopted && !e.uid.is_empty() && adopted.contains(&e.uid) {
+            claimed.insert(ObjKey::from(&e));
+        }
+    }
     // Objects the policy protects (recorded before it refused them) are released, never deleted.
     for e in applied_work::resources(amw) {
         if let Some(denied) = ctx.policy_denies(&e).await {

@@ -98,6 +98,8 @@ pub struct EngineConfig {
     pub policy: Arc<Policy>,
     /// Largest status published, in bytes of JSON; a larger one is summarised (see `status_fit`).
     pub max_status_bytes: usize,
+    /// Release, rather than delete, objects that existed before the work that adopted them.
+    pub release_adopted: bool,
 }
 
 impl EngineConfig {
@@ -121,6 +123,7 @@ impl EngineConfig {
             eviction_grace: Duration::from_secs(60 * 60),
             policy: Arc::new(Policy::builtin(&AgentIdentity::default())),
             max_status_bytes: DEFAULT_MAX_STATUS_BYTES,
+            release_adopted: true,
         }
     }
 }
@@ -236,6 +239,7 @@ impl WorkEngine {
                 flap: cfg.flap.clone(),
                 policy: cfg.policy.clone(),
                 max_status_bytes: cfg.max_status_bytes,
+                release_adopted: cfg.release_adopted,
             },
             resolver: Resolver::new(client.clone()),
             applier: Applier::new(client.clone(), drift.clone()),

@@ -37,6 +37,14 @@ pub enum PruneOutcome {
     NotOurs,
 }
 
+/// The work whose objects are pruned: its name, its record's UID and the UIDs it adopted.
+#[derive(Debug)]
+pub struct Owner<'a> {
+    pub work: &'a str,
+    pub uid: &'a str,
+    pub adopted: &'a HashSet<String>,
+}
+
 /// How to remove an object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -52,8 +60,7 @@ pub enum Mode {
 /// keeps (wanted, unresolved, or failed to remove) and the failures.
 pub async fn prune_unlisted(
     ctx: &ReconcileContext,
-    work: &str,
-    owner_uid: &str,
+    owner: &Owner<'_>,
     entries: Vec<AppliedManifestResourceMeta>,
     desired: &HashSet<ObjKey>,
     unresolved: &[(String, String)],
@@ -63,6 +70,7 @@ pub async fn prune_unlisted(
     // A set, so pruning stays linear however many manifests did not resolve.
     let unresolved: HashSet<(&str, &str)> =
         unresolved.iter().map(|(g, n)| (g.as_str(), n.as_str())).collect();
+    let (work, owner_uid) = (owner.work, owner.uid);
     for e in entries {
         let key = ObjKey::from(&e);
         let maybe_unresolved = unresolved.contains(&(e.group.as_str(), e.name.as_str()));
@@ -71,10 +79,13 @@ pub async fn prune_unlisted(
             continue;
         }
         let elsewhere = lock(&ctx.claims).claimed_elsewhere(&key, work);
-        // An object the policy protects is released, never deleted.
-        let mode = match ctx.policy_denies(&e).await {
-            Some(_) => Mode::Orphan,
-            None => Mode::Delete,
+        // An object the policy protects is released, never deleted; so is one the work adopted
+        // (unless the agent is set to delete adopted objects, as OCM's agent does).
+        let adopted_release = ctx.cfg.release_adopted && owner.adopted.contains(&e.uid);
+        let mode = if adopted_release || ctx.policy_denies(&e).await.is_some() {
+            Mode::Orphan
+        } else {
+            Mode::Delete
         };
         match remove(&ctx.client, &e, owner_uid, elsewhere, mode).await {
             Ok(out) => {

@@ -78,10 +78,13 @@ pub async fn reconcile(
         desired: HashSet::new(),
         unresolved: Vec::new(),
         hold_until: None,
+        pre_existing: HashSet::new(),
+        adopted: Vec::new(),
     };
     for (_tier, idxs) in run.tiers() {
         run.apply_tier(idxs).await;
     }
+    run.record_adoptions().await;
     let prune_errors = run.prune().await;
     run.report(prev, generation, &prune_errors, &now)
 }
@@ -220,6 +223,10 @@ struct Run<'a> {
     unresolved: Vec<(String, String)>,
     /// Earliest end of a flap hold.
     hold_until: Option<Instant>,
+    /// Ordinals whose object existed before the work wrote it.
+    pre_existing: HashSet<usize>,
+    /// UIDs of objects adopted in this reconcile (first recorded now, and pre-existing).
+    adopted: Vec<String>,
 }
 
 impl Run<'_> {
@@ -363,6 +370,9 @@ impl Run<'_> {
         };
         ctx.metrics.applied(action_label(o.action));
         self.note_correction(p, o.action);
+        if o.pre_existing {
+            self.pre_existing.insert(i);
+        }
         let r = &mut self.results[i];
         r.notes.extend(o.notes.iter().cloned());
         r.action = Some(o.action);
@@ -413,8 +423,32 @@ impl Run<'_> {
             if let Some(uid) = uid
                 && let Some(e) = self.ledger.entry_mut(&p.key)
             {
+                // First recorded now, and someone else's before: adopted.
+                if e.uid.is_empty() && self.pre_existing.contains(&p.ordinal) {
+                    tracing::info!(work = %self.name, object = %p.key, "adopted an object that existed before the work");
+                    self.adopted.push(uid.clone());
+                }
                 *e = prepare::entry(&p.key, &p.resolved.ar.version, &uid);
             }
+        }
+    }
+
+    /// Records the objects adopted in this reconcile on the record, so letting go of them
+    /// releases them (also after a restart).
+    async fn record_adoptions(&mut self) {
+        if self.adopted.is_empty() {
+            return;
+        }
+        let ctx = self.ctx;
+        let written = applied_work::add_adopted(
+            &ctx.amw_api,
+            &self.ledger.name,
+            &self.adopted,
+            &mut self.memory.record,
+        )
+        .await;
+        if let Err(e) = written {
+            tracing::warn!(work = %self.name, error = %e, "cannot record adopted objects; retried on the next reconcile");
         }
     }
 
@@ -423,10 +457,20 @@ impl Run<'_> {
     async fn prune(&mut self) -> Vec<String> {
         let entries = std::mem::take(&mut self.ledger.entries);
         let owner_uid = self.ledger.owner.uid.clone();
+        let mut adopted = self
+            .memory
+            .record
+            .as_ref()
+            .map(applied_work::adopted_uids)
+            .unwrap_or_default();
+        adopted.extend(self.adopted.iter().cloned());
         let (kept, mut errors) = prune::prune_unlisted(
             self.ctx,
-            &self.name,
-            &owner_uid,
+            &prune::Owner {
+                work: &self.name,
+                uid: &owner_uid,
+                adopted: &adopted,
+            },
             entries,
             &self.desired,
             &self.unresolved,
