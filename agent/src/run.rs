@@ -13,7 +13,7 @@ use crate::hub::file_source::{FileSource, FileSourceError, FileStatusSink};
 use crate::hub::{ConnectError, HubArgs, HubConnection};
 use crate::kube_client::{self, Http2ClientError};
 use crate::lock::lock;
-use crate::work::applied_work::hub_hash;
+use crate::work::applied_work::{hub_hash, hub_hash_of_address, legacy_hub_hash};
 use crate::work::engine::{EngineConfig, EngineError, WorkEngine};
 use crate::work::manifestwork::DEFAULT_FIELD_MANAGER;
 use crate::work::metrics::WorkMetrics;
@@ -240,7 +240,8 @@ pub async fn run_engine(
     let metrics = WorkMetrics::default();
     metrics.register(lock(&ctx.registry).sub_registry_with_prefix("work"));
     let mut cfg = engine_config(args);
-    cfg.hub_hash = hub_hash(hub_address);
+    cfg.hub_hash = hub_hash_of_address(hub_address);
+    cfg.legacy_hub_hashes = legacy_hub_hash(hub_address).into_iter().collect();
     cfg.policy = Arc::new(load_policy(args)?);
     let engine = WorkEngine::new(client, cfg, metrics);
     let mut ready = engine.ready();

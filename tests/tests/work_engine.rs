@@ -1387,3 +1387,88 @@ async fn with_the_reference_behaviour_an_adopted_object_is_deleted_with_its_work
     .await;
     a.stop().await;
 }
+
+#[tokio::test]
+async fn a_record_write_from_a_stale_copy_fails_instead_of_dropping_anothers_entries() {
+    use spokelet::work::applied_work::{self, RecordIdentity};
+    use spokelet::work::manifestwork::{AppliedManifestResourceMeta, AppliedManifestWorkSpec};
+    let client = shared_spoke().await.client();
+    applied_work::install_crd(&client).await.unwrap();
+    let api: Api<AppliedManifestWork> = Api::all(client.clone());
+    let name = unique_name("record-precondition");
+    let spec = AppliedManifestWorkSpec {
+        hub_hash: "h".into(),
+        agent_id: "a".into(),
+        manifest_work_name: name.clone(),
+    };
+    let identity = RecordIdentity {
+        delete_option: None,
+        hub_uid: "",
+    };
+    let entry = |n: &str| AppliedManifestResourceMeta {
+        group: String::new(),
+        resource: "configmaps".into(),
+        name: n.into(),
+        namespace: "default".into(),
+        version: "v1".into(),
+        uid: String::new(),
+    };
+    let mut mine = None;
+    applied_work::open(&api, &name, spec, identity, &[], &mut mine)
+        .await
+        .unwrap();
+    // Another writer records an entry from its own fresh copy.
+    let mut theirs = mine.clone();
+    applied_work::write_and_cache(&api, &name, &[entry("theirs")], &mut theirs)
+        .await
+        .unwrap();
+    // Our copy is stale now: the write is refused, and forgets the copy so the next read is fresh.
+    let stale = applied_work::write_and_cache(&api, &name, &[entry("mine")], &mut mine).await;
+    assert!(stale.is_err(), "a stale write went through");
+    assert!(mine.is_none());
+    let now = api.get(&name).await.unwrap();
+    assert_eq!(
+        applied_work::resources(&now),
+        vec![entry("theirs")],
+        "nothing of the other writer's was lost"
+    );
+    applied_work::delete(&api, &name).await.unwrap();
+}
+
+#[tokio::test]
+async fn records_under_another_spelling_of_the_hub_address_are_adopted() {
+    use spokelet::work::applied_work::{applied_name, hub_hash_of_address, legacy_hub_hash};
+    let host = unique_name("hub");
+    // An earlier agent hashed the address as written.
+    let spelling = format!("https://{host}/");
+    let mut old = Agent::start(&spelling).await;
+    let ns = namespace(&old.client, "respelt").await;
+    let w = work("w-respelt", 1, vec![cm(&ns, "c", json!({"k": "v"}))]);
+    old.upsert(&w);
+    old.wait_applied("w-respelt", 1).await;
+    let uid = get_cm(&old.client, &ns, "c").await.unwrap().metadata.uid;
+    let old_record = old.amw_name("w-respelt");
+    old.stop().await;
+
+    // This agent hashes the normalised address and adopts the old records.
+    let mut cfg = test_config(&spelling);
+    cfg.hub_hash = hub_hash_of_address(&spelling);
+    cfg.legacy_hub_hashes = legacy_hub_hash(&spelling).into_iter().collect();
+    assert_eq!(cfg.legacy_hub_hashes.len(), 1);
+    let new_record = applied_name(&cfg.hub_hash, "w-respelt");
+    let mut a = Agent::start_with(&spelling, cfg).await;
+    a.upsert(&w);
+    a.synced();
+    a.wait_applied("w-respelt", 1).await;
+    assert_eq!(get_cm(&a.client, &ns, "c").await.unwrap().metadata.uid, uid);
+    assert!(
+        a.amw_api().get_opt(&new_record).await.unwrap().is_none(),
+        "no second record"
+    );
+    assert!(a.amw_api().get_opt(&old_record).await.unwrap().is_some());
+    // And it cleans up through the adopted record.
+    a.delete("w-respelt");
+    a.wait("w-respelt", "Deleted=True", |u| u.deleted).await;
+    cm_gone(&a.client, &ns, "c", "the work's object").await;
+    a.stop().await;
+}

@@ -58,9 +58,49 @@ pub enum AppliedWorkError {
     NotEstablished(String),
 }
 
-/// Hex SHA-256 of the hub address (or name, for the file source).
+/// Hex SHA-256 of the hub address (or name, for the file source), as given.
 pub fn hub_hash(hub: &str) -> String {
     hex::encode(Sha256::digest(hub.as_bytes()))
+}
+
+/// A hub address in one spelling, so `https://Hub:443/`, `https://hub` and `hub:443` name one
+/// hub (and one set of records): scheme and host lower-cased, the default port written out, a
+/// trailing `/` dropped. A name that is not a URL (the file source's hub name) is kept as it is.
+pub fn normalise_hub_address(address: &str) -> String {
+    let trimmed = address.trim();
+    let (scheme, rest) = match trimmed.split_once("://") {
+        Some((s, r)) => (s.to_ascii_lowercase(), r),
+        None if trimmed.contains(':') => ("https".to_string(), trimmed),
+        None => return trimmed.to_string(),
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+        None => (rest, ""),
+    };
+    let authority = authority.to_ascii_lowercase();
+    let has_port = match authority.rfind(':') {
+        Some(i) => !authority[i..].contains(']'),
+        None => false,
+    };
+    let default_port = if scheme == "http" { 80 } else { 443 };
+    let authority = if has_port {
+        authority
+    } else {
+        format!("{authority}:{default_port}")
+    };
+    format!("{scheme}://{authority}{path}")
+}
+
+/// The hubHash of a hub address: of its normalised spelling.
+pub fn hub_hash_of_address(address: &str) -> String {
+    hub_hash(&normalise_hub_address(address))
+}
+
+/// The hubHash an earlier agent used for `address` (its text as given), when it differs from
+/// [`hub_hash_of_address`]: records under it are this hub's too, and are adopted.
+pub fn legacy_hub_hash(address: &str) -> Option<String> {
+    let old = hub_hash(address);
+    (old != hub_hash_of_address(address)).then_some(old)
 }
 
 /// `<hubHash>-<workName>`.
@@ -212,7 +252,8 @@ pub async fn write_and_cache(
     resources: &[AppliedManifestResourceMeta],
     cache: &mut Option<AppliedManifestWork>,
 ) -> Result<(), AppliedWorkError> {
-    let result = write_resources(api, name, resources).await;
+    let version = cache.as_ref().and_then(|a| a.metadata.resource_version.clone());
+    let result = write_resources(api, name, resources, version).await;
     remember(cache, result.as_ref().ok());
     result.map(|_| ())
 }
@@ -227,13 +268,19 @@ fn remember(cache: &mut Option<AppliedManifestWork>, amw: Option<&AppliedManifes
     });
 }
 
-/// Replaces the applied-resource list (merge patch on the status subresource).
+/// Replaces the applied-resource list (merge patch on the status subresource). With the
+/// `resource_version` the list was read at, the write fails (409) if anyone changed the record
+/// since, instead of replacing entries it never saw; the reconcile then reads it afresh.
 async fn write_resources(
     api: &Api<AppliedManifestWork>,
     name: &str,
     resources: &[AppliedManifestResourceMeta],
+    resource_version: Option<String>,
 ) -> Result<AppliedManifestWork, AppliedWorkError> {
-    let patch = serde_json::json!({"status": {"appliedResources": resources}});
+    let mut patch = serde_json::json!({"status": {"appliedResources": resources}});
+    if let Some(rv) = resource_version {
+        patch["metadata"] = serde_json::json!({"resourceVersion": rv});
+    }
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map_err(|source| AppliedWorkError::Api {
@@ -245,7 +292,7 @@ async fn write_resources(
 /// The records of one hub on the spoke (the CRD must be installed; a missing CRD reads as none).
 pub async fn list_for_hub(
     api: &Api<AppliedManifestWork>,
-    hub_hash: &str,
+    hub_hashes: &[String],
 ) -> Result<Vec<AppliedManifestWork>, kube::Error> {
     let list = match api.list(&kube::api::ListParams::default()).await {
         Ok(l) => l,
@@ -255,7 +302,7 @@ pub async fn list_for_hub(
     Ok(list
         .items
         .into_iter()
-        .filter(|a| a.spec.hub_hash == hub_hash)
+        .filter(|a| hub_hashes.contains(&a.spec.hub_hash))
         .collect())
 }
 
@@ -403,6 +450,32 @@ mod tests {
         amw.annotations_mut()
             .insert(INTENT_ANNOTATION.into(), "not json".into());
         assert!(resources(&amw).is_empty());
+    }
+
+    #[test]
+    fn hub_addresses_in_any_spelling_share_one_hash() {
+        let one = hub_hash_of_address("https://hub.example:443");
+        for spelling in [
+            "https://hub.example",
+            "https://HUB.example:443/",
+            "HTTPS://hub.example/",
+            "hub.example:443",
+        ] {
+            assert_eq!(hub_hash_of_address(spelling), one, "{spelling}");
+        }
+        assert_ne!(hub_hash_of_address("https://hub.example:6443"), one);
+        assert_ne!(hub_hash_of_address("http://hub.example"), one);
+        assert_eq!(normalise_hub_address("https://[::1]"), "https://[::1]:443");
+        assert_eq!(
+            normalise_hub_address("https://h:6443/prefix/"),
+            "https://h:6443/prefix"
+        );
+        assert_eq!(normalise_hub_address("local"), "local");
+        assert_eq!(
+            legacy_hub_hash("https://hub.example/"),
+            Some(hub_hash("https://hub.example/"))
+        );
+        assert_eq!(legacy_hub_hash("https://hub.example:443"), None);
     }
 
     #[test]

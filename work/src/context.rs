@@ -4,6 +4,7 @@
 //! Only state that really spans works is here. What belongs to one work (its flap guards, drift
 //! counts, last applied content, cached record) is the engine slot's (`history`).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,12 +22,16 @@ use super::manifestwork::AppliedManifestWork;
 use super::metrics::WorkMetrics;
 use super::policy::{Denied, Policy, Target};
 use super::schedule::FlapGuard;
+use spokelet_base::lock::lock;
 
 /// Engine settings a reconcile needs.
 #[derive(Debug, Clone)]
 pub struct ReconcileConfig {
     /// Hex SHA-256 of the hub address: records of different hubs never collide.
     pub hub_hash: String,
+    /// HubHashes earlier agents used for the same hub (another spelling of its address): their
+    /// records are this hub's too.
+    pub legacy_hub_hashes: Vec<String>,
     /// Recorded on AppliedManifestWorks, so an operator sees which agent wrote one.
     pub agent_id: String,
     /// Field manager for manifests whose update strategy names none.
@@ -65,12 +70,24 @@ pub struct ReconcileContext {
     pub manifest_permits: Arc<Semaphore>,
     pub metrics: WorkMetrics,
     pub amw_api: Api<AppliedManifestWork>,
+    /// Works whose record has a legacy name (see `legacy_hub_hashes`): they keep using it.
+    pub record_names: Mutex<HashMap<String, String>>,
 }
 
 impl ReconcileContext {
     /// The AppliedManifestWork name of a work: `<hubHash>-<work>`.
     pub fn record_name(&self, work: &str) -> String {
+        if let Some(name) = lock(&self.record_names).get(work) {
+            return name.clone();
+        }
         applied_name(&self.cfg.hub_hash, work)
+    }
+
+    /// Every hubHash whose records are this hub's: the current one first.
+    pub fn hub_hashes(&self) -> Vec<String> {
+        let mut v = vec![self.cfg.hub_hash.clone()];
+        v.extend(self.cfg.legacy_hub_hashes.iter().cloned());
+        v
     }
 
     /// Whether the policy refuses writes to a recorded object (its kind found by discovery; an

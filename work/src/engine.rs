@@ -62,6 +62,8 @@ pub enum EngineError {
 pub struct EngineConfig {
     /// Hex SHA-256 of the hub address.
     pub hub_hash: String,
+    /// HubHashes of other spellings of the same hub's address, whose records are adopted.
+    pub legacy_hub_hashes: Vec<String>,
     /// Recorded on AppliedManifestWorks.
     pub agent_id: String,
     /// Default SSA field manager.
@@ -107,6 +109,7 @@ impl EngineConfig {
     pub fn new(hub_hash: impl Into<String>, agent_id: impl Into<String>) -> Self {
         EngineConfig {
             hub_hash: hub_hash.into(),
+            legacy_hub_hashes: Vec::new(),
             agent_id: agent_id.into(),
             field_manager: DEFAULT_FIELD_MANAGER.into(),
             resync_interval: Duration::from_secs(300),
@@ -231,6 +234,7 @@ impl WorkEngine {
             client: client.clone(),
             cfg: ReconcileConfig {
                 hub_hash: cfg.hub_hash.clone(),
+                legacy_hub_hashes: cfg.legacy_hub_hashes.clone(),
                 agent_id: cfg.agent_id.clone(),
                 field_manager: cfg.field_manager.clone(),
                 max_work_bytes: cfg.max_work_bytes,
@@ -248,6 +252,7 @@ impl WorkEngine {
             manifest_permits: Arc::new(Semaphore::new(cfg.max_concurrent_manifests.max(1))),
             metrics,
             amw_api: Api::all(client),
+            record_names: Mutex::new(HashMap::new()),
         };
         let (ready_tx, _) = watch::channel(false);
         WorkEngine {
@@ -308,12 +313,17 @@ impl WorkEngine {
 /// Records of this hub left by a previous run, by work name: their objects are claimed, and
 /// works the hub no longer has are cleaned up on evidence of that (see [`EngineLoop::on_synced`]).
 async fn load_records(ctx: &ReconcileContext) -> Result<HashMap<String, AppliedManifestWork>, EngineError> {
-    let list = applied_work::list_for_hub(&ctx.amw_api, &ctx.cfg.hub_hash)
+    let list = applied_work::list_for_hub(&ctx.amw_api, &ctx.hub_hashes())
         .await
         .map_err(EngineError::List)?;
     let mut records = HashMap::new();
     for amw in list {
         let work = amw.spec.manifest_work_name.clone();
+        if amw.spec.hub_hash != ctx.cfg.hub_hash {
+            // Written under another spelling of this hub's address: the work keeps that record.
+            tracing::info!(work = %work, record = %amw.name_any(), "adopting a record written under another spelling of the hub address");
+            lock(&ctx.record_names).insert(work.clone(), amw.name_any());
+        }
         let mut claims = lock(&ctx.claims);
         for e in applied_work::resources(&amw) {
             claims.preload(&ObjKey::from(&e), &work);

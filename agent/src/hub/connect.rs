@@ -138,7 +138,9 @@ impl HubConnection {
 /// each. Unreadable records only cost that: those works are then missing, not deleted.
 async fn recorded_works(spoke: &kube::Client, address: &str) -> Vec<RecordedWork> {
     let api = kube::Api::all(spoke.clone());
-    match applied_work::list_for_hub(&api, &applied_work::hub_hash(address)).await {
+    let mut hashes = vec![applied_work::hub_hash_of_address(address)];
+    hashes.extend(applied_work::legacy_hub_hash(address));
+    match applied_work::list_for_hub(&api, &hashes).await {
         Ok(records) => records
             .iter()
             .filter_map(|amw| {
