@@ -15,6 +15,7 @@ use crate::kube_client::{self, Http2ClientError};
 use crate::lock::lock;
 use crate::work::applied_work::{hub_hash, hub_hash_of_address, legacy_hub_hash};
 use crate::work::engine::{EngineConfig, EngineError, WorkEngine};
+use crate::work::executor::ClientFactory;
 use crate::work::manifestwork::DEFAULT_FIELD_MANAGER;
 use crate::work::metrics::WorkMetrics;
 use crate::work::policy::{AgentIdentity, Policy, PolicyError};
@@ -197,11 +198,32 @@ pub fn engine_config(args: &RunArgs) -> EngineConfig {
 
 /// Runs the engine on the hub's works when a hub transport is set, else on `--works-dir`, until
 /// `ctx.shutdown` is cancelled. Setting both is an error ([`RunError::TwoSources`]).
+/// The spoke client the engine writes with, and how it makes clients for works' executors.
+#[allow(missing_debug_implementations)] // kube's Client has no Debug.
+pub struct EngineClient {
+    pub client: kube::Client,
+    pub executors: ClientFactory,
+}
+
+/// Clients that impersonate a work's executor: the agent's own configuration plus the
+/// `Impersonate-User` / `Impersonate-Group` headers, on a connection of their own.
+pub fn executor_factory(config: &Config) -> ClientFactory {
+    let base = config.clone();
+    ClientFactory(Arc::new(move |user: &str, groups: &[String]| {
+        let mut c = base.clone();
+        c.auth_info.impersonate = Some(user.to_string());
+        c.auth_info.impersonate_groups = Some(groups.to_vec());
+        kube_client::client(c).map_err(|e| e.to_string())
+    }))
+}
+
 pub async fn run(args: RunArgs, hub: HubArgs, ctx: RunContext) -> Result<(), RunError> {
     let config = client_config(args.kubeconfig.as_deref()).await?;
+    let executors = executor_factory(&config);
     // One client for everything: every request and watch is a stream on one HTTP/2 connection.
     let client = kube_client::client(config)?;
-    if let Some(conn) = HubConnection::open(&hub, &args.agent_id, &ctx.registry, &client).await? {
+    let client = EngineClient { client, executors };
+    if let Some(conn) = HubConnection::open(&hub, &args.agent_id, &ctx.registry, &client.client).await? {
         if let Some(dir) = &args.works_dir {
             // Two sources would fight over the same AppliedManifestWorks; refuse rather than guess.
             conn.closer.close().await;
@@ -232,7 +254,7 @@ pub async fn run(args: RunArgs, hub: HubArgs, ctx: RunContext) -> Result<(), Run
 pub async fn run_engine(
     args: &RunArgs,
     ctx: &RunContext,
-    client: kube::Client,
+    client: EngineClient,
     source: impl WorkSource,
     sink: Arc<dyn StatusSink>,
     hub_address: &str,
@@ -243,7 +265,8 @@ pub async fn run_engine(
     cfg.hub_hash = hub_hash_of_address(hub_address);
     cfg.legacy_hub_hashes = legacy_hub_hash(hub_address).into_iter().collect();
     cfg.policy = Arc::new(load_policy(args)?);
-    let engine = WorkEngine::new(client, cfg, metrics);
+    cfg.executor_clients = Some(client.executors);
+    let engine = WorkEngine::new(client.client, cfg, metrics);
     let mut ready = engine.ready();
     let health = ctx.health.clone();
     tokio::spawn(async move {

@@ -1472,3 +1472,100 @@ async fn records_under_another_spelling_of_the_hub_address_are_adopted() {
     cm_gone(&a.client, &ns, "c", "the work's object").await;
     a.stop().await;
 }
+
+/// An engine config whose executor clients impersonate through the spoke's admin kubeconfig.
+async fn config_with_executors(hub: &str) -> EngineConfig {
+    let path = shared_spoke().await.kubeconfig_path().to_path_buf();
+    let kubeconfig = kube::config::Kubeconfig::read_from(&path).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    let mut cfg = test_config(hub);
+    cfg.executor_clients = Some(spokelet::run::executor_factory(&config));
+    cfg
+}
+
+#[tokio::test]
+async fn an_executor_writes_with_its_own_rights_and_the_api_server_refuses_what_it_may_not() {
+    let hub = unique_name("hub");
+    let mut a = Agent::start_with(&hub, config_with_executors(&hub).await).await;
+    a.synced();
+    let ns = namespace(&a.client, "executor").await;
+    // The executor may manage ConfigMaps in its namespace, and nothing else.
+    let setup: Vec<Value> = vec![
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "deployer", "namespace": ns}}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+               "metadata": {"name": "configmaps", "namespace": ns},
+               "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["*"]}]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": "deployer-configmaps", "namespace": ns},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "configmaps"},
+               "subjects": [{"kind": "ServiceAccount", "name": "deployer", "namespace": ns}]}),
+    ];
+    a.upsert(&work("w-setup", 1, setup));
+    a.wait_applied("w-setup", 1).await;
+
+    let binding = unique_name("deployer-admin");
+    let mut w = work(
+        "w-exec",
+        1,
+        vec![
+            cm(&ns, "allowed", json!({"k": "v"})),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                   "metadata": {"name": binding},
+                   "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+                   "subjects": [{"kind": "ServiceAccount", "name": "deployer", "namespace": ns}]}),
+        ],
+    );
+    w.spec.executor = serde_json::from_value(json!(
+        {"subject": {"type": "ServiceAccount", "serviceAccount": {"namespace": ns, "name": "deployer"}}}
+    ))
+    .unwrap();
+    a.upsert(&w);
+    let st = a
+        .wait("w-exec", "both manifests tried", |u| {
+            manifest_cond_opt(u, 0, "Applied").is_some() && manifest_cond_opt(u, 1, "Applied").is_some()
+        })
+        .await;
+    assert_eq!(manifest_cond(&st, 0, "Applied").status, "True", "{:?}", st.status);
+    let refused = manifest_cond(&st, 1, "Applied");
+    assert_eq!(refused.status, "False");
+    assert_eq!(
+        refused.reason, "Forbidden",
+        "the API server's own reason: {refused:?}"
+    );
+    assert!(
+        refused.message.contains("system:serviceaccount:"),
+        "{}",
+        refused.message
+    );
+    let crbs = Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(a.client.clone());
+    assert!(
+        crbs.get_opt(&binding).await.unwrap().is_none(),
+        "nothing bound with the agent's rights"
+    );
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn without_a_way_to_impersonate_a_work_with_an_executor_is_not_applied_at_all() {
+    let mut a = Agent::start(&unique_name("hub")).await;
+    let ns = namespace(&a.client, "no-executor").await;
+    let mut w = work("w-noexec", 1, vec![cm(&ns, "c", json!({"k": "v"}))]);
+    w.spec.executor = serde_json::from_value(json!(
+        {"subject": {"type": "ServiceAccount", "serviceAccount": {"namespace": ns, "name": "deployer"}}}
+    ))
+    .unwrap();
+    a.upsert(&w);
+    let st = a
+        .wait("w-noexec", "refused", |u| {
+            find(&u.status.conditions, "Applied").is_some_and(|c| c.status == "False")
+        })
+        .await;
+    assert_eq!(
+        find(&st.status.conditions, "Applied").unwrap().reason,
+        "ExecutorUnusable"
+    );
+    assert!(get_cm(&a.client, &ns, "c").await.is_none());
+    a.stop().await;
+}

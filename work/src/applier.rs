@@ -136,6 +136,14 @@ impl Applier {
         Applier { client, drift }
     }
 
+    /// The same applier writing through `client` (a work's executor), sharing the drift cache.
+    pub fn with_client(&self, client: Client) -> Self {
+        Applier {
+            client,
+            drift: self.drift.clone(),
+        }
+    }
+
     fn api(&self, p: &Prepared) -> Api<DynamicObject> {
         if p.resolved.namespaced {
             Api::namespaced_with(self.client.clone(), &p.key.namespace, &p.resolved.ar)

@@ -17,6 +17,7 @@ use super::applier::Applier;
 use super::claims::Claims;
 use super::discovery::Resolver;
 use super::drift::DriftWatcher;
+use super::executor::ExecutorClients;
 use super::manifestwork::AppliedManifestResourceMeta;
 use super::manifestwork::AppliedManifestWork;
 use super::metrics::WorkMetrics;
@@ -70,6 +71,8 @@ pub struct ReconcileContext {
     pub manifest_permits: Arc<Semaphore>,
     pub metrics: WorkMetrics,
     pub amw_api: Api<AppliedManifestWork>,
+    /// Clients impersonating works' executors.
+    pub executors: ExecutorClients,
     /// Works whose record has a legacy name (see `legacy_hub_hashes`): they keep using it.
     pub record_names: Mutex<HashMap<String, String>>,
 }

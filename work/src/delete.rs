@@ -12,6 +12,7 @@ use tracing::Instrument;
 
 use super::applied_work::{self, AppliedWorkError};
 use super::context::ReconcileContext;
+use super::executor::ExecutorError;
 use super::manifestwork::{
     AppliedManifestResourceMeta, AppliedManifestWork, DeleteOption, DeletePropagationPolicy, ManifestWork,
     ManifestWorkStatus,
@@ -37,6 +38,9 @@ pub enum DeleteError {
     /// Deleting the record failed.
     #[error(transparent)]
     Record(#[from] AppliedWorkError),
+    /// The work's executor cannot be acted as; nothing is deleted with the agent's rights instead.
+    #[error(transparent)]
+    Executor(#[from] ExecutorError),
 }
 
 /// Whether `e` matches one of the SelectivelyOrphan rules.
@@ -61,8 +65,11 @@ pub fn is_orphaned(option: &DeleteOption, e: &AppliedManifestResourceMeta) -> bo
 
 /// Deletes (or orphans) everything the work applied, waits until deleted objects are gone while
 /// calling `progress(remaining, total)` whenever the count changes, then deletes the record.
+/// Objects are removed through `writer` (the work's executor, or the agent itself); the record,
+/// the agent's bookkeeping, through `client`.
 pub async fn delete_work(
     client: &Client,
+    writer: &Client,
     amw: &AppliedManifestWork,
     option: &DeleteOption,
     claimed_elsewhere: impl Fn(&ObjKey) -> bool,
@@ -77,7 +84,7 @@ pub async fn delete_work(
         } else {
             Mode::Delete
         };
-        let out = prune::remove(client, e, &owner_uid, claimed_elsewhere(&ObjKey::from(e)), mode).await?;
+        let out = prune::remove(writer, e, &owner_uid, claimed_elsewhere(&ObjKey::from(e)), mode).await?;
         if out == PruneOutcome::Deleted {
             waiting.push(e.clone());
         }
@@ -89,7 +96,7 @@ pub async fn delete_work(
     loop {
         let mut still = Vec::new();
         for e in waiting {
-            if prune::still_present(client, &e).await? {
+            if prune::still_present(writer, &e).await? {
                 still.push(e);
             }
         }
@@ -205,9 +212,15 @@ async fn delete_with_progress(
             claimed.insert(ObjKey::from(&e));
         }
     }
+    let writer = match report.work {
+        Some(w) => ctx.executors.for_work(w, &ctx.client)?,
+        // A record left by an earlier run: its work (and executor) is unknown.
+        None => ctx.client.clone(),
+    };
     let (tx, mut rx) = mpsc::unbounded_channel::<(usize, usize)>();
     let del = delete_work(
         &ctx.client,
+        &writer,
         amw,
         option,
         |k| claimed.contains(k),

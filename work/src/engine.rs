@@ -27,6 +27,7 @@ use super::context::{ReconcileConfig, ReconcileContext};
 use super::delete::run_delete;
 use super::discovery::Resolver;
 use super::drift::DriftWatcher;
+use super::executor::{ClientFactory, ExecutorClients};
 use super::history::WorkMemory;
 use super::manifestwork::{
     AppliedManifestWork, DEFAULT_FIELD_MANAGER, DeleteOption, ManifestWork, ManifestWorkStatus,
@@ -102,6 +103,8 @@ pub struct EngineConfig {
     pub max_status_bytes: usize,
     /// Release, rather than delete, objects that existed before the work that adopted them.
     pub release_adopted: bool,
+    /// Makes clients impersonating works' executors; None fails works that name one.
+    pub executor_clients: Option<ClientFactory>,
 }
 
 impl EngineConfig {
@@ -127,6 +130,7 @@ impl EngineConfig {
             policy: Arc::new(Policy::builtin(&AgentIdentity::default())),
             max_status_bytes: DEFAULT_MAX_STATUS_BYTES,
             release_adopted: true,
+            executor_clients: None,
         }
     }
 }
@@ -253,6 +257,7 @@ impl WorkEngine {
             metrics,
             amw_api: Api::all(client),
             record_names: Mutex::new(HashMap::new()),
+            executors: ExecutorClients::new(cfg.executor_clients.clone()),
         };
         let (ready_tx, _) = watch::channel(false);
         WorkEngine {

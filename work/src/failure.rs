@@ -5,6 +5,7 @@ use super::applied_work::AppliedWorkError;
 use super::applier::ApplyError;
 use super::claims::ClaimConflict;
 use super::discovery::DiscoveryError;
+use super::executor::ExecutorError;
 use super::policy::{DENIED_REASON, Denied};
 use super::validate::ValidateError;
 
@@ -61,6 +62,9 @@ pub enum WorkFailure {
     /// The record could not be read or created.
     #[error("{0}")]
     Record(#[source] AppliedWorkError),
+    /// The work's executor cannot be acted as.
+    #[error(transparent)]
+    Executor(#[from] ExecutorError),
     /// The record could not take the intent to apply the work's objects.
     #[error("cannot record the resources about to be applied: {0}")]
     Intent(#[source] AppliedWorkError),
@@ -73,6 +77,7 @@ impl WorkFailure {
             WorkFailure::TooLarge(ValidateError::TooManyManifests { .. }) => "TooManyManifests",
             WorkFailure::TooLarge(_) => "WorkTooLarge",
             WorkFailure::Record(_) | WorkFailure::Intent(_) => "AppliedManifestWorkFailed",
+            WorkFailure::Executor(_) => "ExecutorUnusable",
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod delete;
 pub mod discovery;
 pub mod drift;
 pub mod engine;
+pub mod executor;
 pub mod failure;
 pub mod feedback;
 pub mod history;

@@ -38,8 +38,10 @@ pub enum PruneOutcome {
 }
 
 /// The work whose objects are pruned: its name, its record's UID and the UIDs it adopted.
-#[derive(Debug)]
+#[allow(missing_debug_implementations)] // kube's Client has no Debug.
 pub struct Owner<'a> {
+    /// The client the work writes with (its executor's, when it names one).
+    pub client: &'a Client,
     pub work: &'a str,
     pub uid: &'a str,
     pub adopted: &'a HashSet<String>,
@@ -87,7 +89,7 @@ pub async fn prune_unlisted(
         } else {
             Mode::Delete
         };
-        match remove(&ctx.client, &e, owner_uid, elsewhere, mode).await {
+        match remove(owner.client, &e, owner_uid, elsewhere, mode).await {
             Ok(out) => {
                 tracing::info!(work, object = %key, outcome = ?out, "pruned object no longer in the work");
                 if out != PruneOutcome::NotOurs {

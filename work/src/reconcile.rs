@@ -15,7 +15,7 @@ use kube::ResourceExt;
 use tokio::time::Instant;
 
 use super::applied_work::{self, AppliedWorkError, RecordIdentity, owner_ref};
-use super::applier::{Action, ApplyError, ApplyOutcome, Prepared};
+use super::applier::{Action, Applier, ApplyError, ApplyOutcome, Prepared};
 use super::conditions::now_rfc3339;
 use super::context::ReconcileContext;
 use super::drift::Live;
@@ -59,6 +59,10 @@ pub async fn reconcile(
     if let Err(e) = check_size(work, ctx.cfg.max_work_bytes, ctx.cfg.max_manifests) {
         return refused(prev, generation, &WorkFailure::TooLarge(e), &now, memory);
     }
+    let writer = match ctx.executors.for_work(work, &ctx.client) {
+        Ok(c) => c,
+        Err(e) => return refused(prev, generation, &WorkFailure::Executor(e), &now, memory),
+    };
     let (results, parsed) = prepare::parse_manifests(work);
     let crd_kinds = prepare::crd_kinds(&parsed);
     let ledger = match Ledger::open(ctx, work, &parsed, &crd_kinds, &mut memory.record).await {
@@ -67,6 +71,8 @@ pub async fn reconcile(
     };
     let mut run = Run {
         ctx,
+        applier: ctx.applier.with_client(writer.clone()),
+        writer,
         work,
         name: work.name_any(),
         results,
@@ -205,6 +211,10 @@ impl Ledger {
 /// The state of one reconcile between its steps.
 struct Run<'a> {
     ctx: &'a ReconcileContext,
+    /// The client the work's objects are written with: the agent's, or its executor's.
+    writer: kube::Client,
+    /// The applier writing through `writer`.
+    applier: Applier,
     work: &'a ManifestWork,
     name: String,
     /// One per manifest, by ordinal: what goes into the status.
@@ -337,12 +347,13 @@ impl Run<'_> {
     async fn apply_batch(&self, batch: &[Prepared]) -> Vec<(usize, Result<ApplyOutcome, ApplyError>)> {
         let ctx = self.ctx;
         let owner = &self.ledger.owner;
+        let applier = &self.applier;
         let futs = batch
             .iter()
             .filter(|p| self.results[p.ordinal].flapping.is_none())
             .map(|p| async move {
                 let _permit = ctx.manifest_permits.acquire().await;
-                (p.ordinal, ctx.applier.apply(p, owner).await)
+                (p.ordinal, applier.apply(p, owner).await)
             });
         futures::future::join_all(futs).await
     }
@@ -467,6 +478,7 @@ impl Run<'_> {
         let (kept, mut errors) = prune::prune_unlisted(
             self.ctx,
             &prune::Owner {
+                client: &self.writer,
                 work: &self.name,
                 uid: &owner_uid,
                 adopted: &adopted,
