@@ -65,7 +65,10 @@ async fn raw_floor(client: &kube::Client) -> Duration {
             let client = client.clone();
             async move {
                 let kind = obj["kind"].as_str().unwrap_or_default().to_string();
-                let ns = obj["metadata"]["namespace"].as_str().unwrap_or_default().to_string();
+                let ns = obj["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
                 let ar = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk("", "v1", &kind));
                 let api: Api<kube::api::DynamicObject> = Api::namespaced_with(client, &ns, &ar);
                 let o: kube::api::DynamicObject = serde_json::from_value(obj).unwrap();
@@ -123,7 +126,15 @@ async fn bench() {
     );
     let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
     let mut agent = std::process::Command::new(&binary)
-        .args(["run", "--hub-transport", "grpc", "--hub-url", &hub.url(), "--cluster-name", CLUSTER])
+        .args([
+            "run",
+            "--hub-transport",
+            "grpc",
+            "--hub-url",
+            &hub.url(),
+            "--cluster-name",
+            CLUSTER,
+        ])
         .arg("--hub-ca-file")
         .arg(&ca)
         .arg("--hub-client-cert-file")
@@ -147,7 +158,11 @@ async fn bench() {
     let t = Instant::now();
     for i in 0..WORKS {
         let ns = format!("many-{}", i % NAMESPACES);
-        hub.upsert_work(CLUSTER, &format!("work-{i}"), json!({"manifests": objects(i, &ns)}));
+        hub.upsert_work(
+            CLUSTER,
+            &format!("work-{i}"),
+            json!({"manifests": objects(i, &ns)}),
+        );
     }
     let give_up = Instant::now() + Duration::from_secs(900);
     while applied_since(&hub, 0).len() < WORKS {
@@ -167,15 +182,22 @@ async fn bench() {
         let api: Api<ConfigMap> = Api::namespaced(admin.clone(), &format!("many-{}", i % NAMESPACES));
         let name = format!("app-{i}");
         let t = Instant::now();
-        api.patch(&name, &PatchParams::default(), &Patch::Merge(json!({"data": {"index": "tampered"}})))
-            .await
-            .unwrap();
+        api.patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"index": "tampered"}})),
+        )
+        .await
+        .unwrap();
         loop {
             let c = api.get(&name).await.unwrap();
             if c.data.as_ref().and_then(|d| d.get("index")) == Some(&i.to_string()) {
                 break;
             }
-            assert!(t.elapsed() < Duration::from_secs(60), "drift on {name} never corrected");
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "drift on {name} never corrected"
+            );
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         lat.push(t.elapsed());
@@ -200,18 +222,21 @@ async fn bench() {
         if let Some(r) = found {
             break r.at;
         }
-        assert!(Instant::now() < give_up, "no resync listing {WORKS} works after the hub restarted");
+        assert!(
+            Instant::now() < give_up,
+            "no resync listing {WORKS} works after the hub restarted"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
     let resync = resync_at.saturating_duration_since(restarted);
     let rss_peak = proc_status_kib(pid, "VmHWM").unwrap_or(0);
 
-    let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
     let _ = agent.wait();
 
-    println!(
-        "\nspokelet holding {WORKS} works x 2 objects (gRPC hub, mTLS), real kube-apiserver (v1.20)\n"
-    );
+    println!("\nspokelet holding {WORKS} works x 2 objects (gRPC hub, mTLS), real kube-apiserver (v1.20)\n");
     let rows = vec![
         vec![
             format!("all {WORKS} works Applied"),

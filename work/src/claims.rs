@@ -81,6 +81,11 @@ impl Claims {
         });
     }
 
+    /// Whether any work claims `key`.
+    pub fn is_claimed(&self, key: &ObjKey) -> bool {
+        self.by_key.contains_key(key)
+    }
+
     /// Whether a work other than `work` claims `key`.
     pub fn claimed_elsewhere(&self, key: &ObjKey, work: &str) -> bool {
         self.by_key

@@ -65,7 +65,7 @@ pub struct ReconcileContext {
     pub applier: Applier,
     /// Which work claims which object: spans works, so it is the one lock here (taken through
     /// `crate::lock::lock`, never held across an await).
-    pub claims: Mutex<Claims>,
+    pub claims: Arc<Mutex<Claims>>,
     /// Bounds concurrent manifest applies across all works, so one huge work cannot starve the
     /// API server's other clients.
     pub manifest_permits: Arc<Semaphore>,

@@ -14,6 +14,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::claims::Claims;
 use super::object::{MANAGED_LABEL, ObjKey, meta_str};
 use spokelet_base::lock::lock;
 
@@ -61,6 +62,11 @@ struct Inner {
     objects: Mutex<HashMap<ObjKey, Cached>>,
     /// Where change notifications go (the engine).
     tx: mpsc::UnboundedSender<ObjKey>,
+    /// The engine's claims: only objects a work claims are cached and reported. The label
+    /// selector also matches objects of other agents (other hubs on this spoke); holding those
+    /// would make the cache grow with the cluster, not with our works. Locked on its own, never
+    /// while `objects` is held.
+    claims: Arc<Mutex<Claims>>,
     /// Stops every watch task.
     cancel: CancellationToken,
 }
@@ -80,13 +86,19 @@ impl std::fmt::Debug for DriftWatcher {
 
 impl DriftWatcher {
     /// A watcher sending the key of every externally changed or deleted object to `tx`.
-    pub fn new(client: Client, tx: mpsc::UnboundedSender<ObjKey>, cancel: CancellationToken) -> Self {
+    pub fn new(
+        client: Client,
+        tx: mpsc::UnboundedSender<ObjKey>,
+        cancel: CancellationToken,
+        claims: Arc<Mutex<Claims>>,
+    ) -> Self {
         DriftWatcher {
             inner: Arc::new(Inner {
                 client,
                 kinds: Mutex::new(HashMap::new()),
                 objects: Mutex::new(HashMap::new()),
                 tx,
+                claims,
                 cancel,
             }),
         }
@@ -113,7 +125,8 @@ impl DriftWatcher {
         let synced = lock(&self.inner.kinds)
             .iter()
             .any(|((g, _, p), s)| *s && g == &key.group && p == &key.resource);
-        if !synced {
+        // An object no work claimed may have gone uncached: only the server knows it.
+        if !synced || !lock(&self.inner.claims).is_claimed(key) {
             return Live::Unknown;
         }
         match lock(&self.inner.objects).get(key) {
@@ -233,6 +246,9 @@ async fn watch_kind(inner: Arc<Inner>, ar: ApiResource, kind: KindKey) {
                 if let Some(seen) = relist.as_mut() {
                     seen.insert(key.clone());
                 }
+                if !lock(&inner.claims).is_claimed(&key) {
+                    continue;
+                }
                 let Some(entry) = cached_from_object(o) else {
                     continue;
                 };
@@ -246,7 +262,9 @@ async fn watch_kind(inner: Arc<Inner>, ar: ApiResource, kind: KindKey) {
                 lock(&inner.objects).remove(&key);
                 // Sent even when the cache did not hold it: a deleted object of ours is always
                 // worth a look.
-                let _ = inner.tx.send(key);
+                if lock(&inner.claims).is_claimed(&key) {
+                    let _ = inner.tx.send(key);
+                }
             }
             Ok(Event::InitDone) => {
                 if let Some(seen) = relist.take() {

@@ -233,7 +233,8 @@ impl WorkEngine {
     pub fn new(client: Client, cfg: EngineConfig, metrics: WorkMetrics) -> Self {
         let (tx, drift_rx) = mpsc::unbounded_channel();
         let watch_cancel = CancellationToken::new();
-        let drift = DriftWatcher::new(client.clone(), tx, watch_cancel.clone());
+        let claims = Arc::new(Mutex::new(Claims::default()));
+        let drift = DriftWatcher::new(client.clone(), tx, watch_cancel.clone(), claims.clone());
         let ctx = ReconcileContext {
             client: client.clone(),
             cfg: ReconcileConfig {
@@ -252,7 +253,7 @@ impl WorkEngine {
             resolver: Resolver::new(client.clone()),
             applier: Applier::new(client.clone(), drift.clone()),
             drift,
-            claims: Mutex::new(Claims::default()),
+            claims,
             manifest_permits: Arc::new(Semaphore::new(cfg.max_concurrent_manifests.max(1))),
             metrics,
             amw_api: Api::all(client),

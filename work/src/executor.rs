@@ -19,7 +19,10 @@ use spokelet_base::lock::lock;
 /// Makes a client acting as `user` in `groups` (Kubernetes impersonation). The agent builds it
 /// from its own cluster configuration.
 #[derive(Clone)]
-pub struct ClientFactory(pub Arc<dyn Fn(&str, &[String]) -> Result<Client, String> + Send + Sync>);
+pub struct ClientFactory(pub Arc<MakeClient>);
+
+/// The factory's function: user, groups → a client, or why not.
+pub type MakeClient = dyn Fn(&str, &[String]) -> Result<Client, String> + Send + Sync;
 
 impl std::fmt::Debug for ClientFactory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -180,9 +183,10 @@ mod tests {
             let cfg = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
             let own = Client::try_from(cfg).unwrap();
             assert!(clients.for_work(&work_with(None), &own).is_ok());
-            let err = clients
-                .for_work(&work_with(Some(sa("team-a", "x"))), &own)
-                .unwrap_err();
+            let err = match clients.for_work(&work_with(Some(sa("team-a", "x"))), &own) {
+                Ok(_) => panic!("a work with an executor got a client without a factory"),
+                Err(e) => e,
+            };
             assert!(matches!(err, ExecutorError::NoFactory), "{err}");
         });
     }

@@ -22,7 +22,9 @@ use spokelet_work::manifestwork::{
 };
 use spokelet_work::object::{get_path, remove_path, set_path};
 use spokelet_work::prepare::parse_manifests;
-use spokelet_work::validate::{ValidateError, check_size, parse_manifest};
+use spokelet_work::validate::{
+    MAX_WORK_NAME, ValidateError, check_label, check_object_name, check_size, check_subdomain, parse_manifest,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Generators
@@ -296,7 +298,13 @@ fn api_version() -> impl Strategy<Value = Option<Value>> {
             "/v1",
             "apps/",
             "/",
-            "x.io/v1beta1"
+            "x.io/v1beta1",
+            "../v1",
+            "Apps/v1",
+            "apps/V1",
+            "a..b/v1",
+            ".x/v1",
+            "apps/v1%2F"
         ])
         .prop_map(Value::from),
         ".{0,8}".prop_map(Value::from),
@@ -322,12 +330,7 @@ fn kind() -> impl Strategy<Value = Option<Value>> {
 
 /// metadata: absent, not an object, or an object with name, namespace and generateName variations.
 fn metadata() -> impl Strategy<Value = Option<Value>> {
-    let s = || {
-        option::of(prop_oneof![
-            select(vec!["a", "", " ", "default", "n-1"]).prop_map(Value::from),
-            exact_json_value(),
-        ])
-    };
+    let s = || option::of(prop_oneof![3 => name_text().prop_map(Value::from), 1 => exact_json_value()]);
     let object = (s(), s(), option::of(exact_json_value())).prop_map(|(name, ns, gen_name)| {
         let mut m = serde_json::Map::new();
         for (k, v) in [("name", name), ("namespace", ns), ("generateName", gen_name)] {
@@ -338,6 +341,19 @@ fn metadata() -> impl Strategy<Value = Option<Value>> {
         Value::Object(m)
     });
     option::of(prop_oneof![4 => object, 1 => exact_json_value()])
+}
+
+/// Names and namespaces: valid, path-breaking, too long, anything.
+fn name_text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        3 => select(vec![
+            "a", "", " ", "default", "n-1", ".", "..", "a/b", "%", "UPPER", "-x", "x-", "a..b", "x\u{7}",
+        ])
+        .prop_map(String::from),
+        2 => "[a-z0-9.:/%-]{0,70}",
+        1 => "[a-z0-9-]{60,260}",
+        1 => any::<String>(),
+    ]
 }
 
 /// A Kubernetes object with its required fields present, missing, empty or of the wrong type.
@@ -529,6 +545,32 @@ fn work_of(manifests: Vec<Value>) -> ManifestWork {
         ..Default::default()
     };
     ManifestWork::new("w", spec)
+}
+
+/// The part of manifest `v` a `BadName` error for `field` is about.
+fn bad_name_input<'a>(v: &'a Value, field: &str) -> Option<&'a str> {
+    let api = v["apiVersion"].as_str()?.trim();
+    let (group, version) = api.split_once('/').unwrap_or(("", api));
+    match field {
+        "metadata.name" => v["metadata"]["name"].as_str(),
+        "metadata.namespace" => v["metadata"]["namespace"].as_str(),
+        "apiVersion group" => Some(group),
+        "apiVersion version" => Some(version),
+        _ => None,
+    }
+}
+
+/// A `BadName` error for `field` that quotes (the start of) `input`.
+fn assert_bad_name(e: ValidateError, field: &str, input: &str) -> Result<(), TestCaseError> {
+    match e {
+        ValidateError::BadName { field: f, value, why } => {
+            prop_assert_eq!(f, field);
+            prop_assert_eq!(value, input.chars().take(100).collect::<String>());
+            prop_assert!(!why.is_empty());
+        }
+        other => prop_assert!(false, "unexpected error {}", other),
+    }
+    Ok(())
 }
 
 /// What `parse_manifest` must say about `v`, from the rules every manifest has to follow.
@@ -879,10 +921,18 @@ proptest! {
                     "" => p.version.clone(),
                     g => format!("{g}/{}", p.version),
                 };
-                prop_assert_eq!(joined, api);
+                // "/v1" is core "v1", as apimachinery's ParseGroupVersion reads it.
+                let core = p.group.is_empty() && api == format!("/{}", p.version);
+                prop_assert!(joined == api || core, "{} parsed as {}/{}", api, p.group, p.version);
                 prop_assert_eq!(Some(p.name.as_str()), v["metadata"]["name"].as_str());
                 let namespace = v["metadata"]["namespace"].as_str().filter(|s| !s.is_empty());
                 prop_assert_eq!(p.namespace.as_deref(), namespace);
+            }
+            (Err(ValidateError::BadName { field, value, why }), None) => {
+                let got = bad_name_input(&v, field);
+                prop_assert!(got.is_some(), "unexpected field {}", field);
+                prop_assert_eq!(value, got.unwrap().chars().take(100).collect::<String>());
+                prop_assert!(!why.is_empty());
             }
             (Err(e), Some(want)) => prop_assert_eq!(e.to_string(), want),
             (got, want) => prop_assert!(false, "got {:?}, expected error {:?}", got, want),
@@ -920,5 +970,64 @@ proptest! {
             }
             Err(e) => prop_assert!(false, "unexpected error {}", e),
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Names that go into request paths
+// ---------------------------------------------------------------------------------------------
+
+proptest! {
+    #[test]
+    fn check_object_name_accepts_only_path_safe_names(s in name_text()) {
+        match check_object_name("metadata.name", &s) {
+            Ok(()) => {
+                prop_assert!(s.len() <= 253 && s != "." && s != "..");
+                prop_assert!(!s.contains(['/', '%']) && !s.chars().any(char::is_control));
+            }
+            Err(e) => assert_bad_name(e, "metadata.name", &s)?,
+        }
+    }
+
+    #[test]
+    fn check_object_name_accepts_generated_names(s in "[a-zA-Z0-9:._-]{1,253}") {
+        prop_assume!(s != "." && s != "..");
+        prop_assert!(check_object_name("metadata.name", &s).is_ok());
+    }
+
+    #[test]
+    fn check_label_accepts_only_dns_labels(s in name_text()) {
+        match check_label("metadata.namespace", &s) {
+            Ok(()) => {
+                prop_assert!(!s.is_empty() && s.len() <= 63);
+                prop_assert!(s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
+                prop_assert!(!s.starts_with('-') && !s.ends_with('-'));
+            }
+            Err(e) => assert_bad_name(e, "metadata.namespace", &s)?,
+        }
+    }
+
+    #[test]
+    fn check_label_accepts_generated_labels(s in "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?") {
+        prop_assert!(check_label("metadata.namespace", &s).is_ok());
+    }
+
+    #[test]
+    fn check_subdomain_accepts_only_dns_subdomains(s in name_text(), max in 0usize..300) {
+        match check_subdomain("work name", &s, max) {
+            Ok(()) => {
+                prop_assert!(s.len() <= max);
+                let ok = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.';
+                prop_assert!(s.bytes().all(ok));
+                let alnum = |b: Option<u8>| b.is_some_and(|b| b.is_ascii_alphanumeric());
+                prop_assert!(alnum(s.bytes().next()) && alnum(s.bytes().last()));
+            }
+            Err(e) => assert_bad_name(e, "work name", &s)?,
+        }
+    }
+
+    #[test]
+    fn check_subdomain_accepts_generated_work_names(s in "[a-z0-9]([a-z0-9.-]{0,120}[a-z0-9])?") {
+        prop_assert!(check_subdomain("work name", &s, MAX_WORK_NAME).is_ok());
     }
 }

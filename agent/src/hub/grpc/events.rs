@@ -12,19 +12,21 @@ use crate::lock::lock;
 use crate::work::source::{WorkEvent, WorkRef};
 
 impl Runner {
-    /// Handles one event; true when it was a spec event (which extends the sync quiet period).
-    pub(super) fn handle_event(&self, ev: &CloudEvent) -> bool {
+    /// Handles one event: whether it was a spec event (which extends the sync quiet period), and
+    /// the work event it gives the engine, which the caller sends (waiting when the engine's
+    /// channel is full: backpressure, not an unbounded backlog).
+    pub(super) fn handle_event(&self, ev: &CloudEvent) -> (bool, Option<WorkEvent>) {
         let m = &self.opts.metrics;
         match cloudevents::decode(ev, &self.shared.cluster) {
             Ok(Incoming::Heartbeat) => {
                 m.event("heartbeat");
-                false
+                (false, None)
             }
             Ok(Incoming::StatusResync(hashes)) => {
                 m.event("status.resync_request");
                 let n = self.shared.answer_status_resync(&hashes);
                 tracing::debug!(hub_hashes = hashes.len(), answering = n, "status resync request");
-                false
+                (false, None)
             }
             Ok(Incoming::Spec(spec)) => {
                 // Decoded events have one of the known types, so the label set stays small.
@@ -38,13 +40,12 @@ impl Runner {
                 } else {
                     kind
                 });
-                self.handle_spec(spec);
-                true
+                (true, self.handle_spec(spec))
             }
             Err(e @ CodecError::WrongCluster { .. }) => {
                 m.event("ignored");
                 tracing::warn!(id = %ev.id, error = %e, "ignoring event for another cluster");
-                false
+                (false, None)
             }
             Err(e) => {
                 m.event("invalid");
@@ -52,21 +53,24 @@ impl Runner {
                 // Only a work's own spec event that fails to decode says something about that work;
                 // an event type we do not know (perhaps newer than us) must not fail a good work.
                 let about_the_work = !matches!(e, CodecError::UnknownType(_));
-                if about_the_work && let Some((uid, version)) = cloudevents::identify(ev) {
-                    self.report_unreadable(ev, &uid, version, &e);
-                }
+                let event = match cloudevents::identify(ev) {
+                    Some((uid, version)) if about_the_work => {
+                        Some(self.report_unreadable(ev, &uid, version, &e))
+                    }
+                    _ => None,
+                };
                 // A broken spec event is still activity in the resync window.
-                ev.r#type.contains(".spec.")
+                (ev.r#type.contains(".spec."), event)
             }
         }
     }
 
     /// Passes a spec change to the engine and records it.
-    fn handle_spec(&self, spec: SpecEvent) {
+    fn handle_spec(&self, spec: SpecEvent) -> Option<WorkEvent> {
         if spec.deleted {
-            self.handle_delete(spec);
+            self.handle_delete(spec)
         } else {
-            self.handle_upsert(spec);
+            self.handle_upsert(spec)
         }
     }
 
@@ -74,7 +78,7 @@ impl Runner {
     /// from the event) so its final status can still be addressed. The work is the one the
     /// event's resource id names: the name we hold for that id wins over the event's, and the
     /// engine refuses a delete whose id is not the id of the work it holds under that name.
-    fn handle_delete(&self, spec: SpecEvent) {
+    fn handle_delete(&self, spec: SpecEvent) -> Option<WorkEvent> {
         let uid = spec.resource_id.clone();
         let mut book = lock(&self.shared.book);
         let name = book
@@ -86,7 +90,7 @@ impl Runner {
         book.held.remove(&uid);
         let Some(name) = name.filter(|n| !n.is_empty()) else {
             tracing::warn!(resource_id = %uid, "delete for a work we do not know and whose name the event lacks");
-            return;
+            return None;
         };
         let info = book.info.entry(uid.clone()).or_default();
         info.meta.name.clone_from(&name);
@@ -100,22 +104,20 @@ impl Runner {
         book.names.insert(name.clone(), uid.clone());
         drop(book);
         tracing::info!(work = %name, resource_id = %uid, "work deleted on the hub");
-        let _ = self
-            .events
-            .send(WorkEvent::Delete(WorkRef { name, uid: Some(uid) }));
+        Some(WorkEvent::Delete(WorkRef { name, uid: Some(uid) }))
     }
 
     /// A created or changed work, unless it is older than the version we hold.
-    fn handle_upsert(&self, spec: SpecEvent) {
+    fn handle_upsert(&self, spec: SpecEvent) -> Option<WorkEvent> {
         let uid = spec.resource_id.clone();
         let mut book = lock(&self.shared.book);
-        let Some(work) = spec.work else { return };
+        let work = spec.work?;
         if let Some(&have) = book.held.get(&uid)
             && spec.resource_version != 0
             && spec.resource_version < have
         {
             tracing::debug!(resource_id = %uid, have, got = spec.resource_version, "stale work version; ignored");
-            return;
+            return None;
         }
         let name = work.name_any();
         book.held.insert(uid.clone(), spec.resource_version);
@@ -136,12 +138,12 @@ impl Runner {
         );
         drop(book);
         tracing::info!(work = %name, resource_id = %uid, generation = spec.resource_version, "work from the hub");
-        let _ = self.events.send(WorkEvent::Upsert(work));
+        Some(WorkEvent::Upsert(work))
     }
 
     /// Passes a work whose spec event could not be decoded to the engine as unreadable, and
     /// keeps its identity so the engine's status about it can be addressed.
-    fn report_unreadable(&self, ev: &CloudEvent, uid: &str, version: i64, err: &CodecError) {
+    fn report_unreadable(&self, ev: &CloudEvent, uid: &str, version: i64, err: &CodecError) -> WorkEvent {
         let name = {
             let mut book = lock(&self.shared.book);
             let known = book
@@ -164,13 +166,13 @@ impl Runner {
             book.names.insert(name.clone(), uid.to_string());
             name
         };
-        let _ = self.events.send(WorkEvent::Unreadable {
+        WorkEvent::Unreadable {
             work: WorkRef {
                 name,
                 uid: Some(uid.to_string()),
             },
             generation: version,
             reason: format!("event {} rejected (InvalidManifestBundle): {err}", ev.r#type),
-        });
+        }
     }
 }

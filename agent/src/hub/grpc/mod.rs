@@ -228,7 +228,7 @@ impl GrpcHub {
         }
         let shared = Arc::new(Shared::new(&s.cluster_name, &s.agent_id, opts.metrics.clone()));
         shared.hold_recorded(&opts.recorded);
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(super::EVENT_BUFFER);
         let (state_tx, state_rx) = watch::channel(HubState::default());
         let span =
             tracing::info_span!("hub", transport = "grpc", url = %s.url.uri(), cluster = %s.cluster_name);

@@ -52,7 +52,7 @@ pub(super) struct Runner {
     /// Works held and the status outbox, shared with the sink.
     pub(super) shared: Arc<Shared>,
     /// The sending end of the engine's [`GrpcHub::source`](super::GrpcHub::source).
-    pub(super) events: mpsc::UnboundedSender<WorkEvent>,
+    pub(super) events: mpsc::Sender<WorkEvent>,
     /// Seen by every [`HubHandle`](super::HubHandle).
     pub(super) state: watch::Sender<HubState>,
     /// Ends the transport, after a bounded flush of the outbox (see `flush`).
@@ -81,7 +81,7 @@ impl Runner {
             self.opts.metrics.connected.set(0);
             self.state.send_modify(|s| s.connected = false);
             // No evictions of missing works while the hub is away (see `WorkEvent::Disconnected`).
-            let _ = self.events.send(WorkEvent::Disconnected);
+            let _ = self.events.send(WorkEvent::Disconnected).await;
             match end {
                 SessionEnd::Shutdown => break,
                 SessionEnd::Broken { error, heard } => {
@@ -221,14 +221,23 @@ impl Runner {
                 }
                 () = sleep_until_opt(sync_deadline) => {
                     sync_at = None;
-                    self.emit_synced();
+                    self.emit_synced().await;
                 }
                 msg = stream.message() => match msg {
                     Ok(Some(ev)) => {
                         last_heard = Instant::now();
                         heard = true;
-                        if self.handle_event(&ev) && sync_at.is_some() {
+                        let (spec, event) = self.handle_event(&ev);
+                        if spec && sync_at.is_some() {
                             sync_at = Some(last_heard + self.opts.sync_quiet);
+                        }
+                        if let Some(event) = event {
+                            // Waits while the engine's channel is full; the engine only files
+                            // events, so the wait is short, and it counts as hearing the hub.
+                            if self.events.send(event).await.is_err() {
+                                return SessionEnd::Shutdown;
+                            }
+                            last_heard = Instant::now();
                         }
                     }
                     Ok(None) => return SessionEnd::Broken { error: GrpcError::StreamEnded, heard },
@@ -240,13 +249,13 @@ impl Runner {
 
     /// Emits `Synced(Quiet)` for this session's resync. It proves nothing about works the hub
     /// did not send (the hub may still be answering): those are only missing.
-    fn emit_synced(&self) {
+    async fn emit_synced(&self) {
         if !self.shared.synced.swap(true, Ordering::Relaxed) {
             tracing::info!("initial resync quiet");
         } else {
             tracing::debug!("resync quiet");
         }
-        let _ = self.events.send(WorkEvent::Synced(Listing::Quiet));
+        let _ = self.events.send(WorkEvent::Synced(Listing::Quiet)).await;
         self.state.send_modify(|st| st.synced = true);
     }
 

@@ -150,7 +150,7 @@ impl KubeHub {
     /// Starts the watch, status writer and lease tasks. Must be called inside a tokio runtime.
     /// Nothing here needs the hub to be up: each task retries until it is, or until shutdown.
     pub fn start(opts: KubeHubOptions, shutdown: CancellationToken) -> KubeHub {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(super::EVENT_BUFFER);
         let queue = Arc::new(StatusQueue::default());
         let span = tracing::info_span!("hub", transport = "kube", cluster = %opts.cluster_name);
         // Untyped, so one object the agent cannot decode fails alone (see `decode_work`).

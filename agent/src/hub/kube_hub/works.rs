@@ -71,17 +71,17 @@ struct WatchState {
 impl WatchState {
     /// Passes a deletion on, once. `uid` is the deleted object's, when known: the engine then
     /// refuses it if the work it holds under that name is another one.
-    fn deleted(&mut self, name: String, uid: Option<String>, tx: &mpsc::UnboundedSender<WorkEvent>) {
+    async fn deleted(&mut self, name: String, uid: Option<String>, tx: &mpsc::Sender<WorkEvent>) {
         self.known.remove(&name);
         if self.deleting.insert(name.clone()) {
             tracing::info!(work = %name, "work deleted on the hub");
-            let _ = tx.send(WorkEvent::Delete(WorkRef { name, uid }));
+            let _ = tx.send(WorkEvent::Delete(WorkRef { name, uid })).await;
         }
     }
 
     /// A (re-)list is complete: works known but not listed were deleted while the watch was
     /// away; the first complete list is the engine's `Synced`.
-    fn list_done(&mut self, tx: &mpsc::UnboundedSender<WorkEvent>) {
+    async fn list_done(&mut self, tx: &mpsc::Sender<WorkEvent>) {
         if let Some(seen) = self.listing.take() {
             let gone: Vec<String> = self
                 .known
@@ -90,14 +90,14 @@ impl WatchState {
                 .cloned()
                 .collect();
             for name in gone {
-                self.deleted(name, None, tx);
+                self.deleted(name, None, tx).await;
             }
         }
         if !self.synced {
             self.synced = true;
             tracing::info!(works = self.known.len(), "initial list of hub works complete");
             // A list is complete: every work the hub has is in it, the unreadable ones too.
-            let _ = tx.send(WorkEvent::Synced(Listing::Complete));
+            let _ = tx.send(WorkEvent::Synced(Listing::Complete)).await;
         }
     }
 }
@@ -106,7 +106,7 @@ impl WatchState {
 /// expired, connection cut) are retried with backoff; the watcher re-lists after a gap.
 pub(super) async fn watch_works(
     api: Api<DynamicObject>,
-    tx: mpsc::UnboundedSender<WorkEvent>,
+    tx: mpsc::Sender<WorkEvent>,
     retry_max: Duration,
     shutdown: CancellationToken,
 ) {
@@ -141,7 +141,7 @@ async fn on_event(
     api: &Api<DynamicObject>,
     ev: Event<DynamicObject>,
     st: &mut WatchState,
-    tx: &mpsc::UnboundedSender<WorkEvent>,
+    tx: &mpsc::Sender<WorkEvent>,
 ) {
     match ev {
         Event::Init => st.listing = Some(HashSet::new()),
@@ -151,11 +151,11 @@ async fn on_event(
             }
             on_apply(api, obj, st, tx).await;
         }
-        Event::InitDone => st.list_done(tx),
+        Event::InitDone => st.list_done(tx).await,
         Event::Apply(obj) => on_apply(api, obj, st, tx).await,
         Event::Delete(obj) => {
             if let Some(name) = obj.metadata.name {
-                st.deleted(name.clone(), obj.metadata.uid, tx);
+                st.deleted(name.clone(), obj.metadata.uid, tx).await;
                 // Gone from the hub: no later event can ask for this deletion again.
                 st.deleting.remove(&name);
             }
@@ -168,13 +168,13 @@ async fn on_apply(
     api: &Api<DynamicObject>,
     obj: DynamicObject,
     st: &mut WatchState,
-    tx: &mpsc::UnboundedSender<WorkEvent>,
+    tx: &mpsc::Sender<WorkEvent>,
 ) {
     let Some(name) = obj.metadata.name.clone() else {
         return;
     };
     if obj.metadata.deletion_timestamp.is_some() {
-        st.deleted(name, obj.metadata.uid.clone(), tx);
+        st.deleted(name, obj.metadata.uid.clone(), tx).await;
         return;
     }
     let generation = obj.metadata.generation.unwrap_or(0);
@@ -195,14 +195,16 @@ async fn on_apply(
             // fixed version comes with a new generation.
             tracing::error!(work = %name, generation, error = %e, "cannot read the work from the hub");
             st.known.insert(name.clone(), generation);
-            let _ = tx.send(WorkEvent::Unreadable {
-                work: WorkRef {
-                    name,
-                    uid: obj.metadata.uid.clone(),
-                },
-                generation,
-                reason: e.to_string(),
-            });
+            let _ = tx
+                .send(WorkEvent::Unreadable {
+                    work: WorkRef {
+                        name,
+                        uid: obj.metadata.uid.clone(),
+                    },
+                    generation,
+                    reason: e.to_string(),
+                })
+                .await;
             return;
         }
     };
@@ -213,7 +215,7 @@ async fn on_apply(
     // managedFields are large and meaningless to the engine.
     work.metadata.managed_fields = None;
     tracing::info!(work = %name, generation, "work from the hub");
-    let _ = tx.send(WorkEvent::Upsert(Box::new(work)));
+    let _ = tx.send(WorkEvent::Upsert(Box::new(work))).await;
 }
 
 /// Whether the work carries our cleanup finalizer (kept until our cleanup is done).
