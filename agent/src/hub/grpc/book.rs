@@ -3,8 +3,8 @@
 //! The sink (engine side) and the connection task share it: the sink stores statuses, the
 //! publisher takes them out, and the event handlers record the works the hub delivers.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use spokelet_proto::CloudEvent;
@@ -50,6 +50,9 @@ pub(super) struct Book {
     pub(super) latest: HashMap<String, Latest>,
     /// uid → kind of event to send, for the statuses waiting to be published.
     pub(super) outbox: Outbox<StatusKind>,
+    /// Works with a Publish in flight: at most one per work, so each work's statuses reach the
+    /// hub in order while different works' go out side by side.
+    pub(super) sending: HashSet<String>,
 }
 
 impl Book {
@@ -103,8 +106,6 @@ pub(super) struct Shared {
     pub(super) outbox_ready: Notify,
     /// Synced was emitted at least once.
     pub(super) synced: AtomicBool,
-    /// A Publish is in flight (so an empty outbox does not yet mean everything is delivered).
-    pub(super) in_flight: AtomicBool,
     /// The options' metrics: clones share the series `/metrics` shows.
     pub(super) metrics: HubMetrics,
 }
@@ -131,7 +132,6 @@ impl Shared {
             book: Mutex::new(Book::default()),
             outbox_ready: Notify::new(),
             synced: AtomicBool::new(false),
-            in_flight: AtomicBool::new(false),
             metrics,
         }
     }
@@ -179,23 +179,49 @@ impl Shared {
     }
 
     /// Takes the next queued status and builds its event.
+    /// Works with a Publish in flight are left queued (see `Book::sending`); call
+    /// [`Shared::finished`] when the send is over, whatever its outcome.
     pub(super) fn next_outgoing(&self) -> Option<Outgoing> {
         let mut book = lock(&self.book);
-        loop {
-            let (uid, kind) = book.outbox.pop()?;
+        let mut skipped = Vec::new();
+        let found = loop {
+            let Some((uid, kind)) = book.outbox.pop() else {
+                break None;
+            };
+            if book.sending.contains(&uid) {
+                skipped.push((uid, kind));
+                continue;
+            }
             let Some(latest) = book.latest.get(&uid).cloned() else {
                 continue;
             };
             let event = self.status_event(&book, &uid, kind, &latest);
-            self.set_outbox_gauge(&book);
-            self.in_flight.store(true, Ordering::SeqCst);
-            return Some(Outgoing {
+            book.sending.insert(uid.clone());
+            break Some(Outgoing {
                 uid,
                 kind,
                 hash: latest.hash,
                 deleted: latest.update.deleted,
                 event,
             });
+        };
+        // Back in their places, first in line: they go as soon as their work's send is over.
+        for (uid, kind) in skipped.into_iter().rev() {
+            book.outbox.retry_front(uid, kind);
+        }
+        self.set_outbox_gauge(&book);
+        found
+    }
+
+    /// A send of `uid` is over (delivered, refused or put back): its next status may go.
+    pub(super) fn finished(&self, uid: &str) {
+        let waiting = {
+            let mut book = lock(&self.book);
+            book.sending.remove(uid);
+            book.outbox.contains(uid)
+        };
+        if waiting {
+            self.outbox_ready.notify_one();
         }
     }
 
@@ -248,20 +274,24 @@ impl Shared {
         });
     }
 
-    /// Records a successful publish: a deleted work whose final status is out is forgotten.
+    /// Records a successful publish (the send is over, as with [`Shared::finished`]): a deleted
+    /// work whose final status is out is forgotten.
     pub(super) fn published(&self, out: &Outgoing) {
-        let mut book = lock(&self.book);
-        let still_latest = book.latest.get(&out.uid).is_some_and(|l| l.hash == out.hash);
-        if out.deleted && still_latest && !book.outbox.contains(&out.uid) {
-            book.forget(&out.uid);
+        {
+            let mut book = lock(&self.book);
+            let still_latest = book.latest.get(&out.uid).is_some_and(|l| l.hash == out.hash);
+            if out.deleted && still_latest && !book.outbox.contains(&out.uid) {
+                book.forget(&out.uid);
+            }
         }
+        self.finished(&out.uid);
     }
 
     /// Nothing queued and nothing in flight.
     pub(super) fn idle(&self) -> bool {
-        // Read under the lock: next_outgoing pops and sets in_flight under it too.
+        // One lock: next_outgoing pops and marks the send under it too.
         let book = lock(&self.book);
-        book.outbox.is_empty() && !self.in_flight.load(Ordering::SeqCst)
+        book.outbox.is_empty() && book.sending.is_empty()
     }
 
     /// Queues resync responses for works whose status hash the hub does not have.
@@ -301,7 +331,6 @@ mod tests {
             book: Mutex::new(Book::default()),
             outbox_ready: Notify::new(),
             synced: AtomicBool::new(false),
-            in_flight: AtomicBool::new(false),
             metrics: HubMetrics::default(),
         }
     }
@@ -347,6 +376,9 @@ mod tests {
         s.enqueue_status(update("u1", "A", false)).unwrap();
         let a = s.next_outgoing().unwrap();
         lock(&s.book).outbox.retry_front(a.uid.clone(), a.kind);
+        // Not handed out again while its first send is still in flight.
+        assert!(s.next_outgoing().is_none());
+        s.finished(&a.uid);
         let again = s.next_outgoing().unwrap();
         assert_eq!(again.hash, a.hash);
         // A newer status while in flight: published once more with the new content.
@@ -355,6 +387,23 @@ mod tests {
         let next = s.next_outgoing().unwrap();
         assert_ne!(next.hash, again.hash);
         assert!(s.next_outgoing().is_none());
+    }
+
+    #[test]
+    fn works_go_out_side_by_side_but_each_one_in_order() {
+        let s = shared();
+        s.enqueue_status(update("u1", "A", false)).unwrap();
+        s.enqueue_status(update("u2", "A", false)).unwrap();
+        let first = s.next_outgoing().unwrap();
+        // u1's newer status waits for u1's send; u2 goes meanwhile.
+        s.enqueue_status(update("u1", "B", false)).unwrap();
+        assert_eq!(s.next_outgoing().unwrap().uid, "u2");
+        assert!(s.next_outgoing().is_none());
+        assert!(!s.idle());
+        s.published(&first);
+        let second = s.next_outgoing().unwrap();
+        assert_eq!(second.uid, "u1");
+        assert_ne!(second.hash, first.hash);
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! The per-session status publisher: drains the outbox while a session lives.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 
 use spokelet_proto::PublishRequest;
 use tokio::sync::mpsc;
@@ -10,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 use super::GrpcError;
-use super::book::Shared;
+use super::book::{Outgoing, Shared};
 use super::dial::Client;
 use crate::hub::cloudevents::StatusKind;
 use crate::hub::tls::error_chain;
@@ -48,76 +51,114 @@ fn code_label(code: Code) -> String {
     label
 }
 
-/// Clears the in-flight flag when one send is fully handled (after any requeue).
-struct InFlightDone<'a>(&'a Shared);
+/// Publish RPCs in flight at once. One at a time, the hub's round trip bounded the agent to a
+/// few hundred statuses a second (5,000 new works took a minute to report); several share the
+/// HTTP/2 connection. Each work still has at most one in flight, so its statuses stay in order.
+const MAX_IN_FLIGHT: usize = 16;
 
-impl Drop for InFlightDone<'_> {
-    fn drop(&mut self) {
-        self.0.in_flight.store(false, Ordering::SeqCst);
-    }
+/// How one send ended, for the loop to act on.
+enum Sent {
+    /// Delivered, or refused for itself (the hub keeps the connection): carry on.
+    Done,
+    /// The connection is unusable: end the session.
+    Broken(GrpcError),
 }
 
-/// Publishes queued statuses until the session ends. A send the connection breaks is put back
-/// first in line and reported on `errors`, which ends the session.
+/// Publishes queued statuses until the session ends, up to [`MAX_IN_FLIGHT`] at once. A send the
+/// connection breaks is put back first in line and reported on `errors`, which ends the
+/// session; sends still in flight then are put back too (the hub ignores a repeat).
 pub(super) async fn publish_loop(
     shared: Arc<Shared>,
-    mut client: Client,
+    client: Client,
     timeout: Duration,
     session: CancellationToken,
     errors: mpsc::Sender<GrpcError>,
 ) {
+    let mut flying = FuturesUnordered::new();
+    // uid → kind of what is in flight, to put back if the session ends first.
+    let mut aboard: HashMap<String, StatusKind> = HashMap::new();
     loop {
-        let Some(out) = shared.next_outgoing() else {
-            tokio::select! {
-                () = session.cancelled() => return,
-                () = shared.outbox_ready.notified() => continue,
-            }
-        };
-        let kind_label = match out.kind {
-            StatusKind::Update => "update_request",
-            StatusKind::ResyncResponse => "resync_response",
-        };
-        let req = PublishRequest {
-            event: Some(out.event.clone()),
-        };
-        let result = tokio::select! {
-            () = session.cancelled() => {
-                lock(&shared.book).outbox.retry_front(out.uid.clone(), out.kind);
-                shared.in_flight.store(false, Ordering::SeqCst);
-                return;
-            }
-            r = tokio::time::timeout(timeout, client.publish(req)) => r,
-        };
-        // Cleared when this iteration ends, after any requeue below.
-        let _done = InFlightDone(&shared);
-        match result {
-            Ok(Ok(_)) => {
-                shared.metrics.status(kind_label);
-                tracing::debug!(resource_id = %out.uid, kind = kind_label, hash = %out.hash, "status published");
-                shared.published(&out);
-            }
-            Ok(Err(st)) if st.code() == Code::ResourceExhausted => {
-                shared.metrics.refused(&code_label(st.code()));
-                tracing::warn!(resource_id = %out.uid, error = %error_chain(&st), retry_in = ?REFUSED_RETRY,
-                    "hub refused a status as too large; other statuses go first, this one is offered again later");
-                shared.defer(&out, REFUSED_RETRY);
-            }
-            Ok(Err(st)) if !is_transport_failure(st.code()) => {
-                shared.metrics.refused(&code_label(st.code()));
-                tracing::error!(resource_id = %out.uid, error = %error_chain(&st), "hub refused a status update; dropping it");
-            }
-            Ok(Err(st)) => {
-                lock(&shared.book).outbox.retry_front(out.uid.clone(), out.kind);
-                let _ = errors.try_send(GrpcError::Publish(st));
-                return;
-            }
-            Err(_) => {
-                lock(&shared.book).outbox.retry_front(out.uid.clone(), out.kind);
-                let _ = errors.try_send(GrpcError::Timeout("status publish"));
-                return;
-            }
+        while flying.len() < MAX_IN_FLIGHT {
+            let Some(out) = shared.next_outgoing() else { break };
+            aboard.insert(out.uid.clone(), out.kind);
+            flying.push(send(client.clone(), out, timeout));
         }
+        let ended = tokio::select! {
+            () = session.cancelled() => None,
+            () = shared.outbox_ready.notified(), if flying.len() < MAX_IN_FLIGHT => continue,
+            Some((out, result)) = flying.next(), if !flying.is_empty() => {
+                aboard.remove(&out.uid);
+                match take_result(&shared, &out, result) {
+                    Sent::Done => continue,
+                    Sent::Broken(e) => Some(e),
+                }
+            }
+        };
+        for (uid, kind) in aboard.drain() {
+            lock(&shared.book).outbox.retry_front(uid.clone(), kind);
+            shared.finished(&uid);
+        }
+        if let Some(e) = ended {
+            let _ = errors.try_send(e);
+        }
+        return;
     }
+}
+
+/// One Publish, bounded by `timeout`; hands the status back with the outcome.
+async fn send(
+    mut client: Client,
+    out: Outgoing,
+    timeout: Duration,
+) -> (
+    Outgoing,
+    Result<Result<tonic::Response<()>, tonic::Status>, tokio::time::error::Elapsed>,
+) {
+    let req = PublishRequest {
+        event: Some(out.event.clone()),
+    };
+    let result = tokio::time::timeout(timeout, client.publish(req)).await;
+    (out, result)
+}
+
+/// Books one send's outcome: delivered, refused (this status only) or a broken connection (the
+/// status put back first in line).
+fn take_result(
+    shared: &Arc<Shared>,
+    out: &Outgoing,
+    result: Result<Result<tonic::Response<()>, tonic::Status>, tokio::time::error::Elapsed>,
+) -> Sent {
+    let kind_label = match out.kind {
+        StatusKind::Update => "update_request",
+        StatusKind::ResyncResponse => "resync_response",
+    };
+    let broken = match result {
+        Ok(Ok(_)) => {
+            shared.metrics.status(kind_label);
+            tracing::debug!(resource_id = %out.uid, kind = kind_label, hash = %out.hash, "status published");
+            shared.published(out);
+            return Sent::Done;
+        }
+        Ok(Err(st)) if st.code() == Code::ResourceExhausted => {
+            shared.metrics.refused(&code_label(st.code()));
+            tracing::warn!(resource_id = %out.uid, error = %error_chain(&st), retry_in = ?REFUSED_RETRY,
+                "hub refused a status as too large; other statuses go first, this one is offered again later");
+            shared.finished(&out.uid);
+            shared.defer(out, REFUSED_RETRY);
+            return Sent::Done;
+        }
+        Ok(Err(st)) if !is_transport_failure(st.code()) => {
+            shared.metrics.refused(&code_label(st.code()));
+            tracing::error!(resource_id = %out.uid, error = %error_chain(&st), "hub refused a status update; dropping it");
+            shared.finished(&out.uid);
+            return Sent::Done;
+        }
+        Ok(Err(st)) => GrpcError::Publish(st),
+        Err(_) => GrpcError::Timeout("status publish"),
+    };
+    lock(&shared.book).outbox.retry_front(out.uid.clone(), out.kind);
+    shared.finished(&out.uid);
+    Sent::Broken(broken)
 }
 
 #[cfg(test)]
