@@ -47,8 +47,11 @@ pub fn parse_duration(input: &str) -> Result<Duration, String> {
                 ));
             }
         };
-        total +=
+        let part =
             Duration::try_from_secs_f64(seconds).map_err(|e| format!("invalid duration {input:?}: {e}"))?;
+        total = total
+            .checked_add(part)
+            .ok_or_else(|| format!("invalid duration {input:?}: too long"))?;
         rest = tail;
     }
     Ok(total)
@@ -57,6 +60,12 @@ pub fn parse_duration(input: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parts_adding_up_past_the_largest_duration_are_an_error() {
+        let e = parse_duration("10000000000000000000s10000000000000000000s").unwrap_err();
+        assert!(e.contains("too long"), "{e}");
+    }
 
     #[test]
     fn durations() {

@@ -38,13 +38,40 @@ pub enum Http2ClientError {
     /// The kubeconfig's `tls-server-name` is not a DNS name or IP address.
     #[error("invalid tls-server-name {0:?}")]
     ServerName(String),
+    /// The bearer token holds characters an HTTP header cannot carry (the HTTP stack would
+    /// otherwise panic on it).
+    #[error("the kubeconfig's token holds characters an HTTP header cannot carry")]
+    Token,
 }
 
 /// Reads a kubeconfig file (its current context) into a client configuration; used for the
 /// spoke (`--kubeconfig`) and for the hub (`--hub-kubeconfig`) alike.
 pub async fn config_from_file(path: &std::path::Path) -> Result<Config, kube::config::KubeconfigError> {
+    check_utf16_length(path)?;
     let kubeconfig = kube::config::Kubeconfig::read_from(path)?;
     Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default()).await
+}
+
+/// Refuses a file that starts with a UTF-16 byte-order mark but holds an odd number of bytes
+/// after it: kube's reader indexes past its end on such a file and panics.
+fn check_utf16_length(path: &std::path::Path) -> Result<(), kube::config::KubeconfigError> {
+    let bytes =
+        std::fs::read(path).map_err(|e| kube::config::KubeconfigError::ReadConfig(e, path.to_path_buf()))?;
+    let utf16 = bytes.starts_with(&[0xFE, 0xFF]) || bytes.starts_with(&[0xFF, 0xFE]);
+    if utf16 && bytes.len() % 2 != 0 {
+        let e = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "truncated UTF-16 text (odd number of bytes)",
+        );
+        return Err(kube::config::KubeconfigError::ReadConfig(e, path.to_path_buf()));
+    }
+    Ok(())
+}
+
+/// Whether a bearer token can travel in an `Authorization` header (visible ASCII, spaces, tabs
+/// and bytes above 0x7f, as the `http` crate accepts).
+fn token_fits_a_header(token: &str) -> bool {
+    token.bytes().all(|b| (b >= 0x20 && b != 0x7f) || b == b'\t')
 }
 
 /// Builds an HTTP/2-capable client from `config` (ALPN offers h2 and http/1.1, so a server
@@ -64,6 +91,11 @@ pub fn client_with_tls(
     mut tls: rustls::ClientConfig,
     identity_version: Option<IdentityVersion>,
 ) -> Result<Client, Http2ClientError> {
+    if let Some(token) = &config.auth_info.token
+        && !token_fits_a_header(secrecy::ExposeSecret::expose_secret(token))
+    {
+        return Err(Http2ClientError::Token);
+    }
     // The connector sets ALPN itself from the protocols enabled below.
     tls.alpn_protocols.clear();
     let mut http = HttpConnector::new();

@@ -515,6 +515,11 @@ impl TestHub {
         lock(&self.inner.state).received.clone()
     }
 
+    /// How many events have been published to the hub so far.
+    pub fn received_count(&self) -> usize {
+        lock(&self.inner.state).received.len()
+    }
+
     /// Published events after the first `skip` (cheap incremental polling for benchmarks).
     pub fn received_since(&self, skip: usize) -> Vec<Received> {
         lock(&self.inner.state)
