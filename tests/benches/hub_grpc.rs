@@ -13,11 +13,12 @@
 //! Run with `cargo bench -p spokelet-e2e --bench hub_grpc` (after `tests/env/install.sh`).
 
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use spokelet_e2e::bench::{ms, percentile, print_table, proc_status_kib, spokelet_binary};
+use spokelet_e2e::bench::{
+    ms, percentile, print_table, proc_status_kib, resync_listing, spawn_grpc_agent, spokelet_binary,
+};
 use spokelet_e2e::cloudevents_hub::{HubPki, TestHub, TestHubOptions};
 use spokelet_e2e::{ClusterOptions, KubeCluster};
 
@@ -137,41 +138,15 @@ async fn bench() {
     opts.heartbeat = Duration::from_secs(10); // the reference hub's default
     let hub = TestHub::start(opts).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let identity = pki.client(CLUSTER, &[]).unwrap();
-    let file = |name: &str, text: &str| {
-        let p = dir.path().join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    };
-    let ca = file("ca.crt", pki.serving_ca.cert_pem());
-    let cert = file("tls.crt", &identity.cert_pem);
-    let key = file("tls.key", &identity.key_pem);
-    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
-
-    let mut agent = std::process::Command::new(&binary)
-        .args([
-            "run",
-            "--hub-transport",
-            "grpc",
-            "--hub-url",
-            &hub.url(),
-            "--cluster-name",
-            CLUSTER,
-        ])
-        .arg("--hub-ca-file")
-        .arg(&ca)
-        .arg("--hub-client-cert-file")
-        .arg(&cert)
-        .arg("--hub-client-key-file")
-        .arg(&key)
-        .arg("--kubeconfig")
-        .arg(spoke.kubeconfig_path())
-        .args(["--admin-addr", "127.0.0.1:0", "--log-level", "warn"])
-        .env_remove("SPOKELET_CONFIG")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut agent = spawn_grpc_agent(
+        &binary,
+        &hub.url(),
+        &pki,
+        CLUSTER,
+        spoke.kubeconfig_path(),
+        dir.path(),
+    )
+    .unwrap();
     let pid = agent.id();
     while hub.subscriber_count() == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -220,23 +195,7 @@ async fn bench() {
     let before = hub.received().len();
     let restarted = Instant::now();
     hub.restart().await.unwrap();
-    let give_up = Instant::now() + Duration::from_secs(120);
-    let resync_at = loop {
-        let found = hub.received_since(before).into_iter().find(|r| {
-            r.event.r#type.ends_with("spec.resync_request")
-                && r.json()
-                    .and_then(|j| j["resourceVersions"].as_array().map(Vec::len))
-                    .is_some_and(|n| n == WORKS)
-        });
-        if let Some(r) = found {
-            break r.at;
-        }
-        assert!(
-            Instant::now() < give_up,
-            "no resync listing {WORKS} works after the hub restarted"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    };
+    let resync_at = resync_listing(&hub, before, WORKS).await;
     let resync = resync_at.saturating_duration_since(restarted);
 
     let _ = std::process::Command::new("kill")

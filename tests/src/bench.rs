@@ -198,3 +198,76 @@ mod tests {
         assert_eq!(proc_status_kib(pid, "VmNope"), None);
     }
 }
+
+/// Starts the real `spokelet run --hub-transport grpc` against the test hub at `hub_url` as
+/// `cluster`, with a client certificate from `pki` and its log in `dir/agent.log`; the
+/// certificate files go to `dir` too, which must outlive the process.
+pub fn spawn_grpc_agent(
+    binary: &Path,
+    hub_url: &str,
+    pki: &crate::cloudevents_hub::HubPki,
+    cluster: &str,
+    kubeconfig: &Path,
+    dir: &Path,
+) -> Result<std::process::Child, crate::cloudevents_hub::TestHubError> {
+    let identity = pki.client(cluster, &[])?;
+    let file = |name: &str, text: &str| -> std::io::Result<PathBuf> {
+        let p = dir.join(name);
+        std::fs::write(&p, text)?;
+        Ok(p)
+    };
+    let ca = file("ca.crt", pki.serving_ca.cert_pem())?;
+    let cert = file("tls.crt", &identity.cert_pem)?;
+    let key = file("tls.key", &identity.key_pem)?;
+    let log = std::fs::File::create(dir.join("agent.log"))?;
+    let child = std::process::Command::new(binary)
+        .args([
+            "run",
+            "--hub-transport",
+            "grpc",
+            "--hub-url",
+            hub_url,
+            "--cluster-name",
+            cluster,
+        ])
+        .arg("--hub-ca-file")
+        .arg(&ca)
+        .arg("--hub-client-cert-file")
+        .arg(&cert)
+        .arg("--hub-client-key-file")
+        .arg(&key)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["--admin-addr", "127.0.0.1:0", "--log-level", "warn"])
+        .env_remove("SPOKELET_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    Ok(child)
+}
+
+/// When the hub received, after its first `before` events, a spec resync request listing
+/// exactly `works` works; panics after two minutes without one.
+pub async fn resync_listing(
+    hub: &crate::cloudevents_hub::TestHub,
+    before: usize,
+    works: usize,
+) -> std::time::Instant {
+    let give_up = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let found = hub.received_since(before).into_iter().find(|r| {
+            r.event.r#type.ends_with("spec.resync_request")
+                && r.json()
+                    .and_then(|j| j["resourceVersions"].as_array().map(Vec::len))
+                    .is_some_and(|n| n == works)
+        });
+        if let Some(r) = found {
+            return r.at;
+        }
+        assert!(
+            std::time::Instant::now() < give_up,
+            "no resync listing {works} works after the hub restarted"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}

@@ -97,6 +97,22 @@ impl Bed {
             .count()
     }
 
+    /// Waits until the hub has more than `before` statuses of `uid` (the agent reported again).
+    async fn until_reported_after(&self, uid: &str, before: usize) {
+        eventually("a status from the restarted agent", || {
+            let n = self.status_count(uid);
+            async move { if n > before { Ok(()) } else { Err("none yet") } }
+        })
+        .await
+        .unwrap();
+    }
+
+    /// Stops the agent, then the hub.
+    async fn close(&self, agent: Agent) {
+        agent.stop().await;
+        self.hub.stop().await;
+    }
+
     /// Spec resync requests the hub has received.
     fn resyncs(&self) -> usize {
         self.hub.received_of("spec.resync_request").len()
@@ -170,16 +186,10 @@ async fn late_resync_deletes_nothing(delay: Duration) {
     // Through the 2 s quiet period, the 30 s sync cap and the late answer, the object stays.
     bed.stays(&uid, delay + Duration::from_secs(4)).await;
     // The late answer was taken: the restarted agent reports the work again.
-    eventually("a status from the restarted agent", || {
-        let n = bed.status_count(&work.uid);
-        async move { if n > before { Ok(()) } else { Err("none yet") } }
-    })
-    .await
-    .unwrap();
+    bed.until_reported_after(&work.uid, before).await;
     bed.until_status(&work.uid, "Applied", "True").await;
     assert_eq!(bed.cm_uid().await, uid);
-    agent.stop().await;
-    bed.hub.stop().await;
+    bed.close(agent).await;
 }
 
 #[tokio::test]
@@ -205,16 +215,10 @@ async fn a_work_the_hub_lost_and_sends_back_within_the_grace_period_is_never_del
 
     // Back, unchanged: taken up again in place.
     bed.hub.restore_work(&lost);
-    eventually("a status from the restarted agent", || {
-        let n = bed.status_count(&work.uid);
-        async move { if n > before { Ok(()) } else { Err("none yet") } }
-    })
-    .await
-    .unwrap();
+    bed.until_reported_after(&work.uid, before).await;
     bed.until_status(&work.uid, "Applied", "True").await;
     bed.stays(&uid, Duration::from_secs(1)).await;
-    agent.stop().await;
-    bed.hub.stop().await;
+    bed.close(agent).await;
 }
 
 #[tokio::test]
@@ -228,8 +232,7 @@ async fn a_work_still_missing_after_the_grace_period_is_cleaned_up() {
     bed.stays(&uid, Duration::from_secs(2)).await;
     // ...and cleaned up once it is over.
     bed.until_gone().await;
-    agent.stop().await;
-    bed.hub.stop().await;
+    bed.close(agent).await;
 }
 
 #[tokio::test]
@@ -241,8 +244,7 @@ async fn a_work_deleted_on_the_hub_while_the_agent_was_away_is_cleaned_up_on_res
     // The default one-hour grace period does not apply: the hub answers the resync with a delete.
     let agent = Agent::start(&bed.args.with(&[]));
     bed.until_gone().await;
-    agent.stop().await;
-    bed.hub.stop().await;
+    bed.close(agent).await;
 }
 
 #[tokio::test]
@@ -285,8 +287,7 @@ async fn an_undecodable_work_is_left_alone_across_a_restart_and_its_status_says_
     .await
     .unwrap();
     assert_eq!(bed.cm_uid().await, uid);
-    agent.stop().await;
-    bed.hub.stop().await;
+    bed.close(agent).await;
 }
 
 #[tokio::test]
@@ -304,6 +305,5 @@ async fn a_delete_event_naming_another_works_resource_id_deletes_nothing() {
     // The real delete still works.
     bed.hub.delete_work(&bed.cluster, "model").unwrap();
     bed.until_gone().await;
-    agent.stop().await;
-    bed.hub.stop().await;
+    bed.close(agent).await;
 }

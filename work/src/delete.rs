@@ -189,27 +189,21 @@ async fn delete_with_progress(
     option: &DeleteOption,
     report: &mut Reporter<'_>,
 ) -> Result<(), DeleteError> {
-    // Claims are read once, up front: the claim table is not locked across the deletion's awaits.
+    // Decided once, up front: another work's claim (the claim table is not locked across the
+    // deletion's awaits), an adopted object or one the policy protects is only released.
+    let entries = applied_work::resources(amw);
     let mut claimed: HashSet<ObjKey> = {
         let claims = lock(&ctx.claims);
-        applied_work::resources(amw)
+        entries
             .iter()
             .map(ObjKey::from)
             .filter(|k| claims.claimed_elsewhere(k, name))
             .collect()
     };
-    // Objects the work adopted are released by default; see `ReconcileConfig::release_adopted`.
     let adopted = applied_work::adopted_uids(amw);
-    for e in applied_work::resources(amw) {
-        if ctx.cfg.release_adopted && !e.uid.is_empty() && adopted.contains(&e.uid) {
-            claimed.insert(ObjKey::from(&e));
-        }
-    }
-    // Objects the policy protects (recorded before it refused them) are released, never deleted.
-    for e in applied_work::resources(amw) {
-        if let Some(denied) = ctx.policy_denies(&e).await {
-            tracing::warn!(work = %name, object = %ObjKey::from(&e), %denied, "protected object released, not deleted");
-            claimed.insert(ObjKey::from(&e));
+    for e in &entries {
+        if prune::release_only(ctx, e, &adopted).await {
+            claimed.insert(ObjKey::from(e));
         }
     }
     let writer = match report.work {

@@ -554,9 +554,8 @@ impl EngineLoop {
         }
         self.found(&name);
         let slot = self.slots.entry(name.clone()).or_default();
-        let was_unreadable = slot.unreadable.take().is_some();
+        let was_unreadable = readable_again(slot, &self.ctx.metrics);
         if was_unreadable {
-            self.ctx.metrics.unreadable.dec();
             tracing::info!(work = %name, "work is readable again");
         }
         let changed = was_unreadable
@@ -592,9 +591,7 @@ impl EngineLoop {
             .or_else(|| amw.as_ref().map(applied_work::recorded_delete_option))
             .or_else(|| slot.recorded_option.clone())
             .unwrap_or_default();
-        if slot.unreadable.take().is_some() {
-            self.ctx.metrics.unreadable.dec();
-        }
+        readable_again(slot, &self.ctx.metrics);
         slot.delete = Some(option);
         self.timers.cancel(&r.name);
         self.rerun(&r.name);
@@ -781,6 +778,7 @@ impl EngineLoop {
         if slot.running || !slot.rerun {
             return;
         }
+        slot.rerun = false;
         if let Some(u) = slot.unreadable.clone()
             && slot.delete.is_none()
         {
@@ -794,7 +792,6 @@ impl EngineLoop {
             self.spawn_report(name, update);
             return;
         }
-        slot.rerun = false;
         if let Some(option) = slot.delete.clone() {
             slot.running = true;
             // The record is about to go: a later reconcile of a re-created work reads it afresh.
@@ -911,6 +908,16 @@ fn log_task_end(res: Result<(), tokio::task::JoinError>) {
     if let Err(e) = res {
         tracing::error!(error = %e, "work task ended abnormally");
     }
+}
+
+/// Clears a slot's unreadable mark (a readable version or a delete came), keeping the gauge
+/// true; whether it was set.
+fn readable_again(slot: &mut Slot, metrics: &WorkMetrics) -> bool {
+    let was = slot.unreadable.take().is_some();
+    if was {
+        metrics.unreadable.dec();
+    }
+    was
 }
 
 /// The earlier of two optional deadlines.

@@ -47,6 +47,26 @@ pub struct Owner<'a> {
     pub adopted: &'a HashSet<String>,
 }
 
+/// Whether letting go of `e` may only release it, never delete it: the work adopted it (unless
+/// the agent is set to delete adopted objects, as OCM's agent does), or the policy protects it.
+/// Pruning and work deletion both decide here.
+pub async fn release_only(
+    ctx: &ReconcileContext,
+    e: &AppliedManifestResourceMeta,
+    adopted: &HashSet<String>,
+) -> bool {
+    if ctx.cfg.release_adopted && !e.uid.is_empty() && adopted.contains(&e.uid) {
+        return true;
+    }
+    match ctx.policy_denies(e).await {
+        Some(denied) => {
+            tracing::warn!(object = %ObjKey::from(e), %denied, "protected object released, not deleted");
+            true
+        }
+        None => false,
+    }
+}
+
 /// How to remove an object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -81,10 +101,7 @@ pub async fn prune_unlisted(
             continue;
         }
         let elsewhere = lock(&ctx.claims).claimed_elsewhere(&key, work);
-        // An object the policy protects is released, never deleted; so is one the work adopted
-        // (unless the agent is set to delete adopted objects, as OCM's agent does).
-        let adopted_release = ctx.cfg.release_adopted && owner.adopted.contains(&e.uid);
-        let mode = if adopted_release || ctx.policy_denies(&e).await.is_some() {
+        let mode = if release_only(ctx, &e, owner.adopted).await {
             Mode::Orphan
         } else {
             Mode::Delete

@@ -17,7 +17,7 @@ use super::manifestwork::{
     ValueType,
 };
 use super::source::{StatusSink, StatusUpdate};
-use super::status_fit;
+use super::status_fit::{self, truncate};
 
 /// Longest work-level condition message: a work with many failures still fits a status.
 const MAX_MESSAGE: usize = 4096;
@@ -440,19 +440,6 @@ fn display_name(m: &ManifestResourceMeta) -> String {
     } else {
         format!("{}/{}", m.namespace, m.name)
     }
-}
-
-/// Cuts `s` to at most `max` bytes on a character boundary, marking the cut with `…`.
-fn truncate(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut cut = max;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-        s.push('…');
-    }
-    s
 }
 
 #[cfg(test)]

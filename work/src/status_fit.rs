@@ -46,29 +46,36 @@ fn size(status: &ManifestWorkStatus) -> usize {
 /// Truncates every condition message and feedback string to [`SHRUNK_TEXT`].
 fn shrink_texts(status: &mut ManifestWorkStatus) {
     for c in &mut status.conditions {
-        truncate(&mut c.message);
+        shrink(&mut c.message);
     }
     for m in &mut status.resource_status.manifests {
         for c in &mut m.conditions {
-            truncate(&mut c.message);
+            shrink(&mut c.message);
         }
         for v in &mut m.status_feedback.values {
             if let Some(s) = v.field_value.string.as_mut() {
-                truncate(s);
+                shrink(s);
             }
         }
     }
 }
 
-fn truncate(s: &mut String) {
-    if s.len() > SHRUNK_TEXT {
-        let mut cut = SHRUNK_TEXT;
+/// Cuts `s` to [`SHRUNK_TEXT`] in place.
+fn shrink(s: &mut String) {
+    *s = truncate(std::mem::take(s), SHRUNK_TEXT);
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary, marking the cut with `…`.
+pub(crate) fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
         while !s.is_char_boundary(cut) {
             cut -= 1;
         }
         s.truncate(cut);
         s.push('…');
     }
+    s
 }
 
 fn applied(m: &ManifestCondition) -> bool {

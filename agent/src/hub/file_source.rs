@@ -15,6 +15,7 @@ use crate::work::manifestwork::{ManifestWork, ManifestWorkStatus};
 use crate::work::source::{
     Listing, SinkError, StatusSink, StatusUpdate, WorkEvent, WorkRef, WorkSource, log_status,
 };
+use crate::work::validate::{MAX_WORK_NAME, check_subdomain};
 
 /// File-source failures (only construction can fail; bad files are reported, never fatal).
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +47,7 @@ pub enum WorkFileError {
     WrongKind { doc: usize, kind: String },
     /// The name becomes a file name and part of an object name.
     #[error(
-        "document {doc}: work name {name:?} must be lower-case letters, digits, '-' or '.' (at most 200)"
+        "document {doc}: work name {name:?} must be a DNS-1123 subdomain: lower-case letters, digits, '-' or '.', at most 188"
     )]
     BadName { doc: usize, name: String },
     #[error("two documents define a work with the same name")]
@@ -287,7 +288,9 @@ pub fn parse_works(path: &Path, bytes: &[u8]) -> Result<Vec<ManifestWork>, WorkF
             w.metadata.name = Some(stem(path));
         }
         let name = w.name_any();
-        if !is_safe_name(&name) {
+        // The engine's own rule (a DNS-1123 subdomain short enough for its record's name), so
+        // a file cannot hold a work the engine would refuse; it also keeps NAME.status.yaml safe.
+        if check_subdomain("work name", &name, MAX_WORK_NAME).is_err() {
             return Err(WorkFileError::BadName { doc, name });
         }
         out.push(w);
@@ -298,17 +301,6 @@ pub fn parse_works(path: &Path, bytes: &[u8]) -> Result<Vec<ManifestWork>, WorkF
         return Err(WorkFileError::DuplicateName);
     }
     Ok(out)
-}
-
-/// Only DNS-1123 subdomain characters: the name becomes a file name (NAME.status.yaml) and part
-/// of an object name, so it can never point outside the directory.
-fn is_safe_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 200
-        && !name.starts_with(['.', '-'])
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
 }
 
 /// Small extension so a document can be read as a Value.
