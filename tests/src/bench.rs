@@ -154,51 +154,6 @@ pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_per_target_cargo_variables_are_dropped() {
-        for name in [
-            "CARGO_PKG_NAME",
-            "CARGO_MANIFEST_DIR",
-            "CARGO_BIN_EXE_spokelet",
-            "OUT_DIR",
-        ] {
-            assert!(is_per_target_cargo_var(name), "{name}");
-        }
-        for name in [
-            "CARGO",
-            "CARGO_HOME",
-            "CARGO_TARGET_DIR",
-            "CARGO_TERM_COLOR",
-            "PATH",
-        ] {
-            assert!(!is_per_target_cargo_var(name), "{name}");
-        }
-    }
-
-    #[test]
-    fn percentiles_use_nearest_rank() {
-        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
-        assert_eq!(percentile(&v, 0.5), Duration::from_millis(51));
-        assert_eq!(percentile(&v, 0.99), Duration::from_millis(99));
-        assert_eq!(percentile(&v, 1.0), Duration::from_millis(100));
-        assert_eq!(percentile(&[], 0.5), Duration::ZERO);
-    }
-
-    #[test]
-    fn reads_this_process_memory() {
-        let pid = std::process::id();
-        // RSS first: other test threads may grow the process between the two reads.
-        let rss = proc_status_kib(pid, "VmRSS").unwrap();
-        let hwm = proc_status_kib(pid, "VmHWM").unwrap();
-        assert!(hwm >= rss && rss > 0, "VmHWM {hwm} VmRSS {rss}");
-        assert_eq!(proc_status_kib(pid, "VmNope"), None);
-    }
-}
-
 /// Starts the real `spokelet run --hub-transport grpc` against the test hub at `hub_url` as
 /// `cluster`, with a client certificate from `pki` and its log in `dir/agent.log`; the
 /// certificate files go to `dir` too, which must outlive the process.
@@ -269,5 +224,50 @@ pub async fn resync_listing(
             "no resync listing {works} works after the hub restarted"
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_per_target_cargo_variables_are_dropped() {
+        for name in [
+            "CARGO_PKG_NAME",
+            "CARGO_MANIFEST_DIR",
+            "CARGO_BIN_EXE_spokelet",
+            "OUT_DIR",
+        ] {
+            assert!(is_per_target_cargo_var(name), "{name}");
+        }
+        for name in [
+            "CARGO",
+            "CARGO_HOME",
+            "CARGO_TARGET_DIR",
+            "CARGO_TERM_COLOR",
+            "PATH",
+        ] {
+            assert!(!is_per_target_cargo_var(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&v, 0.5), Duration::from_millis(51));
+        assert_eq!(percentile(&v, 0.99), Duration::from_millis(99));
+        assert_eq!(percentile(&v, 1.0), Duration::from_millis(100));
+        assert_eq!(percentile(&[], 0.5), Duration::ZERO);
+    }
+
+    #[test]
+    fn reads_this_process_memory() {
+        let pid = std::process::id();
+        // RSS first: other test threads may grow the process between the two reads.
+        let rss = proc_status_kib(pid, "VmRSS").unwrap();
+        let hwm = proc_status_kib(pid, "VmHWM").unwrap();
+        assert!(hwm >= rss && rss > 0, "VmHWM {hwm} VmRSS {rss}");
+        assert_eq!(proc_status_kib(pid, "VmNope"), None);
     }
 }
