@@ -21,6 +21,7 @@ use crate::work::metrics::WorkMetrics;
 use crate::work::policy::{AgentIdentity, Policy, PolicyError};
 use crate::work::schedule::FlapGuard;
 use crate::work::source::{StatusSink, WorkSource};
+use crate::work::validate::WorkLimits;
 
 /// Settings of the work engine.
 #[derive(clap::Args, Debug, Clone)]
@@ -68,6 +69,14 @@ pub struct RunArgs {
     /// Most manifests per work (the work's record must fit in one API object).
     #[arg(long, env = "SPOKELET_MAX_MANIFESTS", default_value_t = 5_000)]
     pub max_manifests: usize,
+
+    /// Most JSONPaths per work, feedback rules and ignored fields together.
+    #[arg(long, env = "SPOKELET_MAX_JSON_PATHS", default_value_t = 512)]
+    pub max_json_paths: usize,
+
+    /// Deepest nesting (objects and arrays) of a manifest.
+    #[arg(long, env = "SPOKELET_MAX_JSON_DEPTH", default_value_t = 100)]
+    pub max_json_depth: usize,
 
     /// Debounce quiet period for drift corrections.
     #[arg(long, env = "SPOKELET_DRIFT_DEBOUNCE", default_value = "20ms", value_parser = parse_duration)]
@@ -186,8 +195,12 @@ pub fn engine_config(args: &RunArgs) -> EngineConfig {
     cfg.resync_interval = args.resync_interval.max(Duration::from_secs(1));
     cfg.max_concurrent_works = args.max_concurrent_works.max(1);
     cfg.max_concurrent_manifests = args.max_concurrent_manifests.max(1);
-    cfg.max_work_bytes = args.max_work_bytes;
-    cfg.max_manifests = args.max_manifests.max(1);
+    cfg.limits = WorkLimits {
+        max_work_bytes: args.max_work_bytes,
+        max_manifests: args.max_manifests.max(1),
+        max_json_paths: args.max_json_paths,
+        max_json_depth: args.max_json_depth.max(1),
+    };
     cfg.debounce_quiet = args.drift_debounce;
     cfg.flap = FlapGuard::default();
     cfg.eviction_grace = args.eviction_grace_period;

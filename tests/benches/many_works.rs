@@ -2,8 +2,11 @@
 //! objects (a ConfigMap and a Secret) from the test CloudEvents hub, on a real kube-apiserver.
 //! Prints a table:
 //!
-//! 1. time until all 5,000 works are reported `Applied`, beside the raw-API floor: the same
-//!    10,000 objects created directly, 96 at a time, in the same run;
+//! 1. time until all 5,000 works are reported `Applied`, beside two floors measured in the same
+//!    run: the raw-create floor (the same 10,000 objects created directly, 96 at a time) and the
+//!    OCM-shaped floor (the same plus, per work, its AppliedManifestWork record created and its
+//!    status written, objects owned by it, with label-selected watches open: what any agent
+//!    keeping OCM's record and watching for drift must send);
 //! 2. the agent's resident memory holding them (now and peak);
 //! 3. reconnect + resync: the hub restarts; time from it listening again until the agent has
 //!    re-subscribed and sent its `spec.resync_request` listing all 5,000 works, and until the
@@ -15,12 +18,12 @@
 
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use spokelet_e2e::bench::{
-    ms, percentile, print_table, proc_status_kib, resync_listing, spawn_grpc_agent, spokelet_binary,
+    ms, ocm_shaped_floor, percentile, print_table, proc_status_kib, raw_creates, resync_listing,
+    spawn_grpc_agent, spokelet_binary,
 };
 use spokelet_e2e::cloudevents_hub::{HubPki, TestHub, TestHubOptions};
 use spokelet_e2e::{ClusterOptions, KubeCluster};
@@ -56,27 +59,30 @@ async fn namespaces(client: &kube::Client, prefix: &str) {
     }
 }
 
-/// The floor: the same objects created straight through the API, `FLOOR_CONCURRENCY` at a time.
+/// The raw-create floor: the same objects created straight through the API,
+/// `FLOOR_CONCURRENCY` at a time.
 async fn raw_floor(client: &kube::Client) -> Duration {
     namespaces(client, "floor").await;
-    let t = Instant::now();
     let creates = (0..WORKS).flat_map(|i| objects(i, &format!("floor-{}", i % NAMESPACES)));
-    futures::stream::iter(creates)
-        .for_each_concurrent(FLOOR_CONCURRENCY, |obj| {
-            let client = client.clone();
-            async move {
-                let kind = obj["kind"].as_str().unwrap_or_default().to_string();
-                let ns = obj["metadata"]["namespace"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string();
-                let ar = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk("", "v1", &kind));
-                let api: Api<kube::api::DynamicObject> = Api::namespaced_with(client, &ns, &ar);
-                let o: kube::api::DynamicObject = serde_json::from_value(obj).unwrap();
-                api.create(&PostParams::default(), &o).await.unwrap();
-            }
-        })
-        .await;
+    let t = Instant::now();
+    raw_creates(client, creates.collect(), FLOOR_CONCURRENCY).await;
+    t.elapsed()
+}
+
+/// The OCM-shaped floor ([`ocm_shaped_floor`]): per work its record, its objects and the
+/// record's status, `FLOOR_CONCURRENCY` works at a time, with the drift watches open.
+async fn ocm_floor(client: &kube::Client) -> Duration {
+    namespaces(client, "ocm").await;
+    spokelet::work::applied_work::install_crd(client).await.unwrap();
+    let crd = spokelet::work::applied_work::CRD_NAME;
+    spokelet::work::applied_work::wait_established(client, crd, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let works = (0..WORKS)
+        .map(|i| objects(i, &format!("ocm-{}", i % NAMESPACES)))
+        .collect();
+    let t = Instant::now();
+    ocm_shaped_floor(client, works, "ocm-floor", FLOOR_CONCURRENCY).await;
     t.elapsed()
 }
 
@@ -107,6 +113,7 @@ async fn bench() {
     .unwrap_or_else(|e| panic!("spoke API server did not start (run tests/env/install.sh): {e}"));
     let admin = spoke.client();
     let floor = raw_floor(&admin).await;
+    let ocm = ocm_floor(&admin).await;
     namespaces(&admin, "many").await;
 
     let pki = HubPki::generate().unwrap();
@@ -205,7 +212,16 @@ async fn bench() {
         vec![
             format!("all {WORKS} works Applied"),
             ms(all_applied),
-            format!("raw-API floor, {} creates: {} ms", WORKS * 2, ms(floor)),
+            format!("raw-create floor, {} creates: {} ms", WORKS * 2, ms(floor)),
+            "-".into(),
+        ],
+        vec![
+            "OCM-shaped floor: + records, owner refs, watches".into(),
+            ms(ocm),
+            format!(
+                "agent / OCM-shaped floor: {:.2}x",
+                all_applied.as_secs_f64() / ocm.as_secs_f64()
+            ),
             "-".into(),
         ],
         vec![

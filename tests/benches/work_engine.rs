@@ -1,17 +1,19 @@
 //! Work-engine benchmark on a real API server (prints a table):
 //!
 //! 1. apply 1,000 objects (200 works x ConfigMap, Secret, Service, Deployment, ServiceAccount)
-//!    from cold, then re-apply them unchanged, side by side with `kubectl apply --server-side`
-//!    of the same objects (fresh namespaces for each side); the unchanged re-apply must write nothing;
+//!    from cold, side by side with `kubectl apply --server-side` of the same objects, the
+//!    raw-create floor (the same creates, nothing else) and the OCM-shaped floor (the requests
+//!    any agent keeping OCM's record and watching for drift must send, sent raw); three rounds on
+//!    fresh namespaces, medians reported, with the API server's requests per side; then
+//!    re-apply the first round unchanged, which must write nothing;
 //! 2. drift: edit or delete 100 applied objects one at a time and time change -> corrected (p50/p99);
 //! 3. peak RSS (VmHWM) of the real `spokelet run` binary holding the 200 works.
 //!
 //! Run: `cargo bench -p spokelet-e2e --bench work_engine` (builds the agent binary if needed).
 //! `KUBECTL` overrides the kubectl path (default /usr/bin/kubectl).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
-use futures::StreamExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,13 +27,18 @@ use spokelet::work::conditions::find;
 use spokelet::work::manifestwork::{Manifest, ManifestWork, ManifestWorkSpec, ManifestsTemplate};
 use spokelet::work::metrics::WorkMetrics;
 use spokelet::work::{CancellationToken, EngineConfig, Listing, StatusUpdate, WorkEngine, WorkEvent};
-use spokelet_e2e::bench::{percentile, proc_cpu, proc_status_kib, spokelet_binary, total_cpu};
+use spokelet_e2e::bench::{
+    cpu_by_process, ocm_shaped_floor, percentile, proc_cpu, proc_status_kib, raw_creates, request_counts,
+    request_delta, spokelet_binary, total_cpu,
+};
 use spokelet_e2e::{ClusterOptions, KubeCluster};
 use tokio::sync::mpsc;
 
 const WORKS: usize = 200;
 const NAMESPACES: usize = 10;
 const DRIFT_SAMPLES: usize = 100;
+/// Cold-apply rounds; the table gives medians.
+const ROUNDS: usize = 3;
 
 fn objects(ns_prefix: &str, i: usize) -> Vec<Value> {
     let ns = format!("{ns_prefix}-{}", i % NAMESPACES);
@@ -54,7 +61,7 @@ fn objects(ns_prefix: &str, i: usize) -> Vec<Value> {
 
 fn work(ns_prefix: &str, i: usize, generation: i64) -> ManifestWork {
     let mut w = ManifestWork::new(
-        &format!("bench-{i}"),
+        &format!("{ns_prefix}-{i}"),
         ManifestWorkSpec {
             workload: ManifestsTemplate {
                 manifests: objects(ns_prefix, i).into_iter().map(Manifest::from).collect(),
@@ -121,6 +128,21 @@ async fn versions(client: &Client, prefix: &str) -> HashMap<String, String> {
         }
     }
     out
+}
+
+/// [`versions`] once controllers have stopped writing the objects (token controllers update
+/// ServiceAccounts for a while after a burst): two readings 2 s apart agree, or a minute passed.
+async fn settled_versions(client: &Client, prefix: &str) -> HashMap<String, String> {
+    let give_up = Instant::now() + Duration::from_secs(60);
+    let mut last = versions(client, prefix).await;
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = versions(client, prefix).await;
+        if now == last || Instant::now() > give_up {
+            return now;
+        }
+        last = now;
+    }
 }
 
 fn changed(a: &HashMap<String, String>, b: &HashMap<String, String>) -> usize {
@@ -198,11 +220,14 @@ impl Engine {
         }
     }
 
-    async fn all_applied(&mut self, generation: i64) {
+    /// Waits until the works named `<prefix>-<i>` all report Applied at `generation`.
+    async fn all_applied(&mut self, prefix: &str, generation: i64) {
+        let ours = format!("{prefix}-");
         loop {
             let done = self.latest.values().filter(|u| {
-                find(&u.status.conditions, "Applied")
-                    .is_some_and(|c| c.status == "True" && c.observed_generation == generation)
+                u.name.starts_with(&ours)
+                    && find(&u.status.conditions, "Applied")
+                        .is_some_and(|c| c.status == "True" && c.observed_generation == generation)
             });
             if done.count() == WORKS {
                 return;
@@ -251,117 +276,114 @@ async fn bench() {
     let tmp = tempfile::tempdir().unwrap();
     let mut rows: Vec<(String, String, String)> = Vec::new();
 
-    // --- 1. cold apply and unchanged re-apply: kubectl ---
-    make_namespaces(&client, "kubectl").await;
-    let mut yaml = String::new();
-    for i in 0..WORKS {
-        for o in objects("kubectl", i) {
-            yaml.push_str("---\n");
-            yaml.push_str(&serde_yaml::to_string(&o).unwrap());
-        }
-    }
-    let file = tmp.path().join("all.yaml");
-    std::fs::write(&file, yaml).unwrap();
     let server = cluster.pids();
-    let s0 = total_cpu(&server);
-    let (k_cold, k_cpu) = kubectl_apply(&kubeconfig, &file);
-    let k_server_cpu = total_cpu(&server).saturating_sub(s0);
-    // Let controllers finish their follow-up writes (service-account tokens) first.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let k_before = versions(&client, "kubectl").await;
-    let (k_again, _) = kubectl_apply(&kubeconfig, &file);
-    let k_after = versions(&client, "kubectl").await;
-    assert_eq!(k_before.len(), WORKS * 5, "kubectl applied every object");
-
-    // --- server floor: the same 1,000 creates sent straight from one client, 64 at a time ---
-    make_namespaces(&client, "floor").await;
-    let all: Vec<Value> = (0..WORKS).flat_map(|i| objects("floor", i)).collect();
-    let (s0, c0) = (total_cpu(&server), proc_cpu(0).unwrap_or_default());
-    let t = Instant::now();
-    futures::stream::iter(all.into_iter().map(|o| {
-        let client = client.clone();
-        async move {
-            let (g, plural) = match o["kind"].as_str().unwrap_or("") {
-                "ConfigMap" => ("", "configmaps"),
-                "Secret" => ("", "secrets"),
-                "Service" => ("", "services"),
-                "Deployment" => ("apps", "deployments"),
-                _ => ("", "serviceaccounts"),
-            };
-            let ar = kube::api::ApiResource {
-                group: g.into(),
-                version: "v1".into(),
-                api_version: if g.is_empty() {
-                    "v1".into()
-                } else {
-                    format!("{g}/v1")
-                },
-                kind: o["kind"].as_str().unwrap_or("").into(),
-                plural: plural.into(),
-            };
-            let ns = o["metadata"]["namespace"].as_str().unwrap_or("").to_string();
-            let obj: DynamicObject = serde_json::from_value(o).unwrap();
-            Api::<DynamicObject>::namespaced_with(client, &ns, &ar)
-                .create(&PostParams::default(), &obj)
-                .await
-                .unwrap();
-        }
-    }))
-    .buffer_unordered(64)
-    .collect::<Vec<()>>()
-    .await;
-    let floor = t.elapsed();
-    let floor_server_cpu = total_cpu(&server).saturating_sub(s0);
-    let floor_cpu = proc_cpu(0).unwrap_or_default().saturating_sub(c0);
-    // As after kubectl: let controllers finish their follow-up writes for these objects (token
-    // Secrets, ReplicaSets, Pods) so they do not load the API server during the engine's run.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-
-    // --- 1. cold apply and unchanged re-apply: the engine ---
-    make_namespaces(&client, "engine").await;
-    let mut e = Engine::start(client.clone(), "bench-hub").await;
-    let (s0, c0) = (total_cpu(&server), proc_cpu(0).unwrap_or_default());
-    let t0 = Instant::now();
-    for i in 0..WORKS {
-        e.tx.send(WorkEvent::Upsert(Box::new(work("engine", i, 1))))
-            .unwrap();
+    let mut engine = Engine::start(client.clone(), "bench-hub").await;
+    // --- 1. cold apply, ROUNDS times side by side (fresh namespaces each), medians reported ---
+    let mut rounds: Vec<Round> = Vec::new();
+    for r in 0..ROUNDS {
+        let kubectl = kubectl_side(&client, &server, &kubeconfig, tmp.path(), r).await;
+        settle().await;
+        let floor = floor_side(&client, &server, r).await;
+        settle().await;
+        let ocm = ocm_floor_side(&client, &server, r).await;
+        settle().await;
+        let engine_side = engine_side(&mut engine, &client, &server, r).await;
+        settle().await;
+        rounds.push(Round {
+            kubectl,
+            floor,
+            ocm,
+            engine: engine_side,
+        });
     }
-    e.all_applied(1).await;
-    let e_cold = t0.elapsed();
-    let e_server_cpu = total_cpu(&server).saturating_sub(s0);
-    // This process is the engine plus the benchmark's own (small) bookkeeping.
-    let e_cpu = proc_cpu(0).unwrap_or_default().saturating_sub(c0);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let e_before = versions(&client, "engine").await;
+    let median = |f: &dyn Fn(&Round) -> Duration| {
+        let mut v: Vec<Duration> = rounds.iter().map(f).collect();
+        v.sort();
+        v[v.len() / 2]
+    };
+    let e_cold = median(&|r| r.engine.wall);
+    let k_cold = median(&|r| r.kubectl.wall);
+    let floor = median(&|r| r.floor.wall);
+    let ocm = median(&|r| r.ocm.wall);
+
+    // --- unchanged re-apply, on the first round's objects ---
+    let k_file = tmp.path().join("kubectl-0.yaml");
+    let k_before = settled_versions(&client, &side_prefix("kubectl", 0)).await;
+    let (k_again, _) = kubectl_apply(&kubeconfig, &k_file);
+    let k_after = versions(&client, &side_prefix("kubectl", 0)).await;
+    assert_eq!(k_before.len(), WORKS * 5, "kubectl applied every object");
+    let e_prefix = side_prefix("engine", 0);
+    let e_before = settled_versions(&client, &e_prefix).await;
     assert_eq!(e_before.len(), WORKS * 5, "engine applied every object");
-    let writes_before = e.count("created") + e.count("updated");
+    let writes_before = engine.count("created") + engine.count("updated");
     let t1 = Instant::now();
     for i in 0..WORKS {
-        e.tx.send(WorkEvent::Upsert(Box::new(work("engine", i, 2))))
+        engine
+            .tx
+            .send(WorkEvent::Upsert(Box::new(work(&e_prefix, i, 2))))
             .unwrap();
     }
-    e.all_applied(2).await;
+    engine.all_applied(&e_prefix, 2).await;
     let e_again = t1.elapsed();
-    let e_after = versions(&client, "engine").await;
-    let e_writes = e.count("created") + e.count("updated") - writes_before;
+    let e_after = versions(&client, &e_prefix).await;
+    let e_writes = engine.count("created") + engine.count("updated") - writes_before;
+    let e = engine;
 
     let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1000.0);
-    rows.push(("cold apply, 1,000 objects".into(), ms(e_cold), ms(k_cold)));
+    let cpu = |d: Duration| format!("{:.2} s", d.as_secs_f64());
+    let all_ms = |f: &dyn Fn(&Round) -> Duration| {
+        let v: Vec<String> = rounds
+            .iter()
+            .map(|r| format!("{:.0}", f(r).as_secs_f64() * 1000.0))
+            .collect();
+        v.join(", ")
+    };
     rows.push((
-        "server floor: same 1,000 creates, raw, 64 in flight".into(),
-        ms(floor),
+        format!("cold apply, 1,000 objects (median of {ROUNDS})"),
+        ms(e_cold),
+        ms(k_cold),
+    ));
+    rows.push((
+        "  each round (ms)".into(),
+        all_ms(&|r| r.engine.wall),
+        all_ms(&|r| r.kubectl.wall),
+    ));
+    rows.push((
+        "raw-create floor: same 1,000 creates, 64 in flight".into(),
+        format!("{} ({})", ms(floor), all_ms(&|r| r.floor.wall)),
         String::new(),
     ));
-    let cpu = |d: Duration| format!("{:.2} s", d.as_secs_f64());
+    rows.push((
+        "OCM-shaped floor: + records, owner refs, drift watches".into(),
+        format!("{} ({})", ms(ocm), all_ms(&|r| r.ocm.wall)),
+        String::new(),
+    ));
+    rows.push((
+        "engine / raw-create floor; engine / OCM-shaped floor".into(),
+        format!(
+            "{:.2}x; {:.2}x",
+            e_cold.as_secs_f64() / floor.as_secs_f64(),
+            e_cold.as_secs_f64() / ocm.as_secs_f64()
+        ),
+        String::new(),
+    ));
     rows.push((
         "cold apply: API server + etcd + controllers CPU".into(),
-        cpu(e_server_cpu),
-        cpu(k_server_cpu),
+        cpu(median(&|r| r.engine.server_cpu)),
+        cpu(median(&|r| r.kubectl.server_cpu)),
     ));
-    rows.push(("cold apply: client CPU".into(), cpu(e_cpu), cpu(k_cpu)));
     rows.push((
-        "server floor: server CPU / client CPU".into(),
-        format!("{} / {}", cpu(floor_server_cpu), cpu(floor_cpu)),
+        "cold apply: client CPU".into(),
+        cpu(median(&|r| r.engine.client_cpu)),
+        cpu(median(&|r| r.kubectl.client_cpu)),
+    ));
+    rows.push((
+        "floors: server CPU, raw-create / OCM-shaped".into(),
+        format!(
+            "{} / {}",
+            cpu(median(&|r| r.floor.server_cpu)),
+            cpu(median(&|r| r.ocm.server_cpu))
+        ),
         String::new(),
     ));
     rows.push((
@@ -380,7 +402,7 @@ async fn bench() {
     let mut lat = Vec::with_capacity(DRIFT_SAMPLES);
     for s in 0..DRIFT_SAMPLES {
         let i = s % WORKS;
-        let ns = format!("engine-{}", i % NAMESPACES);
+        let ns = format!("{e_prefix}-{}", i % NAMESPACES);
         let name = format!("w{i}-cm");
         let api: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
         let t = Instant::now();
@@ -420,7 +442,7 @@ async fn bench() {
     let corrections = e
         .metrics
         .drift_corrections
-        .get_or_create(&vec![("work".into(), "bench-0".into())])
+        .get_or_create(&vec![("work".into(), format!("{e_prefix}-0"))])
         .get();
     rows.push((
         "drift correction p50 (edit/delete)".into(),
@@ -435,7 +457,7 @@ async fn bench() {
     rows.push((
         "drift correction max".into(),
         ms(*lat.last().unwrap()),
-        format!("({} corrections counted on bench-0)", corrections),
+        format!("({corrections} corrections counted on {e_prefix}-0)"),
     ));
     e.shutdown.cancel();
 
@@ -447,7 +469,7 @@ async fn bench() {
         let mut w = serde_json::to_value(work("rss", i, 1)).unwrap();
         w["metadata"].as_object_mut().unwrap().remove("generation");
         std::fs::write(
-            works_dir.join(format!("bench-{i}.yaml")),
+            works_dir.join(format!("rss-{i}.yaml")),
             serde_yaml::to_string(&w).unwrap(),
         )
         .unwrap();
@@ -475,7 +497,7 @@ async fn bench() {
     loop {
         let applied = (0..WORKS)
             .filter(|i| {
-                std::fs::read_to_string(works_dir.join(format!("bench-{i}.status.yaml")))
+                std::fs::read_to_string(works_dir.join(format!("rss-{i}.status.yaml")))
                     .ok()
                     .and_then(|s| serde_yaml::from_str::<spokelet::work::ManifestWorkStatus>(&s).ok())
                     .is_some_and(|st| find(&st.conditions, "Applied").is_some_and(|c| c.status == "True"))
@@ -520,5 +542,198 @@ async fn bench() {
     for (a, b, c) in rows {
         println!("| {a:<62} | {b:>26} | {c:>22} |");
     }
+    print_requests(&rounds[ROUNDS / 2]);
     cluster.stop().await;
+}
+
+/// What the API server did during one cold-apply phase: requests served (all clients,
+/// controllers included) and CPU per server process.
+#[derive(Default)]
+struct Cost {
+    requests: BTreeMap<String, u64>,
+    cpu: BTreeMap<String, Duration>,
+}
+
+/// One side of one cold-apply round: wall time, CPU and what the server did.
+struct Side {
+    wall: Duration,
+    /// API server + etcd + controller-manager.
+    server_cpu: Duration,
+    /// The client doing the apply (kubectl's own process, or this one for the others).
+    client_cpu: Duration,
+    cost: Cost,
+}
+
+/// One round of the cold apply, every side on fresh namespaces.
+struct Round {
+    kubectl: Side,
+    floor: Side,
+    ocm: Side,
+    engine: Side,
+}
+
+/// Prints what the server did during one round, side by side, to show where the engine's
+/// extra server work goes.
+fn print_requests(round: &Round) {
+    let sides = [
+        &round.engine.cost,
+        &round.ocm.cost,
+        &round.kubectl.cost,
+        &round.floor.cost,
+    ];
+    let mut keys: Vec<&String> = sides.iter().flat_map(|c| c.requests.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let line = |name: &str, cells: [String; 4]| {
+        println!(
+            "| {name:<44} | {:>8} | {:>8} | {:>8} | {:>8} |",
+            cells[0], cells[1], cells[2], cells[3]
+        );
+    };
+    println!();
+    println!("API server requests during one cold-apply round (every client, controllers included):");
+    line(
+        "request",
+        ["engine", "OCM floor", "kubectl", "raw floor"].map(String::from),
+    );
+    println!("|{}|{}|", "-".repeat(46), vec!["-".repeat(10); 4].join("|"));
+    for k in keys {
+        line(
+            k,
+            sides.map(|c| c.requests.get(k).copied().unwrap_or(0).to_string()),
+        );
+    }
+    line(
+        "total",
+        sides.map(|c| c.requests.values().sum::<u64>().to_string()),
+    );
+    let mut procs: Vec<&String> = sides.iter().flat_map(|c| c.cpu.keys()).collect();
+    procs.sort();
+    procs.dedup();
+    for p in procs {
+        let cell = |c: &Cost| format!("{:.2} s", c.cpu.get(p).copied().unwrap_or_default().as_secs_f64());
+        line(&format!("CPU: {p}"), sides.map(cell));
+    }
+}
+
+/// Namespace (and work-name) prefix of one side in one round.
+fn side_prefix(side: &str, round: usize) -> String {
+    format!("{side}{round}")
+}
+
+/// Lets controllers finish their follow-up writes (token Secrets, ReplicaSets, Pods) for the
+/// objects just made, so they do not load the API server during the next side's run.
+async fn settle() {
+    tokio::time::sleep(Duration::from_secs(3)).await;
+}
+
+/// `kubectl apply --server-side` of the round's 1,000 objects (its file is kept for the re-apply).
+async fn kubectl_side(client: &Client, server: &[u32], kubeconfig: &Path, dir: &Path, round: usize) -> Side {
+    let prefix = side_prefix("kubectl", round);
+    make_namespaces(client, &prefix).await;
+    let mut yaml = String::new();
+    for i in 0..WORKS {
+        for o in objects(&prefix, i) {
+            yaml.push_str("---\n");
+            yaml.push_str(&serde_yaml::to_string(&o).unwrap());
+        }
+    }
+    let file = dir.join(format!("kubectl-{round}.yaml"));
+    std::fs::write(&file, yaml).unwrap();
+    let mark = Mark::take(client, server).await;
+    let (wall, client_cpu) = kubectl_apply(kubeconfig, &file);
+    mark.side(client, server, wall, client_cpu).await
+}
+
+/// The raw-create floor: the same 1,000 creates sent straight from one client, 64 at a time.
+async fn floor_side(client: &Client, server: &[u32], round: usize) -> Side {
+    let prefix = side_prefix("floor", round);
+    make_namespaces(client, &prefix).await;
+    let all: Vec<Value> = (0..WORKS).flat_map(|i| objects(&prefix, i)).collect();
+    let c0 = proc_cpu(0).unwrap_or_default();
+    let mark = Mark::take(client, server).await;
+    let t = Instant::now();
+    raw_creates(client, all, 64).await;
+    let wall = t.elapsed();
+    let client_cpu = proc_cpu(0).unwrap_or_default().saturating_sub(c0);
+    mark.side(client, server, wall, client_cpu).await
+}
+
+/// The OCM-shaped floor ([`ocm_shaped_floor`]) of the round's 200 works, 64 at a time.
+async fn ocm_floor_side(client: &Client, server: &[u32], round: usize) -> Side {
+    let prefix = side_prefix("ocm", round);
+    make_namespaces(client, &prefix).await;
+    let works: Vec<Vec<Value>> = (0..WORKS).map(|i| objects(&prefix, i)).collect();
+    let c0 = proc_cpu(0).unwrap_or_default();
+    let mark = Mark::take(client, server).await;
+    let t = Instant::now();
+    // 64 works at a time, each sending one request at a time: 64 requests in flight, as in the
+    // raw-create floor.
+    ocm_shaped_floor(client, works, &format!("ocm-floor-{round}"), 64).await;
+    let wall = t.elapsed();
+    let client_cpu = proc_cpu(0).unwrap_or_default().saturating_sub(c0);
+    mark.side(client, server, wall, client_cpu).await
+}
+
+/// The engine applying the round's 200 works from cold.
+async fn engine_side(engine: &mut Engine, client: &Client, server: &[u32], round: usize) -> Side {
+    let prefix = side_prefix("engine", round);
+    make_namespaces(client, &prefix).await;
+    let c0 = proc_cpu(0).unwrap_or_default();
+    let mark = Mark::take(client, server).await;
+    let t = Instant::now();
+    for i in 0..WORKS {
+        engine
+            .tx
+            .send(WorkEvent::Upsert(Box::new(work(&prefix, i, 1))))
+            .unwrap();
+    }
+    engine.all_applied(&prefix, 1).await;
+    let wall = t.elapsed();
+    // This process is the engine plus the benchmark's own (small) bookkeeping.
+    let client_cpu = proc_cpu(0).unwrap_or_default().saturating_sub(c0);
+    mark.side(client, server, wall, client_cpu).await
+}
+
+/// A reading of the server's request counters and per-process CPU at the start of a phase.
+struct Mark {
+    cpu: Duration,
+    requests: BTreeMap<String, u64>,
+    per_process: BTreeMap<String, Duration>,
+}
+
+impl Mark {
+    async fn take(client: &Client, server: &[u32]) -> Mark {
+        Mark {
+            cpu: total_cpu(server),
+            requests: request_counts(client).await.expect("API server metrics"),
+            per_process: cpu_by_process(server),
+        }
+    }
+
+    /// The side measured from this mark to now.
+    async fn side(&self, client: &Client, server: &[u32], wall: Duration, client_cpu: Duration) -> Side {
+        let server_cpu = total_cpu(server).saturating_sub(self.cpu);
+        Side {
+            wall,
+            server_cpu,
+            client_cpu,
+            cost: self.since(client, server).await,
+        }
+    }
+
+    async fn since(&self, client: &Client, server: &[u32]) -> Cost {
+        let now = request_counts(client).await.expect("API server metrics");
+        let cpu = cpu_by_process(server)
+            .into_iter()
+            .map(|(p, c)| {
+                let d = c.saturating_sub(self.per_process.get(&p).copied().unwrap_or_default());
+                (p, d)
+            })
+            .collect();
+        Cost {
+            requests: request_delta(&self.requests, &now),
+            cpu,
+        }
+    }
 }

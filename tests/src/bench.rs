@@ -103,6 +103,18 @@ pub fn total_cpu(pids: &[u32]) -> Duration {
     pids.iter().filter_map(|p| proc_cpu(*p)).sum()
 }
 
+/// CPU time used so far by each of the given processes, by command name (`/proc/<pid>/comm`).
+pub fn cpu_by_process(pids: &[u32]) -> std::collections::BTreeMap<String, Duration> {
+    let mut out = std::collections::BTreeMap::new();
+    for pid in pids {
+        let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|n| n.trim().to_string())
+            .unwrap_or_else(|_| pid.to_string());
+        *out.entry(name).or_insert(Duration::ZERO) += proc_cpu(*pid).unwrap_or_default();
+    }
+    out
+}
+
 /// The `p` quantile (0.0..=1.0) of sorted samples (nearest rank); zero when empty.
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -201,6 +213,199 @@ pub fn spawn_grpc_agent(
     Ok(child)
 }
 
+/// Requests the API server has served so far, by `VERB resource[/subresource]`, read from its
+/// `apiserver_request_total` counter (every client's requests, controllers' included). Two
+/// readings subtracted with [`request_delta`] say what one phase of a benchmark cost in requests.
+pub async fn request_counts(
+    client: &kube::Client,
+) -> Result<std::collections::BTreeMap<String, u64>, kube::Error> {
+    let req = http::Request::get("/metrics")
+        .body(Vec::new())
+        .map_err(kube::Error::HttpError)?;
+    let text = client.request_text(req).await?;
+    Ok(parse_request_counts(&text))
+}
+
+/// The `apiserver_request_total` series of a Prometheus text page, summed by verb and resource.
+fn parse_request_counts(text: &str) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let label = |name: &str| {
+            labels
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix("=\""))
+                .map(|v| v.trim_end_matches('"'))
+                .unwrap_or("")
+        };
+        let mut key = format!("{} {}", label("verb"), label("resource"));
+        if !label("subresource").is_empty() {
+            key = format!("{key}/{}", label("subresource"));
+        }
+        let n = value.trim().parse::<f64>().unwrap_or(0.0) as u64;
+        *out.entry(key).or_insert(0) += n;
+    }
+    out
+}
+
+/// `after - before`, keeping only the series that grew.
+pub fn request_delta(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+) -> std::collections::BTreeMap<String, u64> {
+    after
+        .iter()
+        .filter_map(|(k, v)| {
+            let d = v.saturating_sub(before.get(k).copied().unwrap_or(0));
+            (d > 0).then(|| (k.clone(), d))
+        })
+        .collect()
+}
+
+/// The resource of a built-in object from its apiVersion and kind (plural as kube guesses it).
+pub fn resource_of(obj: &serde_json::Value) -> kube::api::ApiResource {
+    let api_version = obj["apiVersion"].as_str().unwrap_or("v1");
+    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+    let kind = obj["kind"].as_str().unwrap_or("");
+    kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(group, version, kind))
+}
+
+/// Creates one object through the API as `field_manager`; returns its UID. Panics on failure
+/// (a benchmark whose floor fails measures nothing).
+async fn create_raw(client: &kube::Client, obj: serde_json::Value, field_manager: Option<&str>) -> String {
+    let ar = resource_of(&obj);
+    let ns = obj["metadata"]["namespace"].as_str().unwrap_or("").to_string();
+    let o: kube::api::DynamicObject =
+        serde_json::from_value(obj).unwrap_or_else(|e| panic!("not an object: {e}"));
+    let pp = kube::api::PostParams {
+        dry_run: false,
+        field_manager: field_manager.map(String::from),
+    };
+    let made = kube::Api::<kube::api::DynamicObject>::namespaced_with(client.clone(), &ns, &ar)
+        .create(&pp, &o)
+        .await
+        .unwrap_or_else(|e| panic!("floor create failed: {e}"));
+    made.metadata.uid.unwrap_or_default()
+}
+
+/// The raw-create floor: `objects` created straight through the API, `concurrency` at a time,
+/// and nothing else.
+pub async fn raw_creates(client: &kube::Client, objects: Vec<serde_json::Value>, concurrency: usize) {
+    use futures::StreamExt;
+    futures::stream::iter(objects)
+        .for_each_concurrent(concurrency, |o| async move {
+            create_raw(client, o, None).await;
+        })
+        .await;
+}
+
+/// Label of the objects the OCM-shaped floor creates (not the agent's, so its watches never
+/// see them).
+const OCM_FLOOR_LABEL: &str = "bench.spokelet.io/ocm-floor";
+
+/// The OCM-shaped floor: the requests any agent keeping OCM's AppliedManifestWork record and
+/// correcting drift by watch must send, sent raw and nothing else. Per work (one entry of
+/// `works`, `concurrency` works at a time): the record created with its intent, the work's
+/// objects created one after another, labelled and owned by it, then the record's status
+/// written with their UIDs; meanwhile a label-selected watch is open on each kind. The
+/// AppliedManifestWork CRD must be installed; records are named `<record_prefix>-<i>`.
+pub async fn ocm_shaped_floor(
+    client: &kube::Client,
+    works: Vec<Vec<serde_json::Value>>,
+    record_prefix: &str,
+    concurrency: usize,
+) {
+    use futures::StreamExt;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut kinds: Vec<kube::api::ApiResource> = works.iter().flatten().map(resource_of).collect();
+    kinds.sort_by(|a, b| (&a.group, &a.plural).cmp(&(&b.group, &b.plural)));
+    kinds.dedup_by(|a, b| a.group == b.group && a.plural == b.plural);
+    for ar in kinds {
+        let api: kube::Api<kube::api::DynamicObject> = kube::Api::all_with(client.clone(), &ar);
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let wp = kube::api::WatchParams::default().labels(OCM_FLOOR_LABEL);
+            let Ok(events) = api.watch(&wp, "0").await else {
+                return;
+            };
+            let mut events = events.boxed();
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    e = events.next() => if e.is_none() { return },
+                }
+            }
+        });
+    }
+    // Let the watches open before the first create.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let records = kube::api::ApiResource {
+        group: "work.open-cluster-management.io".into(),
+        version: "v1".into(),
+        api_version: "work.open-cluster-management.io/v1".into(),
+        kind: "AppliedManifestWork".into(),
+        plural: "appliedmanifestworks".into(),
+    };
+    let records: kube::Api<kube::api::DynamicObject> = kube::Api::all_with(client.clone(), &records);
+    futures::stream::iter(works.into_iter().enumerate())
+        .for_each_concurrent(concurrency, |(i, objects)| {
+            let records = records.clone();
+            async move { ocm_floor_work(client, &records, &format!("{record_prefix}-{i}"), objects).await }
+        })
+        .await;
+    stop.cancel();
+}
+
+/// One work of [`ocm_shaped_floor`].
+async fn ocm_floor_work(
+    client: &kube::Client,
+    records: &kube::Api<kube::api::DynamicObject>,
+    name: &str,
+    objects: Vec<serde_json::Value>,
+) {
+    use serde_json::json;
+    let entries: Vec<serde_json::Value> = objects
+        .iter()
+        .map(|o| {
+            let ar = resource_of(o);
+            json!({"group": ar.group, "version": ar.version, "resource": ar.plural,
+                "namespace": o["metadata"]["namespace"], "name": o["metadata"]["name"]})
+        })
+        .collect();
+    let record: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "work.open-cluster-management.io/v1", "kind": "AppliedManifestWork",
+        "metadata": {"name": name,
+            "annotations": {"work.spokelet.io/intended-resources": serde_json::to_string(&entries).unwrap_or_default()}},
+        "spec": {"hubHash": "ocm-floor", "manifestWorkName": name, "agentID": "bench"}}))
+    .unwrap_or_else(|e| panic!("not a record: {e}"));
+    let record = records
+        .create(&kube::api::PostParams::default(), &record)
+        .await
+        .unwrap_or_else(|e| panic!("floor record create failed: {e}"));
+    let owner = json!([{"apiVersion": "work.open-cluster-management.io/v1", "kind": "AppliedManifestWork",
+        "name": name, "uid": record.metadata.uid}]);
+    let mut status = Vec::with_capacity(entries.len());
+    for (mut o, mut entry) in objects.into_iter().zip(entries) {
+        o["metadata"]["labels"] = json!({OCM_FLOOR_LABEL: "true"});
+        o["metadata"]["ownerReferences"] = owner.clone();
+        entry["uid"] = json!(create_raw(client, o, Some("ocm-floor")).await);
+        status.push(entry);
+    }
+    records
+        .patch_status(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"status": {"appliedResources": status}})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("floor record status write failed: {e}"));
+}
+
 /// When the hub received, after its first `before` events, a spec resync request listing
 /// exactly `works` works; panics after two minutes without one.
 pub async fn resync_listing(
@@ -250,6 +455,27 @@ mod tests {
         ] {
             assert!(!is_per_target_cargo_var(name), "{name}");
         }
+    }
+
+    #[test]
+    fn request_counts_sum_by_verb_and_resource() {
+        let page = concat!(
+            "# TYPE apiserver_request_total counter\n",
+            "apiserver_request_total{code=\"201\",component=\"apiserver\",group=\"\",resource=\"configmaps\",scope=\"namespace\",subresource=\"\",verb=\"POST\",version=\"v1\"} 5\n",
+            "apiserver_request_total{code=\"409\",component=\"apiserver\",group=\"\",resource=\"configmaps\",scope=\"namespace\",subresource=\"\",verb=\"POST\",version=\"v1\"} 2\n",
+            "apiserver_request_total{code=\"200\",component=\"apiserver\",group=\"apps\",resource=\"deployments\",scope=\"namespace\",subresource=\"status\",verb=\"PUT\",version=\"v1\"} 3\n",
+            "apiserver_request_duration_seconds_count{verb=\"POST\"} 9\n",
+        );
+        let counts = parse_request_counts(page);
+        assert_eq!(counts.get("POST configmaps"), Some(&7));
+        assert_eq!(counts.get("PUT deployments/status"), Some(&3));
+        assert_eq!(counts.len(), 2);
+        let later = parse_request_counts(&page.replace("} 5", "} 9"));
+        let d = request_delta(&counts, &later);
+        assert_eq!(
+            d.into_iter().collect::<Vec<_>>(),
+            vec![("POST configmaps".to_string(), 4)]
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
-use spokelet::work::applied_work::{applied_name, hub_hash};
+use spokelet::work::applied_work::{self, applied_name, hub_hash};
 use spokelet::work::conditions::find;
 use spokelet::work::manifestwork::{
     AppliedManifestWork, Manifest, ManifestWork, ManifestWorkSpec, ManifestsTemplate,
@@ -1404,6 +1404,7 @@ async fn a_record_write_from_a_stale_copy_fails_instead_of_dropping_anothers_ent
     let identity = RecordIdentity {
         delete_option: None,
         hub_uid: "",
+        executor: None,
     };
     let entry = |n: &str| AppliedManifestResourceMeta {
         group: String::new(),
@@ -1545,6 +1546,63 @@ async fn an_executor_writes_with_its_own_rights_and_the_api_server_refuses_what_
         "nothing bound with the agent's rights"
     );
     a.stop().await;
+}
+
+#[tokio::test]
+async fn after_a_restart_a_work_known_only_from_its_record_is_deleted_as_its_executor() {
+    let hub = unique_name("hub");
+    let mut a = Agent::start_with(&hub, config_with_executors(&hub).await).await;
+    a.synced();
+    let ns = namespace(&a.client, "exec-restart").await;
+    // The executor may write ConfigMaps in its namespace but not delete them.
+    let setup: Vec<Value> = vec![
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "writer", "namespace": ns}}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+               "metadata": {"name": "write-configmaps", "namespace": ns},
+               "rules": [{"apiGroups": [""], "resources": ["configmaps"],
+                          "verbs": ["get", "list", "watch", "create", "update", "patch"]}]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": "writer-configmaps", "namespace": ns},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "write-configmaps"},
+               "subjects": [{"kind": "ServiceAccount", "name": "writer", "namespace": ns}]}),
+    ];
+    let setup = work("w-exec-setup", 1, setup);
+    a.upsert(&setup);
+    a.wait_applied("w-exec-setup", 1).await;
+    let mut w = work("w-exec-gone", 1, vec![cm(&ns, "kept", json!({"k": "v"}))]);
+    w.spec.executor = serde_json::from_value(json!(
+        {"subject": {"type": "ServiceAccount", "serviceAccount": {"namespace": ns, "name": "writer"}}}
+    ))
+    .unwrap();
+    a.upsert(&w);
+    a.wait_applied("w-exec-gone", 1).await;
+    let record = a.amw_api().get(&a.amw_name("w-exec-gone")).await.unwrap();
+    assert_eq!(
+        applied_work::recorded_executor(&record),
+        Some(format!("system:serviceaccount:{ns}:writer").as_str())
+    );
+    a.stop().await;
+
+    // The hub no longer has the work: the next agent knows it only from its record.
+    let mut b = Agent::start_with(&hub, config_with_executors(&hub).await).await;
+    b.upsert(&setup);
+    b.synced();
+    let st = b
+        .wait("w-exec-gone", "its deletion refused to the executor", |u| {
+            find(&u.status.conditions, "Deleting").is_some_and(|c| c.reason == "DeletionFailed")
+        })
+        .await;
+    let failed = find(&st.status.conditions, "Deleting").unwrap();
+    assert!(
+        failed.message.contains("system:serviceaccount:") && failed.message.contains("forbidden"),
+        "the API server refused the executor: {}",
+        failed.message
+    );
+    assert!(
+        get_cm(&b.client, &ns, "kept").await.is_some(),
+        "never deleted with the agent's own rights"
+    );
+    b.stop().await;
 }
 
 #[tokio::test]

@@ -30,6 +30,10 @@ pub const INTENT_ANNOTATION: &str = "work.spokelet.io/intended-resources";
 /// agent ask a CloudEvents hub about exactly the works it holds (so the hub answers the ones it
 /// deleted with explicit deletes), and lets a delete be checked against the work it names.
 pub const HUB_UID_ANNOTATION: &str = "work.spokelet.io/hub-uid";
+/// Annotation carrying the user a work's executor is impersonated as
+/// (`system:serviceaccount:<namespace>:<name>`): a work deleted after a restart, known only from
+/// its record, is then still deleted with its executor's rights, never the agent's.
+pub const EXECUTOR_ANNOTATION: &str = "work.spokelet.io/executor";
 /// Annotation listing the UIDs of objects the work adopted (they existed before it), as a JSON
 /// array: by default such an object is released, not deleted, when the work lets go of it.
 pub const ADOPTED_ANNOTATION: &str = "work.spokelet.io/adopted-uids";
@@ -157,25 +161,32 @@ pub struct RecordIdentity<'a> {
     pub delete_option: Option<&'a DeleteOption>,
     /// The hub work's uid (empty when the source gave none).
     pub hub_uid: &'a str,
+    /// The user the work's executor is impersonated as; None when it writes with the agent's
+    /// rights.
+    pub executor: Option<&'a str>,
 }
 
 impl RecordIdentity<'_> {
-    /// The annotations a record of this identity carries.
-    fn annotations(&self) -> Vec<(&'static str, String)> {
+    /// The annotations a record of this identity carries; None: the record must not carry it.
+    fn annotations(&self) -> Vec<(&'static str, Option<String>)> {
         let option =
             serde_json::to_string(&self.delete_option.cloned().unwrap_or_default()).unwrap_or_default();
-        let mut v = vec![(DELETE_OPTION_ANNOTATION, option)];
+        let mut v = vec![
+            (DELETE_OPTION_ANNOTATION, Some(option)),
+            (EXECUTOR_ANNOTATION, self.executor.map(str::to_string)),
+        ];
+        // A hub uid once recorded is kept: a source that gives none has not changed the work.
         if !self.hub_uid.is_empty() {
-            v.push((HUB_UID_ANNOTATION, self.hub_uid.to_string()));
+            v.push((HUB_UID_ANNOTATION, Some(self.hub_uid.to_string())));
         }
         v
     }
 
-    /// Whether `amw` already carries these annotations.
+    /// Whether `amw` already carries these annotations (and none it must not).
     fn matches(&self, amw: &AppliedManifestWork) -> bool {
         self.annotations()
             .iter()
-            .all(|(k, v)| amw.annotations().get(*k) == Some(v))
+            .all(|(k, v)| amw.annotations().get(*k) == v.as_ref())
     }
 }
 
@@ -197,7 +208,9 @@ pub async fn ensure(
     // Create first: on a cold start that is the only request; an existing record answers 409.
     let mut amw = AppliedManifestWork::new(name, spec);
     for (k, v) in &annotations {
-        amw.annotations_mut().insert((*k).into(), v.clone());
+        if let Some(v) = v {
+            amw.annotations_mut().insert((*k).into(), v.clone());
+        }
     }
     if !intent.is_empty()
         && let Ok(text) = serde_json::to_string(intent)
@@ -212,9 +225,10 @@ pub async fn ensure(
     }
     let existing = api.get(name).await.map_err(err)?;
     if !identity.matches(&existing) {
+        // A merge patch: null removes an annotation the record must not carry any more.
         let map: serde_json::Map<String, serde_json::Value> = annotations
             .into_iter()
-            .map(|(k, v)| (k.to_string(), v.into()))
+            .map(|(k, v)| (k.to_string(), v.map_or(serde_json::Value::Null, Into::into)))
             .collect();
         let patch = serde_json::json!({"metadata": {"annotations": map}});
         return api
@@ -376,6 +390,11 @@ pub async fn add_adopted(
         });
     remember(cache, result.as_ref().ok());
     result.map(|_| ())
+}
+
+/// The executor user recorded on a record, if any.
+pub fn recorded_executor(amw: &AppliedManifestWork) -> Option<&str> {
+    amw.annotations().get(EXECUTOR_ANNOTATION).map(String::as_str)
 }
 
 /// The hub uid recorded on a record, if any.

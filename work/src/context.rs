@@ -37,10 +37,8 @@ pub struct ReconcileConfig {
     pub agent_id: String,
     /// Field manager for manifests whose update strategy names none.
     pub field_manager: String,
-    /// Largest work (JSON bytes of its manifests) accepted.
-    pub max_work_bytes: usize,
-    /// Most manifests a work may have.
-    pub max_manifests: usize,
+    /// What one work may be; over a limit it is refused whole.
+    pub limits: super::validate::WorkLimits,
     /// How long to wait for an applied CRD to become Established.
     pub crd_wait: Duration,
     /// The flap guard each manifest's history starts from.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use kube::api::Api;
 use kube::{Client, ResourceExt};
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 use super::applied_work::{self, AppliedWorkError};
@@ -208,10 +208,11 @@ async fn delete_with_progress(
     }
     let writer = match report.work {
         Some(w) => ctx.executors.for_work(w, &ctx.client)?,
-        // A record left by an earlier run: its work (and executor) is unknown.
-        None => ctx.client.clone(),
+        // A record left by an earlier run: the executor it recorded, if any.
+        None => ctx.executors.for_record(amw, &ctx.client)?,
     };
-    let (tx, mut rx) = mpsc::unbounded_channel::<(usize, usize)>();
+    // Progress is a latest value (left, total), not a queue: a slow publish skips steps.
+    let (tx, mut rx) = tokio::sync::watch::channel(None::<(usize, usize)>);
     let del = delete_work(
         &ctx.client,
         &writer,
@@ -219,14 +220,15 @@ async fn delete_with_progress(
         option,
         |k| claimed.contains(k),
         move |left, total| {
-            let _ = tx.send((left, total));
+            tx.send_replace(Some((left, total)));
         },
     );
     tokio::pin!(del);
     loop {
         tokio::select! {
             r = &mut del => return r,
-            Some((left, total)) = rx.recv() => {
+            Ok(()) = rx.changed() => {
+                let Some((left, total)) = *rx.borrow_and_update() else { continue };
                 // Every delete is issued: what is left is waiting, which needs no permit.
                 report.permit.take();
                 if left > 0 {

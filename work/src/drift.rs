@@ -60,8 +60,10 @@ struct Inner {
     kinds: Mutex<HashMap<KindKey, bool>>,
     /// Our live objects, keyed version-independently.
     objects: Mutex<HashMap<ObjKey, Cached>>,
-    /// Where change notifications go (the engine).
-    tx: mpsc::UnboundedSender<ObjKey>,
+    /// Where change notifications go (the engine). Bounded ([`NOTIFY_BUFFER`]): when the
+    /// engine falls behind, watch tasks wait here and the API server holds the events, instead
+    /// of this process queueing without limit.
+    tx: mpsc::Sender<ObjKey>,
     /// The engine's claims: only objects a work claims are cached and reported. The label
     /// selector also matches objects of other agents (other hubs on this spoke); holding those
     /// would make the cache grow with the cluster, not with our works. Locked on its own, never
@@ -70,6 +72,10 @@ struct Inner {
     /// Stops every watch task.
     cancel: CancellationToken,
 }
+
+/// Change notifications the engine may have queued before watch tasks wait: enough for a burst
+/// of edits to many works, small enough to cost nothing (a key is a few short strings).
+pub const NOTIFY_BUFFER: usize = 1024;
 
 /// Watches everything the agent applied (objects carrying [`MANAGED_LABEL`]) and reports changes.
 #[derive(Clone)]
@@ -88,7 +94,7 @@ impl DriftWatcher {
     /// A watcher sending the key of every externally changed or deleted object to `tx`.
     pub fn new(
         client: Client,
-        tx: mpsc::UnboundedSender<ObjKey>,
+        tx: mpsc::Sender<ObjKey>,
         cancel: CancellationToken,
         claims: Arc<Mutex<Claims>>,
     ) -> Self {
@@ -253,8 +259,8 @@ async fn watch_kind(inner: Arc<Inner>, ar: ApiResource, kind: KindKey) {
                     continue;
                 };
                 let changed = store(&mut lock(&inner.objects), key.clone(), entry);
-                if changed {
-                    let _ = inner.tx.send(key);
+                if changed && !notify(&inner, key).await {
+                    return;
                 }
             }
             Ok(Event::Delete(o)) => {
@@ -262,8 +268,9 @@ async fn watch_kind(inner: Arc<Inner>, ar: ApiResource, kind: KindKey) {
                 lock(&inner.objects).remove(&key);
                 // Sent even when the cache did not hold it: a deleted object of ours is always
                 // worth a look.
-                if lock(&inner.claims).is_claimed(&key) {
-                    let _ = inner.tx.send(key);
+                let claimed = lock(&inner.claims).is_claimed(&key);
+                if claimed && !notify(&inner, key).await {
+                    return;
                 }
             }
             Ok(Event::InitDone) => {
@@ -281,7 +288,9 @@ async fn watch_kind(inner: Arc<Inner>, ar: ApiResource, kind: KindKey) {
                         gone
                     };
                     for k in gone {
-                        let _ = inner.tx.send(k);
+                        if !notify(&inner, k).await {
+                            return;
+                        }
                     }
                 }
                 lock(&inner.kinds).insert(kind.clone(), true);
@@ -290,6 +299,15 @@ async fn watch_kind(inner: Arc<Inner>, ar: ApiResource, kind: KindKey) {
                 tracing::warn!(kind = %ar.plural, error = %e, "drift watch error; retrying with back-off");
             }
         }
+    }
+}
+
+/// Tells the engine `key` changed, waiting while its queue is full. False when the watch should
+/// end: the agent is shutting down, or the engine is gone.
+async fn notify(inner: &Inner, key: ObjKey) -> bool {
+    tokio::select! {
+        _ = inner.cancel.cancelled() => false,
+        sent = inner.tx.send(key) => sent.is_ok(),
     }
 }
 

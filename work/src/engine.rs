@@ -40,7 +40,7 @@ use super::schedule::{Debouncer, FlapGuard, RetryPolicy};
 use super::source::{Listing, StatusSink, StatusUpdate, WorkEvent, WorkRef, WorkSource};
 use super::status::{publish, unreadable_status, work_update};
 use super::status_fit::DEFAULT_MAX_STATUS_BYTES;
-use super::validate::{MAX_WORK_NAME, check_subdomain};
+use super::validate::{MAX_WORK_NAME, WorkLimits, check_subdomain};
 use spokelet_base::lock::lock;
 
 /// Jitter of the retry delays of failed reconciles and deletions: works that failed together
@@ -75,12 +75,8 @@ pub struct EngineConfig {
     pub max_concurrent_works: usize,
     /// Manifests applied at once, across all works.
     pub max_concurrent_manifests: usize,
-    /// Largest work accepted (JSON bytes of its manifests). Default 4 MiB, the hub's default
-    /// message limit: larger works cannot come from a real hub anyway.
-    pub max_work_bytes: usize,
-    /// Most manifests per work. 5,000 keeps the work's record (about 150 bytes per object)
-    /// well inside the API server's 1.5 MiB request limit.
-    pub max_manifests: usize,
+    /// What one work may be (size, manifests, JSONPaths, nesting); over a limit it is refused.
+    pub limits: WorkLimits,
     /// Drift debounce: quiet period after the last change.
     pub debounce_quiet: Duration,
     /// Drift debounce: longest delay from the first change.
@@ -118,8 +114,7 @@ impl EngineConfig {
             resync_interval: Duration::from_secs(300),
             max_concurrent_works: 48,
             max_concurrent_manifests: 96,
-            max_work_bytes: 4 * 1024 * 1024,
-            max_manifests: 5_000,
+            limits: WorkLimits::default(),
             debounce_quiet: Duration::from_millis(20),
             debounce_max: Duration::from_millis(200),
             retry_base: Duration::from_secs(1),
@@ -213,7 +208,7 @@ pub struct WorkEngine {
     ctx: Arc<ReconcileContext>,
     cfg: EngineConfig,
     /// Drift notifications from the watcher.
-    drift_rx: mpsc::UnboundedReceiver<ObjKey>,
+    drift_rx: mpsc::Receiver<ObjKey>,
     /// Stops the drift watches when the engine ends.
     watch_cancel: CancellationToken,
     /// Readiness: true once every work from the source's initial sync has been reconciled once.
@@ -231,7 +226,7 @@ impl std::fmt::Debug for WorkEngine {
 impl WorkEngine {
     /// An engine on one shared client.
     pub fn new(client: Client, cfg: EngineConfig, metrics: WorkMetrics) -> Self {
-        let (tx, drift_rx) = mpsc::unbounded_channel();
+        let (tx, drift_rx) = mpsc::channel(super::drift::NOTIFY_BUFFER);
         let watch_cancel = CancellationToken::new();
         let claims = Arc::new(Mutex::new(Claims::default()));
         let drift = DriftWatcher::new(client.clone(), tx, watch_cancel.clone(), claims.clone());
@@ -242,8 +237,7 @@ impl WorkEngine {
                 legacy_hub_hashes: cfg.legacy_hub_hashes.clone(),
                 agent_id: cfg.agent_id.clone(),
                 field_manager: cfg.field_manager.clone(),
-                max_work_bytes: cfg.max_work_bytes,
-                max_manifests: cfg.max_manifests,
+                limits: cfg.limits,
                 crd_wait: cfg.crd_wait,
                 flap: cfg.flap.clone(),
                 policy: cfg.policy.clone(),
@@ -387,6 +381,8 @@ impl EngineLoop {
         sink: Arc<dyn StatusSink>,
         records: HashMap<String, AppliedManifestWork>,
     ) -> Self {
+        // Unbounded by type, bounded in fact: each task sends one `Done` and there is at most
+        // one task per work.
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         EngineLoop {
             ctx,

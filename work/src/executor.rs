@@ -2,7 +2,9 @@
 //! deletions go through a client impersonating it, so the API server's own authorization (RBAC,
 //! escalation checks) decides what such a work may do.
 //!
-//! The agent's records stay written with its own rights (they are its bookkeeping). A client per
+//! The agent's records stay written with its own rights (they are its bookkeeping), and name the
+//! executor's user, so a work deleted after a restart, known only from its record, is deleted
+//! as its executor too ([`ExecutorClients::for_record`]). A client per
 //! executor is made once by the agent's [`ClientFactory`] and reused. Without a factory (an
 //! engine embedded without one), or for a subject that is not a valid ServiceAccount, the work
 //! fails as a whole: it is never applied with the agent's own rights instead.
@@ -12,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use kube::Client;
 
-use super::manifestwork::ManifestWork;
+use super::manifestwork::{AppliedManifestWork, ManifestWork};
 use super::validate::{check_label, check_subdomain};
 use spokelet_base::lock::lock;
 
@@ -66,22 +68,38 @@ pub fn identity(work: &ManifestWork) -> Result<Option<Identity>, ExecutorError> 
         return Err(ExecutorError::UnsupportedType(subject.type_.clone()));
     }
     let sa = subject.service_account.clone().unwrap_or_default();
-    let valid = check_label("executor namespace", &sa.namespace).is_ok()
-        && check_subdomain("executor name", &sa.name, 253).is_ok();
+    service_account_identity(&sa.namespace, &sa.name).map(Some)
+}
+
+/// The identity of an executor user as recorded (`system:serviceaccount:<namespace>:<name>`).
+pub fn identity_of_user(user: &str) -> Result<Identity, ExecutorError> {
+    let invalid = || ExecutorError::InvalidServiceAccount {
+        namespace: String::new(),
+        name: user.to_string(),
+    };
+    let rest = user.strip_prefix("system:serviceaccount:").ok_or_else(invalid)?;
+    let (namespace, name) = rest.split_once(':').ok_or_else(invalid)?;
+    service_account_identity(namespace, name)
+}
+
+/// The impersonation identity of ServiceAccount `namespace/name`, once both are valid names.
+fn service_account_identity(namespace: &str, name: &str) -> Result<Identity, ExecutorError> {
+    let valid = check_label("executor namespace", namespace).is_ok()
+        && check_subdomain("executor name", name, 253).is_ok();
     if !valid {
         return Err(ExecutorError::InvalidServiceAccount {
-            namespace: sa.namespace,
-            name: sa.name,
+            namespace: namespace.to_string(),
+            name: name.to_string(),
         });
     }
-    Ok(Some(Identity {
-        user: format!("system:serviceaccount:{}:{}", sa.namespace, sa.name),
+    Ok(Identity {
+        user: format!("system:serviceaccount:{namespace}:{name}"),
         groups: vec![
             "system:serviceaccounts".to_string(),
-            format!("system:serviceaccounts:{}", sa.namespace),
+            format!("system:serviceaccounts:{namespace}"),
             "system:authenticated".to_string(),
         ],
-    }))
+    })
 }
 
 /// Impersonating clients, one per executor identity, made on first use.
@@ -110,9 +128,24 @@ impl ExecutorClients {
 
     /// The client a work writes with: `own` without an executor, else the executor's.
     pub fn for_work(&self, work: &ManifestWork, own: &Client) -> Result<Client, ExecutorError> {
-        let Some(id) = identity(work)? else {
-            return Ok(own.clone());
-        };
+        match identity(work)? {
+            Some(id) => self.acting_as(id),
+            None => Ok(own.clone()),
+        }
+    }
+
+    /// The client a work known only from its record (after a restart) is deleted with: the
+    /// executor the record names, else `own`. A record naming an executor that cannot be acted
+    /// as is an error, never a fallback to `own`.
+    pub fn for_record(&self, amw: &AppliedManifestWork, own: &Client) -> Result<Client, ExecutorError> {
+        match super::applied_work::recorded_executor(amw) {
+            Some(user) => self.acting_as(identity_of_user(user)?),
+            None => Ok(own.clone()),
+        }
+    }
+
+    /// The client impersonating `id`, made once.
+    fn acting_as(&self, id: Identity) -> Result<Client, ExecutorError> {
         if let Some(c) = lock(&self.clients).get(&id.user) {
             return Ok(c.clone());
         }
@@ -160,6 +193,24 @@ mod tests {
         assert_eq!(id.user, "system:serviceaccount:team-a:deployer");
         assert!(id.groups.contains(&"system:serviceaccounts:team-a".to_string()));
         assert_eq!(identity(&work_with(None)).unwrap(), None);
+    }
+
+    #[test]
+    fn a_recorded_executor_user_reads_back_as_the_same_identity() {
+        let id = identity(&work_with(Some(sa("team-a", "deployer"))))
+            .unwrap()
+            .unwrap();
+        assert_eq!(identity_of_user(&id.user).unwrap(), id);
+        for bad in [
+            "",
+            "system:serviceaccount:team-a",
+            "system:serviceaccount::x",
+            "system:serviceaccount:Team:x",
+            "alice",
+            "system:serviceaccount:a:b:c",
+        ] {
+            assert!(identity_of_user(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -75,6 +75,8 @@ impl WorkFailure {
     pub fn reason(&self) -> &'static str {
         match self {
             WorkFailure::TooLarge(ValidateError::TooManyManifests { .. }) => "TooManyManifests",
+            WorkFailure::TooLarge(ValidateError::TooManyJsonPaths { .. }) => "TooManyJsonPaths",
+            WorkFailure::TooLarge(ValidateError::TooDeep { .. }) => "WorkTooDeep",
             WorkFailure::TooLarge(_) => "WorkTooLarge",
             WorkFailure::Record(_) | WorkFailure::Intent(_) => "AppliedManifestWorkFailed",
             WorkFailure::Executor(_) => "ExecutorUnusable",

@@ -31,7 +31,7 @@ use super::policy::Target;
 use super::prepare::{self, KindSet, Unresolved};
 use super::prune;
 use super::status::{ManifestResult, build_status, whole_work_status};
-use super::validate::{FirstSeen, ParsedManifest, check_size};
+use super::validate::{FirstSeen, ParsedManifest, check_limits};
 use spokelet_base::lock::lock;
 
 /// Result of a reconcile.
@@ -56,7 +56,7 @@ pub async fn reconcile(
 ) -> Report {
     let generation = work.metadata.generation.unwrap_or(0);
     let now = now_rfc3339();
-    if let Err(e) = check_size(work, ctx.cfg.max_work_bytes, ctx.cfg.max_manifests) {
+    if let Err(e) = check_limits(work, &ctx.cfg.limits) {
         return refused(prev, generation, &WorkFailure::TooLarge(e), &now, memory);
     }
     let writer = match ctx.executors.for_work(work, &ctx.client) {
@@ -145,9 +145,12 @@ impl Ledger {
         };
         let record = ctx.record_name(&name);
         let uid = work.uid().unwrap_or_default();
+        // Checked already (an unusable executor refuses the work before this).
+        let executor = super::executor::identity(work).ok().flatten();
         let identity = RecordIdentity {
             delete_option: work.spec.delete_option.as_ref(),
             hub_uid: &uid,
+            executor: executor.as_ref().map(|e| e.user.as_str()),
         };
         let amw = applied_work::open(&ctx.amw_api, &record, spec, identity, &candidates, cache)
             .await

@@ -43,6 +43,22 @@ pub enum ValidateError {
         "work has {count} manifests, over the limit of {limit}; nothing was applied and previously applied objects are left as they were"
     )]
     TooManyManifests { count: usize, limit: usize },
+    /// More JSONPaths (feedback rules and ignored fields together) than the limit: each is
+    /// parsed and evaluated on every reconcile.
+    #[error(
+        "work names {count} JSONPaths in its feedback rules and ignored fields, over the limit of {limit}; nothing was applied and previously applied objects are left as they were"
+    )]
+    TooManyJsonPaths { count: usize, limit: usize },
+    /// A manifest nested deeper than the limit: every step that walks it (hashing, merging,
+    /// comparing) would recurse that deep.
+    #[error(
+        "manifest #{ordinal} nests {depth} levels deep, over the limit of {limit}; nothing was applied and previously applied objects are left as they were"
+    )]
+    TooDeep {
+        ordinal: usize,
+        depth: usize,
+        limit: usize,
+    },
     /// A name, namespace, group or version that cannot go into a request path as it is.
     #[error("{field} {value:?} is not valid: {why}")]
     BadName {
@@ -139,21 +155,113 @@ fn check_api_part(field: &'static str, value: &str) -> Result<(), ValidateError>
     Ok(())
 }
 
-/// Refuses a work whose manifests are larger than `limit` bytes of JSON in all, or more than
-/// `max_manifests` in number.
-pub fn check_size(work: &ManifestWork, limit: usize, max_manifests: usize) -> Result<(), ValidateError> {
+/// What one work may be, checked before anything of it is applied; over any limit the work is
+/// refused whole and its objects are left as they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkLimits {
+    /// Largest work, in JSON bytes of its manifests. Default 4 MiB, the hub's default message
+    /// limit: larger works cannot come from a real hub anyway.
+    pub max_work_bytes: usize,
+    /// Most manifests. 5,000 keeps the work's record (about 150 bytes per object) well inside
+    /// the API server's 1.5 MiB request limit.
+    pub max_manifests: usize,
+    /// Most JSONPaths in the work's feedback rules and ignored fields together.
+    pub max_json_paths: usize,
+    /// Deepest nesting of a manifest (objects and arrays). Kubernetes objects nest a dozen or so
+    /// levels; a large CRD's schema some 40.
+    pub max_json_depth: usize,
+}
+
+impl Default for WorkLimits {
+    fn default() -> Self {
+        WorkLimits {
+            max_work_bytes: 4 * 1024 * 1024,
+            max_manifests: 5_000,
+            max_json_paths: 512,
+            max_json_depth: 100,
+        }
+    }
+}
+
+/// Refuses a work over any of `limits`.
+pub fn check_limits(work: &ManifestWork, limits: &WorkLimits) -> Result<(), ValidateError> {
     let count = work.spec.workload.manifests.len();
-    if count > max_manifests {
+    if count > limits.max_manifests {
         return Err(ValidateError::TooManyManifests {
             count,
-            limit: max_manifests,
+            limit: limits.max_manifests,
         });
     }
     let size = work.spec.workload.json_len();
-    if size > limit {
-        return Err(ValidateError::TooLarge { size, limit });
+    if size > limits.max_work_bytes {
+        return Err(ValidateError::TooLarge {
+            size,
+            limit: limits.max_work_bytes,
+        });
+    }
+    let paths = json_path_count(work);
+    if paths > limits.max_json_paths {
+        return Err(ValidateError::TooManyJsonPaths {
+            count: paths,
+            limit: limits.max_json_paths,
+        });
+    }
+    for (ordinal, m) in work.spec.workload.manifests.iter().enumerate() {
+        let depth = json_depth(m.as_json());
+        if depth > limits.max_json_depth {
+            return Err(ValidateError::TooDeep {
+                ordinal,
+                depth,
+                limit: limits.max_json_depth,
+            });
+        }
     }
     Ok(())
+}
+
+/// JSONPaths a work names: its feedback rules' and its ignored fields'.
+fn json_path_count(work: &ManifestWork) -> usize {
+    work.spec
+        .manifest_configs
+        .iter()
+        .map(|c| {
+            let feedback: usize = c.feedback_rules.iter().map(|r| r.json_paths.len()).sum();
+            let ignored: usize = c
+                .update_strategy
+                .as_ref()
+                .and_then(|u| u.server_side_apply.as_ref())
+                .map_or(0, |s| s.ignore_fields.iter().map(|f| f.json_paths.len()).sum());
+            feedback + ignored
+        })
+        .sum()
+}
+
+/// Deepest nesting of objects and arrays in JSON `text`, read from its brackets without
+/// parsing (so without recursion, whatever the depth). Brackets inside strings do not count.
+pub fn json_depth(text: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for b in text.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 /// The first manifest seen for each object of one work, to refuse later ones naming it again.
@@ -257,6 +365,75 @@ pub fn parse_manifest(v: &Value) -> Result<ParsedManifest, ValidateError> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn work_with(manifests: Vec<serde_json::Value>, configs: serde_json::Value) -> ManifestWork {
+        serde_json::from_value(json!({
+            "apiVersion": "work.open-cluster-management.io/v1", "kind": "ManifestWork",
+            "metadata": {"name": "w"},
+            "spec": {"workload": {"manifests": manifests}, "manifestConfigs": configs},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn json_paths_are_counted_across_feedback_rules_and_ignored_fields() {
+        let id = json!({"group": "", "resource": "configmaps", "name": "c", "namespace": "n"});
+        let configs = json!([
+            {"resourceIdentifier": id, "feedbackRules": [{"type": "JSONPaths",
+                "jsonPaths": [{"name": "a", "path": ".a"}, {"name": "b", "path": ".b"}]}]},
+            {"resourceIdentifier": id, "updateStrategy": {"type": "ServerSideApply",
+                "serverSideApply": {"ignoreFields": [{"jsonPaths": [".c", ".d", ".e"]}]}}},
+        ]);
+        let w = work_with(vec![], configs);
+        let mut limits = WorkLimits {
+            max_json_paths: 5,
+            ..WorkLimits::default()
+        };
+        assert!(check_limits(&w, &limits).is_ok());
+        limits.max_json_paths = 4;
+        let e = check_limits(&w, &limits).unwrap_err();
+        assert!(
+            matches!(e, ValidateError::TooManyJsonPaths { count: 5, limit: 4 }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("nothing was applied"), "{e}");
+    }
+
+    #[test]
+    fn a_manifest_nested_too_deep_refuses_the_work_naming_it() {
+        let mut deep = json!("leaf");
+        for _ in 0..10 {
+            deep = json!({"x": [deep]});
+        }
+        let cm = |data: serde_json::Value| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": data});
+        // Two levels per step, plus the manifest and its `data`.
+        let w = work_with(vec![cm(json!({})), cm(deep)], json!([]));
+        let mut limits = WorkLimits {
+            max_json_depth: 21,
+            ..WorkLimits::default()
+        };
+        assert!(check_limits(&w, &limits).is_ok());
+        limits.max_json_depth = 20;
+        let e = check_limits(&w, &limits).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ValidateError::TooDeep {
+                    ordinal: 1,
+                    depth: 21,
+                    limit: 20
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn brackets_in_strings_do_not_count_towards_depth() {
+        assert_eq!(json_depth(r#"{"a":"[[[{{{","b":"\\\"[["}"#), 1);
+        assert_eq!(json_depth(r#"[[],[[1]]]"#), 3);
+        assert_eq!(json_depth("7"), 0);
+    }
 
     #[test]
     fn missing_fields_listed() {

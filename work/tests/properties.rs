@@ -23,7 +23,8 @@ use spokelet_work::manifestwork::{
 use spokelet_work::object::{get_path, remove_path, set_path};
 use spokelet_work::prepare::parse_manifests;
 use spokelet_work::validate::{
-    MAX_WORK_NAME, ValidateError, check_label, check_object_name, check_size, check_subdomain, parse_manifest,
+    MAX_WORK_NAME, ValidateError, WorkLimits, check_label, check_limits, check_object_name, check_subdomain,
+    json_depth, parse_manifest,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -962,7 +963,13 @@ proptest! {
         let work = work_of(manifests);
         let size = serde_json::to_vec(&work.spec.workload).unwrap().len();
         prop_assert_eq!(work.spec.workload.json_len(), size);
-        match check_size(&work, limit, usize::MAX) {
+        let limits = WorkLimits {
+            max_work_bytes: limit,
+            max_manifests: usize::MAX,
+            max_json_paths: usize::MAX,
+            max_json_depth: usize::MAX,
+        };
+        match check_limits(&work, &limits) {
             Ok(()) => prop_assert!(size <= limit),
             Err(ValidateError::TooLarge { size: s, limit: l }) => {
                 prop_assert!(size > limit);
@@ -970,6 +977,19 @@ proptest! {
             }
             Err(e) => prop_assert!(false, "unexpected error {}", e),
         }
+    }
+
+    #[test]
+    fn json_depth_from_the_text_is_the_depth_of_the_parsed_tree(v in exact_json_value()) {
+        fn depth(v: &Value) -> usize {
+            match v {
+                Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+                Value::Object(o) => 1 + o.values().map(depth).max().unwrap_or(0),
+                _ => 0,
+            }
+        }
+        let text = serde_json::to_string(&v).unwrap();
+        prop_assert_eq!(json_depth(&text), depth(&v));
     }
 }
 
