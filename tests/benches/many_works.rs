@@ -22,8 +22,8 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use spokelet_e2e::bench::{
-    ms, ocm_shaped_floor, percentile, print_table, proc_status_kib, raw_creates, resync_listing,
-    spawn_grpc_agent, spokelet_binary,
+    Mark, ms, ocm_shaped_floor, percentile, print_costs, print_table, proc_cpu, proc_status_kib, raw_creates,
+    resync_listing, spawn_grpc_agent, spokelet_binary,
 };
 use spokelet_e2e::cloudevents_hub::{HubPki, TestHub, TestHubOptions};
 use spokelet_e2e::{ClusterOptions, KubeCluster};
@@ -112,8 +112,13 @@ async fn bench() {
     .await
     .unwrap_or_else(|e| panic!("spoke API server did not start (run tests/env/install.sh): {e}"));
     let admin = spoke.client();
+    let server = spoke.pids();
     let floor = raw_floor(&admin).await;
+    let mark = Mark::take(&admin, &server).await;
+    let bench_cpu = proc_cpu(0).unwrap_or_default();
     let ocm = ocm_floor(&admin).await;
+    let ocm_bench_cpu = proc_cpu(0).unwrap_or_default().saturating_sub(bench_cpu);
+    let ocm_cost = mark.since(&admin, &server).await;
     namespaces(&admin, "many").await;
 
     let pki = HubPki::generate().unwrap();
@@ -136,6 +141,8 @@ async fn bench() {
     }
 
     // 1. All works at once.
+    let mark = Mark::take(&admin, &server).await;
+    let (agent_cpu, bench_cpu) = (proc_cpu(pid).unwrap_or_default(), proc_cpu(0).unwrap_or_default());
     let t = Instant::now();
     for i in 0..WORKS {
         let ns = format!("many-{}", i % NAMESPACES);
@@ -157,6 +164,10 @@ async fn bench() {
         seen = total;
     }
     let all_applied = t.elapsed();
+    let agent_cpu = proc_cpu(pid).unwrap_or_default().saturating_sub(agent_cpu);
+    // The test hub and this benchmark's polling share the process.
+    let bench_cpu = proc_cpu(0).unwrap_or_default().saturating_sub(bench_cpu);
+    let apply_cost = mark.since(&admin, &server).await;
 
     // 2. Memory, settled.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -244,6 +255,15 @@ async fn bench() {
         ],
     ];
     print_table(&["measurement", "value", "peak / reference", "target"], &rows);
+    print_costs(
+        &format!(
+            "API server during the apply: agent CPU {:.2} s, hub + benchmark {:.2} s; OCM-shaped floor client {:.2} s",
+            agent_cpu.as_secs_f64(),
+            bench_cpu.as_secs_f64(),
+            ocm_bench_cpu.as_secs_f64()
+        ),
+        &[("agent", &apply_cost), ("OCM floor", &ocm_cost)],
+    );
     hub.stop().await;
     spoke.stop().await;
 }

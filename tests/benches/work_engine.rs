@@ -12,7 +12,7 @@
 //! Run: `cargo bench -p spokelet-e2e --bench work_engine` (builds the agent binary if needed).
 //! `KUBECTL` overrides the kubectl path (default /usr/bin/kubectl).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -28,8 +28,8 @@ use spokelet::work::manifestwork::{Manifest, ManifestWork, ManifestWorkSpec, Man
 use spokelet::work::metrics::WorkMetrics;
 use spokelet::work::{CancellationToken, EngineConfig, Listing, StatusUpdate, WorkEngine, WorkEvent};
 use spokelet_e2e::bench::{
-    cpu_by_process, ocm_shaped_floor, percentile, proc_cpu, proc_status_kib, raw_creates, request_counts,
-    request_delta, spokelet_binary, total_cpu,
+    Cost, Mark, ocm_shaped_floor, percentile, print_costs, proc_cpu, proc_status_kib, raw_creates,
+    spokelet_binary, total_cpu,
 };
 use spokelet_e2e::{ClusterOptions, KubeCluster};
 use tokio::sync::mpsc;
@@ -546,14 +546,6 @@ async fn bench() {
     cluster.stop().await;
 }
 
-/// What the API server did during one cold-apply phase: requests served (all clients,
-/// controllers included) and CPU per server process.
-#[derive(Default)]
-struct Cost {
-    requests: BTreeMap<String, u64>,
-    cpu: BTreeMap<String, Duration>,
-}
-
 /// One side of one cold-apply round: wall time, CPU and what the server did.
 struct Side {
     wall: Duration,
@@ -575,45 +567,15 @@ struct Round {
 /// Prints what the server did during one round, side by side, to show where the engine's
 /// extra server work goes.
 fn print_requests(round: &Round) {
-    let sides = [
-        &round.engine.cost,
-        &round.ocm.cost,
-        &round.kubectl.cost,
-        &round.floor.cost,
-    ];
-    let mut keys: Vec<&String> = sides.iter().flat_map(|c| c.requests.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    let line = |name: &str, cells: [String; 4]| {
-        println!(
-            "| {name:<44} | {:>8} | {:>8} | {:>8} | {:>8} |",
-            cells[0], cells[1], cells[2], cells[3]
-        );
-    };
-    println!();
-    println!("API server requests during one cold-apply round (every client, controllers included):");
-    line(
-        "request",
-        ["engine", "OCM floor", "kubectl", "raw floor"].map(String::from),
+    print_costs(
+        "API server requests during one cold-apply round (every client, controllers included):",
+        &[
+            ("engine", &round.engine.cost),
+            ("OCM floor", &round.ocm.cost),
+            ("kubectl", &round.kubectl.cost),
+            ("raw floor", &round.floor.cost),
+        ],
     );
-    println!("|{}|{}|", "-".repeat(46), vec!["-".repeat(10); 4].join("|"));
-    for k in keys {
-        line(
-            k,
-            sides.map(|c| c.requests.get(k).copied().unwrap_or(0).to_string()),
-        );
-    }
-    line(
-        "total",
-        sides.map(|c| c.requests.values().sum::<u64>().to_string()),
-    );
-    let mut procs: Vec<&String> = sides.iter().flat_map(|c| c.cpu.keys()).collect();
-    procs.sort();
-    procs.dedup();
-    for p in procs {
-        let cell = |c: &Cost| format!("{:.2} s", c.cpu.get(p).copied().unwrap_or_default().as_secs_f64());
-        line(&format!("CPU: {p}"), sides.map(cell));
-    }
 }
 
 /// Namespace (and work-name) prefix of one side in one round.
@@ -642,7 +604,7 @@ async fn kubectl_side(client: &Client, server: &[u32], kubeconfig: &Path, dir: &
     std::fs::write(&file, yaml).unwrap();
     let mark = Mark::take(client, server).await;
     let (wall, client_cpu) = kubectl_apply(kubeconfig, &file);
-    mark.side(client, server, wall, client_cpu).await
+    side(&mark, client, server, wall, client_cpu).await
 }
 
 /// The raw-create floor: the same 1,000 creates sent straight from one client, 64 at a time.
@@ -656,7 +618,7 @@ async fn floor_side(client: &Client, server: &[u32], round: usize) -> Side {
     raw_creates(client, all, 64).await;
     let wall = t.elapsed();
     let client_cpu = proc_cpu(0).unwrap_or_default().saturating_sub(c0);
-    mark.side(client, server, wall, client_cpu).await
+    side(&mark, client, server, wall, client_cpu).await
 }
 
 /// The OCM-shaped floor ([`ocm_shaped_floor`]) of the round's 200 works, 64 at a time.
@@ -672,7 +634,7 @@ async fn ocm_floor_side(client: &Client, server: &[u32], round: usize) -> Side {
     ocm_shaped_floor(client, works, &format!("ocm-floor-{round}"), 64).await;
     let wall = t.elapsed();
     let client_cpu = proc_cpu(0).unwrap_or_default().saturating_sub(c0);
-    mark.side(client, server, wall, client_cpu).await
+    side(&mark, client, server, wall, client_cpu).await
 }
 
 /// The engine applying the round's 200 works from cold.
@@ -692,48 +654,15 @@ async fn engine_side(engine: &mut Engine, client: &Client, server: &[u32], round
     let wall = t.elapsed();
     // This process is the engine plus the benchmark's own (small) bookkeeping.
     let client_cpu = proc_cpu(0).unwrap_or_default().saturating_sub(c0);
-    mark.side(client, server, wall, client_cpu).await
+    side(&mark, client, server, wall, client_cpu).await
 }
 
-/// A reading of the server's request counters and per-process CPU at the start of a phase.
-struct Mark {
-    cpu: Duration,
-    requests: BTreeMap<String, u64>,
-    per_process: BTreeMap<String, Duration>,
-}
-
-impl Mark {
-    async fn take(client: &Client, server: &[u32]) -> Mark {
-        Mark {
-            cpu: total_cpu(server),
-            requests: request_counts(client).await.expect("API server metrics"),
-            per_process: cpu_by_process(server),
-        }
-    }
-
-    /// The side measured from this mark to now.
-    async fn side(&self, client: &Client, server: &[u32], wall: Duration, client_cpu: Duration) -> Side {
-        let server_cpu = total_cpu(server).saturating_sub(self.cpu);
-        Side {
-            wall,
-            server_cpu,
-            client_cpu,
-            cost: self.since(client, server).await,
-        }
-    }
-
-    async fn since(&self, client: &Client, server: &[u32]) -> Cost {
-        let now = request_counts(client).await.expect("API server metrics");
-        let cpu = cpu_by_process(server)
-            .into_iter()
-            .map(|(p, c)| {
-                let d = c.saturating_sub(self.per_process.get(&p).copied().unwrap_or_default());
-                (p, d)
-            })
-            .collect();
-        Cost {
-            requests: request_delta(&self.requests, &now),
-            cpu,
-        }
+/// The side measured from `mark` to now.
+async fn side(mark: &Mark, client: &Client, server: &[u32], wall: Duration, client_cpu: Duration) -> Side {
+    Side {
+        wall,
+        server_cpu: total_cpu(server).saturating_sub(mark.cpu),
+        client_cpu,
+        cost: mark.since(client, server).await,
     }
 }

@@ -267,6 +267,97 @@ pub fn request_delta(
         .collect()
 }
 
+/// What the API server did during one phase of a benchmark: requests served (every client,
+/// controllers included) and CPU per server process.
+#[derive(Debug, Default)]
+pub struct Cost {
+    pub requests: std::collections::BTreeMap<String, u64>,
+    pub cpu: std::collections::BTreeMap<String, Duration>,
+}
+
+/// A reading of the server's request counters and CPU at the start of a phase.
+#[derive(Debug)]
+pub struct Mark {
+    /// Total CPU of the server processes.
+    pub cpu: Duration,
+    requests: std::collections::BTreeMap<String, u64>,
+    per_process: std::collections::BTreeMap<String, Duration>,
+}
+
+impl Mark {
+    /// Reads the counters of the API server behind `client` and the CPU of `server`'s processes.
+    pub async fn take(client: &kube::Client, server: &[u32]) -> Mark {
+        Mark {
+            cpu: total_cpu(server),
+            requests: request_counts(client)
+                .await
+                .unwrap_or_else(|e| panic!("API server metrics: {e}")),
+            per_process: cpu_by_process(server),
+        }
+    }
+
+    /// What the server did since this mark.
+    pub async fn since(&self, client: &kube::Client, server: &[u32]) -> Cost {
+        let now = request_counts(client)
+            .await
+            .unwrap_or_else(|e| panic!("API server metrics: {e}"));
+        let cpu = cpu_by_process(server)
+            .into_iter()
+            .map(|(p, c)| {
+                let d = c.saturating_sub(self.per_process.get(&p).copied().unwrap_or_default());
+                (p, d)
+            })
+            .collect();
+        Cost {
+            requests: request_delta(&self.requests, &now),
+            cpu,
+        }
+    }
+}
+
+/// Prints the requests and server CPU of phases side by side (one column per `(name, cost)`).
+pub fn print_costs(title: &str, sides: &[(&str, &Cost)]) {
+    let mut keys: Vec<&String> = sides.iter().flat_map(|(_, c)| c.requests.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let mut header = vec!["request"];
+    header.extend(sides.iter().map(|(n, _)| *n));
+    let mut rows: Vec<Vec<String>> = keys
+        .iter()
+        .map(|k| {
+            let mut row = vec![(*k).clone()];
+            row.extend(
+                sides
+                    .iter()
+                    .map(|(_, c)| c.requests.get(*k).copied().unwrap_or(0).to_string()),
+            );
+            row
+        })
+        .collect();
+    let mut total = vec!["total".to_string()];
+    total.extend(
+        sides
+            .iter()
+            .map(|(_, c)| c.requests.values().sum::<u64>().to_string()),
+    );
+    rows.push(total);
+    let mut procs: Vec<&String> = sides.iter().flat_map(|(_, c)| c.cpu.keys()).collect();
+    procs.sort();
+    procs.dedup();
+    for p in procs {
+        let mut row = vec![format!("CPU: {p}")];
+        row.extend(
+            sides
+                .iter()
+                .map(|(_, c)| format!("{:.2} s", c.cpu.get(p).copied().unwrap_or_default().as_secs_f64())),
+        );
+        rows.push(row);
+    }
+    println!();
+    println!("{title}");
+    print_table(&header, &rows);
+}
+
 /// The resource of a built-in object from its apiVersion and kind (plural as kube guesses it).
 pub fn resource_of(obj: &serde_json::Value) -> kube::api::ApiResource {
     let api_version = obj["apiVersion"].as_str().unwrap_or("v1");

@@ -29,6 +29,11 @@ pub struct ClaimConflict {
 pub struct Claims {
     /// Object -> its claims, first claimer first.
     by_key: HashMap<ObjKey, Vec<Claim>>,
+    /// Work -> the objects it claims: the inverse of `by_key`, so dropping one work's claims
+    /// touches only its own objects. Scanning every claim instead made each reconcile linear in
+    /// all the works' objects (quadratic over thousands of works) and held the lock the drift
+    /// watcher needs for that long.
+    by_work: HashMap<String, HashSet<ObjKey>>,
 }
 
 impl Claims {
@@ -56,6 +61,10 @@ impl Claims {
             ordinal,
             content: Some(content.to_string()),
         });
+        self.by_work
+            .entry(work.to_string())
+            .or_default()
+            .insert(key.clone());
         Ok(())
     }
 
@@ -69,16 +78,32 @@ impl Claims {
                 content: None,
             });
         }
+        self.by_work
+            .entry(work.to_string())
+            .or_default()
+            .insert(key.clone());
     }
 
-    /// Drops the claims of `work` except on `keep`.
+    /// Drops the claims of `work` except on `keep`. Costs the number of objects `work` claims.
     pub fn retain_work(&mut self, work: &str, keep: &HashSet<ObjKey>) {
-        self.by_key.retain(|k, list| {
-            if !keep.contains(k) {
+        let Some(mine) = self.by_work.get_mut(work) else {
+            return;
+        };
+        let dropped: Vec<ObjKey> = mine.iter().filter(|k| !keep.contains(*k)).cloned().collect();
+        for k in &dropped {
+            mine.remove(k);
+        }
+        if mine.is_empty() {
+            self.by_work.remove(work);
+        }
+        for k in dropped {
+            if let Some(list) = self.by_key.get_mut(&k) {
                 list.retain(|c| c.work != work);
+                if list.is_empty() {
+                    self.by_key.remove(&k);
+                }
             }
-            !list.is_empty()
-        });
+        }
     }
 
     /// Whether any work claims `key`.
@@ -130,6 +155,25 @@ mod tests {
         assert!(c.claim(&k("a"), "w1", 0, "h9").is_ok());
         assert!(!c.claimed_elsewhere(&k("a"), "w1"));
         assert_eq!(c.owners(&k("a")), vec![("w1".to_string(), 0)]);
+    }
+
+    #[test]
+    fn dropping_a_works_claims_leaves_the_others_and_forgets_unclaimed_objects() {
+        let mut c = Claims::default();
+        c.claim(&k("a"), "w1", 0, "h").unwrap();
+        c.claim(&k("b"), "w1", 1, "h").unwrap();
+        c.claim(&k("b"), "w2", 0, "h").unwrap();
+        c.preload(&k("c"), "w2");
+        c.retain_work("w1", &HashSet::from([k("a")]));
+        assert!(c.is_claimed(&k("a")));
+        assert_eq!(c.owners(&k("b")), vec![("w2".to_string(), 0)]);
+        c.retain_work("w2", &HashSet::new());
+        assert!(!c.is_claimed(&k("b")) && !c.is_claimed(&k("c")));
+        c.retain_work("w1", &HashSet::new());
+        assert!(!c.is_claimed(&k("a")));
+        assert!(c.by_key.is_empty() && c.by_work.is_empty(), "{c:?}");
+        // A work never seen is a no-op.
+        c.retain_work("w9", &HashSet::new());
     }
 
     #[test]

@@ -1051,3 +1051,73 @@ proptest! {
         prop_assert!(check_subdomain("work name", &s, MAX_WORK_NAME).is_ok());
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Claims: the work index agrees with a plain list of every claim
+// ---------------------------------------------------------------------------------------------
+
+/// One step on the claims: claim, preload, or drop a work's claims except some objects.
+#[derive(Debug, Clone)]
+enum ClaimOp {
+    Claim { key: u8, work: u8, content: u8 },
+    Preload { key: u8, work: u8 },
+    Retain { work: u8, keep: Vec<u8> },
+}
+
+fn claim_op() -> impl Strategy<Value = ClaimOp> {
+    prop_oneof![
+        3 => (0u8..6, 0u8..4, 0u8..2).prop_map(|(key, work, content)| ClaimOp::Claim { key, work, content }),
+        1 => (0u8..6, 0u8..4).prop_map(|(key, work)| ClaimOp::Preload { key, work }),
+        2 => (0u8..4, vec(0u8..6, 0..3)).prop_map(|(work, keep)| ClaimOp::Retain { work, keep }),
+    ]
+}
+
+fn claim_key(n: u8) -> spokelet_work::object::ObjKey {
+    spokelet_work::object::ObjKey {
+        group: String::new(),
+        resource: "configmaps".into(),
+        namespace: "ns".into(),
+        name: format!("o{n}"),
+    }
+}
+
+proptest! {
+    #[test]
+    fn claims_answer_as_a_plain_list_of_claims_would(ops in vec(claim_op(), 0..60)) {
+        use spokelet_work::claims::Claims;
+        // The model: (key, work, content) in claim order; None content for preloads.
+        let mut model: Vec<(u8, u8, Option<u8>)> = Vec::new();
+        let mut claims = Claims::default();
+        for op in ops {
+            match op {
+                ClaimOp::Claim { key, work, content } => {
+                    let conflict = model.iter().any(|(k, w, c)| *k == key && *w != work && *c != Some(content));
+                    let got = claims.claim(&claim_key(key), &format!("w{work}"), 0, &format!("c{content}"));
+                    prop_assert_eq!(got.is_err(), conflict);
+                    if !conflict {
+                        model.retain(|(k, w, _)| !(*k == key && *w == work));
+                        model.push((key, work, Some(content)));
+                    }
+                }
+                ClaimOp::Preload { key, work } => {
+                    claims.preload(&claim_key(key), &format!("w{work}"));
+                    if !model.iter().any(|(k, w, _)| *k == key && *w == work) {
+                        model.push((key, work, None));
+                    }
+                }
+                ClaimOp::Retain { work, keep } => {
+                    let keep_keys = keep.iter().map(|k| claim_key(*k)).collect();
+                    claims.retain_work(&format!("w{work}"), &keep_keys);
+                    model.retain(|(k, w, _)| *w != work || keep.contains(k));
+                }
+            }
+            for key in 0u8..6 {
+                prop_assert_eq!(claims.is_claimed(&claim_key(key)), model.iter().any(|(k, _, _)| *k == key));
+                let owners: Vec<String> = claims.owners(&claim_key(key)).into_iter().map(|(w, _)| w).collect();
+                let expected: Vec<String> =
+                    model.iter().filter(|(k, _, _)| *k == key).map(|(_, w, _)| format!("w{w}")).collect();
+                prop_assert_eq!(owners, expected);
+            }
+        }
+    }
+}
