@@ -1,6 +1,12 @@
-//! A kube client that talks HTTP/2 to the API server: one TLS connection multiplexes every
-//! request and watch of the engine (kube's own connector offers only HTTP/1.1 in ALPN, which
-//! means one connection per in-flight request).
+//! The agent's kube clients, over our own rustls connector: HTTP/1.1 with a pool of connections
+//! ([`HttpVersion::Http1`]) or HTTP/2, one TLS connection multiplexing every request and watch
+//! ([`HttpVersion::Http2`]).
+//!
+//! The spoke client speaks HTTP/1.1 by default: the API server (Go's HTTP/2 server) spent about
+//! 1.45 times the CPU, and took 1.5 times as long, serving the same 20,000 writes over one HTTP/2
+//! connection as over pooled HTTP/1.1 connections (the many-works benchmark's OCM-shaped floor,
+//! both in one run). HTTP/2 stays available (`--kube-http2`) where connection count matters
+//! more, and is what the hub client uses: little traffic, one connection through the network.
 //!
 //! A client whose TLS identity can change (the hub client with a rotating client certificate)
 //! moves new requests to a fresh connection pool when it does, so they handshake with the new
@@ -29,11 +35,25 @@ type HyperClient = hyper_util::client::legacy::Client<HttpsConnector<HttpConnect
 /// requests go on new connections. It may do the reload itself (it is called outside handshakes).
 pub type IdentityVersion = Arc<dyn Fn() -> u64 + Send + Sync>;
 
+/// Which HTTP a client speaks to an HTTPS server (plain-HTTP servers always get HTTP/1.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HttpVersion {
+    /// HTTP/1.1 only: one connection per request in flight, idle ones kept for reuse.
+    #[default]
+    Http1,
+    /// HTTP/2 offered first in ALPN (HTTP/1.1 still offered, for servers without h2).
+    Http2,
+}
+
+/// Idle connections an HTTP/1.1 pool keeps: enough for the engine's steady traffic; a burst
+/// opens more, which then close after hyper's idle timeout.
+const MAX_IDLE_PER_HOST: usize = 32;
+
 /// Client construction failures.
 #[derive(Debug, thiserror::Error)]
-pub enum Http2ClientError {
+pub enum KubeClientError {
     /// TLS or auth settings of the config are unusable.
-    #[error("building the HTTP/2 client: {0}")]
+    #[error("building the kube client: {0}")]
     Config(#[from] kube::Error),
     /// The kubeconfig's `tls-server-name` is not a DNS name or IP address.
     #[error("invalid tls-server-name {0:?}")]
@@ -74,11 +94,10 @@ fn token_fits_a_header(token: &str) -> bool {
     token.bytes().all(|b| (b >= 0x20 && b != 0x7f) || b == b'\t')
 }
 
-/// Builds an HTTP/2-capable client from `config` (ALPN offers h2 and http/1.1, so a server
-/// without h2 still works). Plain-HTTP servers are spoken to with HTTP/1.1.
-pub fn client(config: Config) -> Result<Client, Http2ClientError> {
+/// Builds a client from `config` speaking `version`.
+pub fn client(config: Config, version: HttpVersion) -> Result<Client, KubeClientError> {
     let tls = config.rustls_client_config()?;
-    client_with_tls(config, tls, None)
+    client_with_tls(config, tls, None, version)
 }
 
 /// [`client`] with a TLS configuration the caller made, for example kube's own
@@ -90,11 +109,12 @@ pub fn client_with_tls(
     config: Config,
     mut tls: rustls::ClientConfig,
     identity_version: Option<IdentityVersion>,
-) -> Result<Client, Http2ClientError> {
+    version: HttpVersion,
+) -> Result<Client, KubeClientError> {
     if let Some(token) = &config.auth_info.token
         && !token_fits_a_header(secrecy::ExposeSecret::expose_secret(token))
     {
-        return Err(Http2ClientError::Token);
+        return Err(KubeClientError::Token);
     }
     // The connector sets ALPN itself from the protocols enabled below.
     tls.alpn_protocols.clear();
@@ -109,12 +129,15 @@ pub fn client_with_tls(
     let https = match &config.tls_server_name {
         Some(name) => {
             let server_name =
-                ServerName::try_from(name.clone()).map_err(|_| Http2ClientError::ServerName(name.clone()))?;
+                ServerName::try_from(name.clone()).map_err(|_| KubeClientError::ServerName(name.clone()))?;
             https.with_server_name_resolver(FixedServerNameResolver::new(server_name))
         }
         None => https,
     };
-    let https = https.enable_http1().enable_http2().wrap_connector(http);
+    let https = match version {
+        HttpVersion::Http1 => https.enable_http1().wrap_connector(http),
+        HttpVersion::Http2 => https.enable_http1().enable_http2().wrap_connector(http),
+    };
     let pool = match identity_version {
         None => ConnectionPool::Fixed(Box::new(hyper_client(https))),
         Some(version) => ConnectionPool::Renewing(Arc::new(RenewingPool::new(https, version))),
@@ -136,6 +159,7 @@ fn hyper_client(https: HttpsConnector<HttpConnector>) -> HyperClient {
         // Watches idle for minutes; keep the one connection verified alive.
         .http2_keep_alive_interval(std::time::Duration::from_secs(30))
         .http2_keep_alive_while_idle(true)
+        .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
         .build(https)
 }
 
@@ -158,8 +182,8 @@ impl std::fmt::Debug for ConnectionPool {
     }
 }
 
-/// A connection pool that follows the TLS identity. An HTTP/2 connection carries every request,
-/// so without this a new identity would wait for the connection to break, and requests would
+/// A connection pool that follows the TLS identity. Pooled connections live on (an HTTP/2 one
+/// carries every request), so without this a new identity would wait for them to break, and requests would
 /// be refused once the old certificate expires. Dropping the old pool does not cut the
 /// connection: hyper closes it once the streams still on it (a watch) have ended.
 struct RenewingPool {

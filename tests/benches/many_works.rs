@@ -19,11 +19,11 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
 use spokelet_e2e::bench::{
-    Mark, ms, ocm_shaped_floor, percentile, print_costs, print_table, proc_cpu, proc_status_kib, raw_creates,
-    resync_listing, spawn_grpc_agent, spokelet_binary,
+    Mark, Tamper, drift_sample, ms, ocm_shaped_floor, percentile, print_costs, print_table, proc_cpu,
+    proc_status_kib, raw_creates, resync_listing, spawn_grpc_agent, spokelet_binary,
 };
 use spokelet_e2e::cloudevents_hub::{HubPki, TestHub, TestHubOptions};
 use spokelet_e2e::{ClusterOptions, KubeCluster};
@@ -179,26 +179,7 @@ async fn bench() {
         let i = (s * 49) % WORKS;
         let api: Api<ConfigMap> = Api::namespaced(admin.clone(), &format!("many-{}", i % NAMESPACES));
         let name = format!("app-{i}");
-        let t = Instant::now();
-        api.patch(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"data": {"index": "tampered"}})),
-        )
-        .await
-        .unwrap();
-        loop {
-            let c = api.get(&name).await.unwrap();
-            if c.data.as_ref().and_then(|d| d.get("index")) == Some(&i.to_string()) {
-                break;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "drift on {name} never corrected"
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        lat.push(t.elapsed());
+        lat.push(drift_sample(&api, &name, &i.to_string(), Tamper::Edit).await);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     lat.sort();

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DynamicObject, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use spokelet::work::applied_work::hub_hash;
@@ -28,8 +28,8 @@ use spokelet::work::manifestwork::{Manifest, ManifestWork, ManifestWorkSpec, Man
 use spokelet::work::metrics::WorkMetrics;
 use spokelet::work::{CancellationToken, EngineConfig, Listing, StatusUpdate, WorkEngine, WorkEvent};
 use spokelet_e2e::bench::{
-    Cost, Mark, ocm_shaped_floor, percentile, print_costs, proc_cpu, proc_status_kib, raw_creates,
-    spokelet_binary, total_cpu,
+    Cost, Mark, Tamper, drift_sample, ocm_shaped_floor, percentile, print_costs, proc_cpu, proc_status_kib,
+    raw_creates, spokelet_binary, total_cpu,
 };
 use spokelet_e2e::{ClusterOptions, KubeCluster};
 use tokio::sync::mpsc;
@@ -270,9 +270,10 @@ async fn bench() {
     };
     let cluster = KubeCluster::start(opts).await.expect("cluster starts");
     let kubeconfig = cluster.kubeconfig_path().to_path_buf();
-    // The same HTTP/2 client `spokelet run` uses.
+    // The client `spokelet run` uses by default.
     let config = spokelet::run::client_config(Some(&kubeconfig)).await.unwrap();
-    let client = spokelet::kube_client::client(config).unwrap();
+    let client =
+        spokelet::kube_client::client(config, spokelet::kube_client::HttpVersion::default()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let mut rows: Vec<(String, String, String)> = Vec::new();
 
@@ -405,36 +406,8 @@ async fn bench() {
         let ns = format!("{e_prefix}-{}", i % NAMESPACES);
         let name = format!("w{i}-cm");
         let api: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-        let t = Instant::now();
-        let old_uid = if s % 2 == 0 {
-            api.patch(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"data": {"index": "tampered"}})),
-            )
-            .await
-            .unwrap();
-            None
-        } else {
-            let uid = api.get(&name).await.unwrap().uid();
-            api.delete(&name, &DeleteParams::default()).await.unwrap();
-            uid
-        };
-        loop {
-            if let Some(c) = api.get_opt(&name).await.unwrap() {
-                let restored = c.data.as_ref().and_then(|d| d.get("index")).map(String::as_str)
-                    == Some(i.to_string().as_str());
-                if restored && c.uid() != old_uid && c.metadata.deletion_timestamp.is_none() {
-                    break;
-                }
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "drift on {ns}/{name} never corrected"
-            );
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        lat.push(t.elapsed());
+        let how = if s % 2 == 0 { Tamper::Edit } else { Tamper::Delete };
+        lat.push(drift_sample(&api, &name, &i.to_string(), how).await);
         // Let the engine's own follow-up events settle so samples are independent.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

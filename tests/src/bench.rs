@@ -358,6 +358,59 @@ pub fn print_costs(title: &str, sides: &[(&str, &Cost)]) {
     print_table(&header, &rows);
 }
 
+/// How a drift sample disturbs an applied ConfigMap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tamper {
+    /// Merge-patch its `data.index`.
+    Edit,
+    /// Delete it.
+    Delete,
+}
+
+/// One drift sample: tampers with ConfigMap `name` (whose `data.index` the agent applies as
+/// `index`), then polls every 2 ms until the agent has put it back (the value restored, and after
+/// a delete a new, live object). Returns the time from the change to the correction; panics
+/// after a minute. Callers should pause between samples so they stay independent.
+pub async fn drift_sample(
+    api: &kube::Api<k8s_openapi::api::core::v1::ConfigMap>,
+    name: &str,
+    index: &str,
+    how: Tamper,
+) -> Duration {
+    use kube::api::{DeleteParams, Patch, PatchParams};
+    let fail = |e: kube::Error| -> ! { panic!("drift sample on {name}: {e}") };
+    let t = std::time::Instant::now();
+    let old_uid = match how {
+        Tamper::Edit => {
+            let patch = serde_json::json!({"data": {"index": "tampered"}});
+            api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .unwrap_or_else(|e| fail(e));
+            None
+        }
+        Tamper::Delete => {
+            let uid = api.get(name).await.unwrap_or_else(|e| fail(e)).metadata.uid;
+            api.delete(name, &DeleteParams::default())
+                .await
+                .unwrap_or_else(|e| fail(e));
+            uid
+        }
+    };
+    loop {
+        if let Some(c) = api.get_opt(name).await.unwrap_or_else(|e| fail(e)) {
+            let restored = c.data.as_ref().and_then(|d| d.get("index")).map(String::as_str) == Some(index);
+            if restored && c.metadata.uid != old_uid && c.metadata.deletion_timestamp.is_none() {
+                return t.elapsed();
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "drift on {name} never corrected"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 /// The resource of a built-in object from its apiVersion and kind (plural as kube guesses it).
 pub fn resource_of(obj: &serde_json::Value) -> kube::api::ApiResource {
     let api_version = obj["apiVersion"].as_str().unwrap_or("v1");

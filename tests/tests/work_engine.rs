@@ -1071,13 +1071,23 @@ async fn a_field_that_keeps_flipping_backs_off_and_degrades() {
 }
 
 #[tokio::test]
-async fn engine_on_the_http2_client() {
+async fn engine_on_the_agents_http1_client() {
+    engine_on_the_agents_client(spokelet::kube_client::HttpVersion::Http1, "h1").await;
+}
+
+#[tokio::test]
+async fn engine_on_the_agents_http2_client() {
+    engine_on_the_agents_client(spokelet::kube_client::HttpVersion::Http2, "h2").await;
+}
+
+/// One work applied through the agent's own client speaking `version`.
+async fn engine_on_the_agents_client(version: spokelet::kube_client::HttpVersion, tag: &str) {
     let cluster = shared_spoke().await;
     let config = spokelet::run::client_config(Some(cluster.kubeconfig_path()))
         .await
         .unwrap();
-    let client = spokelet::kube_client::client(config).unwrap();
-    let ns = namespace(&client, "h2").await;
+    let client = spokelet::kube_client::client(config, version).unwrap();
+    let ns = namespace(&client, tag).await;
     let hub = unique_name("hub");
     let (tx, rx) = mpsc::unbounded_channel();
     let (stx, mut srx) = mpsc::unbounded_channel::<StatusUpdate>();
@@ -1482,7 +1492,10 @@ async fn config_with_executors(hub: &str) -> EngineConfig {
         .await
         .unwrap();
     let mut cfg = test_config(hub);
-    cfg.executor_clients = Some(spokelet::run::executor_factory(&config));
+    cfg.executor_clients = Some(spokelet::run::executor_factory(
+        &config,
+        spokelet::kube_client::HttpVersion::Http1,
+    ));
     cfg
 }
 

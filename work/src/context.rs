@@ -55,7 +55,7 @@ pub struct ReconcileConfig {
 
 /// The shared part of every reconcile.
 pub struct ReconcileContext {
-    /// The one HTTP/2 client: every request and watch shares its connection.
+    /// The one client: every request and watch shares its connection pool.
     pub client: Client,
     pub cfg: ReconcileConfig,
     pub resolver: Resolver,

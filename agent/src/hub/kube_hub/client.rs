@@ -42,10 +42,13 @@ pub fn hub_client(config: kube::Config, kubeconfig: &Path) -> Result<kube::Clien
             identity.loads()
         })
     });
+    // HTTP/2: the hub sees little traffic, and one connection crosses proxies and firewalls
+    // most easily.
     Ok(crate::kube_client::client_with_tls(
         config,
         tls,
         identity_version,
+        crate::kube_client::HttpVersion::Http2,
     )?)
 }
 

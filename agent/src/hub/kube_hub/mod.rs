@@ -61,7 +61,7 @@ use self::works::{watch_works, work_resource};
 use super::HubEvents;
 use super::tls::TlsError;
 use crate::backoff::ExponentialBackoff;
-use crate::kube_client::Http2ClientError;
+use crate::kube_client::KubeClientError;
 
 /// Finalizer that keeps a hub work until the agent has cleaned up after it.
 pub const CLEANUP_FINALIZER: &str = "cluster.open-cluster-management.io/manifest-work-cleanup";
@@ -91,7 +91,7 @@ pub enum KubeHubError {
     Api(#[from] kube::Error),
     /// The HTTP/2 client for the hub could not be built.
     #[error("hub client: {0}")]
-    Client(#[from] Http2ClientError),
+    Client(#[from] KubeClientError),
     /// The client certificate files the hub kubeconfig names cannot be loaded.
     #[error("hub client certificate: {0}")]
     ClientCert(#[from] TlsError),
