@@ -220,6 +220,15 @@ impl Engine {
         }
     }
 
+    /// Sends the works `<prefix>-<i>` at `generation` and waits until they are all Applied.
+    async fn apply_all(&mut self, prefix: &str, generation: i64) {
+        for i in 0..WORKS {
+            let w = work(prefix, i, generation);
+            self.tx.send(WorkEvent::Upsert(Box::new(w))).unwrap();
+        }
+        self.all_applied(prefix, generation).await;
+    }
+
     /// Waits until the works named `<prefix>-<i>` all report Applied at `generation`.
     async fn all_applied(&mut self, prefix: &str, generation: i64) {
         let ours = format!("{prefix}-");
@@ -318,13 +327,7 @@ async fn bench() {
     assert_eq!(e_before.len(), WORKS * 5, "engine applied every object");
     let writes_before = engine.count("created") + engine.count("updated");
     let t1 = Instant::now();
-    for i in 0..WORKS {
-        engine
-            .tx
-            .send(WorkEvent::Upsert(Box::new(work(&e_prefix, i, 2))))
-            .unwrap();
-    }
-    engine.all_applied(&e_prefix, 2).await;
+    engine.apply_all(&e_prefix, 2).await;
     let e_again = t1.elapsed();
     let e_after = versions(&client, &e_prefix).await;
     let e_writes = engine.count("created") + engine.count("updated") - writes_before;
@@ -617,13 +620,7 @@ async fn engine_side(engine: &mut Engine, client: &Client, server: &[u32], round
     let c0 = proc_cpu(0).unwrap_or_default();
     let mark = Mark::take(client, server).await;
     let t = Instant::now();
-    for i in 0..WORKS {
-        engine
-            .tx
-            .send(WorkEvent::Upsert(Box::new(work(&prefix, i, 1))))
-            .unwrap();
-    }
-    engine.all_applied(&prefix, 1).await;
+    engine.apply_all(&prefix, 1).await;
     let wall = t.elapsed();
     // This process is the engine plus the benchmark's own (small) bookkeeping.
     let client_cpu = proc_cpu(0).unwrap_or_default().saturating_sub(c0);

@@ -1499,6 +1499,20 @@ async fn config_with_executors(hub: &str) -> EngineConfig {
     cfg
 }
 
+/// A ServiceAccount `name` in `ns` allowed `verbs` on ConfigMaps there, and nothing else.
+fn configmap_executor(ns: &str, name: &str, verbs: &[&str]) -> Vec<Value> {
+    vec![
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": ns}}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+               "metadata": {"name": format!("{name}-configmaps"), "namespace": ns},
+               "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": verbs}]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": format!("{name}-configmaps"), "namespace": ns},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": format!("{name}-configmaps")},
+               "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}]}),
+    ]
+}
+
 #[tokio::test]
 async fn an_executor_writes_with_its_own_rights_and_the_api_server_refuses_what_it_may_not() {
     let hub = unique_name("hub");
@@ -1506,16 +1520,7 @@ async fn an_executor_writes_with_its_own_rights_and_the_api_server_refuses_what_
     a.synced();
     let ns = namespace(&a.client, "executor").await;
     // The executor may manage ConfigMaps in its namespace, and nothing else.
-    let setup: Vec<Value> = vec![
-        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "deployer", "namespace": ns}}),
-        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-               "metadata": {"name": "configmaps", "namespace": ns},
-               "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["*"]}]}),
-        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-               "metadata": {"name": "deployer-configmaps", "namespace": ns},
-               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "configmaps"},
-               "subjects": [{"kind": "ServiceAccount", "name": "deployer", "namespace": ns}]}),
-    ];
+    let setup = configmap_executor(&ns, "deployer", &["*"]);
     a.upsert(&work("w-setup", 1, setup));
     a.wait_applied("w-setup", 1).await;
 
@@ -1568,17 +1573,11 @@ async fn after_a_restart_a_work_known_only_from_its_record_is_deleted_as_its_exe
     a.synced();
     let ns = namespace(&a.client, "exec-restart").await;
     // The executor may write ConfigMaps in its namespace but not delete them.
-    let setup: Vec<Value> = vec![
-        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "writer", "namespace": ns}}),
-        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-               "metadata": {"name": "write-configmaps", "namespace": ns},
-               "rules": [{"apiGroups": [""], "resources": ["configmaps"],
-                          "verbs": ["get", "list", "watch", "create", "update", "patch"]}]}),
-        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-               "metadata": {"name": "writer-configmaps", "namespace": ns},
-               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "write-configmaps"},
-               "subjects": [{"kind": "ServiceAccount", "name": "writer", "namespace": ns}]}),
-    ];
+    let setup = configmap_executor(
+        &ns,
+        "writer",
+        &["get", "list", "watch", "create", "update", "patch"],
+    );
     let setup = work("w-exec-setup", 1, setup);
     a.upsert(&setup);
     a.wait_applied("w-exec-setup", 1).await;
