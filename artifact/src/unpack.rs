@@ -15,6 +15,8 @@ use std::path::{Component, Path, PathBuf};
 use flate2::read::GzDecoder;
 use tar::EntryType;
 
+use crate::digest::{Digest, DigestMismatch, Verifying, mismatch_of};
+
 /// Bounds on one archive. Every one is checked while streaming.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UnpackLimits {
@@ -77,6 +79,9 @@ pub enum UnpackError {
     EmptyPath(String),
     #[error("{0} already exists")]
     DestinationExists(PathBuf),
+    /// The layer's bytes are not the ones its digest names (tampered with, or truncated).
+    #[error("the layer does not match its digest: {0}")]
+    DigestMismatch(#[from] DigestMismatch),
     /// The stream is not a valid gzip-compressed tarball (or is truncated).
     #[error("the artifact is not a valid gzip-compressed tarball: {0}")]
     Corrupt(String),
@@ -126,6 +131,17 @@ pub fn unpack_tar_gz<R: Read>(
     result
 }
 
+/// Unpacks a layer blob that must hash to `digest`: the whole blob is read and checked before
+/// the entry is put in place, so a tampered or truncated layer leaves nothing behind.
+pub fn unpack_layer<R: Read>(
+    blob: R,
+    digest: &Digest,
+    dest: &Path,
+    limits: &UnpackLimits,
+) -> Result<Unpacked, UnpackError> {
+    unpack_tar_gz(Verifying::new(blob, digest.clone()), dest, limits)
+}
+
 /// A fresh sibling of `dest`: on the same filesystem, so the final rename is atomic.
 fn staging_path(dest: &Path) -> PathBuf {
     let name = dest
@@ -163,6 +179,9 @@ enum LimitHit {
 }
 
 fn from_io(e: io::Error, limits: &UnpackLimits) -> UnpackError {
+    if let Some(m) = mismatch_of(&e) {
+        return UnpackError::DigestMismatch(m.clone());
+    }
     match e.get_ref().and_then(|inner| inner.downcast_ref::<LimitHit>()) {
         Some(LimitHit::Compressed) => UnpackError::CompressedTooLarge {
             limit: limits.max_compressed,
@@ -265,6 +284,10 @@ fn unpack_into<R: Read>(archive: R, staging: &Path, limits: &UnpackLimits) -> Re
             }
         }
     }
+    // Read the input to its end (still bounded): bytes after the archive are part of the blob,
+    // and a verifying reader gives its verdict only there.
+    let mut rest = tar.into_inner().into_inner();
+    io::copy(&mut rest, &mut io::sink()).map_err(|e| from_io(e, limits))?;
     Ok(done)
 }
 

@@ -300,3 +300,27 @@ fn an_existing_destination_is_never_overwritten() {
         "mine"
     );
 }
+
+#[test]
+fn a_layer_is_put_in_place_only_when_it_matches_its_digest() {
+    use spokelet_artifact::digest::Digest;
+    use spokelet_artifact::unpack::unpack_layer;
+    let archive = tar_gz(&[file("app.yaml", "kind: ConfigMap\n")]);
+    let digest = Digest::of(&archive);
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("good");
+    let done = unpack_layer(&archive[..], &digest, &good, &UnpackLimits::default()).unwrap();
+    assert_eq!(done.files, 1);
+    assert!(good.join("app.yaml").exists());
+
+    // Bytes after the archive are part of the blob: changing them breaks the digest.
+    let mut tampered = archive.clone();
+    tampered.extend_from_slice(b"appended");
+    let (_tmp, result) = unpack(
+        spokelet_artifact::digest::Verifying::new(&tampered[..], digest.clone()),
+        &UnpackLimits::default(),
+    );
+    let e = result.unwrap_err();
+    assert!(matches!(e, UnpackError::DigestMismatch(_)), "{e}");
+    assert!(e.to_string().contains(&digest.to_string()), "{e}");
+}
