@@ -94,8 +94,17 @@ pub enum UnpackError {
     },
 }
 
+/// One file an unpack wrote: its path under the entry, size and content digest, so a cache
+/// can later tell whether the files on disk are still the ones unpacked.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileSum {
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
 /// What an unpack wrote.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Unpacked {
     /// Regular files written.
     pub files: u64,
@@ -105,6 +114,8 @@ pub struct Unpacked {
     pub bytes: u64,
     /// Symlinks and hard links skipped (never extracted, as Flux skips symlinks).
     pub skipped_links: u64,
+    /// Every file written, in archive order.
+    pub sums: Vec<FileSum>,
 }
 
 /// Unpacks the gzip-compressed tarball read from `archive` into `dest`, which must not exist.
@@ -273,8 +284,14 @@ fn unpack_into<R: Read>(archive: R, staging: &Path, limits: &UnpackLimits) -> Re
                     fs::create_dir_all(parent).map_err(write_err(parent))?;
                 }
                 let mode = entry.header().mode().unwrap_or(0o644);
-                done.bytes += copy_file(&mut entry, &target, mode, &mut budget)?;
+                let (size, sha256) = copy_file(&mut entry, &target, mode, &mut budget)?;
+                done.bytes += size;
                 done.files += 1;
+                done.sums.push(FileSum {
+                    path: rel.to_string_lossy().into_owned(),
+                    size,
+                    sha256,
+                });
             }
             other => {
                 return Err(UnpackError::ForbiddenEntry {
@@ -321,13 +338,15 @@ fn checked_path(raw: &str, max_depth: usize) -> Result<PathBuf, UnpackError> {
 
 /// Writes one file's contents, counting them against the budget as they stream. The file is
 /// created new (an existing path, which a duplicate entry or a directory would be, fails), and
-/// keeps only the permission bits (no setuid, setgid or sticky bit).
+/// keeps only the permission bits (no setuid, setgid or sticky bit). Returns its size and
+/// hex sha256.
 fn copy_file(
     from: &mut impl Read,
     to: &Path,
     mode: u32,
     budget: &mut Budget<'_>,
-) -> Result<u64, UnpackError> {
+) -> Result<(u64, String), UnpackError> {
+    use sha2::Digest as _;
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let werr = |source| UnpackError::Write {
@@ -342,13 +361,15 @@ fn copy_file(
         .map_err(werr)?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut written = 0u64;
+    let mut hasher = sha2::Sha256::new();
     loop {
         let n = from.read(&mut buf).map_err(|e| from_io(e, budget.limits))?;
         if n == 0 {
-            return Ok(written);
+            return Ok((written, hex::encode(hasher.finalize())));
         }
         budget.spend(n as u64)?;
         file.write_all(&buf[..n]).map_err(werr)?;
+        hasher.update(&buf[..n]);
         written += n as u64;
     }
 }
