@@ -1,8 +1,9 @@
-//! OCI artifacts: Flux-format layers checked against their digests and unpacked safely
-//! and kept in a content-addressed cache (pulling and signatures come next).
+//! OCI artifacts: Flux-format layers packed reproducibly, checked against their digests,
+//! unpacked safely and kept in a content-addressed cache (pulling and signatures come next).
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod cache;
 pub mod digest;
+pub mod pack;
 pub mod unpack;
