@@ -229,10 +229,6 @@ impl Budget<'_> {
 }
 
 fn unpack_into<R: Read>(archive: R, staging: &Path, limits: &UnpackLimits) -> Result<Unpacked, UnpackError> {
-    let write_err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| UnpackError::Write { path, source }
-    };
     fs::create_dir(staging).map_err(write_err(staging))?;
     let compressed = std::rc::Rc::new(std::cell::Cell::new(0));
     let counted = Counted {
@@ -241,57 +237,79 @@ fn unpack_into<R: Read>(archive: R, staging: &Path, limits: &UnpackLimits) -> Re
         limit: limits.max_compressed,
     };
     let mut tar = tar::Archive::new(GzDecoder::new(counted));
-    let mut budget = Budget {
-        limits,
-        compressed,
-        uncompressed: 0,
+    let mut run = Extraction {
+        staging,
+        budget: Budget {
+            limits,
+            compressed,
+            uncompressed: 0,
+        },
+        seen: HashSet::new(),
+        count: 0,
+        done: Unpacked::default(),
     };
-    let mut seen: HashSet<PathBuf> = HashSet::new();
-    let mut done = Unpacked::default();
-    // Every entry counts, skipped ones too: a million symlinks cost as much to read.
-    let mut count = 0u64;
-    let entries = tar.entries().map_err(|e| from_io(e, limits))?;
-    for entry in entries {
-        let mut entry = entry.map_err(|e| from_io(e, limits))?;
-        count += 1;
-        if count > limits.max_files {
+    for entry in tar.entries().map_err(|e| from_io(e, limits))? {
+        run.take(entry.map_err(|e| from_io(e, limits))?)?;
+    }
+    // Read the input to its end (still bounded): bytes after the archive are part of the blob,
+    // and a verifying reader gives its verdict only there.
+    let mut rest = tar.into_inner().into_inner();
+    io::copy(&mut rest, &mut io::sink()).map_err(|e| from_io(e, limits))?;
+    Ok(run.done)
+}
+
+/// One unpack between its entries.
+struct Extraction<'a> {
+    staging: &'a Path,
+    budget: Budget<'a>,
+    /// Paths written so far, to refuse a second entry for one.
+    seen: HashSet<PathBuf>,
+    /// Entries read, skipped ones too: a million symlinks cost as much to read as files.
+    count: u64,
+    done: Unpacked,
+}
+
+impl Extraction<'_> {
+    /// Checks one entry and writes it, skips it, or refuses the archive.
+    fn take<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), UnpackError> {
+        let limits = self.budget.limits;
+        self.count += 1;
+        if self.count > limits.max_files {
             return Err(UnpackError::TooManyEntries {
                 limit: limits.max_files,
             });
         }
         let raw = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let kind = entry.header().entry_type();
-        // Archive-wide metadata (`git archive` writes one), not a file.
-        if kind == EntryType::XGlobalHeader {
-            continue;
-        }
-        if matches!(kind, EntryType::Symlink | EntryType::Link) {
-            done.skipped_links += 1;
-            continue;
+        match kind {
+            // Archive-wide metadata (`git archive` writes one), not a file.
+            EntryType::XGlobalHeader => return Ok(()),
+            EntryType::Symlink | EntryType::Link => {
+                self.done.skipped_links += 1;
+                return Ok(());
+            }
+            _ => {}
         }
         let rel = checked_path(&raw, limits.max_depth)?;
-        if !seen.insert(rel.clone()) {
+        if !self.seen.insert(rel.clone()) {
             return Err(UnpackError::DuplicatePath(raw));
         }
-        let target = staging.join(&rel);
+        let target = self.staging.join(&rel);
         match kind {
             EntryType::Directory => {
                 fs::create_dir_all(&target).map_err(write_err(&target))?;
-                done.directories += 1;
+                self.done.directories += 1;
             }
             EntryType::Regular | EntryType::Continuous => {
                 if let Some(parent) = target.parent() {
                     fs::create_dir_all(parent).map_err(write_err(parent))?;
                 }
                 let mode = entry.header().mode().unwrap_or(0o644);
-                let (size, sha256) = copy_file(&mut entry, &target, mode, &mut budget)?;
-                done.bytes += size;
-                done.files += 1;
-                done.sums.push(FileSum {
-                    path: rel.to_string_lossy().into_owned(),
-                    size,
-                    sha256,
-                });
+                let (size, sha256) = copy_file(&mut entry, &target, mode, &mut self.budget)?;
+                self.done.bytes += size;
+                self.done.files += 1;
+                let path = rel.to_string_lossy().into_owned();
+                self.done.sums.push(FileSum { path, size, sha256 });
             }
             other => {
                 return Err(UnpackError::ForbiddenEntry {
@@ -300,12 +318,16 @@ fn unpack_into<R: Read>(archive: R, staging: &Path, limits: &UnpackLimits) -> Re
                 });
             }
         }
+        Ok(())
     }
-    // Read the input to its end (still bounded): bytes after the archive are part of the blob,
-    // and a verifying reader gives its verdict only there.
-    let mut rest = tar.into_inner().into_inner();
-    io::copy(&mut rest, &mut io::sink()).map_err(|e| from_io(e, limits))?;
-    Ok(done)
+}
+
+/// A write failure at `path`.
+fn write_err(path: &Path) -> impl FnOnce(io::Error) -> UnpackError + '_ {
+    move |source| UnpackError::Write {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// The entry's path relative to the archive root, refused if absolute, if any component is
