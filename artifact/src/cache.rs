@@ -126,6 +126,16 @@ impl ArtifactCache {
         Ok(removed)
     }
 
+    /// A fresh file name for a layer blob being downloaded, on the cache's filesystem; one left
+    /// by a crash is removed at the next open.
+    pub fn scratch_file(&self, digest: &Digest) -> PathBuf {
+        self.layers.join(format!(
+            ".{}.download-{:016x}",
+            digest.hex(),
+            rand::random::<u64>()
+        ))
+    }
+
     fn entry_dir(&self, digest: &Digest) -> PathBuf {
         self.layers.join(digest.hex())
     }
@@ -164,7 +174,9 @@ impl ArtifactCache {
             let path = self.layers.join(&name);
             if name.starts_with('.') && name.contains(".partial-") {
                 fs::remove_dir_all(&path).map_err(io_err(&path))?;
-            } else if name.ends_with(".json.partial") {
+            } else if name.ends_with(".json.partial")
+                || (name.starts_with('.') && name.contains(".download-"))
+            {
                 fs::remove_file(&path).map_err(io_err(&path))?;
             }
         }

@@ -1,9 +1,11 @@
 //! OCI artifacts: Flux-format layers packed reproducibly, checked against their digests,
-//! unpacked safely and kept in a content-addressed cache (pulling and signatures come next).
+//! unpacked safely and kept in a content-addressed cache pushed to and pulled from
+//! registries (signatures, auth and Flux objects come next).
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod cache;
 pub mod digest;
 pub mod pack;
+pub mod registry;
 pub mod unpack;

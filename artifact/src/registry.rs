@@ -1,0 +1,297 @@
+//! Talking to an OCI registry: pushing a directory as a Flux-format artifact, and pulling one
+//! into the cache, the tag resolved to a digest once and everything after pulled by digest.
+
+use std::path::{Path, PathBuf};
+
+use futures::StreamExt;
+use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
+use oci_client::manifest::OciImageManifest;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use tokio::io::AsyncWriteExt;
+
+use crate::cache::{ArtifactCache, CacheError, Check};
+use crate::digest::{Digest, DigestError};
+use crate::pack::{PackError, pack_dir};
+use crate::unpack::UnpackLimits;
+
+/// Media type of a Flux artifact's config.
+pub const FLUX_CONFIG_MEDIA_TYPE: &str = "application/vnd.cncf.flux.config.v1+json";
+/// Media type of a Flux artifact's content layer.
+pub const FLUX_CONTENT_MEDIA_TYPE: &str = "application/vnd.cncf.flux.content.v1.tar+gzip";
+/// Media type of an OCI image manifest.
+pub const OCI_MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// Why a push or pull failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{0:?} is not an oci://host/repository address")]
+    Url(String),
+    #[error("registry request for {reference}: {source}")]
+    Request {
+        reference: String,
+        #[source]
+        source: oci_client::errors::OciDistributionError,
+    },
+    #[error("the registry answered a digest that is not one: {0}")]
+    Digest(#[from] DigestError),
+    #[error("manifest {expected} arrived with digest {actual}")]
+    ManifestDigest { expected: Digest, actual: Digest },
+    #[error("manifest {0} is not an OCI image manifest: {1}")]
+    Manifest(Digest, String),
+    #[error("artifact {digest} has config media type {found:?}, not {FLUX_CONFIG_MEDIA_TYPE}")]
+    NotFlux { digest: Digest, found: String },
+    #[error("artifact {0} has no layer of media type {FLUX_CONTENT_MEDIA_TYPE}")]
+    NoContentLayer(Digest),
+    #[error("layer {digest} is {size} bytes, over the {limit} byte limit")]
+    LayerTooLarge { digest: Digest, size: i64, limit: u64 },
+    #[error("downloading layer {digest}: {source}")]
+    Download {
+        digest: Digest,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error(transparent)]
+    Pack(#[from] PackError),
+}
+
+/// An artifact pulled into the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pulled {
+    /// As Flux writes it: `<tag>@sha256:<manifest digest>`.
+    pub revision: String,
+    pub manifest: Digest,
+    pub layer: Digest,
+    /// The unpacked layer in the cache.
+    pub dir: PathBuf,
+    /// False when the layer was already cached (no blob was requested).
+    pub downloaded: bool,
+}
+
+/// A registry client. `insecure` speaks plain HTTP (Flux's `insecure: true`).
+pub struct Registry {
+    client: Client,
+    auth: RegistryAuth,
+}
+
+impl std::fmt::Debug for Registry {
+    // The client holds credentials and tokens; none of it is worth printing.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    pub fn new(insecure: bool, auth: RegistryAuth) -> Registry {
+        // The agent's TLS provider is ring; oci-client needs one installed before its first
+        // client. Installing twice is refused harmlessly.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let config = ClientConfig {
+            protocol: if insecure {
+                ClientProtocol::Http
+            } else {
+                ClientProtocol::Https
+            },
+            ..ClientConfig::default()
+        };
+        Registry {
+            client: Client::new(config),
+            auth,
+        }
+    }
+
+    /// Packs `dir` and pushes it as `oci://host/repo:tag` with the Flux media types and the
+    /// `source` and `revision` annotations. Returns the manifest digest.
+    pub async fn push_dir(
+        &self,
+        url: &str,
+        tag: &str,
+        dir: &Path,
+        source: &str,
+        revision: &str,
+    ) -> Result<Digest, RegistryError> {
+        let reference = reference(url, tag)?;
+        let blob = pack_dir(dir, Vec::new())?;
+        let layer = ImageLayer::new(blob, FLUX_CONTENT_MEDIA_TYPE.to_string(), None);
+        let config = Config::new(b"{}".to_vec(), FLUX_CONFIG_MEDIA_TYPE.to_string(), None);
+        let mut manifest = OciImageManifest::build(std::slice::from_ref(&layer), &config, None);
+        manifest.annotations = Some(
+            [
+                ("org.opencontainers.image.source", source),
+                ("org.opencontainers.image.revision", revision),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        );
+        self.client
+            .push(&reference, &[layer], config, &self.auth, Some(manifest))
+            .await
+            .map_err(request_err(&reference))?;
+        let digest = self
+            .client
+            .fetch_manifest_digest(&reference, &self.auth)
+            .await
+            .map_err(request_err(&reference))?;
+        Ok(Digest::parse(&digest)?)
+    }
+
+    /// Pulls `oci://host/repo:tag` into `cache`: the tag is resolved to a manifest digest, the
+    /// manifest pulled by that digest and checked against it, and the content layer fetched only
+    /// if the cache does not hold it.
+    pub async fn pull(
+        &self,
+        url: &str,
+        tag: &str,
+        cache: &ArtifactCache,
+        limits: &UnpackLimits,
+    ) -> Result<Pulled, RegistryError> {
+        let by_tag = reference(url, tag)?;
+        let digest = self
+            .client
+            .fetch_manifest_digest(&by_tag, &self.auth)
+            .await
+            .map_err(request_err(&by_tag))?;
+        let manifest_digest = Digest::parse(&digest)?;
+        let by_digest = Reference::with_digest(
+            by_tag.registry().to_string(),
+            by_tag.repository().to_string(),
+            manifest_digest.to_string(),
+        );
+        let layer = self.content_layer(&by_digest, &manifest_digest).await?;
+        let layer_digest = Digest::parse(&layer.digest)?;
+        if layer.size < 0 || layer.size as u64 > limits.max_compressed {
+            return Err(RegistryError::LayerTooLarge {
+                digest: layer_digest,
+                size: layer.size,
+                limit: limits.max_compressed,
+            });
+        }
+        let revision = format!("{tag}@{manifest_digest}");
+        if let Some(dir) = cache.get(&layer_digest, Check::Sizes)? {
+            return Ok(Pulled {
+                revision,
+                manifest: manifest_digest,
+                layer: layer_digest,
+                dir,
+                downloaded: false,
+            });
+        }
+        let file = self.download(&by_digest, &layer, &layer_digest, cache).await?;
+        let (put_cache, put_digest, put_limits) = (cache.clone(), layer_digest.clone(), *limits);
+        let put = tokio::task::spawn_blocking(move || {
+            let blob = std::fs::File::open(&file);
+            let result = blob
+                .map_err(|e| CacheError::Io {
+                    path: file.clone(),
+                    source: e,
+                })
+                .and_then(|blob| put_cache.put(&put_digest, std::io::BufReader::new(blob), &put_limits));
+            let _ = std::fs::remove_file(&file);
+            result
+        })
+        .await
+        .map_err(|e| RegistryError::Download {
+            digest: layer_digest.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        Ok(Pulled {
+            revision,
+            manifest: manifest_digest,
+            layer: layer_digest,
+            dir: put?,
+            downloaded: true,
+        })
+    }
+
+    /// The manifest at `by_digest`, checked against `digest`, and its Flux content layer.
+    async fn content_layer(
+        &self,
+        by_digest: &Reference,
+        digest: &Digest,
+    ) -> Result<oci_client::manifest::OciDescriptor, RegistryError> {
+        let (bytes, _) = self
+            .client
+            .pull_manifest_raw(by_digest, &self.auth, &[OCI_MANIFEST_MEDIA_TYPE])
+            .await
+            .map_err(request_err(by_digest))?;
+        let actual = Digest::of(&bytes);
+        if &actual != digest {
+            return Err(RegistryError::ManifestDigest {
+                expected: digest.clone(),
+                actual,
+            });
+        }
+        let manifest: OciImageManifest = serde_json::from_slice(&bytes)
+            .map_err(|e| RegistryError::Manifest(digest.clone(), e.to_string()))?;
+        if manifest.config.media_type != FLUX_CONFIG_MEDIA_TYPE {
+            return Err(RegistryError::NotFlux {
+                digest: digest.clone(),
+                found: manifest.config.media_type,
+            });
+        }
+        manifest
+            .layers
+            .into_iter()
+            .find(|l| l.media_type == FLUX_CONTENT_MEDIA_TYPE)
+            .ok_or_else(|| RegistryError::NoContentLayer(digest.clone()))
+    }
+
+    /// Streams the layer blob into a scratch file of the cache (never whole in memory),
+    /// refusing more bytes than the manifest announced.
+    async fn download(
+        &self,
+        by_digest: &Reference,
+        layer: &oci_client::manifest::OciDescriptor,
+        digest: &Digest,
+        cache: &ArtifactCache,
+    ) -> Result<PathBuf, RegistryError> {
+        let io_err = |source| RegistryError::Download {
+            digest: digest.clone(),
+            source,
+        };
+        let mut stream = self
+            .client
+            .pull_blob_stream(by_digest, layer)
+            .await
+            .map_err(request_err(by_digest))?;
+        let path = cache.scratch_file(digest);
+        let mut file = tokio::fs::File::create(&path).await.map_err(io_err)?;
+        let mut got = 0u64;
+        while let Some(chunk) = stream.stream.next().await {
+            let chunk = chunk.map_err(io_err)?;
+            got += chunk.len() as u64;
+            if got > layer.size as u64 {
+                drop(file);
+                let _ = tokio::fs::remove_file(&path).await;
+                return Err(io_err(std::io::Error::other(
+                    "the registry sent more bytes than the layer's size",
+                )));
+            }
+            file.write_all(&chunk).await.map_err(io_err)?;
+        }
+        file.flush().await.map_err(io_err)?;
+        Ok(path)
+    }
+}
+
+/// `oci://host/repo` and a tag as a reference.
+fn reference(url: &str, tag: &str) -> Result<Reference, RegistryError> {
+    let rest = url
+        .strip_prefix("oci://")
+        .ok_or_else(|| RegistryError::Url(url.to_string()))?;
+    format!("{rest}:{tag}")
+        .parse::<Reference>()
+        .map_err(|_| RegistryError::Url(url.to_string()))
+}
+
+fn request_err(
+    reference: &Reference,
+) -> impl Fn(oci_client::errors::OciDistributionError) -> RegistryError + '_ {
+    move |source| RegistryError::Request {
+        reference: reference.whole(),
+        source,
+    }
+}
