@@ -98,3 +98,100 @@ async fn a_pushed_directory_pulls_into_the_cache_and_an_unchanged_tag_downloads_
     assert!(first.dir.join("deploy/app.yaml").exists());
     registry.stop().await;
 }
+
+/// Writes an OCI layout tagged `v1` holding a Flux-format artifact made by other tools (GNU
+/// tar and gzip) with config media type `config_type`; returns the layout directory.
+fn flux_layout_by_hand(root: &std::path::Path, config_type: &str) -> std::path::PathBuf {
+    use sha2::{Digest as _, Sha256};
+    let layout = root.join("layout");
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| -> String {
+        let digest = hex::encode(Sha256::digest(bytes));
+        std::fs::write(blobs.join(&digest), bytes).unwrap();
+        digest
+    };
+    let content = root.join("content");
+    std::fs::create_dir_all(content.join("deploy")).unwrap();
+    std::fs::write(content.join("deploy/other.yaml"), "kind: Secret\n").unwrap();
+    let tar = std::process::Command::new("tar")
+        .args(["--sort=name", "--owner=0", "--group=0", "--mtime=@0", "-C"])
+        .arg(&content)
+        .args(["-czf", "-", "deploy"])
+        .output()
+        .unwrap();
+    assert!(tar.status.success(), "tar failed");
+    let layer = put(&tar.stdout);
+    let config = put(b"{}");
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": config_type, "digest": format!("sha256:{config}"), "size": 2},
+        "layers": [{"mediaType": FLUX_CONTENT_MEDIA_TYPE, "digest": format!("sha256:{layer}"), "size": tar.stdout.len()}],
+    }))
+    .unwrap();
+    let manifest_digest = put(&manifest);
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{manifest_digest}"),
+            "size": manifest.len(),
+            "annotations": {"org.opencontainers.image.ref.name": "v1"},
+        }],
+    });
+    std::fs::write(layout.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    layout
+}
+
+async fn skopeo_copy(layout: &std::path::Path, dest: &str) {
+    let out = tokio::process::Command::new("skopeo")
+        .args([
+            "--insecure-policy",
+            "copy",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+        ])
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("docker://{dest}"))
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("cannot run skopeo (run tests/env/install.sh): {e}"));
+    assert!(
+        out.status.success(),
+        "skopeo copy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn an_artifact_pushed_by_another_client_pulls_and_a_non_flux_one_is_refused() {
+    let registry = OciRegistry::start().await.unwrap();
+    let client = Registry::new(true, RegistryAuth::Anonymous);
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = ArtifactCache::open(cache_dir.path()).unwrap();
+    let limits = UnpackLimits::default();
+
+    let flux = tempfile::tempdir().unwrap();
+    let layout = flux_layout_by_hand(flux.path(), FLUX_CONFIG_MEDIA_TYPE);
+    skopeo_copy(&layout, &format!("{}/apps/other:v1", registry.host())).await;
+    let url = format!("oci://{}/apps/other", registry.host());
+    let pulled = client.pull(&url, "v1", &cache, &limits).await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(pulled.dir.join("deploy/other.yaml")).unwrap(),
+        "kind: Secret\n"
+    );
+
+    let image = tempfile::tempdir().unwrap();
+    let layout = flux_layout_by_hand(image.path(), "application/vnd.oci.image.config.v1+json");
+    skopeo_copy(&layout, &format!("{}/apps/image:v1", registry.host())).await;
+    let url = format!("oci://{}/apps/image", registry.host());
+    let e = client.pull(&url, "v1", &cache, &limits).await.unwrap_err();
+    assert!(matches!(e, RegistryError::NotFlux { .. }), "{e}");
+    assert!(
+        e.to_string().contains("application/vnd.oci.image.config.v1+json"),
+        "{e}"
+    );
+    registry.stop().await;
+}
