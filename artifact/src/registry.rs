@@ -27,6 +27,10 @@ pub const OCI_MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1
 pub enum RegistryError {
     #[error("{0:?} is not an oci://host/repository address")]
     Url(String),
+    #[error("semver range {range:?} is not valid: {reason}")]
+    SemverRange { range: String, reason: String },
+    #[error("no tag of {url} matches semver range {range:?}")]
+    NoMatchingTag { url: String, range: String },
     #[error("registry request for {reference}: {source}")]
     Request {
         reference: String,
@@ -55,6 +59,28 @@ pub enum RegistryError {
     Cache(#[from] CacheError),
     #[error(transparent)]
     Pack(#[from] PackError),
+}
+
+/// Which version of an artifact to pull (Flux's `OCIRepository.spec.ref`): the digest beats
+/// the semver range, which beats the tag; with none, the tag `latest`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ArtifactRef {
+    pub tag: Option<String>,
+    /// A semver range such as `>=1.0.0, <2.0.0`; tags that are not versions (a leading `v` is
+    /// allowed) are ignored.
+    pub semver: Option<String>,
+    /// `sha256:<hex>` of the manifest.
+    pub digest: Option<String>,
+}
+
+impl ArtifactRef {
+    /// The ref naming one tag.
+    pub fn tag(tag: &str) -> ArtifactRef {
+        ArtifactRef {
+            tag: Some(tag.to_string()),
+            ..ArtifactRef::default()
+        }
+    }
 }
 
 /// An artifact pulled into the cache.
@@ -138,26 +164,71 @@ impl Registry {
         Ok(Digest::parse(&digest)?)
     }
 
-    /// Pulls `oci://host/repo:tag` into `cache`: the tag is resolved to a manifest digest, the
-    /// manifest pulled by that digest and checked against it, and the content layer fetched only
-    /// if the cache does not hold it.
-    pub async fn pull(
-        &self,
-        url: &str,
-        tag: &str,
-        cache: &ArtifactCache,
-        limits: &UnpackLimits,
-    ) -> Result<Pulled, RegistryError> {
-        let by_tag = reference(url, tag)?;
+    /// The manifest digest `wanted` names, and the revision as Flux writes it: `sha256:<hex>`
+    /// for a digest ref, `<tag>@sha256:<hex>` otherwise. A tag is resolved once; everything
+    /// after is pulled by the digest, so a tag moved meanwhile cannot mix two versions.
+    pub async fn resolve(&self, url: &str, wanted: &ArtifactRef) -> Result<(Digest, String), RegistryError> {
+        if let Some(digest) = &wanted.digest {
+            let digest = Digest::parse(digest)?;
+            let revision = digest.to_string();
+            return Ok((digest, revision));
+        }
+        let tag = match &wanted.semver {
+            Some(range) => self.highest_matching(url, range).await?,
+            None => wanted.tag.clone().unwrap_or_else(|| "latest".to_string()),
+        };
+        let by_tag = reference(url, &tag)?;
         let digest = self
             .client
             .fetch_manifest_digest(&by_tag, &self.auth)
             .await
             .map_err(request_err(&by_tag))?;
-        let manifest_digest = Digest::parse(&digest)?;
+        let digest = Digest::parse(&digest)?;
+        let revision = format!("{tag}@{digest}");
+        Ok((digest, revision))
+    }
+
+    /// The tag of `url` with the highest version in `range`.
+    async fn highest_matching(&self, url: &str, range: &str) -> Result<String, RegistryError> {
+        let req = semver::VersionReq::parse(range).map_err(|e| RegistryError::SemverRange {
+            range: range.to_string(),
+            reason: e.to_string(),
+        })?;
+        let any = reference(url, "latest")?;
+        let tags = self
+            .client
+            .list_tags(&any, &self.auth, None, None)
+            .await
+            .map_err(request_err(&any))?
+            .tags;
+        tags.into_iter()
+            .filter_map(|t| {
+                let v = semver::Version::parse(t.strip_prefix('v').unwrap_or(&t)).ok()?;
+                req.matches(&v).then_some((v, t))
+            })
+            .max_by(|a, b| a.0.cmp(&b.0))
+            .map(|(_, t)| t)
+            .ok_or_else(|| RegistryError::NoMatchingTag {
+                url: url.to_string(),
+                range: range.to_string(),
+            })
+    }
+
+    /// Pulls the artifact `wanted` names from `url` into `cache`: resolved to a manifest digest
+    /// ([`Registry::resolve`]), the manifest pulled by that digest and checked against it, and
+    /// the content layer fetched only if the cache does not hold it.
+    pub async fn pull(
+        &self,
+        url: &str,
+        wanted: &ArtifactRef,
+        cache: &ArtifactCache,
+        limits: &UnpackLimits,
+    ) -> Result<Pulled, RegistryError> {
+        let (manifest_digest, revision) = self.resolve(url, wanted).await?;
+        let any = reference(url, "latest")?;
         let by_digest = Reference::with_digest(
-            by_tag.registry().to_string(),
-            by_tag.repository().to_string(),
+            any.registry().to_string(),
+            any.repository().to_string(),
             manifest_digest.to_string(),
         );
         let layer = self.content_layer(&by_digest, &manifest_digest).await?;
@@ -169,7 +240,6 @@ impl Registry {
                 limit: limits.max_compressed,
             });
         }
-        let revision = format!("{tag}@{manifest_digest}");
         if let Some(dir) = cache.get(&layer_digest, Check::Sizes)? {
             return Ok(Pulled {
                 revision,

@@ -4,7 +4,9 @@
 
 use oci_client::secrets::RegistryAuth;
 use spokelet_artifact::cache::ArtifactCache;
-use spokelet_artifact::registry::{FLUX_CONFIG_MEDIA_TYPE, FLUX_CONTENT_MEDIA_TYPE, Registry, RegistryError};
+use spokelet_artifact::registry::{
+    ArtifactRef, FLUX_CONFIG_MEDIA_TYPE, FLUX_CONTENT_MEDIA_TYPE, Registry, RegistryError,
+};
 use spokelet_artifact::unpack::UnpackLimits;
 use spokelet_e2e::OciRegistry;
 
@@ -62,7 +64,10 @@ async fn a_pushed_directory_pulls_into_the_cache_and_an_unchanged_tag_downloads_
     let cache_dir = tempfile::tempdir().unwrap();
     let cache = ArtifactCache::open(cache_dir.path()).unwrap();
     let limits = UnpackLimits::default();
-    let first = client.pull(&url, "v1", &cache, &limits).await.unwrap();
+    let first = client
+        .pull(&url, &ArtifactRef::tag("v1"), &cache, &limits)
+        .await
+        .unwrap();
     assert!(first.downloaded);
     assert_eq!(first.revision, format!("v1@{pushed}"));
     assert_eq!(
@@ -81,7 +86,10 @@ async fn a_pushed_directory_pulls_into_the_cache_and_an_unchanged_tag_downloads_
     assert_eq!(gets, 1, "one blob download for the first pull");
 
     // Unchanged: the manifest is asked for, the blob is not.
-    let second = client.pull(&url, "v1", &cache, &limits).await.unwrap();
+    let second = client
+        .pull(&url, &ArtifactRef::tag("v1"), &cache, &limits)
+        .await
+        .unwrap();
     assert!(!second.downloaded);
     // Let any late access-log line land before counting.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -93,7 +101,10 @@ async fn a_pushed_directory_pulls_into_the_cache_and_an_unchanged_tag_downloads_
     );
 
     // A tag that does not exist is a clear error, and the cache keeps what it had.
-    let e = client.pull(&url, "missing", &cache, &limits).await.unwrap_err();
+    let e = client
+        .pull(&url, &ArtifactRef::tag("missing"), &cache, &limits)
+        .await
+        .unwrap_err();
     assert!(matches!(e, RegistryError::Request { .. }), "{e}");
     assert!(first.dir.join("deploy/app.yaml").exists());
     registry.stop().await;
@@ -177,7 +188,10 @@ async fn an_artifact_pushed_by_another_client_pulls_and_a_non_flux_one_is_refuse
     let layout = flux_layout_by_hand(flux.path(), FLUX_CONFIG_MEDIA_TYPE);
     skopeo_copy(&layout, &format!("{}/apps/other:v1", registry.host())).await;
     let url = format!("oci://{}/apps/other", registry.host());
-    let pulled = client.pull(&url, "v1", &cache, &limits).await.unwrap();
+    let pulled = client
+        .pull(&url, &ArtifactRef::tag("v1"), &cache, &limits)
+        .await
+        .unwrap();
     assert_eq!(
         std::fs::read_to_string(pulled.dir.join("deploy/other.yaml")).unwrap(),
         "kind: Secret\n"
@@ -187,11 +201,65 @@ async fn an_artifact_pushed_by_another_client_pulls_and_a_non_flux_one_is_refuse
     let layout = flux_layout_by_hand(image.path(), "application/vnd.oci.image.config.v1+json");
     skopeo_copy(&layout, &format!("{}/apps/image:v1", registry.host())).await;
     let url = format!("oci://{}/apps/image", registry.host());
-    let e = client.pull(&url, "v1", &cache, &limits).await.unwrap_err();
+    let e = client
+        .pull(&url, &ArtifactRef::tag("v1"), &cache, &limits)
+        .await
+        .unwrap_err();
     assert!(matches!(e, RegistryError::NotFlux { .. }), "{e}");
     assert!(
         e.to_string().contains("application/vnd.oci.image.config.v1+json"),
         "{e}"
     );
+    registry.stop().await;
+}
+
+#[tokio::test]
+async fn the_digest_beats_the_semver_range_which_beats_the_tag() {
+    let registry = OciRegistry::start().await.unwrap();
+    let client = Registry::new(true, RegistryAuth::Anonymous);
+    let url = format!("oci://{}/apps/versions", registry.host());
+    let src = tempfile::tempdir().unwrap();
+    let mut digests = std::collections::HashMap::new();
+    for tag in ["v1.0.0", "v1.2.0", "v2.0.0", "latest", "not-a-version"] {
+        std::fs::write(src.path().join("version.yaml"), format!("version: {tag}\n")).unwrap();
+        let d = client.push_dir(&url, tag, src.path(), "src", tag).await.unwrap();
+        digests.insert(tag, d);
+    }
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = ArtifactCache::open(cache_dir.path()).unwrap();
+    let limits = UnpackLimits::default();
+    let version = |p: &spokelet_artifact::registry::Pulled| {
+        std::fs::read_to_string(p.dir.join("version.yaml")).unwrap()
+    };
+
+    let semver = ArtifactRef {
+        tag: Some("latest".into()),
+        semver: Some(">=1.0.0, <2.0.0".into()),
+        digest: None,
+    };
+    let p = client.pull(&url, &semver, &cache, &limits).await.unwrap();
+    assert_eq!(version(&p), "version: v1.2.0\n");
+    assert_eq!(p.revision, format!("v1.2.0@{}", digests["v1.2.0"]));
+
+    let pinned = ArtifactRef {
+        digest: Some(digests["v1.0.0"].to_string()),
+        ..semver.clone()
+    };
+    let p = client.pull(&url, &pinned, &cache, &limits).await.unwrap();
+    assert_eq!(version(&p), "version: v1.0.0\n");
+    assert_eq!(p.revision, digests["v1.0.0"].to_string());
+
+    let p = client
+        .pull(&url, &ArtifactRef::default(), &cache, &limits)
+        .await
+        .unwrap();
+    assert_eq!(version(&p), "version: latest\n");
+
+    let none = ArtifactRef {
+        semver: Some(">=3.0.0".into()),
+        ..ArtifactRef::default()
+    };
+    let e = client.pull(&url, &none, &cache, &limits).await.unwrap_err();
+    assert!(matches!(e, RegistryError::NoMatchingTag { .. }), "{e}");
     registry.stop().await;
 }
