@@ -194,12 +194,12 @@ impl Registry {
             range: range.to_string(),
             reason: e.to_string(),
         })?;
-        let any = reference(url, "latest")?;
+        let repo = repository(url)?;
         let tags = self
             .client
-            .list_tags(&any, &self.auth, None, None)
+            .list_tags(&repo, &self.auth, None, None)
             .await
-            .map_err(request_err(&any))?
+            .map_err(request_err(&repo))?
             .tags;
         tags.into_iter()
             .filter_map(|t| {
@@ -225,10 +225,10 @@ impl Registry {
         limits: &UnpackLimits,
     ) -> Result<Pulled, RegistryError> {
         let (manifest_digest, revision) = self.resolve(url, wanted).await?;
-        let any = reference(url, "latest")?;
+        let repo = repository(url)?;
         let by_digest = Reference::with_digest(
-            any.registry().to_string(),
-            any.repository().to_string(),
+            repo.registry().to_string(),
+            repo.repository().to_string(),
             manifest_digest.to_string(),
         );
         let layer = self.content_layer(&by_digest, &manifest_digest).await?;
@@ -345,6 +345,11 @@ impl Registry {
         file.flush().await.map_err(io_err)?;
         Ok(path)
     }
+}
+
+/// The repository of `oci://host/repo`, as a reference (its tag, `latest`, is not used).
+fn repository(url: &str) -> Result<Reference, RegistryError> {
+    reference(url, "latest")
 }
 
 /// `oci://host/repo` and a tag as a reference.

@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use spokelet_e2e::bench::{
-    ms, percentile, print_table, proc_status_kib, resync_listing, spawn_grpc_agent, spokelet_binary,
+    ms, percentile, print_table, proc_status_kib, resync_listing, spokelet_binary, start_hub_and_agent,
 };
-use spokelet_e2e::cloudevents_hub::{HubPki, TestHub, TestHubOptions};
+use spokelet_e2e::cloudevents_hub::TestHub;
 use spokelet_e2e::{ClusterOptions, KubeCluster};
 
 const WORKS: usize = 1000;
@@ -133,24 +133,9 @@ async fn bench() {
         api.create(&kube::api::PostParams::default(), &ns).await.unwrap();
     }
 
-    let pki = HubPki::generate().unwrap();
-    let mut opts = TestHubOptions::new(&pki).unwrap();
-    opts.heartbeat = Duration::from_secs(10); // the reference hub's default
-    let hub = TestHub::start(opts).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut agent = spawn_grpc_agent(
-        &binary,
-        &hub.url(),
-        &pki,
-        CLUSTER,
-        spoke.kubeconfig_path(),
-        dir.path(),
-    )
-    .unwrap();
+    let (hub, mut agent) = start_hub_and_agent(&binary, CLUSTER, spoke.kubeconfig_path(), dir.path()).await;
     let pid = agent.id();
-    while hub.subscriber_count() == 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 
     // 1a. Steady publishing.
     let mut tracker = AppliedTracker {

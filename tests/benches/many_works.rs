@@ -23,9 +23,9 @@ use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
 use spokelet_e2e::bench::{
     Mark, Tamper, drift_sample, ms, ocm_shaped_floor, percentile, print_costs, print_table, proc_cpu,
-    proc_status_kib, raw_creates, resync_listing, spawn_grpc_agent, spokelet_binary,
+    proc_status_kib, raw_creates, resync_listing, spokelet_binary, start_hub_and_agent,
 };
-use spokelet_e2e::cloudevents_hub::{HubPki, TestHub, TestHubOptions};
+use spokelet_e2e::cloudevents_hub::TestHub;
 use spokelet_e2e::{ClusterOptions, KubeCluster};
 
 const WORKS: usize = 5000;
@@ -121,24 +121,9 @@ async fn bench() {
     let ocm_cost = mark.since(&admin, &server).await;
     namespaces(&admin, "many").await;
 
-    let pki = HubPki::generate().unwrap();
-    let mut opts = TestHubOptions::new(&pki).unwrap();
-    opts.heartbeat = Duration::from_secs(10);
-    let hub = TestHub::start(opts).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut agent = spawn_grpc_agent(
-        &binary,
-        &hub.url(),
-        &pki,
-        CLUSTER,
-        spoke.kubeconfig_path(),
-        dir.path(),
-    )
-    .unwrap();
+    let (hub, mut agent) = start_hub_and_agent(&binary, CLUSTER, spoke.kubeconfig_path(), dir.path()).await;
     let pid = agent.id();
-    while hub.subscriber_count() == 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 
     // 1. All works at once.
     let mark = Mark::take(&admin, &server).await;

@@ -29,7 +29,7 @@ use spokelet::work::metrics::WorkMetrics;
 use spokelet::work::{CancellationToken, EngineConfig, Listing, StatusUpdate, WorkEngine, WorkEvent};
 use spokelet_e2e::bench::{
     Cost, Mark, Tamper, drift_sample, ocm_shaped_floor, percentile, print_costs, proc_cpu, proc_status_kib,
-    raw_creates, spokelet_binary, total_cpu,
+    raw_creates, spokelet_binary,
 };
 use spokelet_e2e::{ClusterOptions, KubeCluster};
 use tokio::sync::mpsc;
@@ -629,10 +629,11 @@ async fn engine_side(engine: &mut Engine, client: &Client, server: &[u32], round
 
 /// The side measured from `mark` to now.
 async fn side(mark: &Mark, client: &Client, server: &[u32], wall: Duration, client_cpu: Duration) -> Side {
+    let cost = mark.since(client, server).await;
     Side {
         wall,
-        server_cpu: total_cpu(server).saturating_sub(mark.cpu),
+        server_cpu: cost.server_cpu(),
         client_cpu,
-        cost: mark.since(client, server).await,
+        cost,
     }
 }

@@ -117,3 +117,75 @@ impl OciRegistry {
         let _ = tokio::task::spawn_blocking(move || drop(self)).await;
     }
 }
+
+/// Runs skopeo with a private policy (accept anything) so the host's policy file does not
+/// matter; returns success and stdout (or stderr on failure).
+pub async fn skopeo<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String) {
+    let output = tokio::process::Command::new("skopeo")
+        .arg("--insecure-policy")
+        .args(args)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("cannot run skopeo (run tests/env/install.sh): {e}"));
+    let text = if output.status.success() {
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    } else {
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    (output.status.success(), text)
+}
+
+/// A blob of an OCI layout: its media type and bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct LayoutBlob<'a> {
+    pub media_type: &'a str,
+    pub bytes: &'a [u8],
+}
+
+/// Writes an OCI image layout at `layout` holding one manifest, tagged `tag`, of `config` and
+/// `layers`, as another tool would hand it to `skopeo copy oci:LAYOUT:TAG`. Returns the sha256
+/// (hex) of the manifest and of each layer.
+pub fn write_oci_layout(
+    layout: &Path,
+    tag: &str,
+    config: LayoutBlob<'_>,
+    layers: &[LayoutBlob<'_>],
+) -> (String, Vec<String>) {
+    use sha2::{Digest as _, Sha256};
+    let blobs = layout.join("blobs/sha256");
+    let write = |path: &Path, bytes: &[u8]| {
+        std::fs::write(path, bytes).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()))
+    };
+    std::fs::create_dir_all(&blobs).unwrap_or_else(|e| panic!("creating {}: {e}", blobs.display()));
+    let put = |bytes: &[u8]| -> String {
+        let digest = hex::encode(Sha256::digest(bytes));
+        write(&blobs.join(&digest), bytes);
+        digest
+    };
+    let descriptor = |b: &LayoutBlob<'_>, digest: &str| serde_json::json!({"mediaType": b.media_type, "digest": format!("sha256:{digest}"), "size": b.bytes.len()});
+    let config_digest = put(config.bytes);
+    let layer_digests: Vec<String> = layers.iter().map(|l| put(l.bytes)).collect();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": descriptor(&config, &config_digest),
+        "layers": layers.iter().zip(&layer_digests).map(|(l, d)| descriptor(l, d)).collect::<Vec<_>>(),
+    });
+    let manifest = serde_json::to_vec(&manifest).unwrap_or_default();
+    let manifest_digest = put(&manifest);
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{manifest_digest}"),
+            "size": manifest.len(),
+            "annotations": { "org.opencontainers.image.ref.name": tag },
+        }],
+    });
+    write(
+        &layout.join("index.json"),
+        &serde_json::to_vec(&index).unwrap_or_default(),
+    );
+    write(&layout.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#);
+    (manifest_digest, layer_digests)
+}

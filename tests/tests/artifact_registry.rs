@@ -9,6 +9,7 @@ use spokelet_artifact::registry::{
 };
 use spokelet_artifact::unpack::UnpackLimits;
 use spokelet_e2e::OciRegistry;
+use spokelet_e2e::{LayoutBlob, skopeo, write_oci_layout};
 
 /// How many GETs of `blobs/sha256:<hex>` the registry's access log (its combined-format
 /// lines, one per request) holds.
@@ -19,18 +20,15 @@ fn blob_gets(registry: &OciRegistry, hex: &str) -> usize {
 }
 
 async fn skopeo_raw(reference: &str) -> serde_json::Value {
-    let out = tokio::process::Command::new("skopeo")
-        .args(["--insecure-policy", "inspect", "--raw", "--tls-verify=false"])
-        .arg(format!("docker://{reference}"))
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("cannot run skopeo (run tests/env/install.sh): {e}"));
-    assert!(
-        out.status.success(),
-        "skopeo: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    let (ok, out) = skopeo(&[
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{reference}"),
+    ])
+    .await;
+    assert!(ok, "skopeo: {out}");
+    serde_json::from_str(&out).unwrap()
 }
 
 #[tokio::test]
@@ -113,15 +111,7 @@ async fn a_pushed_directory_pulls_into_the_cache_and_an_unchanged_tag_downloads_
 /// Writes an OCI layout tagged `v1` holding a Flux-format artifact made by other tools (GNU
 /// tar and gzip) with config media type `config_type`; returns the layout directory.
 fn flux_layout_by_hand(root: &std::path::Path, config_type: &str) -> std::path::PathBuf {
-    use sha2::{Digest as _, Sha256};
     let layout = root.join("layout");
-    let blobs = layout.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let put = |bytes: &[u8]| -> String {
-        let digest = hex::encode(Sha256::digest(bytes));
-        std::fs::write(blobs.join(&digest), bytes).unwrap();
-        digest
-    };
     let content = root.join("content");
     std::fs::create_dir_all(content.join("deploy")).unwrap();
     std::fs::write(content.join("deploy/other.yaml"), "kind: Secret\n").unwrap();
@@ -132,48 +122,28 @@ fn flux_layout_by_hand(root: &std::path::Path, config_type: &str) -> std::path::
         .output()
         .unwrap();
     assert!(tar.status.success(), "tar failed");
-    let layer = put(&tar.stdout);
-    let config = put(b"{}");
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": config_type, "digest": format!("sha256:{config}"), "size": 2},
-        "layers": [{"mediaType": FLUX_CONTENT_MEDIA_TYPE, "digest": format!("sha256:{layer}"), "size": tar.stdout.len()}],
-    }))
-    .unwrap();
-    let manifest_digest = put(&manifest);
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": format!("sha256:{manifest_digest}"),
-            "size": manifest.len(),
-            "annotations": {"org.opencontainers.image.ref.name": "v1"},
-        }],
-    });
-    std::fs::write(layout.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
-    std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let config = LayoutBlob {
+        media_type: config_type,
+        bytes: b"{}",
+    };
+    let layer = LayoutBlob {
+        media_type: FLUX_CONTENT_MEDIA_TYPE,
+        bytes: &tar.stdout,
+    };
+    write_oci_layout(&layout, "v1", config, &[layer]);
     layout
 }
 
 async fn skopeo_copy(layout: &std::path::Path, dest: &str) {
-    let out = tokio::process::Command::new("skopeo")
-        .args([
-            "--insecure-policy",
-            "copy",
-            "--preserve-digests",
-            "--dest-tls-verify=false",
-        ])
-        .arg(format!("oci:{}:v1", layout.display()))
-        .arg(format!("docker://{dest}"))
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("cannot run skopeo (run tests/env/install.sh): {e}"));
-    assert!(
-        out.status.success(),
-        "skopeo copy: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, out) = skopeo(&[
+        "copy".to_string(),
+        "--preserve-digests".to_string(),
+        "--dest-tls-verify=false".to_string(),
+        format!("oci:{}:v1", layout.display()),
+        format!("docker://{dest}"),
+    ])
+    .await;
+    assert!(ok, "skopeo copy: {out}");
 }
 
 #[tokio::test]

@@ -20,6 +20,7 @@ use spokelet_e2e::ocm_hub::crd_established;
 use spokelet_e2e::{
     ClusterOptions, KubeCluster, OciRegistry, UserCredentials, eventually, shared_spoke, unique_name,
 };
+use spokelet_e2e::{LayoutBlob, skopeo, write_oci_layout};
 
 const FIELD_MANAGER: &str = "spokelet-e2e-smoke";
 /// Only protects against a watch that never delivers: far beyond any slow machine.
@@ -425,21 +426,21 @@ async fn registry_accepts_an_image_from_skopeo() {
     let registry = OciRegistry::start().await.unwrap();
     let work = tempfile::tempdir().unwrap();
     let layout = work.path().join("layout");
-    let (manifest_digest, layer_digest) = write_oci_layout(&layout, work.path());
+    let (manifest_digest, layer_digest) = write_image_layout(&layout, work.path());
 
     let reference = format!("docker://{}/test/x:v1", registry.host());
     let copy = skopeo(&[
-        "copy".into(),
+        "copy".to_string(),
         // Without it skopeo compresses the uncompressed layer and rewrites the manifest.
-        "--preserve-digests".into(),
-        "--dest-tls-verify=false".into(),
+        "--preserve-digests".to_string(),
+        "--dest-tls-verify=false".to_string(),
         format!("oci:{}:v1", layout.display()),
         reference.clone(),
     ])
     .await;
     assert!(copy.0, "skopeo copy failed: {}", copy.1);
 
-    let inspect = skopeo(&["inspect".into(), "--tls-verify=false".into(), reference]).await;
+    let inspect = skopeo(&["inspect".to_string(), "--tls-verify=false".to_string(), reference]).await;
     assert!(inspect.0, "skopeo inspect failed: {}", inspect.1);
     let info: serde_json::Value = serde_json::from_str(&inspect.1).unwrap();
     // The registry serves exactly the manifest we wrote.
@@ -456,34 +457,9 @@ async fn registry_accepts_an_image_from_skopeo() {
     assert!(!dir.exists());
 }
 
-/// Runs skopeo with a private policy (accept anything) so the host's policy file does not
-/// matter; returns success and stdout (or stderr on failure).
-async fn skopeo(args: &[String]) -> (bool, String) {
-    let output = tokio::process::Command::new("skopeo")
-        .arg("--insecure-policy")
-        .args(args)
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("cannot run skopeo (run tests/env/install.sh): {e}"));
-    let text = if output.status.success() {
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    } else {
-        String::from_utf8_lossy(&output.stderr).into_owned()
-    };
-    (output.status.success(), text)
-}
-
 /// Writes a one-layer OCI image layout tagged `v1` at `layout` and returns the sha256 (hex)
 /// of the manifest and of the layer.
-fn write_oci_layout(layout: &Path, scratch: &Path) -> (String, String) {
-    let blobs = layout.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let put = |bytes: &[u8]| -> String {
-        let digest = hex::encode(Sha256::digest(bytes));
-        std::fs::write(blobs.join(&digest), bytes).unwrap();
-        digest
-    };
-
+fn write_image_layout(layout: &Path, scratch: &Path) -> (String, String) {
     // A layer with one file, made by tar(1); the config needs the uncompressed digest.
     let content = scratch.join("content");
     std::fs::create_dir_all(&content).unwrap();
@@ -496,8 +472,6 @@ fn write_oci_layout(layout: &Path, scratch: &Path) -> (String, String) {
         .unwrap();
     assert!(tar.status.success(), "tar failed");
     let diff_id = hex::encode(Sha256::digest(&tar.stdout));
-    let layer = put(&tar.stdout);
-
     let config = serde_json::to_vec(&serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
@@ -505,35 +479,19 @@ fn write_oci_layout(layout: &Path, scratch: &Path) -> (String, String) {
         "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{diff_id}")] },
     }))
     .unwrap();
-    let config_digest = put(&config);
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": format!("sha256:{config_digest}"),
-            "size": config.len(),
+    let (manifest, layers) = write_oci_layout(
+        layout,
+        "v1",
+        LayoutBlob {
+            media_type: "application/vnd.oci.image.config.v1+json",
+            bytes: &config,
         },
-        "layers": [{
-            "mediaType": "application/vnd.oci.image.layer.v1.tar",
-            "digest": format!("sha256:{layer}"),
-            "size": tar.stdout.len(),
+        &[LayoutBlob {
+            media_type: "application/vnd.oci.image.layer.v1.tar",
+            bytes: &tar.stdout,
         }],
-    }))
-    .unwrap();
-    let manifest_digest = put(&manifest);
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": format!("sha256:{manifest_digest}"),
-            "size": manifest.len(),
-            "annotations": { "org.opencontainers.image.ref.name": "v1" },
-        }],
-    });
-    std::fs::write(layout.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
-    std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    (manifest_digest, layer)
+    );
+    (manifest, layers[0].clone())
 }
 
 /// Set by [`servers_die_with_the_test_process`] for the copy of this binary it starts.
