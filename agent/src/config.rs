@@ -10,8 +10,8 @@ use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, Subcommand, parser::ValueSource};
 
-use crate::duration::parse_duration;
 use crate::{hub::HubArgs, inventory::InventoryArgs, run::RunArgs, telemetry::LogFormat};
+use spokelet_base::duration::parse_duration;
 
 /// Read with [`Cli::load`], which layers the config file under flags and environment.
 #[derive(Debug, Parser)]

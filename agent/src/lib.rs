@@ -5,7 +5,6 @@
 pub mod admin;
 pub mod config;
 pub mod daemon;
-pub mod duration;
 pub mod hub;
 pub mod inventory;
 pub mod kube_client;
@@ -13,6 +12,6 @@ pub mod run;
 pub mod shutdown;
 pub mod telemetry;
 
-pub use spokelet_base::{backoff, lock};
+pub use spokelet_base::{backoff, duration, lock};
 /// The engine, its own crate (`work/`), under the path the agent has always used for it.
 pub use spokelet_work as work;

@@ -8,7 +8,6 @@ use std::time::Duration;
 use kube::Config;
 
 use crate::admin::RunContext;
-use crate::duration::parse_duration;
 use crate::hub::file_source::{FileSource, FileSourceError, FileStatusSink};
 use crate::hub::{ConnectError, HubArgs, HubConnection};
 use crate::kube_client::{self, HttpVersion, KubeClientError};
@@ -16,12 +15,15 @@ use crate::lock::lock;
 use crate::work::applied_work::{hub_hash, hub_hash_of_address, legacy_hub_hash};
 use crate::work::engine::{EngineConfig, EngineError, WorkEngine};
 use crate::work::executor::ClientFactory;
+use crate::work::flux::FluxObjects;
 use crate::work::manifestwork::DEFAULT_FIELD_MANAGER;
 use crate::work::metrics::WorkMetrics;
 use crate::work::policy::{AgentIdentity, Policy, PolicyError};
 use crate::work::schedule::FlapGuard;
 use crate::work::source::{StatusSink, WorkSource};
 use crate::work::validate::WorkLimits;
+use spokelet_artifact::unpack::UnpackLimits;
+use spokelet_base::duration::parse_duration;
 
 /// Settings of the work engine.
 #[derive(clap::Args, Debug, Clone)]
@@ -112,6 +114,50 @@ pub struct RunArgs {
     /// The namespace the agent runs in, protected by the built-in policy.
     #[arg(long, env = "SPOKELET_AGENT_NAMESPACE", default_value = "spokelet-system")]
     pub agent_namespace: String,
+
+    /// Flux `OCIRepository` and `Kustomization` objects in works: `native` (the agent pulls,
+    /// builds and applies them itself, no Flux needed) or `passthrough` (sent to the API server,
+    /// for spokes that run Flux's controllers).
+    #[arg(long, env = "SPOKELET_FLUX_OBJECTS", value_enum, default_value_t = FluxMode::Native)]
+    pub flux_objects: FluxMode,
+
+    /// Directory of the content-addressed artifact cache; it survives restarts, so an unchanged
+    /// artifact is never downloaded again.
+    #[arg(
+        long,
+        env = "SPOKELET_ARTIFACT_CACHE",
+        value_name = "DIR",
+        default_value = "/var/cache/spokelet/artifacts"
+    )]
+    pub artifact_cache: PathBuf,
+
+    /// Largest compressed artifact layer, in bytes.
+    #[arg(long, env = "SPOKELET_ARTIFACT_MAX_COMPRESSED_BYTES", default_value_t = 100 * 1024 * 1024)]
+    pub artifact_max_compressed_bytes: u64,
+
+    /// Largest unpacked artifact, in bytes of file contents.
+    #[arg(long, env = "SPOKELET_ARTIFACT_MAX_UNCOMPRESSED_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    pub artifact_max_uncompressed_bytes: u64,
+
+    /// Most entries (files and directories) of one artifact.
+    #[arg(long, env = "SPOKELET_ARTIFACT_MAX_FILES", default_value_t = 10_000)]
+    pub artifact_max_files: u64,
+
+    /// Deepest path (in components) inside an artifact.
+    #[arg(long, env = "SPOKELET_ARTIFACT_MAX_DEPTH", default_value_t = 32)]
+    pub artifact_max_depth: usize,
+
+    /// Highest compression ratio (unpacked bytes per compressed byte) of an artifact, checked
+    /// after its first MiB: a compression bomb trips it long before it fills a disk.
+    #[arg(long, env = "SPOKELET_ARTIFACT_MAX_RATIO", default_value_t = 200)]
+    pub artifact_max_ratio: u64,
+}
+
+/// See [`RunArgs::flux_objects`].
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FluxMode {
+    Native,
+    Passthrough,
 }
 
 /// See [`RunArgs::adopted_objects`].
@@ -211,6 +257,19 @@ pub fn engine_config(args: &RunArgs) -> EngineConfig {
     cfg.eviction_grace = args.eviction_grace_period;
     cfg.max_status_bytes = args.max_status_bytes;
     cfg.release_adopted = args.adopted_objects == AdoptedObjects::Release;
+    cfg.flux = match args.flux_objects {
+        FluxMode::Passthrough => FluxObjects::Passthrough,
+        FluxMode::Native => FluxObjects::Native {
+            cache: args.artifact_cache.clone(),
+            unpack: UnpackLimits {
+                max_compressed: args.artifact_max_compressed_bytes,
+                max_uncompressed: args.artifact_max_uncompressed_bytes,
+                max_files: args.artifact_max_files,
+                max_depth: args.artifact_max_depth.max(1),
+                max_ratio: args.artifact_max_ratio.max(1),
+            },
+        },
+    };
     cfg
 }
 

@@ -69,6 +69,9 @@ pub struct ArtifactRef {
     /// A semver range such as `>=1.0.0, <2.0.0`; tags that are not versions (a leading `v` is
     /// allowed) are ignored.
     pub semver: Option<String>,
+    /// A regular expression a tag must contain a match of before the semver range is tried (Flux's
+    /// `semverFilter`, e.g. `.*-rc.*` for release candidates).
+    pub semver_filter: Option<String>,
     /// `sha256:<hex>` of the manifest.
     pub digest: Option<String>,
 }
@@ -111,15 +114,30 @@ impl std::fmt::Debug for Registry {
 
 impl Registry {
     pub fn new(insecure: bool, auth: RegistryAuth) -> Registry {
+        Registry::with_roots(insecure, auth, None)
+    }
+
+    /// A client that trusts only the PEM certificates `ca` (a registry with its own CA, Flux's
+    /// `certSecretRef` `ca.crt`), or the usual roots when None.
+    pub fn with_roots(insecure: bool, auth: RegistryAuth, ca: Option<&[u8]>) -> Registry {
         // The agent's TLS provider is ring; oci-client needs one installed before its first
         // client. Installing twice is refused harmlessly.
         let _ = rustls::crypto::ring::default_provider().install_default();
+        let roots = ca
+            .map(|pem| {
+                vec![oci_client::client::Certificate {
+                    encoding: oci_client::client::CertificateEncoding::Pem,
+                    data: pem.to_vec(),
+                }]
+            })
+            .unwrap_or_default();
         let config = ClientConfig {
             protocol: if insecure {
                 ClientProtocol::Http
             } else {
                 ClientProtocol::Https
             },
+            tls_certs_only: roots,
             ..ClientConfig::default()
         };
         Registry {
@@ -174,7 +192,10 @@ impl Registry {
             return Ok((digest, revision));
         }
         let tag = match &wanted.semver {
-            Some(range) => self.highest_matching(url, range).await?,
+            Some(range) => {
+                self.highest_matching(url, range, wanted.semver_filter.as_deref())
+                    .await?
+            }
             None => wanted.tag.clone().unwrap_or_else(|| "latest".to_string()),
         };
         let by_tag = reference(url, &tag)?;
@@ -189,11 +210,24 @@ impl Registry {
     }
 
     /// The tag of `url` with the highest version in `range`.
-    async fn highest_matching(&self, url: &str, range: &str) -> Result<String, RegistryError> {
+    async fn highest_matching(
+        &self,
+        url: &str,
+        range: &str,
+        filter: Option<&str>,
+    ) -> Result<String, RegistryError> {
         let req = semver::VersionReq::parse(range).map_err(|e| RegistryError::SemverRange {
             range: range.to_string(),
             reason: e.to_string(),
         })?;
+        let filter = filter
+            .map(|f| {
+                regex::Regex::new(f).map_err(|e| RegistryError::SemverRange {
+                    range: format!("semverFilter {f}"),
+                    reason: e.to_string(),
+                })
+            })
+            .transpose()?;
         let repo = repository(url)?;
         let tags = self
             .client
@@ -202,6 +236,7 @@ impl Registry {
             .map_err(request_err(&repo))?
             .tags;
         tags.into_iter()
+            .filter(|t| filter.as_ref().is_none_or(|f| f.is_match(t)))
             .filter_map(|t| {
                 let v = semver::Version::parse(t.strip_prefix('v').unwrap_or(&t)).ok()?;
                 req.matches(&v).then_some((v, t))
@@ -225,6 +260,45 @@ impl Registry {
         limits: &UnpackLimits,
     ) -> Result<Pulled, RegistryError> {
         let (manifest_digest, revision) = self.resolve(url, wanted).await?;
+        self.pull_resolved(url, manifest_digest, revision, cache, limits)
+            .await
+    }
+
+    /// Like [`Registry::pull`], but when `wanted` still resolves to the manifest of `known`
+    /// and the cache still holds its layer, nothing more is requested: an unchanged artifact
+    /// costs the one tag lookup (none for a digest ref).
+    pub async fn refresh(
+        &self,
+        url: &str,
+        wanted: &ArtifactRef,
+        cache: &ArtifactCache,
+        limits: &UnpackLimits,
+        known: Option<&Pulled>,
+    ) -> Result<Pulled, RegistryError> {
+        let (manifest_digest, revision) = self.resolve(url, wanted).await?;
+        if let Some(known) = known.filter(|k| k.manifest == manifest_digest)
+            && let Some(dir) = cache.get(&known.layer, Check::Sizes)?
+        {
+            return Ok(Pulled {
+                revision,
+                dir,
+                downloaded: false,
+                ..known.clone()
+            });
+        }
+        self.pull_resolved(url, manifest_digest, revision, cache, limits)
+            .await
+    }
+
+    /// Pulls the manifest `manifest_digest` (already resolved) and its layer into `cache`.
+    async fn pull_resolved(
+        &self,
+        url: &str,
+        manifest_digest: Digest,
+        revision: String,
+        cache: &ArtifactCache,
+        limits: &UnpackLimits,
+    ) -> Result<Pulled, RegistryError> {
         let repo = repository(url)?;
         let by_digest = Reference::with_digest(
             repo.registry().to_string(),

@@ -205,6 +205,7 @@ async fn the_digest_beats_the_semver_range_which_beats_the_tag() {
     let semver = ArtifactRef {
         tag: Some("latest".into()),
         semver: Some(">=1.0.0, <2.0.0".into()),
+        semver_filter: None,
         digest: None,
     };
     let p = client.pull(&url, &semver, &cache, &limits).await.unwrap();
@@ -231,5 +232,23 @@ async fn the_digest_beats_the_semver_range_which_beats_the_tag() {
     };
     let e = client.pull(&url, &none, &cache, &limits).await.unwrap_err();
     assert!(matches!(e, RegistryError::NoMatchingTag { .. }), "{e}");
+
+    // semverFilter narrows the tags first: only the 1.0 line.
+    let filtered = ArtifactRef {
+        semver: Some(">=1.0.0".into()),
+        semver_filter: Some(r"^v1\.0\.".into()),
+        ..ArtifactRef::default()
+    };
+    let p = client.pull(&url, &filtered, &cache, &limits).await.unwrap();
+    assert_eq!(version(&p), "version: v1.0.0\n");
+
+    // refresh: an unchanged tag costs one lookup and hands back the known artifact.
+    let first = client.pull(&url, &semver, &cache, &limits).await.unwrap();
+    let again = client
+        .refresh(&url, &semver, &cache, &limits, Some(&first))
+        .await
+        .unwrap();
+    assert_eq!(again.manifest, first.manifest);
+    assert!(!again.downloaded);
     registry.stop().await;
 }

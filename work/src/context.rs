@@ -73,6 +73,8 @@ pub struct ReconcileContext {
     pub executors: ExecutorClients,
     /// Works whose record has a legacy name (see `legacy_hub_hashes`): they keep using it.
     pub record_names: Mutex<HashMap<String, String>>,
+    /// Flux objects reconciled by the agent; None when they pass through to the API server.
+    pub flux: Option<super::flux::FluxSupport>,
 }
 
 impl ReconcileContext {

@@ -28,6 +28,7 @@ use super::delete::run_delete;
 use super::discovery::Resolver;
 use super::drift::DriftWatcher;
 use super::executor::{ClientFactory, ExecutorClients};
+use super::flux::{FluxObjects, FluxSupport};
 use super::history::WorkMemory;
 use super::manifestwork::{
     AppliedManifestWork, DEFAULT_FIELD_MANAGER, DeleteOption, ManifestWork, ManifestWorkStatus,
@@ -41,6 +42,7 @@ use super::source::{Listing, StatusSink, StatusUpdate, WorkEvent, WorkRef, WorkS
 use super::status::{publish, unreadable_status, work_update};
 use super::status_fit::DEFAULT_MAX_STATUS_BYTES;
 use super::validate::{MAX_WORK_NAME, WorkLimits, check_subdomain};
+use spokelet_artifact::unpack::UnpackLimits;
 use spokelet_base::lock::lock;
 
 /// Jitter of the retry delays of failed reconciles and deletions: works that failed together
@@ -101,6 +103,9 @@ pub struct EngineConfig {
     pub release_adopted: bool,
     /// Makes clients impersonating works' executors; None fails works that name one.
     pub executor_clients: Option<ClientFactory>,
+    /// Whether Flux `OCIRepository` and `Kustomization` manifests are reconciled by the agent
+    /// (the default, with a cache in the system's temporary directory) or sent to the API server.
+    pub flux: FluxObjects,
 }
 
 impl EngineConfig {
@@ -126,6 +131,10 @@ impl EngineConfig {
             max_status_bytes: DEFAULT_MAX_STATUS_BYTES,
             release_adopted: true,
             executor_clients: None,
+            flux: FluxObjects::Native {
+                cache: std::env::temp_dir().join("spokelet-artifacts"),
+                unpack: UnpackLimits::default(),
+            },
         }
     }
 }
@@ -250,9 +259,10 @@ impl WorkEngine {
             claims,
             manifest_permits: Arc::new(Semaphore::new(cfg.max_concurrent_manifests.max(1))),
             metrics,
-            amw_api: Api::all(client),
+            amw_api: Api::all(client.clone()),
             record_names: Mutex::new(HashMap::new()),
             executors: ExecutorClients::new(cfg.executor_clients.clone()),
+            flux: FluxSupport::new(&cfg.flux, &client),
         };
         let (ready_tx, _) = watch::channel(false);
         WorkEngine {
@@ -291,7 +301,10 @@ impl WorkEngine {
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut lp = EngineLoop::new(ctx, &cfg, ready_tx, sink, records);
         loop {
-            let next = earliest(lp.timers.next_deadline(), lp.evictions.next_deadline());
+            let next = earliest(
+                earliest(lp.timers.next_deadline(), lp.evictions.next_deadline()),
+                lp.rechecks.next_deadline(),
+            );
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -341,6 +354,10 @@ struct EngineLoop {
     slots: HashMap<String, Slot>,
     /// Due reconciles: debounced drift, retries, flap holds.
     timers: Debouncer<String>,
+    /// When works' Flux sources and builds are due to be looked at again. Apart from `timers`
+    /// because those keep the later of two deadlines (a back-off), while a recheck replaces
+    /// the previous one.
+    rechecks: Debouncer<String>,
     tasks: JoinSet<()>,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
@@ -389,6 +406,7 @@ impl EngineLoop {
             sink,
             slots: HashMap::new(),
             timers: Debouncer::new(cfg.debounce_quiet, cfg.debounce_max),
+            rechecks: Debouncer::new(Duration::ZERO, Duration::ZERO),
             tasks: JoinSet::new(),
             done_tx,
             done_rx,
@@ -440,6 +458,9 @@ impl EngineLoop {
             if init.is_empty() {
                 self.initial = None;
                 self.ready_tx.send_replace(true);
+                if let Some(f) = &self.ctx.flux {
+                    f.allow_collection();
+                }
             }
         }
         self.start(&name);
@@ -464,6 +485,9 @@ impl EngineLoop {
     fn on_timer(&mut self) {
         let now = Instant::now();
         for name in self.timers.take_due(now) {
+            self.rerun(&name);
+        }
+        for name in self.rechecks.take_due(now) {
             self.rerun(&name);
         }
         for name in self.evictions.take_due(now) {
@@ -677,6 +701,9 @@ impl EngineLoop {
             .collect();
         if pending.is_empty() {
             self.ready_tx.send_replace(true);
+            if let Some(f) = &self.ctx.flux {
+                f.allow_collection();
+            }
         } else {
             self.initial = Some(pending);
         }
@@ -728,6 +755,10 @@ impl EngineLoop {
         if let Some(until) = report.hold_until {
             self.timers.schedule_at(name.to_string(), until);
         }
+        self.rechecks.cancel(&name.to_string());
+        if let Some(at) = report.recheck_at {
+            self.rechecks.schedule_at(name.to_string(), at);
+        }
     }
 
     /// Takes a deletion's result: the slot goes (with its history) once the work is gone,
@@ -748,6 +779,10 @@ impl EngineLoop {
         if ok && slot.delete.is_some() {
             self.slots.remove(name);
             self.ctx.metrics.forget(name);
+            self.rechecks.cancel(&name.to_string());
+            if let Some(f) = &self.ctx.flux {
+                f.forget(name);
+            }
         } else if !ok {
             slot.failures = slot.failures.saturating_add(1);
             let delay = self.retry.delay(slot.failures);

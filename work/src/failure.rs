@@ -34,6 +34,10 @@ pub enum ManifestFailure {
     /// The spoke's policy does not let hub works write this object.
     #[error(transparent)]
     Denied(#[from] Denied),
+    /// A Flux object the agent reconciles itself failed (fetch, verification, build, or its
+    /// objects); the reason is Flux's.
+    #[error("{message}")]
+    Flux { reason: &'static str, message: String },
 }
 
 impl ManifestFailure {
@@ -49,6 +53,7 @@ impl ManifestFailure {
             ManifestFailure::Apply(e) => e.reason(),
             ManifestFailure::CrdNotEstablished(_) => "CRDNotEstablished",
             ManifestFailure::Denied(_) => DENIED_REASON,
+            ManifestFailure::Flux { reason, .. } => reason,
         }
     }
 }

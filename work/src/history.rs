@@ -30,6 +30,8 @@ pub struct WorkMemory {
     /// `managedFields`), so an unchanged reconcile costs no request. None before the first read
     /// and after a failed write: the spoke then has the truth and is read again.
     pub record: Option<AppliedManifestWork>,
+    /// What its Flux objects fetched and built (see `flux`).
+    pub flux: super::flux::FluxMemory,
 }
 
 impl WorkMemory {

@@ -22,6 +22,7 @@ pub mod engine;
 pub mod executor;
 pub mod failure;
 pub mod feedback;
+pub mod flux;
 pub mod history;
 pub mod jsonpath;
 pub mod manifestwork;

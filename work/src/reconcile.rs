@@ -20,6 +20,7 @@ use super::conditions::now_rfc3339;
 use super::context::ReconcileContext;
 use super::drift::Live;
 use super::failure::{ManifestFailure, WorkFailure};
+use super::flux;
 use super::history::WorkMemory;
 use super::manifestwork::{
     AppliedManifestResourceMeta, AppliedManifestWork, AppliedManifestWorkSpec, ManifestWork,
@@ -45,6 +46,8 @@ pub struct Report {
     pub hold_until: Option<Instant>,
     /// The work's history, handed back to its slot.
     pub memory: WorkMemory,
+    /// When its Flux sources or builds are due to be looked at again.
+    pub recheck_at: Option<Instant>,
 }
 
 /// Reconciles `work`. Never returns an error: every failure ends up in the status.
@@ -63,7 +66,18 @@ pub async fn reconcile(
         Ok(c) => c,
         Err(e) => return refused(prev, generation, &WorkFailure::Executor(e), &now, memory),
     };
-    let (results, parsed) = prepare::parse_manifests(work);
+    let expansion = flux::expand(ctx, work, &mut memory.flux).await;
+    let expanded = expansion.as_ref().and_then(|x| x.expanded(work));
+    let own = work.spec.workload.manifests.len();
+    let work = expanded.as_ref().unwrap_or(work);
+    let (results, mut parsed) = prepare::parse_manifests(work);
+    if let Some(x) = &expansion {
+        for (i, p) in parsed.iter_mut().enumerate() {
+            if x.is_native(i) {
+                *p = None;
+            }
+        }
+    }
     let crd_kinds = prepare::crd_kinds(&parsed);
     let ledger = match Ledger::open(ctx, work, &parsed, &crd_kinds, &mut memory.record).await {
         Ok(l) => l,
@@ -91,9 +105,24 @@ pub async fn reconcile(
         run.apply_tier(idxs).await;
     }
     run.record_adoptions().await;
-    let prune_errors = run.prune().await;
-    run.report(prev, generation, &prune_errors, &now)
+    let keep_all = expansion.as_ref().is_some_and(|x| x.keep_all);
+    let prune_errors = if keep_all { Vec::new() } else { run.prune().await };
+    let mut recheck_at = expansion.as_ref().and_then(|x| x.recheck_at);
+    if let Some(x) = &expansion {
+        run.fill_native_drift();
+        if flux::finish(x, &mut run.results, &mut run.memory.flux, generation) {
+            // Health checks still waiting: look again soon, as Flux polls them.
+            let soon = Instant::now() + HEALTH_RECHECK;
+            recheck_at = Some(recheck_at.map_or(soon, |r| r.min(soon)));
+        }
+    }
+    let mut report = run.report(prev, generation, &prune_errors, &now, own);
+    report.recheck_at = recheck_at;
+    report
 }
+
+/// How often a Kustomization waiting on its health checks is looked at again.
+const HEALTH_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The report of a work refused as a whole.
 fn refused(
@@ -108,6 +137,7 @@ fn refused(
         failed: true,
         hold_until: None,
         memory,
+        recheck_at: None,
     }
 }
 
@@ -507,24 +537,37 @@ impl Run<'_> {
         errors
     }
 
-    /// The report: the status from every manifest's result, and the history handed back.
+    /// Every manifest's drift corrections from the history, before Flux entries sum those of
+    /// their objects.
+    fn fill_native_drift(&mut self) {
+        for (i, r) in self.results.iter_mut().enumerate() {
+            r.drift_corrections = self.memory.drift_corrections(i);
+        }
+    }
+
+    /// The report: the status from the results of the work's own `own` manifests (objects
+    /// built from artifacts are reported through their Kustomization's entry), and the
+    /// history handed back.
     fn report(
         mut self,
         prev: &ManifestWorkStatus,
         generation: i64,
         prune_errors: &[String],
         now: &str,
+        own: usize,
     ) -> Report {
         for (i, r) in self.results.iter_mut().enumerate() {
             r.drift_corrections = self.memory.drift_corrections(i);
         }
-        let status = build_status(generation, &self.results, prune_errors, prev, now);
         let failed = self.results.iter().any(|r| r.error.is_some()) || !prune_errors.is_empty();
+        self.results.truncate(own);
+        let status = build_status(generation, &self.results, prune_errors, prev, now);
         Report {
             status,
             failed,
             hold_until: self.hold_until,
             memory: self.memory,
+            recheck_at: None,
         }
     }
 

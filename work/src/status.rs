@@ -43,6 +43,13 @@ pub struct ManifestResult {
     pub flapping: Option<String>,
     /// Drift corrections so far (from the work's history).
     pub drift_corrections: i64,
+    /// For a Flux object the agent reconciles itself (see `flux`): whether it has something to
+    /// serve, which stands for the live object it does not have.
+    pub native_available: Option<bool>,
+    /// Conditions beyond Applied and Available (a Flux object's `Ready`).
+    pub extra_conditions: Vec<Condition>,
+    /// Feedback values beyond the rules' (a Flux object's revisions and counts).
+    pub extra_values: Vec<FeedbackValue>,
 }
 
 /// What the per-manifest pass tells the work-level conditions.
@@ -101,10 +108,19 @@ fn manifest_status(
             .failed
             .push(format!("#{i} {} {}: {e}", r.meta.kind, display_name(&r.meta)));
     }
-    if r.live.is_none() {
+    let available = r.native_available.unwrap_or(r.live.is_some());
+    if !available {
         tally.unavailable += 1;
     }
-    let mut values = availability_and_feedback(r, generation, &mut conds);
+    let mut values = match r.native_available {
+        Some(available) => {
+            conds.push(native_available(available, generation));
+            Vec::new()
+        }
+        None => availability_and_feedback(r, generation, &mut conds),
+    };
+    values.extend(r.extra_values.iter().cloned());
+    conds.extend(r.extra_conditions.iter().cloned());
     if r.drift_corrections > 0 {
         values.push(FeedbackValue {
             name: "DriftCorrections".into(),
@@ -122,6 +138,27 @@ fn manifest_status(
         resource_meta: r.meta.clone(),
         status_feedback: StatusFeedbackResult { values },
         conditions: merge_conditions(prev_conds, conds, now),
+    }
+}
+
+/// Available of a Flux object the agent reconciles: it has an artifact or applied objects.
+fn native_available(available: bool, generation: i64) -> Condition {
+    if available {
+        cond(
+            types::AVAILABLE,
+            TRUE,
+            "ResourceAvailable",
+            "Resource is available",
+            generation,
+        )
+    } else {
+        cond(
+            types::AVAILABLE,
+            FALSE,
+            "ResourceNotAvailable",
+            "Nothing fetched or applied yet",
+            generation,
+        )
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use super::tls::{PemSource, TlsOptions};
-use crate::duration::parse_duration;
+use spokelet_base::duration::parse_duration;
 
 /// Bad hub settings.
 #[derive(Debug, thiserror::Error)]

@@ -2,6 +2,8 @@
 //! identity on disk, and readers of the statuses a hub received.
 #![allow(dead_code)] // Each test binary uses its own subset.
 
+pub mod engine;
+
 use std::path::Path;
 
 use k8s_openapi::api::core::v1::Namespace;

@@ -1,7 +1,7 @@
 //! Human-written durations (`250ms`, `30s`, `1h30m`) for flags and config files.
 //!
-//! A leaf module: the command line, the hub settings and `spokelet run` all parse durations, and
-//! none of them should have to import another to do it.
+//! Shared by the command line, the hub settings, `spokelet run` and the Flux objects (whose
+//! `interval` and `timeout` are Go durations in the same notation).
 
 use std::time::Duration;
 

@@ -1,0 +1,308 @@
+//! Fetching an `OCIRepository`'s artifact: credentials and CA from its Secrets, the pull (or
+//! the one-request check of an unchanged one) within its `timeout`, into the shared cache.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use base64::Engine;
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use oci_client::secrets::RegistryAuth;
+use serde_json::Value;
+use spokelet_artifact::cache::ArtifactCache;
+use spokelet_artifact::digest::Digest;
+use spokelet_artifact::registry::{ArtifactRef, Pulled, Registry, RegistryError};
+use spokelet_artifact::unpack::UnpackLimits;
+
+use crate::objects::{DEFAULT_TIMEOUT, FluxObject, OciRepositorySpec, duration};
+
+/// Why a source could not be fetched; each knows the Flux condition reason it reports.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("Secret {namespace}/{name}: {message}")]
+    Secret {
+        namespace: String,
+        name: String,
+        message: String,
+    },
+    #[error("{0}")]
+    Registry(#[from] RegistryError),
+    #[error("pulling {url} took longer than its timeout of {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
+    #[error("verify.provider {provider:?}: {why}; nothing was unpacked")]
+    Verification { provider: String, why: String },
+}
+
+impl SourceError {
+    /// The `Ready` condition reason, as source-controller names it.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SourceError::Secret { .. } => "AuthenticationFailed",
+            SourceError::Registry(RegistryError::Request {
+                source:
+                    oci_client::errors::OciDistributionError::AuthenticationFailure(_)
+                    | oci_client::errors::OciDistributionError::UnauthorizedError { .. },
+                ..
+            }) => "AuthenticationFailed",
+            SourceError::Verification { .. } => "VerificationError",
+            _ => "OCIArtifactPullFailed",
+        }
+    }
+}
+
+/// Pulls sources into one cache with one set of limits; cheap to clone.
+#[derive(Clone)]
+pub struct SourceFetcher {
+    client: kube::Client,
+    cache: ArtifactCache,
+    limits: UnpackLimits,
+}
+
+impl std::fmt::Debug for SourceFetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceFetcher")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SourceFetcher {
+    pub fn new(client: kube::Client, cache: ArtifactCache, limits: UnpackLimits) -> SourceFetcher {
+        SourceFetcher {
+            client,
+            cache,
+            limits,
+        }
+    }
+
+    pub fn cache(&self) -> &ArtifactCache {
+        &self.cache
+    }
+
+    /// Fetches `repo`'s artifact; when it is still `known`'s, one tag lookup and nothing else.
+    pub async fn fetch(
+        &self,
+        repo: &FluxObject<OciRepositorySpec>,
+        known: Option<&Pulled>,
+    ) -> Result<Pulled, SourceError> {
+        let spec = &repo.spec;
+        if let Some(v) = &spec.verify {
+            // Fail closed: an artifact that asks to be verified is never unpacked unverified.
+            let why = match v.provider.as_str() {
+                "cosign" if v.secret_ref.is_none() => {
+                    "keyless verification is not supported; give a public key Secret"
+                }
+                "cosign" => "cosign verification is not implemented yet in this agent",
+                _ => "only cosign is supported",
+            };
+            return Err(SourceError::Verification {
+                provider: v.provider.clone(),
+                why: why.into(),
+            });
+        }
+        let auth = self.auth(repo).await?;
+        let ca = self.ca(repo).await?;
+        let registry = Registry::with_roots(spec.insecure, auth, ca.as_deref());
+        let wanted = ArtifactRef {
+            tag: spec.reference.tag.clone(),
+            semver: spec.reference.semver.clone(),
+            semver_filter: spec.reference.semver_filter.clone(),
+            digest: spec.reference.digest.clone(),
+        };
+        let timeout = spec
+            .timeout
+            .as_deref()
+            .and_then(|t| duration(t, "timeout").ok())
+            .unwrap_or(DEFAULT_TIMEOUT);
+        let pull = registry.refresh(&spec.url, &wanted, &self.cache, &self.limits, known);
+        let pulled = tokio::time::timeout(timeout, pull)
+            .await
+            .map_err(|_| SourceError::Timeout {
+                url: spec.url.clone(),
+                timeout,
+            })??;
+        Ok(pulled)
+    }
+
+    /// Removes every cache entry but the layers in `in_use` (those of the sources held now).
+    pub fn collect_garbage(&self, in_use: HashSet<Digest>) {
+        let cache = self.cache.clone();
+        // Removing directories is blocking work; it never holds up a reconcile.
+        tokio::task::spawn_blocking(move || match cache.collect_garbage(&in_use) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "artifact cache entries no source uses were removed"),
+            Err(e) => tracing::warn!(error = %e, "artifact cache garbage collection failed"),
+        });
+    }
+
+    async fn secret(&self, namespace: &str, name: &str) -> Result<Secret, SourceError> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        api.get(name).await.map_err(|e| SourceError::Secret {
+            namespace: namespace.into(),
+            name: name.into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Credentials from `secretRef`: a docker config (`.dockerconfigjson`) entry for the
+    /// registry host, or `username` and `password` keys; anonymous without one.
+    async fn auth(&self, repo: &FluxObject<OciRepositorySpec>) -> Result<RegistryAuth, SourceError> {
+        let Some(r) = &repo.spec.secret_ref else {
+            return Ok(RegistryAuth::Anonymous);
+        };
+        let secret = self.secret(&repo.namespace, &r.name).await?;
+        let err = |message: String| SourceError::Secret {
+            namespace: repo.namespace.clone(),
+            name: r.name.clone(),
+            message,
+        };
+        let host = registry_host(&repo.spec.url);
+        credentials(&secret, host).map_err(err)
+    }
+
+    /// The CA bundle of `certSecretRef` (`ca.crt`). Client certificates are refused by name:
+    /// the registry client cannot present one, and dropping it silently would fail later and
+    /// less clearly.
+    async fn ca(&self, repo: &FluxObject<OciRepositorySpec>) -> Result<Option<Vec<u8>>, SourceError> {
+        let Some(r) = &repo.spec.cert_secret_ref else {
+            return Ok(None);
+        };
+        let secret = self.secret(&repo.namespace, &r.name).await?;
+        let err = |message: &str| SourceError::Secret {
+            namespace: repo.namespace.clone(),
+            name: r.name.clone(),
+            message: message.to_string(),
+        };
+        let data = secret.data.unwrap_or_default();
+        if data.contains_key("tls.crt") || data.contains_key("tls.key") {
+            return Err(err(
+                "client certificates (tls.crt, tls.key) for registries are not supported; only ca.crt",
+            ));
+        }
+        match data.get("ca.crt") {
+            Some(ca) => Ok(Some(ca.0.clone())),
+            None => Err(err("has no ca.crt")),
+        }
+    }
+}
+
+/// `host[:port]` of `oci://host[:port]/repo`.
+pub fn registry_host(url: &str) -> &str {
+    let rest = url.strip_prefix("oci://").unwrap_or(url);
+    rest.split('/').next().unwrap_or(rest)
+}
+
+/// The credentials a Secret holds for `host`.
+pub fn credentials(secret: &Secret, host: &str) -> Result<RegistryAuth, String> {
+    let data = secret.data.clone().unwrap_or_default();
+    let text = |k: &str| data.get(k).map(|b| String::from_utf8_lossy(&b.0).into_owned());
+    if let Some(config) = text(".dockerconfigjson") {
+        return docker_config(&config, host);
+    }
+    match (text("username"), text("password")) {
+        (Some(u), Some(p)) => Ok(RegistryAuth::Basic(u, p)),
+        _ => Err("holds neither .dockerconfigjson nor username and password".into()),
+    }
+}
+
+/// The entry for `host` of a docker config JSON (`auths.<host>`: `username`/`password`, or
+/// `auth` as base64 of `user:password`).
+fn docker_config(config: &str, host: &str) -> Result<RegistryAuth, String> {
+    let v: Value = serde_json::from_str(config).map_err(|e| format!(".dockerconfigjson is not JSON: {e}"))?;
+    let auths = v
+        .get("auths")
+        .and_then(Value::as_object)
+        .ok_or(".dockerconfigjson has no auths")?;
+    let entry = auths
+        .iter()
+        .find(|(k, _)| {
+            let k = k.trim_start_matches("https://").trim_start_matches("http://");
+            k.split('/').next() == Some(host)
+        })
+        .map(|(_, e)| e)
+        .ok_or_else(|| format!(".dockerconfigjson has no entry for {host}"))?;
+    let field = |k: &str| entry.get(k).and_then(Value::as_str).map(str::to_string);
+    if let (Some(u), Some(p)) = (field("username"), field("password")) {
+        return Ok(RegistryAuth::Basic(u, p));
+    }
+    if let Some(auth) = field("auth") {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(auth.trim())
+            .map_err(|e| format!("auth of {host} is not base64: {e}"))?;
+        let decoded = String::from_utf8(decoded).map_err(|_| format!("auth of {host} is not text"))?;
+        let (u, p) = decoded
+            .split_once(':')
+            .ok_or_else(|| format!("auth of {host} is not user:password"))?;
+        return Ok(RegistryAuth::Basic(u.into(), p.into()));
+    }
+    Err(format!(
+        "the entry for {host} has neither username and password nor auth"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::ByteString;
+
+    fn secret(pairs: &[(&str, &str)]) -> Secret {
+        Secret {
+            data: Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                    .collect(),
+            ),
+            ..Secret::default()
+        }
+    }
+
+    fn basic(a: RegistryAuth) -> (String, String) {
+        match a {
+            RegistryAuth::Basic(u, p) => (u, p),
+            other => panic!("expected basic auth, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn docker_config_entries_are_found_by_host() {
+        let b64 = base64::engine::general_purpose::STANDARD.encode("bob:s3cret");
+        let cfg = format!(
+            r#"{{"auths": {{"https://other:5000": {{"auth": "eDp5"}}, "127.0.0.1:5000": {{"auth": "{b64}"}}}}}}"#
+        );
+        let s = secret(&[(".dockerconfigjson", &cfg)]);
+        assert_eq!(
+            basic(credentials(&s, "127.0.0.1:5000").unwrap()),
+            ("bob".into(), "s3cret".into())
+        );
+        assert!(
+            credentials(&s, "nowhere:1")
+                .unwrap_err()
+                .contains("no entry for nowhere:1")
+        );
+        let plain = r#"{"auths": {"reg.example": {"username": "u", "password": "p"}}}"#;
+        let s = secret(&[(".dockerconfigjson", plain)]);
+        assert_eq!(
+            basic(credentials(&s, "reg.example").unwrap()),
+            ("u".into(), "p".into())
+        );
+    }
+
+    #[test]
+    fn basic_auth_secrets_and_unusable_ones() {
+        let s = secret(&[("username", "u"), ("password", "p")]);
+        assert_eq!(basic(credentials(&s, "h").unwrap()), ("u".into(), "p".into()));
+        assert!(credentials(&secret(&[("token", "x")]), "h").is_err());
+        assert!(
+            credentials(&secret(&[(".dockerconfigjson", "nope")]), "h")
+                .unwrap_err()
+                .contains("not JSON")
+        );
+    }
+
+    #[test]
+    fn hosts_come_from_the_url() {
+        assert_eq!(registry_host("oci://127.0.0.1:5000/team/app"), "127.0.0.1:5000");
+        assert_eq!(registry_host("oci://ghcr.io/x"), "ghcr.io");
+    }
+}

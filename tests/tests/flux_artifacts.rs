@@ -1,0 +1,369 @@
+//! Flux `OCIRepository` + `Kustomization` in works, reconciled by the engine itself against
+//! the real registry and the real API server: pulled, built, applied, updated, pruned, drift
+//! corrected, and the last good revision kept through a dead registry and a broken build.
+
+use std::path::Path;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, Patch, PatchParams};
+use oci_client::secrets::RegistryAuth;
+use serde_json::{Value, json};
+use spokelet::work::flux::FluxObjects;
+use spokelet::work::manifestwork::FieldValue;
+use spokelet_artifact::registry::Registry;
+use spokelet_artifact::unpack::UnpackLimits;
+use spokelet_e2e::{OciRegistry, unique_name};
+
+mod support;
+use support::engine::*;
+
+fn native(cache: &Path) -> FluxObjects {
+    FluxObjects::Native {
+        cache: cache.to_path_buf(),
+        unpack: UnpackLimits::default(),
+    }
+}
+
+fn oci_repository(name: &str, url: &str, tag: &str) -> Value {
+    json!({"apiVersion": "source.toolkit.fluxcd.io/v1", "kind": "OCIRepository",
+           "metadata": {"name": name, "namespace": "flux-system"},
+           "spec": {"url": url, "ref": {"tag": tag}, "insecure": true, "interval": "1s"}})
+}
+
+fn kustomization(name: &str, source: &str, target_ns: &str, extra: Value) -> Value {
+    let mut spec = json!({"sourceRef": {"kind": "OCIRepository", "name": source},
+                          "path": "./deploy", "prune": true, "interval": "10m", "retryInterval": "1s",
+                          "targetNamespace": target_ns});
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        s.extend(e.clone());
+    }
+    json!({"apiVersion": "kustomize.toolkit.fluxcd.io/v1", "kind": "Kustomization",
+           "metadata": {"name": name, "namespace": "flux-system"}, "spec": spec})
+}
+
+/// Writes `files` (path → text) into a fresh directory and pushes it as `url:tag`.
+async fn push(url: &str, tag: &str, files: &[(&str, String)]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    for (path, text) in files {
+        let p = dir.path().join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+    let client = Registry::new(true, RegistryAuth::Anonymous);
+    client
+        .push_dir(url, tag, dir.path(), "https://example.invalid/app", tag)
+        .await
+        .unwrap()
+        .to_string()
+}
+
+fn cm_yaml(name: &str, value: &str) -> String {
+    format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n  value: \"{value}\"\n")
+}
+
+fn string_feedback(v: Option<FieldValue>) -> Option<String> {
+    v.and_then(|f| f.string)
+}
+
+async fn cm_value(client: &kube::Client, ns: &str, name: &str) -> Option<String> {
+    get_cm(client, ns, name)
+        .await
+        .and_then(|c| c.data)
+        .and_then(|d| d.get("value").cloned())
+}
+
+#[tokio::test]
+async fn an_artifact_is_applied_updated_pruned_corrected_and_kept_through_a_dead_registry() {
+    let registry = OciRegistry::start().await.unwrap();
+    let url = format!("oci://{}/apps/web", registry.host());
+    let cache = tempfile::tempdir().unwrap();
+    let hub = unique_name("flux-hub");
+    let mut cfg = test_config(&hub);
+    cfg.flux = native(cache.path());
+    let mut agent = Agent::start_with(&hub, cfg).await;
+    agent.synced();
+    let client = agent.client.clone();
+    let ns = namespace(&client, "flux").await;
+
+    let v1 = push(
+        &url,
+        "stable",
+        &[
+            ("deploy/a.yaml", cm_yaml("a", "one")),
+            ("deploy/b.yaml", cm_yaml("b", "one")),
+            ("README.md", "not applied\n".into()),
+        ],
+    )
+    .await;
+    let w = work(
+        "flux-app",
+        1,
+        vec![
+            oci_repository("web", &url, "stable"),
+            kustomization("web", "web", &ns, json!({})),
+        ],
+    );
+    agent.upsert(&w);
+    let revision1 = format!("stable@{v1}");
+    let r1 = revision1.clone();
+    let u = agent
+        .wait("flux-app", "the Kustomization Ready at revision 1", move |u| {
+            string_feedback(feedback(u, 1, "lastAppliedRevision")).as_deref() == Some(r1.as_str())
+        })
+        .await;
+    assert_eq!(manifest_cond(&u, 0, "Ready").status, "True", "{:?}", u.status);
+    assert_eq!(manifest_cond(&u, 1, "Ready").reason, "ReconciliationSucceeded");
+    assert_eq!(
+        string_feedback(feedback(&u, 0, "artifactRevision")),
+        Some(revision1.clone())
+    );
+    assert_eq!(feedback(&u, 1, "inventoryCount").and_then(|f| f.integer), Some(2));
+    assert_eq!(manifest_cond(&u, 1, "Applied").status, "True");
+    assert_eq!(
+        u.status.resource_status.manifests.len(),
+        2,
+        "built objects are not listed as manifests"
+    );
+    assert_eq!(cm_value(&client, &ns, "a").await.as_deref(), Some("one"));
+    let a = get_cm(&client, &ns, "a").await.unwrap();
+    let labels = a.metadata.labels.unwrap_or_default();
+    assert_eq!(
+        labels.get("kustomize.toolkit.fluxcd.io/name").map(String::as_str),
+        Some("web")
+    );
+    assert!(
+        a.metadata
+            .owner_references
+            .unwrap_or_default()
+            .iter()
+            .any(|o| o.kind == "AppliedManifestWork"),
+        "owned by the work's record like an inline object"
+    );
+
+    // A hand edit of an object from the artifact is put back, as for inline objects.
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    cms.patch(
+        "a",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"value": "edited"}})),
+    )
+    .await
+    .unwrap();
+    let (c, n) = (client.clone(), ns.clone());
+    until("the edited ConfigMap put back", || {
+        let (c, n) = (c.clone(), n.clone());
+        async move {
+            match cm_value(&c, &n, "a").await.as_deref() {
+                Some("one") => Ok(()),
+                other => Err(format!("value is {other:?}")),
+            }
+        }
+    })
+    .await;
+
+    // A new artifact under the same tag: a changed, b gone (pruned), c new.
+    let v2 = push(
+        &url,
+        "stable",
+        &[
+            ("deploy/a.yaml", cm_yaml("a", "two")),
+            ("deploy/c.yaml", cm_yaml("c", "two")),
+        ],
+    )
+    .await;
+    let revision2 = format!("stable@{v2}");
+    let r2 = revision2.clone();
+    agent
+        .wait("flux-app", "revision 2 applied", move |u| {
+            string_feedback(feedback(u, 1, "lastAppliedRevision")).as_deref() == Some(r2.as_str())
+        })
+        .await;
+    assert_eq!(cm_value(&client, &ns, "a").await.as_deref(), Some("two"));
+    assert_eq!(cm_value(&client, &ns, "c").await.as_deref(), Some("two"));
+    cm_gone(&client, &ns, "b", "b pruned once it left the artifact").await;
+
+    // The registry dies: the source says so, and the objects stay applied and corrected.
+    registry.stop().await;
+    let u = agent
+        .wait("flux-app", "the source failing", |u| {
+            manifest_cond_opt(u, 0, "Ready").is_some_and(|c| c.status == "False")
+        })
+        .await;
+    let ready = manifest_cond(&u, 0, "Ready");
+    assert_eq!(ready.reason, "OCIArtifactPullFailed", "{ready:?}");
+    assert!(
+        ready
+            .message
+            .contains(&format!("still serving revision {revision2}")),
+        "{ready:?}"
+    );
+    cms.patch(
+        "c",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"value": "edited"}})),
+    )
+    .await
+    .unwrap();
+    let (c, n) = (client.clone(), ns.clone());
+    until("c put back while the registry is down", || {
+        let (c, n) = (c.clone(), n.clone());
+        async move {
+            match cm_value(&c, &n, "c").await.as_deref() {
+                Some("two") => Ok(()),
+                other => Err(format!("value is {other:?}")),
+            }
+        }
+    })
+    .await;
+    assert_eq!(cm_value(&client, &ns, "a").await.as_deref(), Some("two"));
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_kustomization_with_an_unsupported_field_applies_nothing_and_other_works_go_on() {
+    let registry = OciRegistry::start().await.unwrap();
+    let url = format!("oci://{}/apps/generated", registry.host());
+    let cache = tempfile::tempdir().unwrap();
+    let hub = unique_name("flux-hub");
+    let mut cfg = test_config(&hub);
+    cfg.flux = native(cache.path());
+    let mut agent = Agent::start_with(&hub, cfg).await;
+    agent.synced();
+    let client = agent.client.clone();
+    let ns = namespace(&client, "flux-bad").await;
+    push(
+        &url,
+        "v1",
+        &[
+            ("deploy/a.yaml", cm_yaml("a", "one")),
+            (
+                "deploy/kustomization.yaml",
+                "resources: [a.yaml]\nconfigMapGenerator:\n- name: gen\n  literals: [k=v]\n".into(),
+            ),
+        ],
+    )
+    .await;
+    agent.upsert(&work(
+        "flux-bad",
+        1,
+        vec![
+            oci_repository("gen", &url, "v1"),
+            kustomization("gen", "gen", &ns, json!({})),
+        ],
+    ));
+    agent.upsert(&work(
+        "inline",
+        1,
+        vec![cm(&ns, "inline", json!({"value": "ok"}))],
+    ));
+    let u = agent
+        .wait("flux-bad", "the Kustomization failing", |u| {
+            manifest_cond_opt(u, 1, "Ready").is_some_and(|c| c.status == "False")
+        })
+        .await;
+    let applied = manifest_cond(&u, 1, "Applied");
+    assert_eq!(applied.reason, "UnsupportedKustomizeField", "{applied:?}");
+    assert!(applied.message.contains("configMapGenerator"), "{applied:?}");
+    assert!(
+        get_cm(&client, &ns, "a").await.is_none(),
+        "nothing of a failed build is applied"
+    );
+    agent.wait_applied("inline", 1).await;
+    assert!(get_cm(&client, &ns, "inline").await.is_some());
+    agent.stop().await;
+    registry.stop().await;
+}
+
+#[tokio::test]
+async fn with_flux_objects_passed_through_they_go_to_the_api_server() {
+    let hub = unique_name("flux-hub");
+    let mut cfg = test_config(&hub);
+    cfg.flux = FluxObjects::Passthrough;
+    let mut agent = Agent::start_with(&hub, cfg).await;
+    agent.synced();
+    agent.upsert(&work(
+        "flux-passthrough",
+        1,
+        vec![oci_repository("web", "oci://127.0.0.1:1/x", "v1")],
+    ));
+    // The spoke runs no Flux, so the API server does not know the kind: proof it was sent there.
+    let u = agent
+        .wait("flux-passthrough", "Applied=False", |u| {
+            manifest_cond_opt(u, 0, "Applied").is_some_and(|c| c.status == "False")
+        })
+        .await;
+    assert_eq!(manifest_cond(&u, 0, "Applied").reason, "UnknownKind");
+    assert!(manifest_cond_opt(&u, 0, "Ready").is_none());
+    agent.stop().await;
+}
+
+/// Substitution, commonMetadata and a failed re-build that keeps the last good objects.
+#[tokio::test]
+async fn post_build_variables_apply_and_a_broken_revision_keeps_the_last_good_one() {
+    let registry = OciRegistry::start().await.unwrap();
+    let url = format!("oci://{}/apps/vars", registry.host());
+    let cache = tempfile::tempdir().unwrap();
+    let hub = unique_name("flux-hub");
+    let mut cfg = test_config(&hub);
+    cfg.flux = native(cache.path());
+    let mut agent = Agent::start_with(&hub, cfg).await;
+    agent.synced();
+    let client = agent.client.clone();
+    let ns = namespace(&client, "flux-vars").await;
+    push(
+        &url,
+        "v1",
+        &[("deploy/a.yaml", cm_yaml("a", "${GREETING}-${MISSING:=fallback}"))],
+    )
+    .await;
+    let extra = json!({"postBuild": {"substitute": {"GREETING": "hello"}},
+                       "commonMetadata": {"labels": {"team": "ml"}}});
+    let mut w = work(
+        "flux-vars",
+        1,
+        vec![
+            oci_repository("vars", &url, "v1"),
+            kustomization("vars", "vars", &ns, extra.clone()),
+        ],
+    );
+    agent.upsert(&w);
+    agent
+        .wait("flux-vars", "Ready", |u| {
+            manifest_cond_opt(u, 1, "Ready").is_some_and(|c| c.status == "True")
+        })
+        .await;
+    assert_eq!(
+        cm_value(&client, &ns, "a").await.as_deref(),
+        Some("hello-fallback")
+    );
+    let labels = get_cm(&client, &ns, "a")
+        .await
+        .unwrap()
+        .metadata
+        .labels
+        .unwrap_or_default();
+    assert_eq!(labels.get("team").map(String::as_str), Some("ml"));
+
+    // v2 is broken YAML: the build fails and says so; a stays as v1 made it.
+    push(&url, "v2", &[("deploy/a.yaml", "kind: [unclosed\n".into())]).await;
+    w.spec.workload.manifests[0] = oci_repository("vars", &url, "v2").into();
+    w.metadata.generation = Some(2);
+    agent.upsert(&w);
+    let u = agent
+        .wait("flux-vars", "the build failing", |u| {
+            u.generation == 2 && manifest_cond_opt(u, 1, "Ready").is_some_and(|c| c.status == "False")
+        })
+        .await;
+    let ready = manifest_cond(&u, 1, "Ready");
+    assert_eq!(ready.reason, "BuildFailed", "{ready:?}");
+    assert!(
+        ready.message.contains("deploy/a.yaml") && ready.message.contains("stay applied"),
+        "{ready:?}"
+    );
+    assert_eq!(
+        cm_value(&client, &ns, "a").await.as_deref(),
+        Some("hello-fallback")
+    );
+    agent.stop().await;
+    registry.stop().await;
+}

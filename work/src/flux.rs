@@ -1,0 +1,938 @@
+//! The Flux step of a reconcile: a work's `OCIRepository` and `Kustomization` manifests are
+//! not sent to the API server. Their artifacts are fetched and built into plain manifests,
+//! appended to the work's own, and the rest of the reconcile applies, records, prunes and
+//! watches those like any other, so an object from an artifact is corrected as fast as an
+//! inline one. The Flux entries' status gets a `Ready` condition and feedback values.
+//!
+//! [`expand`] runs before the reconcile's other steps, [`finish`] after the applies. What a
+//! work's Flux objects fetched and built is kept in its [`FluxMemory`] between reconciles: a
+//! reconcile caused by drift costs no registry request and no build, and a source is looked at
+//! again only when its `interval` has passed.
+//!
+//! Never losing a workload: a failed pull or build keeps the last good build applied; with no
+//! good build at all (after a restart, a suspended Kustomization, an unready dependency)
+//! nothing of the work is pruned in that reconcile.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::Api;
+use serde_json::Value;
+use sha2::{Digest as _, Sha256};
+use spokelet_artifact::cache::ArtifactCache;
+use spokelet_artifact::digest::Digest;
+use spokelet_artifact::registry::Pulled;
+use spokelet_artifact::unpack::UnpackLimits;
+use spokelet_base::lock::lock;
+use spokelet_flux::build::{BuildError, BuildLimits, Overlay, build};
+use spokelet_flux::health::{Health, health};
+use spokelet_flux::objects::{
+    self, FluxKind, FluxObject, KustomizationSpec, OciRepositorySpec, SpecError, duration,
+};
+use spokelet_flux::source::SourceFetcher;
+use spokelet_flux::substitute;
+use tokio::time::Instant;
+
+use super::conditions::{FALSE, TRUE, UNKNOWN, cond};
+use super::context::ReconcileContext;
+use super::failure::ManifestFailure;
+use super::manifestwork::{FeedbackValue, FieldValue, Manifest, ManifestWork, ValueType};
+use super::status::ManifestResult;
+
+/// The labels Flux's kustomize-controller puts on what it applies; kept so tools that look
+/// for them (and `kubectl get -l`) find objects from artifacts the same way.
+pub const NAME_LABEL: &str = "kustomize.toolkit.fluxcd.io/name";
+pub const NAMESPACE_LABEL: &str = "kustomize.toolkit.fluxcd.io/namespace";
+
+/// How soon a failed source is looked at again (or its interval, when shorter): a registry
+/// that was down is retried without waiting an interval of often many minutes.
+const FAILED_SOURCE_RECHECK: Duration = Duration::from_secs(10);
+
+/// What the agent does with Flux objects in works (`--flux-objects`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FluxObjects {
+    /// Reconciled by the agent: artifacts cached in `cache`, unpacked within `unpack`.
+    Native { cache: PathBuf, unpack: UnpackLimits },
+    /// Sent to the API server like any other object, for spokes that run Flux themselves.
+    Passthrough,
+}
+
+/// What reconciles share for Flux objects.
+pub struct FluxSupport {
+    /// The fetcher, or why the artifact cache cannot be used (every Flux object then fails
+    /// with that message; the agent and other works carry on).
+    fetcher: Result<SourceFetcher, String>,
+    /// Layers each work's sources hold, so garbage collection keeps them.
+    in_use: Mutex<HashMap<String, HashSet<Digest>>>,
+    /// Set once the engine has reconciled every work of its first sync: before that a work
+    /// not yet reconciled could still want a layer nobody has claimed.
+    collect: AtomicBool,
+}
+
+impl std::fmt::Debug for FluxSupport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FluxSupport").finish_non_exhaustive()
+    }
+}
+
+impl FluxSupport {
+    /// Support for `mode`, or None for passthrough.
+    pub fn new(mode: &FluxObjects, client: &kube::Client) -> Option<FluxSupport> {
+        let FluxObjects::Native { cache, unpack } = mode else {
+            return None;
+        };
+        let fetcher = ArtifactCache::open(cache)
+            .map(|c| SourceFetcher::new(client.clone(), c, *unpack))
+            .map_err(|e| format!("the artifact cache {} cannot be used: {e}", cache.display()));
+        if let Err(e) = &fetcher {
+            tracing::error!(error = %e, "Flux objects in works will fail until the agent can use its artifact cache");
+        }
+        Some(FluxSupport {
+            fetcher,
+            in_use: Mutex::new(HashMap::new()),
+            collect: AtomicBool::new(false),
+        })
+    }
+
+    /// Allows garbage collection from now on (the engine's initial works are reconciled).
+    pub fn allow_collection(&self) {
+        self.collect.store(true, Ordering::Relaxed);
+    }
+
+    /// A work is gone: its layers are no longer held.
+    pub fn forget(&self, work: &str) {
+        lock(&self.in_use).remove(work);
+    }
+
+    /// Records the layers `work` holds; when one was downloaded, removes the cache entries no
+    /// work holds.
+    fn hold(&self, work: &str, layers: HashSet<Digest>, downloaded: bool) {
+        let all: HashSet<Digest> = {
+            let mut in_use = lock(&self.in_use);
+            in_use.insert(work.to_string(), layers);
+            if !downloaded || !self.collect.load(Ordering::Relaxed) {
+                return;
+            }
+            in_use.values().flatten().cloned().collect()
+        };
+        if let Ok(f) = &self.fetcher {
+            f.collect_garbage(all);
+        }
+    }
+}
+
+/// What a work's Flux objects fetched and built, kept between its reconciles.
+#[derive(Debug, Default)]
+pub struct FluxMemory {
+    /// By `namespace/name` of the OCIRepository.
+    sources: HashMap<String, SourceMemory>,
+    /// By `namespace/name` of the Kustomization.
+    builds: HashMap<String, BuildMemory>,
+}
+
+#[derive(Debug)]
+struct SourceMemory {
+    /// The spec last fetched for: a changed spec is fetched again at once.
+    spec: OciRepositorySpec,
+    /// The last good artifact (kept through failures).
+    pulled: Option<Pulled>,
+    checked: Instant,
+    /// Why the last fetch failed: (reason, message).
+    error: Option<(&'static str, String)>,
+}
+
+#[derive(Debug)]
+struct BuildMemory {
+    /// Hash of what the build came from (revision, spec, variables).
+    key: String,
+    /// The last good build.
+    manifests: Arc<Vec<Manifest>>,
+    revision: String,
+    built: Instant,
+    /// The revision whose objects were all applied (and healthy, with `wait`).
+    last_applied: Option<String>,
+    ready: bool,
+}
+
+/// The result of a Flux object in this reconcile, for its status entry.
+#[derive(Debug)]
+struct Native {
+    kind: FluxKind,
+    /// `namespace/name`.
+    id: String,
+    error: Option<(&'static str, String)>,
+    /// Ready condition: (status, reason, message).
+    ready: (&'static str, &'static str, String),
+    values: Vec<FeedbackValue>,
+    /// Whether it has something to serve (an artifact, applied objects): Available.
+    usable: bool,
+    /// A Kustomization's objects: their ordinals in the expanded work.
+    objects: Range<usize>,
+    /// Health-check every object (`wait`) or these (`healthChecks`: kind, namespace, name).
+    wait: bool,
+    health_checks: Vec<(String, String, String)>,
+    revision: Option<String>,
+}
+
+/// The work's Flux objects in this reconcile.
+#[derive(Debug, Default)]
+pub struct Expansion {
+    /// Manifests built from artifacts, appended after the work's own.
+    pub built: Vec<Manifest>,
+    /// By ordinal of the work's Flux manifests.
+    natives: BTreeMap<usize, Native>,
+    /// Nothing may be pruned in this reconcile: a Kustomization has no build to say what it
+    /// wants.
+    pub keep_all: bool,
+    /// When a source or build is due to be looked at again.
+    pub recheck_at: Option<Instant>,
+}
+
+impl Expansion {
+    /// Ordinals of the work's manifests that are reconciled here, not sent to the API server.
+    pub fn is_native(&self, ordinal: usize) -> bool {
+        self.natives.contains_key(&ordinal)
+    }
+
+    /// `work` with the built manifests appended (None when nothing was built).
+    pub fn expanded(&self, work: &ManifestWork) -> Option<ManifestWork> {
+        if self.built.is_empty() {
+            return None;
+        }
+        let mut w = work.clone();
+        w.spec.workload.manifests.extend(self.built.iter().cloned());
+        Some(w)
+    }
+
+    fn due(&mut self, at: Instant) {
+        self.recheck_at = Some(self.recheck_at.map_or(at, |r| r.min(at)));
+    }
+}
+
+/// Fetches and builds the work's Flux objects. None when it has none (or they pass through).
+pub async fn expand(
+    ctx: &ReconcileContext,
+    work: &ManifestWork,
+    memory: &mut FluxMemory,
+) -> Option<Expansion> {
+    let support = ctx.flux.as_ref()?;
+    let mut repos = Vec::new();
+    let mut kustomizations = Vec::new();
+    for (i, m) in work.spec.workload.manifests.iter().enumerate() {
+        let Ok(v) = m.value() else { continue };
+        let text = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+        match FluxKind::of(&text("apiVersion"), &text("kind")) {
+            Some(FluxKind::OciRepository) => repos.push((i, v)),
+            Some(FluxKind::Kustomization) => kustomizations.push((i, v)),
+            None => {}
+        }
+    }
+    if repos.is_empty() && kustomizations.is_empty() {
+        *memory = FluxMemory::default();
+        return None;
+    }
+    let name = work.metadata.name.clone().unwrap_or_default();
+    let mut x = Expansion::default();
+    let mut sources: HashMap<String, Option<Pulled>> = HashMap::new();
+    let mut downloaded = false;
+    for (i, v) in repos {
+        let (native, pulled, new) = source_step(support, &v, memory, &mut x).await;
+        downloaded |= new;
+        sources.insert(native.id.clone(), pulled);
+        x.natives.insert(i, native);
+    }
+    let held = memory
+        .sources
+        .values()
+        .filter_map(|s| s.pulled.as_ref())
+        .map(|p| p.layer.clone())
+        .collect();
+    support.hold(&name, held, downloaded);
+    let first_built = work.spec.workload.manifests.len();
+    let limit = ctx.cfg.limits.max_manifests.saturating_sub(first_built);
+    for (i, v) in kustomizations {
+        let native = kustomization_step(ctx, &v, &sources, memory, &mut x, first_built, limit).await;
+        x.natives.insert(i, native);
+    }
+    // Forget what the work no longer has.
+    let ids: HashSet<&String> = x.natives.values().map(|n| &n.id).collect();
+    memory.sources.retain(|k, _| ids.contains(k));
+    memory.builds.retain(|k, _| ids.contains(k));
+    Some(x)
+}
+
+/// One OCIRepository: fetched when due. Returns its result, its artifact (the last good one
+/// through failures) and whether a layer was downloaded.
+async fn source_step(
+    support: &FluxSupport,
+    v: &Value,
+    memory: &mut FluxMemory,
+    x: &mut Expansion,
+) -> (Native, Option<Pulled>, bool) {
+    let mut native = Native::new(FluxKind::OciRepository, v);
+    let repo = match objects::oci_repository(v) {
+        Ok(r) => r,
+        Err(e) => {
+            native.fail(spec_reason(&e), e.to_string());
+            return (native, None, false);
+        }
+    };
+    let fetcher = match &support.fetcher {
+        Ok(f) => f,
+        Err(e) => {
+            native.fail("ArtifactCacheUnavailable", e.clone());
+            return (native, None, false);
+        }
+    };
+    let interval = duration(&repo.spec.interval, "interval").unwrap_or(Duration::from_secs(600));
+    let now = Instant::now();
+    let known = memory.sources.get(&native.id);
+    let due = match known {
+        None => true,
+        Some(m) if m.spec != repo.spec => true,
+        Some(m) if m.error.is_some() => now >= m.checked + interval.min(FAILED_SOURCE_RECHECK),
+        Some(m) => now >= m.checked + interval,
+    };
+    let mut downloaded = false;
+    if due && !(repo.spec.suspend && known.is_some_and(|m| m.pulled.is_some())) {
+        let last = known.and_then(|m| m.pulled.clone());
+        let result = fetcher.fetch(&repo, last.as_ref()).await;
+        let entry = memory
+            .sources
+            .entry(native.id.clone())
+            .or_insert_with(|| SourceMemory {
+                spec: repo.spec.clone(),
+                pulled: None,
+                checked: now,
+                error: None,
+            });
+        entry.spec = repo.spec.clone();
+        entry.checked = now;
+        match result {
+            Ok(p) => {
+                if entry.pulled.as_ref().map(|l| &l.revision) != Some(&p.revision) {
+                    tracing::info!(source = %native.id, revision = %p.revision, downloaded = p.downloaded, "fetched artifact");
+                }
+                downloaded = p.downloaded;
+                entry.pulled = Some(p);
+                entry.error = None;
+            }
+            Err(e) => {
+                tracing::warn!(source = %native.id, error = %e, "cannot fetch artifact; keeping the last good one");
+                entry.error = Some((e.reason(), e.to_string()));
+            }
+        }
+    }
+    let Some(m) = memory.sources.get(&native.id) else {
+        return (native, None, false);
+    };
+    let wait = if m.error.is_some() {
+        interval.min(FAILED_SOURCE_RECHECK)
+    } else {
+        interval
+    };
+    x.due(m.checked + wait);
+    let pulled = m.pulled.clone();
+    if let Some(p) = &pulled {
+        native.usable = true;
+        native.revision = Some(p.revision.clone());
+        native.values.push(string_value("artifactRevision", &p.revision));
+        native
+            .values
+            .push(string_value("artifactDigest", &p.manifest.to_string()));
+    }
+    match (&m.error, &pulled) {
+        (Some((reason, msg)), Some(p)) => {
+            native.fail(reason, format!("{msg}; still serving revision {}", p.revision))
+        }
+        (Some((reason, msg)), None) => native.fail(reason, msg.clone()),
+        (None, Some(p)) if repo.spec.suspend => {
+            native.ready = (
+                TRUE,
+                "Suspended",
+                format!("suspended; serving revision {}", p.revision),
+            );
+        }
+        (None, Some(p)) => {
+            native.ready = (
+                TRUE,
+                "Succeeded",
+                format!("stored artifact for revision '{}'", p.revision),
+            );
+        }
+        (None, None) => native.ready = (UNKNOWN, "Suspended", "suspended before its first fetch".into()),
+    }
+    native.push_ready_value();
+    (native, pulled, downloaded)
+}
+
+/// One Kustomization: built from its source's artifact when anything it depends on changed,
+/// its manifests appended to `x.built`.
+async fn kustomization_step(
+    ctx: &ReconcileContext,
+    v: &Value,
+    sources: &HashMap<String, Option<Pulled>>,
+    memory: &mut FluxMemory,
+    x: &mut Expansion,
+    first_built: usize,
+    limit: usize,
+) -> Native {
+    let mut native = Native::new(FluxKind::Kustomization, v);
+    let ks = match objects::kustomization(v) {
+        Ok(k) => k,
+        Err(e) => {
+            native.fail(spec_reason(&e), e.to_string());
+            x.keep_all = true;
+            return native;
+        }
+    };
+    native.wait = ks.spec.wait;
+    native.health_checks = ks
+        .spec
+        .health_checks
+        .iter()
+        .map(|h| {
+            let ns = h.namespace.clone().unwrap_or_else(|| ks.namespace.clone());
+            (h.kind.clone().unwrap_or_default(), ns, h.name.clone())
+        })
+        .collect();
+    let retry = ks
+        .spec
+        .retry_interval
+        .as_deref()
+        .and_then(|r| duration(r, "retryInterval").ok())
+        .unwrap_or_else(|| duration(&ks.spec.interval, "interval").unwrap_or(Duration::from_secs(600)));
+    let attempt = attempt(ctx, &ks, sources, memory, limit).await;
+    let entry = memory.builds.get(&native.id);
+    match attempt {
+        Attempt::Built(b) => {
+            native.revision = Some(b.revision.clone());
+            let interval = duration(&ks.spec.interval, "interval").unwrap_or(Duration::from_secs(600));
+            x.due(b.built + interval);
+            append(x, &mut native, &b.manifests, first_built);
+            // The applied revision stays until the new build is applied; readiness only while
+            // the build is the same.
+            let prev = memory.builds.remove(&native.id);
+            let (last_applied, ready) =
+                prev.map_or((None, false), |p| (p.last_applied, p.key == b.key && p.ready));
+            memory.builds.insert(
+                native.id.clone(),
+                BuildMemory {
+                    last_applied,
+                    ready,
+                    ..b
+                },
+            );
+        }
+        Attempt::Failed { reason, message } => {
+            x.due(Instant::now() + retry);
+            match entry {
+                Some(last) => {
+                    let last_revision = last.revision.clone();
+                    let manifests = last.manifests.clone();
+                    native.revision = Some(last_revision.clone());
+                    append(x, &mut native, &manifests, first_built);
+                    native.fail(
+                        reason,
+                        format!("{message}; the objects of revision {last_revision} stay applied"),
+                    );
+                }
+                None => {
+                    x.keep_all = true;
+                    native.fail(reason, message);
+                }
+            }
+        }
+        Attempt::Held { reason, message } => {
+            // Suspended, or waiting on a dependency: nothing is applied or pruned.
+            if reason != "Suspended" {
+                x.due(Instant::now() + retry);
+            }
+            x.keep_all = true;
+            native.ready = (
+                if reason == "Suspended" { UNKNOWN } else { FALSE },
+                reason,
+                message,
+            );
+        }
+    }
+    native
+}
+
+/// Appends a build's manifests to the expansion as the Kustomization's objects.
+fn append(x: &mut Expansion, native: &mut Native, manifests: &[Manifest], first_built: usize) {
+    let start = first_built + x.built.len();
+    x.built.extend(manifests.iter().cloned());
+    native.objects = start..first_built + x.built.len();
+    native.usable = true;
+}
+
+/// What a Kustomization's build step came to.
+enum Attempt {
+    Built(BuildMemory),
+    Failed { reason: &'static str, message: String },
+    Held { reason: &'static str, message: String },
+}
+
+/// Builds the Kustomization, or reuses its last build while nothing it depends on changed.
+async fn attempt(
+    ctx: &ReconcileContext,
+    ks: &FluxObject<KustomizationSpec>,
+    sources: &HashMap<String, Option<Pulled>>,
+    memory: &FluxMemory,
+    limit: usize,
+) -> Attempt {
+    let id = format!("{}/{}", ks.namespace, ks.name);
+    if ks.spec.suspend {
+        return Attempt::Held {
+            reason: "Suspended",
+            message: "suspended: nothing is applied or pruned until it is resumed".into(),
+        };
+    }
+    for dep in &ks.spec.depends_on {
+        let dep_id = format!(
+            "{}/{}",
+            dep.namespace.as_deref().unwrap_or(&ks.namespace),
+            dep.name
+        );
+        if !memory.builds.get(&dep_id).is_some_and(|b| b.ready) {
+            return Attempt::Held {
+                reason: "DependencyNotReady",
+                message: format!(
+                    "dependency Kustomization {dep_id} is not ready (it must be in the same work)"
+                ),
+            };
+        }
+    }
+    let source_id = format!(
+        "{}/{}",
+        ks.spec.source_ref.namespace.as_deref().unwrap_or(&ks.namespace),
+        ks.spec.source_ref.name
+    );
+    let pulled = match sources.get(&source_id) {
+        None => {
+            return Attempt::Failed {
+                reason: "ArtifactFailed",
+                message: format!("OCIRepository {source_id} is not part of this work"),
+            };
+        }
+        Some(None) => {
+            return Attempt::Failed {
+                reason: "ArtifactFailed",
+                message: format!("OCIRepository {source_id} has no artifact yet"),
+            };
+        }
+        Some(Some(p)) => p,
+    };
+    let vars = match variables(ctx, ks).await {
+        Ok(v) => v,
+        Err(message) => {
+            return Attempt::Failed {
+                reason: "BuildFailed",
+                message,
+            };
+        }
+    };
+    let key = build_key(&pulled.revision, ks, &vars);
+    let interval = duration(&ks.spec.interval, "interval").unwrap_or(Duration::from_secs(600));
+    if let Some(last) = memory.builds.get(&id)
+        && last.key == key
+        && Instant::now() < last.built + interval
+    {
+        return Attempt::Built(BuildMemory {
+            key,
+            manifests: last.manifests.clone(),
+            revision: last.revision.clone(),
+            built: last.built,
+            last_applied: None,
+            ready: false,
+        });
+    }
+    let limits = BuildLimits {
+        max_objects: limit,
+        ..BuildLimits::default()
+    };
+    match build_objects(ks, pulled.dir.clone(), vars, limits).await {
+        Ok(manifests) => {
+            tracing::info!(kustomization = %id, revision = %pulled.revision, objects = manifests.len(), "built");
+            Attempt::Built(BuildMemory {
+                key,
+                manifests: Arc::new(manifests),
+                revision: pulled.revision.clone(),
+                built: Instant::now(),
+                last_applied: None,
+                ready: false,
+            })
+        }
+        Err(e) => {
+            tracing::warn!(kustomization = %id, error = %e, "build failed");
+            Attempt::Failed {
+                reason: if e.is_unsupported() {
+                    "UnsupportedKustomizeField"
+                } else {
+                    "BuildFailed"
+                },
+                message: e.to_string(),
+            }
+        }
+    }
+}
+
+/// Builds (in a blocking task: it reads files), substitutes and labels the objects.
+async fn build_objects(
+    ks: &FluxObject<KustomizationSpec>,
+    dir: PathBuf,
+    vars: Option<BTreeMap<String, String>>,
+    limits: BuildLimits,
+) -> Result<Vec<Manifest>, BuildError> {
+    let spec = &ks.spec;
+    let meta = spec.common_metadata.clone().unwrap_or_default();
+    let overlay = Overlay {
+        target_namespace: spec.target_namespace.clone(),
+        name_prefix: spec.name_prefix.clone(),
+        name_suffix: spec.name_suffix.clone(),
+        labels: meta.labels,
+        annotations: meta.annotations,
+        patches: spec.patches.clone(),
+    };
+    let path = spec.path.clone().unwrap_or_default();
+    let (name, namespace) = (ks.name.clone(), ks.namespace.clone());
+    let task = tokio::task::spawn_blocking(move || {
+        let mut objs = build(&dir, &path, &overlay, &limits)?;
+        if let Some(vars) = &vars {
+            substitute::substitute_objects(&mut objs, vars).map_err(|e| BuildError::Read {
+                file: "postBuild".into(),
+                message: e.to_string(),
+            })?;
+        }
+        for o in &mut objs {
+            label(o, &name, &namespace);
+        }
+        Ok(objs.into_iter().map(Manifest::from).collect())
+    });
+    task.await.unwrap_or_else(|e| {
+        Err(BuildError::Read {
+            file: "build".into(),
+            message: format!("the build task failed: {e}"),
+        })
+    })
+}
+
+/// Adds Flux's ownership labels.
+fn label(obj: &mut Value, name: &str, namespace: &str) {
+    let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let labels = meta
+        .entry("labels")
+        .or_insert_with(|| Value::Object(Default::default()));
+    if let Some(l) = labels.as_object_mut() {
+        l.insert(NAME_LABEL.into(), Value::String(name.into()));
+        l.insert(NAMESPACE_LABEL.into(), Value::String(namespace.into()));
+    }
+}
+
+/// The postBuild variables: `substituteFrom` in order (later ones win), then `substitute`
+/// over them, as Flux does. None without a postBuild.
+async fn variables(
+    ctx: &ReconcileContext,
+    ks: &FluxObject<KustomizationSpec>,
+) -> Result<Option<BTreeMap<String, String>>, String> {
+    let Some(post) = &ks.spec.post_build else {
+        return Ok(None);
+    };
+    let mut vars = BTreeMap::new();
+    for from in &post.substitute_from {
+        let found = match from.kind.as_str() {
+            "ConfigMap" => {
+                let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ks.namespace);
+                api.get_opt(&from.name)
+                    .await
+                    .map(|c| c.map(|c| c.data.unwrap_or_default().into_iter().collect::<Vec<_>>()))
+            }
+            _ => {
+                let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ks.namespace);
+                api.get_opt(&from.name).await.map(|s| {
+                    s.map(|s| {
+                        s.data
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
+                            .collect()
+                    })
+                })
+            }
+        };
+        match found {
+            Ok(Some(pairs)) => vars.extend(pairs),
+            Ok(None) if from.optional => {}
+            Ok(None) => {
+                return Err(format!(
+                    "postBuild.substituteFrom {} {} not found",
+                    from.kind, from.name
+                ));
+            }
+            Err(e) => {
+                return Err(format!(
+                    "postBuild.substituteFrom {} {}: {e}",
+                    from.kind, from.name
+                ));
+            }
+        }
+    }
+    vars.extend(post.substitute.clone());
+    substitute::check_names(&vars).map_err(|e| e.to_string())?;
+    Ok(Some(vars))
+}
+
+/// What a build depends on, hashed: a change of any part builds again.
+fn build_key(
+    revision: &str,
+    ks: &FluxObject<KustomizationSpec>,
+    vars: &Option<BTreeMap<String, String>>,
+) -> String {
+    let mut h = Sha256::new();
+    h.update(revision.as_bytes());
+    h.update([0]);
+    h.update(format!("{:?}", ks.spec).as_bytes());
+    h.update([0]);
+    h.update(format!("{vars:?}").as_bytes());
+    hex::encode(h.finalize())
+}
+
+fn spec_reason(e: &SpecError) -> &'static str {
+    match e {
+        SpecError::Unsupported { .. } => "UnsupportedField",
+        SpecError::Invalid { .. } => "InvalidSpec",
+    }
+}
+
+impl Native {
+    fn new(kind: FluxKind, v: &Value) -> Native {
+        let text = |p: &str| v.pointer(p).and_then(Value::as_str).filter(|s| !s.is_empty());
+        let id = format!(
+            "{}/{}",
+            text("/metadata/namespace").unwrap_or("default"),
+            text("/metadata/name").unwrap_or_default()
+        );
+        Native {
+            kind,
+            id,
+            error: None,
+            ready: (UNKNOWN, "Progressing", "reconciliation in progress".into()),
+            values: Vec::new(),
+            usable: false,
+            objects: 0..0,
+            wait: false,
+            health_checks: Vec::new(),
+            revision: None,
+        }
+    }
+
+    fn fail(&mut self, reason: &'static str, message: String) {
+        self.ready = (FALSE, reason, message.clone());
+        self.error = Some((reason, message));
+    }
+
+    fn push_ready_value(&mut self) {
+        self.values.push(FeedbackValue {
+            name: "ready".into(),
+            field_value: FieldValue {
+                type_: ValueType::String,
+                string: Some(self.ready.0.to_string()),
+                ..Default::default()
+            },
+        });
+    }
+}
+
+fn string_value(name: &str, value: &str) -> FeedbackValue {
+    FeedbackValue {
+        name: name.into(),
+        field_value: FieldValue {
+            type_: ValueType::String,
+            string: Some(value.into()),
+            ..Default::default()
+        },
+    }
+}
+
+fn integer_value(name: &str, value: i64) -> FeedbackValue {
+    FeedbackValue {
+        name: name.into(),
+        field_value: FieldValue {
+            type_: ValueType::Integer,
+            integer: Some(value),
+            ..Default::default()
+        },
+    }
+}
+
+/// After the applies: each Flux entry's result from its own outcome and, for a
+/// Kustomization, from its objects' (applied, healthy). Updates the memory's applied revision
+/// and readiness, and returns whether a Kustomization is still progressing (to look again).
+pub fn finish(
+    x: &Expansion,
+    results: &mut [ManifestResult],
+    memory: &mut FluxMemory,
+    generation: i64,
+) -> bool {
+    let mut progressing = false;
+    for (&i, n) in &x.natives {
+        let mut native_values = n.values.clone();
+        let mut error = n.error.clone();
+        let mut ready = n.ready.clone();
+        if n.kind == FluxKind::Kustomization && !n.objects.is_empty() && n.error.is_none() {
+            let outcome = objects_outcome(n, results);
+            native_values.push(integer_value("inventoryCount", n.objects.len() as i64));
+            native_values.push(integer_value("driftCorrections", outcome.drift_corrections));
+            let build = memory.builds.get_mut(&n.id);
+            match (&outcome.failed, &outcome.waiting) {
+                (Some(msg), _) => {
+                    ready = (FALSE, "ReconciliationFailed", msg.clone());
+                    error = Some(("ReconciliationFailed", msg.clone()));
+                }
+                (None, Some(msg)) => {
+                    progressing = true;
+                    ready = (FALSE, "Progressing", msg.clone());
+                }
+                (None, None) => {
+                    let rev = n.revision.clone().unwrap_or_default();
+                    ready = (
+                        TRUE,
+                        "ReconciliationSucceeded",
+                        format!("Applied revision: {rev}"),
+                    );
+                }
+            }
+            if let Some(b) = build {
+                b.ready = ready.0 == TRUE;
+                if b.ready {
+                    b.last_applied = Some(b.revision.clone());
+                }
+                if let Some(rev) = &b.last_applied {
+                    native_values.push(string_value("lastAppliedRevision", rev));
+                }
+                native_values.push(string_value("lastAttemptedRevision", &b.revision));
+            }
+        }
+        native_values.push(FeedbackValue {
+            name: "ready".into(),
+            field_value: FieldValue {
+                type_: ValueType::String,
+                string: Some(ready.0.to_string()),
+                ..Default::default()
+            },
+        });
+        // A source pushed its ready value when it was fetched; keep the last one only.
+        dedup_last(&mut native_values);
+        let Some(r) = results.get_mut(i) else {
+            continue;
+        };
+        r.error = error.map(|(reason, message)| ManifestFailure::Flux { reason, message });
+        r.notes
+            .push("reconciled by spokelet itself, not sent to the API server".into());
+        r.extra_conditions = vec![cond("Ready", ready.0, ready.1, ready.2, generation)];
+        r.extra_values = native_values;
+        r.native_available = Some(n.usable);
+    }
+    progressing
+}
+
+/// Keeps the last value of each name, in first-seen order.
+fn dedup_last(values: &mut Vec<FeedbackValue>) {
+    let mut seen = HashSet::new();
+    let mut out: Vec<FeedbackValue> = Vec::with_capacity(values.len());
+    for v in values.drain(..).rev() {
+        if seen.insert(v.name.clone()) {
+            out.push(v);
+        }
+    }
+    out.reverse();
+    *values = out;
+}
+
+/// What a Kustomization's objects did in this reconcile.
+struct ObjectsOutcome {
+    /// Why some were not applied.
+    failed: Option<String>,
+    /// What the health checks still wait for.
+    waiting: Option<String>,
+    drift_corrections: i64,
+}
+
+fn objects_outcome(n: &Native, results: &[ManifestResult]) -> ObjectsOutcome {
+    let objs = results.get(n.objects.clone()).unwrap_or_default();
+    let failures: Vec<String> = objs
+        .iter()
+        .filter_map(|r| {
+            let e = r.error.as_ref()?;
+            Some(format!("{} {}: {e}", r.meta.kind, display(r)))
+        })
+        .collect();
+    let failed = (!failures.is_empty()).then(|| {
+        let shown: Vec<&str> = failures.iter().take(5).map(String::as_str).collect();
+        format!(
+            "{} of {} objects not applied: {}",
+            failures.len(),
+            objs.len(),
+            shown.join("; ")
+        )
+    });
+    let mut waiting = Vec::new();
+    for r in objs {
+        let wanted = n.wait
+            || n.health_checks.iter().any(|(k, ns, name)| {
+                (k.is_empty() || *k == r.meta.kind)
+                    && *name == r.meta.name
+                    && (r.meta.namespace.is_empty() || *ns == r.meta.namespace)
+            });
+        if !wanted {
+            continue;
+        }
+        match r.live.as_deref().map(health) {
+            Some(Health::Ready) => {}
+            Some(Health::Progressing(m)) | Some(Health::Failed(m)) => {
+                waiting.push(format!("{} {}: {m}", r.meta.kind, display(r)));
+            }
+            None => waiting.push(format!("{} {}: not applied", r.meta.kind, display(r))),
+        }
+    }
+    for (k, ns, name) in &n.health_checks {
+        let found = objs
+            .iter()
+            .any(|r| (k.is_empty() || *k == r.meta.kind) && *name == r.meta.name);
+        if !found {
+            waiting.push(format!(
+                "health check {k} {ns}/{name} names no object of this Kustomization"
+            ));
+        }
+    }
+    let waiting = (!waiting.is_empty()).then(|| {
+        let shown: Vec<&str> = waiting.iter().take(5).map(String::as_str).collect();
+        format!(
+            "{} of the checked objects are not ready: {}",
+            waiting.len(),
+            shown.join("; ")
+        )
+    });
+    ObjectsOutcome {
+        failed,
+        waiting,
+        drift_corrections: objs.iter().map(|r| r.drift_corrections).sum(),
+    }
+}
+
+fn display(r: &ManifestResult) -> String {
+    if r.meta.namespace.is_empty() {
+        r.meta.name.clone()
+    } else {
+        format!("{}/{}", r.meta.namespace, r.meta.name)
+    }
+}
