@@ -10,6 +10,7 @@ use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, Subcommand, parser::ValueSource};
 
+use crate::artifact::ArtifactCommand;
 use crate::{hub::HubArgs, inventory::InventoryArgs, run::RunArgs, telemetry::LogFormat};
 use spokelet_base::duration::parse_duration;
 
@@ -44,6 +45,9 @@ pub enum Command {
     Inventory(InventoryArgs),
     /// Apply ManifestWorks to this cluster and keep them applied (drift correction).
     Run(Box<RunCommand>),
+    /// Flux-format OCI artifacts: package a directory and push it.
+    #[command(subcommand)]
+    Artifact(ArtifactCommand),
 }
 
 /// `spokelet run`: the work engine plus the admin endpoint.

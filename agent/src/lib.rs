@@ -3,6 +3,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod admin;
+pub mod artifact;
 pub mod config;
 pub mod daemon;
 pub mod hub;

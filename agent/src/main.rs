@@ -5,9 +5,19 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use spokelet::{
+    artifact::{self, ArtifactCommand},
     config::{Cli, Command, ConfigError},
     daemon, inventory, telemetry,
 };
+
+/// The multi-threaded runtime of the async commands.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("spokelet")
+        .build()
+        .context("cannot start the async runtime")
+}
 
 fn main() -> ExitCode {
     let cli = match Cli::load() {
@@ -39,13 +49,15 @@ fn run(command: Command) -> anyhow::Result<()> {
             let stdout = std::io::stdout();
             inventory::run(&args, &mut stdout.lock()).context("inventory failed")
         }
-        Command::Run(cmd) => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .thread_name("spokelet")
-                .build()
-                .context("cannot start the async runtime")?;
-            runtime.block_on(daemon::run(*cmd)).context("spokelet run failed")
+        Command::Run(cmd) => runtime()?
+            .block_on(daemon::run(*cmd))
+            .context("spokelet run failed"),
+        Command::Artifact(ArtifactCommand::Push(args)) => {
+            let pushed = runtime()?
+                .block_on(artifact::push(&args))
+                .context("artifact push failed")?;
+            println!("{pushed}");
+            Ok(())
         }
     }
 }

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use futures::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
 use oci_client::manifest::OciImageManifest;
-use oci_client::secrets::RegistryAuth;
+/// Re-exported so callers name credentials without depending on the client crate.
+pub use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use tokio::io::AsyncWriteExt;
 
@@ -21,6 +22,8 @@ pub const FLUX_CONFIG_MEDIA_TYPE: &str = "application/vnd.cncf.flux.config.v1+js
 pub const FLUX_CONTENT_MEDIA_TYPE: &str = "application/vnd.cncf.flux.content.v1.tar+gzip";
 /// Media type of an OCI image manifest.
 pub const OCI_MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+/// Media type of an OCI image index (one manifest per platform).
+pub const OCI_INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
 
 /// Why a push or pull failed.
 #[derive(Debug, thiserror::Error)]
@@ -45,8 +48,16 @@ pub enum RegistryError {
     Manifest(Digest, String),
     #[error("artifact {digest} has config media type {found:?}, not {FLUX_CONFIG_MEDIA_TYPE}")]
     NotFlux { digest: Digest, found: String },
-    #[error("artifact {0} has no layer of media type {FLUX_CONTENT_MEDIA_TYPE}")]
-    NoContentLayer(Digest),
+    #[error("artifact {0} has no layers")]
+    NoLayer(Digest),
+    #[error("artifact {digest} has no layer of media type {media_type} (layerSelector.mediaType)")]
+    NoSelectedLayer { digest: Digest, media_type: String },
+    #[error("image index {digest} has no manifest for {platform} (it has: {available})")]
+    NoPlatform {
+        digest: Digest,
+        platform: String,
+        available: String,
+    },
     #[error("layer {digest} is {size} bytes, over the {limit} byte limit")]
     LayerTooLarge { digest: Digest, size: i64, limit: u64 },
     #[error("downloading layer {digest}: {source}")]
@@ -74,6 +85,9 @@ pub struct ArtifactRef {
     pub semver_filter: Option<String>,
     /// `sha256:<hex>` of the manifest.
     pub digest: Option<String>,
+    /// Which layer to take (Flux's `layerSelector.mediaType`): the first of this media type;
+    /// None takes the first layer.
+    pub layer_media_type: Option<String>,
 }
 
 impl ArtifactRef {
@@ -97,6 +111,17 @@ pub struct Pulled {
     pub dir: PathBuf,
     /// False when the layer was already cached (no blob was requested).
     pub downloaded: bool,
+}
+
+/// The annotations of a pushed artifact.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PushMeta {
+    /// `org.opencontainers.image.source`: where the content came from (a repository URL).
+    pub source: String,
+    /// `org.opencontainers.image.revision`: its version there (e.g. `main@sha1:<commit>`).
+    pub revision: String,
+    /// `org.opencontainers.image.created` (RFC 3339); None leaves it out.
+    pub created: Option<String>,
 }
 
 /// A registry client. `insecure` speaks plain HTTP (Flux's `insecure: true`).
@@ -147,7 +172,7 @@ impl Registry {
     }
 
     /// Packs `dir` and pushes it as `oci://host/repo:tag` with the Flux media types and the
-    /// `source` and `revision` annotations. Returns the manifest digest.
+    /// `source`, `revision` and (when given) `created` annotations. Returns the manifest digest.
     pub async fn push_dir(
         &self,
         url: &str,
@@ -156,20 +181,38 @@ impl Registry {
         source: &str,
         revision: &str,
     ) -> Result<Digest, RegistryError> {
+        let meta = PushMeta {
+            source: source.to_string(),
+            revision: revision.to_string(),
+            created: None,
+        };
+        self.push_dir_with(url, tag, dir, &meta).await
+    }
+
+    /// [`Registry::push_dir`] with every annotation given.
+    pub async fn push_dir_with(
+        &self,
+        url: &str,
+        tag: &str,
+        dir: &Path,
+        meta: &PushMeta,
+    ) -> Result<Digest, RegistryError> {
         let reference = reference(url, tag)?;
         let blob = pack_dir(dir, Vec::new())?;
         let layer = ImageLayer::new(blob, FLUX_CONTENT_MEDIA_TYPE.to_string(), None);
         let config = Config::new(b"{}".to_vec(), FLUX_CONFIG_MEDIA_TYPE.to_string(), None);
         let mut manifest = OciImageManifest::build(std::slice::from_ref(&layer), &config, None);
-        manifest.annotations = Some(
-            [
-                ("org.opencontainers.image.source", source),
-                ("org.opencontainers.image.revision", revision),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        );
+        let mut annotations: std::collections::BTreeMap<String, String> = [
+            ("org.opencontainers.image.source", &meta.source),
+            ("org.opencontainers.image.revision", &meta.revision),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+        if let Some(created) = &meta.created {
+            annotations.insert("org.opencontainers.image.created".into(), created.clone());
+        }
+        manifest.annotations = Some(annotations);
         self.client
             .push(&reference, &[layer], config, &self.auth, Some(manifest))
             .await
@@ -260,7 +303,7 @@ impl Registry {
         limits: &UnpackLimits,
     ) -> Result<Pulled, RegistryError> {
         let (manifest_digest, revision) = self.resolve(url, wanted).await?;
-        self.pull_resolved(url, manifest_digest, revision, cache, limits)
+        self.pull_resolved(url, wanted, manifest_digest, revision, cache, limits)
             .await
     }
 
@@ -286,7 +329,7 @@ impl Registry {
                 ..known.clone()
             });
         }
-        self.pull_resolved(url, manifest_digest, revision, cache, limits)
+        self.pull_resolved(url, wanted, manifest_digest, revision, cache, limits)
             .await
     }
 
@@ -294,6 +337,7 @@ impl Registry {
     async fn pull_resolved(
         &self,
         url: &str,
+        wanted: &ArtifactRef,
         manifest_digest: Digest,
         revision: String,
         cache: &ArtifactCache,
@@ -305,7 +349,9 @@ impl Registry {
             repo.repository().to_string(),
             manifest_digest.to_string(),
         );
-        let layer = self.content_layer(&by_digest, &manifest_digest).await?;
+        let layer = self
+            .content_layer(&by_digest, &manifest_digest, wanted.layer_media_type.as_deref())
+            .await?;
         let layer_digest = Digest::parse(&layer.digest)?;
         if layer.size < 0 || layer.size as u64 > limits.max_compressed {
             return Err(RegistryError::LayerTooLarge {
@@ -350,15 +396,57 @@ impl Registry {
         })
     }
 
-    /// The manifest at `by_digest`, checked against `digest`, and its Flux content layer.
+    /// The manifest at `by_digest`, checked against `digest` (through an image index, the
+    /// entry for this agent's platform, checked against its own digest), and the layer
+    /// `layer_media_type` selects: the first of that media type, or else the first layer.
     async fn content_layer(
         &self,
         by_digest: &Reference,
         digest: &Digest,
+        layer_media_type: Option<&str>,
     ) -> Result<oci_client::manifest::OciDescriptor, RegistryError> {
+        let mut bytes = self.manifest_bytes(by_digest, digest).await?;
+        let mut manifest_digest = digest.clone();
+        if let Some(entry) = index_entry(&bytes, digest)? {
+            manifest_digest = Digest::parse(&entry)?;
+            let platform_ref = Reference::with_digest(
+                by_digest.registry().to_string(),
+                by_digest.repository().to_string(),
+                entry,
+            );
+            bytes = self.manifest_bytes(&platform_ref, &manifest_digest).await?;
+        }
+        let manifest: OciImageManifest = serde_json::from_slice(&bytes)
+            .map_err(|e| RegistryError::Manifest(manifest_digest.clone(), e.to_string()))?;
+        if manifest.config.media_type != FLUX_CONFIG_MEDIA_TYPE {
+            return Err(RegistryError::NotFlux {
+                digest: manifest_digest,
+                found: manifest.config.media_type,
+            });
+        }
+        let mut layers = manifest.layers.into_iter();
+        match layer_media_type {
+            Some(wanted) => {
+                layers
+                    .find(|l| l.media_type == wanted)
+                    .ok_or_else(|| RegistryError::NoSelectedLayer {
+                        digest: manifest_digest,
+                        media_type: wanted.to_string(),
+                    })
+            }
+            None => layers.next().ok_or(RegistryError::NoLayer(manifest_digest)),
+        }
+    }
+
+    /// A manifest's (or index's) bytes, checked against `digest`.
+    async fn manifest_bytes(&self, by_digest: &Reference, digest: &Digest) -> Result<Vec<u8>, RegistryError> {
         let (bytes, _) = self
             .client
-            .pull_manifest_raw(by_digest, &self.auth, &[OCI_MANIFEST_MEDIA_TYPE])
+            .pull_manifest_raw(
+                by_digest,
+                &self.auth,
+                &[OCI_MANIFEST_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE],
+            )
             .await
             .map_err(request_err(by_digest))?;
         let actual = Digest::of(&bytes);
@@ -368,19 +456,7 @@ impl Registry {
                 actual,
             });
         }
-        let manifest: OciImageManifest = serde_json::from_slice(&bytes)
-            .map_err(|e| RegistryError::Manifest(digest.clone(), e.to_string()))?;
-        if manifest.config.media_type != FLUX_CONFIG_MEDIA_TYPE {
-            return Err(RegistryError::NotFlux {
-                digest: digest.clone(),
-                found: manifest.config.media_type,
-            });
-        }
-        manifest
-            .layers
-            .into_iter()
-            .find(|l| l.media_type == FLUX_CONTENT_MEDIA_TYPE)
-            .ok_or_else(|| RegistryError::NoContentLayer(digest.clone()))
+        Ok(bytes.to_vec())
     }
 
     /// Streams the layer blob into a scratch file of the cache (never whole in memory),
@@ -418,6 +494,63 @@ impl Registry {
         }
         file.flush().await.map_err(io_err)?;
         Ok(path)
+    }
+}
+
+/// The OCI platform of this agent (`linux/amd64`, `linux/arm64`, ...).
+pub fn agent_platform() -> (&'static str, &'static str) {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "powerpc64" => "ppc64le",
+        other => other,
+    };
+    (std::env::consts::OS, arch)
+}
+
+/// When `bytes` is an image index, the digest of its manifest for this agent's platform (an
+/// error naming the platforms it has when none fits); None for a plain manifest.
+fn index_entry(bytes: &[u8], digest: &Digest) -> Result<Option<String>, RegistryError> {
+    let v: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| RegistryError::Manifest(digest.clone(), e.to_string()))?;
+    let is_index = v.get("mediaType").and_then(|m| m.as_str()) == Some(OCI_INDEX_MEDIA_TYPE)
+        || (v.get("manifests").is_some() && v.get("layers").is_none());
+    if !is_index {
+        return Ok(None);
+    }
+    let (os, arch) = agent_platform();
+    let entries = v
+        .get("manifests")
+        .and_then(|m| m.as_array())
+        .cloned()
+        .unwrap_or_default();
+    let platform_of = |e: &serde_json::Value| {
+        let p = e.get("platform");
+        let field = |k: &str| {
+            p.and_then(|p| p.get(k))
+                .and_then(|x| x.as_str())
+                .unwrap_or("")
+                .to_string()
+        };
+        (field("os"), field("architecture"))
+    };
+    let found = entries
+        .iter()
+        .find(|e| platform_of(e) == (os.to_string(), arch.to_string()));
+    match found.and_then(|e| e.get("digest")).and_then(|d| d.as_str()) {
+        Some(d) => Ok(Some(d.to_string())),
+        None => Err(RegistryError::NoPlatform {
+            digest: digest.clone(),
+            platform: format!("{os}/{arch}"),
+            available: entries
+                .iter()
+                .map(|e| {
+                    let (o, a) = platform_of(e);
+                    format!("{o}/{a}")
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
     }
 }
 

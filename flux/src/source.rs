@@ -108,6 +108,7 @@ impl SourceFetcher {
             semver: spec.reference.semver.clone(),
             semver_filter: spec.reference.semver_filter.clone(),
             digest: spec.reference.digest.clone(),
+            layer_media_type: spec.layer_selector.as_ref().and_then(|l| l.media_type.clone()),
         };
         let timeout = spec
             .timeout

@@ -207,6 +207,7 @@ async fn the_digest_beats_the_semver_range_which_beats_the_tag() {
         semver: Some(">=1.0.0, <2.0.0".into()),
         semver_filter: None,
         digest: None,
+        layer_media_type: None,
     };
     let p = client.pull(&url, &semver, &cache, &limits).await.unwrap();
     assert_eq!(version(&p), "version: v1.2.0\n");
@@ -250,5 +251,199 @@ async fn the_digest_beats_the_semver_range_which_beats_the_tag() {
         .unwrap();
     assert_eq!(again.manifest, first.manifest);
     assert!(!again.downloaded);
+    registry.stop().await;
+}
+
+/// `spokelet artifact push`, parsed from its command line as the binary does: Flux media
+/// types and annotations as skopeo reads them, and `--reproducible` giving one digest for the
+/// same content whatever its files' times.
+#[tokio::test]
+async fn the_push_command_writes_flux_artifacts_and_reproducible_ones_have_one_digest() {
+    use spokelet::artifact::{ArtifactCommand, push};
+    use spokelet::config::{Cli, Command};
+    let registry = OciRegistry::start().await.unwrap();
+    let src = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(src.path().join("deploy")).unwrap();
+    std::fs::write(src.path().join("deploy/a.yaml"), "kind: ConfigMap\n").unwrap();
+    let reference = format!("oci://{}/apps/cli:v1", registry.host());
+    let run = |extra: &[&str]| {
+        let mut argv = vec![
+            "spokelet",
+            "artifact",
+            "push",
+            src.path().to_str().unwrap(),
+            &reference,
+            "--insecure",
+        ];
+        argv.extend_from_slice(extra);
+        let cli = Cli::load_from(argv.iter().map(|s| s.to_string())).unwrap();
+        match cli.command {
+            Command::Artifact(ArtifactCommand::Push(args)) => args,
+            other => panic!("parsed as {other:?}"),
+        }
+    };
+    let first = push(&run(&[
+        "--reproducible",
+        "--source",
+        "https://example.invalid/app",
+    ]))
+    .await
+    .unwrap();
+    assert!(
+        first.starts_with(&format!("oci://{}/apps/cli@sha256:", registry.host())),
+        "{first}"
+    );
+    let raw = skopeo_raw(&format!("{}/apps/cli:v1", registry.host())).await;
+    assert_eq!(raw["config"]["mediaType"], FLUX_CONFIG_MEDIA_TYPE);
+    assert_eq!(raw["layers"][0]["mediaType"], FLUX_CONTENT_MEDIA_TYPE);
+    let annotations = &raw["annotations"];
+    assert_eq!(
+        annotations["org.opencontainers.image.source"],
+        "https://example.invalid/app"
+    );
+    assert_eq!(annotations["org.opencontainers.image.revision"], "v1");
+    assert_eq!(
+        annotations["org.opencontainers.image.created"],
+        "1970-01-01T00:00:00Z"
+    );
+
+    // Touch the files (new mtimes) and push again: the same digest.
+    std::fs::write(src.path().join("deploy/a.yaml"), "kind: ConfigMap\n").unwrap();
+    let again = push(&run(&[
+        "--reproducible",
+        "--source",
+        "https://example.invalid/app",
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(again, first);
+    // Without --reproducible the creation time is now, so the manifest differs.
+    let dated = push(&run(&["--source", "https://example.invalid/app"]))
+        .await
+        .unwrap();
+    assert_ne!(dated, first);
+    let e = push(&run(&["--username", "only-half"])).await.unwrap_err();
+    assert!(e.to_string().contains("go together"), "{e}");
+    registry.stop().await;
+}
+
+/// An image index resolves to the manifest of the agent's platform (or fails naming the
+/// platforms it has), and `layerSelector.mediaType` picks a layer other than the first.
+#[tokio::test]
+async fn an_index_gives_this_platforms_artifact_and_a_layer_selector_picks_its_layer() {
+    use spokelet_artifact::registry::{OCI_INDEX_MEDIA_TYPE, OCI_MANIFEST_MEDIA_TYPE, agent_platform};
+    let registry = OciRegistry::start().await.unwrap();
+    let client = Registry::new(true, RegistryAuth::Anonymous);
+    let url = format!("oci://{}/apps/multi", registry.host());
+    let src = tempfile::tempdir().unwrap();
+    let mut entries = Vec::new();
+    let (os, arch) = agent_platform();
+    for (tag, platform) in [("other", ("linux", "s390x")), ("mine", (os, arch))] {
+        std::fs::write(src.path().join("which.yaml"), format!("which: {tag}\n")).unwrap();
+        let digest = client.push_dir(&url, tag, src.path(), "src", tag).await.unwrap();
+        let raw = oci_client::Client::new(oci_client::client::ClientConfig {
+            protocol: oci_client::client::ClientProtocol::Http,
+            ..Default::default()
+        });
+        let reference: oci_client::Reference =
+            format!("{}/apps/multi:{tag}", registry.host()).parse().unwrap();
+        let (bytes, _) = raw
+            .pull_manifest_raw(&reference, &RegistryAuth::Anonymous, &[OCI_MANIFEST_MEDIA_TYPE])
+            .await
+            .unwrap();
+        entries.push(
+            serde_json::json!({"mediaType": OCI_MANIFEST_MEDIA_TYPE, "digest": digest.to_string(),
+            "size": bytes.len(), "platform": {"os": platform.0, "architecture": platform.1}}),
+        );
+    }
+    let push_index = |tag: &'static str, manifests: Vec<serde_json::Value>| {
+        let host = registry.host();
+        async move {
+            let raw = oci_client::Client::new(oci_client::client::ClientConfig {
+                protocol: oci_client::client::ClientProtocol::Http,
+                ..Default::default()
+            });
+            let index = serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX_MEDIA_TYPE, "manifests": manifests});
+            let reference: oci_client::Reference = format!("{host}/apps/multi:{tag}").parse().unwrap();
+            raw.push_manifest_raw(
+                &reference,
+                serde_json::to_vec(&index).unwrap(),
+                http::HeaderValue::from_static(OCI_INDEX_MEDIA_TYPE),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    push_index("multi", entries.clone()).await;
+    push_index("foreign", vec![entries[0].clone()]).await;
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = ArtifactCache::open(cache_dir.path()).unwrap();
+    let limits = UnpackLimits::default();
+    let p = client
+        .pull(&url, &ArtifactRef::tag("multi"), &cache, &limits)
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(p.dir.join("which.yaml")).unwrap(),
+        "which: mine\n"
+    );
+    assert!(p.revision.starts_with("multi@sha256:"), "{}", p.revision);
+    let e = client
+        .pull(&url, &ArtifactRef::tag("foreign"), &cache, &limits)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, RegistryError::NoPlatform { .. }), "{e}");
+    assert!(
+        e.to_string().contains("linux/s390x") && e.to_string().contains(&format!("{os}/{arch}")),
+        "{e}"
+    );
+
+    // Two layers, the Flux content second: only the selector finds it.
+    let root = tempfile::tempdir().unwrap();
+    let content = root.path().join("content");
+    std::fs::create_dir_all(&content).unwrap();
+    std::fs::write(content.join("app.yaml"), "kind: ConfigMap\n").unwrap();
+    let tar = spokelet_artifact::pack::pack_dir(&content, Vec::new()).unwrap();
+    let layout = root.path().join("layout");
+    write_oci_layout(
+        &layout,
+        "v1",
+        LayoutBlob {
+            media_type: FLUX_CONFIG_MEDIA_TYPE,
+            bytes: b"{}",
+        },
+        &[
+            LayoutBlob {
+                media_type: "text/markdown",
+                bytes: b"# notes\n",
+            },
+            LayoutBlob {
+                media_type: FLUX_CONTENT_MEDIA_TYPE,
+                bytes: &tar,
+            },
+        ],
+    );
+    skopeo_copy(&layout, &format!("{}/apps/layers:v1", registry.host())).await;
+    let url = format!("oci://{}/apps/layers", registry.host());
+    let selected = ArtifactRef {
+        layer_media_type: Some(FLUX_CONTENT_MEDIA_TYPE.into()),
+        ..ArtifactRef::tag("v1")
+    };
+    let p = client.pull(&url, &selected, &cache, &limits).await.unwrap();
+    assert!(p.dir.join("app.yaml").exists());
+    let e = client
+        .pull(&url, &ArtifactRef::tag("v1"), &cache, &limits)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("gzip") || e.to_string().contains("archive"),
+        "the first layer is no tarball: {e}"
+    );
+    let missing = ArtifactRef {
+        layer_media_type: Some("application/x-none".into()),
+        ..ArtifactRef::tag("v1")
+    };
+    let e = client.pull(&url, &missing, &cache, &limits).await.unwrap_err();
+    assert!(matches!(e, RegistryError::NoSelectedLayer { .. }), "{e}");
     registry.stop().await;
 }
