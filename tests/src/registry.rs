@@ -3,7 +3,9 @@
 //!
 //! The packaged `/etc/docker/registry/config.yml` listens on every interface and asks for
 //! htpasswd auth, so it is never used: the config written here binds 127.0.0.1 on a free
-//! port, without authentication or TLS (clients use `--tls-verify=false` / plain HTTP).
+//! port, by default without authentication or TLS (clients use `--tls-verify=false` / plain
+//! HTTP). [`RegistryOptions`] adds htpasswd users (bcrypt, as the registry requires) and a
+//! TLS certificate from a CA of the test's own.
 
 use std::path::Path;
 use std::time::Instant;
@@ -12,24 +14,57 @@ use crate::HarnessError;
 use crate::assets::Binary;
 use crate::cluster::{Processes, start_budget};
 use crate::credentials::write_private;
+use crate::pki::CertificateAuthority;
 use crate::process::{ManagedProcess, free_ports, http_get};
 use crate::rundir;
 
+/// An htpasswd file of `users`, bcrypt-hashed (the only scheme the registry accepts).
+fn htpasswd(users: &[(String, String)]) -> Result<String, HarnessError> {
+    let mut out = String::new();
+    for (user, password) in users {
+        // The lowest cost bcrypt allows: these are throw-away test passwords.
+        let hash = bcrypt::hash(password, 4).map_err(|e| {
+            HarnessError::io(
+                format!("hashing the password of {user}"),
+                std::io::Error::other(e),
+            )
+        })?;
+        out.push_str(&format!("{user}:{hash}\n"));
+    }
+    Ok(out)
+}
+
 const START_ATTEMPTS: u32 = 3;
+
+/// How a test registry is set up.
+#[derive(Debug, Clone, Default)]
+pub struct RegistryOptions {
+    /// Users (name, password) of htpasswd authentication; none leaves the registry open.
+    pub users: Vec<(String, String)>,
+    /// Serve HTTPS with a certificate for 127.0.0.1 from a CA made for this registry.
+    pub tls: bool,
+}
 
 /// A running registry; dropping it kills the process and deletes its storage.
 #[derive(Debug)]
 pub struct OciRegistry {
     port: u16,
     processes: Processes,
+    /// The CA of its certificate, PEM, when it serves TLS.
+    ca_pem: Option<String>,
 }
 
 impl OciRegistry {
     /// Starts a registry and waits until `GET /v2/` answers 200.
     pub async fn start() -> Result<Self, HarnessError> {
+        Self::start_with(&RegistryOptions::default()).await
+    }
+
+    /// Starts a registry set up as `opts` says.
+    pub async fn start_with(opts: &RegistryOptions) -> Result<Self, HarnessError> {
         let mut attempt = 1;
         loop {
-            match Self::start_once().await {
+            match Self::start_once(opts).await {
                 Err(e) if e.is_port_race() && attempt < START_ATTEMPTS => {
                     tracing::warn!(attempt, "registry port taken during start; retrying");
                     attempt += 1;
@@ -39,7 +74,7 @@ impl OciRegistry {
         }
     }
 
-    async fn start_once() -> Result<Self, HarnessError> {
+    async fn start_once(opts: &RegistryOptions) -> Result<Self, HarnessError> {
         let binary = Binary::DockerRegistry.find()?;
         let dir = rundir::component_dir("registry")?;
         let mut processes = Processes::new(dir.clone());
@@ -47,7 +82,7 @@ impl OciRegistry {
         let storage = dir.join("storage");
         std::fs::create_dir_all(&storage)
             .map_err(|e| HarnessError::io(format!("creating {}", storage.display()), e))?;
-        let config = serde_json::json!({
+        let mut config = serde_json::json!({
             "version": 0.1,
             "log": { "level": "info", "fields": { "service": "registry" } },
             "storage": {
@@ -58,6 +93,21 @@ impl OciRegistry {
             // The storage health check would only add log noise.
             "health": { "storagedriver": { "enabled": false } },
         });
+        if !opts.users.is_empty() {
+            let path = dir.join("htpasswd");
+            write_private(&path, &htpasswd(&opts.users)?)?;
+            config["auth"] = serde_json::json!({"htpasswd": {"realm": "spokelet-test", "path": path.display().to_string()}});
+        }
+        let mut ca_pem = None;
+        if opts.tls {
+            let ca = CertificateAuthority::new("registry-ca")?;
+            let leaf = ca.issue_server("registry", &["127.0.0.1"])?;
+            let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+            write_private(&cert, &leaf.cert_pem)?;
+            write_private(&key, &leaf.key_pem)?;
+            config["http"]["tls"] = serde_json::json!({"certificate": cert.display().to_string(), "key": key.display().to_string()});
+            ca_pem = Some(ca.cert_pem().to_string());
+        }
         let config = serde_yaml::to_string(&config).map_err(|source| HarnessError::Serialize {
             what: "registry config".into(),
             source,
@@ -75,8 +125,12 @@ impl OciRegistry {
         let deadline = Instant::now() + start_budget();
         loop {
             registry.check_running()?;
+            // Any HTTP answer from the plain probe means it serves: 401 asks for the
+            // credentials, 400 says "HTTPS expected".
             let last = match http_get(port, "/v2/").await {
                 Ok((200, _)) => break,
+                Ok((401, _)) if !opts.users.is_empty() => break,
+                Ok((400, _)) if opts.tls => break,
                 Ok((status, body)) => format!("/v2/ answered {status}: {body}"),
                 Err(e) => e,
             };
@@ -86,12 +140,21 @@ impl OciRegistry {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
         tracing::info!(port, dir = %dir.display(), "registry ready");
-        Ok(OciRegistry { port, processes })
+        Ok(OciRegistry {
+            port,
+            processes,
+            ca_pem,
+        })
     }
 
     /// `127.0.0.1:PORT`, as used in image references (`127.0.0.1:PORT/repo:tag`).
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The CA certificate (PEM) of a TLS registry.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
     }
 
     /// `http://127.0.0.1:PORT`.

@@ -367,3 +367,130 @@ async fn post_build_variables_apply_and_a_broken_revision_keeps_the_last_good_on
     agent.stop().await;
     registry.stop().await;
 }
+
+/// `v` moved to namespace `ns` (where its Secrets are read).
+fn in_namespace(mut v: Value, ns: &str) -> Value {
+    v["metadata"]["namespace"] = json!(ns);
+    v
+}
+
+async fn secret(client: &kube::Client, ns: &str, name: &str, type_: &str, data: &[(&str, String)]) {
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::core::v1::Secret;
+    let s = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        type_: Some(type_.into()),
+        data: Some(
+            data.iter()
+                .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                .collect(),
+        ),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(&kube::api::PostParams::default(), &s)
+        .await
+        .unwrap();
+}
+
+/// A registry with htpasswd users and a certificate from its own CA: reached with a
+/// docker-config `secretRef` and a `certSecretRef` CA, refused clearly with a wrong password
+/// or without the CA.
+#[tokio::test]
+async fn a_registry_with_a_password_and_its_own_ca_is_reached_through_secret_refs() {
+    use spokelet_artifact::registry::RegistryAuth as Auth;
+    use spokelet_e2e::RegistryOptions;
+    let registry = OciRegistry::start_with(&RegistryOptions {
+        users: vec![("puller".into(), "s3cret".into())],
+        tls: true,
+    })
+    .await
+    .unwrap();
+    let ca = registry.ca_pem().unwrap().to_string();
+    let url = format!("oci://{}/apps/private", registry.host());
+    let src = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(src.path().join("deploy")).unwrap();
+    std::fs::write(src.path().join("deploy/a.yaml"), cm_yaml("private", "yes")).unwrap();
+    let pusher = Registry::with_roots(
+        false,
+        Auth::Basic("puller".into(), "s3cret".into()),
+        Some(ca.as_bytes()),
+    );
+    pusher
+        .push_dir(&url, "v1", src.path(), "src", "v1")
+        .await
+        .unwrap();
+
+    let cache = tempfile::tempdir().unwrap();
+    let hub = unique_name("flux-hub");
+    let mut cfg = test_config(&hub);
+    cfg.flux = native(cache.path());
+    let mut agent = Agent::start_with(&hub, cfg).await;
+    agent.synced();
+    let client = agent.client.clone();
+    let ns = namespace(&client, "flux-auth").await;
+    let config = |password: &str| {
+        json!({"auths": {registry.host(): {"username": "puller", "password": password}}}).to_string()
+    };
+    secret(
+        &client,
+        &ns,
+        "regcred",
+        "kubernetes.io/dockerconfigjson",
+        &[(".dockerconfigjson", config("s3cret"))],
+    )
+    .await;
+    secret(
+        &client,
+        &ns,
+        "badcred",
+        "kubernetes.io/dockerconfigjson",
+        &[(".dockerconfigjson", config("wrong"))],
+    )
+    .await;
+    secret(&client, &ns, "regca", "Opaque", &[("ca.crt", ca.clone())]).await;
+    let repo = |secret: &str, ca: bool| {
+        let mut r = in_namespace(oci_repository("private", &url, "v1"), &ns);
+        r["spec"]["insecure"] = json!(false);
+        r["spec"]["secretRef"] = json!({"name": secret});
+        if ca {
+            r["spec"]["certSecretRef"] = json!({"name": "regca"});
+        }
+        r
+    };
+    agent.upsert(&work(
+        "private-ok",
+        1,
+        vec![
+            repo("regcred", true),
+            in_namespace(kustomization("private", "private", &ns, json!({})), &ns),
+        ],
+    ));
+    agent.upsert(&work("private-badpass", 1, vec![repo("badcred", true)]));
+    agent.upsert(&work("private-noca", 1, vec![repo("regcred", false)]));
+    agent
+        .wait("private-ok", "Ready", |u| {
+            manifest_cond_opt(u, 1, "Ready").is_some_and(|c| c.status == "True")
+        })
+        .await;
+    assert_eq!(cm_value(&client, &ns, "private").await.as_deref(), Some("yes"));
+    let u = agent
+        .wait("private-badpass", "the source failing", |u| {
+            manifest_cond_opt(u, 0, "Ready").is_some_and(|c| c.status == "False")
+        })
+        .await;
+    let ready = manifest_cond(&u, 0, "Ready");
+    assert_eq!(ready.reason, "AuthenticationFailed", "{ready:?}");
+    let u = agent
+        .wait("private-noca", "the source failing", |u| {
+            manifest_cond_opt(u, 0, "Ready").is_some_and(|c| c.status == "False")
+        })
+        .await;
+    let ready = manifest_cond(&u, 0, "Ready");
+    assert_eq!(ready.reason, "OCIArtifactPullFailed", "{ready:?}");
+    agent.stop().await;
+    registry.stop().await;
+}
