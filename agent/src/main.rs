@@ -59,5 +59,12 @@ fn run(command: Command) -> anyhow::Result<()> {
             println!("{pushed}");
             Ok(())
         }
+        Command::Artifact(ArtifactCommand::Pull(args)) => {
+            let pulled = runtime()?
+                .block_on(artifact::pull(&args))
+                .context("artifact pull failed")?;
+            println!("{pulled}");
+            Ok(())
+        }
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use kube::Config;
 
 use crate::admin::RunContext;
+use crate::artifact::ArtifactLimitArgs;
 use crate::hub::file_source::{FileSource, FileSourceError, FileStatusSink};
 use crate::hub::{ConnectError, HubArgs, HubConnection};
 use crate::kube_client::{self, HttpVersion, KubeClientError};
@@ -22,7 +23,6 @@ use crate::work::policy::{AgentIdentity, Policy, PolicyError};
 use crate::work::schedule::FlapGuard;
 use crate::work::source::{StatusSink, WorkSource};
 use crate::work::validate::WorkLimits;
-use spokelet_artifact::unpack::UnpackLimits;
 use spokelet_base::duration::parse_duration;
 
 /// Settings of the work engine.
@@ -131,26 +131,9 @@ pub struct RunArgs {
     )]
     pub artifact_cache: PathBuf,
 
-    /// Largest compressed artifact layer, in bytes.
-    #[arg(long, env = "SPOKELET_ARTIFACT_MAX_COMPRESSED_BYTES", default_value_t = 100 * 1024 * 1024)]
-    pub artifact_max_compressed_bytes: u64,
-
-    /// Largest unpacked artifact, in bytes of file contents.
-    #[arg(long, env = "SPOKELET_ARTIFACT_MAX_UNCOMPRESSED_BYTES", default_value_t = 1024 * 1024 * 1024)]
-    pub artifact_max_uncompressed_bytes: u64,
-
-    /// Most entries (files and directories) of one artifact.
-    #[arg(long, env = "SPOKELET_ARTIFACT_MAX_FILES", default_value_t = 10_000)]
-    pub artifact_max_files: u64,
-
-    /// Deepest path (in components) inside an artifact.
-    #[arg(long, env = "SPOKELET_ARTIFACT_MAX_DEPTH", default_value_t = 32)]
-    pub artifact_max_depth: usize,
-
-    /// Highest compression ratio (unpacked bytes per compressed byte) of an artifact, checked
-    /// after its first MiB: a compression bomb trips it long before it fills a disk.
-    #[arg(long, env = "SPOKELET_ARTIFACT_MAX_RATIO", default_value_t = 200)]
-    pub artifact_max_ratio: u64,
+    /// Bounds on every artifact unpacked.
+    #[command(flatten)]
+    pub artifact_limits: ArtifactLimitArgs,
 }
 
 /// See [`RunArgs::flux_objects`].
@@ -261,13 +244,7 @@ pub fn engine_config(args: &RunArgs) -> EngineConfig {
         FluxMode::Passthrough => FluxObjects::Passthrough,
         FluxMode::Native => FluxObjects::Native {
             cache: args.artifact_cache.clone(),
-            unpack: UnpackLimits {
-                max_compressed: args.artifact_max_compressed_bytes,
-                max_uncompressed: args.artifact_max_uncompressed_bytes,
-                max_files: args.artifact_max_files,
-                max_depth: args.artifact_max_depth.max(1),
-                max_ratio: args.artifact_max_ratio.max(1),
-            },
+            unpack: args.artifact_limits.limits(),
         },
     };
     cfg

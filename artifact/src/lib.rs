@@ -1,6 +1,6 @@
 //! OCI artifacts: Flux-format layers packed reproducibly, checked against their digests,
 //! unpacked safely and kept in a content-addressed cache pushed to and pulled from
-//! registries (signatures, auth and Flux objects come next).
+//! registries, cosign signatures checked before anything is unpacked.
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
@@ -8,4 +8,5 @@ pub mod cache;
 pub mod digest;
 pub mod pack;
 pub mod registry;
+pub mod signature;
 pub mod unpack;

@@ -14,6 +14,7 @@ use tokio::io::AsyncWriteExt;
 use crate::cache::{ArtifactCache, CacheError, Check};
 use crate::digest::{Digest, DigestError};
 use crate::pack::{PackError, pack_dir};
+use crate::signature::{self, CosignKeys, SignatureError};
 use crate::unpack::UnpackLimits;
 
 /// Media type of a Flux artifact's config.
@@ -22,6 +23,8 @@ pub const FLUX_CONFIG_MEDIA_TYPE: &str = "application/vnd.cncf.flux.config.v1+js
 pub const FLUX_CONTENT_MEDIA_TYPE: &str = "application/vnd.cncf.flux.content.v1.tar+gzip";
 /// Media type of an OCI image manifest.
 pub const OCI_MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+/// Media type of a Docker v2 image manifest (cosign may store signatures as one).
+pub const DOCKER_MANIFEST_MEDIA_TYPE: &str = "application/vnd.docker.distribution.manifest.v2+json";
 /// Media type of an OCI image index (one manifest per platform).
 pub const OCI_INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
 
@@ -66,6 +69,10 @@ pub enum RegistryError {
         #[source]
         source: std::io::Error,
     },
+    #[error("artifact {digest} is not signed: no cosign signature at tag {tag}")]
+    Unsigned { digest: Digest, tag: String },
+    #[error("artifact {digest}: no signature verifies it ({reasons})")]
+    BadSignature { digest: Digest, reasons: String },
     #[error(transparent)]
     Cache(#[from] CacheError),
     #[error(transparent)]
@@ -302,9 +309,7 @@ impl Registry {
         cache: &ArtifactCache,
         limits: &UnpackLimits,
     ) -> Result<Pulled, RegistryError> {
-        let (manifest_digest, revision) = self.resolve(url, wanted).await?;
-        self.pull_resolved(url, wanted, manifest_digest, revision, cache, limits)
-            .await
+        self.refresh(url, wanted, cache, limits, None, None).await
     }
 
     /// Like [`Registry::pull`], but when `wanted` still resolves to the manifest of `known`
@@ -317,6 +322,7 @@ impl Registry {
         cache: &ArtifactCache,
         limits: &UnpackLimits,
         known: Option<&Pulled>,
+        keys: Option<&CosignKeys>,
     ) -> Result<Pulled, RegistryError> {
         let (manifest_digest, revision) = self.resolve(url, wanted).await?;
         if let Some(known) = known.filter(|k| k.manifest == manifest_digest)
@@ -329,8 +335,94 @@ impl Registry {
                 ..known.clone()
             });
         }
+        // A new digest: its signature is checked before anything of it is downloaded.
+        if let Some(keys) = keys {
+            self.verify_signature(url, &manifest_digest, keys).await?;
+        }
         self.pull_resolved(url, wanted, manifest_digest, revision, cache, limits)
             .await
+    }
+
+    /// Checks that a cosign signature of `manifest`, made with one of `keys`, is stored at
+    /// its `sha256-<hex>.sig` tag.
+    async fn verify_signature(
+        &self,
+        url: &str,
+        manifest: &Digest,
+        keys: &CosignKeys,
+    ) -> Result<(), RegistryError> {
+        let tag = signature::signature_tag(manifest);
+        let by_tag = reference(url, &tag)?;
+        let (bytes, _) = match self
+            .client
+            .pull_manifest_raw(
+                &by_tag,
+                &self.auth,
+                &[OCI_MANIFEST_MEDIA_TYPE, DOCKER_MANIFEST_MEDIA_TYPE],
+            )
+            .await
+        {
+            Ok(found) => found,
+            Err(
+                oci_client::errors::OciDistributionError::ImageManifestNotFoundError(_)
+                | oci_client::errors::OciDistributionError::RegistryError { .. },
+            ) => {
+                return Err(RegistryError::Unsigned {
+                    digest: manifest.clone(),
+                    tag,
+                });
+            }
+            Err(e) => return Err(request_err(&by_tag)(e)),
+        };
+        let sig_manifest: OciImageManifest = serde_json::from_slice(&bytes)
+            .map_err(|e| RegistryError::Manifest(manifest.clone(), format!("signature manifest: {e}")))?;
+        let mut reasons: Vec<String> = Vec::new();
+        for layer in sig_manifest
+            .layers
+            .iter()
+            .filter(|l| l.media_type == signature::SIMPLE_SIGNING_MEDIA_TYPE)
+        {
+            match self.verify_layer(&by_tag, layer, manifest, keys).await {
+                Ok(()) => return Ok(()),
+                Err(e) => reasons.push(e),
+            }
+        }
+        if reasons.is_empty() {
+            reasons.push("the signature manifest has no simple-signing layer".into());
+        }
+        Err(RegistryError::BadSignature {
+            digest: manifest.clone(),
+            reasons: reasons.join("; "),
+        })
+    }
+
+    /// One signature layer: its payload fetched (bounded, digest-checked) and verified.
+    async fn verify_layer(
+        &self,
+        by_tag: &Reference,
+        layer: &oci_client::manifest::OciDescriptor,
+        manifest: &Digest,
+        keys: &CosignKeys,
+    ) -> Result<(), String> {
+        let sig = layer
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(signature::SIGNATURE_ANNOTATION))
+            .ok_or("a payload without a signature annotation")?;
+        if layer.size < 0 || layer.size > signature::MAX_PAYLOAD_BYTES {
+            return Err(format!("a payload of {} bytes", layer.size));
+        }
+        let expected = Digest::parse(&layer.digest).map_err(|e| e.to_string())?;
+        let mut payload = Vec::new();
+        self.client
+            .pull_blob(by_tag, layer, &mut payload)
+            .await
+            .map_err(|e| format!("fetching the payload: {e}"))?;
+        if Digest::of(&payload) != expected {
+            return Err("a payload that does not match its digest".into());
+        }
+        keys.verify(&payload, sig, manifest)
+            .map_err(|e: SignatureError| e.to_string())
     }
 
     /// Pulls the manifest `manifest_digest` (already resolved) and its layer into `cache`.

@@ -357,6 +357,14 @@ pub fn kustomization(obj: &Value) -> Result<FluxObject<KustomizationSpec>, SpecE
             why: "only OCIRepository sources are fetched by spokelet",
         });
     }
+    if spec.force {
+        return Err(SpecError::Unsupported {
+            kind,
+            name,
+            field: "force: true".into(),
+            why: "recreating objects on immutable-field errors is not implemented",
+        });
+    }
     for (field, value) in [
         ("interval", Some(&spec.interval)),
         ("retryInterval", spec.retry_interval.as_ref()),

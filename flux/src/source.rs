@@ -12,6 +12,7 @@ use serde_json::Value;
 use spokelet_artifact::cache::ArtifactCache;
 use spokelet_artifact::digest::Digest;
 use spokelet_artifact::registry::{ArtifactRef, Pulled, Registry, RegistryError};
+use spokelet_artifact::signature::CosignKeys;
 use spokelet_artifact::unpack::UnpackLimits;
 
 use crate::objects::{DEFAULT_TIMEOUT, FluxObject, OciRepositorySpec, duration};
@@ -29,11 +30,16 @@ pub enum SourceError {
     Registry(#[from] RegistryError),
     #[error("pulling {url} took longer than its timeout of {timeout:?}")]
     Timeout { url: String, timeout: Duration },
-    #[error("verify.provider {provider:?}: {why}; nothing was unpacked")]
+    #[error("verify ({provider}): {why}; nothing was unpacked")]
     Verification { provider: String, why: String },
 }
 
 impl SourceError {
+    /// Whether the artifact failed (or could not undergo) signature verification.
+    pub fn is_verification(&self) -> bool {
+        self.reason() == "VerificationError"
+    }
+
     /// The `Ready` condition reason, as source-controller names it.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -44,7 +50,10 @@ impl SourceError {
                     | oci_client::errors::OciDistributionError::UnauthorizedError { .. },
                 ..
             }) => "AuthenticationFailed",
-            SourceError::Verification { .. } => "VerificationError",
+            SourceError::Verification { .. }
+            | SourceError::Registry(RegistryError::Unsigned { .. } | RegistryError::BadSignature { .. }) => {
+                "VerificationError"
+            }
             _ => "OCIArtifactPullFailed",
         }
     }
@@ -86,20 +95,7 @@ impl SourceFetcher {
         known: Option<&Pulled>,
     ) -> Result<Pulled, SourceError> {
         let spec = &repo.spec;
-        if let Some(v) = &spec.verify {
-            // Fail closed: an artifact that asks to be verified is never unpacked unverified.
-            let why = match v.provider.as_str() {
-                "cosign" if v.secret_ref.is_none() => {
-                    "keyless verification is not supported; give a public key Secret"
-                }
-                "cosign" => "cosign verification is not implemented yet in this agent",
-                _ => "only cosign is supported",
-            };
-            return Err(SourceError::Verification {
-                provider: v.provider.clone(),
-                why: why.into(),
-            });
-        }
+        let keys = self.keys(repo).await?;
         let auth = self.auth(repo).await?;
         let ca = self.ca(repo).await?;
         let registry = Registry::with_roots(spec.insecure, auth, ca.as_deref());
@@ -115,7 +111,14 @@ impl SourceFetcher {
             .as_deref()
             .and_then(|t| duration(t, "timeout").ok())
             .unwrap_or(DEFAULT_TIMEOUT);
-        let pull = registry.refresh(&spec.url, &wanted, &self.cache, &self.limits, known);
+        let pull = registry.refresh(
+            &spec.url,
+            &wanted,
+            &self.cache,
+            &self.limits,
+            known,
+            keys.as_ref(),
+        );
         let pulled = tokio::time::timeout(timeout, pull)
             .await
             .map_err(|_| SourceError::Timeout {
@@ -134,6 +137,45 @@ impl SourceFetcher {
             Ok(n) => tracing::info!(removed = n, "artifact cache entries no source uses were removed"),
             Err(e) => tracing::warn!(error = %e, "artifact cache garbage collection failed"),
         });
+    }
+
+    /// The public keys of `verify` (every `*.pub` entry of its Secret). Fail closed: an
+    /// artifact that asks to be verified is never unpacked unverified, so keyless
+    /// verification, `notation` and unusable keys are errors, never skipped checks.
+    async fn keys(&self, repo: &FluxObject<OciRepositorySpec>) -> Result<Option<CosignKeys>, SourceError> {
+        let Some(v) = &repo.spec.verify else {
+            return Ok(None);
+        };
+        let refuse = |why: &str| SourceError::Verification {
+            provider: v.provider.clone(),
+            why: why.to_string(),
+        };
+        if v.provider != "cosign" {
+            return Err(refuse("only cosign is supported"));
+        }
+        let Some(r) = &v.secret_ref else {
+            return Err(refuse(
+                "keyless verification is not supported; give a Secret of public keys",
+            ));
+        };
+        if !v.match_oidc_identity.is_empty() {
+            return Err(refuse(
+                "matchOIDCIdentity is keyless verification, which is not supported",
+            ));
+        }
+        let secret = self.secret(&repo.namespace, &r.name).await?;
+        let data = secret.data.unwrap_or_default();
+        let pems: Vec<(&str, &[u8])> = data
+            .iter()
+            .filter(|(k, _)| k.ends_with(".pub"))
+            .map(|(k, v)| (k.as_str(), v.0.as_slice()))
+            .collect();
+        CosignKeys::from_pems(pems)
+            .map(Some)
+            .map_err(|e| SourceError::Verification {
+                provider: v.provider.clone(),
+                why: format!("Secret {}/{}: {e}", repo.namespace, r.name),
+            })
     }
 
     async fn secret(&self, namespace: &str, name: &str) -> Result<Secret, SourceError> {

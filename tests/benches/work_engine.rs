@@ -28,8 +28,8 @@ use spokelet::work::manifestwork::{Manifest, ManifestWork, ManifestWorkSpec, Man
 use spokelet::work::metrics::WorkMetrics;
 use spokelet::work::{CancellationToken, EngineConfig, Listing, StatusUpdate, WorkEngine, WorkEvent};
 use spokelet_e2e::bench::{
-    Cost, Mark, Tamper, drift_sample, ocm_shaped_floor, percentile, print_costs, proc_cpu, proc_status_kib,
-    raw_creates, spokelet_binary,
+    Cost, Mark, Tamper, drift_sample, kubectl_apply, ocm_shaped_floor, percentile, print_costs, proc_cpu,
+    proc_status_kib, raw_creates, spokelet_binary,
 };
 use spokelet_e2e::{ClusterOptions, KubeCluster};
 use tokio::sync::mpsc;
@@ -147,48 +147,6 @@ async fn settled_versions(client: &Client, prefix: &str) -> HashMap<String, Stri
 
 fn changed(a: &HashMap<String, String>, b: &HashMap<String, String>) -> usize {
     a.iter().filter(|(k, v)| b.get(*k) != Some(*v)).count() + b.keys().filter(|k| !a.contains_key(*k)).count()
-}
-
-fn kubectl() -> String {
-    std::env::var("KUBECTL").unwrap_or_else(|_| "/usr/bin/kubectl".into())
-}
-
-/// Runs `kubectl apply --server-side`; returns its wall time and its own CPU time (bash's `times`
-/// reports the CPU of the children it waited for).
-fn kubectl_apply(kubeconfig: &Path, file: &Path) -> (Duration, Duration) {
-    let t0 = Instant::now();
-    let out = std::process::Command::new("bash")
-        .args([
-            "-c",
-            r#""$0" --kubeconfig "$1" apply --server-side --field-manager bench-kubectl -f "$2" >/dev/null && times"#,
-        ])
-        .arg(kubectl())
-        .arg(kubeconfig)
-        .arg(file)
-        .output()
-        .expect("kubectl runs");
-    let took = t0.elapsed();
-    assert!(
-        out.status.success(),
-        "kubectl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // `times` prints the shell's user/sys times, then its children's: "0m1.234s 0m0.056s".
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let cpu = stdout
-        .lines()
-        .nth(1)
-        .map(|l| l.split_whitespace().filter_map(parse_times).sum())
-        .unwrap_or_default();
-    (took, cpu)
-}
-
-/// Parses one of bash's `times` values ("1m2.345s").
-fn parse_times(v: &str) -> Option<Duration> {
-    let (m, s) = v.strip_suffix('s')?.split_once('m')?;
-    Some(Duration::from_secs_f64(
-        m.parse::<f64>().ok()? * 60.0 + s.parse::<f64>().ok()?,
-    ))
 }
 
 struct Engine {

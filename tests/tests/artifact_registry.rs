@@ -246,7 +246,7 @@ async fn the_digest_beats_the_semver_range_which_beats_the_tag() {
     // refresh: an unchanged tag costs one lookup and hands back the known artifact.
     let first = client.pull(&url, &semver, &cache, &limits).await.unwrap();
     let again = client
-        .refresh(&url, &semver, &cache, &limits, Some(&first))
+        .refresh(&url, &semver, &cache, &limits, Some(&first), None)
         .await
         .unwrap();
     assert_eq!(again.manifest, first.manifest);

@@ -494,3 +494,141 @@ async fn a_registry_with_a_password_and_its_own_ca_is_reached_through_secret_ref
     agent.stop().await;
     registry.stop().await;
 }
+
+/// Pushes a cosign signature of `manifest` (in `repo`, `host/path`) made with `key` to the
+/// `sha256-<hex>.sig` tag, in the layout cosign writes: one simple-signing payload layer with
+/// its base64 signature as an annotation.
+async fn push_signature(host: &str, repo: &str, manifest: &str, key: &p256::ecdsa::SigningKey) {
+    use base64::Engine;
+    use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
+    use p256::ecdsa::signature::Signer;
+    use spokelet_artifact::digest::Digest;
+    use spokelet_artifact::signature::{
+        SIGNATURE_ANNOTATION, SIMPLE_SIGNING_MEDIA_TYPE, payload, signature_tag,
+    };
+    let digest = Digest::parse(manifest).unwrap();
+    let body = payload(&format!("{host}/{repo}"), &digest);
+    let sig: p256::ecdsa::Signature = key.sign(&body);
+    let annotations = [(
+        SIGNATURE_ANNOTATION.to_string(),
+        base64::engine::general_purpose::STANDARD.encode(sig.to_der().as_bytes()),
+    )]
+    .into_iter()
+    .collect();
+    let layer = ImageLayer::new(body, SIMPLE_SIGNING_MEDIA_TYPE.to_string(), Some(annotations));
+    let config = Config::new(
+        b"{}".to_vec(),
+        "application/vnd.oci.image.config.v1+json".to_string(),
+        None,
+    );
+    let client = oci_client::Client::new(ClientConfig {
+        protocol: ClientProtocol::Http,
+        ..Default::default()
+    });
+    let reference: oci_client::Reference = format!("{host}/{repo}:{}", signature_tag(&digest))
+        .parse()
+        .unwrap();
+    client
+        .push(&reference, &[layer], config, &RegistryAuth::Anonymous, None)
+        .await
+        .unwrap();
+}
+
+/// `verify` with cosign and a public key: a signed artifact is applied, an unsigned or
+/// wrongly signed one is refused with SourceVerified=False before anything of it is
+/// downloaded or unpacked, and keyless verification is refused by name.
+#[tokio::test]
+async fn a_signed_artifact_is_applied_and_unsigned_or_wrongly_signed_ones_never_unpacked() {
+    use p256::ecdsa::SigningKey;
+    use p256::pkcs8::{EncodePublicKey, LineEnding};
+    let registry = OciRegistry::start().await.unwrap();
+    let host = registry.host();
+    let key = SigningKey::from_slice(&[11u8; 32]).unwrap();
+    let stranger = SigningKey::from_slice(&[12u8; 32]).unwrap();
+    let url = format!("oci://{host}/apps/signed");
+    let signed = push(&url, "signed", &[("deploy/a.yaml", cm_yaml("signed", "yes"))]).await;
+    push_signature(&host, "apps/signed", &signed, &key).await;
+    let unsigned = push(&url, "unsigned", &[("deploy/a.yaml", cm_yaml("unsigned", "no"))]).await;
+    let wrong = push(&url, "wrong", &[("deploy/a.yaml", cm_yaml("wrong", "no"))]).await;
+    push_signature(&host, "apps/signed", &wrong, &stranger).await;
+
+    let cache = tempfile::tempdir().unwrap();
+    let hub = unique_name("flux-hub");
+    let mut cfg = test_config(&hub);
+    cfg.flux = native(cache.path());
+    let mut agent = Agent::start_with(&hub, cfg).await;
+    agent.synced();
+    let client = agent.client.clone();
+    let ns = namespace(&client, "flux-cosign").await;
+    let pem = key.verifying_key().to_public_key_pem(LineEnding::LF).unwrap();
+    secret(&client, &ns, "cosign-key", "Opaque", &[("cosign.pub", pem)]).await;
+    let repo = |tag: &str, verify: Value| {
+        let mut r = in_namespace(oci_repository(tag, &url, tag), &ns);
+        r["spec"]["verify"] = verify;
+        r
+    };
+    let by_key = json!({"provider": "cosign", "secretRef": {"name": "cosign-key"}});
+    for tag in ["signed", "unsigned", "wrong"] {
+        agent.upsert(&work(
+            &format!("cosign-{tag}"),
+            1,
+            vec![
+                repo(tag, by_key.clone()),
+                in_namespace(kustomization(tag, tag, &ns, json!({})), &ns),
+            ],
+        ));
+    }
+    agent.upsert(&work(
+        "cosign-keyless",
+        1,
+        vec![repo("signed", json!({"provider": "cosign"}))],
+    ));
+    let u = agent
+        .wait("cosign-signed", "Ready", |u| {
+            manifest_cond_opt(u, 1, "Ready").is_some_and(|c| c.status == "True")
+        })
+        .await;
+    assert_eq!(manifest_cond(&u, 0, "SourceVerified").status, "True");
+    assert_eq!(cm_value(&client, &ns, "signed").await.as_deref(), Some("yes"));
+    for (tag, what) in [
+        ("unsigned", "is not signed"),
+        ("wrong", "no signature verifies it"),
+    ] {
+        let u = agent
+            .wait(&format!("cosign-{tag}"), "SourceVerified=False", |u| {
+                manifest_cond_opt(u, 0, "SourceVerified").is_some_and(|c| c.status == "False")
+            })
+            .await;
+        let c = manifest_cond(&u, 0, "SourceVerified");
+        assert_eq!(c.reason, "VerificationError", "{c:?}");
+        assert!(c.message.contains(what), "{tag}: {c:?}");
+        assert!(
+            get_cm(&client, &ns, tag).await.is_none(),
+            "{tag}: nothing applied"
+        );
+    }
+    let u = agent
+        .wait("cosign-keyless", "refused", |u| {
+            manifest_cond_opt(u, 0, "Ready").is_some_and(|c| c.status == "False")
+        })
+        .await;
+    assert!(
+        manifest_cond(&u, 0, "Ready").message.contains("keyless"),
+        "{:?}",
+        u.status
+    );
+    // Nothing of the refused artifacts reached the cache: one unpacked layer, the signed one.
+    let layers: Vec<_> = std::fs::read_dir(cache.path().join("layers"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .collect();
+    assert_eq!(
+        layers.len(),
+        1,
+        "only the signed artifact was unpacked: {layers:?}"
+    );
+    let _ = (unsigned, wrong);
+    agent.stop().await;
+    registry.stop().await;
+}

@@ -144,13 +144,18 @@ struct SourceMemory {
     pulled: Option<Pulled>,
     checked: Instant,
     /// Why the last fetch failed: (reason, message).
-    error: Option<(&'static str, String)>,
+    error: Option<Failure>,
+    /// The last fetch failed its signature verification.
+    unverified: bool,
 }
 
 #[derive(Debug)]
 struct BuildMemory {
     /// Hash of what the build came from (revision, spec, variables).
     key: String,
+    /// Hash of the revision and spec alone: while it holds and the interval lasts, the build
+    /// is reused without reading the variables again.
+    source_key: String,
     /// The last good build.
     manifests: Arc<Vec<Manifest>>,
     revision: String,
@@ -160,15 +165,19 @@ struct BuildMemory {
     ready: bool,
 }
 
+/// A condition as (status, reason, message).
+type Cond = (&'static str, &'static str, String);
+/// A failure as (reason, message).
+type Failure = (&'static str, String);
+
 /// The result of a Flux object in this reconcile, for its status entry.
 #[derive(Debug)]
 struct Native {
     kind: FluxKind,
     /// `namespace/name`.
     id: String,
-    error: Option<(&'static str, String)>,
-    /// Ready condition: (status, reason, message).
-    ready: (&'static str, &'static str, String),
+    error: Option<Failure>,
+    ready: Cond,
     values: Vec<FeedbackValue>,
     /// Whether it has something to serve (an artifact, applied objects): Available.
     usable: bool,
@@ -178,6 +187,8 @@ struct Native {
     wait: bool,
     health_checks: Vec<(String, String, String)>,
     revision: Option<String>,
+    /// A source with `verify`: its SourceVerified condition (status, reason, message).
+    verified: Option<Cond>,
 }
 
 /// The work's Flux objects in this reconcile.
@@ -301,7 +312,11 @@ async fn source_step(
     };
     let mut downloaded = false;
     if due && !(repo.spec.suspend && known.is_some_and(|m| m.pulled.is_some())) {
-        let last = known.and_then(|m| m.pulled.clone());
+        // A changed spec (a `verify` just added, say) must not be satisfied by what the old
+        // spec fetched: only its cached layer is reused.
+        let last = known
+            .filter(|m| m.spec == repo.spec)
+            .and_then(|m| m.pulled.clone());
         let result = fetcher.fetch(&repo, last.as_ref()).await;
         let entry = memory
             .sources
@@ -311,6 +326,7 @@ async fn source_step(
                 pulled: None,
                 checked: now,
                 error: None,
+                unverified: false,
             });
         entry.spec = repo.spec.clone();
         entry.checked = now;
@@ -322,10 +338,12 @@ async fn source_step(
                 downloaded = p.downloaded;
                 entry.pulled = Some(p);
                 entry.error = None;
+                entry.unverified = false;
             }
             Err(e) => {
                 tracing::warn!(source = %native.id, error = %e, "cannot fetch artifact; keeping the last good one");
                 entry.error = Some((e.reason(), e.to_string()));
+                entry.unverified = e.is_verification();
             }
         }
     }
@@ -338,6 +356,19 @@ async fn source_step(
         interval
     };
     x.due(m.checked + wait);
+    if repo.spec.verify.is_some() {
+        native.verified = Some(match (&m.error, m.unverified) {
+            (Some((reason, msg)), true) => (FALSE, *reason, msg.clone()),
+            _ => match &m.pulled {
+                Some(p) => (
+                    TRUE,
+                    "Succeeded",
+                    format!("verified signature of revision {}", p.revision),
+                ),
+                None => (UNKNOWN, "Progressing", "not fetched yet".into()),
+            },
+        });
+    }
     let pulled = m.pulled.clone();
     if let Some(p) = &pulled {
         native.usable = true;
@@ -530,6 +561,27 @@ async fn attempt(
         }
         Some(Some(p)) => p,
     };
+    // Within its interval, a build of the same revision and spec is reused without reading
+    // the variables' ConfigMaps and Secrets again (Flux too reads them once per interval), so
+    // a reconcile caused by drift costs no request here.
+    let source_key = build_key(&pulled.revision, ks, &None);
+    let interval = duration(&ks.spec.interval, "interval").unwrap_or(Duration::from_secs(600));
+    let last = memory.builds.get(&id);
+    let reuse = |last: &BuildMemory, built: Instant| BuildMemory {
+        key: last.key.clone(),
+        source_key: last.source_key.clone(),
+        manifests: last.manifests.clone(),
+        revision: last.revision.clone(),
+        built,
+        last_applied: None,
+        ready: false,
+    };
+    if let Some(last) = last
+        && last.source_key == source_key
+        && Instant::now() < last.built + interval
+    {
+        return Attempt::Built(reuse(last, last.built));
+    }
     let vars = match variables(ctx, ks).await {
         Ok(v) => v,
         Err(message) => {
@@ -540,19 +592,9 @@ async fn attempt(
         }
     };
     let key = build_key(&pulled.revision, ks, &vars);
-    let interval = duration(&ks.spec.interval, "interval").unwrap_or(Duration::from_secs(600));
-    if let Some(last) = memory.builds.get(&id)
-        && last.key == key
-        && Instant::now() < last.built + interval
-    {
-        return Attempt::Built(BuildMemory {
-            key,
-            manifests: last.manifests.clone(),
-            revision: last.revision.clone(),
-            built: last.built,
-            last_applied: None,
-            ready: false,
-        });
+    if let Some(last) = last.filter(|l| l.key == key) {
+        // The interval passed and nothing changed: the same objects, a new interval.
+        return Attempt::Built(reuse(last, Instant::now()));
     }
     let limits = BuildLimits {
         max_objects: limit,
@@ -563,6 +605,7 @@ async fn attempt(
             tracing::info!(kustomization = %id, revision = %pulled.revision, objects = manifests.len(), "built");
             Attempt::Built(BuildMemory {
                 key,
+                source_key,
                 manifests: Arc::new(manifests),
                 revision: pulled.revision.clone(),
                 built: Instant::now(),
@@ -732,6 +775,7 @@ impl Native {
             wait: false,
             health_checks: Vec::new(),
             revision: None,
+            verified: None,
         }
     }
 
@@ -788,34 +832,21 @@ pub fn finish(
         let mut native_values = n.values.clone();
         let mut error = n.error.clone();
         let mut ready = n.ready.clone();
-        if n.kind == FluxKind::Kustomization && !n.objects.is_empty() && n.error.is_none() {
-            let outcome = objects_outcome(n, results);
-            native_values.push(integer_value("inventoryCount", n.objects.len() as i64));
-            native_values.push(integer_value("driftCorrections", outcome.drift_corrections));
-            let build = memory.builds.get_mut(&n.id);
-            match (&outcome.failed, &outcome.waiting) {
-                (Some(msg), _) => {
-                    ready = (FALSE, "ReconciliationFailed", msg.clone());
-                    error = Some(("ReconciliationFailed", msg.clone()));
-                }
-                (None, Some(msg)) => {
-                    progressing = true;
-                    ready = (FALSE, "Progressing", msg.clone());
-                }
-                (None, None) => {
-                    let rev = n.revision.clone().unwrap_or_default();
-                    ready = (
-                        TRUE,
-                        "ReconciliationSucceeded",
-                        format!("Applied revision: {rev}"),
-                    );
+        if n.kind == FluxKind::Kustomization {
+            if !n.objects.is_empty() && n.error.is_none() {
+                let outcome = objects_outcome(n, results);
+                native_values.push(integer_value("inventoryCount", n.objects.len() as i64));
+                native_values.push(integer_value("driftCorrections", outcome.drift_corrections));
+                (ready, error, progressing) = judge(n, &outcome, progressing);
+                if let Some(b) = memory.builds.get_mut(&n.id) {
+                    b.ready = ready.0 == TRUE;
+                    if b.ready {
+                        b.last_applied = Some(b.revision.clone());
+                    }
                 }
             }
-            if let Some(b) = build {
-                b.ready = ready.0 == TRUE;
-                if b.ready {
-                    b.last_applied = Some(b.revision.clone());
-                }
+            // Also while failing: which revision is applied, and which was tried.
+            if let Some(b) = memory.builds.get(&n.id) {
                 if let Some(rev) = &b.last_applied {
                     native_values.push(string_value("lastAppliedRevision", rev));
                 }
@@ -839,10 +870,44 @@ pub fn finish(
         r.notes
             .push("reconciled by spokelet itself, not sent to the API server".into());
         r.extra_conditions = vec![cond("Ready", ready.0, ready.1, ready.2, generation)];
+        if let Some((status, reason, message)) = &n.verified {
+            r.extra_conditions.push(cond(
+                "SourceVerified",
+                status,
+                reason,
+                message.clone(),
+                generation,
+            ));
+        }
         r.extra_values = native_values;
         r.native_available = Some(n.usable);
     }
     progressing
+}
+
+/// A Kustomization's Ready condition and failure from its objects' outcome; `progressing`
+/// comes back set when health checks still wait.
+fn judge(n: &Native, outcome: &ObjectsOutcome, progressing: bool) -> (Cond, Option<Failure>, bool) {
+    match (&outcome.failed, &outcome.waiting) {
+        (Some(msg), _) => (
+            (FALSE, "ReconciliationFailed", msg.clone()),
+            Some(("ReconciliationFailed", msg.clone())),
+            progressing,
+        ),
+        (None, Some(msg)) => ((FALSE, "Progressing", msg.clone()), None, true),
+        (None, None) => {
+            let rev = n.revision.clone().unwrap_or_default();
+            (
+                (
+                    TRUE,
+                    "ReconciliationSucceeded",
+                    format!("Applied revision: {rev}"),
+                ),
+                None,
+                progressing,
+            )
+        }
+    }
 }
 
 /// Keeps the last value of each name, in first-seen order.

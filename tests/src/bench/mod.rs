@@ -6,9 +6,13 @@ use std::time::Duration;
 use crate::HarnessError;
 
 mod floors;
+mod kubectl;
+mod measure;
 mod server_cost;
 
 pub use floors::{ocm_shaped_floor, raw_creates, resource_of};
+pub use kubectl::{kubectl, kubectl_apply};
+pub use measure::{peak_rss_kib, wall_time};
 pub use server_cost::{Cost, Mark, print_costs, request_counts, request_delta};
 
 /// The `spokelet` binary, for benchmarks that run the agent as its own process (so its memory
