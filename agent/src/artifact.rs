@@ -33,17 +33,8 @@ pub struct PullArgs {
     )]
     pub cache: PathBuf,
 
-    /// Speak plain HTTP to the registry.
-    #[arg(long)]
-    pub insecure: bool,
-
-    /// Registry user name.
-    #[arg(long, env = "SPOKELET_REGISTRY_USERNAME")]
-    pub username: Option<String>,
-
-    /// Registry password.
-    #[arg(long, env = "SPOKELET_REGISTRY_PASSWORD", hide_env_values = true)]
-    pub password: Option<String>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
 
     /// Bounds on the unpacked artifact (the agent's own flags).
     #[command(flatten)]
@@ -72,18 +63,37 @@ pub struct PushArgs {
     #[arg(long)]
     pub reproducible: bool,
 
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// How to reach the registry, shared by `push` and `pull`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RegistryArgs {
     /// Speak plain HTTP to the registry.
     #[arg(long)]
     pub insecure: bool,
 
-    /// Registry user name (basic auth, or exchanged for a bearer token where the registry
-    /// asks for one).
+    /// Registry user name (basic auth, or exchanged for a bearer token where the registry asks
+    /// for one).
     #[arg(long, env = "SPOKELET_REGISTRY_USERNAME")]
     pub username: Option<String>,
 
     /// Registry password.
     #[arg(long, env = "SPOKELET_REGISTRY_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
+}
+
+impl RegistryArgs {
+    /// A registry client with these settings.
+    fn client(&self) -> Result<Registry, ArtifactCommandError> {
+        let auth = match (&self.username, &self.password) {
+            (Some(u), Some(p)) => RegistryAuth::Basic(u.clone(), p.clone()),
+            (None, None) => RegistryAuth::Anonymous,
+            _ => return Err(ArtifactCommandError::HalfCredentials),
+        };
+        Ok(Registry::new(self.insecure, auth))
+    }
 }
 
 /// The bounds on an unpacked artifact, shared by `spokelet run` and `spokelet artifact pull`.
@@ -145,7 +155,6 @@ pub async fn push(args: &PushArgs) -> Result<String, ArtifactCommandError> {
     if !args.dir.is_dir() {
         return Err(ArtifactCommandError::NotADirectory(args.dir.clone()));
     }
-    let auth = credentials(&args.username, &args.password)?;
     let meta = PushMeta {
         source: args.source.clone(),
         revision: args.revision.clone().unwrap_or_else(|| tag.to_string()),
@@ -155,7 +164,7 @@ pub async fn push(args: &PushArgs) -> Result<String, ArtifactCommandError> {
             now_rfc3339()
         }),
     };
-    let registry = Registry::new(args.insecure, auth);
+    let registry = args.registry.client()?;
     let digest = registry.push_dir_with(url, tag, &args.dir, &meta).await?;
     Ok(format!("{url}@{digest}"))
 }
@@ -176,20 +185,9 @@ pub async fn pull(args: &PullArgs) -> Result<String, ArtifactCommandError> {
         }
     };
     let cache = ArtifactCache::open(&args.cache)?;
-    let registry = Registry::new(args.insecure, credentials(&args.username, &args.password)?);
+    let registry = args.registry.client()?;
     let pulled = registry.pull(url, &wanted, &cache, &args.limits.limits()).await?;
     Ok(format!("{} {}", pulled.revision, pulled.dir.display()))
-}
-
-fn credentials(
-    user: &Option<String>,
-    password: &Option<String>,
-) -> Result<RegistryAuth, ArtifactCommandError> {
-    match (user, password) {
-        (Some(u), Some(p)) => Ok(RegistryAuth::Basic(u.clone(), p.clone())),
-        (None, None) => Ok(RegistryAuth::Anonymous),
-        _ => Err(ArtifactCommandError::HalfCredentials),
-    }
 }
 
 /// `oci://host/repo:tag` as (`oci://host/repo`, `tag`); the tag is after the last `:` that

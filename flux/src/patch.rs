@@ -5,6 +5,8 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::transform::describe;
+
 /// Why a patch could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PatchError {
@@ -135,15 +137,6 @@ fn target_of(patch: &Value) -> Option<Target> {
             .map(regex::escape),
         ..Target::default()
     })
-}
-
-fn describe(obj: &Value) -> String {
-    let kind = obj.get("kind").and_then(Value::as_str).unwrap_or("?");
-    let name = obj
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .unwrap_or("?");
-    format!("{kind} {name}")
 }
 
 /// A compiled target.

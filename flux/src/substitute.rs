@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
+use crate::transform::describe;
+
 /// The label or annotation that turns substitution off for one object.
 pub const SUBSTITUTE_KEY: &str = "kustomize.toolkit.fluxcd.io/substitute";
 
@@ -74,15 +76,6 @@ fn opted_out(obj: &Value) -> bool {
             .and_then(Value::as_str)
             == Some("disabled")
     })
-}
-
-fn describe(obj: &Value) -> String {
-    let kind = obj.get("kind").and_then(Value::as_str).unwrap_or("?");
-    let name = obj
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .unwrap_or("?");
-    format!("{kind} {name}")
 }
 
 /// Substitutes into one text.

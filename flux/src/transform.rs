@@ -50,6 +50,16 @@ fn kind(obj: &Value) -> &str {
     obj.get("kind").and_then(Value::as_str).unwrap_or_default()
 }
 
+/// `Kind name` of an object, for messages.
+pub fn describe(obj: &Value) -> String {
+    let name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("?");
+    let kind = obj.get("kind").and_then(Value::as_str).unwrap_or("?");
+    format!("{kind} {name}")
+}
+
 /// Whether `obj` is of a built-in cluster-scoped kind.
 pub fn is_cluster_scoped(obj: &Value) -> bool {
     CLUSTER_SCOPED.contains(&kind(obj))

@@ -99,6 +99,11 @@ async fn pull_scenario(registry: &OciRegistry, mb: usize, runs: usize) -> Vec<Ro
         let mut c = Command::new(&bin);
         c.args(["artifact", "pull", &reference, "--insecure", "--cache"])
             .arg(&cache);
+        // The default 100 MiB layer limit would refuse the large artifact.
+        c.arg(format!(
+            "--artifact-max-compressed-bytes={}",
+            (mb + 16) * 1024 * 1024
+        ));
         c
     };
     let docker = format!("docker://{}/bench/blob{mb}:v1", registry.host());

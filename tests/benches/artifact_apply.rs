@@ -13,9 +13,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
-use kube::Client;
-use kube::api::{Api, PostParams};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::Api;
 use serde_json::{Value, json};
 use spokelet::work::applied_work::hub_hash;
 use spokelet::work::conditions::find;
@@ -26,7 +25,7 @@ use spokelet::work::{CancellationToken, EngineConfig, Listing, StatusUpdate, Wor
 use spokelet_artifact::registry::{Registry, RegistryAuth};
 use spokelet_artifact::unpack::UnpackLimits;
 use spokelet_e2e::bench::{Tamper, drift_sample, kubectl_apply, ms, percentile, print_table};
-use spokelet_e2e::{ClusterOptions, KubeCluster, OciRegistry};
+use spokelet_e2e::{ClusterOptions, KubeCluster, OciRegistry, create_namespace};
 use tokio::sync::mpsc;
 
 /// 100 groups of 5 objects.
@@ -69,16 +68,6 @@ fn write_tree(dir: &Path, ns: Option<&str>) {
             .collect();
         std::fs::write(dir.join(format!("group-{i:03}.yaml")), docs.join("---\n")).unwrap();
     }
-}
-
-async fn make_namespace(client: &Client, name: &str) {
-    let api: Api<Namespace> = Api::all(client.clone());
-    api.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({"metadata": {"name": name}})).unwrap(),
-    )
-    .await
-    .unwrap();
 }
 
 fn flux_work(name: &str, url: &str, tag: &str, target_ns: &str) -> ManifestWork {
@@ -172,7 +161,7 @@ async fn bench() {
     let mut kubectl_walls = Vec::new();
     for r in 0..ROUNDS {
         let k_ns = format!("kubectl-{r}");
-        make_namespace(&client, &k_ns).await;
+        create_namespace(&client, &k_ns).await.unwrap();
         let k_dir = tmp.path().join(format!("kubectl-{r}"));
         write_tree(&k_dir, Some(&k_ns));
         let (k_wall, _) = kubectl_apply(&kubeconfig, &k_dir);
@@ -180,7 +169,7 @@ async fn bench() {
         tokio::time::sleep(Duration::from_secs(2)).await;
 
         let e_ns = format!("engine-{r}");
-        make_namespace(&client, &e_ns).await;
+        create_namespace(&client, &e_ns).await.unwrap();
         let name = format!("app-{r}");
         let t = Instant::now();
         tx.send(WorkEvent::Upsert(Box::new(flux_work(&name, &url, "v1", &e_ns))))

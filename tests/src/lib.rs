@@ -102,3 +102,23 @@ mod tests {
 pub mod bench;
 pub mod cloudevents_hub;
 pub mod ocm_hub;
+
+/// Creates the namespace `name` on the cluster `client` talks to.
+pub async fn create_namespace(client: &kube::Client, name: &str) -> Result<(), HarnessError> {
+    use k8s_openapi::api::core::v1::Namespace;
+    let api: kube::Api<Namespace> = kube::Api::all(client.clone());
+    let ns = Namespace {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.to_string()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    api.create(&kube::api::PostParams::default(), &ns)
+        .await
+        .map_err(|source| HarnessError::Kube {
+            context: format!("creating namespace {name}"),
+            source,
+        })?;
+    Ok(())
+}

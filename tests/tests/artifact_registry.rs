@@ -447,3 +447,80 @@ async fn an_index_gives_this_platforms_artifact_and_a_layer_selector_picks_its_l
     assert!(matches!(e, RegistryError::NoSelectedLayer { .. }), "{e}");
     registry.stop().await;
 }
+
+/// The registry's access-log lines for `/v2/` requests (GET and HEAD), the ping included.
+fn v2_requests(registry: &OciRegistry) -> Vec<String> {
+    std::fs::read_to_string(registry.dir().join("docker-registry.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("\"GET /v2/") || l.contains("\"HEAD /v2/"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The check the agent makes every interval for an unchanged artifact costs one request (the
+/// tag lookup) on a registry that asks for credentials, whose answer the client keeps. On an
+/// open registry the client also pings `/v2/` before it, as it finds no credentials to keep:
+/// two requests, both without a body.
+#[tokio::test]
+async fn an_unchanged_check_costs_one_request_on_a_registry_with_credentials() {
+    use spokelet_e2e::RegistryOptions;
+    for users in [vec![("puller".to_string(), "s3cret".to_string())], vec![]] {
+        let registry = OciRegistry::start_with(&RegistryOptions {
+            users: users.clone(),
+            tls: false,
+        })
+        .await
+        .unwrap();
+        let auth = match users.first() {
+            Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
+            None => RegistryAuth::Anonymous,
+        };
+        let client = Registry::new(true, auth);
+        let url = format!("oci://{}/apps/checked", registry.host());
+        let src = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("a.yaml"), "kind: ConfigMap\n").unwrap();
+        client
+            .push_dir(&url, "v1", src.path(), "src", "v1")
+            .await
+            .unwrap();
+        let cache_dir = tempfile::tempdir().unwrap();
+        let cache = ArtifactCache::open(cache_dir.path()).unwrap();
+        let limits = UnpackLimits::default();
+        let wanted = ArtifactRef::tag("v1");
+        let known = client.pull(&url, &wanted, &cache, &limits).await.unwrap();
+        const CHECKS: usize = 20;
+        let expected = if users.is_empty() { 2 * CHECKS } else { CHECKS };
+        let before = v2_requests(&registry).len();
+        for _ in 0..CHECKS {
+            let p = client
+                .refresh(&url, &wanted, &cache, &limits, Some(&known), None)
+                .await
+                .unwrap();
+            assert!(!p.downloaded);
+        }
+        // The registry logs a request after answering it: wait for the lines, bounded.
+        let seen = spokelet_e2e::eventually("the checks' access-log lines", || async {
+            let n = v2_requests(&registry).len() - before;
+            if n >= expected {
+                Ok(n)
+            } else {
+                Err(format!("{n} lines so far"))
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            seen,
+            expected,
+            "users {users:?}: {:?}",
+            &v2_requests(&registry)[before..]
+        );
+        let lines = &v2_requests(&registry)[before..];
+        assert!(
+            lines.iter().all(|l| !l.contains("/blobs/")),
+            "no blob fetched: {lines:?}"
+        );
+        registry.stop().await;
+    }
+}

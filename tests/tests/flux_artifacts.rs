@@ -24,6 +24,19 @@ fn native(cache: &Path) -> FluxObjects {
     }
 }
 
+/// An engine reconciling Flux objects natively, with a cache of its own, synced, and a fresh
+/// namespace `<prefix>-...` on the spoke.
+async fn flux_agent(prefix: &str) -> (Agent, tempfile::TempDir, String) {
+    let cache = tempfile::tempdir().unwrap();
+    let hub = unique_name("flux-hub");
+    let mut cfg = test_config(&hub);
+    cfg.flux = native(cache.path());
+    let agent = Agent::start_with(&hub, cfg).await;
+    agent.synced();
+    let ns = namespace(&agent.client, prefix).await;
+    (agent, cache, ns)
+}
+
 fn oci_repository(name: &str, url: &str, tag: &str) -> Value {
     json!({"apiVersion": "source.toolkit.fluxcd.io/v1", "kind": "OCIRepository",
            "metadata": {"name": name, "namespace": "flux-system"},
@@ -76,14 +89,8 @@ async fn cm_value(client: &kube::Client, ns: &str, name: &str) -> Option<String>
 async fn an_artifact_is_applied_updated_pruned_corrected_and_kept_through_a_dead_registry() {
     let registry = OciRegistry::start().await.unwrap();
     let url = format!("oci://{}/apps/web", registry.host());
-    let cache = tempfile::tempdir().unwrap();
-    let hub = unique_name("flux-hub");
-    let mut cfg = test_config(&hub);
-    cfg.flux = native(cache.path());
-    let mut agent = Agent::start_with(&hub, cfg).await;
-    agent.synced();
+    let (mut agent, _cache, ns) = flux_agent("flux").await;
     let client = agent.client.clone();
-    let ns = namespace(&client, "flux").await;
 
     let v1 = push(
         &url,
@@ -223,14 +230,8 @@ async fn an_artifact_is_applied_updated_pruned_corrected_and_kept_through_a_dead
 async fn a_kustomization_with_an_unsupported_field_applies_nothing_and_other_works_go_on() {
     let registry = OciRegistry::start().await.unwrap();
     let url = format!("oci://{}/apps/generated", registry.host());
-    let cache = tempfile::tempdir().unwrap();
-    let hub = unique_name("flux-hub");
-    let mut cfg = test_config(&hub);
-    cfg.flux = native(cache.path());
-    let mut agent = Agent::start_with(&hub, cfg).await;
-    agent.synced();
+    let (mut agent, _cache, ns) = flux_agent("flux-bad").await;
     let client = agent.client.clone();
-    let ns = namespace(&client, "flux-bad").await;
     push(
         &url,
         "v1",
@@ -302,14 +303,8 @@ async fn with_flux_objects_passed_through_they_go_to_the_api_server() {
 async fn post_build_variables_apply_and_a_broken_revision_keeps_the_last_good_one() {
     let registry = OciRegistry::start().await.unwrap();
     let url = format!("oci://{}/apps/vars", registry.host());
-    let cache = tempfile::tempdir().unwrap();
-    let hub = unique_name("flux-hub");
-    let mut cfg = test_config(&hub);
-    cfg.flux = native(cache.path());
-    let mut agent = Agent::start_with(&hub, cfg).await;
-    agent.synced();
+    let (mut agent, _cache, ns) = flux_agent("flux-vars").await;
     let client = agent.client.clone();
-    let ns = namespace(&client, "flux-vars").await;
     push(
         &url,
         "v1",
@@ -424,14 +419,8 @@ async fn a_registry_with_a_password_and_its_own_ca_is_reached_through_secret_ref
         .await
         .unwrap();
 
-    let cache = tempfile::tempdir().unwrap();
-    let hub = unique_name("flux-hub");
-    let mut cfg = test_config(&hub);
-    cfg.flux = native(cache.path());
-    let mut agent = Agent::start_with(&hub, cfg).await;
-    agent.synced();
+    let (mut agent, _cache, ns) = flux_agent("flux-auth").await;
     let client = agent.client.clone();
-    let ns = namespace(&client, "flux-auth").await;
     let config = |password: &str| {
         json!({"auths": {registry.host(): {"username": "puller", "password": password}}}).to_string()
     };
@@ -552,14 +541,8 @@ async fn a_signed_artifact_is_applied_and_unsigned_or_wrongly_signed_ones_never_
     let wrong = push(&url, "wrong", &[("deploy/a.yaml", cm_yaml("wrong", "no"))]).await;
     push_signature(&host, "apps/signed", &wrong, &stranger).await;
 
-    let cache = tempfile::tempdir().unwrap();
-    let hub = unique_name("flux-hub");
-    let mut cfg = test_config(&hub);
-    cfg.flux = native(cache.path());
-    let mut agent = Agent::start_with(&hub, cfg).await;
-    agent.synced();
+    let (mut agent, cache, ns) = flux_agent("flux-cosign").await;
     let client = agent.client.clone();
-    let ns = namespace(&client, "flux-cosign").await;
     let pem = key.verifying_key().to_public_key_pem(LineEnding::LF).unwrap();
     secret(&client, &ns, "cosign-key", "Opaque", &[("cosign.pub", pem)]).await;
     let repo = |tag: &str, verify: Value| {
@@ -629,6 +612,65 @@ async fn a_signed_artifact_is_applied_and_unsigned_or_wrongly_signed_ones_never_
         "only the signed artifact was unpacked: {layers:?}"
     );
     let _ = (unsigned, wrong);
+    agent.stop().await;
+    registry.stop().await;
+}
+
+/// `prune: false`: what leaves the artifact stays on the cluster, released (no longer owned
+/// by the work's record), as Flux leaves it.
+#[tokio::test]
+async fn without_prune_what_leaves_the_artifact_is_released_not_deleted() {
+    let registry = OciRegistry::start().await.unwrap();
+    let url = format!("oci://{}/apps/keep", registry.host());
+    let (mut agent, _cache, ns) = flux_agent("flux-keep").await;
+    let client = agent.client.clone();
+    push(
+        &url,
+        "v1",
+        &[
+            ("deploy/a.yaml", cm_yaml("a", "one")),
+            ("deploy/b.yaml", cm_yaml("b", "one")),
+        ],
+    )
+    .await;
+    let mut w = work(
+        "flux-keep",
+        1,
+        vec![
+            oci_repository("keep", &url, "v1"),
+            kustomization("keep", "keep", &ns, json!({"prune": false})),
+        ],
+    );
+    agent.upsert(&w);
+    agent
+        .wait("flux-keep", "Ready", |u| {
+            manifest_cond_opt(u, 1, "Ready").is_some_and(|c| c.status == "True")
+        })
+        .await;
+    push(&url, "v2", &[("deploy/a.yaml", cm_yaml("a", "two"))]).await;
+    w.spec.workload.manifests[0] = oci_repository("keep", &url, "v2").into();
+    w.metadata.generation = Some(2);
+    agent.upsert(&w);
+    let (c, n) = (client.clone(), ns.clone());
+    until("b released: still there, no longer owned by the work", || {
+        let (c, n) = (c.clone(), n.clone());
+        async move {
+            let b = get_cm(&c, &n, "b")
+                .await
+                .ok_or_else(|| "b was deleted".to_string())?;
+            let owned = b
+                .metadata
+                .owner_references
+                .unwrap_or_default()
+                .iter()
+                .any(|o| o.kind == "AppliedManifestWork");
+            match (owned, cm_value(&c, &n, "a").await.as_deref()) {
+                (false, Some("two")) => Ok(()),
+                other => Err(format!("b owned, a value: {other:?}")),
+            }
+        }
+    })
+    .await;
     agent.stop().await;
     registry.stop().await;
 }

@@ -203,6 +203,9 @@ pub struct Expansion {
     pub keep_all: bool,
     /// When a source or build is due to be looked at again.
     pub recheck_at: Option<Instant>,
+    /// Kustomizations (name, namespace) with `prune: false`: what leaves their build is
+    /// released, not deleted.
+    pub no_prune: HashSet<(String, String)>,
 }
 
 impl Expansion {
@@ -423,6 +426,9 @@ async fn kustomization_step(
             return native;
         }
     };
+    if !ks.spec.prune {
+        x.no_prune.insert((ks.name.clone(), ks.namespace.clone()));
+    }
     native.wait = ks.spec.wait;
     native.health_checks = ks
         .spec

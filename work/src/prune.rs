@@ -45,6 +45,37 @@ pub struct Owner<'a> {
     pub work: &'a str,
     pub uid: &'a str,
     pub adopted: &'a HashSet<String>,
+    /// Kustomizations (name, namespace) with `prune: false`: an object labelled as theirs
+    /// (Flux's `kustomize.toolkit.fluxcd.io/name` and `/namespace` labels) is released, never
+    /// deleted, when it leaves the build. While any is set, an object whose labels are not in
+    /// the drift cache is released too: when in doubt, keep it.
+    pub no_prune: &'a HashSet<(String, String)>,
+}
+
+/// Whether `key` belongs to one of `no_prune`'s Kustomizations, as far as the drift cache knows
+/// (unknown counts as yes).
+fn kept_by_kustomization(ctx: &ReconcileContext, key: &ObjKey, no_prune: &HashSet<(String, String)>) -> bool {
+    if no_prune.is_empty() {
+        return false;
+    }
+    let live = match ctx.drift.lookup(key) {
+        super::drift::Live::Present(v) => v,
+        super::drift::Live::Absent => return false,
+        super::drift::Live::Unknown => return true,
+    };
+    let label = |k: &str| {
+        live.pointer("/metadata/labels")
+            .and_then(|l| l.get(k))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    match (
+        label(super::flux::NAME_LABEL),
+        label(super::flux::NAMESPACE_LABEL),
+    ) {
+        (Some(n), Some(ns)) => no_prune.contains(&(n, ns)),
+        _ => false,
+    }
 }
 
 /// Whether letting go of `e` may only release it, never delete it: the work adopted it (unless
@@ -101,7 +132,9 @@ pub async fn prune_unlisted(
             continue;
         }
         let elsewhere = lock(&ctx.claims).claimed_elsewhere(&key, work);
-        let mode = if release_only(ctx, &e, owner.adopted).await {
+        let mode = if kept_by_kustomization(ctx, &key, owner.no_prune)
+            || release_only(ctx, &e, owner.adopted).await
+        {
             Mode::Orphan
         } else {
             Mode::Delete

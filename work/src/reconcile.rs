@@ -100,6 +100,7 @@ pub async fn reconcile(
         hold_until: None,
         pre_existing: HashSet::new(),
         adopted: Vec::new(),
+        no_prune: expansion.as_ref().map(|x| x.no_prune.clone()).unwrap_or_default(),
     };
     for (_tier, idxs) in run.tiers() {
         run.apply_tier(idxs).await;
@@ -270,6 +271,8 @@ struct Run<'a> {
     pre_existing: HashSet<usize>,
     /// UIDs of objects adopted in this reconcile (first recorded now, and pre-existing).
     adopted: Vec<String>,
+    /// Kustomizations of the work with `prune: false` (see `prune::Owner::no_prune`).
+    no_prune: HashSet<(String, String)>,
 }
 
 impl Run<'_> {
@@ -515,6 +518,7 @@ impl Run<'_> {
                 work: &self.name,
                 uid: &owner_uid,
                 adopted: &adopted,
+                no_prune: &self.no_prune,
             },
             entries,
             &self.desired,

@@ -5,9 +5,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Client;
-use kube::api::{Api, PostParams};
+use kube::api::Api;
 use serde_json::{Value, json};
 use spokelet::work::applied_work::{applied_name, hub_hash};
 use spokelet::work::conditions::find;
@@ -172,13 +172,7 @@ pub fn deployment(ns: &str, name: &str, image: &str, replicas: i64) -> Value {
 
 pub async fn namespace(client: &Client, prefix: &str) -> String {
     let name = unique_name(prefix);
-    let api: Api<Namespace> = Api::all(client.clone());
-    api.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({"metadata": {"name": name}})).unwrap(),
-    )
-    .await
-    .unwrap();
+    spokelet_e2e::create_namespace(client, &name).await.unwrap();
     name
 }
 
