@@ -12,6 +12,7 @@ pub mod build;
 pub mod health;
 pub mod objects;
 pub mod patch;
+pub mod shared;
 pub mod source;
 pub mod substitute;
 pub mod transform;

@@ -674,3 +674,93 @@ async fn without_prune_what_leaves_the_artifact_is_released_not_deleted() {
     agent.stop().await;
     registry.stop().await;
 }
+
+/// A hostile artifact (an entry climbing out with `..`) fails its source with the reason, nothing
+/// of it is written, and a work beside it is applied as usual.
+#[tokio::test]
+async fn a_hostile_artifact_fails_its_source_and_disturbs_nothing_else() {
+    use spokelet_artifact::registry::{FLUX_CONFIG_MEDIA_TYPE, FLUX_CONTENT_MEDIA_TYPE};
+    use spokelet_e2e::{LayoutBlob, skopeo, write_oci_layout};
+    let registry = OciRegistry::start().await.unwrap();
+    // A tar whose one entry is named `deploy/../../escape.yaml`, written byte by byte (the tar
+    // crate refuses to build such an entry).
+    let mut header = [0u8; 512];
+    let name = b"deploy/../../escape.yaml";
+    header[..name.len()].copy_from_slice(name);
+    header[100..108].copy_from_slice(b"0000644\0");
+    header[108..116].copy_from_slice(b"0000000\0");
+    header[116..124].copy_from_slice(b"0000000\0");
+    let body = cm_yaml("escape", "x");
+    header[124..136].copy_from_slice(format!("{:011o}\0", body.len()).as_bytes());
+    header[136..148].copy_from_slice(b"00000000000\0");
+    header[156] = b'0';
+    header[257..263].copy_from_slice(b"ustar\0");
+    header[263..265].copy_from_slice(b"00");
+    header[148..156].copy_from_slice(b"        ");
+    let sum: u32 = header.iter().map(|b| *b as u32).sum();
+    header[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    let mut tar = header.to_vec();
+    tar.extend_from_slice(body.as_bytes());
+    tar.resize(tar.len().div_ceil(512) * 512 + 1024, 0);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, &tar).unwrap();
+    let layer = gz.finish().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    write_oci_layout(
+        &root.path().join("layout"),
+        "v1",
+        LayoutBlob {
+            media_type: FLUX_CONFIG_MEDIA_TYPE,
+            bytes: b"{}",
+        },
+        &[LayoutBlob {
+            media_type: FLUX_CONTENT_MEDIA_TYPE,
+            bytes: &layer,
+        }],
+    );
+    let (ok, out) = skopeo(&[
+        "copy".to_string(),
+        "--dest-tls-verify=false".to_string(),
+        format!("oci:{}:v1", root.path().join("layout").display()),
+        format!("docker://{}/apps/hostile:v1", registry.host()),
+    ])
+    .await;
+    assert!(ok, "skopeo copy: {out}");
+    let (mut agent, cache, ns) = flux_agent("flux-hostile").await;
+    let client = agent.client.clone();
+    let url = format!("oci://{}/apps/hostile", registry.host());
+    agent.upsert(&work(
+        "hostile",
+        1,
+        vec![
+            oci_repository("hostile", &url, "v1"),
+            kustomization("hostile", "hostile", &ns, json!({})),
+        ],
+    ));
+    agent.upsert(&work(
+        "beside",
+        1,
+        vec![cm(&ns, "beside", json!({"value": "ok"}))],
+    ));
+    let u = agent
+        .wait("hostile", "the source failing", |u| {
+            manifest_cond_opt(u, 0, "Ready").is_some_and(|c| c.status == "False")
+        })
+        .await;
+    let ready = manifest_cond(&u, 0, "Ready");
+    assert_eq!(ready.reason, "OCIArtifactPullFailed", "{ready:?}");
+    assert!(ready.message.contains(".."), "{ready:?}");
+    assert_eq!(manifest_cond(&u, 1, "Ready").reason, "ArtifactFailed");
+    agent.wait_applied("beside", 1).await;
+    assert!(get_cm(&client, &ns, "escape").await.is_none());
+    assert!(
+        !cache.path().join("escape.yaml").exists()
+            && !cache.path().parent().unwrap().join("escape.yaml").exists()
+    );
+    let layers = std::fs::read_dir(cache.path().join("layers"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(layers, 0, "no entry, not even a partial one");
+    agent.stop().await;
+    registry.stop().await;
+}

@@ -74,7 +74,7 @@ pub struct ReconcileContext {
     /// Works whose record has a legacy name (see `legacy_hub_hashes`): they keep using it.
     pub record_names: Mutex<HashMap<String, String>>,
     /// Flux objects reconciled by the agent; None when they pass through to the API server.
-    pub flux: Option<super::flux::FluxSupport>,
+    pub flux: Option<spokelet_flux::shared::FluxSupport>,
 }
 
 impl ReconcileContext {

@@ -17,25 +17,20 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::Api;
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
-use spokelet_artifact::cache::ArtifactCache;
-use spokelet_artifact::digest::Digest;
 use spokelet_artifact::registry::Pulled;
-use spokelet_artifact::unpack::UnpackLimits;
-use spokelet_base::lock::lock;
 use spokelet_flux::build::{BuildError, BuildLimits, Overlay, build};
 use spokelet_flux::health::{Health, health};
 use spokelet_flux::objects::{
     self, FluxKind, FluxObject, KustomizationSpec, OciRepositorySpec, SpecError, duration,
 };
-use spokelet_flux::source::SourceFetcher;
+/// Re-exported: the setting and the shared state live with the Flux crate.
+pub use spokelet_flux::shared::{FluxObjects, FluxSupport};
 use spokelet_flux::substitute;
 use tokio::time::Instant;
 
@@ -53,79 +48,6 @@ pub const NAMESPACE_LABEL: &str = "kustomize.toolkit.fluxcd.io/namespace";
 /// How soon a failed source is looked at again (or its interval, when shorter): a registry
 /// that was down is retried without waiting an interval of often many minutes.
 const FAILED_SOURCE_RECHECK: Duration = Duration::from_secs(10);
-
-/// What the agent does with Flux objects in works (`--flux-objects`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FluxObjects {
-    /// Reconciled by the agent: artifacts cached in `cache`, unpacked within `unpack`.
-    Native { cache: PathBuf, unpack: UnpackLimits },
-    /// Sent to the API server like any other object, for spokes that run Flux themselves.
-    Passthrough,
-}
-
-/// What reconciles share for Flux objects.
-pub struct FluxSupport {
-    /// The fetcher, or why the artifact cache cannot be used (every Flux object then fails
-    /// with that message; the agent and other works carry on).
-    fetcher: Result<SourceFetcher, String>,
-    /// Layers each work's sources hold, so garbage collection keeps them.
-    in_use: Mutex<HashMap<String, HashSet<Digest>>>,
-    /// Set once the engine has reconciled every work of its first sync: before that a work
-    /// not yet reconciled could still want a layer nobody has claimed.
-    collect: AtomicBool,
-}
-
-impl std::fmt::Debug for FluxSupport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FluxSupport").finish_non_exhaustive()
-    }
-}
-
-impl FluxSupport {
-    /// Support for `mode`, or None for passthrough.
-    pub fn new(mode: &FluxObjects, client: &kube::Client) -> Option<FluxSupport> {
-        let FluxObjects::Native { cache, unpack } = mode else {
-            return None;
-        };
-        let fetcher = ArtifactCache::open(cache)
-            .map(|c| SourceFetcher::new(client.clone(), c, *unpack))
-            .map_err(|e| format!("the artifact cache {} cannot be used: {e}", cache.display()));
-        if let Err(e) = &fetcher {
-            tracing::error!(error = %e, "Flux objects in works will fail until the agent can use its artifact cache");
-        }
-        Some(FluxSupport {
-            fetcher,
-            in_use: Mutex::new(HashMap::new()),
-            collect: AtomicBool::new(false),
-        })
-    }
-
-    /// Allows garbage collection from now on (the engine's initial works are reconciled).
-    pub fn allow_collection(&self) {
-        self.collect.store(true, Ordering::Relaxed);
-    }
-
-    /// A work is gone: its layers are no longer held.
-    pub fn forget(&self, work: &str) {
-        lock(&self.in_use).remove(work);
-    }
-
-    /// Records the layers `work` holds; when one was downloaded, removes the cache entries no
-    /// work holds.
-    fn hold(&self, work: &str, layers: HashSet<Digest>, downloaded: bool) {
-        let all: HashSet<Digest> = {
-            let mut in_use = lock(&self.in_use);
-            in_use.insert(work.to_string(), layers);
-            if !downloaded || !self.collect.load(Ordering::Relaxed) {
-                return;
-            }
-            in_use.values().flatten().cloned().collect()
-        };
-        if let Ok(f) = &self.fetcher {
-            f.collect_garbage(all);
-        }
-    }
-}
 
 /// What a work's Flux objects fetched and built, kept between its reconciles.
 #[derive(Debug, Default)]
