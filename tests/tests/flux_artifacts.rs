@@ -764,3 +764,171 @@ async fn a_hostile_artifact_fails_its_source_and_disturbs_nothing_else() {
     agent.stop().await;
     registry.stop().await;
 }
+
+/// `wait`, `dependsOn` and `suspend`: a Kustomization whose Deployment never becomes
+/// available stays Progressing, one depending on it is held (nothing of it applied), and a
+/// suspended one applies nothing.
+#[tokio::test]
+async fn wait_depends_on_and_suspend_hold_back_what_they_should() {
+    let registry = OciRegistry::start().await.unwrap();
+    let url = format!("oci://{}/apps/staged", registry.host());
+    let (mut agent, _cache, ns) = flux_agent("flux-staged").await;
+    let client = agent.client.clone();
+    // No kubelet runs on the test spoke: a Deployment of one replica never becomes available.
+    let deploy = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 1\n  selector:\n    matchLabels: {app: web}\n  template:\n    metadata:\n      labels: {app: web}\n    spec:\n      containers:\n      - {name: web, image: registry.invalid/web:1}\n";
+    push(
+        &url,
+        "v1",
+        &[
+            ("base/web.yaml", deploy.to_string()),
+            ("base/settings.yaml", cm_yaml("settings", "one")),
+            ("later/after.yaml", cm_yaml("after", "one")),
+            ("paused/paused.yaml", cm_yaml("paused", "one")),
+        ],
+    )
+    .await;
+    let ks = |name: &str, path: &str, extra: Value| {
+        let mut k = kustomization(name, "staged", &ns, extra);
+        k["spec"]["path"] = json!(path);
+        k
+    };
+    agent.upsert(&work(
+        "flux-staged",
+        1,
+        vec![
+            oci_repository("staged", &url, "v1"),
+            ks("base", "./base", json!({"wait": true})),
+            ks("later", "./later", json!({"dependsOn": [{"name": "base"}]})),
+            ks("paused", "./paused", json!({"suspend": true})),
+        ],
+    ));
+    let u = agent
+        .wait("flux-staged", "base Progressing and later held", |u| {
+            manifest_cond_opt(u, 1, "Ready")
+                .is_some_and(|c| c.reason == "Progressing" && c.message.contains("Deployment"))
+                && manifest_cond_opt(u, 2, "Ready").is_some_and(|c| c.reason == "DependencyNotReady")
+        })
+        .await;
+    assert_eq!(
+        manifest_cond(&u, 3, "Ready").reason,
+        "Suspended",
+        "{:?}",
+        u.status
+    );
+    assert_eq!(
+        cm_value(&client, &ns, "settings").await.as_deref(),
+        Some("one"),
+        "base is applied, only not ready"
+    );
+    assert!(
+        get_cm(&client, &ns, "after").await.is_none(),
+        "a held Kustomization applies nothing"
+    );
+    assert!(
+        get_cm(&client, &ns, "paused").await.is_none(),
+        "a suspended Kustomization applies nothing"
+    );
+    agent.stop().await;
+    registry.stop().await;
+}
+
+/// The artifact cache outlives the agent: a new engine on the same cache applies the work
+/// without downloading the layer again (the registry's access log shows no blob request); and
+/// once the work is gone, the next download removes its unused entry.
+#[tokio::test]
+async fn the_cache_survives_a_restart_and_entries_no_work_holds_are_collected() {
+    let registry = OciRegistry::start().await.unwrap();
+    let url = format!("oci://{}/apps/cached", registry.host());
+    let cache = tempfile::tempdir().unwrap();
+    let start = |hub: String| {
+        let mut cfg = test_config(&hub);
+        cfg.flux = native(cache.path());
+        async move {
+            let a = Agent::start_with(&hub, cfg).await;
+            a.synced();
+            a
+        }
+    };
+    let blob_gets = || {
+        std::fs::read_to_string(registry.dir().join("docker-registry.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"GET /v2/apps/cached/blobs/"))
+            .count()
+    };
+    push(&url, "v1", &[("deploy/a.yaml", cm_yaml("cached", "one"))]).await;
+    let hub = unique_name("flux-hub");
+    let mut first = start(hub.clone()).await;
+    let ns = namespace(&first.client, "flux-cache").await;
+    let w = work(
+        "cached",
+        1,
+        vec![
+            oci_repository("cached", &url, "v1"),
+            kustomization("cached", "cached", &ns, json!({})),
+        ],
+    );
+    first.upsert(&w);
+    first
+        .wait("cached", "Ready", |u| {
+            manifest_cond_opt(u, 1, "Ready").is_some_and(|c| c.status == "True")
+        })
+        .await;
+    first.stop().await;
+    let downloads = blob_gets();
+
+    // A new engine (nothing in memory) on the same cache: no blob fetched again.
+    let mut second = start(hub).await;
+    second.upsert(&w);
+    second
+        .wait("cached", "Ready", |u| {
+            manifest_cond_opt(u, 1, "Ready").is_some_and(|c| c.status == "True")
+        })
+        .await;
+    assert_eq!(
+        blob_gets(),
+        downloads,
+        "the cached layer was not downloaded again"
+    );
+    let entries = || {
+        std::fs::read_dir(cache.path().join("layers"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+            .count()
+    };
+    assert_eq!(entries(), 1);
+
+    // The work goes; another arrives with a new artifact: the old entry is collected.
+    second.delete("cached");
+    second
+        .wait("cached", "deleted", |u| {
+            spokelet::work::conditions::find(&u.status.conditions, "Deleted")
+                .is_some_and(|c| c.status == "True")
+        })
+        .await;
+    let other = format!("oci://{}/apps/other", registry.host());
+    push(&other, "v1", &[("deploy/b.yaml", cm_yaml("other", "two"))]).await;
+    second.upsert(&work(
+        "other",
+        1,
+        vec![
+            oci_repository("other", &other, "v1"),
+            kustomization("other", "other", &ns, json!({})),
+        ],
+    ));
+    second
+        .wait("other", "Ready", |u| {
+            manifest_cond_opt(u, 1, "Ready").is_some_and(|c| c.status == "True")
+        })
+        .await;
+    until("only the held work's entry left", || async {
+        match entries() {
+            1 => Ok(()),
+            n => Err(format!("{n} entries")),
+        }
+    })
+    .await;
+    second.stop().await;
+    registry.stop().await;
+}
