@@ -31,8 +31,10 @@ fn int(obj: &Value, pointer: &str) -> i64 {
     obj.pointer(pointer).and_then(Value::as_i64).unwrap_or(0)
 }
 
-/// The health of `obj` as it is live.
-pub fn health(obj: &Value) -> Health {
+/// The health of `obj`, of kind `kind`, as it is live. The kind is given, not read from the
+/// object: objects that arrive in a list (the drift cache's first fill) carry no `kind`, and a
+/// Deployment without one would pass for an object with no status, that is, ready.
+pub fn health(kind: &str, obj: &Value) -> Health {
     let generation = int(obj, "/metadata/generation");
     let observed = obj.pointer("/status/observedGeneration").and_then(Value::as_i64);
     if let Some(observed) = observed
@@ -42,7 +44,6 @@ pub fn health(obj: &Value) -> Health {
             "generation {generation} not yet observed (at {observed})"
         ));
     }
-    let kind = obj.get("kind").and_then(Value::as_str).unwrap_or_default();
     match kind {
         "Deployment" => deployment(obj),
         "StatefulSet" => replicas(obj, "readyReplicas", "ready"),
@@ -143,24 +144,27 @@ mod tests {
             json!({"kind": "Deployment", "metadata": {"generation": 2}, "spec": {"replicas": 2},
                    "status": {"observedGeneration": 2, "updatedReplicas": updated, "availableReplicas": available}})
         };
-        assert_eq!(health(&d(2, 2)), Health::Ready);
-        assert!(matches!(health(&d(2, 1)), Health::Progressing(_)));
+        assert_eq!(health("Deployment", &d(2, 2)), Health::Ready);
+        assert!(matches!(health("Deployment", &d(2, 1)), Health::Progressing(_)));
         let stale = json!({"kind": "Deployment", "metadata": {"generation": 3}, "spec": {"replicas": 0},
                            "status": {"observedGeneration": 2}});
-        assert!(matches!(health(&stale), Health::Progressing(m) if m.contains("generation 3")));
+        assert!(matches!(health("Deployment", &stale), Health::Progressing(m) if m.contains("generation 3")));
         let stuck = json!({"kind": "Deployment", "status": {"conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]}});
-        assert!(matches!(health(&stuck), Health::Failed(_)));
+        assert!(matches!(health("Deployment", &stuck), Health::Failed(_)));
     }
 
     #[test]
     fn jobs_crds_and_ready_conditions() {
         let job = |t: &str| json!({"kind": "Job", "status": {"conditions": [{"type": t, "status": "True"}]}});
-        assert_eq!(health(&job("Complete")), Health::Ready);
-        assert!(matches!(health(&job("Failed")), Health::Failed(_)));
+        assert_eq!(health("Job", &job("Complete")), Health::Ready);
+        assert!(matches!(health("Job", &job("Failed")), Health::Failed(_)));
         let crd = json!({"kind": "CustomResourceDefinition", "status": {"conditions": [{"type": "Established", "status": "True"}]}});
-        assert_eq!(health(&crd), Health::Ready);
+        assert_eq!(health("CustomResourceDefinition", &crd), Health::Ready);
         let cr = json!({"kind": "Model", "status": {"conditions": [{"type": "Ready", "status": "False", "message": "loading"}]}});
-        assert_eq!(health(&cr), Health::Progressing("loading".into()));
-        assert_eq!(health(&json!({"kind": "ConfigMap"})), Health::Ready);
+        assert_eq!(health("Model", &cr), Health::Progressing("loading".into()));
+        assert_eq!(health("ConfigMap", &json!({})), Health::Ready);
+        // A Deployment as a list returns it (no kind) is still judged as a Deployment.
+        let listed = json!({"spec": {"replicas": 1}, "status": {"updatedReplicas": 1}});
+        assert!(matches!(health("Deployment", &listed), Health::Progressing(_)));
     }
 }

@@ -820,10 +820,13 @@ async fn wait_depends_on_and_suspend_hold_back_what_they_should() {
         Some("one"),
         "base is applied, only not ready"
     );
-    assert!(
-        get_cm(&client, &ns, "after").await.is_none(),
-        "a held Kustomization applies nothing"
-    );
+    if let Some(a) = get_cm(&client, &ns, "after").await {
+        panic!(
+            "a held Kustomization applies nothing, yet {:?} is there; status: {}",
+            a.metadata.labels,
+            serde_json::to_string(&u.status).unwrap()
+        );
+    }
     assert!(
         get_cm(&client, &ns, "paused").await.is_none(),
         "a suspended Kustomization applies nothing"

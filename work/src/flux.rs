@@ -889,7 +889,7 @@ fn objects_outcome(n: &Native, results: &[ManifestResult]) -> ObjectsOutcome {
         if !wanted {
             continue;
         }
-        match r.live.as_deref().map(health) {
+        match r.live.as_deref().map(|live| health(&r.meta.kind, live)) {
             Some(Health::Ready) => {}
             Some(Health::Progressing(m)) | Some(Health::Failed(m)) => {
                 waiting.push(format!("{} {}: {m}", r.meta.kind, display(r)));
