@@ -131,7 +131,9 @@ pub struct PushMeta {
     pub created: Option<String>,
 }
 
-/// A registry client. `insecure` speaks plain HTTP (Flux's `insecure: true`).
+/// A registry client. `insecure` speaks plain HTTP (Flux's `insecure: true`). Clones share
+/// the connection pool and the tokens the registry handed out.
+#[derive(Clone)]
 pub struct Registry {
     client: Client,
     auth: RegistryAuth,

@@ -1,7 +1,8 @@
 //! Fetching an `OCIRepository`'s artifact: credentials and CA from its Secrets, the pull (or
 //! the one-request check of an unchanged one) within its `timeout`, into the shared cache.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
@@ -9,11 +10,13 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use oci_client::secrets::RegistryAuth;
 use serde_json::Value;
+use sha2::{Digest as _, Sha256};
 use spokelet_artifact::cache::ArtifactCache;
 use spokelet_artifact::digest::Digest;
 use spokelet_artifact::registry::{ArtifactRef, Pulled, Registry, RegistryError};
 use spokelet_artifact::signature::CosignKeys;
 use spokelet_artifact::unpack::UnpackLimits;
+use spokelet_base::lock::lock;
 
 use crate::objects::{DEFAULT_TIMEOUT, FluxObject, OciRepositorySpec, duration};
 
@@ -65,7 +68,14 @@ pub struct SourceFetcher {
     client: kube::Client,
     cache: ArtifactCache,
     limits: UnpackLimits,
+    /// One registry client per distinct settings (host, plain HTTP, credentials, CA), kept
+    /// across fetches: a check every interval then reuses its connection and the token the
+    /// registry gave, instead of a new TLS handshake and token exchange each time.
+    registries: Arc<Mutex<HashMap<String, Registry>>>,
 }
+
+/// Clients kept at most; past it the map is emptied (rotated credentials leave old entries).
+const MAX_REGISTRY_CLIENTS: usize = 64;
 
 impl std::fmt::Debug for SourceFetcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -81,6 +91,7 @@ impl SourceFetcher {
             client,
             cache,
             limits,
+            registries: Arc::default(),
         }
     }
 
@@ -98,7 +109,7 @@ impl SourceFetcher {
         let keys = self.keys(repo).await?;
         let auth = self.auth(repo).await?;
         let ca = self.ca(repo).await?;
-        let registry = Registry::with_roots(spec.insecure, auth, ca.as_deref());
+        let registry = self.registry(&spec.url, spec.insecure, auth, ca.as_deref());
         let wanted = ArtifactRef {
             tag: spec.reference.tag.clone(),
             semver: spec.reference.semver.clone(),
@@ -137,6 +148,35 @@ impl SourceFetcher {
             Ok(n) => tracing::info!(removed = n, "artifact cache entries no source uses were removed"),
             Err(e) => tracing::warn!(error = %e, "artifact cache garbage collection failed"),
         });
+    }
+
+    /// The client for these settings, made once.
+    fn registry(&self, url: &str, insecure: bool, auth: RegistryAuth, ca: Option<&[u8]>) -> Registry {
+        // Hashed, so the map holds no credentials in its keys.
+        let mut h = Sha256::new();
+        let who = match &auth {
+            RegistryAuth::Anonymous => String::new(),
+            RegistryAuth::Basic(u, p) => format!("basic\0{u}\0{p}"),
+            RegistryAuth::Bearer(t) => format!("bearer\0{t}"),
+        };
+        for part in [
+            registry_host(url).as_bytes(),
+            &[u8::from(insecure)],
+            who.as_bytes(),
+            ca.unwrap_or_default(),
+        ] {
+            h.update(part);
+            h.update([0]);
+        }
+        let key = hex::encode(h.finalize());
+        let mut clients = lock(&self.registries);
+        if clients.len() >= MAX_REGISTRY_CLIENTS && !clients.contains_key(&key) {
+            clients.clear();
+        }
+        clients
+            .entry(key)
+            .or_insert_with(|| Registry::with_roots(insecure, auth, ca))
+            .clone()
     }
 
     /// The public keys of `verify` (every `*.pub` entry of its Secret). Fail closed: an

@@ -457,13 +457,19 @@ impl EngineLoop {
             init.remove(&name);
             if init.is_empty() {
                 self.initial = None;
-                self.ready_tx.send_replace(true);
-                if let Some(f) = &self.ctx.flux {
-                    f.allow_collection();
-                }
+                self.mark_ready();
             }
         }
         self.start(&name);
+    }
+
+    /// Every work of the first sync has been reconciled once: the engine is ready, and from now
+    /// on an artifact-cache entry no work holds is really unused.
+    fn mark_ready(&self) {
+        self.ready_tx.send_replace(true);
+        if let Some(f) = &self.ctx.flux {
+            f.allow_collection();
+        }
     }
 
     /// An object of ours changed outside the agent: look at the works claiming it, debounced.
@@ -700,10 +706,7 @@ impl EngineLoop {
             .map(|(n, _)| n.clone())
             .collect();
         if pending.is_empty() {
-            self.ready_tx.send_replace(true);
-            if let Some(f) = &self.ctx.flux {
-                f.allow_collection();
-            }
+            self.mark_ready();
         } else {
             self.initial = Some(pending);
         }

@@ -324,7 +324,6 @@ async fn source_step(
         }
         (None, None) => native.ready = (UNKNOWN, "Suspended", "suspended before its first fetch".into()),
     }
-    native.push_ready_value();
     (native, pulled, downloaded)
 }
 
@@ -711,17 +710,6 @@ impl Native {
         self.ready = (FALSE, reason, message.clone());
         self.error = Some((reason, message));
     }
-
-    fn push_ready_value(&mut self) {
-        self.values.push(FeedbackValue {
-            name: "ready".into(),
-            field_value: FieldValue {
-                type_: ValueType::String,
-                string: Some(self.ready.0.to_string()),
-                ..Default::default()
-            },
-        });
-    }
 }
 
 fn string_value(name: &str, value: &str) -> FeedbackValue {
@@ -781,16 +769,7 @@ pub fn finish(
                 native_values.push(string_value("lastAttemptedRevision", &b.revision));
             }
         }
-        native_values.push(FeedbackValue {
-            name: "ready".into(),
-            field_value: FieldValue {
-                type_: ValueType::String,
-                string: Some(ready.0.to_string()),
-                ..Default::default()
-            },
-        });
-        // A source pushed its ready value when it was fetched; keep the last one only.
-        dedup_last(&mut native_values);
+        native_values.push(string_value("ready", ready.0));
         let Some(r) = results.get_mut(i) else {
             continue;
         };
@@ -836,19 +815,6 @@ fn judge(n: &Native, outcome: &ObjectsOutcome, progressing: bool) -> (Cond, Opti
             )
         }
     }
-}
-
-/// Keeps the last value of each name, in first-seen order.
-fn dedup_last(values: &mut Vec<FeedbackValue>) {
-    let mut seen = HashSet::new();
-    let mut out: Vec<FeedbackValue> = Vec::with_capacity(values.len());
-    for v in values.drain(..).rev() {
-        if seen.insert(v.name.clone()) {
-            out.push(v);
-        }
-    }
-    out.reverse();
-    *values = out;
 }
 
 /// What a Kustomization's objects did in this reconcile.

@@ -108,18 +108,9 @@ pub async fn reconcile(
     run.record_adoptions().await;
     let keep_all = expansion.as_ref().is_some_and(|x| x.keep_all);
     let prune_errors = if keep_all { Vec::new() } else { run.prune().await };
-    let mut recheck_at = expansion.as_ref().and_then(|x| x.recheck_at);
-    if let Some(x) = &expansion {
-        run.fill_native_drift();
-        if flux::finish(x, &mut run.results, &mut run.memory.flux, generation) {
-            // Health checks still waiting: look again soon, as Flux polls them.
-            let soon = Instant::now() + HEALTH_RECHECK;
-            recheck_at = Some(recheck_at.map_or(soon, |r| r.min(soon)));
-        }
-    }
-    let mut report = run.report(prev, generation, &prune_errors, &now, own);
-    report.recheck_at = recheck_at;
-    report
+    run.fill_drift_corrections();
+    let recheck_at = expansion.as_ref().and_then(|x| run.finish_flux(x, generation));
+    run.report(prev, generation, &prune_errors, &now, own, recheck_at)
 }
 
 /// How often a Kustomization waiting on its health checks is looked at again.
@@ -541,12 +532,23 @@ impl Run<'_> {
         errors
     }
 
-    /// Every manifest's drift corrections from the history, before Flux entries sum those of
-    /// their objects.
-    fn fill_native_drift(&mut self) {
+    /// Every manifest's drift corrections from the history (before Flux entries sum those of
+    /// their objects).
+    fn fill_drift_corrections(&mut self) {
         for (i, r) in self.results.iter_mut().enumerate() {
             r.drift_corrections = self.memory.drift_corrections(i);
         }
+    }
+
+    /// The Flux entries' results from their objects'; returns when the work is due again.
+    fn finish_flux(&mut self, x: &flux::Expansion, generation: i64) -> Option<Instant> {
+        let waiting = flux::finish(x, &mut self.results, &mut self.memory.flux, generation);
+        if !waiting {
+            return x.recheck_at;
+        }
+        // Health checks still waiting: look again soon, as Flux polls them.
+        let soon = Instant::now() + HEALTH_RECHECK;
+        Some(x.recheck_at.map_or(soon, |r| r.min(soon)))
     }
 
     /// The report: the status from the results of the work's own `own` manifests (objects
@@ -559,10 +561,8 @@ impl Run<'_> {
         prune_errors: &[String],
         now: &str,
         own: usize,
+        recheck_at: Option<Instant>,
     ) -> Report {
-        for (i, r) in self.results.iter_mut().enumerate() {
-            r.drift_corrections = self.memory.drift_corrections(i);
-        }
         let failed = self.results.iter().any(|r| r.error.is_some()) || !prune_errors.is_empty();
         self.results.truncate(own);
         let status = build_status(generation, &self.results, prune_errors, prev, now);
@@ -571,7 +571,7 @@ impl Run<'_> {
             failed,
             hold_until: self.hold_until,
             memory: self.memory,
-            recheck_at: None,
+            recheck_at,
         }
     }
 
