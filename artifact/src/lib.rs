@@ -8,5 +8,6 @@ pub mod cache;
 pub mod digest;
 pub mod pack;
 pub mod registry;
+pub mod retry;
 pub mod signature;
 pub mod unpack;

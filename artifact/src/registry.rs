@@ -14,6 +14,7 @@ use tokio::io::AsyncWriteExt;
 use crate::cache::{ArtifactCache, CacheError, Check};
 use crate::digest::{Digest, DigestError};
 use crate::pack::{PackError, pack_dir};
+use crate::retry::{RetryPolicy, Transient, transient};
 use crate::signature::{self, CosignKeys, SignatureError};
 use crate::unpack::UnpackLimits;
 
@@ -40,6 +41,15 @@ pub enum RegistryError {
     #[error("registry request for {reference}: {source}")]
     Request {
         reference: String,
+        #[source]
+        source: oci_client::errors::OciDistributionError,
+    },
+    /// Answers of 429 or 5xx, still so after the retry policy's attempts.
+    #[error("registry request for {reference}: {kind} after {attempts} attempts with backoff: {source}")]
+    Throttled {
+        reference: String,
+        kind: Transient,
+        attempts: u32,
         #[source]
         source: oci_client::errors::OciDistributionError,
     },
@@ -137,6 +147,8 @@ pub struct PushMeta {
 pub struct Registry {
     client: Client,
     auth: RegistryAuth,
+    /// How requests answered with 429 or 5xx are repeated.
+    retry: RetryPolicy,
 }
 
 impl std::fmt::Debug for Registry {
@@ -177,7 +189,14 @@ impl Registry {
         Registry {
             client: Client::new(config),
             auth,
+            retry: RetryPolicy::default(),
         }
+    }
+
+    /// The same client with another retry policy (tests, and `artifact pull --no-retry`).
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Registry {
+        self.retry = retry;
+        self
     }
 
     /// Packs `dir` and pushes it as `oci://host/repo:tag` with the Flux media types and the
@@ -252,10 +271,12 @@ impl Registry {
         };
         let by_tag = reference(url, &tag)?;
         let digest = self
-            .client
-            .fetch_manifest_digest(&by_tag, &self.auth)
+            .retry
+            .run("tag lookup", || {
+                self.client.fetch_manifest_digest(&by_tag, &self.auth)
+            })
             .await
-            .map_err(request_err(&by_tag))?;
+            .map_err(self.retried_err(&by_tag))?;
         let digest = Digest::parse(&digest)?;
         let revision = format!("{tag}@{digest}");
         Ok((digest, revision))
@@ -282,10 +303,12 @@ impl Registry {
             .transpose()?;
         let repo = repository(url)?;
         let tags = self
-            .client
-            .list_tags(&repo, &self.auth, None, None)
+            .retry
+            .run("tag list", || {
+                self.client.list_tags(&repo, &self.auth, None, None)
+            })
             .await
-            .map_err(request_err(&repo))?
+            .map_err(self.retried_err(&repo))?
             .tags;
         tags.into_iter()
             .filter(|t| filter.as_ref().is_none_or(|f| f.is_match(t)))
@@ -356,12 +379,14 @@ impl Registry {
         let tag = signature::signature_tag(manifest);
         let by_tag = reference(url, &tag)?;
         let (bytes, _) = match self
-            .client
-            .pull_manifest_raw(
-                &by_tag,
-                &self.auth,
-                &[OCI_MANIFEST_MEDIA_TYPE, DOCKER_MANIFEST_MEDIA_TYPE],
-            )
+            .retry
+            .run("signature manifest", || {
+                self.client.pull_manifest_raw(
+                    &by_tag,
+                    &self.auth,
+                    &[OCI_MANIFEST_MEDIA_TYPE, DOCKER_MANIFEST_MEDIA_TYPE],
+                )
+            })
             .await
         {
             Ok(found) => found,
@@ -374,7 +399,7 @@ impl Registry {
                     tag,
                 });
             }
-            Err(e) => return Err(request_err(&by_tag)(e)),
+            Err(e) => return Err(self.retried_err(&by_tag)(e)),
         };
         let sig_manifest: OciImageManifest = serde_json::from_slice(&bytes)
             .map_err(|e| RegistryError::Manifest(manifest.clone(), format!("signature manifest: {e}")))?;
@@ -535,14 +560,16 @@ impl Registry {
     /// A manifest's (or index's) bytes, checked against `digest`.
     async fn manifest_bytes(&self, by_digest: &Reference, digest: &Digest) -> Result<Vec<u8>, RegistryError> {
         let (bytes, _) = self
-            .client
-            .pull_manifest_raw(
-                by_digest,
-                &self.auth,
-                &[OCI_MANIFEST_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE],
-            )
+            .retry
+            .run("manifest", || {
+                self.client.pull_manifest_raw(
+                    by_digest,
+                    &self.auth,
+                    &[OCI_MANIFEST_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE],
+                )
+            })
             .await
-            .map_err(request_err(by_digest))?;
+            .map_err(self.retried_err(by_digest))?;
         let actual = Digest::of(&bytes);
         if &actual != digest {
             return Err(RegistryError::ManifestDigest {
@@ -567,10 +594,12 @@ impl Registry {
             source,
         };
         let mut stream = self
-            .client
-            .pull_blob_stream(by_digest, layer)
+            .retry
+            // Only the start is repeated: a stream cut halfway fails the pull, and the
+            // source's retryInterval fetches it again into a fresh scratch file.
+            .run("layer", || self.client.pull_blob_stream(by_digest, layer))
             .await
-            .map_err(request_err(by_digest))?;
+            .map_err(self.retried_err(by_digest))?;
         let path = cache.scratch_file(digest);
         let mut file = tokio::fs::File::create(&path).await.map_err(io_err)?;
         let mut got = 0u64;
@@ -669,5 +698,27 @@ fn request_err(
     move |source| RegistryError::Request {
         reference: reference.whole(),
         source,
+    }
+}
+
+impl Registry {
+    /// Like [`request_err`] for a request made under the retry policy: a 429 or 5xx that
+    /// outlasted it says so, so the status tells "rate limited" apart from "not found".
+    fn retried_err<'a>(
+        &'a self,
+        reference: &'a Reference,
+    ) -> impl Fn(oci_client::errors::OciDistributionError) -> RegistryError + 'a {
+        move |source| match transient(&source) {
+            Some(kind) => RegistryError::Throttled {
+                reference: reference.whole(),
+                kind,
+                attempts: self.retry.attempts,
+                source,
+            },
+            None => RegistryError::Request {
+                reference: reference.whole(),
+                source,
+            },
+        }
     }
 }

@@ -201,6 +201,7 @@ pub struct KustomizationSpec {
     pub wait: bool,
     #[serde(default)]
     pub health_checks: Vec<ObjectRef>,
+    /// Delete and recreate an object whose immutable fields changed, instead of failing.
     #[serde(default)]
     pub force: bool,
     #[serde(default)]
@@ -355,14 +356,6 @@ pub fn kustomization(obj: &Value) -> Result<FluxObject<KustomizationSpec>, SpecE
             name,
             field: format!("sourceRef.kind: {}", spec.source_ref.kind),
             why: "only OCIRepository sources are fetched by spokelet",
-        });
-    }
-    if spec.force {
-        return Err(SpecError::Unsupported {
-            kind,
-            name,
-            field: "force: true".into(),
-            why: "recreating objects on immutable-field errors is not implemented",
         });
     }
     for (field, value) in [

@@ -162,14 +162,7 @@ async fn unchanged_checks(registry: &OciRegistry) -> (f64, Duration, Duration) {
         .refresh(&url, &wanted, &cache, &limits, Some(&known), None)
         .await
         .unwrap();
-    let log = registry.dir().join("docker-registry.log");
-    let requests = || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("\"GET /v2/") || l.contains("\"HEAD /v2/"))
-            .count()
-    };
+    let requests = || registry.v2_requests().len();
     let before = requests();
     let mut times = Vec::new();
     for _ in 0..UNCHANGED_CHECKS {

@@ -48,7 +48,7 @@ pub use cluster::{ADMIN_USER, ClusterOptions, DEFAULT_CONTROLLERS, KubeCluster, 
 pub use credentials::UserCredentials;
 pub use error::HarnessError;
 pub use poll::{POLL_ATTEMPTS, POLL_INTERVAL, eventually, eventually_with};
-pub use registry::{LayoutBlob, OciRegistry, RegistryOptions, skopeo, write_oci_layout};
+pub use registry::{LayoutBlob, OciRegistry, RateLimitedFront, RegistryOptions, skopeo, write_oci_layout};
 pub use shared::{shared_spoke, try_shared_spoke};
 
 use std::sync::atomic::{AtomicU32, Ordering};

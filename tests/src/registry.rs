@@ -175,6 +175,27 @@ impl OciRegistry {
         &self.processes.dir
     }
 
+    /// The registry's access-log lines (combined format, one per answered request) that
+    /// contain `needle`, such as `"GET /v2/app/blobs/`. The registry writes a line after it
+    /// has answered, so a caller counting requests just made waits a moment first.
+    pub fn requests(&self, needle: &str) -> Vec<String> {
+        self.log_lines(|l| l.contains(needle))
+    }
+
+    /// The access-log lines of `/v2/` requests (GET and HEAD, the ping included), in order.
+    pub fn v2_requests(&self) -> Vec<String> {
+        self.log_lines(|l| l.contains("\"GET /v2/") || l.contains("\"HEAD /v2/"))
+    }
+
+    fn log_lines(&self, keep: impl Fn(&str) -> bool) -> Vec<String> {
+        std::fs::read_to_string(self.processes.dir.join("docker-registry.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| keep(l))
+            .map(str::to_string)
+            .collect()
+    }
+
     /// Kills the registry and deletes its storage (what dropping does), off the executor.
     pub async fn stop(self) {
         let _ = tokio::task::spawn_blocking(move || drop(self)).await;
@@ -251,4 +272,89 @@ pub fn write_oci_layout(
     );
     write(&layout.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#);
     (manifest_digest, layer_digests)
+}
+
+/// A plain-HTTP front for a registry that answers the first `rejections` connections with
+/// `429 Too Many Requests` and a `Retry-After`, then passes every later connection through
+/// untouched: a rate-limited registry, as Docker Hub and mirrors behave. Each rejection
+/// closes its connection, so a client's next request opens (and is counted as) a new one.
+/// Dropping it stops listening.
+#[derive(Debug)]
+pub struct RateLimitedFront {
+    port: u16,
+    rejected: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RateLimitedFront {
+    /// Listens on a free loopback port in front of `registry` (`127.0.0.1:PORT`).
+    pub async fn start(registry: &str, rejections: u32, retry_after_s: u32) -> Result<Self, HarnessError> {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| HarnessError::io("binding the rate-limited front", e))?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| HarnessError::io("reading the front's port", e))?
+            .port();
+        let rejected = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counter = rejected.clone();
+        let upstream = registry.to_string();
+        let task = tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                let reject = counter
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                        (n < rejections).then_some(n + 1)
+                    })
+                    .is_ok();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    if reject {
+                        reject_one(conn, retry_after_s).await;
+                    } else if let Ok(mut to) = tokio::net::TcpStream::connect(&upstream).await {
+                        let mut conn = conn;
+                        let _ = tokio::io::copy_bidirectional(&mut conn, &mut to).await;
+                    }
+                });
+            }
+        });
+        Ok(RateLimitedFront { port, rejected, task })
+    }
+
+    /// `127.0.0.1:PORT` of the front.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Connections answered with 429 so far.
+    pub fn rejected(&self) -> u32 {
+        self.rejected.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for RateLimitedFront {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Reads one request head and answers it with 429, the way distribution's rate limiters do
+/// (an OCI error envelope with code `TOOMANYREQUESTS`), then closes.
+async fn reject_one(mut conn: tokio::net::TcpStream, retry_after_s: u32) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 * 1024 {
+        match conn.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let body = r#"{"errors":[{"code":"TOOMANYREQUESTS","message":"rate limited by the test front"}]}"#;
+    let answer = format!(
+        "HTTP/1.1 429 Too Many Requests\r\nRetry-After: {retry_after_s}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = conn.write_all(answer.as_bytes()).await;
+    let _ = conn.shutdown().await;
 }

@@ -7,16 +7,17 @@ use spokelet_artifact::cache::ArtifactCache;
 use spokelet_artifact::registry::{
     ArtifactRef, FLUX_CONFIG_MEDIA_TYPE, FLUX_CONTENT_MEDIA_TYPE, Registry, RegistryError,
 };
+use spokelet_artifact::retry::RetryPolicy;
 use spokelet_artifact::unpack::UnpackLimits;
-use spokelet_e2e::OciRegistry;
 use spokelet_e2e::{LayoutBlob, skopeo, write_oci_layout};
+use spokelet_e2e::{OciRegistry, RateLimitedFront};
 
 /// How many GETs of `blobs/sha256:<hex>` the registry's access log (its combined-format
 /// lines, one per request) holds.
 fn blob_gets(registry: &OciRegistry, hex: &str) -> usize {
-    let log = std::fs::read_to_string(registry.dir().join("docker-registry.log")).unwrap_or_default();
-    let request = format!("\"GET /v2/apps/demo/blobs/sha256:{hex} ");
-    log.lines().filter(|l| l.contains(&request)).count()
+    registry
+        .requests(&format!("\"GET /v2/apps/demo/blobs/sha256:{hex} "))
+        .len()
 }
 
 async fn skopeo_raw(reference: &str) -> serde_json::Value {
@@ -448,16 +449,6 @@ async fn an_index_gives_this_platforms_artifact_and_a_layer_selector_picks_its_l
     registry.stop().await;
 }
 
-/// The registry's access-log lines for `/v2/` requests (GET and HEAD), the ping included.
-fn v2_requests(registry: &OciRegistry) -> Vec<String> {
-    std::fs::read_to_string(registry.dir().join("docker-registry.log"))
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains("\"GET /v2/") || l.contains("\"HEAD /v2/"))
-        .map(str::to_string)
-        .collect()
-}
-
 /// The check the agent makes every interval for an unchanged artifact costs one request (the
 /// tag lookup) on a registry that asks for credentials, whose answer the client keeps. On an
 /// open registry the client also pings `/v2/` before it, as it finds no credentials to keep:
@@ -491,7 +482,7 @@ async fn an_unchanged_check_costs_one_request_on_a_registry_with_credentials() {
         let known = client.pull(&url, &wanted, &cache, &limits).await.unwrap();
         const CHECKS: usize = 20;
         let expected = if users.is_empty() { 2 * CHECKS } else { CHECKS };
-        let before = v2_requests(&registry).len();
+        let before = registry.v2_requests().len();
         for _ in 0..CHECKS {
             let p = client
                 .refresh(&url, &wanted, &cache, &limits, Some(&known), None)
@@ -501,7 +492,7 @@ async fn an_unchanged_check_costs_one_request_on_a_registry_with_credentials() {
         }
         // The registry logs a request after answering it: wait for the lines, bounded.
         let seen = spokelet_e2e::eventually("the checks' access-log lines", || async {
-            let n = v2_requests(&registry).len() - before;
+            let n = registry.v2_requests().len() - before;
             if n >= expected {
                 Ok(n)
             } else {
@@ -514,13 +505,89 @@ async fn an_unchanged_check_costs_one_request_on_a_registry_with_credentials() {
             seen,
             expected,
             "users {users:?}: {:?}",
-            &v2_requests(&registry)[before..]
+            &registry.v2_requests()[before..]
         );
-        let lines = &v2_requests(&registry)[before..];
+        let lines = &registry.v2_requests()[before..];
         assert!(
             lines.iter().all(|l| !l.contains("/blobs/")),
             "no blob fetched: {lines:?}"
         );
         registry.stop().await;
     }
+}
+
+/// A rate-limited registry: the first answers are `429 Too Many Requests`; the pull waits
+/// (jittered, a second or more) and then succeeds with the artifact. One that keeps answering
+/// 429 fails after the policy's attempts with an error naming the limit, not a hang.
+#[tokio::test]
+async fn a_rate_limited_registry_is_retried_after_a_delay_and_a_persistent_limit_is_a_clear_error() {
+    let registry = OciRegistry::start().await.unwrap();
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("cm.yaml"), "kind: ConfigMap\n").unwrap();
+    let direct = Registry::new(true, RegistryAuth::Anonymous);
+    let pushed = direct
+        .push_dir(
+            &format!("oci://{}/apps/limited", registry.host()),
+            "v1",
+            src.path(),
+            "src",
+            "rev",
+        )
+        .await
+        .unwrap();
+
+    // Four rejected connections, then through. One tag lookup of the client makes at most
+    // four requests (a `/v2/` ping, a HEAD, and when the HEAD brought no digest another ping
+    // and a GET), so the first attempt surely fails and the pull has to wait and retry.
+    let front = RateLimitedFront::start(&registry.host(), 4, 1).await.unwrap();
+    let url = format!("oci://{}/apps/limited", front.host());
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = ArtifactCache::open(cache_dir.path()).unwrap();
+    let limits = UnpackLimits::default();
+    let start = std::time::Instant::now();
+    let pulled = Registry::new(true, RegistryAuth::Anonymous)
+        .pull(&url, &ArtifactRef::tag("v1"), &cache, &limits)
+        .await
+        .expect("pulled once the limit lifted");
+    assert_eq!(pulled.manifest, pushed);
+    assert_eq!(front.rejected(), 4);
+    // The retry of a 429 waits at least three quarters of a second (1 s, jittered by 25%).
+    assert!(
+        start.elapsed() >= std::time::Duration::from_millis(750),
+        "retried after only {:?}",
+        start.elapsed()
+    );
+
+    // A limit that never lifts: every attempt is refused, then a clear error.
+    let stuck = RateLimitedFront::start(&registry.host(), u32::MAX, 1)
+        .await
+        .unwrap();
+    let quick = RetryPolicy {
+        first_delay: std::time::Duration::from_millis(10),
+        first_delay_rate_limited: std::time::Duration::from_millis(10),
+        ..RetryPolicy::default()
+    };
+    let err = Registry::new(true, RegistryAuth::Anonymous)
+        .with_retry(quick.clone())
+        .pull(
+            &format!("oci://{}/apps/limited", stuck.host()),
+            &ArtifactRef::tag("v1"),
+            &cache,
+            &limits,
+        )
+        .await
+        .expect_err("the limit never lifts");
+    assert!(
+        err.to_string()
+            .contains("rate limited (HTTP 429) after 4 attempts"),
+        "{err}"
+    );
+    // Each attempt is one tag lookup, at most four requests: bounded, not a loop.
+    let rejected = stuck.rejected();
+    assert!(
+        (quick.attempts..=4 * quick.attempts).contains(&rejected),
+        "{rejected} requests for {} attempts",
+        quick.attempts
+    );
+    registry.stop().await;
 }

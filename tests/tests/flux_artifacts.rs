@@ -675,6 +675,80 @@ async fn without_prune_what_leaves_the_artifact_is_released_not_deleted() {
     registry.stop().await;
 }
 
+fn immutable_cm_yaml(name: &str, value: &str) -> String {
+    format!("{}immutable: true\n", cm_yaml(name, value))
+}
+
+async fn cm_uid(client: &kube::Client, ns: &str, name: &str) -> Option<String> {
+    get_cm(client, ns, name).await.and_then(|c| c.metadata.uid)
+}
+
+/// A change to an immutable field (the data of an `immutable: true` ConfigMap): without
+/// `force` the Kustomization fails with the API server's reason and the object stays as it
+/// was; with `force: true` it is deleted and created anew (a new uid, the new data).
+#[tokio::test]
+async fn force_recreates_an_object_whose_immutable_field_changed_and_without_it_nothing_is_deleted() {
+    let registry = OciRegistry::start().await.unwrap();
+    let url = format!("oci://{}/apps/immutable", registry.host());
+    let (mut agent, _cache, ns) = flux_agent("flux-force").await;
+    let client = agent.client.clone();
+    push(&url, "v1", &[("deploy/a.yaml", immutable_cm_yaml("a", "one"))]).await;
+    push(&url, "v2", &[("deploy/a.yaml", immutable_cm_yaml("a", "two"))]).await;
+    let mut w = work(
+        "flux-force",
+        1,
+        vec![
+            oci_repository("imm", &url, "v1"),
+            kustomization("imm", "imm", &ns, json!({})),
+        ],
+    );
+    agent.upsert(&w);
+    agent
+        .wait("flux-force", "v1 Ready", |u| {
+            manifest_cond_opt(u, 1, "Ready").is_some_and(|c| c.status == "True")
+        })
+        .await;
+    let first_uid = cm_uid(&client, &ns, "a").await.expect("a created");
+
+    // v2 without force: refused as immutable, nothing deleted, v1's data stays.
+    w.spec.workload.manifests[0] = oci_repository("imm", &url, "v2").into();
+    w.metadata.generation = Some(2);
+    agent.upsert(&w);
+    let status = agent
+        .wait("flux-force", "v2 refused as immutable", |u| {
+            manifest_cond_opt(u, 1, "Ready")
+                .is_some_and(|c| c.status == "False" && c.message.contains("immutable"))
+        })
+        .await;
+    let ready = manifest_cond_opt(&status, 1, "Ready").unwrap();
+    assert!(ready.message.contains("immutable"), "{}", ready.message);
+    assert_eq!(cm_value(&client, &ns, "a").await.as_deref(), Some("one"));
+    assert_eq!(cm_uid(&client, &ns, "a").await, Some(first_uid.clone()));
+
+    // force: true: recreated with the new data.
+    w.spec.workload.manifests[1] = kustomization("imm", "imm", &ns, json!({"force": true})).into();
+    w.metadata.generation = Some(3);
+    agent.upsert(&w);
+    let (c, n) = (client.clone(), ns.clone());
+    until("a recreated with v2's data", || {
+        let (c, n, old) = (c.clone(), n.clone(), first_uid.clone());
+        async move {
+            match (cm_value(&c, &n, "a").await, cm_uid(&c, &n, "a").await) {
+                (Some(v), Some(uid)) if v == "two" && uid != old => Ok(()),
+                other => Err(format!("a: {other:?}")),
+            }
+        }
+    })
+    .await;
+    agent
+        .wait("flux-force", "v2 Ready after the recreation", |u| {
+            manifest_cond_opt(u, 1, "Ready").is_some_and(|c| c.status == "True")
+        })
+        .await;
+    agent.stop().await;
+    registry.stop().await;
+}
+
 /// A hostile artifact (an entry climbing out with `..`) fails its source with the reason, nothing
 /// of it is written, and a work beside it is applied as usual.
 #[tokio::test]
@@ -852,13 +926,7 @@ async fn the_cache_survives_a_restart_and_entries_no_work_holds_are_collected() 
             a
         }
     };
-    let blob_gets = || {
-        std::fs::read_to_string(registry.dir().join("docker-registry.log"))
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("\"GET /v2/apps/cached/blobs/"))
-            .count()
-    };
+    let blob_gets = || registry.requests("\"GET /v2/apps/cached/blobs/").len();
     push(&url, "v1", &[("deploy/a.yaml", cm_yaml("cached", "one"))]).await;
     let hub = unique_name("flux-hub");
     let mut first = start(hub.clone()).await;

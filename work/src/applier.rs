@@ -52,6 +52,12 @@ impl From<kube::Error> for ApplyError {
 }
 
 impl ApplyError {
+    /// Whether the API server refused the write because it would change an immutable field
+    /// (422 Invalid, "field is immutable" in its message, as every built-in type words it).
+    pub fn is_immutable_field(&self) -> bool {
+        matches!(self, ApplyError::Rejected { code: 422, message, .. } if message.contains("immutable"))
+    }
+
     /// Short CamelCase reason for conditions.
     pub fn reason(&self) -> &str {
         match self {
@@ -90,6 +96,10 @@ pub struct Prepared {
     pub ignore: Vec<IgnorePath>,
     /// Hash of the manifest as the hub sent it (see SPEC_HASH_ANNOTATION).
     pub spec_hash: String,
+    /// A Kustomization's `force: true`: when the API server refuses the write because an
+    /// immutable field changed, delete the object (only if this work owns it) and create it
+    /// anew, as kustomize-controller does. Nothing else ever deletes in order to apply.
+    pub recreate_on_immutable: bool,
 }
 
 /// What an apply did.
@@ -193,8 +203,68 @@ impl Applier {
         })
     }
 
-    /// Applies one manifest, owned by `owner`.
+    /// Applies one manifest, owned by `owner`; with [`Prepared::recreate_on_immutable`], an
+    /// object whose immutable fields changed is recreated.
     pub async fn apply(&self, p: &Prepared, owner: &OwnerReference) -> Result<ApplyOutcome, ApplyError> {
+        match self.apply_strategy(p, owner).await {
+            Err(e) if p.recreate_on_immutable && e.is_immutable_field() => self.recreate(p, owner, e).await,
+            done => done,
+        }
+    }
+
+    /// Deletes the object `p` names and creates it from `p`, after `refused` (an immutable
+    /// field). Only an object this work owns is deleted, and only the very one that was read
+    /// (a uid precondition): one replaced meanwhile by someone else is left alone. An object
+    /// still terminating (finalizers) makes the create fail; the work's retry creates it later.
+    async fn recreate(
+        &self,
+        p: &Prepared,
+        owner: &OwnerReference,
+        refused: ApplyError,
+    ) -> Result<ApplyOutcome, ApplyError> {
+        let Some(live) = self.get(p).await? else {
+            return self.create_plain(p, owner).await;
+        };
+        if !has_owner(&live, &owner.uid) {
+            return Err(ApplyError::Client(format!(
+                "{refused}; not recreated: the object was not created by this work"
+            )));
+        }
+        let uid = live
+            .pointer("/metadata/uid")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let dp = kube::api::DeleteParams {
+            preconditions: Some(kube::api::Preconditions {
+                uid,
+                resource_version: None,
+            }),
+            // Its dependents (a Job's pods) go with it, as they would with kubectl replace --force.
+            propagation_policy: Some(kube::api::PropagationPolicy::Background),
+            ..Default::default()
+        };
+        tracing::info!(object = %p.key, reason = %refused, "recreating: an immutable field changed");
+        match self.api(p).delete(&p.key.name, &dp).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+        let mut out = match self.create_plain(p, owner).await {
+            Ok(out) => out,
+            Err(ApplyError::Rejected { code: 409, .. }) => {
+                return Err(ApplyError::Client(format!(
+                    "{}: deleted to recreate it (an immutable field changed), still terminating; created on the next attempt",
+                    p.key
+                )));
+            }
+            Err(e) => return Err(e),
+        };
+        out.notes.push(format!("recreated: {refused}"));
+        Ok(out)
+    }
+
+    /// Writes one manifest with its update strategy.
+    async fn apply_strategy(&self, p: &Prepared, owner: &OwnerReference) -> Result<ApplyOutcome, ApplyError> {
         if p.strategy != UpdateStrategyType::ReadOnly {
             self.drift.ensure_watch(&p.resolved.ar);
         }

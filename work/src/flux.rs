@@ -128,6 +128,9 @@ pub struct Expansion {
     /// Kustomizations (name, namespace) with `prune: false`: what leaves their build is
     /// released, not deleted.
     pub no_prune: HashSet<(String, String)>,
+    /// Ordinals (in the expanded work) of objects built by Kustomizations with `force: true`:
+    /// an apply refused for an immutable field deletes and recreates them.
+    pub recreate: HashSet<usize>,
 }
 
 impl Expansion {
@@ -350,6 +353,7 @@ async fn kustomization_step(
     if !ks.spec.prune {
         x.no_prune.insert((ks.name.clone(), ks.namespace.clone()));
     }
+    let force = ks.spec.force;
     native.wait = ks.spec.wait;
     native.health_checks = ks
         .spec
@@ -419,6 +423,9 @@ async fn kustomization_step(
                 message,
             );
         }
+    }
+    if force {
+        x.recreate.extend(native.objects.clone());
     }
     native
 }

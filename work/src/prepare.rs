@@ -172,6 +172,7 @@ pub async fn prepare(
         strategy: strategy_type,
         ignore,
         spec_hash: p.content_hash.clone(),
+        recreate_on_immutable: false,
     })
 }
 

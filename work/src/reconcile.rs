@@ -101,6 +101,7 @@ pub async fn reconcile(
         pre_existing: HashSet::new(),
         adopted: Vec::new(),
         no_prune: expansion.as_ref().map(|x| x.no_prune.clone()).unwrap_or_default(),
+        recreate: expansion.as_ref().map(|x| x.recreate.clone()).unwrap_or_default(),
     };
     for (_tier, idxs) in run.tiers() {
         run.apply_tier(idxs).await;
@@ -264,6 +265,9 @@ struct Run<'a> {
     adopted: Vec<String>,
     /// Kustomizations of the work with `prune: false` (see `prune::Owner::no_prune`).
     no_prune: HashSet<(String, String)>,
+    /// Ordinals whose objects may be deleted and recreated when an immutable field changes
+    /// (see `flux::Expansion::recreate`).
+    recreate: HashSet<usize>,
 }
 
 impl Run<'_> {
@@ -306,7 +310,7 @@ impl Run<'_> {
                 continue;
             };
             let r = &mut self.results[i];
-            let prep = match prepare::prepare(self.ctx, i, p, self.work, &self.crd_kinds, r).await {
+            let mut prep = match prepare::prepare(self.ctx, i, p, self.work, &self.crd_kinds, r).await {
                 Ok(prep) => prep,
                 Err(Unresolved { group, name, error }) => {
                     r.error = Some(ManifestFailure::Discovery(error));
@@ -314,6 +318,7 @@ impl Run<'_> {
                     continue;
                 }
             };
+            prep.recreate_on_immutable = self.recreate.contains(&i);
             if let Err(e) = self.seen.check(&prep.key, i) {
                 r.error = Some(e.into());
                 continue;
