@@ -40,6 +40,7 @@ pub mod pki;
 mod poll;
 mod process;
 mod registry;
+mod registry_token;
 mod rundir;
 mod shared;
 
@@ -49,6 +50,7 @@ pub use credentials::UserCredentials;
 pub use error::HarnessError;
 pub use poll::{POLL_ATTEMPTS, POLL_INTERVAL, eventually, eventually_with};
 pub use registry::{LayoutBlob, OciRegistry, RateLimitedFront, RegistryOptions, skopeo, write_oci_layout};
+pub use registry_token::{TOKEN_ISSUER, TOKEN_SERVICE, TokenServer};
 pub use shared::{shared_spoke, try_shared_spoke};
 
 use std::sync::atomic::{AtomicU32, Ordering};

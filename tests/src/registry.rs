@@ -16,6 +16,7 @@ use crate::cluster::{Processes, start_budget};
 use crate::credentials::write_private;
 use crate::pki::CertificateAuthority;
 use crate::process::{ManagedProcess, free_ports, http_get};
+use crate::registry_token::{TOKEN_ISSUER, TOKEN_SERVICE, TokenServer};
 use crate::rundir;
 
 /// An htpasswd file of `users`, bcrypt-hashed (the only scheme the registry accepts).
@@ -43,6 +44,9 @@ pub struct RegistryOptions {
     pub users: Vec<(String, String)>,
     /// Serve HTTPS with a certificate for 127.0.0.1 from a CA made for this registry.
     pub tls: bool,
+    /// Bearer-token authentication instead of htpasswd: the registry sends clients to a
+    /// [`TokenServer`], which checks `users` and hands out signed tokens.
+    pub token: bool,
 }
 
 /// A running registry; dropping it kills the process and deletes its storage.
@@ -52,6 +56,8 @@ pub struct OciRegistry {
     processes: Processes,
     /// The CA of its certificate, PEM, when it serves TLS.
     ca_pem: Option<String>,
+    /// The token server, for a registry with bearer-token authentication.
+    token: Option<TokenServer>,
 }
 
 impl OciRegistry {
@@ -93,7 +99,16 @@ impl OciRegistry {
             // The storage health check would only add log noise.
             "health": { "storagedriver": { "enabled": false } },
         });
-        if !opts.users.is_empty() {
+        let mut token = None;
+        if opts.token {
+            let server = TokenServer::start(&opts.users).await?;
+            let bundle = dir.join("token-root.pem");
+            write_private(&bundle, &server.root_pem)?;
+            config["auth"] = serde_json::json!({"token": {
+                "realm": server.realm(), "service": TOKEN_SERVICE, "issuer": TOKEN_ISSUER,
+                "rootcertbundle": bundle.display().to_string()}});
+            token = Some(server);
+        } else if !opts.users.is_empty() {
             let path = dir.join("htpasswd");
             write_private(&path, &htpasswd(&opts.users)?)?;
             config["auth"] = serde_json::json!({"htpasswd": {"realm": "spokelet-test", "path": path.display().to_string()}});
@@ -129,7 +144,7 @@ impl OciRegistry {
             // credentials, 400 says "HTTPS expected".
             let last = match http_get(port, "/v2/").await {
                 Ok((200, _)) => break,
-                Ok((401, _)) if !opts.users.is_empty() => break,
+                Ok((401, _)) if !opts.users.is_empty() || opts.token => break,
                 Ok((400, _)) if opts.tls => break,
                 Ok((status, body)) => format!("/v2/ answered {status}: {body}"),
                 Err(e) => e,
@@ -144,12 +159,18 @@ impl OciRegistry {
             port,
             processes,
             ca_pem,
+            token,
         })
     }
 
     /// `127.0.0.1:PORT`, as used in image references (`127.0.0.1:PORT/repo:tag`).
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The token server of a registry with bearer-token authentication.
+    pub fn token_server(&self) -> Option<&TokenServer> {
+        self.token.as_ref()
     }
 
     /// The CA certificate (PEM) of a TLS registry.

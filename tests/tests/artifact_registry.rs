@@ -10,7 +10,7 @@ use spokelet_artifact::registry::{
 use spokelet_artifact::retry::RetryPolicy;
 use spokelet_artifact::unpack::UnpackLimits;
 use spokelet_e2e::{LayoutBlob, skopeo, write_oci_layout};
-use spokelet_e2e::{OciRegistry, RateLimitedFront};
+use spokelet_e2e::{OciRegistry, RateLimitedFront, RegistryOptions};
 
 /// How many GETs of `blobs/sha256:<hex>` the registry's access log (its combined-format
 /// lines, one per request) holds.
@@ -455,11 +455,10 @@ async fn an_index_gives_this_platforms_artifact_and_a_layer_selector_picks_its_l
 /// two requests, both without a body.
 #[tokio::test]
 async fn an_unchanged_check_costs_one_request_on_a_registry_with_credentials() {
-    use spokelet_e2e::RegistryOptions;
     for users in [vec![("puller".to_string(), "s3cret".to_string())], vec![]] {
         let registry = OciRegistry::start_with(&RegistryOptions {
             users: users.clone(),
-            tls: false,
+            ..RegistryOptions::default()
         })
         .await
         .unwrap();
@@ -589,5 +588,65 @@ async fn a_rate_limited_registry_is_retried_after_a_delay_and_a_persistent_limit
         "{rejected} requests for {} attempts",
         quick.attempts
     );
+    registry.stop().await;
+}
+
+/// A registry with bearer-token authentication (the `WWW-Authenticate: Bearer realm=...` flow):
+/// with the right credentials the client fetches a token from the realm and pushes and pulls
+/// with it; with a wrong password or none the token server refuses and so does the pull, with
+/// an authentication error.
+#[tokio::test]
+async fn a_bearer_token_registry_is_pushed_to_and_pulled_from_with_credentials_and_refused_without() {
+    let registry = OciRegistry::start_with(&RegistryOptions {
+        users: vec![("alice".into(), "s3cret".into())],
+        token: true,
+        ..RegistryOptions::default()
+    })
+    .await
+    .unwrap();
+    let tokens = registry.token_server().unwrap();
+    let url = format!("oci://{}/apps/tokened", registry.host());
+    let src = tempfile::tempdir().unwrap();
+    std::fs::write(src.path().join("cm.yaml"), "kind: ConfigMap\n").unwrap();
+    let alice = RegistryAuth::Basic("alice".into(), "s3cret".into());
+    let pushed = Registry::new(true, alice.clone())
+        .push_dir(&url, "v1", src.path(), "src", "rev")
+        .await
+        .expect("push with a token");
+
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = ArtifactCache::open(cache_dir.path()).unwrap();
+    let limits = UnpackLimits::default();
+    let before = tokens.issued();
+    let pulled = Registry::new(true, alice)
+        .pull(&url, &ArtifactRef::tag("v1"), &cache, &limits)
+        .await
+        .expect("pull with a token");
+    assert_eq!(pulled.manifest, pushed);
+    assert!(tokens.issued() > before, "the pull fetched a token");
+    assert_eq!(
+        std::fs::read_to_string(pulled.dir.join("cm.yaml")).unwrap(),
+        "kind: ConfigMap\n"
+    );
+
+    for auth in [
+        RegistryAuth::Basic("alice".into(), "wrong".into()),
+        RegistryAuth::Anonymous,
+    ] {
+        let refused = tokens.refused();
+        let err = Registry::new(true, auth)
+            .pull(&url, &ArtifactRef::tag("v1"), &cache, &limits)
+            .await
+            .expect_err("no token, no pull");
+        assert!(
+            tokens.refused() > refused,
+            "the token server was asked and said no: {err}"
+        );
+        let text = format!("{err}: {:?}", std::error::Error::source(&err));
+        assert!(
+            text.contains("Authentication failure") || text.contains("Not authorized"),
+            "{text}"
+        );
+    }
     registry.stop().await;
 }

@@ -401,6 +401,7 @@ async fn a_registry_with_a_password_and_its_own_ca_is_reached_through_secret_ref
     let registry = OciRegistry::start_with(&RegistryOptions {
         users: vec![("puller".into(), "s3cret".into())],
         tls: true,
+        ..RegistryOptions::default()
     })
     .await
     .unwrap();
