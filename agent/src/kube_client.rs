@@ -23,6 +23,7 @@ use kube::{Client, Config};
 use rustls::pki_types::ServerName;
 use tower::ServiceBuilder;
 
+use crate::leader::{GateLayer, WriteGate};
 use crate::lock::lock;
 
 /// The error type kube's service stack uses.
@@ -96,8 +97,17 @@ fn token_fits_a_header(token: &str) -> bool {
 
 /// Builds a client from `config` speaking `version`.
 pub fn client(config: Config, version: HttpVersion) -> Result<Client, KubeClientError> {
+    gated_client(config, version, None)
+}
+
+/// [`client`] whose writes pass only while `gate` is open (see [`crate::leader::GateLayer`]).
+pub fn gated_client(
+    config: Config,
+    version: HttpVersion,
+    gate: Option<WriteGate>,
+) -> Result<Client, KubeClientError> {
     let tls = config.rustls_client_config()?;
-    client_with_tls(config, tls, None, version)
+    build(config, tls, None, version, gate)
 }
 
 /// [`client`] with a TLS configuration the caller made, for example kube's own
@@ -107,9 +117,19 @@ pub fn client(config: Config, version: HttpVersion) -> Result<Client, KubeClient
 /// requests (see `RenewingPool`); without, one pool serves the client's lifetime.
 pub fn client_with_tls(
     config: Config,
+    tls: rustls::ClientConfig,
+    identity_version: Option<IdentityVersion>,
+    version: HttpVersion,
+) -> Result<Client, KubeClientError> {
+    build(config, tls, identity_version, version, None)
+}
+
+fn build(
+    config: Config,
     mut tls: rustls::ClientConfig,
     identity_version: Option<IdentityVersion>,
     version: HttpVersion,
+    gate: Option<WriteGate>,
 ) -> Result<Client, KubeClientError> {
     if let Some(token) = &config.auth_info.token
         && !token_fits_a_header(secrecy::ExposeSecret::expose_secret(token))
@@ -143,6 +163,8 @@ pub fn client_with_tls(
         Some(version) => ConnectionPool::Renewing(Arc::new(RenewingPool::new(https, version))),
     };
     let service = ServiceBuilder::new()
+        // Outermost: a write refused for want of leadership never reaches auth or the wire.
+        .option_layer(gate.map(GateLayer))
         .layer(config.base_uri_layer())
         .option_layer(config.auth_layer()?)
         .layer(config.extra_headers_layer()?)

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod hub;
 pub mod inventory;
 pub mod kube_client;
+pub mod leader;
 pub mod run;
 pub mod shutdown;
 pub mod telemetry;

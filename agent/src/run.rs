@@ -12,6 +12,7 @@ use crate::artifact::ArtifactLimitArgs;
 use crate::hub::file_source::{FileSource, FileSourceError, FileStatusSink};
 use crate::hub::{ConnectError, HubArgs, HubConnection};
 use crate::kube_client::{self, HttpVersion, KubeClientError};
+use crate::leader::{Elector, LeaderArgs, LeaderError, LeaderMetrics, LeaseSettings, Role, WriteGate};
 use crate::lock::lock;
 use crate::work::applied_work::{hub_hash, hub_hash_of_address, legacy_hub_hash};
 use crate::work::engine::{EngineConfig, EngineError, WorkEngine};
@@ -21,9 +22,10 @@ use crate::work::manifestwork::DEFAULT_FIELD_MANAGER;
 use crate::work::metrics::WorkMetrics;
 use crate::work::policy::{AgentIdentity, Policy, PolicyError};
 use crate::work::schedule::FlapGuard;
-use crate::work::source::{StatusSink, WorkSource};
+use crate::work::source::{SinkError, StatusSink, StatusUpdate, WorkSource};
 use crate::work::validate::WorkLimits;
 use spokelet_base::duration::parse_duration;
+use tokio_util::sync::CancellationToken;
 
 /// Settings of the work engine.
 #[derive(clap::Args, Debug, Clone)]
@@ -134,6 +136,10 @@ pub struct RunArgs {
     /// Bounds on every artifact unpacked.
     #[command(flatten)]
     pub artifact_limits: ArtifactLimitArgs,
+
+    /// One active engine among several replicas (`--leader-elect`).
+    #[command(flatten)]
+    pub leader: LeaderArgs,
 }
 
 /// See [`RunArgs::flux_objects`].
@@ -182,6 +188,9 @@ pub enum RunError {
     /// The engine failed to start.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// Leader election is misconfigured, or leadership was lost.
+    #[error(transparent)]
+    Leader(#[from] LeaderError),
     /// The policy file cannot be used; the agent does not start with a policy other than the one written.
     #[error("--policy {path}: {source}")]
     Policy {
@@ -260,17 +269,20 @@ pub struct EngineClient {
 }
 
 /// Clients that impersonate a work's executor: the agent's own configuration plus the
-/// `Impersonate-User` / `Impersonate-Group` headers, on a connection of their own.
-pub fn executor_factory(config: &Config, version: HttpVersion) -> ClientFactory {
+/// `Impersonate-User` / `Impersonate-Group` headers, on a connection of their own, behind the
+/// same write gate as the engine's own client.
+pub fn executor_factory(config: &Config, version: HttpVersion, gate: Option<WriteGate>) -> ClientFactory {
     let base = config.clone();
     ClientFactory(Arc::new(move |user: &str, groups: &[String]| {
         let mut c = base.clone();
         c.auth_info.impersonate = Some(user.to_string());
         c.auth_info.impersonate_groups = Some(groups.to_vec());
-        kube_client::client(c, version).map_err(|e| e.to_string())
+        kube_client::gated_client(c, version, gate.clone()).map_err(|e| e.to_string())
     }))
 }
 
+/// Runs the engine until `ctx.shutdown`: at once, or with `--leader-elect` only once this
+/// replica holds the Lease (see [`run_as_candidate`]).
 pub async fn run(args: RunArgs, hub: HubArgs, ctx: RunContext) -> Result<(), RunError> {
     let config = client_config(args.kubeconfig.as_deref()).await?;
     let version = if args.kube_http2 {
@@ -278,11 +290,94 @@ pub async fn run(args: RunArgs, hub: HubArgs, ctx: RunContext) -> Result<(), Run
     } else {
         HttpVersion::Http1
     };
-    let executors = executor_factory(&config, version);
+    if args.leader.leader_elect {
+        run_as_candidate(&args, &hub, &ctx, &config, version).await
+    } else {
+        run_active(&args, &hub, &ctx, &config, version, None).await
+    }
+}
+
+/// Waits as a standby (ready, writing nothing) until the Lease is ours, then runs the engine
+/// with every spoke write behind the election's gate. Leadership lost: the gate shuts, the
+/// engine stops and this returns [`LeaderError::Lost`], so the process exits and comes back
+/// as a standby. Shutdown: the engine drains, then the Lease is released for the standby.
+async fn run_as_candidate(
+    args: &RunArgs,
+    hub: &HubArgs,
+    ctx: &RunContext,
+    config: &Config,
+    version: HttpVersion,
+) -> Result<(), RunError> {
+    let settings = LeaseSettings::from_args(&args.leader, &args.agent_namespace)?;
+    let metrics = LeaderMetrics::default();
+    metrics.register(lock(&ctx.registry).sub_registry_with_prefix("leader"));
+    let gate = WriteGate::shut();
+    // The Lease is the one write a standby makes: its client has no gate.
+    let lease_client = kube_client::client(config.clone(), version)?;
+    let mut elector = Elector::new(lease_client, settings.clone(), gate.clone(), metrics);
+    let mut role = elector.role();
+    let stop_electing = CancellationToken::new();
+    let electing = {
+        let stop = stop_electing.clone();
+        tokio::spawn(async move {
+            elector.run(stop).await;
+            elector
+        })
+    };
+    // A standby is doing its job: waiting. Its /readyz says so.
+    ctx.health.set_ready(true);
+    tracing::info!(lease = %settings.lease(), identity = %settings.identity, "standby: waiting for the work-engine lease");
+    let leading = tokio::select! {
+        r = role.wait_for(|r| *r != Role::Standby) => r.is_ok_and(|r| *r == Role::Leader),
+        () = ctx.shutdown.cancelled() => false,
+    };
+    if !leading {
+        stop_electing.cancel();
+        let _ = electing.await;
+        return Ok(());
+    }
+    ctx.health.set_ready(false);
+    // The engine stops on shutdown, or at once when leadership is lost.
+    let engine_stop = ctx.shutdown.child_token();
+    let on_loss = {
+        let (stop, mut role) = (engine_stop.clone(), role.clone());
+        tokio::spawn(async move {
+            if role.wait_for(|r| *r == Role::Lost).await.is_ok() {
+                stop.cancel();
+            }
+        })
+    };
+    let engine_ctx = RunContext {
+        shutdown: engine_stop,
+        ..ctx.clone()
+    };
+    let result = run_active(args, hub, &engine_ctx, config, version, Some(gate.clone())).await;
+    on_loss.abort();
+    if *role.borrow() == Role::Lost {
+        return Err(LeaderError::Lost(settings.lease()).into());
+    }
+    stop_electing.cancel();
+    if let Ok(elector) = electing.await {
+        elector.release().await;
+    }
+    result
+}
+
+/// The engine on the hub's works, or on `--works-dir`; with `gate`, every spoke write and
+/// every status report passes only while it is open.
+async fn run_active(
+    args: &RunArgs,
+    hub: &HubArgs,
+    ctx: &RunContext,
+    config: &Config,
+    version: HttpVersion,
+    gate: Option<WriteGate>,
+) -> Result<(), RunError> {
+    let executors = executor_factory(config, version, gate.clone());
     // One client (one connection pool) for every request and watch of the engine.
-    let client = kube_client::client(config, version)?;
+    let client = kube_client::gated_client(config.clone(), version, gate.clone())?;
     let client = EngineClient { client, executors };
-    if let Some(conn) = HubConnection::open(&hub, &args.agent_id, &ctx.registry, &client.client).await? {
+    if let Some(conn) = HubConnection::open(hub, &args.agent_id, &ctx.registry, &client.client).await? {
         if let Some(dir) = &args.works_dir {
             // Two sources would fight over the same AppliedManifestWorks; refuse rather than guess.
             conn.closer.close().await;
@@ -295,17 +390,46 @@ pub async fn run(args: RunArgs, hub: HubArgs, ctx: RunContext) -> Result<(), Run
             closer,
         } = conn;
         tracing::info!(hub = %address, "work engine starting (hub source)");
-        let result = run_engine(&args, &ctx, client, source, sink, &address).await;
+        let sink = GatedSink::wrap(sink, gate);
+        let result = run_engine(args, ctx, client, source, sink, &address).await;
         // After the engine: its last statuses (final `Deleted`s included) still reach the hub.
         closer.close().await;
         return result;
     }
     let dir = args.works_dir.clone().ok_or(RunError::NoSource)?;
     let source = FileSource::new(&dir, args.works_poll_interval)?;
-    let sink = Arc::new(FileStatusSink::new(&dir));
+    let sink = GatedSink::wrap(Arc::new(FileStatusSink::new(&dir)), gate);
     tracing::info!(dir = %dir.display(), hub = %args.hub_name, "work engine starting (file source)");
     let hub = args.hub_name.clone();
-    run_engine(&args, &ctx, client, source, sink, &hub).await
+    run_engine(args, ctx, client, source, sink, &hub).await
+}
+
+/// A status sink that drops reports while the write gate is shut: a replica that lost the
+/// Lease reports nothing more (the new leader reports the works' state itself).
+#[derive(Debug)]
+struct GatedSink {
+    inner: Arc<dyn StatusSink>,
+    gate: WriteGate,
+}
+
+impl GatedSink {
+    fn wrap(inner: Arc<dyn StatusSink>, gate: Option<WriteGate>) -> Arc<dyn StatusSink> {
+        match gate {
+            Some(gate) => Arc::new(GatedSink { inner, gate }),
+            None => inner,
+        }
+    }
+}
+
+impl StatusSink for GatedSink {
+    fn publish(&self, update: StatusUpdate) -> futures::future::BoxFuture<'_, Result<(), SinkError>> {
+        if !self.gate.is_open() {
+            return Box::pin(std::future::ready(Err(SinkError::Failed(
+                "not the leader: status not reported".into(),
+            ))));
+        }
+        self.inner.publish(update)
+    }
 }
 
 /// Runs the engine on any source and sink (a hub transport, say) until `ctx.shutdown` is

@@ -1274,6 +1274,7 @@ async fn config_with_executors(hub: &str) -> EngineConfig {
     cfg.executor_clients = Some(spokelet::run::executor_factory(
         &config,
         spokelet::kube_client::HttpVersion::Http1,
+        None,
     ));
     cfg
 }
