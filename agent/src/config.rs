@@ -45,6 +45,8 @@ pub enum Command {
     Inventory(InventoryArgs),
     /// Apply ManifestWorks to this cluster and keep them applied (drift correction).
     Run(Box<RunCommand>),
+    /// Keep this node's hardware labels and NodeInventory current (the per-node DaemonSet role).
+    Node(Box<NodeCommand>),
     /// Flux-format OCI artifacts: package a directory and push it.
     #[command(subcommand)]
     Artifact(ArtifactCommand),
@@ -58,6 +60,16 @@ pub struct RunCommand {
     /// Where works come from: a hub (`--hub-transport grpc|kube`) or, without one, `--works-dir`.
     #[command(flatten)]
     pub hub: HubArgs,
+    /// Admin endpoint and shutdown settings.
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// `spokelet node`: the node role plus the admin endpoint.
+#[derive(Debug, clap::Args)]
+pub struct NodeCommand {
+    #[command(flatten)]
+    pub node: crate::node::NodeArgs,
     /// Admin endpoint and shutdown settings.
     #[command(flatten)]
     pub admin: AdminArgs,
@@ -267,7 +279,11 @@ mod tests {
         let Command::Inventory(args) = cli.command else {
             panic!("wrong subcommand")
         };
-        assert_eq!(args.root, PathBuf::from("/from-flag"), "the flag beats the file");
+        assert_eq!(
+            args.discovery.root,
+            PathBuf::from("/from-flag"),
+            "the flag beats the file"
+        );
         assert_eq!(
             args.output,
             crate::inventory::OutputFormat::Yaml,
@@ -312,7 +328,7 @@ mod tests {
         let Command::Inventory(args) = cli.command else {
             panic!("wrong subcommand")
         };
-        assert!(args.no_nvml);
+        assert!(args.discovery.no_nvml);
         assert!(inventory_with_config("").is_ok(), "an empty config file is valid");
     }
 

@@ -4,7 +4,7 @@ use prometheus_client::metrics::info::Info;
 
 use crate::{
     admin::{AdminError, AdminServer, RunContext},
-    config::RunCommand,
+    config::{AdminArgs, NodeCommand, RunCommand},
     lock::lock,
     run::RunError,
     shutdown::{self, Drained},
@@ -19,6 +19,9 @@ pub enum DaemonError {
     /// The work engine failed.
     #[error(transparent)]
     Run(#[from] RunError),
+    /// The node role failed.
+    #[error(transparent)]
+    Node(#[from] crate::node::NodeError),
     /// In-flight work did not finish within the grace period after SIGTERM.
     #[error("in-flight work did not finish within the {0:?} shutdown grace period")]
     GraceExpired(std::time::Duration),
@@ -35,17 +38,29 @@ pub fn register_build_info(ctx: &RunContext) {
 
 /// `spokelet run`: serve the admin endpoint and run the work engine until SIGTERM, then drain.
 pub async fn run(cmd: RunCommand) -> Result<(), DaemonError> {
-    let trigger = async {
-        match shutdown::signal().await {
-            Ok(signal) => tracing::info!(signal, "received shutdown signal"),
-            Err(err) => {
-                // Without a handler the default action (exit) still applies; keep running.
-                tracing::error!(error = %err, "cannot watch for shutdown signals");
-                std::future::pending::<()>().await;
-            }
+    run_until(cmd, RunContext::new(), signalled()).await
+}
+
+/// `spokelet node`: serve the admin endpoint and keep the node's labels and NodeInventory
+/// current until SIGTERM.
+pub async fn node(cmd: NodeCommand) -> Result<(), DaemonError> {
+    let NodeCommand { node, admin } = cmd;
+    serve(&admin, RunContext::new(), signalled(), |ctx| async move {
+        crate::node::run(node, ctx).await.map_err(DaemonError::from)
+    })
+    .await
+}
+
+/// Resolves on SIGTERM or SIGINT (never, if the handler cannot be installed: the default
+/// action, exit, still applies).
+async fn signalled() {
+    match shutdown::signal().await {
+        Ok(signal) => tracing::info!(signal, "received shutdown signal"),
+        Err(err) => {
+            tracing::error!(error = %err, "cannot watch for shutdown signals");
+            std::future::pending::<()>().await;
         }
-    };
-    run_until(cmd, RunContext::new(), trigger).await
+    }
 }
 
 /// [`run`] with the shutdown trigger and context supplied by the caller, so tests (and
@@ -54,20 +69,39 @@ pub async fn run_until<S>(cmd: RunCommand, ctx: RunContext, trigger: S) -> Resul
 where
     S: std::future::Future<Output = ()>,
 {
+    let RunCommand { run, hub, admin } = cmd;
+    serve(&admin, ctx, trigger, |ctx| async move {
+        crate::run::run(run, hub, ctx).await.map_err(DaemonError::from)
+    })
+    .await
+}
+
+/// Serves the admin endpoint around `component` and drains it on `trigger` within the grace.
+async fn serve<S, F, Fut>(
+    admin_args: &AdminArgs,
+    ctx: RunContext,
+    trigger: S,
+    component: F,
+) -> Result<(), DaemonError>
+where
+    S: std::future::Future<Output = ()>,
+    F: FnOnce(RunContext) -> Fut,
+    Fut: std::future::Future<Output = Result<(), DaemonError>>,
+{
     register_build_info(&ctx);
-    let admin = AdminServer::bind(cmd.admin.admin_addr, ctx.registry.clone(), ctx.health.clone()).await?;
+    let admin = AdminServer::bind(admin_args.admin_addr, ctx.registry.clone(), ctx.health.clone()).await?;
     tracing::info!(addr = %admin.local_addr()?, "admin endpoint listening (/metrics, /healthz, /readyz)");
     let admin_task = tokio::spawn(admin.serve(ctx.shutdown.clone()));
 
-    let engine = crate::run::run(cmd.run, cmd.hub, ctx.clone());
-    let outcome = shutdown::drain(engine, trigger, ctx.shutdown.clone(), cmd.admin.shutdown_grace).await;
+    let work = component(ctx.clone());
+    let outcome = shutdown::drain(work, trigger, ctx.shutdown.clone(), admin_args.shutdown_grace).await;
 
-    // Whatever happened to the engine, stop the admin endpoint too.
+    // Whatever happened to the component, stop the admin endpoint too.
     ctx.shutdown.cancel();
     let admin_result = admin_task.await;
     match outcome {
         Drained::Finished(result) | Drained::Drained(result) => result?,
-        Drained::GraceExpired => return Err(DaemonError::GraceExpired(cmd.admin.shutdown_grace)),
+        Drained::GraceExpired => return Err(DaemonError::GraceExpired(admin_args.shutdown_grace)),
     }
     match admin_result {
         Ok(result) => result?,

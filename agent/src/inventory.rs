@@ -25,12 +25,20 @@ pub enum OutputFormat {
 }
 
 /// Arguments of `spokelet inventory`.
-#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
 pub struct InventoryArgs {
     /// Output format: a table for people, JSON or YAML for tools, or the node labels.
     #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Table, env = "SPOKELET_INVENTORY_OUTPUT")]
     pub output: OutputFormat,
 
+    /// What to read and how.
+    #[command(flatten)]
+    pub discovery: DiscoveryArgs,
+}
+
+/// Where discovery reads from; shared by `spokelet inventory` and `spokelet node`.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct DiscoveryArgs {
     /// Filesystem root to read `proc/` and `sys/` from. In a DaemonSet the
     /// host's root is typically mounted at `/host`.
     #[arg(long, default_value = "/", env = "SPOKELET_HOST_ROOT")]
@@ -47,10 +55,9 @@ pub struct InventoryArgs {
     pub no_nvml: bool,
 }
 
-impl Default for InventoryArgs {
+impl Default for DiscoveryArgs {
     fn default() -> Self {
         Self {
-            output: OutputFormat::Table,
             root: PathBuf::from("/"),
             nvml_library: None,
             no_nvml: false,
@@ -58,7 +65,7 @@ impl Default for InventoryArgs {
     }
 }
 
-impl InventoryArgs {
+impl DiscoveryArgs {
     /// The discovery options these arguments select.
     pub fn discover_options(&self) -> DiscoverOptions {
         let nvml = if self.no_nvml {
@@ -72,6 +79,13 @@ impl InventoryArgs {
             root: self.root.clone(),
             nvml,
         }
+    }
+}
+
+impl InventoryArgs {
+    /// The discovery options these arguments select.
+    pub fn discover_options(&self) -> DiscoverOptions {
+        self.discovery.discover_options()
     }
 }
 
@@ -133,7 +147,7 @@ mod tests {
     fn defaults_and_flags() {
         let cli = Cli::try_parse_from(["inventory"]).unwrap();
         assert_eq!(cli.args.output, OutputFormat::Table);
-        assert_eq!(cli.args.root, PathBuf::from("/"));
+        assert_eq!(cli.args.discovery.root, PathBuf::from("/"));
         assert_eq!(cli.args.discover_options().nvml, NvmlSource::Auto);
 
         let cli = Cli::try_parse_from([

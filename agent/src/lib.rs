@@ -10,6 +10,7 @@ pub mod hub;
 pub mod inventory;
 pub mod kube_client;
 pub mod leader;
+pub mod node;
 pub mod run;
 pub mod shutdown;
 pub mod telemetry;

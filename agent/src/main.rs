@@ -19,6 +19,15 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// A single-threaded runtime, for a command with little concurrency (blocking discovery still
+/// runs on tokio's blocking pool).
+fn current_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::load() {
         Ok(cli) => cli,
@@ -52,6 +61,10 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Run(cmd) => runtime()?
             .block_on(daemon::run(*cmd))
             .context("spokelet run failed"),
+        // The node role does one thing at a time: one thread keeps its memory small.
+        Command::Node(cmd) => current_thread_runtime()?
+            .block_on(daemon::node(*cmd))
+            .context("spokelet node failed"),
         Command::Artifact(ArtifactCommand::Push(args)) => {
             let pushed = runtime()?
                 .block_on(artifact::push(&args))

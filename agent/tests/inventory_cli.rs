@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use spokelet::inventory::{InventoryArgs, OutputFormat, run};
+use spokelet::inventory::{DiscoveryArgs, InventoryArgs, OutputFormat, run};
 use spokelet_hardware::testing::{ShimVariant, build_nvml_shim};
 use spokelet_hardware::{GpuSource, Inventory};
 
@@ -28,9 +28,11 @@ fn output(args: &InventoryArgs) -> String {
 fn hgx_args(output: OutputFormat, nvml: &Path) -> InventoryArgs {
     InventoryArgs {
         output,
-        root: fixture("hgx-h100"),
-        nvml_library: Some(nvml.to_path_buf()),
-        no_nvml: false,
+        discovery: DiscoveryArgs {
+            root: fixture("hgx-h100"),
+            nvml_library: Some(nvml.to_path_buf()),
+            no_nvml: false,
+        },
     }
 }
 
@@ -90,7 +92,7 @@ fn no_nvml_wins_over_a_library() {
     let dir = tempfile::tempdir().unwrap();
     let lib = shim(&dir);
     let mut args = hgx_args(OutputFormat::Json, &lib);
-    args.no_nvml = true;
+    args.discovery.no_nvml = true;
     let inv: Inventory = serde_json::from_str(&output(&args)).unwrap();
     assert_eq!(inv.gpus.source, GpuSource::PciScan);
     assert_eq!(inv.gpus.devices.len(), 8);

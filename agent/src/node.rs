@@ -1,0 +1,281 @@
+//! `spokelet node`: keeps this node's hardware labels and its `NodeInventory` current as the
+//! hardware changes, writing only when something changed.
+//!
+//! Discovery runs every `--rediscover-interval` (1 s: a few hundred small sysfs reads and one
+//! NVML session, a few milliseconds), so a change reaches the API server within about a
+//! second. Each write is a server-side apply with the field manager `spokelet-node`: the
+//! Node's labels spokelet set and no longer finds are removed by the API server itself, and
+//! labels anyone else set are never touched. An unchanged inventory costs no request at all,
+//! except one re-apply every `--resync-interval` that repairs a hand edit.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kube::Client;
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::admin::RunContext;
+use crate::inventory::DiscoveryArgs;
+use crate::kube_client::{self, HttpVersion, KubeClientError};
+use crate::lock::lock;
+use crate::run::{RunError, client_config};
+use spokelet_base::backoff::ExponentialBackoff;
+use spokelet_base::duration::parse_duration;
+
+/// The field manager of every write of the node role; owns exactly the labels it sets.
+pub const FIELD_MANAGER: &str = "spokelet-node";
+
+/// The NodeInventory kind (`deploy/crds/nodeinventories.spokelet.io.yaml`).
+pub fn node_inventory_resource() -> ApiResource {
+    ApiResource {
+        group: "spokelet.io".into(),
+        version: "v1alpha1".into(),
+        api_version: "spokelet.io/v1alpha1".into(),
+        kind: "NodeInventory".into(),
+        plural: "nodeinventories".into(),
+    }
+}
+
+/// Settings of `spokelet node`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// What discovery reads.
+    #[command(flatten)]
+    pub discovery: DiscoveryArgs,
+
+    /// The Node this runs on (in a DaemonSet, the downward API's `spec.nodeName`).
+    #[arg(long, env = "SPOKELET_NODE_NAME")]
+    pub node_name: String,
+
+    /// Kubeconfig (default: KUBECONFIG / ~/.kube/config, then the in-cluster config).
+    #[arg(long, env = "SPOKELET_KUBECONFIG", value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// How often the hardware is looked at again.
+    #[arg(long, env = "SPOKELET_REDISCOVER_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub rediscover_interval: Duration,
+
+    /// How often labels and NodeInventory are re-applied though nothing changed (repairs hand
+    /// edits; a no-op apply changes nothing on the server).
+    #[arg(long, env = "SPOKELET_NODE_RESYNC_INTERVAL", default_value = "10m", value_parser = parse_duration)]
+    pub resync_interval: Duration,
+}
+
+/// Why `spokelet node` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] RunError),
+    #[error(transparent)]
+    Client(#[from] KubeClientError),
+    #[error("--node-name is empty: set it (SPOKELET_NODE_NAME) to this node's name")]
+    NoNodeName,
+}
+
+/// What one discovery found that is worth writing; equal documents are not written again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    /// The inventory, as `spokelet inventory --output json` prints it.
+    pub inventory: Value,
+    /// The labels it implies (GFD / NFD compatible keys).
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub gpu_count: usize,
+}
+
+impl Report {
+    /// Discovers the node (off the async threads: it is blocking file and NVML I/O). None if
+    /// discovery panicked, which it does not by design: then nothing is written, since an
+    /// empty label set would remove every label from the node.
+    pub async fn discover(args: &DiscoveryArgs) -> Option<Report> {
+        let opts = args.discover_options();
+        let inventory = match tokio::task::spawn_blocking(move || spokelet_hardware::discover(&opts)).await {
+            Ok(inventory) => inventory,
+            Err(e) => {
+                tracing::error!(error = %e, "hardware discovery failed; nothing written this round");
+                return None;
+            }
+        };
+        Some(Report {
+            labels: spokelet_hardware::labels(&inventory),
+            gpu_count: inventory.gpus.devices.len(),
+            inventory: serde_json::to_value(&inventory).unwrap_or(Value::Null),
+        })
+    }
+}
+
+/// `spokelet_node_*` metrics.
+#[derive(Debug, Clone, Default)]
+struct NodeMetrics {
+    discoveries: Counter,
+    writes: Counter,
+    write_failures: Counter,
+    last_report: Gauge,
+}
+
+impl NodeMetrics {
+    fn register(&self, ctx: &RunContext) {
+        let mut registry = lock(&ctx.registry);
+        let r = registry.sub_registry_with_prefix("node");
+        r.register(
+            "discoveries",
+            "Hardware discoveries run",
+            self.discoveries.clone(),
+        );
+        r.register(
+            "writes",
+            "Label and NodeInventory writes (on change and on resync)",
+            self.writes.clone(),
+        );
+        r.register(
+            "write_failures",
+            "Writes that failed (retried with backoff)",
+            self.write_failures.clone(),
+        );
+        r.register(
+            "last_report_timestamp_seconds",
+            "Unix time of the last successful write",
+            self.last_report.clone(),
+        );
+    }
+}
+
+/// Runs the node role until `ctx.shutdown`.
+pub async fn run(args: NodeArgs, ctx: RunContext) -> Result<(), NodeError> {
+    if args.node_name.trim().is_empty() {
+        return Err(NodeError::NoNodeName);
+    }
+    let config = client_config(args.kubeconfig.as_deref()).await?;
+    let client = kube_client::client(config, HttpVersion::Http1)?;
+    let metrics = NodeMetrics::default();
+    metrics.register(&ctx);
+    let writer = NodeWriter::new(client, &args.node_name);
+    tracing::info!(node = %args.node_name, interval = ?args.rediscover_interval, "node role starting");
+    // What was last written, when, and the time it was first seen (the NodeInventory's
+    // observedTime, kept across resyncs so a re-apply of an unchanged report changes nothing).
+    let mut written: Option<(Report, Instant, String)> = None;
+    // Write failures (API server down) back off up to a minute; discovery goes on meanwhile.
+    let mut backoff = ExponentialBackoff::new(Duration::from_millis(500), Duration::from_secs(60), 0.2);
+    let mut retry_at = Instant::now();
+    loop {
+        let found = Report::discover(&args.discovery).await;
+        metrics.discoveries.inc();
+        let Some(report) = found else {
+            tokio::select! {
+                () = ctx.shutdown.cancelled() => return Ok(()),
+                () = tokio::time::sleep(args.rediscover_interval) => {}
+            }
+            continue;
+        };
+        let (due, observed) = match &written {
+            None => (true, None),
+            Some((last, at, observed)) if *last == report => {
+                (at.elapsed() >= args.resync_interval, Some(observed.clone()))
+            }
+            Some(_) => (true, None),
+        };
+        if due && Instant::now() >= retry_at {
+            let observed = observed.unwrap_or_else(crate::work::conditions::now_rfc3339);
+            match writer.write(&report, &observed).await {
+                Ok(()) => {
+                    metrics.writes.inc();
+                    metrics.last_report.set(unix_now());
+                    backoff.reset();
+                    if written
+                        .as_ref()
+                        .is_none_or(|(last, _, _)| last.labels != report.labels)
+                    {
+                        tracing::info!(
+                            labels = report.labels.len(),
+                            gpus = report.gpu_count,
+                            "node labels and inventory written"
+                        );
+                    }
+                    written = Some((report, Instant::now(), observed));
+                    ctx.health.set_ready(true);
+                }
+                Err(e) => {
+                    metrics.write_failures.inc();
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?delay, "cannot write the node's labels or inventory");
+                    retry_at = Instant::now() + delay;
+                }
+            }
+        }
+        tokio::select! {
+            () = ctx.shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(args.rediscover_interval) => {}
+        }
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Writes one node's labels and NodeInventory.
+#[derive(Clone)]
+pub struct NodeWriter {
+    nodes: Api<k8s_openapi::api::core::v1::Node>,
+    inventories: Api<DynamicObject>,
+    node: String,
+}
+
+impl std::fmt::Debug for NodeWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeWriter")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeWriter {
+    pub fn new(client: Client, node: &str) -> NodeWriter {
+        NodeWriter {
+            nodes: Api::all(client.clone()),
+            inventories: Api::all_with(client, &node_inventory_resource()),
+            node: node.to_string(),
+        }
+    }
+
+    /// Applies the labels to the Node, then the NodeInventory (owned by the Node, so it goes
+    /// when the Node is deleted).
+    pub async fn write(&self, report: &Report, observed: &str) -> Result<(), kube::Error> {
+        // force: these keys are spokelet's to set, even if another tool set one of them once.
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let node = json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": self.node, "labels": report.labels},
+        });
+        let applied = self
+            .nodes
+            .patch(&self.node, &params, &Patch::Apply(&node))
+            .await?;
+        let uid = applied.metadata.uid.unwrap_or_default();
+        let inventory = json!({
+            "apiVersion": "spokelet.io/v1alpha1", "kind": "NodeInventory",
+            "metadata": {
+                "name": self.node,
+                "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": self.node, "uid": uid}],
+            },
+            "spec": {"nodeName": self.node},
+            "status": {
+                "observedTime": observed,
+                "agentVersion": env!("CARGO_PKG_VERSION"),
+                "gpuCount": report.gpu_count,
+                "labels": report.labels,
+                "inventory": report.inventory,
+            },
+        });
+        self.inventories
+            .patch(&self.node, &params, &Patch::Apply(&inventory))
+            .await?;
+        Ok(())
+    }
+}
