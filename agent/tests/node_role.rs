@@ -107,6 +107,41 @@ fn diff(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<
     }
 }
 
+/// A user holding exactly the `spokelet-node` ClusterRole of `deploy/kubernetes/base/node-rbac.yaml`.
+async fn node_role_user(
+    spoke: &spokelet_e2e::KubeCluster,
+    client: &kube::Client,
+) -> spokelet_e2e::UserCredentials {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/base/node-rbac.yaml"),
+    )
+    .unwrap();
+    let role: ClusterRole = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| <serde_yaml::Value as serde::Deserialize>::deserialize(d).unwrap())
+        .find(|v| v["kind"] == "ClusterRole")
+        .map(|v| serde_yaml::from_value(v).unwrap())
+        .expect("a ClusterRole in node-rbac.yaml");
+    let name = unique_name("spokelet-node-test");
+    let mut role = role;
+    role.metadata.name = Some(name.clone());
+    Api::<ClusterRole>::all(client.clone())
+        .create(&PostParams::default(), &role)
+        .await
+        .unwrap();
+    let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": name}],
+    }))
+    .unwrap();
+    Api::<ClusterRoleBinding>::all(client.clone())
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    spoke.issue_user(&name, &[]).unwrap()
+}
+
 fn set_all(root: &Path, name: &str, contents: &str) {
     let out = std::process::Command::new("find")
         .arg(root.join("sys/devices"))
@@ -144,12 +179,14 @@ async fn labels_and_node_inventory_follow_the_hardware_and_leave_other_labels_al
         .status()
         .unwrap();
     assert!(copied.success());
+    // The node role runs with nothing but the ClusterRole the install gives it.
+    let user = node_role_user(spoke, &client).await;
     let log = scratch.path().join("node.log");
     let out = std::fs::File::create(&log).unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_spokelet"))
         .args(["node", "--node-name", &node, "--no-nvml"])
         .args(["--root", &root.display().to_string()])
-        .args(["--kubeconfig", &spoke.kubeconfig_path().display().to_string()])
+        .args(["--kubeconfig", &user.kubeconfig_path().display().to_string()])
         .args(["--rediscover-interval", "200ms", "--admin-addr", "127.0.0.1:0"])
         .stdout(Stdio::from(out.try_clone().unwrap()))
         .stderr(Stdio::from(out))

@@ -60,6 +60,15 @@ else
   log "Debian packages present"
 fi
 
+# --- kubectl ------------------------------------------------------------------------------
+# The deploy tests render deploy/kubernetes with `kubectl kustomize` (kustomize v5: Components,
+# `labels`) and dry-run it against the test API server. Debian 12's kubernetes-client is 1.20,
+# whose kustomize is too old, so a kubectl of 1.27 or later must already be on PATH.
+if ! kubectl kustomize --help >/dev/null 2>&1; then
+  die "kubectl (1.27 or later, with kustomize) is not on PATH; install it from https://kubernetes.io/docs/tasks/tools/ and run this again"
+fi
+log "kubectl present: $(kubectl version --client 2>/dev/null | head -n 1)"
+
 # --- Kubernetes binaries ------------------------------------------------------------------
 # Same lookup as the harness (tests/src/assets.rs), minus PATH: a kube-apiserver on PATH
 # is not assumed to be one the suite was written against.

@@ -1,0 +1,246 @@
+//! The install in `deploy/kubernetes/`: every overlay renders with `kubectl kustomize` and is
+//! accepted by the real API server (server-side dry-run apply), and what it renders keeps the
+//! promises the manifests make: pinned images, RuntimeDefault seccomp, probes and resource
+//! requests on every container, read-only host mounts, the node role never holding the
+//! engine's identity (outside the single-node overlay), and a comment on every RBAC rule.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use spokelet_e2e::shared_spoke;
+
+const OVERLAYS: &[&str] = &["grpc-hub", "kube-hub", "gpu-nodes", "single-node"];
+
+fn deploy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes")
+}
+
+fn kubectl() -> std::process::Command {
+    std::process::Command::new("kubectl")
+}
+
+/// `kubectl kustomize DIR`, as YAML documents.
+fn render(dir: &Path) -> (String, Vec<Value>) {
+    let out = kubectl()
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run kubectl (tests/env/install.sh checks for it): {e}"));
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let docs = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| {
+            serde_json::to_value(<serde_yaml::Value as serde::Deserialize>::deserialize(d).unwrap()).unwrap()
+        })
+        .filter(|v: &Value| !v.is_null())
+        .collect();
+    (text, docs)
+}
+
+fn pod_specs(docs: &[Value]) -> Vec<(String, &Value)> {
+    docs.iter()
+        .filter(|d| matches!(d["kind"].as_str(), Some("Deployment" | "DaemonSet")))
+        .map(|d| {
+            let name = format!(
+                "{}/{}",
+                d["kind"].as_str().unwrap(),
+                d["metadata"]["name"].as_str().unwrap()
+            );
+            (name, &d["spec"]["template"]["spec"])
+        })
+        .collect()
+}
+
+fn check_promises(overlay: &str, docs: &[Value]) {
+    let pods = pod_specs(docs);
+    assert!(!pods.is_empty(), "{overlay}: no workloads rendered");
+    for (name, spec) in &pods {
+        let what = format!("{overlay} {name}");
+        assert_eq!(
+            spec["securityContext"]["seccompProfile"]["type"], "RuntimeDefault",
+            "{what}"
+        );
+        assert_eq!(spec["securityContext"]["runAsNonRoot"], true, "{what}");
+        for c in spec["containers"].as_array().unwrap() {
+            let image = c["image"].as_str().unwrap();
+            assert!(
+                image.contains('@') || (image.contains(':') && !image.ends_with(":latest")),
+                "{what}: image {image} is not pinned"
+            );
+            assert!(image.contains('/'), "{what}: image {image} names no registry");
+            for probe in ["livenessProbe", "readinessProbe"] {
+                assert!(c[probe].is_object(), "{what} {}: no {probe}", c["name"]);
+            }
+            assert!(
+                c["resources"]["requests"]["memory"].is_string(),
+                "{what}: no memory request"
+            );
+            assert!(
+                c["resources"]["limits"]["memory"].is_string(),
+                "{what}: no memory limit"
+            );
+            assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true, "{what}");
+            assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false, "{what}");
+            for m in c["volumeMounts"].as_array().into_iter().flatten() {
+                let volume = spec["volumes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|v| v["name"] == m["name"])
+                    .unwrap();
+                if volume["hostPath"].is_object() {
+                    assert_eq!(
+                        m["readOnly"], true,
+                        "{what}: host mount {} is writable",
+                        m["name"]
+                    );
+                }
+            }
+        }
+        if name == "DaemonSet/spokelet-node" && overlay != "single-node" {
+            assert_eq!(
+                spec["serviceAccountName"], "spokelet-node",
+                "{what}: the node role holds its own identity only"
+            );
+        }
+    }
+    let engine = pods.iter().find(|(n, _)| n == "Deployment/spokelet-engine");
+    if overlay == "single-node" {
+        assert!(engine.is_none(), "single-node runs no engine Deployment");
+        let (_, ds) = pods.iter().find(|(n, _)| n == "DaemonSet/spokelet-node").unwrap();
+        let mut names: Vec<&str> = ds["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        names.sort_unstable();
+        assert_eq!(names, vec!["engine", "node"]);
+    } else {
+        let (_, spec) = engine.expect("the engine Deployment");
+        let c = &spec["containers"][0];
+        let leader = c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "SPOKELET_LEADER_ELECT");
+        assert_eq!(
+            leader.map(|e| &e["value"]),
+            Some(&Value::from("true")),
+            "{overlay}: engine without leader election"
+        );
+    }
+}
+
+/// Every rule of every Role and ClusterRole in the base has a comment right above it.
+#[test]
+fn every_rbac_rule_says_why() {
+    for file in ["engine-rbac.yaml", "node-rbac.yaml"] {
+        let text = std::fs::read_to_string(deploy().join("base").join(file)).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            if line.trim_start().starts_with("- apiGroups:") {
+                assert!(
+                    i > 0 && lines[i - 1].trim_start().starts_with('#'),
+                    "{file} line {}: a rule without a comment saying why",
+                    i + 1
+                );
+            }
+        }
+    }
+    let hub = std::fs::read_to_string(deploy().join("../hub/agent-rbac.yaml")).unwrap();
+    let lines: Vec<&str> = hub.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim_start().starts_with("- apiGroups:") {
+            assert!(
+                lines[i - 1].trim_start().starts_with('#'),
+                "hub rbac line {}",
+                i + 1
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_overlay_renders_keeps_its_promises_and_the_api_server_accepts_it() {
+    let spoke = shared_spoke().await;
+    // The namespace must exist for a dry run of the objects in it (a dry run creates nothing).
+    let namespace =
+        serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "spokelet-system"}});
+    let api: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(spoke.client());
+    match api
+        .create(&Default::default(), &serde_json::from_value(namespace).unwrap())
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => panic!("creating spokelet-system: {e}"),
+    }
+    for overlay in OVERLAYS {
+        let (text, docs) = render(&deploy().join("overlays").join(overlay));
+        check_promises(overlay, &docs);
+        let mut child = tokio::process::Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(spoke.kubeconfig_path())
+            .args([
+                "apply",
+                "--server-side",
+                "--dry-run=server",
+                "--field-manager=deploy-test",
+                "-f",
+                "-",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(text.as_bytes()).await.unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().await.unwrap();
+        assert!(
+            out.status.success(),
+            "{overlay}: the API server refused it:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let applied = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            applied.lines().filter(|l| l.contains("(server dry run)")).count(),
+            docs.len(),
+            "{overlay}: {applied}"
+        );
+    }
+}
+
+/// The Kubernetes 1.30+ admission component renders into an overlay that asks for it.
+#[test]
+fn the_own_node_only_component_renders() {
+    let dir = tempfile::tempdir().unwrap();
+    // kustomize takes only relative paths: climb from the scratch directory to `/`.
+    let up = "../".repeat(dir.path().canonicalize().unwrap().components().count() - 1);
+    let repo = deploy().canonicalize().unwrap();
+    let relative = |p: &str| format!("{up}{}/{p}", repo.display().to_string().trim_start_matches('/'));
+    let (grpc, component) = (
+        relative("overlays/grpc-hub"),
+        relative("components/own-node-only"),
+    );
+    std::fs::write(
+        dir.path().join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [{}]\ncomponents: [{}]\n",
+            grpc, component
+        ),
+    )
+    .unwrap();
+    let (_, docs) = render(dir.path());
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    assert!(kinds.contains(&"ValidatingAdmissionPolicy"), "{kinds:?}");
+    assert!(kinds.contains(&"ValidatingAdmissionPolicyBinding"), "{kinds:?}");
+}
