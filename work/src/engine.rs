@@ -316,6 +316,7 @@ impl WorkEngine {
                 Some(res) = lp.tasks.join_next(), if !lp.tasks.is_empty() => log_task_end(res),
             }
             lp.ctx.metrics.works.set(lp.slots.len() as i64);
+            lp.count_states();
         }
         lp.drain().await;
         watch_cancel.cancel();
@@ -350,6 +351,9 @@ async fn load_records(ctx: &ReconcileContext) -> Result<HashMap<String, AppliedM
 /// The engine loop's state and its event handlers.
 struct EngineLoop {
     ctx: Arc<ReconcileContext>,
+    /// When the works-by-state gauges were last counted: at most once a second, since counting
+    /// walks every slot and the loop turns once per event.
+    states_counted: Option<Instant>,
     sink: Arc<dyn StatusSink>,
     slots: HashMap<String, Slot>,
     /// Due reconciles: debounced drift, retries, flap holds.
@@ -403,6 +407,7 @@ impl EngineLoop {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         EngineLoop {
             ctx,
+            states_counted: None,
             sink,
             slots: HashMap::new(),
             timers: Debouncer::new(cfg.debounce_quiet, cfg.debounce_max),
@@ -424,6 +429,35 @@ impl EngineLoop {
             stopping: CancellationToken::new(),
             retry: RetryPolicy::new(cfg.retry_base, cfg.retry_max, RETRY_JITTER),
         }
+    }
+
+    /// Counts the works by state for the metrics, at most once a second.
+    fn count_states(&mut self) {
+        if self
+            .states_counted
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.states_counted = Some(Instant::now());
+        let (mut applied, mut failing, mut deleting, mut unreadable) = (0, 0, 0, 0);
+        for slot in self.slots.values() {
+            if slot.unreadable.is_some() {
+                unreadable += 1;
+            } else if slot.delete.is_some() || slot.work.is_none() {
+                deleting += 1;
+            } else if slot.failures > 0 {
+                failing += 1;
+            } else {
+                applied += 1;
+            }
+        }
+        self.ctx.metrics.set_states(&[
+            ("applied", applied),
+            ("failing", failing),
+            ("deleting", deleting),
+            ("unreadable", unreadable),
+        ]);
     }
 
     /// A task finished: take its result, count it towards readiness, start what is pending.

@@ -13,8 +13,12 @@ type Labels = Vec<(String, String)>;
 pub struct WorkMetrics {
     /// Drift corrections per work: how often the agent restored what someone else changed.
     pub drift_corrections: Family<Labels, Counter>,
-    /// Manifest applies by result (created, updated, unchanged, skipped, failed).
+    /// Manifest applies by result (created, updated, unchanged, skipped, failed) and kind.
     pub applies: Family<Labels, Counter>,
+    /// One manifest's apply, in seconds (the write and the read it needed, not the queueing).
+    pub apply_seconds: Histogram,
+    /// Works by state: applied, failing, deleting, unreadable.
+    pub works_by_state: Family<Labels, Gauge>,
     /// Reconciles by outcome (ok, failed).
     pub reconciles: Family<Labels, Counter>,
     /// Reconcile duration in seconds.
@@ -36,6 +40,9 @@ impl Default for WorkMetrics {
         WorkMetrics {
             drift_corrections: Family::default(),
             applies: Family::default(),
+            // 1 ms to about 16 s: a no-op apply is sub-millisecond, a slow webhook seconds.
+            apply_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            works_by_state: Family::default(),
             reconciles: Family::default(),
             reconcile_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             status_updates: Counter::default(),
@@ -55,7 +62,17 @@ impl WorkMetrics {
             "Drift corrections per work",
             self.drift_corrections.clone(),
         );
-        registry.register("applies", "Manifest applies by result", self.applies.clone());
+        registry.register(
+            "applies",
+            "Manifest applies by result and kind",
+            self.applies.clone(),
+        );
+        registry.register(
+            "apply_duration_seconds",
+            "One manifest's apply",
+            self.apply_seconds.clone(),
+        );
+        registry.register("works_by_state", "Works by state", self.works_by_state.clone());
         registry.register(
             "reconciles",
             "Work reconciles by outcome",
@@ -103,11 +120,23 @@ impl WorkMetrics {
             .inc();
     }
 
-    /// Counts one apply with `result`.
-    pub fn applied(&self, result: &str) {
+    /// Counts one apply of a `kind` with `result`.
+    pub fn applied(&self, result: &str, kind: &str) {
         self.applies
-            .get_or_create(&vec![("result".to_string(), result.to_string())])
+            .get_or_create(&vec![
+                ("result".to_string(), result.to_string()),
+                ("kind".to_string(), kind.to_string()),
+            ])
             .inc();
+    }
+
+    /// Sets the works-by-state gauges (every state, so one that emptied reads 0).
+    pub fn set_states(&self, counts: &[(&str, i64)]) {
+        for (state, n) in counts {
+            self.works_by_state
+                .get_or_create(&vec![("state".to_string(), (*state).to_string())])
+                .set(*n);
+        }
     }
 
     /// Counts one reconcile with `outcome`.
@@ -129,11 +158,29 @@ mod tests {
         let m = WorkMetrics::default();
         m.register(root.sub_registry_with_prefix("work"));
         m.drift_corrected("w1");
-        m.applied("created");
+        m.applied("created", "ConfigMap");
+        m.set_states(&[("applied", 3), ("failing", 0)]);
+        m.apply_seconds.observe(0.004);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &root).unwrap();
         assert!(
             out.contains("spokelet_work_drift_corrections_total{work=\"w1\"} 1"),
+            "{out}"
+        );
+        assert!(
+            out.contains("spokelet_work_applies_total{result=\"created\",kind=\"ConfigMap\"} 1"),
+            "{out}"
+        );
+        assert!(
+            out.contains("spokelet_work_works_by_state{state=\"applied\"} 3"),
+            "{out}"
+        );
+        assert!(
+            out.contains("spokelet_work_works_by_state{state=\"failing\"} 0"),
+            "{out}"
+        );
+        assert!(
+            out.contains("spokelet_work_apply_duration_seconds_count 1"),
             "{out}"
         );
     }

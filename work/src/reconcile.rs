@@ -385,7 +385,10 @@ impl Run<'_> {
             .filter(|p| self.results[p.ordinal].flapping.is_none())
             .map(|p| async move {
                 let _permit = ctx.manifest_permits.acquire().await;
-                (p.ordinal, applier.apply(p, owner).await)
+                let started = std::time::Instant::now();
+                let out = applier.apply(p, owner).await;
+                ctx.metrics.apply_seconds.observe(started.elapsed().as_secs_f64());
+                (p.ordinal, out)
             });
         futures::future::join_all(futs).await
     }
@@ -397,7 +400,7 @@ impl Run<'_> {
         let o = match out {
             Ok(o) => o,
             Err(e) => {
-                ctx.metrics.applied("failed");
+                ctx.metrics.applied("failed", &p.resolved.ar.kind);
                 // A cached kind the server no longer serves (its CRD was deleted): look again next time.
                 if matches!(e, ApplyError::Rejected { code: 404, .. }) {
                     let ar = &p.resolved.ar;
@@ -411,7 +414,7 @@ impl Run<'_> {
                 return;
             }
         };
-        ctx.metrics.applied(action_label(o.action));
+        ctx.metrics.applied(action_label(o.action), &p.resolved.ar.kind);
         self.note_correction(p, o.action);
         if o.pre_existing {
             self.pre_existing.insert(i);
