@@ -65,6 +65,35 @@ pub enum KubeClientError {
     Token,
 }
 
+/// Why the cluster configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterConfigError {
+    /// The kubeconfig could not be read.
+    #[error("kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: std::path::PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    /// No `--kubeconfig`, and neither KUBECONFIG / ~/.kube/config nor the in-cluster config is usable.
+    #[error("cluster configuration: {0}")]
+    Infer(#[from] kube::config::InferConfigError),
+}
+
+/// The cluster configuration of either role: the given kubeconfig, else the usual inference
+/// (KUBECONFIG, ~/.kube/config, then the in-cluster service account).
+pub async fn cluster_config(kubeconfig: Option<&std::path::Path>) -> Result<Config, ClusterConfigError> {
+    match kubeconfig {
+        Some(path) => config_from_file(path)
+            .await
+            .map_err(|source| ClusterConfigError::Kubeconfig {
+                path: path.to_path_buf(),
+                source,
+            }),
+        None => Ok(Config::infer().await?),
+    }
+}
+
 /// Reads a kubeconfig file (its current context) into a client configuration; used for the
 /// spoke (`--kubeconfig`) and for the hub (`--hub-kubeconfig`) alike.
 pub async fn config_from_file(path: &std::path::Path) -> Result<Config, kube::config::KubeconfigError> {

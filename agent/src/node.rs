@@ -20,9 +20,8 @@ use tokio::time::Instant;
 
 use crate::admin::RunContext;
 use crate::inventory::DiscoveryArgs;
-use crate::kube_client::{self, HttpVersion, KubeClientError};
+use crate::kube_client::{self, ClusterConfigError, HttpVersion, KubeClientError};
 use crate::lock::lock;
-use crate::run::{RunError, client_config};
 use spokelet_base::backoff::ExponentialBackoff;
 use spokelet_base::duration::parse_duration;
 
@@ -69,7 +68,7 @@ pub struct NodeArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error(transparent)]
-    Config(#[from] RunError),
+    Config(#[from] ClusterConfigError),
     #[error(transparent)]
     Client(#[from] KubeClientError),
     #[error("--node-name is empty: set it (SPOKELET_NODE_NAME) to this node's name")]
@@ -148,7 +147,7 @@ pub async fn run(args: NodeArgs, ctx: RunContext) -> Result<(), NodeError> {
     if args.node_name.trim().is_empty() {
         return Err(NodeError::NoNodeName);
     }
-    let config = client_config(args.kubeconfig.as_deref()).await?;
+    let config = kube_client::cluster_config(args.kubeconfig.as_deref()).await?;
     let client = kube_client::client(config, HttpVersion::Http1)?;
     let metrics = NodeMetrics::default();
     metrics.register(&ctx);

@@ -11,7 +11,7 @@ use crate::admin::RunContext;
 use crate::artifact::ArtifactLimitArgs;
 use crate::hub::file_source::{FileSource, FileSourceError, FileStatusSink};
 use crate::hub::{ConnectError, HubArgs, HubConnection};
-use crate::kube_client::{self, HttpVersion, KubeClientError};
+use crate::kube_client::{self, ClusterConfigError, HttpVersion, KubeClientError};
 use crate::leader::{Elector, LeaderArgs, LeaderError, LeaderMetrics, LeaseSettings, Role, WriteGate};
 use crate::lock::lock;
 use crate::work::applied_work::{hub_hash, hub_hash_of_address, legacy_hub_hash};
@@ -170,16 +170,9 @@ pub enum RunError {
         "no work source: pass --hub-transport grpc|kube (with its --hub-* settings) or --works-dir (or their SPOKELET_* variables)"
     )]
     NoSource,
-    /// The kubeconfig could not be read.
-    #[error("kubeconfig {path}: {source}")]
-    Kubeconfig {
-        path: PathBuf,
-        #[source]
-        source: kube::config::KubeconfigError,
-    },
-    /// No `--kubeconfig`, and neither KUBECONFIG / ~/.kube/config nor the in-cluster config is usable.
-    #[error("cluster configuration: {0}")]
-    Infer(#[from] kube::config::InferConfigError),
+    /// The cluster configuration could not be loaded.
+    #[error(transparent)]
+    ClusterConfig(#[from] ClusterConfigError),
     #[error(transparent)]
     Client(#[from] KubeClientError),
     /// The works directory is unusable.
@@ -217,17 +210,9 @@ pub fn load_policy(args: &RunArgs) -> Result<Policy, RunError> {
     Ok(policy)
 }
 
-/// Loads the cluster configuration: the given kubeconfig, else the usual inference.
+/// Loads the cluster configuration (see [`kube_client::cluster_config`]).
 pub async fn client_config(kubeconfig: Option<&std::path::Path>) -> Result<Config, RunError> {
-    match kubeconfig {
-        Some(path) => kube_client::config_from_file(path)
-            .await
-            .map_err(|source| RunError::Kubeconfig {
-                path: path.to_path_buf(),
-                source,
-            }),
-        None => Ok(Config::infer().await?),
-    }
+    Ok(kube_client::cluster_config(kubeconfig).await?)
 }
 
 /// The engine settings the flags select. A resync interval under 1 s is raised to 1 s and a

@@ -10,10 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
-use spokelet_e2e::{create_namespace, eventually_with, shared_spoke, unique_name};
+use spokelet_e2e::{create_namespace, eventually_with, lease_holder, shared_spoke, unique_name};
 
 /// One `spokelet run` process; killed when dropped.
 struct Replica {
@@ -69,15 +68,7 @@ impl Replica {
 }
 
 async fn holder(client: &kube::Client, ns: &str) -> Option<String> {
-    let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
-    leases
-        .get_opt("spokelet-work-engine")
-        .await
-        .ok()
-        .flatten()
-        .and_then(|l| l.spec)
-        .and_then(|s| s.holder_identity)
-        .filter(|h| !h.is_empty())
+    lease_holder(client, ns, "spokelet-work-engine").await
 }
 
 /// Waits until the Lease names one of `among`; returns it.

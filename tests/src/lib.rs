@@ -124,3 +124,17 @@ pub async fn create_namespace(client: &kube::Client, name: &str) -> Result<(), H
         })?;
     Ok(())
 }
+
+/// The holder of the Lease `namespace/name` (None when it is absent, released or unreadable).
+pub async fn lease_holder(client: &kube::Client, namespace: &str, name: &str) -> Option<String> {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let leases: kube::Api<Lease> = kube::Api::namespaced(client.clone(), namespace);
+    leases
+        .get_opt(name)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity)
+        .filter(|h| !h.is_empty())
+}

@@ -38,6 +38,24 @@ pub fn release_binary(name: &str) -> Result<PathBuf, HarnessError> {
     Ok(dir.join(name))
 }
 
+/// The node role's lean binary as the image ships it: `cargo build --profile release-small
+/// --bin spokelet-node -p spokelet` (see the workspace's Cargo.toml), or `SPOKELET_BIN_DIR`'s.
+pub fn node_binary() -> Result<PathBuf, HarnessError> {
+    if let Ok(dir) = std::env::var("SPOKELET_BIN_DIR") {
+        return Ok(PathBuf::from(dir).join("spokelet-node"));
+    }
+    cargo_build(&[
+        "--profile",
+        "release-small",
+        "--bin",
+        "spokelet-node",
+        "-p",
+        "spokelet",
+    ])
+    .map_err(HarnessError::AgentBuild)?;
+    Ok(Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release-small/spokelet-node"))
+}
+
 /// Runs `cargo build --release` in the workspace; returns `target/release`.
 fn build_release() -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -46,10 +64,16 @@ fn build_release() -> Result<PathBuf, String> {
         .parent()
         .and_then(Path::parent)
         .ok_or_else(|| format!("unexpected location {}", exe.display()))?;
+    cargo_build(&["--release"])?;
+    Ok(dir.to_path_buf())
+}
+
+/// `cargo build ARGS` in the workspace.
+fn cargo_build(args: &[&str]) -> Result<(), String> {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = std::process::Command::new(cargo);
-    cmd.current_dir(&workspace).args(["build", "--release"]);
+    cmd.current_dir(&workspace).arg("build").args(args);
     // Cargo runs this benchmark with variables describing it (CARGO_PKG_NAME,
     // CARGO_MANIFEST_DIR, ...). Build scripts such as ring's ask to rerun when those change, so
     // passing them on would rebuild the TLS stack and the agent instead of reusing the build.
@@ -61,9 +85,9 @@ fn build_release() -> Result<PathBuf, String> {
     }
     let status = cmd.status().map_err(|e| e.to_string())?;
     if !status.success() {
-        return Err(format!("cargo build --release exited with {status}"));
+        return Err(format!("cargo build {} exited with {status}", args.join(" ")));
     }
-    Ok(dir.to_path_buf())
+    Ok(())
 }
 
 /// Whether `name` is one of the variables cargo sets for the target it runs (as opposed to
