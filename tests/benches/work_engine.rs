@@ -214,10 +214,10 @@ impl Engine {
     }
 
     fn count(&self, result: &str) -> u64 {
-        self.metrics
-            .applies
-            .get_or_create(&vec![("result".into(), result.into())])
-            .get()
+        self.metrics.applies_of(
+            result,
+            &["ConfigMap", "Secret", "Service", "ServiceAccount", "Deployment"],
+        )
     }
 }
 

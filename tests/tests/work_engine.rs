@@ -72,11 +72,7 @@ async fn update_strategy_applies_owns_records_and_reapply_writes_nothing() {
         c.resource_version(),
         d_api.get("d1").await.unwrap().resource_version(),
     );
-    let updates_before = a
-        .metrics
-        .applies
-        .get_or_create(&vec![("result".into(), "unchanged".into())])
-        .get();
+    let updates_before = a.metrics.applies_of("unchanged", &["ConfigMap", "Deployment"]);
     let w2 = work(
         "w-update",
         2,
@@ -97,11 +93,7 @@ async fn update_strategy_applies_owns_records_and_reapply_writes_nothing() {
     );
     // The deployment controller writes status, so compare our fields via the generation.
     assert_eq!(d_api.get("d1").await.unwrap().metadata.generation, Some(1));
-    let updates_after = a
-        .metrics
-        .applies
-        .get_or_create(&vec![("result".into(), "unchanged".into())])
-        .get();
+    let updates_after = a.metrics.applies_of("unchanged", &["ConfigMap", "Deployment"]);
     assert!(
         updates_after >= updates_before + 2,
         "re-apply should be unchanged: {updates_before} -> {updates_after}"

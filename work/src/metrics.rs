@@ -130,6 +130,21 @@ impl WorkMetrics {
             .inc();
     }
 
+    /// Applies counted with `result`, summed over `kinds`.
+    pub fn applies_of(&self, result: &str, kinds: &[&str]) -> u64 {
+        kinds
+            .iter()
+            .map(|kind| {
+                self.applies
+                    .get_or_create(&vec![
+                        ("result".to_string(), result.to_string()),
+                        ("kind".to_string(), (*kind).to_string()),
+                    ])
+                    .get()
+            })
+            .sum()
+    }
+
     /// Sets the works-by-state gauges (every state, so one that emptied reads 0).
     pub fn set_states(&self, counts: &[(&str, i64)]) {
         for (state, n) in counts {
