@@ -11,7 +11,7 @@ use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, Subcommand, parser::ValueSource};
 
 use crate::artifact::ArtifactCommand;
-use crate::{hub::HubArgs, inventory::InventoryArgs, run::RunArgs, telemetry::LogFormat};
+use crate::{hub::HubArgs, inventory::InventoryArgs, run::RunArgs};
 use spokelet_base::duration::parse_duration;
 
 /// Read with [`Cli::load`], which layers the config file under flags and environment.
@@ -27,13 +27,8 @@ pub struct Cli {
     #[arg(long, env = "SPOKELET_CONFIG", global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// Log filter, `tracing` directive syntax (e.g. `info`, `spokelet=debug,kube=warn`).
-    #[arg(long, env = "SPOKELET_LOG", global = true, default_value = "info")]
-    pub log_level: String,
-
-    /// Log line format (logs go to stderr).
-    #[arg(long, env = "SPOKELET_LOG_FORMAT", global = true, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub log: crate::telemetry::LogArgs,
 
     #[command(subcommand)]
     pub command: Command,
@@ -250,6 +245,7 @@ fn find_long<'a>(cmd: &'a clap::Command, long: &str) -> Option<&'a clap::Arg> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::LogFormat;
 
     #[test]
     fn cli_definition_is_consistent() {
@@ -275,7 +271,7 @@ mod tests {
             file.path().as_os_str(),
         ])
         .unwrap();
-        assert_eq!(cli.log_format, LogFormat::Json, "global key from the file");
+        assert_eq!(cli.log.log_format, LogFormat::Json, "global key from the file");
         let Command::Inventory(args) = cli.command else {
             panic!("wrong subcommand")
         };

@@ -385,7 +385,7 @@ impl Elector {
         let spec = current.spec.clone().unwrap_or_default();
         let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
         let ours = holder.as_deref() == Some(self.settings.identity.as_str());
-        if !ours && !self.lapsed(&current, holder.clone(), &spec) {
+        if !ours && !self.lapsed(&current) {
             return Ok(Attempt::Taken);
         }
         let transitions = spec.lease_transitions.unwrap_or(0);
@@ -414,12 +414,9 @@ impl Elector {
 
     /// Whether the holder let the Lease go: released (no holder), or unchanged for its whole
     /// duration since this replica first saw its current version.
-    fn lapsed(
-        &mut self,
-        lease: &Lease,
-        holder: Option<String>,
-        spec: &k8s_openapi::api::coordination::v1::LeaseSpec,
-    ) -> bool {
+    fn lapsed(&mut self, lease: &Lease) -> bool {
+        let spec = lease.spec.clone().unwrap_or_default();
+        let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
         if holder.is_none() {
             return true;
         }

@@ -7,7 +7,7 @@ use anyhow::Context;
 use spokelet::{
     artifact::{self, ArtifactCommand},
     config::{Cli, Command, ConfigError},
-    daemon, inventory, telemetry,
+    daemon, inventory,
 };
 
 /// The multi-threaded runtime of the async commands.
@@ -38,7 +38,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(err) = telemetry::init(&cli.log_level, cli.log_format) {
+    if let Err(err) = cli.log.init() {
         eprintln!("spokelet: {err}");
         return ExitCode::from(2);
     }

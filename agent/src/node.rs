@@ -160,47 +160,41 @@ pub async fn run(args: NodeArgs, ctx: RunContext) -> Result<(), NodeError> {
     let mut backoff = ExponentialBackoff::new(Duration::from_millis(500), Duration::from_secs(60), 0.2);
     let mut retry_at = Instant::now();
     loop {
-        let found = Report::discover(&args.discovery).await;
-        metrics.discoveries.inc();
-        let Some(report) = found else {
-            tokio::select! {
-                () = ctx.shutdown.cancelled() => return Ok(()),
-                () = tokio::time::sleep(args.rediscover_interval) => {}
-            }
-            continue;
-        };
-        let (due, observed) = match &written {
-            None => (true, None),
-            Some((last, at, observed)) if *last == report => {
-                (at.elapsed() >= args.resync_interval, Some(observed.clone()))
-            }
-            Some(_) => (true, None),
-        };
-        if due && Instant::now() >= retry_at {
-            let observed = observed.unwrap_or_else(crate::work::conditions::now_rfc3339);
-            match writer.write(&report, &observed).await {
-                Ok(()) => {
-                    metrics.writes.inc();
-                    metrics.last_report.set(unix_now());
-                    backoff.reset();
-                    if written
-                        .as_ref()
-                        .is_none_or(|(last, _, _)| last.labels != report.labels)
-                    {
-                        tracing::info!(
-                            labels = report.labels.len(),
-                            gpus = report.gpu_count,
-                            "node labels and inventory written"
-                        );
-                    }
-                    written = Some((report, Instant::now(), observed));
-                    ctx.health.set_ready(true);
+        if let Some(report) = Report::discover(&args.discovery).await {
+            metrics.discoveries.inc();
+            // Unchanged: due only for the resync, and the observed time stays.
+            let (due, observed) = match &written {
+                Some((last, at, observed)) if *last == report => {
+                    (at.elapsed() >= args.resync_interval, Some(observed.clone()))
                 }
-                Err(e) => {
-                    metrics.write_failures.inc();
-                    let delay = backoff.next_delay();
-                    tracing::warn!(error = %e, retry_in = ?delay, "cannot write the node's labels or inventory");
-                    retry_at = Instant::now() + delay;
+                _ => (true, None),
+            };
+            if due && Instant::now() >= retry_at {
+                let observed = observed.unwrap_or_else(crate::work::conditions::now_rfc3339);
+                match writer.write(&report, &observed).await {
+                    Ok(()) => {
+                        metrics.writes.inc();
+                        metrics.last_report.set(unix_now());
+                        backoff.reset();
+                        if written
+                            .as_ref()
+                            .is_none_or(|(last, _, _)| last.labels != report.labels)
+                        {
+                            tracing::info!(
+                                labels = report.labels.len(),
+                                gpus = report.gpu_count,
+                                "node labels and inventory written"
+                            );
+                        }
+                        written = Some((report, Instant::now(), observed));
+                        ctx.health.set_ready(true);
+                    }
+                    Err(e) => {
+                        metrics.write_failures.inc();
+                        let delay = backoff.next_delay();
+                        tracing::warn!(error = %e, retry_in = ?delay, "cannot write the node's labels or inventory");
+                        retry_at = Instant::now() + delay;
+                    }
                 }
             }
         }

@@ -210,11 +210,6 @@ pub fn load_policy(args: &RunArgs) -> Result<Policy, RunError> {
     Ok(policy)
 }
 
-/// Loads the cluster configuration (see [`kube_client::cluster_config`]).
-pub async fn client_config(kubeconfig: Option<&std::path::Path>) -> Result<Config, RunError> {
-    Ok(kube_client::cluster_config(kubeconfig).await?)
-}
-
 /// The engine settings the flags select. A resync interval under 1 s is raised to 1 s and a
 /// concurrency limit of 0 to 1; settings without a flag keep [`EngineConfig::new`]'s defaults.
 pub fn engine_config(args: &RunArgs) -> EngineConfig {
@@ -269,7 +264,7 @@ pub fn executor_factory(config: &Config, version: HttpVersion, gate: Option<Writ
 /// Runs the engine until `ctx.shutdown`: at once, or with `--leader-elect` only once this
 /// replica holds the Lease (see [`run_as_candidate`]).
 pub async fn run(args: RunArgs, hub: HubArgs, ctx: RunContext) -> Result<(), RunError> {
-    let config = client_config(args.kubeconfig.as_deref()).await?;
+    let config = kube_client::cluster_config(args.kubeconfig.as_deref()).await?;
     let version = if args.kube_http2 {
         HttpVersion::Http2
     } else {

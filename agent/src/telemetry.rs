@@ -27,6 +27,25 @@ pub enum TelemetryError {
     AlreadyInstalled,
 }
 
+/// The logging flags every binary takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Log filter, `tracing` directive syntax (e.g. `info`, `spokelet=debug,kube=warn`).
+    #[arg(long, env = "SPOKELET_LOG", global = true, default_value = "info")]
+    pub log_level: String,
+
+    /// Log line format (logs go to stderr).
+    #[arg(long, env = "SPOKELET_LOG_FORMAT", global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl LogArgs {
+    /// [`init`] with these settings.
+    pub fn init(&self) -> Result<(), TelemetryError> {
+        init(&self.log_level, self.log_format)
+    }
+}
+
 /// Install the global subscriber. Logs go to stderr so that stdout stays clean
 /// for command output (`spokelet inventory --output json | jq`).
 pub fn init(filter: &str, format: LogFormat) -> Result<(), TelemetryError> {

@@ -238,7 +238,9 @@ async fn bench() {
     let cluster = KubeCluster::start(opts).await.expect("cluster starts");
     let kubeconfig = cluster.kubeconfig_path().to_path_buf();
     // The client `spokelet run` uses by default.
-    let config = spokelet::run::client_config(Some(&kubeconfig)).await.unwrap();
+    let config = spokelet::kube_client::cluster_config(Some(&kubeconfig))
+        .await
+        .unwrap();
     let client =
         spokelet::kube_client::client(config, spokelet::kube_client::HttpVersion::default()).unwrap();
     let tmp = tempfile::tempdir().unwrap();

@@ -854,7 +854,7 @@ async fn engine_on_the_agents_http2_client() {
 /// One work applied through the agent's own client speaking `version`.
 async fn engine_on_the_agents_client(version: spokelet::kube_client::HttpVersion, tag: &str) {
     let cluster = shared_spoke().await;
-    let config = spokelet::run::client_config(Some(cluster.kubeconfig_path()))
+    let config = spokelet::kube_client::cluster_config(Some(cluster.kubeconfig_path()))
         .await
         .unwrap();
     let client = spokelet::kube_client::client(config, version).unwrap();

@@ -17,13 +17,8 @@ use spokelet::{inventory, telemetry};
 #[derive(Debug, Parser)]
 #[command(name = "spokelet-inventory", version)]
 struct Cli {
-    /// Log filter, `tracing` directive syntax (warnings from discovery are also in the output).
-    #[arg(long, env = "SPOKELET_LOG", default_value = "info")]
-    log_level: String,
-
-    /// Log line format (logs go to stderr).
-    #[arg(long, env = "SPOKELET_LOG_FORMAT", value_enum, default_value_t = telemetry::LogFormat::Text)]
-    log_format: telemetry::LogFormat,
+    #[command(flatten)]
+    log: telemetry::LogArgs,
 
     /// What to discover and how to print it.
     #[command(flatten)]
@@ -32,7 +27,7 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(err) = telemetry::init(&cli.log_level, cli.log_format) {
+    if let Err(err) = cli.log.init() {
         eprintln!("spokelet-inventory: {err}");
         return ExitCode::from(2);
     }
