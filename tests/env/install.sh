@@ -39,8 +39,10 @@ fi
 # etcd-server: etcd. docker-registry: an OCI registry. skopeo: an independent OCI client.
 # jq: scripts. lshw: hardware inventory tests. procps: kill(1) for stale-run cleanup, pgrep.
 # golang-github-modern-go-reflect2-dev: a Go-1.18-safe reflect2 for the build (see below).
+# systemd: `systemd-analyze security|verify` for the node service's unit (tests/tests/systemd_unit.rs);
+# installing the package does not make it the init system of a container.
 packages=(golang-go make gcc rsync dpkg-dev xz-utils etcd-server docker-registry skopeo jq lshw procps
-          golang-github-modern-go-reflect2-dev)
+          golang-github-modern-go-reflect2-dev systemd)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
