@@ -48,6 +48,8 @@ fn json_yaml_labels_and_table_on_a_fixture() {
     assert_eq!(json.gpus.cuda_driver_version.as_deref(), Some("12.4"));
     assert_eq!(json.rdma.len(), 8);
     assert!(json.warnings.is_empty(), "{:#?}", json.warnings);
+    assert!(!json.health.healthy);
+    assert!(json.gpus.devices.iter().all(|g| g.health.is_some()));
 
     let yaml: Inventory = serde_yaml::from_str(&output(&hgx_args(OutputFormat::Yaml, &lib))).unwrap();
     assert_eq!(yaml, json, "YAML and JSON carry the same inventory");
@@ -67,12 +69,15 @@ fn json_yaml_labels_and_table_on_a_fixture() {
         "feature.node.kubernetes.io/pci-10de.present=true",
         "feature.node.kubernetes.io/custom-rdma.capable=true",
         "spokelet.io/rdma.ports-active=7",
+        // mlx5_7's cable is unplugged in the fixture.
+        "spokelet.io/node.healthy=false",
     ] {
         assert!(lines.contains(&want), "missing {want} in\n{labels}");
     }
 
     let table = output(&hgx_args(OutputFormat::Table, &lib));
     for section in [
+        "Health",
         "CPU",
         "Memory",
         "NICs",

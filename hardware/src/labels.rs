@@ -238,6 +238,8 @@ pub fn labels(inv: &Inventory) -> BTreeMap<String, String> {
     rdma_labels(inv, &mut l);
     gpu_labels(inv, &mut l);
     topology_labels(inv, &mut l);
+    // Whether the node can take work; the reasons are in the NodeInventory.
+    l.set(format!("{OURS}node.healthy"), inv.health.healthy);
     l.0
 }
 

@@ -10,6 +10,7 @@
 
 pub mod cpu;
 pub mod gpu;
+pub mod health;
 pub mod labels;
 pub mod memory;
 pub mod net;
@@ -27,7 +28,10 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use crate::cpu::CpuInfo;
-pub use crate::gpu::{ComputeCapability, Gpu, GpuError, GpuInventory, GpuSource, MigDevice, MigMode};
+pub use crate::gpu::{
+    ComputeCapability, Gpu, GpuError, GpuHealth, GpuInventory, GpuSource, MigDevice, MigMode, RemappedRows,
+};
+pub use crate::health::{HealthReason, NodeHealth};
 pub use crate::labels::labels;
 pub use crate::memory::{HugePages, MemoryInfo, NumaMemory};
 pub use crate::net::{Nic, Sriov};
@@ -93,6 +97,9 @@ pub struct Inventory {
     pub pci_devices: Vec<PciDevice>,
     /// GPU to NIC/HCA placement.
     pub topology: Vec<GpuTopology>,
+    /// Whether the node can take work, judged from everything above by
+    /// [`health::assess`].
+    pub health: NodeHealth,
     /// Everything that could not be read, each naming the path or call.
     pub warnings: Vec<String>,
 }
@@ -142,6 +149,8 @@ pub fn discover(opts: &DiscoverOptions) -> Inventory {
     let pci = pci::scan(&root, &mut warnings);
     let gpus = gpu::discover(&root, &opts.nvml, &pci, &mut warnings);
     let topology = topology::compute(&gpus.devices, &nics, &rdma);
+    let pci_devices: Vec<PciDevice> = pci.into_iter().map(|e| e.device).collect();
+    let health = health::assess(&nics, &rdma, &gpus, &pci_devices);
 
     Inventory {
         hostname,
@@ -152,8 +161,9 @@ pub fn discover(opts: &DiscoverOptions) -> Inventory {
         nics,
         rdma,
         gpus,
-        pci_devices: pci.into_iter().map(|e| e.device).collect(),
+        pci_devices,
         topology,
+        health,
         warnings: warnings.into_vec(),
     }
 }

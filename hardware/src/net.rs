@@ -20,6 +20,10 @@ pub struct Nic {
     /// RFC 2863 operational state (`up`, `down`, `unknown`...). Virtual
     /// interfaces such as `lo` legitimately report `unknown`.
     pub operstate: String,
+    /// Administratively up (`IFF_UP` in `flags`, set by `ip link set up`):
+    /// an interface that is down on purpose is unused, not broken, so only
+    /// one meant to be up can have a link fault. `None` when unreadable.
+    pub admin_up: Option<bool>,
     /// Link layer from the ARPHRD `type` (`ether`, `infiniband`, `loopback`,
     /// or `arphrd-<n>` for the rest).
     pub link_type: Option<String>,
@@ -53,6 +57,31 @@ pub struct Sriov {
     pub total_vfs: u32,
     /// How many are enabled now (`sriov_numvfs`).
     pub num_vfs: u32,
+}
+
+/// `IFF_UP` in a netdev's `flags` (`include/uapi/linux/if.h`).
+const IFF_UP: u32 = 0x1;
+
+/// Parses the kernel's `flags` attribute (`0x1003`).
+fn parse_flags(value: &str) -> Option<u32> {
+    let digits = value.strip_prefix("0x").unwrap_or(value);
+    u32::from_str_radix(digits, 16).ok()
+}
+
+/// Whether the interface is administratively up, from its `flags`.
+fn admin_up(path: &Path, warnings: &mut Warnings) -> Option<bool> {
+    let value = warnings.attr(path)?;
+    match parse_flags(&value) {
+        Some(flags) => Some(flags & IFF_UP != 0),
+        None => {
+            warnings.push(sysfs::SysfsError::Parse {
+                path: path.to_path_buf(),
+                value: sysfs::excerpt(&value),
+                expected: "hexadecimal interface flags",
+            });
+            None
+        }
+    }
 }
 
 /// Names for the ARPHRD link types that show up on servers.
@@ -134,6 +163,7 @@ fn read_nic(root: &Root, class_entry: &Path, name: String, warnings: &mut Warnin
         operstate: warnings
             .attr(&dir.join("operstate"))
             .unwrap_or_else(|| "unknown".to_owned()),
+        admin_up: admin_up(&dir.join("flags"), warnings),
         link_type: warnings.parse(&dir.join("type"), "an ARPHRD type").map(link_type),
         // Software interfaces have no link speed worth knowing (veth makes
         // one up), and a Kubernetes node can have hundreds of them.
@@ -203,6 +233,24 @@ mod tests {
         let mut w = Warnings::default();
         std::fs::write(&p, "fast\n").unwrap();
         assert_eq!(speed(&p, &mut w), None);
+        assert_eq!(w.into_vec().len(), 1);
+    }
+
+    #[test]
+    fn admin_state_from_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("flags");
+        let mut w = Warnings::default();
+        std::fs::write(&p, "0x1003\n").unwrap();
+        assert_eq!(admin_up(&p, &mut w), Some(true));
+        std::fs::write(&p, "0x1002\n").unwrap();
+        assert_eq!(admin_up(&p, &mut w), Some(false));
+        assert_eq!(admin_up(&dir.path().join("missing"), &mut w), None);
+        assert!(w.into_vec().is_empty());
+
+        let mut w = Warnings::default();
+        std::fs::write(&p, "0xup\n").unwrap();
+        assert_eq!(admin_up(&p, &mut w), None);
         assert_eq!(w.into_vec().len(), 1);
     }
 

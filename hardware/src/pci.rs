@@ -37,9 +37,16 @@ pub(crate) struct PciEntry {
     pub(crate) host_path: String,
 }
 
+impl PciDevice {
+    /// An NVIDIA VGA or 3D controller (not an NVSwitch or the HDMI audio function).
+    pub fn is_nvidia_gpu(&self) -> bool {
+        self.vendor_id == NVIDIA_VENDOR && is_gpu_class(&self.class)
+    }
+}
+
 impl PciEntry {
     pub(crate) fn is_nvidia_gpu(&self) -> bool {
-        self.device.vendor_id == NVIDIA_VENDOR && is_gpu_class(&self.device.class)
+        self.device.is_nvidia_gpu()
     }
 }
 

@@ -83,6 +83,21 @@ fn host(inv: &Inventory, out: &mut String) {
     );
 }
 
+fn health(inv: &Inventory, out: &mut String) {
+    let h = &inv.health;
+    section(out, "Health");
+    let _ = writeln!(out, "  Healthy  {}", if h.healthy { "yes" } else { "no" });
+    if h.reasons.is_empty() {
+        return;
+    }
+    let rows: Vec<Vec<String>> = h
+        .reasons
+        .iter()
+        .map(|r| vec![r.code.clone(), r.subject.clone(), r.message.clone()])
+        .collect();
+    columns(out, &["REASON", "SUBJECT", "MESSAGE"], &rows);
+}
+
 fn cpu(inv: &Inventory, out: &mut String) {
     let c = &inv.cpu;
     section(out, "CPU");
@@ -159,9 +174,15 @@ fn nics(inv: &Inventory, out: &mut String) {
                 (Some(s), _) => format!("{}/{} VFs", s.num_vfs, s.total_vfs),
                 (None, _) => NONE.to_owned(),
             };
+            // An interface down on purpose says so, apart from a lost link.
+            let state = if n.admin_up == Some(false) {
+                format!("{} (admin)", n.operstate)
+            } else {
+                n.operstate.clone()
+            };
             vec![
                 n.name.clone(),
-                n.operstate.clone(),
+                state,
                 n.speed_mbps
                     .map_or_else(|| NONE.to_owned(), |s| format!("{s} Mb/s")),
                 or_dash(n.mtu),
@@ -313,6 +334,79 @@ fn gpus(inv: &Inventory, out: &mut String) {
         out.push('\n');
         columns(out, &["MIG", "PROFILE", "MEMORY", "SMS", "UUID"], &migs);
     }
+    gpu_health(inv, out);
+}
+
+/// Milliwatts as watts with one decimal (`120.0 W`), without floating point.
+fn watts(mw: u32) -> String {
+    format!("{}.{} W", mw / 1000, mw % 1000 / 100)
+}
+
+fn celsius(c: u32) -> String {
+    format!("{c} C")
+}
+
+fn yes_no(v: Option<bool>, yes: &str, no: &str) -> String {
+    v.map_or_else(|| NONE.to_owned(), |v| if v { yes } else { no }.to_owned())
+}
+
+fn remap(rows: Option<crate::RemappedRows>) -> String {
+    let Some(r) = rows else {
+        return NONE.to_owned();
+    };
+    let mut text = format!("{} corr, {} unc", r.correctable, r.uncorrectable);
+    if r.pending {
+        text.push_str(", pending");
+    }
+    if r.failed {
+        text.push_str(", FAILED");
+    }
+    text
+}
+
+/// One row of the GPU health table; `None` for a GPU without health (PCI scan).
+fn gpu_health_row(d: &crate::Gpu) -> Option<Vec<String>> {
+    let h = d.health.as_ref()?;
+    Some(vec![
+        d.index.to_string(),
+        yes_no(h.ecc_enabled, "on", "off"),
+        format!(
+            "{} / {}",
+            or_dash(h.ecc_uncorrected_volatile),
+            or_dash(h.ecc_uncorrected_aggregate)
+        ),
+        yes_no(h.retired_pages_pending, "pending", "none"),
+        remap(h.remapped_rows),
+        or_dash(h.temperature_c.map(celsius)),
+        or_dash(h.temperature_slowdown_c.map(celsius)),
+        or_dash(h.temperature_shutdown_c.map(celsius)),
+        or_dash(h.power_mw.map(watts)),
+        or_dash(h.power_limit_mw.map(watts)),
+    ])
+}
+
+fn gpu_health(inv: &Inventory, out: &mut String) {
+    let rows: Vec<Vec<String>> = inv.gpus.devices.iter().filter_map(gpu_health_row).collect();
+    if rows.is_empty() {
+        return;
+    }
+    out.push('\n');
+    columns(
+        out,
+        &[
+            "GPU",
+            "ECC",
+            "UNCORRECTED (VOL/AGG)",
+            "RETIRE",
+            "ROW REMAP",
+            "TEMP",
+            "SLOWDOWN",
+            "SHUTDOWN",
+            "POWER",
+            "LIMIT",
+        ],
+        &rows,
+    );
 }
 
 fn topology(inv: &Inventory, out: &mut String) {
@@ -362,6 +456,7 @@ fn warnings(inv: &Inventory, out: &mut String) {
 pub fn render_table(inv: &Inventory) -> String {
     let mut out = String::with_capacity(4096);
     host(inv, &mut out);
+    health(inv, &mut out);
     cpu(inv, &mut out);
     memory(inv, &mut out);
     nics(inv, &mut out);
@@ -380,6 +475,13 @@ mod tests {
     fn sizes() {
         assert_eq!(size(85_520_809_984), "79.6 GiB");
         assert_eq!(size(2048 * 1024), "2.0 MiB");
+    }
+
+    #[test]
+    fn watts_without_floats() {
+        assert_eq!(watts(120_000), "120.0 W");
+        assert_eq!(watts(699_950), "699.9 W");
+        assert_eq!(watts(0), "0.0 W");
     }
 
     #[test]

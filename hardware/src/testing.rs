@@ -4,8 +4,11 @@
 //! reaches through `nvml-wrapper`, with the real ABI; see
 //! `tests/nvml-shim/nvml_shim.c`. It is compiled on demand with the system C
 //! compiler rather than by a build script, so that ordinary builds of the
-//! crate do not need one.
+//! crate do not need one. [`write_shim_state`] changes what a built shim
+//! reports (GPU count, errors, temperature, power) while a process runs.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -113,7 +116,9 @@ pub fn build_nvml_shim(variant: ShimVariant, dir: &Path) -> Result<PathBuf, Shim
         "-fvisibility=hidden",
     ]);
     cmd.args(variant.define());
-    cmd.arg("-o").arg(&tmp).arg(&source);
+    // `-ldl` for dladdr, with which the shim finds its `state` file (part of
+    // libc itself since glibc 2.34, where the flag is harmless).
+    cmd.arg("-o").arg(&tmp).arg(&source).arg("-ldl");
     let output = cmd.output().map_err(|source| ShimError::NoCompiler {
         compiler: compiler.clone(),
         source,
@@ -127,4 +132,87 @@ pub fn build_nvml_shim(variant: ShimVariant, dir: &Path) -> Result<PathBuf, Shim
     let lib = out_dir.join("libnvidia-ml.so.1");
     std::fs::rename(&tmp, &lib).map_err(io_err(&lib))?;
     Ok(lib)
+}
+
+/// What a built shim reports at its next `nvmlInit_v2`, beyond its healthy
+/// defaults (see the header of `tests/nvml-shim/nvml_shim.c`). GPU indexes
+/// are 0-7; the default value is the healthy board.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShimState {
+    /// How many GPUs NVML lists (at most 8); fewer removes GPUs from the end,
+    /// as if they had fallen off the bus. `None` lists all 8.
+    pub gpus: Option<u32>,
+    /// Uncorrected ECC errors per GPU (volatile and aggregate counters).
+    pub ecc_uncorrected: BTreeMap<u32, u64>,
+    /// GPUs with pages pending retirement.
+    pub retired_pending: BTreeSet<u32>,
+    /// GPUs with a row remapping pending.
+    pub remap_pending: BTreeSet<u32>,
+    /// GPU temperature in degrees Celsius, per GPU (default 35).
+    pub temperature: BTreeMap<u32, u32>,
+    /// Power draw in milliwatts, per GPU (default 120000).
+    pub power_mw: BTreeMap<u32, u32>,
+}
+
+impl ShimState {
+    /// The `state` file's text: one `key=value` per line.
+    fn render(&self) -> String {
+        let mut out = String::new();
+        if let Some(n) = self.gpus {
+            let _ = writeln!(out, "gpus={n}");
+        }
+        for (gpu, n) in &self.ecc_uncorrected {
+            let _ = writeln!(out, "ecc_uncorrected.{gpu}={n}");
+        }
+        for gpu in &self.retired_pending {
+            let _ = writeln!(out, "retired_pending.{gpu}=1");
+        }
+        for gpu in &self.remap_pending {
+            let _ = writeln!(out, "remap_pending.{gpu}=1");
+        }
+        for (gpu, c) in &self.temperature {
+            let _ = writeln!(out, "temperature.{gpu}={c}");
+        }
+        for (gpu, mw) in &self.power_mw {
+            let _ = writeln!(out, "power_mw.{gpu}={mw}");
+        }
+        out
+    }
+}
+
+/// Writes `state` next to `library` (a path [`build_nvml_shim`] returned),
+/// atomically: a temporary file renamed over the old one, so a concurrent
+/// `nvmlInit_v2` reads either the old state or the new one. The shim reads
+/// it at every init, so the next discovery sees it.
+pub fn write_shim_state(library: &Path, state: &ShimState) -> Result<(), ShimError> {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let dir = library.parent().unwrap_or_else(|| Path::new(""));
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let tmp = dir.join(format!(".state.{}.{seq}.tmp", std::process::id()));
+    std::fs::write(&tmp, state.render()).map_err(io_err(&tmp))?;
+    let path = dir.join("state");
+    std::fs::rename(&tmp, &path).map_err(io_err(&path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_file_text() {
+        assert_eq!(ShimState::default().render(), "");
+        let state = ShimState {
+            gpus: Some(7),
+            ecc_uncorrected: BTreeMap::from([(3, 2)]),
+            retired_pending: BTreeSet::from([1]),
+            remap_pending: BTreeSet::from([2]),
+            temperature: BTreeMap::from([(0, 90)]),
+            power_mw: BTreeMap::from([(4, 800_000)]),
+        };
+        assert_eq!(
+            state.render(),
+            "gpus=7\necc_uncorrected.3=2\nretired_pending.1=1\nremap_pending.2=1\n\
+             temperature.0=90\npower_mw.4=800000\n"
+        );
+    }
 }

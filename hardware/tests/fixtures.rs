@@ -4,7 +4,8 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{discover_fixture, fixture};
+use common::{copy_fixture, discover_fixture, discover_root, expect, fixture, verdicts};
+use spokelet_hardware::health::code;
 use spokelet_hardware::{
     DiscoverOptions, GpuSource, Inventory, NvmlSource, PeerKind, Relation, Sriov, discover, labels,
     render_table,
@@ -60,6 +61,13 @@ fn plain_vm() {
     assert_eq!(eth0.mac.as_deref(), Some("02:fc:00:00:00:01"));
     assert_eq!(eth0.mtu, Some(1400));
     assert_eq!(eth0.operstate, "up");
+    assert_eq!(eth0.admin_up, Some(true));
+    assert_eq!(nic(&inv, "ifb0").admin_up, Some(false));
+    assert_eq!(
+        verdicts(&inv),
+        expect(&[]),
+        "virtual interfaces down are no fault"
+    );
     assert_eq!(eth0.speed_mbps, None, "virtio reports -1: unknown");
     assert_eq!(eth0.numa_node, None, "numa_node -1 means unknown");
     assert_eq!(eth0.sriov, None);
@@ -110,6 +118,7 @@ fn plain_vm() {
         ("feature.node.kubernetes.io/kernel-version.revision", "44"),
         ("feature.node.kubernetes.io/pci-1af4.present", "true"),
         ("spokelet.io/cpu.sockets", "1"),
+        ("spokelet.io/node.healthy", "true"),
         ("spokelet.io/numa.nodes", "1"),
     ]);
     assert_eq!(labels(&inv), expected);
@@ -180,6 +189,7 @@ fn hgx_h100_without_nvml() {
         })
     );
     assert_eq!((pf1.operstate.as_str(), pf1.speed_mbps), ("down", None));
+    assert_eq!(pf1.admin_up, Some(false), "unused port, down on purpose");
     let vf = nic(&inv, "ens1f0v1");
     assert!(vf.is_vf && vf.physical);
     assert_eq!(vf.driver.as_deref(), Some("iavf"));
@@ -294,9 +304,70 @@ fn hgx_h100_without_nvml() {
         ("feature.node.kubernetes.io/cpu-cpuid.AMXTILE", "true"),
         ("feature.node.kubernetes.io/cpu-cpuid.AVX512FP16", "true"),
         ("feature.node.kubernetes.io/cpu-model.vendor_id", "Intel"),
+        ("spokelet.io/node.healthy", "false"),
     ] {
         assert_eq!(l.get(k).map(String::as_str), Some(v), "{k}");
     }
+
+    // mlx5_7's cable is unplugged: its port and its IPoIB interface are down.
+    // ens1f1 is down too, but administratively, and the PCI-scanned GPUs are
+    // not judged.
+    assert_eq!(
+        verdicts(&inv),
+        expect(&[
+            (code::NIC_LINK_DOWN, "ibp224s0"),
+            (code::RDMA_PORT_DOWN, "mlx5_7/1"),
+        ])
+    );
+    let port = &inv.health.reasons[1].message;
+    assert!(port.contains("DOWN") && port.contains("Disabled"), "{port}");
+}
+
+#[test]
+fn nic_link_down_only_when_administratively_up() {
+    let tree = copy_fixture("hgx-h100");
+    // ens1f1 brought up without a link: a fault.
+    tree.write("sys/class/net/ens1f1/flags", "0x1003\n");
+    // ens1f0 taken down by an administrator: not one.
+    tree.write("sys/class/net/ens1f0/operstate", "down\n");
+    tree.write("sys/class/net/ens1f0/flags", "0x1002\n");
+    let inv = discover_root(&tree.root);
+    assert!(inv.warnings.is_empty(), "{:#?}", inv.warnings);
+    assert_eq!(
+        verdicts(&inv),
+        expect(&[
+            (code::NIC_LINK_DOWN, "ens1f1"),
+            (code::NIC_LINK_DOWN, "ibp224s0"),
+            (code::RDMA_PORT_DOWN, "mlx5_7/1"),
+        ])
+    );
+    assert!(
+        inv.health.reasons[0].message.contains("0000:05:00.1"),
+        "{:?}",
+        inv.health.reasons[0]
+    );
+}
+
+#[test]
+fn rdma_port_down_is_a_reason() {
+    let tree = copy_fixture("hgx-h100");
+    tree.write("sys/class/infiniband/mlx5_1/ports/1/state", "1: DOWN\n");
+    tree.write("sys/class/infiniband/mlx5_1/ports/1/phys_state", "2: Polling\n");
+    let inv = discover_root(&tree.root);
+    assert_eq!(
+        verdicts(&inv),
+        expect(&[
+            (code::NIC_LINK_DOWN, "ibp224s0"),
+            (code::RDMA_PORT_DOWN, "mlx5_1/1"),
+            (code::RDMA_PORT_DOWN, "mlx5_7/1"),
+        ])
+    );
+    let r = &inv.health.reasons[1];
+    assert!(
+        r.message.contains("DOWN") && r.message.contains("Polling"),
+        "{}",
+        r.message
+    );
 }
 
 #[test]
@@ -341,6 +412,13 @@ fn gpu_without_driver_is_reported_not_loaded() {
 
     let table = render_table(&inv);
     assert!(table.contains("NOT LOADED"), "{table}");
+
+    // A GPU without a driver is not a health problem (passthrough is intentional).
+    assert_eq!(verdicts(&inv), expect(&[]));
+    assert_eq!(
+        l.get("spokelet.io/node.healthy").map(String::as_str),
+        Some("true")
+    );
 }
 
 #[test]
@@ -396,11 +474,15 @@ fn json_round_trip_and_camel_case() {
             "topology",
             "warnings",
             "pciDevices",
+            "health",
         ] {
             assert!(value.get(key).is_some(), "{name}: missing {key}");
         }
         assert!(value["gpus"].get("nvmlError").is_some());
         assert!(value["cpu"].get("numaNodes").is_some());
+        assert!(value["health"]["healthy"].is_boolean());
+        assert!(value["health"]["reasons"].is_array());
+        assert!(value["nics"][0].get("adminUp").is_some());
     }
 }
 
@@ -429,6 +511,7 @@ fn every_label_value_is_valid() {
 fn table_has_every_section() {
     let table = render_table(&discover_fixture("hgx-h100"));
     for section in [
+        "Health",
         "CPU",
         "Memory",
         "NICs",
@@ -443,4 +526,12 @@ fn table_has_every_section() {
     }
     assert!(table.contains("mlx5_0, ibp28s0 (pcie-switch)"), "{table}");
     assert!(table.contains("2/128 VFs"), "{table}");
+    assert!(table.contains("Healthy  no"), "{table}");
+    assert!(table.contains("RdmaPortDown  mlx5_7/1"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("ens1f1") && l.contains("down (admin)")),
+        "{table}"
+    );
 }

@@ -2,9 +2,14 @@
 
 mod common;
 
-use common::{discover_with_shim, shim};
-use spokelet_hardware::testing::ShimVariant;
-use spokelet_hardware::{GpuSource, MigMode, Relation, labels, render_table};
+use std::collections::{BTreeMap, BTreeSet};
+
+use common::{Shim, discover_root_with_shim, discover_with_shim, expect, healthy_hgx, shim, verdicts};
+use spokelet_hardware::health::code;
+use spokelet_hardware::testing::{ShimState, ShimVariant, write_shim_state};
+use spokelet_hardware::{
+    GpuHealth, GpuSource, Inventory, MigMode, NodeHealth, Relation, RemappedRows, labels, render_table,
+};
 
 const MIB: u64 = 1024 * 1024;
 const BUSES: [&str; 8] = [
@@ -195,4 +200,180 @@ fn repeated_sessions_on_one_library() {
     let first = discover_with_shim("hgx-h100", &lib);
     let second = discover_with_shim("hgx-h100", &lib);
     assert_eq!(first, second);
+}
+
+/// What the shim reports for a healthy H100.
+const HEALTHY_H100: GpuHealth = GpuHealth {
+    ecc_enabled: Some(true),
+    ecc_uncorrected_volatile: Some(0),
+    ecc_uncorrected_aggregate: Some(0),
+    retired_pages_pending: Some(false),
+    remapped_rows: Some(RemappedRows {
+        correctable: 0,
+        uncorrectable: 0,
+        pending: false,
+        failed: false,
+    }),
+    temperature_slowdown_c: Some(87),
+    temperature_shutdown_c: Some(92),
+    power_limit_mw: Some(700_000),
+    temperature_c: Some(35),
+    power_mw: Some(120_000),
+};
+
+/// Sets the shim's runtime state, then discovers the healthy HGX tree through it.
+fn discover_in_state(lib: &Shim, root: &std::path::Path, state: &ShimState) -> Inventory {
+    write_shim_state(&lib.path, state).unwrap();
+    let inv = discover_root_with_shim(root, lib);
+    assert!(
+        inv.warnings.iter().all(|w| !w.contains("cannot read")),
+        "{:#?}",
+        inv.warnings
+    );
+    inv
+}
+
+#[test]
+fn healthy_shim_gives_a_healthy_node() {
+    let lib = shim(ShimVariant::H100);
+    let tree = healthy_hgx();
+    let inv = discover_root_with_shim(&tree.root, &lib);
+    assert!(inv.warnings.is_empty(), "{:#?}", inv.warnings);
+    assert_eq!(
+        inv.health,
+        NodeHealth {
+            healthy: true,
+            reasons: Vec::new()
+        }
+    );
+    assert_eq!(inv.gpus.devices.len(), 8);
+    for g in &inv.gpus.devices {
+        assert_eq!(g.health, Some(HEALTHY_H100), "GPU {}", g.index);
+    }
+    assert_eq!(
+        labels(&inv).get("spokelet.io/node.healthy").map(String::as_str),
+        Some("true")
+    );
+    let table = render_table(&inv);
+    assert!(table.contains("Healthy  yes"), "{table}");
+    for cell in ["35 C", "87 C", "92 C", "120.0 W", "700.0 W", "0 corr, 0 unc"] {
+        assert!(table.contains(cell), "missing {cell}:\n{table}");
+    }
+}
+
+#[test]
+fn ecc_error_on_one_gpu_and_back() {
+    let lib = shim(ShimVariant::H100);
+    let tree = healthy_hgx();
+    let broken = ShimState {
+        ecc_uncorrected: BTreeMap::from([(3, 2)]),
+        ..ShimState::default()
+    };
+    let inv = discover_in_state(&lib, &tree.root, &broken);
+    assert_eq!(verdicts(&inv), expect(&[(code::GPU_ECC_UNCORRECTABLE, "gpu3")]));
+    assert!(!inv.health.healthy);
+    let gpu3 = inv.gpus.devices[3].health.as_ref().unwrap();
+    assert_eq!(
+        (gpu3.ecc_uncorrected_volatile, gpu3.ecc_uncorrected_aggregate),
+        (Some(2), Some(2))
+    );
+    assert!(inv.health.reasons[0].message.contains("2 uncorrected ECC error"));
+    assert_eq!(
+        labels(&inv).get("spokelet.io/node.healthy").map(String::as_str),
+        Some("false")
+    );
+    let table = render_table(&inv);
+    assert!(table.contains("Healthy  no"), "{table}");
+    assert!(table.contains("GpuEccUncorrectable  gpu3"), "{table}");
+
+    // The same library, reset: the next discovery is healthy again.
+    let inv = discover_in_state(&lib, &tree.root, &ShimState::default());
+    assert_eq!(verdicts(&inv), expect(&[]));
+    assert!(inv.health.healthy);
+}
+
+#[test]
+fn gpu_gone_from_nvml_but_still_on_pci() {
+    let lib = shim(ShimVariant::H100);
+    let tree = healthy_hgx();
+    let inv = discover_in_state(
+        &lib,
+        &tree.root,
+        &ShimState {
+            gpus: Some(7),
+            ..ShimState::default()
+        },
+    );
+    assert_eq!(inv.gpus.devices.len(), 7);
+    assert_eq!(
+        verdicts(&inv),
+        expect(&[(code::GPU_NOT_VISIBLE_TO_NVML, "0000:df:00.0")])
+    );
+    // The warning stays, for the table and the logs.
+    assert!(
+        inv.warnings
+            .iter()
+            .any(|w| w.contains("0000:df:00.0") && w.contains("not visible to NVML")),
+        "{:#?}",
+        inv.warnings
+    );
+}
+
+#[test]
+fn thermal_power_and_memory_repair_verdicts() {
+    let lib = shim(ShimVariant::H100);
+    let tree = healthy_hgx();
+    let state = ShimState {
+        retired_pending: BTreeSet::from([1]),
+        remap_pending: BTreeSet::from([2]),
+        power_mw: BTreeMap::from([(4, 800_000), (6, 700_000)]),
+        temperature: BTreeMap::from([(5, 87), (7, 86)]),
+        ..ShimState::default()
+    };
+    let inv = discover_in_state(&lib, &tree.root, &state);
+    assert_eq!(
+        verdicts(&inv),
+        expect(&[
+            (code::GPU_RETIRED_PAGES_PENDING, "gpu1"),
+            (code::GPU_ROW_REMAP_PENDING, "gpu2"),
+            (code::GPU_POWER_OVER_LIMIT, "gpu4"),
+            (code::GPU_TEMPERATURE_HIGH, "gpu5"),
+        ]),
+        "at the limit (gpu6) and just below slowdown (gpu7) are normal"
+    );
+    let gpu2 = inv.gpus.devices[2].health.as_ref().unwrap();
+    assert!(gpu2.remapped_rows.is_some_and(|r| r.pending && !r.failed));
+}
+
+#[test]
+fn live_readings_are_not_in_the_document() {
+    let lib = shim(ShimVariant::H100);
+    let tree = healthy_hgx();
+    let reading = |temperature: u32, power: u32| {
+        let state = ShimState {
+            temperature: BTreeMap::from([(0, temperature), (5, temperature + 50)]),
+            power_mw: BTreeMap::from([(0, power)]),
+            ..ShimState::default()
+        };
+        discover_in_state(&lib, &tree.root, &state)
+    };
+    let (first, second) = (reading(40, 250_000), reading(41, 260_000));
+    // The readings differ, and the structs hold them...
+    let live = |inv: &Inventory| {
+        let h = inv.gpus.devices[0].health.as_ref().unwrap();
+        (h.temperature_c, h.power_mw)
+    };
+    assert_eq!(live(&first), (Some(40), Some(250_000)));
+    assert_eq!(live(&second), (Some(41), Some(260_000)));
+    // ...but the documents are identical, the hot GPU's verdict included.
+    assert_eq!(verdicts(&first), expect(&[(code::GPU_TEMPERATURE_HIGH, "gpu5")]));
+    assert_eq!(
+        serde_json::to_string(&first).unwrap(),
+        serde_json::to_string(&second).unwrap()
+    );
+    let json = serde_json::to_value(&first).unwrap();
+    let health = &json["gpus"]["devices"][0]["health"];
+    assert_eq!(health["temperatureSlowdownC"], 87);
+    assert_eq!(health["powerLimitMw"], 700_000);
+    assert!(health.get("temperatureC").is_none() && health.get("powerMw").is_none());
 }

@@ -95,6 +95,60 @@ pub struct Gpu {
     pub driver: Option<String>,
     /// Sysfs path of the GPU as the host sees it.
     pub device_path: Option<String>,
+    /// Error counters, thermal and power state from NVML, judged by
+    /// [`crate::health::assess`]; `None` for a PCI scan, which cannot read them.
+    pub health: Option<GpuHealth>,
+}
+
+/// A GPU's health as NVML reports it. Every field is `None` when the GPU does
+/// not support the query (or it failed, which is a warning).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuHealth {
+    /// ECC mode now in effect (a change waits for a reboot); without ECC the
+    /// error counters below are not kept.
+    pub ecc_enabled: Option<bool>,
+    /// Uncorrected ECC errors since the driver loaded (volatile counter):
+    /// above zero, what ran on the GPU may have read corrupt memory.
+    pub ecc_uncorrected_volatile: Option<u64>,
+    /// Uncorrected ECC errors over the GPU's lifetime (aggregate counter),
+    /// kept across driver reloads; history, not a verdict by itself.
+    pub ecc_uncorrected_aggregate: Option<u64>,
+    /// Framebuffer pages wait for retirement, which takes a GPU reset (boards
+    /// before Ampere; later ones remap rows instead).
+    pub retired_pages_pending: Option<bool>,
+    /// Row remapping state (Ampere and later).
+    pub remapped_rows: Option<RemappedRows>,
+    /// Temperature at which the GPU starts throttling, in degrees Celsius.
+    pub temperature_slowdown_c: Option<u32>,
+    /// Temperature at which the GPU shuts down to protect itself, in degrees Celsius.
+    pub temperature_shutdown_c: Option<u32>,
+    /// Power limit the driver enforces now, in milliwatts.
+    pub power_limit_mw: Option<u32>,
+    /// GPU core temperature when read, in degrees Celsius. Not serialized: it
+    /// changes every second, and the inventory document is compared between
+    /// discoveries to decide whether to write it to the API server. Kept for
+    /// the table and for metrics; the verdict it leads to is serialized.
+    #[serde(skip)]
+    pub temperature_c: Option<u32>,
+    /// Power draw when read, in milliwatts. Not serialized, for the same
+    /// reason as `temperature_c`.
+    #[serde(skip)]
+    pub power_mw: Option<u32>,
+}
+
+/// Rows of GPU memory remapped to spare rows (Ampere and later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RemappedRows {
+    /// Rows remapped because of correctable errors.
+    pub correctable: u32,
+    /// Rows remapped because of uncorrectable errors.
+    pub uncorrectable: u32,
+    /// A remapping waits for the next GPU reset to take effect.
+    pub pending: bool,
+    /// A remapping failed: no spare row was left for a failing one.
+    pub failed: bool,
 }
 
 /// CUDA compute capability (`major.minor`).

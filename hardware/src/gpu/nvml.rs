@@ -2,11 +2,19 @@
 
 use std::path::Path;
 
-use nvml_wrapper::enums::device::DeviceArchitecture;
+use nvml_wrapper::enum_wrappers::device::{EccCounter, MemoryError, TemperatureSensor, TemperatureThreshold};
+use nvml_wrapper::enums::device::{DeviceArchitecture, SampleValue};
 use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::structs::device::FieldId;
+use nvml_wrapper::sys_exports::field_id::{
+    NVML_FI_DEV_REMAPPED_COR, NVML_FI_DEV_REMAPPED_FAILURE, NVML_FI_DEV_REMAPPED_PENDING,
+    NVML_FI_DEV_REMAPPED_UNC,
+};
 use nvml_wrapper::{Device, Nvml};
 
-use super::{ComputeCapability, Gpu, GpuError, GpuInventory, GpuSource, MigDevice, MigMode};
+use super::{
+    ComputeCapability, Gpu, GpuError, GpuHealth, GpuInventory, GpuSource, MigDevice, MigMode, RemappedRows,
+};
 use crate::pci::{self, PciEntry};
 use crate::sysfs::Warnings;
 
@@ -183,6 +191,103 @@ fn nvlinks_active(device: &Device<'_>, gpu: u32, warnings: &mut Warnings) -> Opt
     Some(active)
 }
 
+/// The row remapping counters, read as field values: nvml-wrapper has no safe call for
+/// `nvmlDeviceGetRemappedRows`, and these four fields carry the same numbers.
+const REMAP_FIELDS: [u32; 4] = [
+    NVML_FI_DEV_REMAPPED_COR,
+    NVML_FI_DEV_REMAPPED_UNC,
+    NVML_FI_DEV_REMAPPED_PENDING,
+    NVML_FI_DEV_REMAPPED_FAILURE,
+];
+
+/// A field value as an unsigned integer; `None` for a negative or floating-point one.
+fn field_integer(value: SampleValue) -> Option<u64> {
+    match value {
+        SampleValue::U32(v) => Some(u64::from(v)),
+        SampleValue::U64(v) => Some(v),
+        SampleValue::I64(v) => u64::try_from(v).ok(),
+        SampleValue::F64(_) => None,
+    }
+}
+
+/// Row remapping state; `None` unless all four fields were answered.
+fn remapped_rows(device: &Device<'_>, gpu: u32, warnings: &mut Warnings) -> Option<RemappedRows> {
+    let ids = REMAP_FIELDS.map(FieldId);
+    let samples = optional(warnings, gpu, "remapped rows", device.field_values_for(&ids))?;
+    let mut values = [0u64; REMAP_FIELDS.len()];
+    for (slot, sample) in values.iter_mut().zip(samples) {
+        let value = optional(warnings, gpu, "remapped rows", sample.and_then(|s| s.value))?;
+        let Some(n) = field_integer(value) else {
+            warnings.push(format!(
+                "NVML GPU {gpu}: remapped rows field is not an unsigned integer"
+            ));
+            return None;
+        };
+        *slot = n;
+    }
+    let [correctable, uncorrectable, pending, failed] = values;
+    Some(RemappedRows {
+        correctable: u32::try_from(correctable).unwrap_or(u32::MAX),
+        uncorrectable: u32::try_from(uncorrectable).unwrap_or(u32::MAX),
+        pending: pending != 0,
+        failed: failed != 0,
+    })
+}
+
+/// Error counters, thermal and power state; each query that is not supported is `None`.
+fn read_health(device: &Device<'_>, gpu: u32, warnings: &mut Warnings) -> GpuHealth {
+    let uncorrected = |counter| device.total_ecc_errors(MemoryError::Uncorrected, counter);
+    let threshold = |kind| device.temperature_threshold(kind);
+    GpuHealth {
+        ecc_enabled: optional(warnings, gpu, "ECC mode", device.is_ecc_enabled())
+            .map(|m| m.currently_enabled),
+        ecc_uncorrected_volatile: optional(
+            warnings,
+            gpu,
+            "volatile uncorrected ECC errors",
+            uncorrected(EccCounter::Volatile),
+        ),
+        ecc_uncorrected_aggregate: optional(
+            warnings,
+            gpu,
+            "aggregate uncorrected ECC errors",
+            uncorrected(EccCounter::Aggregate),
+        ),
+        retired_pages_pending: optional(
+            warnings,
+            gpu,
+            "pending page retirement",
+            device.are_pages_pending_retired(),
+        ),
+        remapped_rows: remapped_rows(device, gpu, warnings),
+        temperature_slowdown_c: optional(
+            warnings,
+            gpu,
+            "slowdown temperature",
+            threshold(TemperatureThreshold::Slowdown),
+        ),
+        temperature_shutdown_c: optional(
+            warnings,
+            gpu,
+            "shutdown temperature",
+            threshold(TemperatureThreshold::Shutdown),
+        ),
+        power_limit_mw: optional(
+            warnings,
+            gpu,
+            "enforced power limit",
+            device.enforced_power_limit(),
+        ),
+        temperature_c: optional(
+            warnings,
+            gpu,
+            "temperature",
+            device.temperature(TemperatureSensor::Gpu),
+        ),
+        power_mw: optional(warnings, gpu, "power usage", device.power_usage()),
+    }
+}
+
 fn read_gpu(device: &Device<'_>, index: u32, pci: &[PciEntry], warnings: &mut Warnings) -> Gpu {
     let name = optional(warnings, index, "name", device.name()).unwrap_or_else(|| "unknown".to_owned());
     let pci_info = optional(warnings, index, "PCI info", device.pci_info());
@@ -245,6 +350,7 @@ fn read_gpu(device: &Device<'_>, index: u32, pci: &[PciEntry], warnings: &mut Wa
             .and_then(|e| e.device.driver.clone())
             .or_else(|| Some("nvidia".to_owned())),
         device_path: entry.map(|e| e.host_path.clone()),
+        health: Some(read_health(device, index, warnings)),
     }
 }
 

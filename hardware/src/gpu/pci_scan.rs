@@ -75,6 +75,7 @@ pub(super) fn discover(pci: &[PciEntry]) -> Vec<Gpu> {
                 driver_loaded: entry.device.driver.is_some(),
                 driver: entry.device.driver.clone(),
                 device_path: Some(entry.host_path.clone()),
+                health: None,
             }
         })
         .collect()

@@ -15,12 +15,38 @@
  *                   GPU 1 has MIG enable pending (takes effect after reset).
  *   -DSHIM_INIT_FAIL nvmlInit_v2 returns NVML_ERROR_DRIVER_NOT_LOADED.
  *
+ * Health (every GPU, every variant): ECC on, no ECC error, no page pending
+ * retirement, no row remapped, 35 C (slowdown at 87 C, shutdown at 92 C),
+ * drawing 120 W against an enforced limit of 700 W. Row remapping is answered
+ * through nvmlDeviceGetFieldValues (NVML_FI_DEV_REMAPPED_*), the call
+ * nvml-wrapper's safe API reaches for it; pending page retirement is answered
+ * too, so that both verdicts can be tested.
+ *
+ * Runtime state: at every nvmlInit_v2 the shim reads an optional file named
+ * `state` in the directory the shim library itself was loaded from (found
+ * with dladdr), so a running process's view changes without a rebuild: each
+ * discovery initialises NVML, so the next discovery sees a change. One
+ * `key=value` per line, <i> a GPU index 0-7:
+ *   gpus=N                  devices NVML lists (0-8; fewer than 8 removes
+ *                           GPUs from the end, as if fallen off the bus)
+ *   ecc_uncorrected.<i>=N   uncorrected ECC errors (volatile and aggregate)
+ *   retired_pending.<i>=0|1 pages pending retirement
+ *   remap_pending.<i>=0|1   a row remapping pending
+ *   temperature.<i>=C       GPU temperature in degrees Celsius
+ *   power_mw.<i>=N          power draw in milliwatts
+ * A missing file means the defaults above; malformed lines, unknown keys and
+ * out-of-range indexes are ignored. spokelet_hardware::testing::
+ * write_shim_state writes the file.
+ *
  * Types are declared here rather than taken from nvml.h so that the shim
  * builds on machines without the CUDA toolkit; the layouts follow nvml.h
  * (and nvml-wrapper-sys, which is generated from it).
  */
+#define _GNU_SOURCE
+#include <dlfcn.h>
 #include <stddef.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define NVML_API __attribute__((visibility("default")))
@@ -65,6 +91,40 @@ typedef struct {
 /* NVML_STRUCT_VERSION(Memory, 2) */
 #define NVML_MEMORY_V2 ((unsigned int)(sizeof(nvmlMemory_v2_t) | (2u << 24)))
 
+typedef union {
+    double dVal;
+    int siVal;
+    unsigned int uiVal;
+    unsigned long ulVal;
+    unsigned long long ullVal;
+    long long sllVal;
+    unsigned short usVal;
+} nvmlValue_t;
+
+typedef struct {
+    unsigned int fieldId;
+    unsigned int scopeId;
+    long long timestamp;
+    long long latencyUsec;
+    unsigned int valueType; /* nvmlValueType_t */
+    nvmlReturn_t nvmlReturn;
+    nvmlValue_t value;
+} nvmlFieldValue_t;
+
+#define NVML_VALUE_TYPE_UNSIGNED_INT 1u
+#define NVML_FI_DEV_REMAPPED_COR 142u
+#define NVML_FI_DEV_REMAPPED_UNC 143u
+#define NVML_FI_DEV_REMAPPED_PENDING 144u
+#define NVML_FI_DEV_REMAPPED_FAILURE 145u
+
+#define NVML_MEMORY_ERROR_TYPE_CORRECTED 0u
+#define NVML_MEMORY_ERROR_TYPE_UNCORRECTED 1u
+#define NVML_VOLATILE_ECC 0u
+#define NVML_AGGREGATE_ECC 1u
+#define NVML_TEMPERATURE_GPU 0u
+#define NVML_TEMPERATURE_THRESHOLD_SHUTDOWN 0u
+#define NVML_TEMPERATURE_THRESHOLD_SLOWDOWN 1u
+
 typedef struct {
     unsigned int multiprocessorCount;
     unsigned int sharedCopyEngineCount;
@@ -90,6 +150,12 @@ struct nvmlDevice_st {
     unsigned int sm_count;
     unsigned int gi_slices;
     unsigned int ci_slices;
+    /* Health, physical GPUs only; reset and re-read from `state` at every init. */
+    unsigned long long ecc_uncorrected;
+    unsigned int retired_pending;
+    unsigned int remap_pending;
+    unsigned int temperature_c;
+    unsigned int power_mw;
 };
 
 #define GPU_COUNT 8
@@ -99,11 +165,20 @@ static struct nvmlDevice_st gpus[GPU_COUNT];
 static struct nvmlDevice_st migs[MIG_MAX];
 static unsigned int mig_count;
 static int init_count;
+/* GPUs NVML lists: the first `visible_count` of `gpus`. */
+static unsigned int visible_count = GPU_COUNT;
 
 /* Bus numbers of the GPUs in the hgx-h100 fixture, in NVML (PCI) order. */
 static const unsigned int gpu_bus[GPU_COUNT] = {0x1b, 0x43, 0x52, 0x61, 0x9d, 0xc3, 0xd1, 0xdf};
 
 static const unsigned long long H100_MEMORY_MIB = 81559ull;
+
+/* Healthy H100 SXM5 readings and limits. */
+#define DEFAULT_TEMPERATURE_C 35u
+#define SLOWDOWN_C 87u
+#define SHUTDOWN_C 92u
+#define DEFAULT_POWER_MW 120000u
+#define POWER_LIMIT_MW 700000u
 
 __attribute__((unused)) static void setup(void) {
     for (unsigned int i = 0; i < GPU_COUNT; i++) {
@@ -140,6 +215,100 @@ __attribute__((unused)) static void setup(void) {
         m->ci_slices = layout[i].slices;
     }
 #endif
+}
+
+static void health_defaults(void) {
+    visible_count = GPU_COUNT;
+    for (unsigned int i = 0; i < GPU_COUNT; i++) {
+        gpus[i].ecc_uncorrected = 0;
+        gpus[i].retired_pending = 0;
+        gpus[i].remap_pending = 0;
+        gpus[i].temperature_c = DEFAULT_TEMPERATURE_C;
+        gpus[i].power_mw = DEFAULT_POWER_MW;
+    }
+}
+
+/* A whole decimal number, no sign or trailing text; -1 when malformed. */
+static int parse_number(const char *text, unsigned long long *out) {
+    if (text[0] < '0' || text[0] > '9')
+        return -1;
+    char *end = NULL;
+    unsigned long long v = strtoull(text, &end, 10);
+    if (end == NULL || *end != '\0')
+        return -1;
+    *out = v;
+    return 0;
+}
+
+/* `<name>.<i>` for a GPU index in range: the index, or -1. */
+static int indexed(const char *key, const char *name) {
+    size_t len = strlen(name);
+    unsigned long long i;
+    if (strncmp(key, name, len) != 0 || key[len] != '.' || parse_number(key + len + 1, &i) != 0 ||
+        i >= GPU_COUNT)
+        return -1;
+    return (int)i;
+}
+
+static unsigned int clamp_u32(unsigned long long v) {
+    return v > 0xffffffffull ? 0xffffffffu : (unsigned int)v;
+}
+
+static void apply_line(char *line) {
+    line[strcspn(line, "\r\n")] = '\0';
+    char *eq = strchr(line, '=');
+    unsigned long long v;
+    if (eq == NULL)
+        return;
+    *eq = '\0';
+    if (parse_number(eq + 1, &v) != 0)
+        return;
+    int i;
+    if (strcmp(line, "gpus") == 0) {
+        if (v <= GPU_COUNT)
+            visible_count = (unsigned int)v;
+    } else if ((i = indexed(line, "ecc_uncorrected")) >= 0) {
+        gpus[i].ecc_uncorrected = v;
+    } else if ((i = indexed(line, "retired_pending")) >= 0) {
+        if (v <= 1)
+            gpus[i].retired_pending = (unsigned int)v;
+    } else if ((i = indexed(line, "remap_pending")) >= 0) {
+        if (v <= 1)
+            gpus[i].remap_pending = (unsigned int)v;
+    } else if ((i = indexed(line, "temperature")) >= 0) {
+        gpus[i].temperature_c = clamp_u32(v);
+    } else if ((i = indexed(line, "power_mw")) >= 0) {
+        gpus[i].power_mw = clamp_u32(v);
+    }
+}
+
+/* Resets the health state, then applies `state` next to this library. */
+__attribute__((unused)) static void load_state(void) {
+    health_defaults();
+    Dl_info info;
+    if (dladdr((void *)&load_state, &info) == 0 || info.dli_fname == NULL)
+        return;
+    char path[4096];
+    const char *slash = strrchr(info.dli_fname, '/');
+    int dir_len = slash == NULL ? 0 : (int)(slash - info.dli_fname + 1);
+    int n = snprintf(path, sizeof path, "%.*sstate", dir_len, info.dli_fname);
+    if (n < 0 || (size_t)n >= sizeof path)
+        return;
+    FILE *f = fopen(path, "r");
+    if (f == NULL)
+        return;
+    char line[256];
+    while (fgets(line, sizeof line, f) != NULL) {
+        if (strchr(line, '\n') == NULL && !feof(f)) {
+            /* Longer than any valid line: skip the rest of it. */
+            int c;
+            while ((c = fgetc(f)) != EOF && c != '\n') {
+            }
+            continue;
+        }
+        apply_line(line);
+    }
+    fclose(f);
 }
 
 static int is_gpu(nvmlDevice_t d) {
@@ -185,6 +354,7 @@ NVML_API nvmlReturn_t nvmlInit_v2(void) {
     if (init_count++ == 0) {
         setup();
     }
+    load_state();
     return NVML_SUCCESS;
 #endif
 }
@@ -244,13 +414,13 @@ NVML_API nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *deviceCount) {
     REQUIRE_INIT();
     if (deviceCount == NULL)
         return NVML_ERROR_INVALID_ARGUMENT;
-    *deviceCount = GPU_COUNT;
+    *deviceCount = visible_count;
     return NVML_SUCCESS;
 }
 
 NVML_API nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *device) {
     REQUIRE_INIT();
-    if (device == NULL || index >= GPU_COUNT)
+    if (device == NULL || index >= visible_count)
         return NVML_ERROR_INVALID_ARGUMENT;
     *device = &gpus[index];
     return NVML_SUCCESS;
@@ -395,5 +565,121 @@ NVML_API nvmlReturn_t nvmlDeviceGetNvLinkState(nvmlDevice_t device, unsigned int
     if (device->is_mig)
         return NVML_ERROR_NOT_SUPPORTED;
     *isActive = NVML_FEATURE_ENABLED;
+    return NVML_SUCCESS;
+}
+
+/* Health queries answer for physical GPUs only (discovery asks them of no MIG
+ * device). */
+#define REQUIRE_PHYSICAL(d, out)                                                                   \
+    do {                                                                                           \
+        REQUIRE_DEVICE(d);                                                                         \
+        if ((out) == NULL)                                                                         \
+            return NVML_ERROR_INVALID_ARGUMENT;                                                    \
+        if ((d)->is_mig)                                                                           \
+            return NVML_ERROR_NOT_SUPPORTED;                                                       \
+    } while (0)
+
+NVML_API nvmlReturn_t nvmlDeviceGetEccMode(nvmlDevice_t device, unsigned int *current,
+                                           unsigned int *pending) {
+    REQUIRE_PHYSICAL(device, current);
+    if (pending == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *current = NVML_FEATURE_ENABLED;
+    *pending = NVML_FEATURE_ENABLED;
+    return NVML_SUCCESS;
+}
+
+NVML_API nvmlReturn_t nvmlDeviceGetTotalEccErrors(nvmlDevice_t device, unsigned int errorType,
+                                                  unsigned int counterType,
+                                                  unsigned long long *eccCounts) {
+    REQUIRE_PHYSICAL(device, eccCounts);
+    if (counterType != NVML_VOLATILE_ECC && counterType != NVML_AGGREGATE_ECC)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    switch (errorType) {
+    case NVML_MEMORY_ERROR_TYPE_CORRECTED:
+        *eccCounts = 0;
+        return NVML_SUCCESS;
+    case NVML_MEMORY_ERROR_TYPE_UNCORRECTED:
+        /* Errors since the driver loaded count towards the lifetime total too. */
+        *eccCounts = device->ecc_uncorrected;
+        return NVML_SUCCESS;
+    default:
+        return NVML_ERROR_INVALID_ARGUMENT;
+    }
+}
+
+NVML_API nvmlReturn_t nvmlDeviceGetRetiredPagesPendingStatus(nvmlDevice_t device,
+                                                             unsigned int *isPending) {
+    REQUIRE_PHYSICAL(device, isPending);
+    *isPending = device->retired_pending ? NVML_FEATURE_ENABLED : NVML_FEATURE_DISABLED;
+    return NVML_SUCCESS;
+}
+
+NVML_API nvmlReturn_t nvmlDeviceGetTemperature(nvmlDevice_t device, unsigned int sensorType,
+                                               unsigned int *temp) {
+    REQUIRE_PHYSICAL(device, temp);
+    if (sensorType != NVML_TEMPERATURE_GPU)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *temp = device->temperature_c;
+    return NVML_SUCCESS;
+}
+
+NVML_API nvmlReturn_t nvmlDeviceGetTemperatureThreshold(nvmlDevice_t device,
+                                                        unsigned int thresholdType,
+                                                        unsigned int *temp) {
+    REQUIRE_PHYSICAL(device, temp);
+    switch (thresholdType) {
+    case NVML_TEMPERATURE_THRESHOLD_SHUTDOWN:
+        *temp = SHUTDOWN_C;
+        return NVML_SUCCESS;
+    case NVML_TEMPERATURE_THRESHOLD_SLOWDOWN:
+        *temp = SLOWDOWN_C;
+        return NVML_SUCCESS;
+    default:
+        return NVML_ERROR_NOT_SUPPORTED;
+    }
+}
+
+NVML_API nvmlReturn_t nvmlDeviceGetPowerUsage(nvmlDevice_t device, unsigned int *power) {
+    REQUIRE_PHYSICAL(device, power);
+    *power = device->power_mw;
+    return NVML_SUCCESS;
+}
+
+NVML_API nvmlReturn_t nvmlDeviceGetEnforcedPowerLimit(nvmlDevice_t device, unsigned int *limit) {
+    REQUIRE_PHYSICAL(device, limit);
+    *limit = POWER_LIMIT_MW;
+    return NVML_SUCCESS;
+}
+
+/* Only the row remapping fields are known; every other field answers
+ * NOT_SUPPORTED in its own nvmlReturn, as the real library does. */
+NVML_API nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t device, int valuesCount,
+                                               nvmlFieldValue_t *values) {
+    REQUIRE_PHYSICAL(device, values);
+    if (valuesCount < 0)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    for (int i = 0; i < valuesCount; i++) {
+        nvmlFieldValue_t *v = &values[i];
+        v->scopeId = 0;
+        v->timestamp = 0;
+        v->latencyUsec = 0;
+        v->valueType = NVML_VALUE_TYPE_UNSIGNED_INT;
+        v->nvmlReturn = NVML_SUCCESS;
+        v->value.ullVal = 0;
+        switch (v->fieldId) {
+        case NVML_FI_DEV_REMAPPED_COR:
+        case NVML_FI_DEV_REMAPPED_UNC:
+        case NVML_FI_DEV_REMAPPED_FAILURE:
+            v->value.uiVal = 0;
+            break;
+        case NVML_FI_DEV_REMAPPED_PENDING:
+            v->value.uiVal = device->remap_pending;
+            break;
+        default:
+            v->nvmlReturn = NVML_ERROR_NOT_SUPPORTED;
+            break;
+        }
+    }
     return NVML_SUCCESS;
 }
