@@ -44,8 +44,16 @@ pub async fn run(cmd: RunCommand) -> Result<(), DaemonError> {
 /// `spokelet node`: serve the admin endpoint and keep the node's labels and NodeInventory
 /// current until SIGTERM.
 pub async fn node(cmd: NodeCommand) -> Result<(), DaemonError> {
+    node_until(cmd, RunContext::new(), signalled()).await
+}
+
+/// [`node`] with the shutdown trigger and context supplied by the caller (tests, embedders).
+pub async fn node_until<S>(cmd: NodeCommand, ctx: RunContext, trigger: S) -> Result<(), DaemonError>
+where
+    S: std::future::Future<Output = ()>,
+{
     let NodeCommand { node, admin } = cmd;
-    serve(&admin, RunContext::new(), signalled(), |ctx| async move {
+    serve(&admin, ctx, trigger, |ctx| async move {
         crate::node::run(node, ctx).await.map_err(DaemonError::from)
     })
     .await

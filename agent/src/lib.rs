@@ -11,6 +11,7 @@ pub mod inventory;
 pub mod kube_client;
 pub mod leader;
 pub mod node;
+pub mod pool;
 pub mod run;
 pub mod shutdown;
 pub mod telemetry;

@@ -14,6 +14,7 @@ use crate::hub::{ConnectError, HubArgs, HubConnection};
 use crate::kube_client::{self, ClusterConfigError, HttpVersion, KubeClientError};
 use crate::leader::{Elector, LeaderArgs, LeaderError, LeaderMetrics, LeaseSettings, Role, WriteGate};
 use crate::lock::lock;
+use crate::pool::{PoolMetrics, PoolReportArgs, PoolReporter};
 use crate::work::applied_work::{hub_hash, hub_hash_of_address, legacy_hub_hash};
 use crate::work::engine::{EngineConfig, EngineError, WorkEngine};
 use crate::work::executor::ClientFactory;
@@ -140,6 +141,10 @@ pub struct RunArgs {
     /// One active engine among several replicas (`--leader-elect`).
     #[command(flatten)]
     pub leader: LeaderArgs,
+
+    /// The pool's inventory to the spoke's ClusterClaims and the hub (`--pool-report`).
+    #[command(flatten)]
+    pub pool: PoolReportArgs,
 }
 
 /// See [`RunArgs::flux_objects`].
@@ -366,12 +371,15 @@ async fn run_active(
         let HubConnection {
             source,
             sink,
+            reports,
             address,
             closer,
         } = conn;
         tracing::info!(hub = %address, "work engine starting (hub source)");
+        let pool = start_pool_reporter(args, ctx, &client.client, Some(reports));
         let sink = GatedSink::wrap(sink, gate);
         let result = run_engine(args, ctx, client, source, sink, &address).await;
+        stop_pool_reporter(pool).await;
         // After the engine: its last statuses (final `Deleted`s included) still reach the hub.
         closer.close().await;
         return result;
@@ -381,7 +389,38 @@ async fn run_active(
     let sink = GatedSink::wrap(Arc::new(FileStatusSink::new(&dir)), gate);
     tracing::info!(dir = %dir.display(), hub = %args.hub_name, "work engine starting (file source)");
     let hub = args.hub_name.clone();
-    run_engine(args, ctx, client, source, sink, &hub).await
+    let pool = start_pool_reporter(args, ctx, &client.client, None);
+    let result = run_engine(args, ctx, client, source, sink, &hub).await;
+    stop_pool_reporter(pool).await;
+    result
+}
+
+/// Starts the pool reporter next to the engine (`--pool-report`), on the engine's gated client:
+/// a replica that lost the Lease writes no claims either.
+fn start_pool_reporter(
+    args: &RunArgs,
+    ctx: &RunContext,
+    client: &kube::Client,
+    hub: Option<Arc<dyn crate::hub::PoolReportSink>>,
+) -> Option<(CancellationToken, tokio::task::JoinHandle<()>)> {
+    if !args.pool.pool_report {
+        return None;
+    }
+    let metrics = PoolMetrics::default();
+    metrics.register(&ctx.registry);
+    // Its own token, a child of shutdown: it also stops when the engine ends for another reason.
+    let stop = ctx.shutdown.child_token();
+    let task = PoolReporter::new(client.clone(), hub, args.pool.clone(), metrics).spawn(stop.clone());
+    Some((stop, task))
+}
+
+async fn stop_pool_reporter(pool: Option<(CancellationToken, tokio::task::JoinHandle<()>)>) {
+    if let Some((stop, task)) = pool {
+        stop.cancel();
+        if let Err(e) = task.await {
+            tracing::warn!(error = %e, "pool reporter ended abnormally");
+        }
+    }
 }
 
 /// A status sink that drops reports while the write gate is shut: a replica that lost the

@@ -23,3 +23,12 @@ pub const MANIFEST_BUNDLES: &str = "io.open-cluster-management.works.v1alpha1.ma
 
 /// Event type of the hub's liveness heartbeat.
 pub const HEARTBEAT: &str = "io.open-cluster-management.cloudevents.heartbeat";
+
+/// Data type of OCM ManagedClusters: the plain group name, no `io.` prefix (the status travels as
+/// `<this>.status.update_request`).
+pub const MANAGED_CLUSTERS: &str = "cluster.open-cluster-management.io.v1.managedclusters";
+
+/// Data type of spokelet's own per-node inventory and health reports (`docs/PROTOCOL.md`):
+/// `<this>.status.update_request` carries a NodeInventory, `<this>.status.delete_request` says
+/// the node is gone. Node services subscribe with it to hear the hub's heartbeats.
+pub const NODE_INVENTORIES: &str = "io.spokelet.nodes.v1alpha1.nodeinventories";

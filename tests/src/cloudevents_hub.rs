@@ -30,7 +30,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use spokelet_proto::{
     Attr, CloudEvent, CloudEventAttributeValue, CloudEventService, CloudEventServiceServer, Data, HEARTBEAT,
-    MANIFEST_BUNDLES, PublishRequest, SPEC_VERSION, SubscriptionRequest,
+    MANIFEST_BUNDLES, NODE_INVENTORIES, PublishRequest, SPEC_VERSION, SubscriptionRequest,
 };
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 use tokio::net::TcpListener;
@@ -211,6 +211,8 @@ impl Received {
 struct Subscriber {
     /// Cluster it subscribed for.
     cluster: String,
+    /// Works go only to subscribers of the works data type (a node service hears heartbeats).
+    works: bool,
     /// Its stream.
     tx: mpsc::UnboundedSender<Result<CloudEvent, Status>>,
 }
@@ -567,7 +569,7 @@ impl Inner {
 fn broadcast(st: &mut State, cluster: &str, ev: CloudEvent) -> usize {
     st.subscribers.retain(|s| !s.tx.is_closed());
     let mut n = 0;
-    for s in st.subscribers.iter().filter(|s| s.cluster == cluster) {
+    for s in st.subscribers.iter().filter(|s| s.cluster == cluster && s.works) {
         if s.tx.send(Ok(ev.clone())).is_ok() {
             n += 1;
         }
@@ -883,7 +885,8 @@ impl CloudEventService for HubService {
         request: Request<SubscriptionRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let req = request.into_inner();
-        if req.data_type != MANIFEST_BUNDLES {
+        // Works, or spokelet's node reports (a node service subscribes to hear heartbeats).
+        if req.data_type != MANIFEST_BUNDLES && req.data_type != NODE_INVENTORIES {
             return Err(Status::invalid_argument(format!(
                 "unsupported data type {:?}",
                 req.data_type
@@ -895,6 +898,7 @@ impl CloudEventService for HubService {
             st.subscriptions.push(req.clone());
             st.subscribers.push(Subscriber {
                 cluster: req.cluster_name.clone(),
+                works: req.data_type == MANIFEST_BUNDLES,
                 tx: tx.clone(),
             });
         }
@@ -992,6 +996,7 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         st.subscribers.push(Subscriber {
             cluster: "c".into(),
+            works: true,
             tx,
         });
         let mut req = base_event(

@@ -2,7 +2,7 @@
 //! agent's RBAC, exactly as shipped in `deploy/`.
 
 use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, PostParams};
 
@@ -47,6 +47,57 @@ pub async fn start_ocm_hub_with(
     Ok((hub, admin))
 }
 
+/// OCM's ManagedCluster CRD file in the shared interface data (`../shared/ocm-crds/`).
+pub const MANAGED_CLUSTER_CRD_FILE: &str =
+    "0000_00_clusters.open-cluster-management.io_managedclusters.crd.yaml";
+/// OCM's ClusterClaim CRD file in the shared interface data.
+pub const CLUSTER_CLAIM_CRD_FILE: &str = "0000_02_clusters.open-cluster-management.io_clusterclaims.crd.yaml";
+
+/// Where OCM's own CRD files are: `SPOKELET_OCM_CRDS`, else `ocm-crds/` in the `shared/`
+/// folder beside the checkout. They are OCM's interface data, used to validate what spokelet
+/// writes, and deliberately not copied into the project.
+pub fn ocm_crds_dir() -> std::path::PathBuf {
+    match std::env::var_os("SPOKELET_OCM_CRDS") {
+        Some(dir) => dir.into(),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/ocm-crds"),
+    }
+}
+
+/// Installs a CRD from YAML text (kept if it exists) and waits until it is established.
+pub async fn install_crd_yaml(client: &kube::Client, what: &str, yaml: &str) -> Result<(), HarnessError> {
+    let crd: CustomResourceDefinition = serde_yaml::from_str(yaml).map_err(|e| invalid(what, e))?;
+    let name = crd.metadata.name.clone().unwrap_or_default();
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    match api.create(&PostParams::default(), &crd).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(source) => {
+            return Err(HarnessError::Kube {
+                context: format!("creating the CRD {what}"),
+                source,
+            });
+        }
+    }
+    crd_established(client, &name).await
+}
+
+/// Installs one of OCM's CRDs from [`ocm_crds_dir`] exactly as OCM ships it. A missing file is
+/// an error naming where it was looked for (the tests that need it cannot run without it).
+pub async fn install_ocm_crd(client: &kube::Client, file: &str) -> Result<(), HarnessError> {
+    let path = ocm_crds_dir().join(file);
+    let yaml = std::fs::read_to_string(&path).map_err(|e| {
+        invalid(
+            file,
+            format!(
+                "{}: {e} (OCM's CRD files are expected in ../shared/ocm-crds beside the checkout, \
+                 or in the folder SPOKELET_OCM_CRDS names)",
+                path.display()
+            ),
+        )
+    })?;
+    install_crd_yaml(client, file, &yaml).await
+}
+
 /// Waits until the CRD `name` reports `Established=True` (its kinds are then served).
 pub async fn crd_established(client: &kube::Client, name: &str) -> Result<(), HarnessError> {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
@@ -80,7 +131,10 @@ pub async fn onboard_cluster(
         let value: serde_json::Value =
             serde_yaml::from_str(doc).map_err(|e| invalid("deploy/hub/agent-rbac.yaml", e))?;
         let kind = value["kind"].as_str().unwrap_or_default().to_string();
-        if !matches!(kind.as_str(), "Namespace" | "Role" | "RoleBinding") {
+        if !matches!(
+            kind.as_str(),
+            "Namespace" | "Role" | "RoleBinding" | "ClusterRole" | "ClusterRoleBinding"
+        ) {
             return Err(invalid(
                 "deploy/hub/agent-rbac.yaml",
                 format!("unexpected kind {kind:?}"),
@@ -101,6 +155,14 @@ pub async fn onboard_cluster(
                         .create(&pp, &serde_json::from_value(value).map_err(parse_err)?)
                         .await
                         .map(drop),
+                    "ClusterRole" => Api::<ClusterRole>::all(admin)
+                        .create(&pp, &serde_json::from_value(value).map_err(parse_err)?)
+                        .await
+                        .map(drop),
+                    "ClusterRoleBinding" => Api::<ClusterRoleBinding>::all(admin)
+                        .create(&pp, &serde_json::from_value(value).map_err(parse_err)?)
+                        .await
+                        .map(drop),
                     _ => Api::<RoleBinding>::namespaced(admin, cluster)
                         .create(&pp, &serde_json::from_value(value).map_err(parse_err)?)
                         .await
@@ -112,7 +174,15 @@ pub async fn onboard_cluster(
         .await?;
         kinds.push(kind);
     }
-    if kinds != ["Namespace", "Role", "RoleBinding"] {
+    if kinds
+        != [
+            "Namespace",
+            "Role",
+            "RoleBinding",
+            "ClusterRole",
+            "ClusterRoleBinding",
+        ]
+    {
         return Err(invalid("deploy/hub/agent-rbac.yaml", format!("kinds {kinds:?}")));
     }
     let group = format!("system:open-cluster-management:{cluster}");

@@ -1,7 +1,7 @@
 //! `spokelet-node`: the node role (`spokelet node`) as a lean binary of its own.
 //!
-//! The same code, flags and `SPOKELET_*` variables as `spokelet node`, without the work engine,
-//! the hub transports and the artifact code linked in. It matters for a process that runs on
+//! The same code, flags and `SPOKELET_*` variables as `spokelet node`, without the work engine
+//! and the artifact code linked in (the gRPC transport is, for the bare-metal `--hub-config`). It matters for a process that runs on
 //! every node: most of a small service's resident memory is the pages of its executable that
 //! it touches, and the kernel maps them in 64 KiB fault-around chunks, so a 22 MB binary costs
 //! some 12 MiB of file-backed memory even when only discovery and one API client run. The

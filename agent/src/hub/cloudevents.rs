@@ -547,6 +547,67 @@ pub fn status_event(
     ev
 }
 
+/// What a pool report event is about: the ManagedCluster, or one node's inventory.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReportBody {
+    /// The ManagedCluster's `status` object (claims, capacity, allocatable, version).
+    ClusterStatus(serde_json::Value),
+    /// One node's NodeInventory document; `None`: the node is gone from the pool.
+    Node {
+        /// The node's name (the `resourceid`).
+        name: String,
+        /// The NodeInventory (apiVersion, kind, metadata.name, spec, status).
+        document: Option<serde_json::Value>,
+    },
+}
+
+/// A pool report event: `cluster.open-cluster-management.io.v1.managedclusters.status.update_request`
+/// carrying the ManagedCluster (name and status), or spokelet's
+/// `io.spokelet.nodes.v1alpha1.nodeinventories.status.{update,delete}_request` carrying a
+/// NodeInventory. Both carry `clustername`, `resourceid` (the cluster's or node's name: neither
+/// has a hub uid the agent knows), `sequenceid` and `statushash` (hex SHA-256 of the data).
+pub fn report_event(agent_id: &str, cluster: &str, body: &ReportBody, sequence_id: u64) -> CloudEvent {
+    let (type_, resource_id, data) = match body {
+        ReportBody::ClusterStatus(status) => (
+            format!("{}.status.{}", spokelet_proto::MANAGED_CLUSTERS, action::UPDATE),
+            cluster,
+            serde_json::json!({
+                "apiVersion": "cluster.open-cluster-management.io/v1",
+                "kind": "ManagedCluster",
+                "metadata": {"name": cluster},
+                "status": status,
+            }),
+        ),
+        ReportBody::Node { name, document } => {
+            let action = if document.is_some() {
+                action::UPDATE
+            } else {
+                action::DELETE
+            };
+            (
+                format!("{}.status.{action}", spokelet_proto::NODE_INVENTORIES),
+                name.as_str(),
+                document
+                    .clone()
+                    .unwrap_or_else(|| serde_json::json!({"metadata": {"name": name}})),
+            )
+        }
+    };
+    // Serialising a JSON value cannot fail.
+    let data = serde_json::to_vec(&data).unwrap_or_default();
+    let hash = hex::encode(Sha256::digest(&data));
+    let mut ev = base_event(agent_id, type_, data);
+    let a = &mut ev.attributes;
+    a.insert(format!("ce-{}", ext::RESOURCE_ID), string_attr(resource_id));
+    a.insert(format!("ce-{}", ext::CLUSTER_NAME), string_attr(cluster));
+    a.insert(
+        format!("ce-{}", ext::SEQUENCE_ID),
+        string_attr(sequence_id.to_string()),
+    );
+    a.insert(format!("ce-{}", ext::STATUS_HASH), string_attr(hash));
+    ev
+}
+
 /// Monotonic status sequence ids that stay monotonic across restarts: at least the current Unix
 /// time in milliseconds shifted left by 22 bits (the layout of the snowflake ids reference agents
 /// send, so a hub comparing them sees ours increase) and always above the previous one.

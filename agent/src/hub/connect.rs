@@ -5,11 +5,11 @@ use std::sync::Arc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::HubEvents;
 use super::config::{HubArgs, HubConfigError, ResolvedHub};
 use super::grpc::{GrpcError, GrpcHub, GrpcHubOptions, HubHandle, RecordedWork};
 use super::kube_hub::{KubeHub, KubeHubError, KubeHubOptions};
 use super::metrics;
+use super::{HubEvents, PoolReportSink};
 use crate::admin::SharedRegistry;
 use crate::lock::lock;
 use crate::work::applied_work;
@@ -36,6 +36,9 @@ pub struct HubConnection {
     pub source: HubEvents,
     /// Takes the engine's statuses and returns at once; the transport delivers them.
     pub sink: Arc<dyn StatusSink>,
+    /// Takes the pool reporter's ManagedCluster status (and node inventories, where the
+    /// transport carries them) the same way.
+    pub reports: Arc<dyn PoolReportSink>,
     /// The hub's address; its SHA-256 is the `hubHash` in AppliedManifestWork names, so works
     /// from two hubs never collide on one spoke.
     pub address: String,
@@ -103,7 +106,13 @@ impl HubConnection {
                     tasks: vec![hub.task],
                     grpc: Some(hub.handle),
                 };
-                HubConnection::new(hub.source, Arc::new(hub.sink), address, closer)
+                HubConnection {
+                    source: hub.source,
+                    sink: Arc::new(hub.sink),
+                    reports: Arc::new(hub.reports),
+                    address,
+                    closer,
+                }
             }
             Some(ResolvedHub::Kube(settings)) => {
                 let config = super::kube_hub::config_from_kubeconfig(&settings.kubeconfig).await?;
@@ -118,19 +127,16 @@ impl HubConnection {
                     tasks: hub.tasks,
                     grpc: None,
                 };
-                HubConnection::new(hub.source, Arc::new(hub.sink), address, closer)
+                HubConnection {
+                    source: hub.source,
+                    sink: Arc::new(hub.sink),
+                    reports: Arc::new(hub.reports),
+                    address,
+                    closer,
+                }
             }
         };
         Ok(Some(conn))
-    }
-
-    fn new(source: HubEvents, sink: Arc<dyn StatusSink>, address: String, closer: HubCloser) -> Self {
-        HubConnection {
-            source,
-            sink,
-            address,
-            closer,
-        }
     }
 }
 

@@ -7,6 +7,7 @@
 //! - [`kube_hub`]: the hub's Kubernetes API (classic klusterlet), see [`kube_hub::KubeHub::start`].
 //! - [`file_source`]: works from YAML files in a directory, status written beside them.
 //! - [`outbox`]: the latest-status-per-work queue both transports send from.
+//! - [`pool_report`]: the pool inventory reports a transport carries ([`PoolReportSink`]).
 //! - [`cloudevents`]: the pure event codec.
 //! - [`tls`]: rustls client with certificate rotation.
 //! - [`config`]: the reference-format config file and the `--hub-*` flags ([`HubArgs`]).
@@ -21,13 +22,18 @@ pub mod grpc;
 pub mod kube_hub;
 pub mod metrics;
 pub mod outbox;
+pub mod pool_report;
 pub mod tls;
 
 pub use config::{HubArgs, HubConfigError, HubSettings, HubTransport, KubeHubSettings, ResolvedHub};
 pub use connect::{ConnectError, HubCloser, HubConnection};
 pub use file_source::{FileSource, FileStatusSink};
-pub use grpc::{GrpcError, GrpcHub, GrpcHubOptions, GrpcStatusSink, HubHandle, HubState, RecordedWork};
+pub use grpc::{
+    GrpcError, GrpcHub, GrpcHubOptions, GrpcReportSink, GrpcStatusSink, HubHandle, HubState, RecordedWork,
+    Subscription,
+};
 pub use metrics::HubMetrics;
+pub use pool_report::PoolReportSink;
 
 /// Work events from a hub transport to the engine (a [`WorkSource`](crate::work::source::WorkSource)).
 ///

@@ -63,18 +63,20 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Parses `argv` with the real CLI (it must be a `run` command) and starts the agent.
+    /// Parses `argv` with the real CLI (a `run` or `node` command) and starts the agent.
     pub fn start<S: AsRef<str>>(argv: &[S]) -> Agent {
         let argv: Vec<&str> = argv.iter().map(AsRef::as_ref).collect();
-        let Command::Run(cmd) = Cli::load_from(&argv).unwrap().command else {
-            panic!("not the run command: {argv:?}")
-        };
         let ctx = RunContext::new();
         let health = ctx.health.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(spokelet::daemon::run_until(*cmd, ctx, async {
+        let trigger = async {
             let _ = stopped.await;
-        }));
+        };
+        let task = match Cli::load_from(&argv).unwrap().command {
+            Command::Run(cmd) => tokio::spawn(spokelet::daemon::run_until(*cmd, ctx, trigger)),
+            Command::Node(cmd) => tokio::spawn(spokelet::daemon::node_until(*cmd, ctx, trigger)),
+            _ => panic!("not the run or node command: {argv:?}"),
+        };
         Agent { health, stop, task }
     }
 

@@ -11,7 +11,7 @@ use spokelet_proto::CloudEvent;
 use tokio::sync::Notify;
 
 use crate::hub::cloudevents::{
-    self, ResourceVersion, SequenceIds, StatusHash, StatusKind, StatusTarget, WireMeta,
+    self, ReportBody, ResourceVersion, SequenceIds, StatusHash, StatusKind, StatusTarget, WireMeta,
 };
 use crate::hub::metrics::HubMetrics;
 use crate::hub::outbox::Outbox;
@@ -53,6 +53,27 @@ pub(super) struct Book {
     /// Works with a Publish in flight: at most one per work, so each work's statuses reach the
     /// hub in order while different works' go out side by side.
     pub(super) sending: HashSet<String>,
+    /// Outbox key ([`report_key`]) → the latest pool report (the ManagedCluster status, each
+    /// node's inventory). They share the outbox with work statuses, so they are sent while
+    /// connected and after a reconnect in the same way, latest only.
+    pub(super) reports: HashMap<String, PendingReport>,
+}
+
+/// A pool report waiting for, or already past, its Publish.
+#[derive(Debug, Clone)]
+pub(super) struct PendingReport {
+    /// What it says.
+    pub(super) body: ReportBody,
+    /// Tells a newer report of the same key from this one.
+    pub(super) hash: String,
+}
+
+/// Outbox key of a pool report. Work statuses are keyed by uid, which never contains `/`.
+pub(super) fn report_key(body: &ReportBody) -> String {
+    match body {
+        ReportBody::ClusterStatus(_) => "report/cluster".to_string(),
+        ReportBody::Node { name, .. } => format!("report/node/{name}"),
+    }
 }
 
 impl Book {
@@ -63,6 +84,14 @@ impl Book {
                 *queued = StatusKind::Update;
             }
         });
+    }
+
+    /// The hash of the latest status or report queued under `key`.
+    fn latest_hash(&self, key: &str) -> Option<&str> {
+        match self.latest.get(key) {
+            Some(l) => Some(&l.hash),
+            None => self.reports.get(key).map(|r| r.hash.as_str()),
+        }
     }
 
     /// Forgets a deleted work entirely.
@@ -178,6 +207,25 @@ impl Shared {
         Ok(())
     }
 
+    /// Stores the latest pool report of its kind and queues it; an identical report already
+    /// delivered or queued is not queued again (`resend` forces it, for heartbeats).
+    pub(super) fn enqueue_report(&self, body: ReportBody, resend: bool) {
+        let key = report_key(&body);
+        let hash = {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(body_json(&body).to_string()))
+        };
+        let mut book = lock(&self.book);
+        if !resend && book.reports.get(&key).is_some_and(|r| r.hash == hash) {
+            return;
+        }
+        book.reports.insert(key.clone(), PendingReport { body, hash });
+        book.queue(&key, StatusKind::Update);
+        self.set_outbox_gauge(&book);
+        drop(book);
+        self.outbox_ready.notify_one();
+    }
+
     /// Takes the next queued status and builds its event.
     /// Works with a Publish in flight are left queued (see `Book::sending`); call
     /// [`Shared::finished`] when the send is over, whatever its outcome.
@@ -193,6 +241,23 @@ impl Shared {
                 continue;
             }
             let Some(latest) = book.latest.get(&uid).cloned() else {
+                if let Some(report) = book.reports.get(&uid).cloned() {
+                    let event = cloudevents::report_event(
+                        &self.agent_id,
+                        &self.cluster,
+                        &report.body,
+                        self.seq.next(),
+                    );
+                    book.sending.insert(uid.clone());
+                    let gone = matches!(report.body, ReportBody::Node { document: None, .. });
+                    break Some(Outgoing {
+                        uid,
+                        kind,
+                        hash: report.hash,
+                        deleted: gone,
+                        event,
+                    });
+                }
                 continue;
             };
             let event = self.status_event(&book, &uid, kind, &latest);
@@ -264,7 +329,7 @@ impl Shared {
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             let mut book = lock(&shared.book);
-            let still_latest = book.latest.get(&uid).is_some_and(|l| l.hash == hash);
+            let still_latest = book.latest_hash(&uid) == Some(hash.as_str());
             if still_latest && !book.outbox.contains(&uid) {
                 book.outbox.retry_back(uid, kind);
                 shared.set_outbox_gauge(&book);
@@ -279,9 +344,11 @@ impl Shared {
     pub(super) fn published(&self, out: &Outgoing) {
         {
             let mut book = lock(&self.book);
-            let still_latest = book.latest.get(&out.uid).is_some_and(|l| l.hash == out.hash);
+            let still_latest = book.latest_hash(&out.uid) == Some(out.hash.as_str());
             if out.deleted && still_latest && !book.outbox.contains(&out.uid) {
                 book.forget(&out.uid);
+                // A node's removal, once out, needs no memory either.
+                book.reports.remove(&out.uid);
             }
         }
         self.finished(&out.uid);
@@ -315,6 +382,14 @@ impl Shared {
             self.outbox_ready.notify_one();
         }
         stale.len()
+    }
+}
+
+/// What a report's hash is computed over.
+fn body_json(body: &ReportBody) -> serde_json::Value {
+    match body {
+        ReportBody::ClusterStatus(status) => status.clone(),
+        ReportBody::Node { name, document } => serde_json::json!({"node": name, "document": document}),
     }
 }
 
@@ -404,6 +479,50 @@ mod tests {
         let second = s.next_outgoing().unwrap();
         assert_eq!(second.uid, "u1");
         assert_ne!(second.hash, first.hash);
+    }
+
+    #[test]
+    fn pool_reports_go_latest_only_and_unchanged_ones_not_at_all() {
+        let s = shared();
+        let status = |gpus: u32| serde_json::json!({"capacity": {"nvidia.com/gpu": gpus.to_string()}});
+        s.enqueue_report(ReportBody::ClusterStatus(status(8)), false);
+        s.enqueue_report(ReportBody::ClusterStatus(status(7)), false);
+        let out = s.next_outgoing().unwrap();
+        assert!(s.next_outgoing().is_none(), "one report per kind");
+        assert_eq!(
+            out.event.r#type,
+            "cluster.open-cluster-management.io.v1.managedclusters.status.update_request"
+        );
+        let data: serde_json::Value = match &out.event.data {
+            Some(spokelet_proto::Data::BinaryData(b)) => serde_json::from_slice(b).unwrap(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(data["status"], status(7), "the latest");
+        assert_eq!(data["metadata"]["name"], "c1");
+        s.published(&out);
+        // The same again: nothing queued, unless it is a heartbeat.
+        s.enqueue_report(ReportBody::ClusterStatus(status(7)), false);
+        assert!(s.next_outgoing().is_none());
+        s.enqueue_report(ReportBody::ClusterStatus(status(7)), true);
+        let beat = s.next_outgoing().unwrap();
+        assert_eq!(beat.hash, out.hash);
+        s.published(&beat);
+        // A node's removal goes out once, and then it is forgotten.
+        s.enqueue_report(
+            crate::hub::pool_report::node_body("n1", Some(serde_json::json!({}))),
+            false,
+        );
+        s.published(&s.next_outgoing().unwrap());
+        s.enqueue_report(crate::hub::pool_report::node_body("n1", None), false);
+        let gone = s.next_outgoing().unwrap();
+        assert!(
+            gone.event
+                .r#type
+                .ends_with("nodeinventories.status.delete_request")
+        );
+        assert!(gone.deleted);
+        s.published(&gone);
+        assert!(!lock(&s.book).reports.contains_key("report/node/n1"));
     }
 
     #[test]

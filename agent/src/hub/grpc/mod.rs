@@ -112,6 +112,10 @@ pub struct GrpcHubOptions {
     pub publish_timeout: Duration,
     /// How long a shutdown waits for queued statuses to be published (0: not at all).
     pub shutdown_flush: Duration,
+    /// What this connection subscribes to: the cluster's works (the engine), or only the hub's
+    /// heartbeats under spokelet's node data type (the bare-metal node service, which sends
+    /// reports and receives no works).
+    pub subscription: Subscription,
     /// Largest gRPC message we decode. Above the codec's 4 MiB payload limit on purpose: an
     /// oversized event is then refused by the codec (logged, reported) instead of breaking the
     /// stream, which would reconnect and receive the same event again.
@@ -133,6 +137,26 @@ impl GrpcHubOptions {
             publish_timeout: Duration::from_secs(10),
             shutdown_flush: Duration::from_secs(5),
             max_message_size: 16 * 1024 * 1024,
+            subscription: Subscription::Works,
+        }
+    }
+}
+
+/// What a connection subscribes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subscription {
+    /// The cluster's manifest bundles, with a spec resync after every subscribe.
+    Works,
+    /// Spokelet's node data type: the hub sends heartbeats (liveness), no works; no resync.
+    NodeReports,
+}
+
+impl Subscription {
+    /// The subscription's `data_type`.
+    pub fn data_type(self) -> &'static str {
+        match self {
+            Self::Works => spokelet_proto::MANIFEST_BUNDLES,
+            Self::NodeReports => spokelet_proto::NODE_INVENTORIES,
         }
     }
 }
@@ -188,6 +212,8 @@ pub struct GrpcHub {
     pub source: HubEvents,
     /// Takes the engine's statuses and returns at once; the connection task delivers them.
     pub sink: GrpcStatusSink,
+    /// Takes pool reports (ManagedCluster status, node inventories) the same way.
+    pub reports: GrpcReportSink,
     /// Readiness and test observers of the connection.
     pub handle: HubHandle,
     /// The background task; ends after `shutdown` is cancelled.
@@ -206,6 +232,25 @@ impl StatusSink for GrpcStatusSink {
     fn publish(&self, update: StatusUpdate) -> BoxFuture<'_, Result<(), SinkError>> {
         let r = self.shared.enqueue_status(update);
         Box::pin(async move { r })
+    }
+}
+
+/// Pool report sink: latest report per kind, delivered by the connection task with the statuses.
+#[derive(Debug, Clone)]
+pub struct GrpcReportSink {
+    /// The outbox it fills, shared with the connection task.
+    shared: Arc<Shared>,
+}
+
+impl crate::hub::PoolReportSink for GrpcReportSink {
+    fn cluster_status(&self, status: serde_json::Value, resend: bool) {
+        self.shared
+            .enqueue_report(crate::hub::cloudevents::ReportBody::ClusterStatus(status), resend);
+    }
+
+    fn node_inventory(&self, node: &str, document: Option<serde_json::Value>, resend: bool) {
+        self.shared
+            .enqueue_report(crate::hub::pool_report::node_body(node, document), resend);
     }
 }
 
@@ -243,7 +288,10 @@ impl GrpcHub {
         let task = tokio::spawn(runner.run().instrument(span));
         Ok(GrpcHub {
             source: rx,
-            sink: GrpcStatusSink { shared },
+            sink: GrpcStatusSink {
+                shared: shared.clone(),
+            },
+            reports: GrpcReportSink { shared },
             handle: HubHandle { state: state_rx },
             task,
         })

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use spokelet_proto::{CloudEvent, MANIFEST_BUNDLES, PublishRequest, SubscriptionRequest};
+use spokelet_proto::{CloudEvent, PublishRequest, SubscriptionRequest};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -15,7 +15,7 @@ use tracing::Instrument;
 use super::book::Shared;
 use super::dial::{self, Client};
 use super::publish::publish_loop;
-use super::{GrpcError, GrpcHubOptions, HubState};
+use super::{GrpcError, GrpcHubOptions, HubState, Subscription};
 use crate::backoff::ExponentialBackoff;
 use crate::hub::cloudevents;
 use crate::hub::tls::{ClientTls, error_chain};
@@ -131,7 +131,10 @@ impl Runner {
             st.sessions += 1;
         });
         tracing::info!("subscribed to the hub");
-        if let Err(e) = self.send_spec_resync(&client).await {
+        // Only a works subscription has works to resync.
+        if self.opts.subscription == Subscription::Works
+            && let Err(e) = self.send_spec_resync(&client).await
+        {
             return broken(e);
         }
 
@@ -166,7 +169,7 @@ impl Runner {
         let req = SubscriptionRequest {
             source: String::new(),
             cluster_name: self.opts.settings.cluster_name.clone(),
-            data_type: MANIFEST_BUNDLES.to_string(),
+            data_type: self.opts.subscription.data_type().to_string(),
         };
         match tokio::time::timeout(self.opts.connect_timeout, sub_client.subscribe(req)).await {
             Err(_) => Err(GrpcError::Timeout("subscribe")),
@@ -209,7 +212,9 @@ impl Runner {
         let start = Instant::now();
         let mut last_heard = start;
         let mut heard = false;
-        let mut sync_at = Some(start + self.opts.sync_quiet);
+        // A reports-only subscription has no resync to wait for.
+        let mut sync_at =
+            (self.opts.subscription == Subscription::Works).then(|| start + self.opts.sync_quiet);
         let sync_limit = start + self.opts.sync_max_wait;
         loop {
             let sync_deadline = sync_at.map(|t| t.min(sync_limit));

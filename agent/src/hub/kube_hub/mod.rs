@@ -35,8 +35,10 @@
 //! - `works`: the watch on works and the cleanup finalizer.
 //! - `status`: the status sink and the task that writes statuses.
 //! - `lease`: the cluster lease renewal.
+//! - `cluster`: the ManagedCluster's status (the pool's claims and capacity).
 
 mod client;
+mod cluster;
 mod lease;
 mod status;
 mod works;
@@ -54,6 +56,8 @@ pub use self::client::{
     ClientCertSource, HubTls, client_cert_source, client_from_kubeconfig, config_from_kubeconfig, hub_client,
     hub_tls_config,
 };
+use self::cluster::write_cluster_status;
+pub use self::cluster::{KubeReportSink, managed_cluster_resource};
 use self::lease::renew_lease;
 pub use self::status::KubeStatusSink;
 use self::status::{StatusQueue, write_statuses};
@@ -142,7 +146,9 @@ pub struct KubeHub {
     pub source: HubEvents,
     /// Takes the engine's statuses and returns at once; a background task writes them.
     pub sink: KubeStatusSink,
-    /// Watch, status writer and lease tasks; they end after shutdown.
+    /// Takes the pool's ManagedCluster status; a background task writes it.
+    pub reports: KubeReportSink,
+    /// Watch, status writer, ManagedCluster status and lease tasks; they end after shutdown.
     pub tasks: Vec<JoinHandle<()>>,
 }
 
@@ -152,6 +158,7 @@ impl KubeHub {
     pub fn start(opts: KubeHubOptions, shutdown: CancellationToken) -> KubeHub {
         let (tx, rx) = mpsc::channel(super::EVENT_BUFFER);
         let queue = Arc::new(StatusQueue::default());
+        let (reports_tx, reports_rx) = tokio::sync::watch::channel(None);
         let span = tracing::info_span!("hub", transport = "kube", cluster = %opts.cluster_name);
         // Untyped, so one object the agent cannot decode fails alone (see `decode_work`).
         let works: Api<DynamicObject> =
@@ -164,11 +171,22 @@ impl KubeHub {
                 write_statuses(works, queue.clone(), opts.retry_max, shutdown.clone())
                     .instrument(span.clone()),
             ),
+            tokio::spawn(
+                write_cluster_status(
+                    opts.client.clone(),
+                    opts.cluster_name.clone(),
+                    reports_rx,
+                    opts.retry_max,
+                    shutdown.clone(),
+                )
+                .instrument(span.clone()),
+            ),
             tokio::spawn(renew_lease(opts, shutdown).instrument(span)),
         ];
         KubeHub {
             source: rx,
             sink: KubeStatusSink { queue },
+            reports: KubeReportSink { latest: reports_tx },
             tasks,
         }
     }

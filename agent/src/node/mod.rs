@@ -1,5 +1,9 @@
 //! `spokelet node`: keeps this node's hardware labels and its `NodeInventory` current as the
-//! hardware changes, writing only when something changed.
+//! hardware changes, writing only when something changed; or, on a machine without Kubernetes
+//! (`--hub-config`), reports the same inventory straight to the hub over gRPC.
+//!
+//! - `kube_target`: the Node's labels and the NodeInventory on the cluster's API server.
+//! - `hub_target`: the bare-metal node service's reports to the hub.
 //!
 //! Discovery runs every `--rediscover-interval` (1 s: a few hundred small sysfs reads and one
 //! NVML session, a few milliseconds), so a change reaches the API server within about a
@@ -11,14 +15,19 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use kube::Client;
-use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use kube::api::ApiResource;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use serde_json::{Value, json};
+
+mod hub_target;
+mod kube_target;
+
+pub use kube_target::NodeWriter;
 use tokio::time::Instant;
 
 use crate::admin::RunContext;
+use crate::hub::HubArgs;
 use crate::inventory::DiscoveryArgs;
 use crate::kube_client::{self, ClusterConfigError, HttpVersion, KubeClientError};
 use crate::lock::lock;
@@ -46,9 +55,10 @@ pub struct NodeArgs {
     #[command(flatten)]
     pub discovery: DiscoveryArgs,
 
-    /// The Node this runs on (in a DaemonSet, the downward API's `spec.nodeName`).
+    /// The Node this runs on (in a DaemonSet, the downward API's `spec.nodeName`). With
+    /// `--hub-config` it defaults to the machine's hostname.
     #[arg(long, env = "SPOKELET_NODE_NAME")]
-    pub node_name: String,
+    pub node_name: Option<String>,
 
     /// Kubeconfig (default: KUBECONFIG / ~/.kube/config, then the in-cluster config).
     #[arg(long, env = "SPOKELET_KUBECONFIG", value_name = "FILE")]
@@ -59,9 +69,22 @@ pub struct NodeArgs {
     pub rediscover_interval: Duration,
 
     /// How often labels and NodeInventory are re-applied though nothing changed (repairs hand
-    /// edits; a no-op apply changes nothing on the server).
+    /// edits; a no-op apply changes nothing on the server); with `--hub-config`, the heartbeat
+    /// report to the hub.
     #[arg(long, env = "SPOKELET_NODE_RESYNC_INTERVAL", default_value = "10m", value_parser = parse_duration)]
     pub resync_interval: Duration,
+
+    /// The hub to report to instead of a Kubernetes API server (the bare-metal node service):
+    /// `--hub-config FILE` or `--hub-url`, with `--cluster-name`. gRPC only.
+    #[command(flatten)]
+    pub hub: HubArgs,
+}
+
+impl NodeArgs {
+    /// Reports go to the hub, not to a Kubernetes API server.
+    pub fn reports_to_hub(&self) -> bool {
+        self.hub.hub_config.is_some() || self.hub.hub_url.is_some()
+    }
 }
 
 /// Why `spokelet node` stopped.
@@ -73,6 +96,8 @@ pub enum NodeError {
     Client(#[from] KubeClientError),
     #[error("--node-name is empty: set it (SPOKELET_NODE_NAME) to this node's name")]
     NoNodeName,
+    #[error(transparent)]
+    Hub(#[from] hub_target::HubTargetError),
 }
 
 /// What one discovery found that is worth writing; equal documents are not written again.
@@ -142,17 +167,77 @@ impl NodeMetrics {
     }
 }
 
+/// Where one node's reports go.
+enum Target {
+    /// The cluster's API server: labels and NodeInventory.
+    Kube(Box<NodeWriter>),
+    /// The hub: the bare-metal node service.
+    Hub(hub_target::HubTarget),
+}
+
+impl Target {
+    /// Writes (or, for the hub, queues) one report. `heartbeat`: it equals the last one.
+    async fn write(&self, report: &Report, observed: &str, heartbeat: bool) -> Result<(), String> {
+        match self {
+            Target::Kube(w) => w.write(report, observed).await.map_err(|e| e.to_string()),
+            Target::Hub(h) => {
+                h.report(report, observed, heartbeat);
+                Ok(())
+            }
+        }
+    }
+}
+
 /// Runs the node role until `ctx.shutdown`.
 pub async fn run(args: NodeArgs, ctx: RunContext) -> Result<(), NodeError> {
-    if args.node_name.trim().is_empty() {
+    let name = args.node_name.clone().unwrap_or_default();
+    if args.reports_to_hub() {
+        let name = match name.trim() {
+            "" => hostname(&args.discovery),
+            n => n.to_string(),
+        };
+        if name.is_empty() {
+            return Err(NodeError::NoNodeName);
+        }
+        let (hub, stop) = hub_target::HubTarget::start(&args.hub, &name, &ctx)?;
+        tracing::info!(node = %name, interval = ?args.rediscover_interval, "node service starting (reporting to the hub)");
+        let result = report_loop(&args, &ctx, Target::Hub(hub)).await;
+        stop.stop().await;
+        return result;
+    }
+    if name.trim().is_empty() {
         return Err(NodeError::NoNodeName);
     }
     let config = kube_client::cluster_config(args.kubeconfig.as_deref()).await?;
     let client = kube_client::client(config, HttpVersion::Http1)?;
+    tracing::info!(node = %name, interval = ?args.rediscover_interval, "node role starting");
+    report_loop(
+        &args,
+        &ctx,
+        Target::Kube(Box::new(NodeWriter::new(client, &name))),
+    )
+    .await
+}
+
+/// The machine's hostname as discovery reads it (below `--root`).
+fn hostname(discovery: &DiscoveryArgs) -> String {
+    let root = discovery.discover_options().root;
+    ["proc/sys/kernel/hostname", "etc/hostname"]
+        .iter()
+        .find_map(|p| {
+            std::fs::read_to_string(root.join(p))
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+        })
+        .unwrap_or_default()
+}
+
+/// Discovers every `--rediscover-interval` and writes a report when it changed (or the resync
+/// is due), until shutdown.
+async fn report_loop(args: &NodeArgs, ctx: &RunContext, target: Target) -> Result<(), NodeError> {
     let metrics = NodeMetrics::default();
-    metrics.register(&ctx);
-    let writer = NodeWriter::new(client, &args.node_name);
-    tracing::info!(node = %args.node_name, interval = ?args.rediscover_interval, "node role starting");
+    metrics.register(ctx);
     // What was last written, when, and the time it was first seen (the NodeInventory's
     // observedTime, kept across resyncs so a re-apply of an unchanged report changes nothing).
     let mut written: Option<(Report, Instant, String)> = None;
@@ -170,8 +255,9 @@ pub async fn run(args: NodeArgs, ctx: RunContext) -> Result<(), NodeError> {
                 _ => (true, None),
             };
             if due && Instant::now() >= retry_at {
+                let heartbeat = observed.is_some();
                 let observed = observed.unwrap_or_else(crate::work::conditions::now_rfc3339);
-                match writer.write(&report, &observed).await {
+                match target.write(&report, &observed, heartbeat).await {
                     Ok(()) => {
                         metrics.writes.inc();
                         metrics.last_report.set(unix_now());
@@ -212,63 +298,19 @@ fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-/// Writes one node's labels and NodeInventory.
-#[derive(Clone)]
-pub struct NodeWriter {
-    nodes: Api<k8s_openapi::api::core::v1::Node>,
-    inventories: Api<DynamicObject>,
-    node: String,
-}
-
-impl std::fmt::Debug for NodeWriter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeWriter")
-            .field("node", &self.node)
-            .finish_non_exhaustive()
-    }
-}
-
-impl NodeWriter {
-    pub fn new(client: Client, node: &str) -> NodeWriter {
-        NodeWriter {
-            nodes: Api::all(client.clone()),
-            inventories: Api::all_with(client, &node_inventory_resource()),
-            node: node.to_string(),
-        }
-    }
-
-    /// Applies the labels to the Node, then the NodeInventory (owned by the Node, so it goes
-    /// when the Node is deleted).
-    pub async fn write(&self, report: &Report, observed: &str) -> Result<(), kube::Error> {
-        // force: these keys are spokelet's to set, even if another tool set one of them once.
-        let params = PatchParams::apply(FIELD_MANAGER).force();
-        let node = json!({
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": self.node, "labels": report.labels},
-        });
-        let applied = self
-            .nodes
-            .patch(&self.node, &params, &Patch::Apply(&node))
-            .await?;
-        let uid = applied.metadata.uid.unwrap_or_default();
-        let inventory = json!({
-            "apiVersion": "spokelet.io/v1alpha1", "kind": "NodeInventory",
-            "metadata": {
-                "name": self.node,
-                "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": self.node, "uid": uid}],
-            },
-            "spec": {"nodeName": self.node},
-            "status": {
-                "observedTime": observed,
-                "agentVersion": env!("CARGO_PKG_VERSION"),
-                "gpuCount": report.gpu_count,
-                "labels": report.labels,
-                "inventory": report.inventory,
-            },
-        });
-        self.inventories
-            .patch(&self.node, &params, &Patch::Apply(&inventory))
-            .await?;
-        Ok(())
-    }
+/// The NodeInventory of `node` as written to the cluster and sent to the hub (the cluster's
+/// copy adds its owner reference).
+pub fn inventory_document(node: &str, report: &Report, observed: &str) -> Value {
+    json!({
+        "apiVersion": "spokelet.io/v1alpha1", "kind": "NodeInventory",
+        "metadata": {"name": node},
+        "spec": {"nodeName": node},
+        "status": {
+            "observedTime": observed,
+            "agentVersion": env!("CARGO_PKG_VERSION"),
+            "gpuCount": report.gpu_count,
+            "labels": report.labels,
+            "inventory": report.inventory,
+        },
+    })
 }

@@ -1,0 +1,422 @@
+//! The pool reporter: watches NodeInventories and, on a change (debounced) or the slow heartbeat, reports the pool to the spoke's ClusterClaims and to the hub.
+//!
+//! It runs in the active engine replica only (the leader): one writer of the pool's claims.
+//! The watch keeps every NodeInventory's status in memory (a few kilobytes per node); each
+//! change starts the debounce, and when it ends the pool is summed and compared with the
+//! last report. Only a different report is written: changed ClusterClaims on the spoke, the
+//! ManagedCluster status and the changed nodes' inventories handed to the hub transport,
+//! which delivers the latest once the hub is reachable. An unchanged pool costs nothing but
+//! the heartbeat, which re-sends the status to the hub (its proof that the report is fresh)
+//! and re-applies every claim (repairing hand edits; a no-op on the server).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::{Api, DynamicObject, ListParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::aggregate::PoolInventory;
+use super::claims::{self, Claim, ClusterFacts};
+use super::spoke_claims::{ClaimWriter, ClaimsError};
+use crate::admin::SharedRegistry;
+use crate::backoff::ExponentialBackoff;
+use crate::hub::PoolReportSink;
+use crate::lock::lock;
+use crate::node::node_inventory_resource;
+use spokelet_base::duration::parse_duration;
+
+/// Settings of the pool report.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PoolReportArgs {
+    /// Report the pool's inventory and health (ClusterClaims on the spoke, the ManagedCluster
+    /// status on the hub) from the NodeInventories the node role writes.
+    #[arg(long, env = "SPOKELET_POOL_REPORT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub pool_report: bool,
+
+    /// Quiet time after a NodeInventory change before the pool is reported, so a burst (node
+    /// agents starting one after another) costs one report.
+    #[arg(long, env = "SPOKELET_POOL_REPORT_DEBOUNCE", default_value = "300ms", value_parser = parse_duration)]
+    pub pool_report_debounce: Duration,
+
+    /// How often the pool is reported though nothing changed: the hub's proof of freshness.
+    #[arg(long, env = "SPOKELET_POOL_HEARTBEAT", default_value = "10m", value_parser = parse_duration)]
+    pub pool_heartbeat: Duration,
+}
+
+impl Default for PoolReportArgs {
+    fn default() -> Self {
+        PoolReportArgs {
+            pool_report: true,
+            pool_report_debounce: Duration::from_millis(300),
+            pool_heartbeat: Duration::from_secs(600),
+        }
+    }
+}
+
+/// `spokelet_pool_*` metrics.
+#[derive(Debug, Clone, Default)]
+pub struct PoolMetrics {
+    /// Reports made, by `reason` (`change`, `heartbeat`).
+    reports: Family<Vec<(String, String)>, Counter>,
+    /// Requests to the spoke for ClusterClaims.
+    claim_requests: Counter,
+    /// Claim writes that failed.
+    claim_failures: Counter,
+    /// Nodes by `state` (`healthy`, `unhealthy`).
+    nodes: Family<Vec<(String, String)>, Gauge>,
+    /// Physical GPUs in the pool.
+    gpus: Gauge,
+}
+
+impl PoolMetrics {
+    /// Registers the series under `spokelet_pool_`.
+    pub fn register(&self, registry: &SharedRegistry) {
+        let mut registry = lock(registry);
+        let r = registry.sub_registry_with_prefix("pool");
+        r.register("reports", "Pool reports made, by reason", self.reports.clone());
+        r.register(
+            "claim_requests",
+            "Requests made to keep the spoke's ClusterClaims current",
+            self.claim_requests.clone(),
+        );
+        r.register(
+            "claim_failures",
+            "ClusterClaim syncs that failed (retried at the next report)",
+            self.claim_failures.clone(),
+        );
+        r.register("nodes", "Nodes in the pool, by health", self.nodes.clone());
+        r.register("gpus", "Physical GPUs in the pool", self.gpus.clone());
+    }
+
+    fn observe(&self, pool: &PoolInventory) {
+        let t = &pool.totals;
+        let set = |state: &str, v: u64| {
+            self.nodes
+                .get_or_create(&vec![("state".into(), state.into())])
+                .set(i64::try_from(v).unwrap_or(i64::MAX));
+        };
+        set("healthy", t.healthy_nodes);
+        set("unhealthy", t.nodes - t.healthy_nodes);
+        self.gpus.set(i64::try_from(t.gpus).unwrap_or(i64::MAX));
+    }
+}
+
+/// One report: what the spoke's claims and the hub's ManagedCluster status say.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolReport {
+    /// The pool itself.
+    pub pool: PoolInventory,
+    /// Its claims.
+    pub claims: Vec<Claim>,
+    /// The ManagedCluster `status` object.
+    pub status: serde_json::Value,
+}
+
+impl PoolReport {
+    /// The report of `inventories` (node name → NodeInventory status) in a cluster with `facts`.
+    pub fn of(inventories: &BTreeMap<String, serde_json::Value>, facts: &ClusterFacts) -> Self {
+        let pool = PoolInventory::from_statuses(inventories.iter().map(|(k, v)| (k.as_str(), v)));
+        let claims = claims::claims(&pool, facts);
+        let status = claims::managed_cluster_status(&pool, facts, &claims);
+        PoolReport { pool, claims, status }
+    }
+}
+
+/// Reports the pool until `shutdown`.
+#[derive(Clone)]
+pub struct PoolReporter {
+    /// The spoke (reads NodeInventories, writes ClusterClaims).
+    client: kube::Client,
+    /// The hub transport's report sink; None without a hub (claims on the spoke only).
+    hub: Option<Arc<dyn PoolReportSink>>,
+    args: PoolReportArgs,
+    metrics: PoolMetrics,
+}
+
+impl std::fmt::Debug for PoolReporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolReporter")
+            .field("hub", &self.hub)
+            .field("args", &self.args)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PoolReporter {
+    pub fn new(
+        client: kube::Client,
+        hub: Option<Arc<dyn PoolReportSink>>,
+        args: PoolReportArgs,
+        metrics: PoolMetrics,
+    ) -> Self {
+        PoolReporter {
+            client,
+            hub,
+            args,
+            metrics,
+        }
+    }
+
+    /// Starts the reporter as a task; it ends after `shutdown`.
+    pub fn spawn(self, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(self.run(shutdown).instrument(tracing::info_span!("pool")))
+    }
+
+    /// Watches and reports until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &node_inventory_resource());
+        let mut stream = watcher::watcher(api, watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        let mut state = ReporterState::new(ClaimWriter::new(self.client.clone()));
+        // The first report waits for the first complete list, so a partial pool is never
+        // reported as the whole.
+        let mut listed = false;
+        let mut relist: Option<BTreeMap<String, serde_json::Value>> = None;
+        let mut due: Option<Instant> = None;
+        let mut heartbeat = Instant::now() + self.args.pool_heartbeat;
+        // The watch's failures are warned about once per outage (a cluster without the
+        // NodeInventory CRD would otherwise log one every backoff step, for ever).
+        let mut watch_failing = false;
+        loop {
+            let debounce = async {
+                match due {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => futures::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = debounce => {
+                    due = None;
+                    self.report(&mut state, false).await;
+                }
+                () = tokio::time::sleep_until(heartbeat), if listed => {
+                    heartbeat = Instant::now() + self.args.pool_heartbeat;
+                    self.report(&mut state, true).await;
+                }
+                ev = stream.next() => {
+                    let Some(ev) = ev else { return };
+                    if ev.is_ok() {
+                        watch_failing = false;
+                    }
+                    let changed = match ev {
+                        Ok(Event::Init) => { relist = Some(BTreeMap::new()); false }
+                        Ok(Event::InitApply(o)) => {
+                            if let (Some(r), Some((k, v))) = (relist.as_mut(), entry(o)) { r.insert(k, v); }
+                            false
+                        }
+                        Ok(Event::InitDone) => {
+                            listed = true;
+                            let fresh = relist.take().unwrap_or_default();
+                            let changed = fresh != state.inventories;
+                            state.inventories = fresh;
+                            changed || state.last.is_none()
+                        }
+                        Ok(Event::Apply(o)) => match entry(o) {
+                            Some((k, v)) => state.inventories.insert(k, v.clone()) != Some(v),
+                            None => false,
+                        },
+                        Ok(Event::Delete(o)) => {
+                            o.metadata.name.as_ref().is_some_and(|n| state.inventories.remove(n).is_some())
+                        }
+                        Err(e) => {
+                            if watch_failing {
+                                tracing::debug!(error = %e, "NodeInventory watch still failing");
+                            } else {
+                                tracing::warn!(error = %e, "NodeInventory watch failed (is the NodeInventory CRD installed?); retrying with backoff");
+                            }
+                            watch_failing = true;
+                            false
+                        }
+                    };
+                    if changed && listed && due.is_none() {
+                        due = Some(Instant::now() + self.args.pool_report_debounce);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sums the pool and reports what changed (everything, for a heartbeat).
+    async fn report(&self, state: &mut ReporterState, heartbeat: bool) {
+        let facts = state.facts(&self.client).await;
+        let report = PoolReport::of(&state.inventories, &facts);
+        let changed = state.last.as_ref() != Some(&report);
+        // A claim sync that failed is retried at the next report even if nothing changed.
+        if !changed && !heartbeat && !state.claims_failed {
+            return;
+        }
+        let reason = if changed { "change" } else { "heartbeat" };
+        self.metrics
+            .reports
+            .get_or_create(&vec![("reason".into(), reason.into())])
+            .inc();
+        self.metrics.observe(&report.pool);
+        if changed {
+            tracing::info!(
+                nodes = report.pool.totals.nodes,
+                healthy = report.pool.totals.healthy_nodes,
+                gpus = report.pool.totals.gpus,
+                "pool inventory changed; reporting"
+            );
+        }
+        self.sync_claims(state, &report, heartbeat).await;
+        if let Some(hub) = &self.hub {
+            hub.cluster_status(report.status.clone(), heartbeat);
+            self.report_nodes(hub.as_ref(), state, heartbeat);
+        }
+        state.last = Some(report);
+    }
+
+    /// Keeps the spoke's ClusterClaims current; a missing ClusterClaim API is said once.
+    async fn sync_claims(&self, state: &mut ReporterState, report: &PoolReport, all: bool) {
+        match state
+            .claims
+            .sync(&report.claims, all || state.claims_failed)
+            .await
+        {
+            Ok(n) => {
+                self.metrics.claim_requests.inc_by(n as u64);
+                state.claims_failed = false;
+            }
+            Err(ClaimsError::NoApi) => {
+                if !state.no_claim_api {
+                    tracing::warn!("{}", ClaimsError::NoApi);
+                }
+                state.no_claim_api = true;
+            }
+            Err(e) => {
+                self.metrics.claim_failures.inc();
+                state.claims_failed = true;
+                tracing::warn!(error = %e, "cannot write the spoke's ClusterClaims; retried at the next report");
+            }
+        }
+    }
+
+    /// Hands the hub each node whose inventory changed (all, for a heartbeat) and the removal
+    /// of each node that left the pool.
+    fn report_nodes(&self, hub: &dyn PoolReportSink, state: &mut ReporterState, heartbeat: bool) {
+        for (name, status) in &state.inventories {
+            if heartbeat || state.sent_nodes.get(name) != Some(status) {
+                hub.node_inventory(name, Some(node_document(name, status)), heartbeat);
+            }
+        }
+        for name in state.sent_nodes.keys() {
+            if !state.inventories.contains_key(name) {
+                hub.node_inventory(name, None, false);
+            }
+        }
+        state.sent_nodes.clone_from(&state.inventories);
+    }
+}
+
+/// What the reporter remembers between reports.
+#[derive(Debug)]
+struct ReporterState {
+    /// Node name → NodeInventory status, as the watch last saw it.
+    inventories: BTreeMap<String, serde_json::Value>,
+    /// The last report made.
+    last: Option<PoolReport>,
+    /// The node inventories last handed to the hub.
+    sent_nodes: BTreeMap<String, serde_json::Value>,
+    claims: ClaimWriter,
+    /// The last claim sync failed: the next report re-applies every claim.
+    claims_failed: bool,
+    /// The spoke has no ClusterClaim API (warned once).
+    no_claim_api: bool,
+    /// The cluster facts and when they were read: they change only on an upgrade, so they
+    /// are read again once per [`FACTS_TTL`].
+    facts: Option<(ClusterFacts, Instant)>,
+    /// Reading the facts failed: wait before the next try, keep the last ones meanwhile.
+    facts_backoff: ExponentialBackoff,
+}
+
+/// How long the cluster facts (version, platform) are trusted.
+const FACTS_TTL: Duration = Duration::from_secs(600);
+
+impl ReporterState {
+    fn new(claims: ClaimWriter) -> Self {
+        ReporterState {
+            inventories: BTreeMap::new(),
+            last: None,
+            sent_nodes: BTreeMap::new(),
+            claims,
+            claims_failed: false,
+            no_claim_api: false,
+            facts: None,
+            facts_backoff: ExponentialBackoff::new(Duration::from_secs(1), FACTS_TTL, 0.2),
+        }
+    }
+
+    /// The cluster facts, read again when they are older than [`FACTS_TTL`].
+    async fn facts(&mut self, client: &kube::Client) -> ClusterFacts {
+        if let Some((facts, at)) = &self.facts
+            && at.elapsed() < FACTS_TTL
+        {
+            return facts.clone();
+        }
+        match read_facts(client).await {
+            Ok(facts) => {
+                self.facts_backoff.reset();
+                self.facts = Some((facts.clone(), Instant::now()));
+                facts
+            }
+            Err(e) => {
+                let delay = self.facts_backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?delay, "cannot read the cluster's version; reporting the last known");
+                let last = self.facts.as_ref().map(|(f, _)| f.clone()).unwrap_or_default();
+                // Trusted again until the retry is due.
+                self.facts = Some((last.clone(), Instant::now() - FACTS_TTL + delay));
+                last
+            }
+        }
+    }
+}
+
+/// The API server's version and one node's provider id.
+async fn read_facts(client: &kube::Client) -> Result<ClusterFacts, kube::Error> {
+    let version = client.apiserver_version().await?;
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let provider = nodes
+        .list(&ListParams::default().limit(1))
+        .await?
+        .items
+        .into_iter()
+        .next()
+        .and_then(|n| n.spec.and_then(|s| s.provider_id));
+    Ok(ClusterFacts::from_parts(
+        &version.git_version,
+        provider.as_deref(),
+    ))
+}
+
+/// A NodeInventory's name and status.
+fn entry(o: DynamicObject) -> Option<(String, serde_json::Value)> {
+    let name = o.metadata.name?;
+    Some((
+        name,
+        o.data.get("status").cloned().unwrap_or(serde_json::Value::Null),
+    ))
+}
+
+/// The NodeInventory document the hub receives for a node (the same shape the bare-metal node
+/// service sends).
+pub fn node_document(name: &str, status: &serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "spokelet.io/v1alpha1",
+        "kind": "NodeInventory",
+        "metadata": {"name": name},
+        "spec": {"nodeName": name},
+        "status": status,
+    })
+}
