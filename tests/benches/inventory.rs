@@ -4,7 +4,8 @@
 //! `wait4`). Peak RSS comes from separate runs in which the child is traced
 //! and its `VmHWM` read at exit (see [`peak_rss_kib`] for why `ru_maxrss`
 //! will not do). Scenarios: this machine, the `hgx-h100` fixture with the
-//! NVML test double, and `lshw -json` on this machine, in the same run.
+//! NVML test double and without NVML (PCI scan), and `lshw -json` on this
+//! machine, in the same run.
 //! `SPOKELET_BENCH_RUNS` overrides the number of runs (default 20).
 //!
 //! Run with `cargo bench -p spokelet-e2e --bench inventory`. It measures the binaries that
@@ -169,6 +170,7 @@ fn run() -> Result<(), String> {
         shim.to_str().ok_or("shim path is not UTF-8")?,
     ];
 
+    let no_nvml_args = [fixture_args[0], fixture_args[1], "--no-nvml"];
     let host = check_inventory(spokelet(&[]))?;
     for cmd in [spokelet(&fixture_args), spokelet_inventory(&fixture_args)] {
         let hgx = check_inventory(cmd)?;
@@ -192,11 +194,17 @@ fn run() -> Result<(), String> {
         bench("spokelet inventory -o json (hgx-h100 + NVML shim)", runs, &|| {
             spokelet(&fixture_args)
         })?,
+        bench("spokelet inventory -o json (hgx-h100, --no-nvml)", runs, &|| {
+            spokelet(&no_nvml_args)
+        })?,
         bench("spokelet-inventory -o json (this machine)", runs, &|| {
             spokelet_inventory(&[])
         })?,
         bench("spokelet-inventory -o json (hgx-h100 + NVML shim)", runs, &|| {
             spokelet_inventory(&fixture_args)
+        })?,
+        bench("spokelet-inventory -o json (hgx-h100, --no-nvml)", runs, &|| {
+            spokelet_inventory(&no_nvml_args)
         })?,
     ];
     let lshw = match lshw_path() {

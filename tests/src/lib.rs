@@ -103,6 +103,7 @@ mod tests {
 }
 pub mod bench;
 pub mod cloudevents_hub;
+pub mod fixtures;
 pub mod ocm_hub;
 
 /// Creates the namespace `name` on the cluster `client` talks to.

@@ -11,7 +11,7 @@
 //! (resourceVersions, event counts), and that a hub outage loses no final state.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Node;
@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 use spokelet::hub::kube_hub::managed_cluster_resource;
 use spokelet::pool::spoke_claims::cluster_claim_resource;
 use spokelet_e2e::cloudevents_hub::{HubPki, Received, TestHub, TestHubOptions};
+use spokelet_e2e::fixtures::{copy_fixture, healthy_hgx};
 use spokelet_e2e::ocm_hub::{
     CLUSTER_CLAIM_CRD_FILE, MANAGED_CLUSTER_CRD_FILE, install_crd_yaml, install_ocm_crd, onboard_cluster,
     start_ocm_hub,
@@ -34,34 +35,6 @@ use support::{Agent, GrpcAgentArgs, write};
 const NODE_INVENTORY_CRD: &str = include_str!("../../deploy/crds/nodeinventories.spokelet.io.yaml");
 const CLUSTER_STATUS: &str = "cluster.open-cluster-management.io.v1.managedclusters.status.update_request";
 const NODE_UPDATE: &str = "io.spokelet.nodes.v1alpha1.nodeinventories.status.update_request";
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../hardware/tests/fixtures")
-        .join(name)
-}
-
-/// Copies a fixture tree (symlinks kept) to `to`.
-fn copy_tree(from: &Path, to: &Path) {
-    let ok = std::process::Command::new("cp")
-        .args(["-a", &from.display().to_string(), &to.display().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-}
-
-/// A healthy HGX host at `to`: the fixture has one HCA's cable unplugged (mlx5_7 and its
-/// netdev down), which is plugged back in here.
-fn healthy_hgx(to: &Path) {
-    copy_tree(&fixture("hgx-h100"), to);
-    for (file, text) in [
-        ("sys/class/infiniband/mlx5_7/ports/1/state", "4: ACTIVE\n"),
-        ("sys/class/infiniband/mlx5_7/ports/1/phys_state", "5: LinkUp\n"),
-        ("sys/class/net/ibp224s0/operstate", "up\n"),
-    ] {
-        std::fs::write(to.join(file), text).unwrap();
-    }
-}
 
 /// Waits (polling every 50 ms, up to 30 s) for `check` to give a value; returns it and how
 /// long it took.
@@ -109,8 +82,8 @@ impl Pool {
         let scratch = tempfile::tempdir().unwrap();
         let gpu_root = scratch.path().join("gpu-host");
         let cpu_root = scratch.path().join("cpu-host");
-        healthy_hgx(&gpu_root);
-        copy_tree(&fixture("plain-vm"), &cpu_root);
+        healthy_hgx(&gpu_root).unwrap();
+        copy_fixture("plain-vm", &cpu_root).unwrap();
         let shim = build_nvml_shim(ShimVariant::H100, &scratch.path().join("nvml")).unwrap();
         let mut nodes = Vec::new();
         for (name, root, nvml) in [
@@ -568,16 +541,44 @@ async fn pool_status_and_node_inventories_reach_a_grpc_hub_and_survive_its_outag
     let (_, d) = latest(&hub, NODE_UPDATE, Some("gpu-node")).unwrap();
     assert_eq!(d["status"]["gpuCount"], 6, "{d}");
 
+    // What travelled over gRPC is a ManagedCluster status OCM's own CRD accepts as it is.
+    let (_, data) = latest(&hub, CLUSTER_STATUS, None).unwrap();
+    accepted_by_ocm_crd(&cluster, &data["status"]).await;
+
     engine.stop().await;
     pool.stop().await;
     hub.stop().await;
+}
+
+/// Writes `status` into a ManagedCluster on a real API server with OCM's CRD, and checks the
+/// server kept every field (a structural schema prunes unknown ones).
+async fn accepted_by_ocm_crd(cluster: &str, status: &Value) {
+    let api_server = KubeCluster::start(ClusterOptions::hub()).await.unwrap();
+    let admin = api_server.client();
+    install_ocm_crd(&admin, MANAGED_CLUSTER_CRD_FILE).await.unwrap();
+    let clusters: Api<DynamicObject> = Api::all_with(admin, &managed_cluster_resource());
+    let mc: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "cluster.open-cluster-management.io/v1", "kind": "ManagedCluster",
+        "metadata": {"name": cluster}, "spec": {"hubAcceptsClient": true},
+    }))
+    .unwrap();
+    clusters.create(&PostParams::default(), &mc).await.unwrap();
+    let written = clusters
+        .patch_status(
+            cluster,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&json!({"status": status})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("OCM's ManagedCluster CRD refused the status: {e}\n{status}"));
+    assert_eq!(&written.data["status"], status, "pruned or changed by the schema");
 }
 
 #[tokio::test]
 async fn bare_metal_node_service_reports_to_the_hub_with_heartbeats_and_through_an_outage() {
     let scratch = tempfile::tempdir().unwrap();
     let root = scratch.path().join("host");
-    healthy_hgx(&root);
+    healthy_hgx(&root).unwrap();
     let shim = build_nvml_shim(ShimVariant::H100, &scratch.path().join("nvml")).unwrap();
     let pki = HubPki::generate().unwrap();
     let hub = TestHub::start(TestHubOptions::new(&pki).unwrap()).await.unwrap();

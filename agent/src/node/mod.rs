@@ -17,8 +17,10 @@ use std::time::Duration;
 
 use kube::api::ApiResource;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use serde_json::{Value, json};
+use std::sync::atomic::AtomicU64;
 
 mod hub_target;
 mod kube_target;
@@ -108,6 +110,22 @@ pub struct Report {
     /// The labels it implies (GFD / NFD compatible keys).
     pub labels: std::collections::BTreeMap<String, String>,
     pub gpu_count: usize,
+    /// The node's health verdict, for the gauges.
+    pub healthy: bool,
+    /// Live GPU readings, for the gauges only.
+    pub readings: GpuReadings,
+}
+
+/// Live GPU readings by GPU index: `(index, temperature °C, power draw mW)`. They change every
+/// second, so they never make two reports differ (equality ignores them) and are not written;
+/// they are exported as the `spokelet_node_gpu_*` gauges instead, as DCGM exports them.
+#[derive(Debug, Clone, Default)]
+pub struct GpuReadings(pub Vec<(u32, Option<u32>, Option<u32>)>);
+
+impl PartialEq for GpuReadings {
+    fn eq(&self, _other: &Self) -> bool {
+        true
+    }
 }
 
 impl Report {
@@ -123,9 +141,20 @@ impl Report {
                 return None;
             }
         };
+        let readings = inventory
+            .gpus
+            .devices
+            .iter()
+            .filter_map(|g| {
+                let h = g.health.as_ref()?;
+                Some((g.index, h.temperature_c, h.power_mw))
+            })
+            .collect();
         Some(Report {
             labels: spokelet_hardware::labels(&inventory),
             gpu_count: inventory.gpus.devices.len(),
+            healthy: inventory.health.healthy,
+            readings: GpuReadings(readings),
             inventory: serde_json::to_value(&inventory).unwrap_or(Value::Null),
         })
     }
@@ -138,6 +167,11 @@ struct NodeMetrics {
     writes: Counter,
     write_failures: Counter,
     last_report: Gauge,
+    /// 1 when the node is healthy, 0 when not.
+    healthy: Gauge,
+    /// Per GPU (`gpu` label: the NVML index).
+    gpu_temperature: Family<Vec<(String, String)>, Gauge>,
+    gpu_power: Family<Vec<(String, String)>, Gauge<f64, AtomicU64>>,
 }
 
 impl NodeMetrics {
@@ -164,6 +198,35 @@ impl NodeMetrics {
             "Unix time of the last successful write",
             self.last_report.clone(),
         );
+        r.register(
+            "healthy",
+            "1 when the node's health verdict is healthy, else 0",
+            self.healthy.clone(),
+        );
+        r.register(
+            "gpu_temperature_celsius",
+            "GPU temperature at the last discovery",
+            self.gpu_temperature.clone(),
+        );
+        r.register(
+            "gpu_power_watts",
+            "GPU power draw at the last discovery",
+            self.gpu_power.clone(),
+        );
+    }
+
+    /// Sets the gauges from one discovery.
+    fn observe(&self, report: &Report) {
+        self.healthy.set(i64::from(report.healthy));
+        for (index, temperature, power_mw) in &report.readings.0 {
+            let gpu = vec![("gpu".to_string(), index.to_string())];
+            if let Some(t) = temperature {
+                self.gpu_temperature.get_or_create(&gpu).set(i64::from(*t));
+            }
+            if let Some(p) = power_mw {
+                self.gpu_power.get_or_create(&gpu).set(f64::from(*p) / 1000.0);
+            }
+        }
     }
 }
 
@@ -247,6 +310,7 @@ async fn report_loop(args: &NodeArgs, ctx: &RunContext, target: Target) -> Resul
     loop {
         if let Some(report) = Report::discover(&args.discovery).await {
             metrics.discoveries.inc();
+            metrics.observe(&report);
             // Unchanged: due only for the resync, and the observed time stays.
             let (due, observed) = match &written {
                 Some((last, at, observed)) if *last == report => {
