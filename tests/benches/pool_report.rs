@@ -144,12 +144,36 @@ fn pool_requests(delta: &BTreeMap<String, u64>) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// On a panic (a wait that timed out), prints the end of every process's log first: the
+/// scratch directory holding them is removed as the panic unwinds.
+fn show_logs_on_panic(dir: &Path) {
+    let dir = dir.to_path_buf();
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "log") {
+                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                    eprintln!("--- {} (last lines)", path.display());
+                    for line in tail.iter().rev() {
+                        eprintln!("{line}");
+                    }
+                }
+            }
+        }
+        default(info);
+    }));
+}
+
 #[tokio::main]
 async fn main() {
     let spokelet = release_binary("spokelet").unwrap_or_else(|e| panic!("{e}"));
     let node_bin = node_binary().unwrap_or_else(|e| panic!("{e}"));
     let scratch = tempfile::tempdir().unwrap();
     let dir = scratch.path();
+    show_logs_on_panic(dir);
 
     // The spoke: two nodes, a GPU node with the fake NVML and a CPU node.
     let spoke = KubeCluster::start(ClusterOptions {
@@ -179,7 +203,8 @@ async fn main() {
             .create(&PostParams::default(), &node)
             .await
             .unwrap();
-        let mut args = s(&["node", "--node-name", name, "--kubeconfig", &kubeconfig]);
+        // The lean binary is the node role: no subcommand.
+        let mut args = s(&["--node-name", name, "--kubeconfig", &kubeconfig]);
         args.extend(["--root".into(), dir.join(root).display().to_string()]);
         match nvml {
             Some(lib) => args.extend(["--nvml-library".into(), lib.display().to_string()]),
@@ -260,7 +285,6 @@ async fn main() {
     args.extend(grpc_args[0].clone());
     let grpc_engine = spawn(&spokelet, &args, &dir.join("engine-grpc.log"));
     let mut args = s(&[
-        "node",
         "--node-name",
         "bm-1",
         "--nvml-library",

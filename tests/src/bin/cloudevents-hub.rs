@@ -5,7 +5,8 @@
 //! ```
 //! Writes a fresh PKI and a ready-to-use hub config (`hub.yaml`) for the agent into `--out`
 //! (default `./cloudevents-hub`), sends every ManifestWork YAML file in `--works` to the cluster
-//! and prints each status event it receives.
+//! and prints each status event it receives: work statuses, the pool's ManagedCluster status and
+//! node inventories (a node service can report to it too: `spokelet node --hub-config`).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 use std::path::PathBuf;
@@ -138,14 +139,27 @@ async fn main() -> Result<(), String> {
         }
         let statuses = hub.statuses();
         for s in statuses.iter().skip(seen) {
-            println!(
-                "{} work={} generation={} hash={} data={}",
-                s.event.r#type.rsplit('.').next().unwrap_or(""),
-                s.ext("resourceid").unwrap_or_default(),
-                s.ext("resourceversion").unwrap_or_default(),
-                s.ext("statushash").unwrap_or_default(),
-                s.json().map(|j| j.to_string()).unwrap_or_default()
-            );
+            let data = s.json().unwrap_or_default();
+            let action = s.event.r#type.rsplit('.').next().unwrap_or("");
+            let id = s.ext("resourceid").unwrap_or_default();
+            if s.event.r#type.starts_with(spokelet_proto::NODE_INVENTORIES) {
+                // A node's inventory: its health verdict and GPU count, then the document.
+                let inventory = &data["status"]["inventory"];
+                println!(
+                    "node {action} node={id} healthy={} gpus={} reasons={} data={data}",
+                    inventory["health"]["healthy"],
+                    data["status"]["gpuCount"],
+                    inventory["health"]["reasons"]
+                );
+            } else if s.event.r#type.starts_with(spokelet_proto::MANAGED_CLUSTERS) {
+                println!("cluster {action} cluster={id} status={}", data["status"]);
+            } else {
+                println!(
+                    "{action} work={id} generation={} hash={} data={data}",
+                    s.ext("resourceversion").unwrap_or_default(),
+                    s.ext("statushash").unwrap_or_default(),
+                );
+            }
         }
         seen = statuses.len();
     }
