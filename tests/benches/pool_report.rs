@@ -30,10 +30,9 @@ use spokelet_e2e::bench::{
 use spokelet_e2e::cloudevents_hub::{HubPki, TestHub, TestHubOptions};
 use spokelet_e2e::fixtures::{copy_fixture, healthy_hgx};
 use spokelet_e2e::ocm_hub::{
-    CLUSTER_CLAIM_CRD_FILE, MANAGED_CLUSTER_CRD_FILE, install_crd_yaml, install_ocm_crd, onboard_cluster,
-    start_ocm_hub,
+    MANAGED_CLUSTER_CRD_FILE, accept_managed_cluster, install_ocm_crd, onboard_cluster, start_ocm_hub,
+    start_pool_spoke,
 };
-use spokelet_e2e::{ClusterOptions, KubeCluster};
 use spokelet_hardware::testing::{ShimState, ShimVariant, build_nvml_shim, write_shim_state};
 
 /// Changes timed per transport (each one way: raised, then cleared).
@@ -45,7 +44,6 @@ const TARGET: Duration = Duration::from_secs(2);
 /// The goal for the node role's resident memory.
 const TARGET_RSS_MIB: f64 = 10.0;
 
-const NODE_INVENTORY_CRD: &str = include_str!("../../deploy/crds/nodeinventories.spokelet.io.yaml");
 const CLUSTER_STATUS: &str = "cluster.open-cluster-management.io.v1.managedclusters.status.update_request";
 const NODE_UPDATE: &str = "io.spokelet.nodes.v1alpha1.nodeinventories.status.update_request";
 
@@ -176,17 +174,8 @@ async fn main() {
     show_logs_on_panic(dir);
 
     // The spoke: two nodes, a GPU node with the fake NVML and a CPU node.
-    let spoke = KubeCluster::start(ClusterOptions {
-        name: "pool".into(),
-        ..ClusterOptions::hub()
-    })
-    .await
-    .unwrap();
+    let spoke = start_pool_spoke().await.unwrap();
     let client = spoke.client();
-    install_crd_yaml(&client, "NodeInventory", NODE_INVENTORY_CRD)
-        .await
-        .unwrap();
-    install_ocm_crd(&client, CLUSTER_CLAIM_CRD_FILE).await.unwrap();
     healthy_hgx(&dir.join("gpu-host")).unwrap();
     copy_fixture("plain-vm", &dir.join("cpu-host")).unwrap();
     healthy_hgx(&dir.join("bare-metal-host")).unwrap();
@@ -217,12 +206,7 @@ async fn main() {
     let (hub, admin) = start_ocm_hub().await.unwrap();
     install_ocm_crd(&admin, MANAGED_CLUSTER_CRD_FILE).await.unwrap();
     let clusters: Api<DynamicObject> = Api::all_with(admin.clone(), &managed_cluster_resource());
-    let mc: DynamicObject = serde_json::from_value(serde_json::json!({
-        "apiVersion": "cluster.open-cluster-management.io/v1", "kind": "ManagedCluster",
-        "metadata": {"name": "pool-kube"}, "spec": {"hubAcceptsClient": true},
-    }))
-    .unwrap();
-    clusters.create(&PostParams::default(), &mc).await.unwrap();
+    accept_managed_cluster(&admin, "pool-kube").await.unwrap();
     let identity = onboard_cluster(&hub, &admin, "pool-kube").await.unwrap();
     let kube_engine = spawn(
         &spokelet,

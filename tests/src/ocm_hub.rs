@@ -98,6 +98,48 @@ pub async fn install_ocm_crd(client: &kube::Client, file: &str) -> Result<(), Ha
     install_crd_yaml(client, file, &yaml).await
 }
 
+/// The project's NodeInventory CRD (`deploy/crds/`).
+pub const NODE_INVENTORY_CRD: &str = include_str!("../../deploy/crds/nodeinventories.spokelet.io.yaml");
+
+/// A spoke of its own for a Compute Pool (the pool is every NodeInventory in the cluster): an
+/// API server with the NodeInventory CRD and OCM's ClusterClaim CRD installed.
+pub async fn start_pool_spoke() -> Result<KubeCluster, HarnessError> {
+    let spoke = KubeCluster::start(ClusterOptions {
+        name: "pool".into(),
+        ..ClusterOptions::hub()
+    })
+    .await?;
+    let client = spoke.try_client()?;
+    install_crd_yaml(&client, "NodeInventory", NODE_INVENTORY_CRD).await?;
+    install_ocm_crd(&client, CLUSTER_CLAIM_CRD_FILE).await?;
+    Ok(spoke)
+}
+
+/// Does on the hub what accepting a cluster does: creates its ManagedCluster
+/// (`hubAcceptsClient: true`); the agent only ever writes its status.
+pub async fn accept_managed_cluster(admin: &kube::Client, cluster: &str) -> Result<(), HarnessError> {
+    let resource = kube::api::ApiResource {
+        group: "cluster.open-cluster-management.io".into(),
+        version: "v1".into(),
+        api_version: "cluster.open-cluster-management.io/v1".into(),
+        kind: "ManagedCluster".into(),
+        plural: "managedclusters".into(),
+    };
+    let api: Api<kube::api::DynamicObject> = Api::all_with(admin.clone(), &resource);
+    let mc: kube::api::DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "cluster.open-cluster-management.io/v1", "kind": "ManagedCluster",
+        "metadata": {"name": cluster}, "spec": {"hubAcceptsClient": true},
+    }))
+    .map_err(|e| invalid("ManagedCluster", e))?;
+    api.create(&PostParams::default(), &mc)
+        .await
+        .map_err(|source| HarnessError::Kube {
+            context: format!("creating the ManagedCluster {cluster}"),
+            source,
+        })?;
+    Ok(())
+}
+
 /// Waits until the CRD `name` reports `Established=True` (its kinds are then served).
 pub async fn crd_established(client: &kube::Client, name: &str) -> Result<(), HarnessError> {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());

@@ -23,8 +23,8 @@ use spokelet::pool::spoke_claims::cluster_claim_resource;
 use spokelet_e2e::cloudevents_hub::{HubPki, Received, TestHub, TestHubOptions};
 use spokelet_e2e::fixtures::{copy_fixture, healthy_hgx};
 use spokelet_e2e::ocm_hub::{
-    CLUSTER_CLAIM_CRD_FILE, MANAGED_CLUSTER_CRD_FILE, install_crd_yaml, install_ocm_crd, onboard_cluster,
-    start_ocm_hub,
+    MANAGED_CLUSTER_CRD_FILE, accept_managed_cluster, install_ocm_crd, onboard_cluster, start_ocm_hub,
+    start_pool_spoke,
 };
 use spokelet_e2e::{ClusterOptions, KubeCluster, eventually_with, unique_name};
 use spokelet_hardware::testing::{ShimState, ShimVariant, build_nvml_shim, write_shim_state};
@@ -32,7 +32,6 @@ use spokelet_hardware::testing::{ShimState, ShimVariant, build_nvml_shim, write_
 mod support;
 use support::{Agent, GrpcAgentArgs, write};
 
-const NODE_INVENTORY_CRD: &str = include_str!("../../deploy/crds/nodeinventories.spokelet.io.yaml");
 const CLUSTER_STATUS: &str = "cluster.open-cluster-management.io.v1.managedclusters.status.update_request";
 const NODE_UPDATE: &str = "io.spokelet.nodes.v1alpha1.nodeinventories.status.update_request";
 
@@ -67,18 +66,8 @@ struct Pool {
 
 impl Pool {
     async fn start() -> Pool {
-        // A spoke of its own: the pool is every NodeInventory in the cluster.
-        let spoke = KubeCluster::start(ClusterOptions {
-            name: "pool".into(),
-            ..ClusterOptions::hub()
-        })
-        .await
-        .unwrap();
+        let spoke = start_pool_spoke().await.unwrap();
         let client = spoke.client();
-        install_crd_yaml(&client, "NodeInventory", NODE_INVENTORY_CRD)
-            .await
-            .unwrap();
-        install_ocm_crd(&client, CLUSTER_CLAIM_CRD_FILE).await.unwrap();
         let scratch = tempfile::tempdir().unwrap();
         let gpu_root = scratch.path().join("gpu-host");
         let cpu_root = scratch.path().join("cpu-host");
@@ -237,12 +226,7 @@ async fn pool_inventory_reaches_cluster_claims_and_the_managed_cluster_status_on
     let cluster = unique_name("pool");
     // The hub accepts the cluster: it creates the ManagedCluster (the agent never does).
     let clusters: Api<DynamicObject> = Api::all_with(admin.clone(), &managed_cluster_resource());
-    let mc: DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "cluster.open-cluster-management.io/v1", "kind": "ManagedCluster",
-        "metadata": {"name": cluster}, "spec": {"hubAcceptsClient": true},
-    }))
-    .unwrap();
-    clusters.create(&PostParams::default(), &mc).await.unwrap();
+    accept_managed_cluster(&admin, &cluster).await.unwrap();
     let identity = onboard_cluster(&hub, &admin, &cluster).await.unwrap();
     let pool = Pool::start().await;
 
@@ -556,13 +540,8 @@ async fn accepted_by_ocm_crd(cluster: &str, status: &Value) {
     let api_server = KubeCluster::start(ClusterOptions::hub()).await.unwrap();
     let admin = api_server.client();
     install_ocm_crd(&admin, MANAGED_CLUSTER_CRD_FILE).await.unwrap();
+    accept_managed_cluster(&admin, cluster).await.unwrap();
     let clusters: Api<DynamicObject> = Api::all_with(admin, &managed_cluster_resource());
-    let mc: DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "cluster.open-cluster-management.io/v1", "kind": "ManagedCluster",
-        "metadata": {"name": cluster}, "spec": {"hubAcceptsClient": true},
-    }))
-    .unwrap();
-    clusters.create(&PostParams::default(), &mc).await.unwrap();
     let written = clusters
         .patch_status(
             cluster,
