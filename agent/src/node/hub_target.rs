@@ -32,6 +32,7 @@ pub enum HubTargetError {
 pub(super) struct HubTarget {
     /// The node's name: the report's `resourceid`.
     node: String,
+    /// The transport's latest-wins report queue.
     reports: GrpcReportSink,
 }
 
@@ -41,6 +42,7 @@ pub(super) struct Stopper {
     /// The transport's own token (not the shutdown token), so the final report can still be
     /// flushed once shutdown is asked for.
     stop: CancellationToken,
+    /// The connection task and the task that reads its (work-less) events.
     tasks: Vec<JoinHandle<()>>,
 }
 

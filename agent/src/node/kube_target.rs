@@ -9,8 +9,11 @@ use super::{FIELD_MANAGER, Report, inventory_document, node_inventory_resource};
 /// Writes one node's labels and NodeInventory.
 #[derive(Clone)]
 pub struct NodeWriter {
+    /// The Node whose labels are written.
     nodes: Api<k8s_openapi::api::core::v1::Node>,
+    /// NodeInventories (cluster-scoped, named after the node).
     inventories: Api<DynamicObject>,
+    /// This node's name.
     node: String,
 }
 

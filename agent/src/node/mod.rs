@@ -109,6 +109,7 @@ pub struct Report {
     pub inventory: Value,
     /// The labels it implies (GFD / NFD compatible keys).
     pub labels: std::collections::BTreeMap<String, String>,
+    /// GPUs found (NVML or PCI scan).
     pub gpu_count: usize,
     /// The node's health verdict, for the gauges.
     pub healthy: bool,
@@ -163,14 +164,19 @@ impl Report {
 /// `spokelet_node_*` metrics.
 #[derive(Debug, Clone, Default)]
 struct NodeMetrics {
+    /// Discoveries run.
     discoveries: Counter,
+    /// Reports written (or, to a hub, queued).
     writes: Counter,
+    /// Writes that failed.
     write_failures: Counter,
+    /// Unix time of the last successful write.
     last_report: Gauge,
     /// 1 when the node is healthy, 0 when not.
     healthy: Gauge,
     /// Per GPU (`gpu` label: the NVML index).
     gpu_temperature: Family<Vec<(String, String)>, Gauge>,
+    /// Per GPU, in watts (fractional: NVML reports milliwatts).
     gpu_power: Family<Vec<(String, String)>, Gauge<f64, AtomicU64>>,
 }
 

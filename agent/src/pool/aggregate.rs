@@ -50,14 +50,17 @@ pub struct PoolTotals {
     pub healthy_nodes: u64,
     /// Of those, with an RDMA port up.
     pub rdma_nodes: u64,
-    /// Hardware threads, all nodes / healthy nodes.
+    /// Hardware threads, all nodes.
     pub cpus: u64,
+    /// Hardware threads of the healthy nodes (the `allocatable` CPUs).
     pub healthy_cpus: u64,
-    /// RAM in bytes, all nodes / healthy nodes.
+    /// RAM in bytes, all nodes.
     pub memory_bytes: u64,
+    /// RAM in bytes of the healthy nodes.
     pub healthy_memory_bytes: u64,
-    /// Physical GPUs, all nodes / healthy nodes.
+    /// Physical GPUs, all nodes.
     pub gpus: u64,
+    /// Physical GPUs of the healthy nodes (the `allocatable` `nvidia.com/gpu`).
     pub healthy_gpus: u64,
     /// GPUs by product name, all nodes.
     pub gpus_by_model: BTreeMap<String, u64>,
@@ -95,7 +98,9 @@ impl PoolInventory {
     }
 }
 
-/// The part of a NodeInventory's status the summary reads.
+/// The part of a NodeInventory's status the summary reads. These mirror the hardware crate's
+/// serialized names field for field (`spokelet inventory --output json`); each defaults, so a
+/// field a node agent of another version lacks reads as absent instead of failing the node.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, rename_all = "camelCase")]
 struct StatusDoc {

@@ -138,7 +138,9 @@ pub struct PoolReporter {
     client: kube::Client,
     /// The hub transport's report sink; None without a hub (claims on the spoke only).
     hub: Option<Arc<dyn PoolReportSink>>,
+    /// Debounce, heartbeat.
     args: PoolReportArgs,
+    /// The `spokelet_pool_*` series (clones share them).
     metrics: PoolMetrics,
 }
 
@@ -152,6 +154,7 @@ impl std::fmt::Debug for PoolReporter {
 }
 
 impl PoolReporter {
+    /// A reporter of the pool on `client`'s cluster, to `hub` when there is one.
     pub fn new(
         client: kube::Client,
         hub: Option<Arc<dyn PoolReportSink>>,
@@ -329,6 +332,7 @@ struct ReporterState {
     last: Option<PoolReport>,
     /// The node inventories last handed to the hub.
     sent_nodes: BTreeMap<String, serde_json::Value>,
+    /// Keeps the spoke's ClusterClaims, remembering what it applied.
     claims: ClaimWriter,
     /// The last claim sync failed: the next report re-applies every claim.
     claims_failed: bool,

@@ -48,12 +48,14 @@ pub enum ClaimsError {
 /// Keeps the spoke's ClusterClaims equal to the pool's spokelet claims.
 #[derive(Debug, Clone)]
 pub struct ClaimWriter {
+    /// ClusterClaims on the spoke (cluster-scoped).
     api: Api<DynamicObject>,
     /// name → value last applied, so an unchanged claim costs no request.
     written: BTreeMap<String, String>,
 }
 
 impl ClaimWriter {
+    /// A writer that has applied nothing yet (its first sync applies every claim).
     pub fn new(client: kube::Client) -> Self {
         ClaimWriter {
             api: Api::all_with(client, &cluster_claim_resource()),
