@@ -14,7 +14,7 @@ use crate::hub::{ConnectError, HubArgs, HubConnection};
 use crate::kube_client::{self, ClusterConfigError, HttpVersion, KubeClientError};
 use crate::leader::{Elector, LeaderArgs, LeaderError, LeaderMetrics, LeaseSettings, Role, WriteGate};
 use crate::lock::lock;
-use crate::pool::{PoolMetrics, PoolReportArgs, PoolReporter};
+use crate::pool::{PoolMetrics, PoolReportArgs, PoolReporter, RunningReporter};
 use crate::work::applied_work::{hub_hash, hub_hash_of_address, legacy_hub_hash};
 use crate::work::engine::{EngineConfig, EngineError, WorkEngine};
 use crate::work::executor::ClientFactory;
@@ -379,7 +379,9 @@ async fn run_active(
         let pool = start_pool_reporter(args, ctx, &client.client, Some(reports));
         let sink = GatedSink::wrap(sink, gate);
         let result = run_engine(args, ctx, client, source, sink, &address).await;
-        stop_pool_reporter(pool).await;
+        if let Some(pool) = pool {
+            pool.stop().await;
+        }
         // After the engine: its last statuses (final `Deleted`s included) still reach the hub.
         closer.close().await;
         return result;
@@ -391,7 +393,9 @@ async fn run_active(
     let hub = args.hub_name.clone();
     let pool = start_pool_reporter(args, ctx, &client.client, None);
     let result = run_engine(args, ctx, client, source, sink, &hub).await;
-    stop_pool_reporter(pool).await;
+    if let Some(pool) = pool {
+        pool.stop().await;
+    }
     result
 }
 
@@ -402,25 +406,13 @@ fn start_pool_reporter(
     ctx: &RunContext,
     client: &kube::Client,
     hub: Option<Arc<dyn crate::hub::PoolReportSink>>,
-) -> Option<(CancellationToken, tokio::task::JoinHandle<()>)> {
+) -> Option<RunningReporter> {
     if !args.pool.pool_report {
         return None;
     }
     let metrics = PoolMetrics::default();
     metrics.register(&ctx.registry);
-    // Its own token, a child of shutdown: it also stops when the engine ends for another reason.
-    let stop = ctx.shutdown.child_token();
-    let task = PoolReporter::new(client.clone(), hub, args.pool.clone(), metrics).spawn(stop.clone());
-    Some((stop, task))
-}
-
-async fn stop_pool_reporter(pool: Option<(CancellationToken, tokio::task::JoinHandle<()>)>) {
-    if let Some((stop, task)) = pool {
-        stop.cancel();
-        if let Err(e) = task.await {
-            tracing::warn!(error = %e, "pool reporter ended abnormally");
-        }
-    }
+    Some(PoolReporter::new(client.clone(), hub, args.pool.clone(), metrics).spawn(&ctx.shutdown))
 }
 
 /// A status sink that drops reports while the write gate is shut: a replica that lost the

@@ -104,6 +104,17 @@ pub struct Inventory {
     pub warnings: Vec<String>,
 }
 
+/// Where the hostname is read: `/proc/sys/kernel/hostname` is the UTS hostname of the reading
+/// process; `/etc/hostname` covers trees (and containers) without it.
+const HOSTNAME_PATHS: &[&str] = &["proc/sys/kernel/hostname", "etc/hostname"];
+
+/// The hostname discovery reports for a host below `root`; None when none can be read.
+pub fn hostname(root: &std::path::Path) -> Option<String> {
+    let mut warnings = sysfs::Warnings::default();
+    let root = sysfs::Root::new(root, &mut warnings);
+    Some(identity(&root, HOSTNAME_PATHS, &mut warnings)).filter(|h| !h.is_empty())
+}
+
 /// Reads a host identity file, falling back to a second location.
 fn identity(root: &sysfs::Root, paths: &[&str], warnings: &mut sysfs::Warnings) -> String {
     let mut problems = Vec::new();
@@ -132,13 +143,7 @@ pub fn discover(opts: &DiscoverOptions) -> Inventory {
     let mut warnings = sysfs::Warnings::default();
     let root = sysfs::Root::new(&opts.root, &mut warnings);
 
-    // `/proc/sys/kernel/hostname` is the UTS hostname of the reading
-    // process; `/etc/hostname` covers trees (and containers) without it.
-    let hostname = identity(
-        &root,
-        &["proc/sys/kernel/hostname", "etc/hostname"],
-        &mut warnings,
-    );
+    let hostname = identity(&root, HOSTNAME_PATHS, &mut warnings);
     let kernel = identity(&root, &["proc/sys/kernel/osrelease"], &mut warnings);
     let memory = memory::discover(&root, &mut warnings);
     // A kernel without NUMA support has no node directories: one node.

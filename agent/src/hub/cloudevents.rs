@@ -561,50 +561,83 @@ pub enum ReportBody {
     },
 }
 
-/// A pool report event: `cluster.open-cluster-management.io.v1.managedclusters.status.update_request`
-/// carrying the ManagedCluster (name and status), or spokelet's
-/// `io.spokelet.nodes.v1alpha1.nodeinventories.status.{update,delete}_request` carrying a
-/// NodeInventory. Both carry `clustername`, `resourceid` (the cluster's or node's name: neither
-/// has a hub uid the agent knows), `sequenceid` and `statushash` (hex SHA-256 of the data).
-pub fn report_event(agent_id: &str, cluster: &str, body: &ReportBody, sequence_id: u64) -> CloudEvent {
-    let (type_, resource_id, data) = match body {
-        ReportBody::ClusterStatus(status) => (
-            format!("{}.status.{}", spokelet_proto::MANAGED_CLUSTERS, action::UPDATE),
-            cluster,
-            serde_json::json!({
-                "apiVersion": "cluster.open-cluster-management.io/v1",
-                "kind": "ManagedCluster",
-                "metadata": {"name": cluster},
-                "status": status,
-            }),
-        ),
-        ReportBody::Node { name, document } => {
-            let action = if document.is_some() {
-                action::UPDATE
-            } else {
-                action::DELETE
-            };
-            (
-                format!("{}.status.{action}", spokelet_proto::NODE_INVENTORIES),
-                name.as_str(),
-                document
-                    .clone()
-                    .unwrap_or_else(|| serde_json::json!({"metadata": {"name": name}})),
-            )
+/// A pool report as it goes on the wire, built once when it is queued: every send of it
+/// (the first, and again after a reconnect) carries the same type, resourceid and data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReportPayload {
+    /// `...managedclusters.status.update_request`, or `...nodeinventories.status.{update,delete}_request`.
+    pub type_: String,
+    /// The cluster's or node's name: neither has a hub uid the agent knows.
+    pub resource_id: String,
+    /// The JSON data.
+    pub data: Vec<u8>,
+    /// Hex SHA-256 of `data`: the `statushash`, and how a newer report is told from this one.
+    pub hash: String,
+    /// A node's removal (a `delete_request`).
+    pub gone: bool,
+}
+
+impl ReportPayload {
+    /// `cluster.open-cluster-management.io.v1.managedclusters.status.update_request` carrying the
+    /// ManagedCluster (name and status), or spokelet's
+    /// `io.spokelet.nodes.v1alpha1.nodeinventories.status.{update,delete}_request` carrying a
+    /// NodeInventory (a delete carries only its name).
+    pub fn of(cluster: &str, body: &ReportBody) -> Self {
+        let (type_, resource_id, data, gone) = match body {
+            ReportBody::ClusterStatus(status) => (
+                format!("{}.status.{}", spokelet_proto::MANAGED_CLUSTERS, action::UPDATE),
+                cluster.to_string(),
+                serde_json::json!({
+                    "apiVersion": "cluster.open-cluster-management.io/v1",
+                    "kind": "ManagedCluster",
+                    "metadata": {"name": cluster},
+                    "status": status,
+                }),
+                false,
+            ),
+            ReportBody::Node { name, document } => {
+                let action = if document.is_some() {
+                    action::UPDATE
+                } else {
+                    action::DELETE
+                };
+                (
+                    format!("{}.status.{action}", spokelet_proto::NODE_INVENTORIES),
+                    name.clone(),
+                    document
+                        .clone()
+                        .unwrap_or_else(|| serde_json::json!({"metadata": {"name": name}})),
+                    document.is_none(),
+                )
+            }
+        };
+        // Serialising a JSON value cannot fail.
+        let data = serde_json::to_vec(&data).unwrap_or_default();
+        let hash = hex::encode(Sha256::digest(&data));
+        ReportPayload {
+            type_,
+            resource_id,
+            data,
+            hash,
+            gone,
         }
-    };
-    // Serialising a JSON value cannot fail.
-    let data = serde_json::to_vec(&data).unwrap_or_default();
-    let hash = hex::encode(Sha256::digest(&data));
-    let mut ev = base_event(agent_id, type_, data);
+    }
+}
+
+/// A pool report's event, with `clustername`, `resourceid`, `sequenceid` and `statushash`.
+pub fn report_event(agent_id: &str, cluster: &str, report: &ReportPayload, sequence_id: u64) -> CloudEvent {
+    let mut ev = base_event(agent_id, report.type_.clone(), report.data.clone());
     let a = &mut ev.attributes;
-    a.insert(format!("ce-{}", ext::RESOURCE_ID), string_attr(resource_id));
+    a.insert(
+        format!("ce-{}", ext::RESOURCE_ID),
+        string_attr(&report.resource_id),
+    );
     a.insert(format!("ce-{}", ext::CLUSTER_NAME), string_attr(cluster));
     a.insert(
         format!("ce-{}", ext::SEQUENCE_ID),
         string_attr(sequence_id.to_string()),
     );
-    a.insert(format!("ce-{}", ext::STATUS_HASH), string_attr(hash));
+    a.insert(format!("ce-{}", ext::STATUS_HASH), string_attr(&report.hash));
     ev
 }
 

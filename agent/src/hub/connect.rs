@@ -69,6 +69,11 @@ pub struct HubCloser {
 }
 
 impl HubCloser {
+    /// A closer of the transport tasks `tasks`, which end once `stop` is cancelled.
+    pub fn new(stop: CancellationToken, tasks: Vec<JoinHandle<()>>, grpc: Option<HubHandle>) -> Self {
+        HubCloser { stop, tasks, grpc }
+    }
+
     /// Cancel the transport and wait for its tasks (each bounds its own final flush).
     pub async fn close(self) {
         self.stop.cancel();
@@ -101,11 +106,7 @@ impl HubConnection {
                 metrics::register(&opts.metrics, &mut lock(registry));
                 let hub = GrpcHub::start(opts, stop.clone())?;
                 tracing::info!(hub = %address, transport = "grpc", "hub transport started");
-                let closer = HubCloser {
-                    stop,
-                    tasks: vec![hub.task],
-                    grpc: Some(hub.handle),
-                };
+                let closer = HubCloser::new(stop, vec![hub.task], Some(hub.handle));
                 HubConnection {
                     source: hub.source,
                     sink: Arc::new(hub.sink),
@@ -122,11 +123,7 @@ impl HubConnection {
                 opts.lease_duration = settings.lease_duration;
                 let hub = KubeHub::start(opts, stop.clone());
                 tracing::info!(hub = %address, transport = "kube", cluster = %settings.cluster_name, "hub transport started");
-                let closer = HubCloser {
-                    stop,
-                    tasks: hub.tasks,
-                    grpc: None,
-                };
+                let closer = HubCloser::new(stop, hub.tasks, None);
                 HubConnection {
                     source: hub.source,
                     sink: Arc::new(hub.sink),

@@ -4,8 +4,6 @@
 //! reachable, so a report made while the hub is down is sent once, after the reconnect, and a
 //! burst of changes costs one delivery. Calls return at once.
 
-use crate::hub::cloudevents::ReportBody;
-
 /// Takes pool reports for one hub transport.
 pub trait PoolReportSink: Send + Sync + std::fmt::Debug {
     /// Queues the ManagedCluster's `status` (claims, capacity, allocatable, version).
@@ -15,12 +13,4 @@ pub trait PoolReportSink: Send + Sync + std::fmt::Debug {
     /// Queues one node's NodeInventory document, or its removal (`None`). A transport with no
     /// place for per-node documents (the Kubernetes hub: ManagedCluster has none) ignores it.
     fn node_inventory(&self, node: &str, document: Option<serde_json::Value>, resend: bool);
-}
-
-/// The report body of a node's inventory.
-pub fn node_body(node: &str, document: Option<serde_json::Value>) -> ReportBody {
-    ReportBody::Node {
-        name: node.to_string(),
-        document,
-    }
 }

@@ -5,13 +5,14 @@
 //! once; the transport keeps the newest, sends it while connected and again after a reconnect,
 //! so a hub outage delays the report and loses nothing.
 
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{Report, inventory_document};
 use crate::admin::RunContext;
 use crate::hub::config::{HubConfigError, HubTransport, ResolvedHub};
-use crate::hub::{GrpcError, GrpcHub, GrpcHubOptions, GrpcReportSink, HubArgs, PoolReportSink, Subscription};
+use crate::hub::{
+    GrpcError, GrpcHub, GrpcHubOptions, GrpcReportSink, HubArgs, HubCloser, PoolReportSink, Subscription,
+};
 use crate::lock::lock;
 
 /// Why the node service could not reach for the hub.
@@ -36,32 +37,15 @@ pub(super) struct HubTarget {
     reports: GrpcReportSink,
 }
 
-/// Stops a node service's transport: flushes the queued report (bounded by the transport's
-/// shutdown flush) and waits for its tasks.
-pub(super) struct Stopper {
-    /// The transport's own token (not the shutdown token), so the final report can still be
-    /// flushed once shutdown is asked for.
-    stop: CancellationToken,
-    /// The connection task and the task that reads its (work-less) events.
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl Stopper {
-    pub(super) async fn stop(self) {
-        self.stop.cancel();
-        for t in self.tasks {
-            let _ = t.await;
-        }
-    }
-}
-
 impl HubTarget {
     /// Validates the settings and starts the connection (which retries until the hub is up).
+    /// Returns the target and what stops its transport once the report loop is over (after
+    /// flushing the queued report, bounded by the transport's shutdown flush).
     pub(super) fn start(
         args: &HubArgs,
         node: &str,
         ctx: &RunContext,
-    ) -> Result<(Self, Stopper), HubTargetError> {
+    ) -> Result<(Self, HubCloser), HubTargetError> {
         if args.hub_transport == Some(HubTransport::Kube) {
             return Err(HubTargetError::KubeTransport);
         }
@@ -89,13 +73,9 @@ impl HubTarget {
             node: node.to_string(),
             reports,
         };
-        Ok((
-            target,
-            Stopper {
-                stop,
-                tasks: vec![task, drain],
-            },
-        ))
+        // Its own token, not the shutdown token, so the final report can still be flushed once
+        // shutdown is asked for.
+        Ok((target, HubCloser::new(stop, vec![task, drain], None)))
     }
 
     /// Queues the report (the transport delivers the newest).

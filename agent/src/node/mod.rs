@@ -262,16 +262,16 @@ pub async fn run(args: NodeArgs, ctx: RunContext) -> Result<(), NodeError> {
     let name = args.node_name.clone().unwrap_or_default();
     if args.reports_to_hub() {
         let name = match name.trim() {
-            "" => hostname(&args.discovery),
+            "" => spokelet_hardware::hostname(&args.discovery.root).unwrap_or_default(),
             n => n.to_string(),
         };
         if name.is_empty() {
             return Err(NodeError::NoNodeName);
         }
-        let (hub, stop) = hub_target::HubTarget::start(&args.hub, &name, &ctx)?;
+        let (hub, closer) = hub_target::HubTarget::start(&args.hub, &name, &ctx)?;
         tracing::info!(node = %name, interval = ?args.rediscover_interval, "node service starting (reporting to the hub)");
         let result = report_loop(&args, &ctx, Target::Hub(hub)).await;
-        stop.stop().await;
+        closer.close().await;
         return result;
     }
     if name.trim().is_empty() {
@@ -286,20 +286,6 @@ pub async fn run(args: NodeArgs, ctx: RunContext) -> Result<(), NodeError> {
         Target::Kube(Box::new(NodeWriter::new(client, &name))),
     )
     .await
-}
-
-/// The machine's hostname as discovery reads it (below `--root`).
-fn hostname(discovery: &DiscoveryArgs) -> String {
-    let root = discovery.discover_options().root;
-    ["proc/sys/kernel/hostname", "etc/hostname"]
-        .iter()
-        .find_map(|p| {
-            std::fs::read_to_string(root.join(p))
-                .ok()
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-        })
-        .unwrap_or_default()
 }
 
 /// Discovers every `--rediscover-interval` and writes a report when it changed (or the resync

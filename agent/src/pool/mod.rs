@@ -12,4 +12,4 @@ pub mod spoke_claims;
 
 pub use aggregate::{NodeSummary, PoolInventory, PoolTotals};
 pub use claims::{Claim, ClusterFacts};
-pub use reporter::{PoolMetrics, PoolReport, PoolReportArgs, PoolReporter};
+pub use reporter::{PoolMetrics, PoolReport, PoolReportArgs, PoolReporter, RunningReporter};

@@ -9,7 +9,7 @@
 //! the heartbeat, which re-sends the status to the hub (its proof that the report is fresh)
 //! and re-applies every claim (repairing hand edits; a no-op on the server).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -169,9 +169,12 @@ impl PoolReporter {
         }
     }
 
-    /// Starts the reporter as a task; it ends after `shutdown`.
-    pub fn spawn(self, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(self.run(shutdown).instrument(tracing::info_span!("pool")))
+    /// Starts the reporter as a task on a child token of `shutdown`: it ends on shutdown, or
+    /// when [`RunningReporter::stop`] is called (the engine ended for another reason).
+    pub fn spawn(self, shutdown: &CancellationToken) -> RunningReporter {
+        let stop = shutdown.child_token();
+        let task = tokio::spawn(self.run(stop.clone()).instrument(tracing::info_span!("pool")));
+        RunningReporter { stop, task }
     }
 
     /// Watches and reports until `shutdown`.
@@ -181,15 +184,8 @@ impl PoolReporter {
             .default_backoff()
             .boxed();
         let mut state = ReporterState::new(ClaimWriter::new(self.client.clone()));
-        // The first report waits for the first complete list, so a partial pool is never
-        // reported as the whole.
-        let mut listed = false;
-        let mut relist: Option<BTreeMap<String, serde_json::Value>> = None;
         let mut due: Option<Instant> = None;
         let mut heartbeat = Instant::now() + self.args.pool_heartbeat;
-        // The watch's failures are warned about once per outage (a cluster without the
-        // NodeInventory CRD would otherwise log one every backoff step, for ever).
-        let mut watch_failing = false;
         loop {
             let debounce = async {
                 match due {
@@ -203,46 +199,13 @@ impl PoolReporter {
                     due = None;
                     self.report(&mut state, false).await;
                 }
-                () = tokio::time::sleep_until(heartbeat), if listed => {
+                () = tokio::time::sleep_until(heartbeat), if state.listed => {
                     heartbeat = Instant::now() + self.args.pool_heartbeat;
                     self.report(&mut state, true).await;
                 }
                 ev = stream.next() => {
                     let Some(ev) = ev else { return };
-                    if ev.is_ok() {
-                        watch_failing = false;
-                    }
-                    let changed = match ev {
-                        Ok(Event::Init) => { relist = Some(BTreeMap::new()); false }
-                        Ok(Event::InitApply(o)) => {
-                            if let (Some(r), Some((k, v))) = (relist.as_mut(), entry(o)) { r.insert(k, v); }
-                            false
-                        }
-                        Ok(Event::InitDone) => {
-                            listed = true;
-                            let fresh = relist.take().unwrap_or_default();
-                            let changed = fresh != state.inventories;
-                            state.inventories = fresh;
-                            changed || state.last.is_none()
-                        }
-                        Ok(Event::Apply(o)) => match entry(o) {
-                            Some((k, v)) => state.inventories.insert(k, v.clone()) != Some(v),
-                            None => false,
-                        },
-                        Ok(Event::Delete(o)) => {
-                            o.metadata.name.as_ref().is_some_and(|n| state.inventories.remove(n).is_some())
-                        }
-                        Err(e) => {
-                            if watch_failing {
-                                tracing::debug!(error = %e, "NodeInventory watch still failing");
-                            } else {
-                                tracing::warn!(error = %e, "NodeInventory watch failed (is the NodeInventory CRD installed?); retrying with backoff");
-                            }
-                            watch_failing = true;
-                            false
-                        }
-                    };
-                    if changed && listed && due.is_none() {
+                    if state.apply(ev) && due.is_none() {
                         due = Some(Instant::now() + self.args.pool_report_debounce);
                     }
                 }
@@ -255,6 +218,8 @@ impl PoolReporter {
         let facts = state.facts(&self.client).await;
         let report = PoolReport::of(&state.inventories, &facts);
         let changed = state.last.as_ref() != Some(&report);
+        // A node's document goes to the hub when it changed, even if the totals did not.
+        self.report_nodes(state, heartbeat);
         // A claim sync that failed is retried at the next report even if nothing changed.
         if !changed && !heartbeat && !state.claims_failed {
             return;
@@ -276,7 +241,6 @@ impl PoolReporter {
         self.sync_claims(state, &report, heartbeat).await;
         if let Some(hub) = &self.hub {
             hub.cluster_status(report.status.clone(), heartbeat);
-            self.report_nodes(hub.as_ref(), state, heartbeat);
         }
         state.last = Some(report);
     }
@@ -306,20 +270,38 @@ impl PoolReporter {
         }
     }
 
-    /// Hands the hub each node whose inventory changed (all, for a heartbeat) and the removal
-    /// of each node that left the pool.
-    fn report_nodes(&self, hub: &dyn PoolReportSink, state: &mut ReporterState, heartbeat: bool) {
+    /// Hands the hub each node whose inventory changed since the last report (all, for a
+    /// heartbeat) and the removal of each node that left the pool.
+    fn report_nodes(&self, state: &mut ReporterState, heartbeat: bool) {
+        let dirty = std::mem::take(&mut state.dirty);
+        let gone = std::mem::take(&mut state.gone);
+        let Some(hub) = &self.hub else { return };
         for (name, status) in &state.inventories {
-            if heartbeat || state.sent_nodes.get(name) != Some(status) {
+            if heartbeat || dirty.contains(name) {
                 hub.node_inventory(name, Some(node_document(name, status)), heartbeat);
             }
         }
-        for name in state.sent_nodes.keys() {
-            if !state.inventories.contains_key(name) {
-                hub.node_inventory(name, None, false);
-            }
+        for name in gone {
+            hub.node_inventory(&name, None, false);
         }
-        state.sent_nodes.clone_from(&state.inventories);
+    }
+}
+
+/// A started reporter.
+#[derive(Debug)]
+pub struct RunningReporter {
+    /// Stops it.
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningReporter {
+    /// Stops the reporter and waits for it.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        if let Err(e) = self.task.await {
+            tracing::warn!(error = %e, "pool reporter ended abnormally");
+        }
     }
 }
 
@@ -330,18 +312,30 @@ struct ReporterState {
     inventories: BTreeMap<String, serde_json::Value>,
     /// The last report made.
     last: Option<PoolReport>,
-    /// The node inventories last handed to the hub.
-    sent_nodes: BTreeMap<String, serde_json::Value>,
+    /// The list in progress after a watch (re)start, swapped in whole at its end.
+    relist: Option<BTreeMap<String, serde_json::Value>>,
+    /// A complete list has been seen: the first report waits for it, so a partial pool is
+    /// never reported as the whole.
+    listed: bool,
+    /// Nodes whose inventory changed since the last report (their documents go to the hub).
+    dirty: BTreeSet<String>,
+    /// Nodes that left the pool since the last report (their removal goes to the hub).
+    gone: BTreeSet<String>,
+    /// The watch is failing: its failures are warned about once per outage (a cluster
+    /// without the NodeInventory CRD would otherwise log one every backoff step, for ever).
+    watch_failing: bool,
     /// Keeps the spoke's ClusterClaims, remembering what it applied.
     claims: ClaimWriter,
     /// The last claim sync failed: the next report re-applies every claim.
     claims_failed: bool,
     /// The spoke has no ClusterClaim API (warned once).
     no_claim_api: bool,
-    /// The cluster facts and when they were read: they change only on an upgrade, so they
-    /// are read again once per [`FACTS_TTL`].
-    facts: Option<(ClusterFacts, Instant)>,
-    /// Reading the facts failed: wait before the next try, keep the last ones meanwhile.
+    /// The cluster facts last read (empty before the first read). They change only on an
+    /// upgrade, so they are read again once per [`FACTS_TTL`].
+    facts: ClusterFacts,
+    /// When to read them again: [`FACTS_TTL`] after a read, sooner after a failed one.
+    facts_due: Instant,
+    /// The retry delay after failed reads (the last facts are reported meanwhile).
     facts_backoff: ExponentialBackoff,
 }
 
@@ -353,37 +347,101 @@ impl ReporterState {
         ReporterState {
             inventories: BTreeMap::new(),
             last: None,
-            sent_nodes: BTreeMap::new(),
+            relist: None,
+            listed: false,
+            dirty: BTreeSet::new(),
+            gone: BTreeSet::new(),
+            watch_failing: false,
             claims,
             claims_failed: false,
             no_claim_api: false,
-            facts: None,
+            facts: ClusterFacts::default(),
+            facts_due: Instant::now(),
             facts_backoff: ExponentialBackoff::new(Duration::from_secs(1), FACTS_TTL, 0.2),
         }
     }
 
-    /// The cluster facts, read again when they are older than [`FACTS_TTL`].
-    async fn facts(&mut self, client: &kube::Client) -> ClusterFacts {
-        if let Some((facts, at)) = &self.facts
-            && at.elapsed() < FACTS_TTL
-        {
-            return facts.clone();
+    /// Applies one watch event; true when the pool may have changed and a report is due.
+    fn apply(&mut self, ev: Result<Event<DynamicObject>, watcher::Error>) -> bool {
+        if ev.is_ok() {
+            self.watch_failing = false;
         }
-        match read_facts(client).await {
-            Ok(facts) => {
-                self.facts_backoff.reset();
-                self.facts = Some((facts.clone(), Instant::now()));
-                facts
+        match ev {
+            Ok(Event::Init) => {
+                self.relist = Some(BTreeMap::new());
+                false
             }
+            Ok(Event::InitApply(o)) => {
+                if let (Some(r), Some((k, v))) = (self.relist.as_mut(), entry(o)) {
+                    r.insert(k, v);
+                }
+                false
+            }
+            Ok(Event::InitDone) => {
+                let fresh = self.relist.take().unwrap_or_default();
+                for (name, status) in &fresh {
+                    if self.inventories.get(name) != Some(status) {
+                        self.dirty.insert(name.clone());
+                    }
+                }
+                let left: Vec<String> = self
+                    .inventories
+                    .keys()
+                    .filter(|n| !fresh.contains_key(*n))
+                    .cloned()
+                    .collect();
+                self.gone.extend(left);
+                self.inventories = fresh;
+                let first = !self.listed;
+                self.listed = true;
+                first || !self.dirty.is_empty() || !self.gone.is_empty()
+            }
+            Ok(Event::Apply(o)) => match entry(o) {
+                Some((name, status)) if self.inventories.get(&name) != Some(&status) => {
+                    self.gone.remove(&name);
+                    self.dirty.insert(name.clone());
+                    self.inventories.insert(name, status);
+                    self.listed
+                }
+                _ => false,
+            },
+            Ok(Event::Delete(o)) => match o.metadata.name {
+                Some(name) if self.inventories.remove(&name).is_some() => {
+                    self.dirty.remove(&name);
+                    self.gone.insert(name);
+                    self.listed
+                }
+                _ => false,
+            },
             Err(e) => {
-                let delay = self.facts_backoff.next_delay();
-                tracing::warn!(error = %e, retry_in = ?delay, "cannot read the cluster's version; reporting the last known");
-                let last = self.facts.as_ref().map(|(f, _)| f.clone()).unwrap_or_default();
-                // Trusted again until the retry is due.
-                self.facts = Some((last.clone(), Instant::now() - FACTS_TTL + delay));
-                last
+                if self.watch_failing {
+                    tracing::debug!(error = %e, "NodeInventory watch still failing");
+                } else {
+                    tracing::warn!(error = %e, "NodeInventory watch failed (is the NodeInventory CRD installed?); retrying with backoff");
+                }
+                self.watch_failing = true;
+                false
             }
         }
+    }
+
+    /// The cluster facts, read again when they are due.
+    async fn facts(&mut self, client: &kube::Client) -> ClusterFacts {
+        if Instant::now() >= self.facts_due {
+            match read_facts(client).await {
+                Ok(facts) => {
+                    self.facts_backoff.reset();
+                    self.facts = facts;
+                    self.facts_due = Instant::now() + FACTS_TTL;
+                }
+                Err(e) => {
+                    let delay = self.facts_backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?delay, "cannot read the cluster's version; reporting the last known");
+                    self.facts_due = Instant::now() + delay;
+                }
+            }
+        }
+        self.facts.clone()
     }
 }
 

@@ -11,7 +11,8 @@ use spokelet_proto::CloudEvent;
 use tokio::sync::Notify;
 
 use crate::hub::cloudevents::{
-    self, ReportBody, ResourceVersion, SequenceIds, StatusHash, StatusKind, StatusTarget, WireMeta,
+    self, ReportBody, ReportPayload, ResourceVersion, SequenceIds, StatusHash, StatusKind, StatusTarget,
+    WireMeta,
 };
 use crate::hub::metrics::HubMetrics;
 use crate::hub::outbox::Outbox;
@@ -56,16 +57,7 @@ pub(super) struct Book {
     /// Outbox key ([`report_key`]) → the latest pool report (the ManagedCluster status, each
     /// node's inventory). They share the outbox with work statuses, so they are sent while
     /// connected and after a reconnect in the same way, latest only.
-    pub(super) reports: HashMap<String, PendingReport>,
-}
-
-/// A pool report waiting for, or already past, its Publish.
-#[derive(Debug, Clone)]
-pub(super) struct PendingReport {
-    /// What it says.
-    pub(super) body: ReportBody,
-    /// Tells a newer report of the same key from this one.
-    pub(super) hash: String,
+    pub(super) reports: HashMap<String, ReportPayload>,
 }
 
 /// Outbox key of a pool report. Work statuses are keyed by uid, which never contains `/`.
@@ -211,15 +203,12 @@ impl Shared {
     /// delivered or queued is not queued again (`resend` forces it, for heartbeats).
     pub(super) fn enqueue_report(&self, body: ReportBody, resend: bool) {
         let key = report_key(&body);
-        let hash = {
-            use sha2::Digest;
-            hex::encode(sha2::Sha256::digest(body_json(&body).to_string()))
-        };
+        let report = ReportPayload::of(&self.cluster, &body);
         let mut book = lock(&self.book);
-        if !resend && book.reports.get(&key).is_some_and(|r| r.hash == hash) {
+        if !resend && book.reports.get(&key).is_some_and(|r| r.hash == report.hash) {
             return;
         }
-        book.reports.insert(key.clone(), PendingReport { body, hash });
+        book.reports.insert(key.clone(), report);
         book.queue(&key, StatusKind::Update);
         self.set_outbox_gauge(&book);
         drop(book);
@@ -241,20 +230,16 @@ impl Shared {
                 continue;
             }
             let Some(latest) = book.latest.get(&uid).cloned() else {
-                if let Some(report) = book.reports.get(&uid).cloned() {
-                    let event = cloudevents::report_event(
-                        &self.agent_id,
-                        &self.cluster,
-                        &report.body,
-                        self.seq.next(),
-                    );
+                if let Some(report) = book.reports.get(&uid) {
+                    let event =
+                        cloudevents::report_event(&self.agent_id, &self.cluster, report, self.seq.next());
+                    let (hash, deleted) = (report.hash.clone(), report.gone);
                     book.sending.insert(uid.clone());
-                    let gone = matches!(report.body, ReportBody::Node { document: None, .. });
                     break Some(Outgoing {
                         uid,
                         kind,
-                        hash: report.hash,
-                        deleted: gone,
+                        hash,
+                        deleted,
                         event,
                     });
                 }
@@ -385,14 +370,6 @@ impl Shared {
     }
 }
 
-/// What a report's hash is computed over.
-fn body_json(body: &ReportBody) -> serde_json::Value {
-    match body {
-        ReportBody::ClusterStatus(status) => status.clone(),
-        ReportBody::Node { name, document } => serde_json::json!({"node": name, "document": document}),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,11 +486,20 @@ mod tests {
         s.published(&beat);
         // A node's removal goes out once, and then it is forgotten.
         s.enqueue_report(
-            crate::hub::pool_report::node_body("n1", Some(serde_json::json!({}))),
+            ReportBody::Node {
+                name: "n1".into(),
+                document: Some(serde_json::json!({})),
+            },
             false,
         );
         s.published(&s.next_outgoing().unwrap());
-        s.enqueue_report(crate::hub::pool_report::node_body("n1", None), false);
+        s.enqueue_report(
+            ReportBody::Node {
+                name: "n1".into(),
+                document: None,
+            },
+            false,
+        );
         let gone = s.next_outgoing().unwrap();
         assert!(
             gone.event

@@ -249,8 +249,13 @@ impl crate::hub::PoolReportSink for GrpcReportSink {
     }
 
     fn node_inventory(&self, node: &str, document: Option<serde_json::Value>, resend: bool) {
-        self.shared
-            .enqueue_report(crate::hub::pool_report::node_body(node, document), resend);
+        self.shared.enqueue_report(
+            crate::hub::cloudevents::ReportBody::Node {
+                name: node.to_string(),
+                document,
+            },
+            resend,
+        );
     }
 }
 
