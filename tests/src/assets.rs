@@ -12,7 +12,7 @@ use crate::HarnessError;
 /// A binary the harness runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Binary {
-    /// `etcd` (Debian's `etcd-server` puts it at /usr/bin/etcd).
+    /// `etcd`, built by `tests/env/install.sh`.
     Etcd,
     /// `kube-apiserver`, built by `tests/env/install.sh`.
     KubeApiserver,
@@ -20,6 +20,16 @@ pub enum Binary {
     KubeControllerManager,
     /// `docker-registry` (Debian's CNCF distribution registry).
     DockerRegistry,
+    /// `kubectl` of the same release as the servers, built by `tests/env/install.sh`.
+    Kubectl,
+    /// OCM's `registration` command (`controller`: the hub's registration controller).
+    OcmRegistration,
+    /// OCM's `work` command (`manager`: the hub's work controllers; `agent`: OCM's work agent).
+    OcmWork,
+    /// OCM's `placement` command (`controller`).
+    OcmPlacement,
+    /// OCM's `server` command (`grpc`: OCM's CloudEvents gRPC server).
+    OcmServer,
 }
 
 impl Binary {
@@ -30,6 +40,11 @@ impl Binary {
             Binary::KubeApiserver => "kube-apiserver",
             Binary::KubeControllerManager => "kube-controller-manager",
             Binary::DockerRegistry => "docker-registry",
+            Binary::Kubectl => "kubectl",
+            Binary::OcmRegistration => "ocm-registration",
+            Binary::OcmWork => "ocm-work",
+            Binary::OcmPlacement => "ocm-placement",
+            Binary::OcmServer => "ocm-server",
         }
     }
 
@@ -40,6 +55,11 @@ impl Binary {
             Binary::KubeApiserver => "TEST_ASSET_KUBE_APISERVER",
             Binary::KubeControllerManager => "TEST_ASSET_KUBE_CONTROLLER_MANAGER",
             Binary::DockerRegistry => "TEST_ASSET_DOCKER_REGISTRY",
+            Binary::Kubectl => "TEST_ASSET_KUBECTL",
+            Binary::OcmRegistration => "TEST_ASSET_OCM_REGISTRATION",
+            Binary::OcmWork => "TEST_ASSET_OCM_WORK",
+            Binary::OcmPlacement => "TEST_ASSET_OCM_PLACEMENT",
+            Binary::OcmServer => "TEST_ASSET_OCM_SERVER",
         }
     }
 
@@ -69,6 +89,7 @@ impl Binary {
             dirs.push(("KUBEBUILDER_ASSETS".into(), PathBuf::from(dir)));
         }
         dirs.push(("test assets".into(), test_assets_dir()));
+        // Kubernetes tools on PATH are of any release; the suite's own come first.
         if let Some(path) = std::env::var_os("PATH") {
             for dir in std::env::split_paths(&path) {
                 dirs.push(("PATH".into(), dir));

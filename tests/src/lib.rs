@@ -1,9 +1,9 @@
 //! Real-server test harness for spokelet: etcd, kube-apiserver, kube-controller-manager and
 //! an OCI registry, all on loopback, each with its own ports, PKI and scratch directory.
 //!
-//! The binaries come from `tests/env/install.sh` (kube-apiserver and
-//! kube-controller-manager built from Debian's kubernetes source, etcd and docker-registry
-//! from Debian) or from the envtest variables; see [`Binary::find`].
+//! The binaries come from `tests/env/install.sh` (Kubernetes, etcd and OCM built from the Go
+//! module proxy at the versions pinned in `tests/env/go/`, docker-registry from Debian) or from
+//! the envtest variables; see [`Binary::find`]. [`ocm::OcmHub`] is the real OCM hub.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), spokelet_e2e::HarnessError> {
@@ -104,6 +104,7 @@ mod tests {
 pub mod bench;
 pub mod cloudevents_hub;
 pub mod fixtures;
+pub mod ocm;
 pub mod ocm_hub;
 
 /// Creates the namespace `name` on the cluster `client` talks to.

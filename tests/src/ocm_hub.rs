@@ -47,19 +47,21 @@ pub async fn start_ocm_hub_with(
     Ok((hub, admin))
 }
 
-/// OCM's ManagedCluster CRD file in the shared interface data (`../shared/ocm-crds/`).
+/// OCM's ManagedCluster CRD file (as the cluster manager installs it on a hub).
 pub const MANAGED_CLUSTER_CRD_FILE: &str =
-    "0000_00_clusters.open-cluster-management.io_managedclusters.crd.yaml";
-/// OCM's ClusterClaim CRD file in the shared interface data.
-pub const CLUSTER_CLAIM_CRD_FILE: &str = "0000_02_clusters.open-cluster-management.io_clusterclaims.crd.yaml";
+    "hub/0000_00_clusters.open-cluster-management.io_managedclusters.crd.yaml";
+/// OCM's ClusterClaim CRD file (as the klusterlet installs it on a spoke).
+pub const CLUSTER_CLAIM_CRD_FILE: &str =
+    "spoke/0000_02_clusters.open-cluster-management.io_clusterclaims.crd.yaml";
 
-/// Where OCM's own CRD files are: `SPOKELET_OCM_CRDS`, else `ocm-crds/` in the `shared/`
-/// folder beside the checkout. They are OCM's interface data, used to validate what spokelet
-/// writes, and deliberately not copied into the project.
+/// Where OCM's own CRD files are: `SPOKELET_OCM_CRDS`, else `ocm-crds/` in the test assets,
+/// where `tests/env/install.sh` copies them from the OCM module it builds OCM from: `hub/`
+/// (the cluster manager's) and `spoke/` (the klusterlet's). They are OCM's interface data,
+/// used to validate what spokelet writes, and deliberately not copied into the project.
 pub fn ocm_crds_dir() -> std::path::PathBuf {
     match std::env::var_os("SPOKELET_OCM_CRDS") {
         Some(dir) => dir.into(),
-        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/ocm-crds"),
+        None => crate::test_assets_dir().join("ocm-crds"),
     }
 }
 
@@ -89,8 +91,8 @@ pub async fn install_ocm_crd(client: &kube::Client, file: &str) -> Result<(), Ha
         invalid(
             file,
             format!(
-                "{}: {e} (OCM's CRD files are expected in ../shared/ocm-crds beside the checkout, \
-                 or in the folder SPOKELET_OCM_CRDS names)",
+                "{}: {e} (tests/env/install.sh puts OCM's CRD files there; SPOKELET_OCM_CRDS \
+                 names another folder)",
                 path.display()
             ),
         )

@@ -46,6 +46,18 @@ impl ManagedProcess {
         args: &[String],
         log_path: PathBuf,
     ) -> Result<Self, HarnessError> {
+        Self::spawn_with_env(owner, component, program, args, &[], log_path)
+    }
+
+    /// [`ManagedProcess::spawn`] with extra environment variables.
+    pub(crate) fn spawn_with_env(
+        owner: &str,
+        component: &str,
+        program: &Path,
+        args: &[String],
+        envs: &[(&str, String)],
+        log_path: PathBuf,
+    ) -> Result<Self, HarnessError> {
         let log = File::options()
             .create(true)
             .append(true)
@@ -56,6 +68,7 @@ impl ManagedProcess {
             .map_err(|e| HarnessError::io(format!("opening {}", log_path.display()), e))?;
         let mut cmd = Command::new(program);
         cmd.args(args)
+            .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err));

@@ -6,8 +6,11 @@
 
 use std::path::{Path, PathBuf};
 
-use serde_json::Value;
-use spokelet_e2e::shared_spoke;
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use spokelet_e2e::{Binary, ClusterOptions, KubeCluster, shared_spoke};
 
 const OVERLAYS: &[&str] = &["grpc-hub", "kube-hub", "gpu-nodes", "single-node"];
 
@@ -15,8 +18,13 @@ fn deploy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes")
 }
 
+/// The suite's kubectl (the servers' release, built by tests/env/install.sh).
+fn kubectl_path() -> PathBuf {
+    Binary::Kubectl.find().unwrap_or_else(|e| panic!("{e}"))
+}
+
 fn kubectl() -> std::process::Command {
-    std::process::Command::new("kubectl")
+    std::process::Command::new(kubectl_path())
 }
 
 /// `kubectl kustomize DIR`, as YAML documents.
@@ -184,7 +192,7 @@ async fn every_overlay_renders_keeps_its_promises_and_the_api_server_accepts_it(
     for overlay in OVERLAYS {
         let (text, docs) = render(&deploy().join("overlays").join(overlay));
         check_promises(overlay, &docs);
-        let mut child = tokio::process::Command::new("kubectl")
+        let mut child = tokio::process::Command::new(kubectl_path())
             .arg("--kubeconfig")
             .arg(spoke.kubeconfig_path())
             .args([
@@ -219,9 +227,8 @@ async fn every_overlay_renders_keeps_its_promises_and_the_api_server_accepts_it(
     }
 }
 
-/// The Kubernetes 1.30+ admission component renders into an overlay that asks for it.
-#[test]
-fn the_own_node_only_component_renders() {
+/// The grpc-hub overlay with the own-node-only component, rendered.
+fn render_with_own_node_only() -> Vec<Value> {
     let dir = tempfile::tempdir().unwrap();
     // kustomize takes only relative paths: climb from the scratch directory to `/`.
     let up = "../".repeat(dir.path().canonicalize().unwrap().components().count() - 1);
@@ -239,8 +246,133 @@ fn the_own_node_only_component_renders() {
         ),
     )
     .unwrap();
-    let (_, docs) = render(dir.path());
+    render(dir.path()).1
+}
+
+/// The Kubernetes 1.30+ admission component renders into an overlay that asks for it.
+#[test]
+fn the_own_node_only_component_renders() {
+    let docs = render_with_own_node_only();
     let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
     assert!(kinds.contains(&"ValidatingAdmissionPolicy"), "{kinds:?}");
     assert!(kinds.contains(&"ValidatingAdmissionPolicyBinding"), "{kinds:?}");
+}
+
+/// The own-node-only policy, enforced by the real API server: the node role's token, bound to a
+/// pod on node `a`, may patch Node `a` and not Node `b`.
+#[tokio::test]
+async fn the_api_server_enforces_own_node_only_for_the_node_roles_token() {
+    // A cluster of its own: the policy and its binding are cluster-wide.
+    let cluster = KubeCluster::start(ClusterOptions {
+        name: "own-node".into(),
+        ..ClusterOptions::hub()
+    })
+    .await
+    .unwrap();
+    let admin = cluster.client();
+    // The node role's identity, rights and the policy, exactly as the install renders them.
+    let wanted = |d: &Value| {
+        let (kind, name) = (
+            d["kind"].as_str().unwrap_or(""),
+            d["metadata"]["name"].as_str().unwrap_or(""),
+        );
+        matches!(
+            kind,
+            "Namespace" | "ValidatingAdmissionPolicy" | "ValidatingAdmissionPolicyBinding"
+        ) || (matches!(kind, "ServiceAccount" | "ClusterRole" | "ClusterRoleBinding")
+            && name == "spokelet-node")
+    };
+    let docs: Vec<Value> = render_with_own_node_only().into_iter().filter(wanted).collect();
+    assert_eq!(docs.len(), 6, "{docs:#?}");
+    let text = docs
+        .iter()
+        .map(|d| serde_yaml::to_string(d).unwrap())
+        .collect::<Vec<_>>()
+        .join("---\n");
+    let mut child = tokio::process::Command::new(kubectl_path())
+        .arg("--kubeconfig")
+        .arg(cluster.kubeconfig_path())
+        .args(["apply", "--server-side", "--field-manager=deploy-test", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncWriteExt;
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(text.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Two Nodes (no kubelet needed) and a pod of the node role scheduled on `a`.
+    let nodes: Api<Node> = Api::all(admin.clone());
+    for name in ["node-a", "node-b"] {
+        nodes
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": name}})).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), "spokelet-system");
+    let pod = pods
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "spokelet-node-a"},
+                "spec": {"nodeName": "node-a", "serviceAccountName": "spokelet-node",
+                         "containers": [{"name": "node", "image": "registry.invalid/spokelet:test"}]},
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    // The pod's token, as the kubelet would get it: bound to the pod, so it names the node.
+    let request: TokenRequest = serde_json::from_value(json!({
+        "spec": {"audiences": [], "expirationSeconds": 3600,
+                 "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": "spokelet-node-a",
+                                    "uid": pod.metadata.uid}},
+    }))
+    .unwrap();
+    let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), "spokelet-system");
+    let token = accounts
+        .create_token_request("spokelet-node", &PostParams::default(), &request)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token;
+    let mut config = cluster.admin().kube_config();
+    config.auth_info = kube::config::AuthInfo {
+        token: Some(token.into()),
+        ..Default::default()
+    };
+    let as_node_role: Api<Node> = Api::all(kube::Client::try_from(config).unwrap());
+
+    let label = |v: &str| json!({"metadata": {"labels": {"spokelet.io/test": v}}});
+    as_node_role
+        .patch("node-a", &PatchParams::default(), &Patch::Merge(label("own")))
+        .await
+        .expect("the node role may label its own Node");
+    match as_node_role
+        .patch("node-b", &PatchParams::default(), &Patch::Merge(label("other")))
+        .await
+    {
+        Err(kube::Error::Api(s)) => {
+            assert!(matches!(s.code, 403 | 422), "{s:?}");
+            assert!(s.message.contains("may write only the Node it runs on"), "{s:?}");
+        }
+        other => panic!("the node role patched another Node: {other:?}"),
+    }
+    let b = nodes.get("node-b").await.unwrap();
+    assert!(
+        b.metadata
+            .labels
+            .unwrap_or_default()
+            .get("spokelet.io/test")
+            .is_none()
+    );
+    cluster.stop().await;
 }

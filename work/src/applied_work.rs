@@ -126,7 +126,36 @@ pub async fn install_crd(client: &Client) -> Result<(), AppliedWorkError> {
         name: CRD_NAME.into(),
         source,
     })?;
-    wait_established(client, CRD_NAME, Duration::from_secs(30)).await
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    wait_established(client, CRD_NAME, Duration::from_secs(30)).await?;
+    wait_served(client, deadline).await
+}
+
+/// Waits until the records can be listed. A newly Established CRD's storage may still be
+/// initialising (Kubernetes 1.3x answers `429 storage is (re)initializing` for a moment), and
+/// the engine's first request is that list: a transient answer must not stop the agent.
+async fn wait_served(client: &Client, deadline: tokio::time::Instant) -> Result<(), AppliedWorkError> {
+    let api: Api<AppliedManifestWork> = Api::all(client.clone());
+    loop {
+        match api
+            .list_metadata(&kube::api::ListParams::default().limit(1))
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(s))
+                if matches!(s.code, 429 | 503) && tokio::time::Instant::now() < deadline =>
+            {
+                tracing::debug!(reason = %s.message, "AppliedManifestWork storage not ready yet");
+            }
+            Err(source) => {
+                return Err(AppliedWorkError::Api {
+                    name: CRD_NAME.into(),
+                    source,
+                });
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Polls a CRD until its Established condition is True, or `limit` passes.

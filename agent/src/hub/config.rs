@@ -238,7 +238,9 @@ pub struct HubArgs {
     #[arg(long, env = "SPOKELET_HUB_KUBECONFIG", value_name = "FILE")]
     pub hub_kubeconfig: Option<PathBuf>,
 
-    /// Duration of the `managed-cluster-lease` renewed on a Kubernetes hub (also the renew interval).
+    /// Renew interval of the `managed-cluster-lease` on a Kubernetes hub that serves no
+    /// ManagedCluster to the agent; an OCM hub's ManagedCluster sets its own
+    /// (`spec.leaseDurationSeconds`), which wins.
     #[arg(long, env = "SPOKELET_HUB_LEASE_DURATION", default_value = "60s", value_parser = parse_duration)]
     pub hub_lease_duration: Duration,
 }

@@ -121,6 +121,7 @@ impl HubConnection {
                 let client = super::kube_hub::hub_client(config, &settings.kubeconfig)?;
                 let mut opts = KubeHubOptions::new(client, &settings.cluster_name, &settings.agent_id);
                 opts.lease_duration = settings.lease_duration;
+                opts.spoke = Some(spoke.clone());
                 let hub = KubeHub::start(opts, stop.clone());
                 tracing::info!(hub = %address, transport = "kube", cluster = %settings.cluster_name, "hub transport started");
                 let closer = HubCloser::new(stop, hub.tasks, None);

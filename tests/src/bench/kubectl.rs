@@ -3,9 +3,13 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// The kubectl binary: `KUBECTL`, else `/usr/bin/kubectl`.
+/// The kubectl binary: `KUBECTL`, else the suite's own (the servers' release).
 pub fn kubectl() -> String {
-    std::env::var("KUBECTL").unwrap_or_else(|_| "/usr/bin/kubectl".into())
+    std::env::var("KUBECTL").unwrap_or_else(|_| {
+        crate::Binary::Kubectl
+            .find()
+            .map_or_else(|_| "kubectl".into(), |p| p.display().to_string())
+    })
 }
 
 /// Runs `kubectl apply --server-side`; returns its wall time and its own CPU time (bash's `times`

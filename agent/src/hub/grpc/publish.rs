@@ -23,6 +23,13 @@ use crate::lock::lock;
 /// every other queued status (the hub's limit may be raised, or the status shrink meanwhile).
 const REFUSED_RETRY: Duration = Duration::from_secs(30);
 
+/// How long a status the hub could not write for a conflict waits before it is offered again.
+/// OCM's gRPC server answers `FailedPrecondition` when its write of the ManifestWork's status
+/// met a newer object (409 Conflict): on a work's first status it adds its finalizer and then
+/// patches the status against the object it read before, which conflicts every time. Sent again,
+/// the same status goes through, as OCM's own agent's requeue does.
+const CONFLICT_RETRY: Duration = Duration::from_secs(1);
+
 /// Whether a failed Publish means the connection is unusable (keep the status and reconnect)
 /// rather than the hub refusing this one status. `ResourceExhausted` is a refusal: a gRPC hub
 /// answers it for a message over its size limit, and treating that as a broken connection would
@@ -145,6 +152,14 @@ fn take_result(
                 "hub refused a status as too large; other statuses go first, this one is offered again later");
             shared.finished(&out.uid);
             shared.defer(out, REFUSED_RETRY);
+            return Sent::Done;
+        }
+        Ok(Err(st)) if st.code() == Code::FailedPrecondition => {
+            shared.metrics.refused(&code_label(st.code()));
+            tracing::debug!(resource_id = %out.uid, error = %error_chain(&st), retry_in = ?CONFLICT_RETRY,
+                "the hub's object changed under the status write; offered again");
+            shared.finished(&out.uid);
+            shared.defer(out, CONFLICT_RETRY);
             return Sent::Done;
         }
         Ok(Err(st)) if !is_transport_failure(st.code()) => {

@@ -1,11 +1,13 @@
 //! The cluster lease: renewed every lease duration so the hub knows the agent is alive.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, PostParams};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::membership::Membership;
 use super::{KubeHubOptions, LEASE_NAME, is_not_found, retry_backoff};
 
 /// `metav1.MicroTime` wire format of now.
@@ -25,58 +27,85 @@ enum LeaseError {
     Build(#[from] serde_json::Error),
 }
 
-/// Renews the cluster lease every lease duration, creating it if the hub has none; a failed
-/// renewal is retried with backoff (at most a lease duration apart).
-pub(super) async fn renew_lease(opts: KubeHubOptions, shutdown: CancellationToken) {
+/// Renews the cluster lease while the hub accepts the cluster, as OCM's agent does: at once
+/// when accepted (or when the hub changes the duration), then every lease duration jittered by
+/// ×[1, 1.25), which spreads a fleet's renewals; a failed renewal is retried with backoff (at
+/// most a lease duration apart). Not accepted: no renewal (the hub then marks the cluster
+/// unknown, as it should). On a hub without ManagedClusters, every `--hub-lease-duration`.
+pub(super) async fn renew_lease(
+    opts: KubeHubOptions,
+    mut membership: watch::Receiver<Membership>,
+    shutdown: CancellationToken,
+) {
     let api: Api<Lease> = Api::namespaced(opts.client.clone(), &opts.cluster_name);
-    let secs = i32::try_from(opts.lease_duration.as_secs())
-        .unwrap_or(i32::MAX)
-        .max(1);
     let mut backoff = retry_backoff(opts.retry_max.min(opts.lease_duration));
     loop {
-        let wait = match renew_once(&api, &opts, secs).await {
-            Ok(()) => {
-                tracing::debug!("cluster lease renewed");
-                backoff.reset();
-                opts.lease_duration
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, attempt = backoff.attempts() + 1, "cannot renew the cluster lease; retrying");
-                backoff.next_delay()
+        let period = membership.borrow_and_update().lease_period(opts.lease_duration);
+        let wait = match period {
+            None => None,
+            Some(period) => Some(match renew_once(&api, &opts, period).await {
+                Ok(()) => {
+                    tracing::debug!("cluster lease renewed");
+                    backoff.reset();
+                    jittered(period)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, attempt = backoff.attempts() + 1, "cannot renew the cluster lease; retrying");
+                    backoff.next_delay().min(period)
+                }
+            }),
+        };
+        // Until the next renewal, or until the period itself changes (accepted, refused, a new
+        // duration); other changes of the ManagedCluster (its status) do not renew early.
+        let sleep = async {
+            match wait {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(wait) => {}
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = &mut sleep => break,
+                changed = membership.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    if membership.borrow().lease_period(opts.lease_duration) != period {
+                        break;
+                    }
+                }
+            }
         }
     }
 }
 
-/// One renewal: get and replace (guarded by resourceVersion), or create when absent.
-async fn renew_once(api: &Api<Lease>, opts: &KubeHubOptions, secs: i32) -> Result<(), LeaseError> {
-    let spec = serde_json::json!({
-        "holderIdentity": opts.agent_id,
-        "leaseDurationSeconds": secs,
-        "renewTime": micro_time_now(),
-    });
+/// `period` stretched by a random factor in [1, 1.25) (OCM's `leaseUpdateJitterFactor`).
+fn jittered(period: Duration) -> Duration {
+    period.mul_f64(1.0 + rand::random::<f64>() * 0.25)
+}
+
+/// One renewal: get and replace `renewTime` only (guarded by resourceVersion), as OCM's agent
+/// does; create the lease when the hub has none (a hub without OCM's lease controller).
+async fn renew_once(api: &Api<Lease>, opts: &KubeHubOptions, period: Duration) -> Result<(), LeaseError> {
     match api.get(LEASE_NAME).await {
-        Ok(lease) => {
-            let mut value = serde_json::to_value(&lease)?;
-            if let Some(map) = value.as_object_mut() {
-                let current = map.entry("spec").or_insert_with(|| serde_json::json!({}));
-                if let (Some(current), Some(new)) = (current.as_object_mut(), spec.as_object()) {
-                    current.extend(new.clone());
-                }
-            }
-            let lease: Lease = serde_json::from_value(value)?;
+        Ok(mut lease) => {
+            let spec = lease.spec.get_or_insert_with(Default::default);
+            spec.renew_time = Some(serde_json::from_value(micro_time_now().into())?);
             api.replace(LEASE_NAME, &PostParams::default(), &lease).await?;
         }
         Err(e) if is_not_found(&e) => {
+            let secs = i32::try_from(period.as_secs()).unwrap_or(i32::MAX).max(1);
             let lease: Lease = serde_json::from_value(serde_json::json!({
                 "apiVersion": "coordination.k8s.io/v1",
                 "kind": "Lease",
                 "metadata": {"name": LEASE_NAME, "namespace": opts.cluster_name},
-                "spec": spec,
+                "spec": {
+                    "holderIdentity": opts.agent_id,
+                    "leaseDurationSeconds": secs,
+                    "renewTime": micro_time_now(),
+                },
             }))?;
             api.create(&PostParams::default(), &lease).await?;
             tracing::info!("cluster lease created");
@@ -89,6 +118,15 @@ async fn renew_once(api: &Api<Lease>, opts: &KubeHubOptions, secs: i32) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jitter_stretches_by_at_most_a_quarter() {
+        let period = Duration::from_secs(60);
+        for _ in 0..100 {
+            let d = jittered(period);
+            assert!(d >= period && d < period.mul_f64(1.25), "{d:?}");
+        }
+    }
 
     #[test]
     fn micro_time_has_six_fraction_digits() {

@@ -16,9 +16,13 @@
 //!   failures (hub unreachable, 5xx, 401/403/409/429) are retried with backoff; a status the hub
 //!   rejects as invalid (400/413/422) is logged and dropped, as retrying the same body cannot
 //!   succeed, and it must not hold up other works' statuses.
-//! - Lease: `managed-cluster-lease` (coordination.k8s.io/v1) in the cluster namespace, read and
-//!   replaced (RBAC: get, create, update) every lease duration (60 s by default), retried with
-//!   backoff when that fails.
+//! - Membership: the hub's ManagedCluster, watched by name; while the hub accepts the cluster
+//!   the agent keeps its `ManagedClusterJoined` and `ManagedClusterConditionAvailable`
+//!   conditions as OCM's registration agent does (`membership`).
+//! - Lease: `managed-cluster-lease` (coordination.k8s.io/v1) in the cluster namespace, its
+//!   `renewTime` read and replaced (RBAC: get, update; create where the hub has not created it)
+//!   while the hub accepts the cluster, every `spec.leaseDurationSeconds` of the ManagedCluster
+//!   jittered by up to a quarter (60 s by default), retried with backoff when that fails.
 //! - Every retry loop (watch, status, lease) uses [`ExponentialBackoff`] and ends on shutdown, so
 //!   a hub that is down at start or goes away mid-watch costs retries, never the transport.
 //! - Client certificate: when the hub kubeconfig references `client-certificate` and
@@ -34,12 +38,14 @@
 //! - `client`: the hub kubeconfig, the client and its reloading client certificate.
 //! - `works`: the watch on works and the cleanup finalizer.
 //! - `status`: the status sink and the task that writes statuses.
+//! - `membership`: the ManagedCluster followed, and its Joined/Available conditions.
 //! - `lease`: the cluster lease renewal.
 //! - `cluster`: the ManagedCluster's status (the pool's claims and capacity).
 
 mod client;
 mod cluster;
 mod lease;
+mod membership;
 mod status;
 mod works;
 
@@ -59,6 +65,7 @@ pub use self::client::{
 use self::cluster::write_cluster_status;
 pub use self::cluster::{KubeReportSink, managed_cluster_resource};
 use self::lease::renew_lease;
+use self::membership::{Membership, follow_cluster, keep_conditions};
 pub use self::status::KubeStatusSink;
 use self::status::{StatusQueue, write_statuses};
 use self::works::{watch_works, work_resource};
@@ -110,8 +117,12 @@ pub struct KubeHubOptions {
     pub cluster_name: String,
     /// Our agent id (the lease holder identity).
     pub agent_id: String,
-    /// Lease duration, also the renew interval.
+    /// Lease duration and renew interval on a hub that serves no ManagedCluster to the agent;
+    /// an OCM hub's ManagedCluster sets its own (`spec.leaseDurationSeconds`).
     pub lease_duration: Duration,
+    /// The spoke's API server, probed for the ManagedCluster's `Available` condition; without
+    /// one only `Joined` is kept.
+    pub spoke: Option<kube::Client>,
     /// Largest retry delay of the watch, status writes and lease renewals.
     pub retry_max: Duration,
 }
@@ -134,6 +145,7 @@ impl KubeHubOptions {
             cluster_name: cluster_name.to_string(),
             agent_id: agent_id.to_string(),
             lease_duration: DEFAULT_LEASE_DURATION,
+            spoke: None,
             retry_max: Duration::from_secs(30),
         }
     }
@@ -148,7 +160,8 @@ pub struct KubeHub {
     pub sink: KubeStatusSink,
     /// Takes the pool's ManagedCluster status; a background task writes it.
     pub reports: KubeReportSink,
-    /// Watch, status writer, ManagedCluster status and lease tasks; they end after shutdown.
+    /// Watch, status writer, ManagedCluster status, membership and lease tasks; they end after
+    /// shutdown.
     pub tasks: Vec<JoinHandle<()>>,
 }
 
@@ -159,6 +172,7 @@ impl KubeHub {
         let (tx, rx) = mpsc::channel(super::EVENT_BUFFER);
         let queue = Arc::new(StatusQueue::default());
         let (reports_tx, reports_rx) = tokio::sync::watch::channel(None);
+        let (membership_tx, membership_rx) = tokio::sync::watch::channel(Membership::Pending);
         let span = tracing::info_span!("hub", transport = "kube", cluster = %opts.cluster_name);
         // Untyped, so one object the agent cannot decode fails alone (see `decode_work`).
         let works: Api<DynamicObject> =
@@ -181,7 +195,27 @@ impl KubeHub {
                 )
                 .instrument(span.clone()),
             ),
-            tokio::spawn(renew_lease(opts, shutdown).instrument(span)),
+            tokio::spawn(
+                follow_cluster(
+                    opts.client.clone(),
+                    opts.cluster_name.clone(),
+                    membership_tx,
+                    opts.retry_max,
+                    shutdown.clone(),
+                )
+                .instrument(span.clone()),
+            ),
+            tokio::spawn(
+                keep_conditions(
+                    opts.client.clone(),
+                    opts.cluster_name.clone(),
+                    opts.spoke.clone(),
+                    membership_rx.clone(),
+                    shutdown.clone(),
+                )
+                .instrument(span.clone()),
+            ),
+            tokio::spawn(renew_lease(opts, membership_rx, shutdown).instrument(span)),
         ];
         KubeHub {
             source: rx,
