@@ -85,6 +85,10 @@ export GOTOOLCHAIN=local GOMODCACHE="$GO_CACHE/mod" GOCACHE="$GO_CACHE/build" GO
 # does not list some of them (OCM's), and the committed go.sum makes it unnecessary.
 export GOSUMDB=off
 mkdir -p "$ASSETS" "$GOMODCACHE" "$GOCACHE"
+# The Kubernetes 1.20 tree earlier versions of this script built from Debian's source package
+# (several GB) is never used again.
+rm -rf "$HOME/.cache/spokelet/kubernetes-src"
+for old in RECIPE .kube-apiserver.tmp .kube-controller-manager.tmp; do rm -f "$ASSETS/$old"; done
 
 # --- Helpers -----------------------------------------------------------------------------
 # The version of `module` that the wrapper in `dir` pins.

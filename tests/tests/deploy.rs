@@ -368,11 +368,10 @@ async fn the_api_server_enforces_own_node_only_for_the_node_roles_token() {
     }
     let b = nodes.get("node-b").await.unwrap();
     assert!(
-        b.metadata
+        !b.metadata
             .labels
             .unwrap_or_default()
-            .get("spokelet.io/test")
-            .is_none()
+            .contains_key("spokelet.io/test")
     );
     cluster.stop().await;
 }
