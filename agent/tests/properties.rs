@@ -25,7 +25,7 @@ use spokelet::duration::parse_duration;
 use spokelet::hub::cloudevents::{CodecError, Incoming, MAX_PAYLOAD, decode, identify, identify_name};
 use spokelet::hub::config::{HubArgs, HubConfigError, HubConfigFile, HubUrl};
 use spokelet::hub::file_source::parse_works;
-use spokelet::hub::kube_hub::{config_from_kubeconfig, hub_client, hub_tls_config};
+use spokelet::hub::kube_hub::{HubSecurity, config_from_kubeconfig, hub_client, hub_tls_config};
 use spokelet::hub::tls::{ClientTls, PemSource, TlsError, TlsOptions};
 use spokelet::work::manifestwork::{DeleteOption, DeletePropagationPolicy, Manifest, ManifestBundle};
 use spokelet_proto::{Attr, CloudEvent, CloudEventAttributeValue, Data, HEARTBEAT, MANIFEST_BUNDLES};
@@ -1255,11 +1255,11 @@ fn load_hub_kubeconfig(text: &[u8]) -> Result<bool, String> {
         .unwrap();
     rt.block_on(async {
         let config = config_from_kubeconfig(&path).await.map_err(|e| e.to_string())?;
-        let identity = hub_tls_config(&config, &path)
+        let identity = hub_tls_config(&config, &path, false)
             .map_err(|e| e.to_string())?
             .identity
             .is_some();
-        hub_client(config, &path).map_err(|e| e.to_string())?;
+        hub_client(config, &path, HubSecurity::default()).map_err(|e| e.to_string())?;
         Ok(identity)
     })
 }

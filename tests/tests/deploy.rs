@@ -227,39 +227,58 @@ async fn every_overlay_renders_keeps_its_promises_and_the_api_server_accepts_it(
     }
 }
 
-/// The grpc-hub overlay with the own-node-only component, rendered.
-fn render_with_own_node_only() -> Vec<Value> {
+/// The grpc-hub overlay with `component` added, rendered.
+fn render_with_component(component: &str) -> Vec<Value> {
     let dir = tempfile::tempdir().unwrap();
     // kustomize takes only relative paths: climb from the scratch directory to `/`.
     let up = "../".repeat(dir.path().canonicalize().unwrap().components().count() - 1);
     let repo = deploy().canonicalize().unwrap();
     let relative = |p: &str| format!("{up}{}/{p}", repo.display().to_string().trim_start_matches('/'));
-    let (grpc, component) = (
-        relative("overlays/grpc-hub"),
-        relative("components/own-node-only"),
-    );
     std::fs::write(
         dir.path().join("kustomization.yaml"),
         format!(
             "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [{}]\ncomponents: [{}]\n",
-            grpc, component
+            relative("overlays/grpc-hub"),
+            relative(component)
         ),
     )
     .unwrap();
     render(dir.path()).1
 }
 
-/// The Kubernetes 1.30+ admission component renders into an overlay that asks for it.
-#[test]
-fn the_own_node_only_component_renders() {
-    let docs = render_with_own_node_only();
-    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
-    assert!(kinds.contains(&"ValidatingAdmissionPolicy"), "{kinds:?}");
-    assert!(kinds.contains(&"ValidatingAdmissionPolicyBinding"), "{kinds:?}");
+fn kinds(docs: &[Value]) -> Vec<&str> {
+    docs.iter().filter_map(|d| d["kind"].as_str()).collect()
 }
 
-/// The own-node-only policy, enforced by the real API server: the node role's token, bound to a
-/// pod on node `a`, may patch Node `a` and not Node `b`.
+/// The node role's admission policy is in every overlay (the base), and the component for servers
+/// before 1.30 removes it, and only it.
+#[test]
+fn every_overlay_carries_the_node_policy_and_the_before_1_30_component_removes_it() {
+    for overlay in OVERLAYS {
+        let (_, docs) = render(&deploy().join("overlays").join(overlay));
+        let kinds = kinds(&docs);
+        assert!(
+            kinds.contains(&"ValidatingAdmissionPolicy"),
+            "{overlay}: {kinds:?}"
+        );
+        assert!(
+            kinds.contains(&"ValidatingAdmissionPolicyBinding"),
+            "{overlay}: {kinds:?}"
+        );
+    }
+    let (_, with) = render(&deploy().join("overlays/grpc-hub"));
+    let without = render_with_component("components/before-1.30");
+    let kinds = kinds(&without);
+    assert!(
+        !kinds.iter().any(|k| k.starts_with("ValidatingAdmissionPolicy")),
+        "{kinds:?}"
+    );
+    assert_eq!(without.len(), with.len() - 2);
+}
+
+/// The node role's admission policy, enforced by the real API server: the node role's token,
+/// bound to a pod on node `a`, may change labels under spokelet's prefixes on Node `a`, and
+/// nothing on Node `b`, nor its own Node's spec (a taint), other labels or annotations.
 #[tokio::test]
 async fn the_api_server_enforces_own_node_only_for_the_node_roles_token() {
     // A cluster of its own: the policy and its binding are cluster-wide.
@@ -282,7 +301,8 @@ async fn the_api_server_enforces_own_node_only_for_the_node_roles_token() {
         ) || (matches!(kind, "ServiceAccount" | "ClusterRole" | "ClusterRoleBinding")
             && name == "spokelet-node")
     };
-    let docs: Vec<Value> = render_with_own_node_only().into_iter().filter(wanted).collect();
+    let (_, docs) = render(&deploy().join("overlays/grpc-hub"));
+    let docs: Vec<Value> = docs.into_iter().filter(wanted).collect();
     assert_eq!(docs.len(), 6, "{docs:#?}");
     let text = docs
         .iter()
@@ -315,6 +335,11 @@ async fn the_api_server_enforces_own_node_only_for_the_node_roles_token() {
             )
             .await
             .unwrap();
+    }
+    // The API server's own admission adds the not-ready taint: the specs as created.
+    let mut specs_before = Vec::new();
+    for name in ["node-a", "node-b"] {
+        specs_before.push(nodes.get(name).await.unwrap().spec);
     }
     let pods: Api<Pod> = Api::namespaced(admin.clone(), "spokelet-system");
     let pod = pods
@@ -351,27 +376,123 @@ async fn the_api_server_enforces_own_node_only_for_the_node_roles_token() {
     };
     let as_node_role: Api<Node> = Api::all(kube::Client::try_from(config).unwrap());
 
-    let label = |v: &str| json!({"metadata": {"labels": {"spokelet.io/test": v}}});
-    as_node_role
-        .patch("node-a", &PatchParams::default(), &Patch::Merge(label("own")))
-        .await
-        .expect("the node role may label its own Node");
-    match as_node_role
-        .patch("node-b", &PatchParams::default(), &Patch::Merge(label("other")))
-        .await
-    {
-        Err(kube::Error::Api(s)) => {
-            assert!(matches!(s.code, 403 | 422), "{s:?}");
-            assert!(s.message.contains("may write only the Node it runs on"), "{s:?}");
+    let patch = |node: &'static str, body: Value| {
+        let api = as_node_role.clone();
+        async move {
+            api.patch(node, &PatchParams::default(), &Patch::Merge(body))
+                .await
         }
-        other => panic!("the node role patched another Node: {other:?}"),
+    };
+    // A new policy takes a moment to reach the admission plugin: wait until a dry run of a
+    // refused change is refused (with the policy's own message), then test for real.
+    let policies: Api<kube::api::DynamicObject> = Api::all_with(
+        admin.clone(),
+        &kube::api::ApiResource {
+            group: "admissionregistration.k8s.io".into(),
+            version: "v1".into(),
+            api_version: "admissionregistration.k8s.io/v1".into(),
+            kind: "ValidatingAdmissionPolicy".into(),
+            plural: "validatingadmissionpolicies".into(),
+        },
+    );
+    spokelet_e2e::eventually("the node role's admission policy in force", || {
+        let (api, policies) = (as_node_role.clone(), policies.clone());
+        async move {
+            let body = json!({"metadata": {"labels": {"spokelet.io/test": "probe"}}});
+            match api
+                .patch(
+                    "node-b",
+                    &PatchParams {
+                        dry_run: true,
+                        ..Default::default()
+                    },
+                    &Patch::Merge(body),
+                )
+                .await
+            {
+                Err(kube::Error::Api(s)) if s.message.contains("spokelet-node") => Ok(()),
+                other => {
+                    let status = policies
+                        .get("spokelet-node-own-node-only")
+                        .await
+                        .map(|p| p.data["status"].to_string())
+                        .unwrap_or_else(|e| e.to_string());
+                    Err(format!("dry run: {other:?}; policy status: {status}"))
+                }
+            }
+        }
+    })
+    .await
+    .unwrap();
+    patch(
+        "node-a",
+        json!({"metadata": {"labels": {"spokelet.io/test": "own", "nvidia.com/gpu.count": "8"}}}),
+    )
+    .await
+    .expect("the node role may set spokelet's labels on its own Node");
+    let refused = [
+        (
+            "node-b",
+            json!({"metadata": {"labels": {"spokelet.io/test": "other"}}}),
+            "may write only the Node it runs on",
+        ),
+        (
+            "node-b",
+            json!({"spec": {"taints": [{"key": "evil", "effect": "NoSchedule"}]}}),
+            "may write only the Node it runs on",
+        ),
+        (
+            "node-a",
+            json!({"spec": {"taints": [{"key": "evil", "effect": "NoSchedule"}]}}),
+            "may not change a Node's spec",
+        ),
+        (
+            "node-a",
+            json!({"spec": {"unschedulable": true}}),
+            "may not change a Node's spec",
+        ),
+        (
+            "node-a",
+            json!({"metadata": {"labels": {"node-role.kubernetes.io/control-plane": ""}}}),
+            "may change only labels under",
+        ),
+        (
+            "node-a",
+            json!({"metadata": {"labels": {"spokelet.io/test": null}, "annotations": {"x": "y"}}}),
+            "may not change a Node's annotations",
+        ),
+    ];
+    for (node, body, why) in refused {
+        match patch(node, body.clone()).await {
+            Err(kube::Error::Api(s)) => {
+                assert!(matches!(s.code, 403 | 422), "{node} {body}: {s:?}");
+                assert!(s.message.contains(why), "{node} {body}: {s:?}");
+            }
+            other => panic!("the node role changed {node} with {body}: {other:?}"),
+        }
     }
-    let b = nodes.get("node-b").await.unwrap();
+    // Nothing refused landed.
+    let (a, b) = (
+        nodes.get("node-a").await.unwrap(),
+        nodes.get("node-b").await.unwrap(),
+    );
     assert!(
         !b.metadata
             .labels
+            .clone()
             .unwrap_or_default()
             .contains_key("spokelet.io/test")
     );
+    for (node, spec_before) in [(&a, &specs_before[0]), (&b, &specs_before[1])] {
+        assert_eq!(&node.spec, spec_before, "no taint, no cordon");
+        assert!(
+            node.metadata.annotations.is_none(),
+            "{:?}",
+            node.metadata.annotations
+        );
+    }
+    let labels = a.metadata.labels.unwrap_or_default();
+    assert_eq!(labels.get("spokelet.io/test").map(String::as_str), Some("own"));
+    assert!(!labels.contains_key("node-role.kubernetes.io/control-plane"));
     cluster.stop().await;
 }

@@ -14,7 +14,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use spokelet::hub::kube_hub::{
-    CLEANUP_FINALIZER, KubeHub, KubeHubOptions, LEASE_NAME, client_from_kubeconfig,
+    CLEANUP_FINALIZER, HubSecurity, KubeHub, KubeHubOptions, LEASE_NAME, client_from_kubeconfig,
 };
 use spokelet::work::manifestwork::{Condition, ManifestWork, ManifestWorkStatus};
 use spokelet::work::source::{Listing, StatusSink, StatusUpdate, WorkEvent, WorkSource};
@@ -871,4 +871,96 @@ async fn kube_hub_follows_client_certificate_rotation_without_dropping_the_watch
     assert!(extra.is_none(), "unexpected event after the rotation: {extra:?}");
 
     stop(&shutdown, agent.tasks).await;
+}
+
+/// A TLS server on loopback that speaks only TLS 1.2 and answers every request with a canned
+/// `/version`, as an old hub would: its certificate for 127.0.0.1 signed by `ca`.
+async fn tls12_only_server(ca: &spokelet_e2e::pki::CertificateAuthority) -> (u16, JoinHandle<()>) {
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let serving = ca.issue_server("old-hub", &["127.0.0.1"]).unwrap();
+    let chain: Vec<_> = rustls_pemfile::certs(&mut serving.cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = rustls_pemfile::private_key(&mut serving.key_pem.as_bytes())
+        .unwrap()
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut buf = vec![0u8; 4096];
+                let _ = tls.read(&mut buf).await;
+                let body = r#"{"major":"1","minor":"20","gitVersion":"v1.20.2"}"#;
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tls.write_all(response.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    (port, task)
+}
+
+/// The hub is offered TLS 1.3 only by default: a hub that speaks only TLS 1.2 fails the real
+/// handshake, and is reached once `--hub-min-tls-version 1.2` allows it.
+#[tokio::test]
+async fn a_tls_12_only_hub_is_refused_unless_tls_12_is_allowed() {
+    use base64::Engine as _;
+    let ca = spokelet_e2e::pki::CertificateAuthority::new("old-hub-ca").unwrap();
+    let (port, server) = tls12_only_server(&ca).await;
+    let identity = ca
+        .issue_client_now("system:open-cluster-management:c1:agent", &[])
+        .unwrap();
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let kubeconfig = serde_json::json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "hub", "cluster": {
+            "server": format!("https://127.0.0.1:{port}"), "certificate-authority-data": b64(ca.cert_pem())}}],
+        "users": [{"name": "agent", "user": {
+            "client-certificate-data": b64(&identity.cert_pem), "client-key-data": b64(&identity.key_pem)}}],
+        "contexts": [{"name": "hub", "context": {"cluster": "hub", "user": "agent"}}],
+        "current-context": "hub",
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.kubeconfig");
+    std::fs::write(&path, kubeconfig.to_string()).unwrap();
+    let config = spokelet::hub::kube_hub::config_from_kubeconfig(&path)
+        .await
+        .unwrap();
+
+    let strict = spokelet::hub::kube_hub::hub_client(config.clone(), &path, HubSecurity::default()).unwrap();
+    let err = strict
+        .apiserver_version()
+        .await
+        .expect_err("a TLS 1.2-only hub must be refused");
+    let chain = format!("{err:?}");
+    assert!(
+        chain.contains("ProtocolVersion") || chain.contains("protocol"),
+        "{chain}"
+    );
+
+    let relaxed = HubSecurity {
+        allow_tls12: true,
+        ..HubSecurity::default()
+    };
+    let client = spokelet::hub::kube_hub::hub_client(config, &path, relaxed).unwrap();
+    let version = client.apiserver_version().await.expect("TLS 1.2 allowed");
+    assert_eq!(version.git_version, "v1.20.2");
+    server.abort();
 }

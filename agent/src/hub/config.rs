@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use super::kube_hub::HubSecurity;
 use super::tls::{PemSource, TlsOptions};
 use spokelet_base::duration::parse_duration;
 
@@ -234,6 +235,17 @@ pub struct HubArgs {
     #[arg(long, env = "SPOKELET_INSECURE_PLAINTEXT")]
     pub insecure_plaintext: bool,
 
+    /// Lowest TLS version offered to the hub: `1.3` (the default) or `1.2`, for a hub that
+    /// cannot speak 1.3. Overrides the hub file's `minTLSVersion`; logged when 1.2 is allowed.
+    #[arg(long, env = "SPOKELET_HUB_MIN_TLS_VERSION", value_name = "VERSION")]
+    pub hub_min_tls_version: Option<String>,
+
+    /// Accept a Kubernetes hub whose kubeconfig sets `insecure-skip-tls-verify`: its
+    /// certificate is then not verified, so anyone on the path can pose as the hub. Refused
+    /// without this flag; logged at every start.
+    #[arg(long, env = "SPOKELET_HUB_INSECURE_SKIP_TLS_VERIFY")]
+    pub hub_insecure_skip_tls_verify: bool,
+
     /// Kubeconfig (client certificate) for the hub's API server, for `--hub-transport kube`.
     #[arg(long, env = "SPOKELET_HUB_KUBECONFIG", value_name = "FILE")]
     pub hub_kubeconfig: Option<PathBuf>,
@@ -258,6 +270,8 @@ impl Default for HubArgs {
             cluster_name: None,
             agent_id: None,
             hub_heartbeat_timeout: Duration::from_secs(30),
+            hub_min_tls_version: None,
+            hub_insecure_skip_tls_verify: false,
             insecure_plaintext: false,
             hub_kubeconfig: None,
             hub_lease_duration: Duration::from_secs(60),
@@ -404,6 +418,8 @@ pub struct KubeHubSettings {
     pub agent_id: String,
     /// Lease duration and renew interval.
     pub lease_duration: Duration,
+    /// What the connection may relax (plain http, an unverified certificate, TLS 1.2).
+    pub security: HubSecurity,
 }
 
 /// The selected transport with its settings.
@@ -443,11 +459,17 @@ impl HubArgs {
                     .clone()
                     .filter(|a| !a.is_empty())
                     .unwrap_or_else(|| cluster_name.clone());
+                let security = HubSecurity {
+                    allow_plaintext: self.insecure_plaintext,
+                    allow_unverified: self.hub_insecure_skip_tls_verify,
+                    allow_tls12: allow_tls12(self.hub_min_tls_version.as_deref())?,
+                };
                 Ok(Some(ResolvedHub::Kube(KubeHubSettings {
                     kubeconfig,
                     cluster_name,
                     agent_id,
                     lease_duration: self.hub_lease_duration,
+                    security,
                 })))
             }
         }
@@ -466,7 +488,11 @@ impl HubArgs {
         if url.plaintext && !insecure_plaintext {
             return Err(HubConfigError::Plaintext(url_text));
         }
-        let allow_tls12 = allow_tls12(file.min_tls_version.as_deref())?;
+        let allow_tls12 = allow_tls12(
+            self.hub_min_tls_version
+                .as_deref()
+                .or(file.min_tls_version.as_deref()),
+        )?;
         let tls = TlsOptions {
             ca: pick(
                 self.hub_ca_file.clone().or(file.ca_file),

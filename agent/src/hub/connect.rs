@@ -118,7 +118,7 @@ impl HubConnection {
             Some(ResolvedHub::Kube(settings)) => {
                 let config = super::kube_hub::config_from_kubeconfig(&settings.kubeconfig).await?;
                 let address = config.cluster_url.to_string();
-                let client = super::kube_hub::hub_client(config, &settings.kubeconfig)?;
+                let client = super::kube_hub::hub_client(config, &settings.kubeconfig, settings.security)?;
                 let mut opts = KubeHubOptions::new(client, &settings.cluster_name, &settings.agent_id);
                 opts.lease_duration = settings.lease_duration;
                 opts.spoke = Some(spoke.clone());

@@ -5,6 +5,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kube::client::ConfigExt;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use super::KubeHubError;
 use crate::hub::tls::{PemSource, ReloadingClientCert};
@@ -20,9 +24,51 @@ pub async fn config_from_kubeconfig(path: &Path) -> Result<kube::Config, KubeHub
         })
 }
 
-/// Builds a hub client from a kubeconfig (client-certificate authentication); see [`hub_client`].
+/// Builds a hub client from a kubeconfig (client-certificate authentication) with nothing
+/// relaxed; see [`hub_client`].
 pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, KubeHubError> {
-    hub_client(config_from_kubeconfig(path).await?, path)
+    hub_client(config_from_kubeconfig(path).await?, path, HubSecurity::default())
+}
+
+/// What the hub connection may relax. Each only by its own explicit flag, and each logged as a
+/// warning when used: the hub hands the agent cluster-admin work, so by default its server is
+/// `https://`, its certificate verified against the kubeconfig's CA, and TLS 1.3 only (as the
+/// gRPC transport).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HubSecurity {
+    /// `--insecure-plaintext`: an `http://` hub server (works and status unencrypted).
+    pub allow_plaintext: bool,
+    /// `--hub-insecure-skip-tls-verify`: honour the kubeconfig's `insecure-skip-tls-verify`
+    /// (anyone on the path can pose as the hub).
+    pub allow_unverified: bool,
+    /// `--hub-min-tls-version 1.2`: offer TLS 1.2 as well as 1.3.
+    pub allow_tls12: bool,
+}
+
+impl HubSecurity {
+    /// Refuses what `config` asks for that the flags do not allow, and warns about what they do.
+    pub fn check(&self, config: &kube::Config, kubeconfig: &Path) -> Result<(), KubeHubError> {
+        if config.cluster_url.scheme_str() == Some("http") {
+            if !self.allow_plaintext {
+                return Err(KubeHubError::Plaintext {
+                    server: config.cluster_url.to_string(),
+                });
+            }
+            tracing::warn!(server = %config.cluster_url, "the hub server is plain http (--insecure-plaintext): works, status and the agent's credentials travel unencrypted");
+        }
+        if config.accept_invalid_certs {
+            if !self.allow_unverified {
+                return Err(KubeHubError::Unverified {
+                    kubeconfig: kubeconfig.display().to_string(),
+                });
+            }
+            tracing::warn!(kubeconfig = %kubeconfig.display(), "the hub's certificate is NOT verified (insecure-skip-tls-verify with --hub-insecure-skip-tls-verify): anyone on the path can pose as the hub and send works");
+        }
+        if self.allow_tls12 {
+            tracing::warn!("TLS 1.2 is offered to the hub as well as 1.3 (--hub-min-tls-version 1.2)");
+        }
+        Ok(())
+    }
 }
 
 /// Builds the hub client for `config`, read from the kubeconfig at `kubeconfig`: one HTTP/2
@@ -30,11 +76,18 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, KubeHub
 /// rotation when the kubeconfig names it by file (see [`hub_tls_config`]). Once the certificate
 /// files change, the next request opens a new connection that presents the new certificate;
 /// the watch carries on over the old connection until it ends, and the engine is told nothing.
-pub fn hub_client(config: kube::Config, kubeconfig: &Path) -> Result<kube::Client, KubeHubError> {
+///
+/// `security` says what may be relaxed ([`HubSecurity::check`] refuses the rest first).
+pub fn hub_client(
+    config: kube::Config,
+    kubeconfig: &Path,
+    security: HubSecurity,
+) -> Result<kube::Client, KubeHubError> {
+    security.check(&config, kubeconfig)?;
     let HubTls {
         config: tls,
         identity,
-    } = hub_tls_config(&config, kubeconfig)?;
+    } = hub_tls_config(&config, kubeconfig, security.allow_tls12)?;
     let identity_version = identity.map(|identity| -> IdentityVersion {
         // `current` re-reads the files if they changed (logging the reload), `loads` counts it.
         Arc::new(move || {
@@ -93,21 +146,29 @@ pub fn client_cert_source(auth: &kube::config::AuthInfo, kubeconfig_dir: &Path) 
 /// The TLS side of the hub client.
 #[derive(Debug)]
 pub struct HubTls {
-    /// Kube's own TLS config for the kubeconfig (so CA and server verification are exactly
-    /// what the kubeconfig says), with `identity` as its client-certificate resolver if set.
+    /// The hub verified against the kubeconfig's CA (the system's roots where it names none),
+    /// TLS 1.3 only unless TLS 1.2 is allowed; the client certificate kube resolves for the
+    /// kubeconfig (data, files or exec plugin), or `identity` when set.
     pub config: rustls::ClientConfig,
     /// The client certificate from the kubeconfig's files, re-read when they change; None when
     /// the kubeconfig embeds it or has none ([`ClientCertSource`]).
     pub identity: Option<Arc<ReloadingClientCert>>,
 }
 
-/// The TLS config of the hub client: kube's own for `config`, with the client certificate served
+/// The TLS config of the hub client (see [`HubTls::config`]), with the client certificate served
 /// by a [`ReloadingClientCert`] over the kubeconfig's certificate and key files when it names
 /// files. The resolver checks the files' stamps when asked (each handshake, and each request
 /// through [`hub_client`]; no background task) and logs a reload as "hub client certificate
 /// reloaded", as it does for the gRPC transport.
-pub fn hub_tls_config(config: &kube::Config, kubeconfig: &Path) -> Result<HubTls, KubeHubError> {
-    let mut tls = config.rustls_client_config()?;
+pub fn hub_tls_config(
+    config: &kube::Config,
+    kubeconfig: &Path,
+    allow_tls12: bool,
+) -> Result<HubTls, KubeHubError> {
+    let mut tls = verifying_config(config, allow_tls12)?;
+    // kube's own config for the kubeconfig only lends its client certificate: it resolves every
+    // way a kubeconfig names one, but offers TLS 1.2 and cannot be narrowed once built.
+    tls.client_auth_cert_resolver = config.rustls_client_config()?.client_auth_cert_resolver;
     // `Path::join` keeps absolute paths as they are, so already-resolved paths pass unchanged.
     let dir = kubeconfig.parent().unwrap_or(Path::new(""));
     let identity = match client_cert_source(&config.auth_info, dir) {
@@ -142,6 +203,85 @@ pub fn hub_tls_config(config: &kube::Config, kubeconfig: &Path) -> Result<HubTls
         config: tls,
         identity,
     })
+}
+
+/// A config verifying the hub as the kubeconfig says: against its CA (the system's roots when it
+/// names none), or not at all with `insecure-skip-tls-verify` (allowed only by
+/// [`HubSecurity::allow_unverified`]); TLS 1.3 only unless `allow_tls12`.
+fn verifying_config(config: &kube::Config, allow_tls12: bool) -> Result<rustls::ClientConfig, KubeHubError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let versions: &[&'static rustls::SupportedProtocolVersion] = if allow_tls12 {
+        &[&rustls::version::TLS13, &rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13]
+    };
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)
+        .map_err(KubeHubError::Tls)?;
+    let builder = if config.accept_invalid_certs {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(UnverifiedHub(provider)))
+    } else {
+        builder.with_root_certificates(hub_roots(config)?)
+    };
+    Ok(builder.with_no_client_auth())
+}
+
+/// The kubeconfig's CA certificates, or the system's roots when it names none (as client-go).
+fn hub_roots(config: &kube::Config) -> Result<rustls::RootCertStore, KubeHubError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let certs: Vec<CertificateDer<'static>> = match &config.root_cert {
+        Some(ders) => ders.iter().map(|d| CertificateDer::from(d.clone())).collect(),
+        None => rustls_native_certs::load_native_certs().certs,
+    };
+    for cert in certs {
+        roots.add(cert).map_err(KubeHubError::Tls)?;
+    }
+    if roots.is_empty() {
+        return Err(KubeHubError::NoRoots);
+    }
+    Ok(roots)
+}
+
+/// The verifier of `insecure-skip-tls-verify`: any certificate is taken, signatures are still
+/// checked (the handshake itself stays sound). Only with [`HubSecurity::allow_unverified`].
+#[derive(Debug)]
+struct UnverifiedHub(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for UnverifiedHub {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 #[cfg(test)]
@@ -195,7 +335,7 @@ mod tests {
         let HubTls {
             config: tls,
             identity,
-        } = hub_tls_config(&config, &path).unwrap();
+        } = hub_tls_config(&config, &path, false).unwrap();
         assert_eq!(identity.map(|i| i.loads()), Some(1));
         // No session resumption: it would carry the old certificate's identity to new connections.
         assert!(
@@ -213,13 +353,63 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(served.cert[0], der);
-        hub_client(config, &path).unwrap();
+        hub_client(config, &path, HubSecurity::default()).unwrap();
 
         // A missing file fails at start-up, naming the file.
         std::fs::remove_file(certs.join("tls.key")).unwrap();
         let config = config_from_kubeconfig(&path).await.unwrap();
-        let err = hub_tls_config(&config, &path).unwrap_err().to_string();
+        let err = hub_tls_config(&config, &path, false).unwrap_err().to_string();
         assert!(err.contains("tls.key"), "{err}");
+    }
+
+    /// A kubeconfig at `server` with embedded credentials, `insecure-skip-tls-verify` as given.
+    async fn hub_config(dir: &Path, server: &str, skip_verify: bool) -> (kube::Config, PathBuf) {
+        use base64::Engine as _;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let mut kc: serde_json::Value = serde_json::from_str(&kubeconfig_yaml(serde_json::json!({
+            "client-certificate-data": b64(include_str!("../testdata/client.crt")),
+            "client-key-data": b64(include_str!("../testdata/client.key")),
+        })))
+        .unwrap();
+        kc["clusters"][0]["cluster"]["server"] = server.into();
+        if skip_verify {
+            let cluster = kc["clusters"][0]["cluster"].as_object_mut().unwrap();
+            cluster.remove("certificate-authority-data");
+            cluster.insert("insecure-skip-tls-verify".into(), true.into());
+        }
+        let path = dir.join("hub.kubeconfig");
+        std::fs::write(&path, kc.to_string()).unwrap();
+        (config_from_kubeconfig(&path).await.unwrap(), path)
+    }
+
+    #[tokio::test]
+    async fn plain_http_and_unverified_hubs_are_refused_unless_a_flag_allows_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let strict = HubSecurity::default();
+
+        let (config, path) = hub_config(dir.path(), "http://127.0.0.1:6443", false).await;
+        let err = hub_client(config.clone(), &path, strict).err().expect("refused");
+        assert!(matches!(err, KubeHubError::Plaintext { .. }), "{err}");
+        assert!(err.to_string().contains("--insecure-plaintext"), "{err}");
+        let plain = HubSecurity {
+            allow_plaintext: true,
+            ..strict
+        };
+        hub_client(config, &path, plain).unwrap();
+
+        let (config, path) = hub_config(dir.path(), "https://127.0.0.1:6443", true).await;
+        assert!(config.accept_invalid_certs);
+        let err = hub_client(config.clone(), &path, strict).err().expect("refused");
+        assert!(matches!(err, KubeHubError::Unverified { .. }), "{err}");
+        assert!(
+            err.to_string().contains("--hub-insecure-skip-tls-verify"),
+            "{err}"
+        );
+        let unverified = HubSecurity {
+            allow_unverified: true,
+            ..strict
+        };
+        hub_client(config, &path, unverified).unwrap();
     }
 
     #[test]
@@ -265,7 +455,7 @@ mod tests {
         let HubTls {
             config: tls,
             identity,
-        } = hub_tls_config(&config, &path).unwrap();
+        } = hub_tls_config(&config, &path, false).unwrap();
         assert!(identity.is_none());
         let resolver = format!("{:?}", tls.client_auth_cert_resolver);
         assert!(!resolver.contains("ReloadingClientCert"), "{resolver}");

@@ -59,8 +59,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub use self::client::{
-    ClientCertSource, HubTls, client_cert_source, client_from_kubeconfig, config_from_kubeconfig, hub_client,
-    hub_tls_config,
+    ClientCertSource, HubSecurity, HubTls, client_cert_source, client_from_kubeconfig,
+    config_from_kubeconfig, hub_client, hub_tls_config,
 };
 use self::cluster::write_cluster_status;
 pub use self::cluster::{KubeReportSink, managed_cluster_resource};
@@ -106,6 +106,31 @@ pub enum KubeHubError {
     /// The client certificate files the hub kubeconfig names cannot be loaded.
     #[error("hub client certificate: {0}")]
     ClientCert(#[from] TlsError),
+    /// The hub kubeconfig names an `http://` server and `--insecure-plaintext` is not set.
+    #[error(
+        "hub server {server} is plain http; refusing to send credentials and works unencrypted (set --insecure-plaintext to allow it)"
+    )]
+    Plaintext {
+        /// The server URL.
+        server: String,
+    },
+    /// The hub kubeconfig sets `insecure-skip-tls-verify` and `--hub-insecure-skip-tls-verify`
+    /// is not set.
+    #[error(
+        "hub kubeconfig {kubeconfig} sets insecure-skip-tls-verify; refusing a hub whose certificate is not verified (set certificate-authority, or --hub-insecure-skip-tls-verify to allow it)"
+    )]
+    Unverified {
+        /// The kubeconfig path.
+        kubeconfig: String,
+    },
+    /// The hub kubeconfig names no CA and the system has no roots.
+    #[error(
+        "the hub kubeconfig names no certificate-authority and the system has no CA certificates to verify the hub with"
+    )]
+    NoRoots,
+    /// The TLS configuration could not be built.
+    #[error("hub TLS: {0}")]
+    Tls(rustls::Error),
 }
 
 /// Settings of the Kubernetes-hub transport.
