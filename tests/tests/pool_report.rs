@@ -675,3 +675,139 @@ async fn bare_metal_node_service_reports_to_the_hub_with_heartbeats_and_through_
     node.stop().await;
     hub.stop().await;
 }
+
+/// A NodeInventory is a node agent's word, not the pool's: one without a live Node of its name
+/// owning it counts for nothing, one claiming more than its Node's capacity is cut to it and
+/// unhealthy, and the CRD refuses a document past its bounds.
+#[tokio::test]
+async fn the_pool_counts_only_inventories_their_node_owns_held_to_its_capacity() {
+    use spokelet::node::node_inventory_resource;
+    let spoke = start_pool_spoke().await.unwrap();
+    let client = spoke.client();
+    let nodes: Api<Node> = Api::all(client.clone());
+    let inventories: Api<DynamicObject> = Api::all_with(client.clone(), &node_inventory_resource());
+    let status = |gpus: usize| {
+        let devices: Vec<Value> = (0..gpus)
+            .map(|_| json!({"name": "H100", "memoryBytes": 80_000_000_000_u64, "migDevices": []}))
+            .collect();
+        json!({"inventory": {"cpu": {"threads": 64}, "memory": {"totalBytes": 1_000_000_000_000_u64},
+            "gpus": {"devices": devices}, "health": {"healthy": true, "reasons": []}}})
+    };
+    // (name, the Node's capacity if it exists, whether the inventory names its uid, GPUs claimed)
+    for (name, capacity, owned, gpus) in [
+        (
+            "real",
+            Some(json!({"cpu": "8", "memory": "16Gi", "nvidia.com/gpu": "2"})),
+            true,
+            4,
+        ),
+        ("ghost", None, false, 100),
+        ("stale", Some(json!({"cpu": "8"})), false, 50),
+    ] {
+        let mut owner = json!([]);
+        if let Some(capacity) = capacity {
+            let node = nodes
+                .create(
+                    &PostParams::default(),
+                    &serde_json::from_value(json!({"metadata": {"name": name}})).unwrap(),
+                )
+                .await
+                .unwrap();
+            nodes
+                .patch_status(
+                    name,
+                    &Default::default(),
+                    &kube::api::Patch::Merge(json!({"status": {"capacity": capacity}})),
+                )
+                .await
+                .unwrap();
+            // A stale inventory names a Node of its name that was deleted and re-created.
+            let uid = if owned {
+                node.metadata.uid.unwrap()
+            } else {
+                "3f0c1e2a-0000-4000-8000-000000000000".into()
+            };
+            owner = json!([{"apiVersion": "v1", "kind": "Node", "name": name, "uid": uid}]);
+        }
+        let inv: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "spokelet.io/v1alpha1", "kind": "NodeInventory",
+            "metadata": {"name": name, "ownerReferences": owner}, "spec": {"nodeName": name},
+        }))
+        .unwrap();
+        inventories.create(&PostParams::default(), &inv).await.unwrap();
+        inventories
+            .patch(
+                name,
+                &Default::default(),
+                &kube::api::Patch::Merge(json!({"status": status(gpus)})),
+            )
+            .await
+            .unwrap();
+    }
+    // The CRD's bounds: a document past them never reaches the engine.
+    let flags: Vec<String> = (0..2000).map(|i| format!("f{i}")).collect();
+    let err = inventories
+        .patch(
+            "real",
+            &Default::default(),
+            &kube::api::Patch::Merge(json!({"status": {"inventory": {"cpu": {"flags": flags}}}})),
+        )
+        .await
+        .expect_err("2,000 CPU flags are past the CRD's bounds");
+    assert!(err.to_string().contains("Too many"), "{err}");
+
+    let works = tempfile::tempdir().unwrap();
+    let kubeconfig = spoke.kubeconfig_path().display().to_string();
+    let works_dir = works.path().display().to_string();
+    let engine = Agent::start(&[
+        "spokelet",
+        "run",
+        "--works-dir",
+        &works_dir,
+        "--kubeconfig",
+        &kubeconfig,
+        "--admin-addr",
+        "127.0.0.1:0",
+    ]);
+    let claims_api: Api<DynamicObject> = Api::all_with(client.clone(), &cluster_claim_resource());
+    let claims = eventually_with(
+        "the pool's claims on the spoke",
+        600,
+        Duration::from_millis(200),
+        || {
+            let api = claims_api.clone();
+            async move {
+                let list = api
+                    .list(&ListParams::default())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let claims: BTreeMap<String, String> = list
+                    .into_iter()
+                    .map(|c| {
+                        (
+                            c.metadata.name.clone().unwrap_or_default(),
+                            c.data["spec"]["value"].as_str().unwrap_or_default().to_string(),
+                        )
+                    })
+                    .collect();
+                if claims.contains_key("gpu.count.spokelet.io") {
+                    Ok(claims)
+                } else {
+                    Err(format!("{claims:?}"))
+                }
+            }
+        },
+    )
+    .await
+    .unwrap();
+    // Only `real` counts, cut to its Node's 8 CPUs and 2 GPUs, and unhealthy for the claim.
+    assert_eq!(claims["node.count.spokelet.io"], "1", "{claims:?}");
+    assert_eq!(claims["gpu.count.spokelet.io"], "2", "{claims:?}");
+    assert_eq!(claims["cpu.count.spokelet.io"], "8", "{claims:?}");
+    assert_eq!(claims["node.healthy.count.spokelet.io"], "0", "{claims:?}");
+    assert!(
+        claims["node.unhealthy.spokelet.io"].contains("InventoryExceedsNodeCapacity"),
+        "{claims:?}"
+    );
+    engine.stop().await;
+}

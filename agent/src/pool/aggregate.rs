@@ -4,6 +4,11 @@
 //! node agent of another version (a field more or less) still counts. A document that cannot
 //! be read at all counts as an unhealthy node with the reason `InventoryUnreadable`: a node the
 //! pool cannot vouch for must not be offered for work.
+//!
+//! A document is written by a node agent, so it is not trusted further than its Node: its CPUs,
+//! memory and GPUs are cut to what the Node's kubelet reports as capacity (where it reports
+//! one), and a node claiming more is unhealthy with `InventoryExceedsNodeCapacity`. Every sum
+//! saturates instead of wrapping.
 
 use std::collections::BTreeMap;
 
@@ -36,7 +41,7 @@ pub struct NodeSummary {
 impl NodeSummary {
     /// Physical GPUs on the node.
     pub fn gpus(&self) -> u64 {
-        self.gpus_by_model.values().sum()
+        self.gpus_by_model.values().fold(0, |t, n| t.saturating_add(*n))
     }
 }
 
@@ -80,12 +85,85 @@ pub struct PoolInventory {
     pub totals: PoolTotals,
 }
 
+/// What a Node's kubelet reports as its capacity (`status.capacity`); what a NodeInventory may
+/// claim at most. `None` where the kubelet reports nothing (no GPU device plugin, say).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeCapacity {
+    /// `cpu`, whole hardware threads.
+    pub cpus: Option<u64>,
+    /// `memory`, bytes.
+    pub memory_bytes: Option<u64>,
+    /// `nvidia.com/gpu`.
+    pub gpus: Option<u64>,
+}
+
+impl NodeCapacity {
+    /// Reads a Node's `status.capacity` map (Kubernetes quantities).
+    pub fn from_capacity<'a>(capacity: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        let mut c = NodeCapacity::default();
+        for (key, value) in capacity {
+            let quantity = parse_quantity(value);
+            match key {
+                "cpu" => c.cpus = quantity,
+                "memory" => c.memory_bytes = quantity,
+                "nvidia.com/gpu" => c.gpus = quantity,
+                _ => {}
+            }
+        }
+        c
+    }
+}
+
+/// A Kubernetes quantity (`64`, `63500m`, `263824Mi`, `1G`) as a whole number, rounded down;
+/// `None` for anything else (then nothing is clamped by it). Written here, not taken from a
+/// crate: k8s-openapi keeps quantities as strings, and only these suffixes occur in capacity.
+fn parse_quantity(text: &str) -> Option<u64> {
+    const SUFFIXES: &[(&str, u128, u128)] = &[
+        ("Ki", 1 << 10, 1),
+        ("Mi", 1 << 20, 1),
+        ("Gi", 1 << 30, 1),
+        ("Ti", 1 << 40, 1),
+        ("Pi", 1 << 50, 1),
+        ("Ei", 1 << 60, 1),
+        ("m", 1, 1000),
+        ("k", 1_000, 1),
+        ("M", 1_000_000, 1),
+        ("G", 1_000_000_000, 1),
+        ("T", 1_000_000_000_000, 1),
+        ("P", 1_000_000_000_000_000, 1),
+        ("E", 1_000_000_000_000_000_000, 1),
+    ];
+    let (digits, mul, div) = SUFFIXES
+        .iter()
+        .find_map(|(suffix, mul, div)| text.strip_suffix(suffix).map(|d| (d, *mul, *div)))
+        .unwrap_or((text, 1, 1));
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u128 = digits.parse().ok()?;
+    u64::try_from(n.checked_mul(mul)? / div).ok()
+}
+
 impl PoolInventory {
-    /// The pool of these `(node name, NodeInventory status)` pairs, in any order.
+    /// The pool of these `(node name, NodeInventory status)` pairs, in any order, with no Node
+    /// capacity to hold them to.
     pub fn from_statuses<'a>(statuses: impl IntoIterator<Item = (&'a str, &'a serde_json::Value)>) -> Self {
-        let mut nodes: Vec<NodeSummary> = statuses
+        Self::from_nodes(statuses.into_iter().map(|(name, status)| (name, status, None)))
+    }
+
+    /// The pool of these `(node name, NodeInventory status, the Node's capacity)`, in any order.
+    pub fn from_nodes<'a>(
+        nodes: impl IntoIterator<Item = (&'a str, &'a serde_json::Value, Option<&'a NodeCapacity>)>,
+    ) -> Self {
+        let mut nodes: Vec<NodeSummary> = nodes
             .into_iter()
-            .map(|(name, status)| summarise(name, status))
+            .map(|(name, status, capacity)| {
+                let mut node = summarise(name, status);
+                if let Some(capacity) = capacity {
+                    clamp(&mut node, capacity);
+                }
+                node
+            })
             .collect();
         nodes.sort_by(|a, b| a.name.cmp(&b.name));
         let totals = total(&nodes);
@@ -204,13 +282,13 @@ fn summarise(name: &str, status: &serde_json::Value) -> NodeSummary {
     node.memory_bytes = inventory.memory.total_bytes.unwrap_or(0);
     for gpu in &inventory.gpus.devices {
         let model = if gpu.name.is_empty() { "unknown" } else { &gpu.name };
-        *node.gpus_by_model.entry(model.to_string()).or_default() += 1;
+        bump(node.gpus_by_model.entry(model.to_string()).or_default(), 1);
         node.gpu_memory_bytes = node
             .gpu_memory_bytes
             .saturating_add(gpu.memory_bytes.unwrap_or(0));
         for mig in &gpu.mig_devices {
             if let Some(p) = &mig.profile {
-                *node.mig_by_profile.entry(p.clone()).or_default() += 1;
+                bump(node.mig_by_profile.entry(p.clone()).or_default(), 1);
             }
         }
     }
@@ -237,29 +315,67 @@ fn summarise(name: &str, status: &serde_json::Value) -> NodeSummary {
     node
 }
 
+/// Adds without wrapping: a document may say anything.
+fn bump(total: &mut u64, n: u64) {
+    *total = total.saturating_add(n);
+}
+
+/// Holds a node's figures to its Node's capacity; a node that claimed more is unhealthy.
+fn clamp(node: &mut NodeSummary, capacity: &NodeCapacity) {
+    let mut over = Vec::new();
+    if let Some(cpus) = capacity.cpus.filter(|c| node.cpus > *c) {
+        node.cpus = cpus;
+        over.push("cpu");
+    }
+    if let Some(bytes) = capacity.memory_bytes.filter(|m| node.memory_bytes > *m) {
+        node.memory_bytes = bytes;
+        over.push("memory");
+    }
+    let gpus = node.gpus();
+    if let Some(allowed) = capacity.gpus.filter(|g| gpus > *g) {
+        // Kept model by model in name order until the Node's count is reached.
+        let mut left = allowed;
+        for count in node.gpus_by_model.values_mut() {
+            *count = (*count).min(left);
+            left -= *count;
+        }
+        node.gpus_by_model.retain(|_, c| *c > 0);
+        // The framebuffer shrinks with the GPUs kept.
+        node.gpu_memory_bytes =
+            u64::try_from(u128::from(node.gpu_memory_bytes) * u128::from(allowed) / u128::from(gpus))
+                .unwrap_or(u64::MAX);
+        over.push("nvidia.com/gpu");
+    }
+    if !over.is_empty() {
+        node.healthy = false;
+        node.reasons
+            .push(format!("InventoryExceedsNodeCapacity:{}", over.join(",")));
+    }
+}
+
 /// Sums the nodes.
 fn total(nodes: &[NodeSummary]) -> PoolTotals {
     let mut t = PoolTotals::default();
     for n in nodes {
-        t.nodes += 1;
-        t.cpus += n.cpus;
-        t.memory_bytes = t.memory_bytes.saturating_add(n.memory_bytes);
-        t.gpus += n.gpus();
-        t.gpu_memory_bytes = t.gpu_memory_bytes.saturating_add(n.gpu_memory_bytes);
+        bump(&mut t.nodes, 1);
+        bump(&mut t.cpus, n.cpus);
+        bump(&mut t.memory_bytes, n.memory_bytes);
+        bump(&mut t.gpus, n.gpus());
+        bump(&mut t.gpu_memory_bytes, n.gpu_memory_bytes);
         for (model, count) in &n.gpus_by_model {
-            *t.gpus_by_model.entry(model.clone()).or_default() += count;
+            bump(t.gpus_by_model.entry(model.clone()).or_default(), *count);
         }
         for (profile, count) in &n.mig_by_profile {
-            *t.mig_by_profile.entry(profile.clone()).or_default() += count;
+            bump(t.mig_by_profile.entry(profile.clone()).or_default(), *count);
         }
         if n.rdma_capable {
-            t.rdma_nodes += 1;
+            bump(&mut t.rdma_nodes, 1);
         }
         if n.healthy {
-            t.healthy_nodes += 1;
-            t.healthy_cpus += n.cpus;
-            t.healthy_memory_bytes = t.healthy_memory_bytes.saturating_add(n.memory_bytes);
-            t.healthy_gpus += n.gpus();
+            bump(&mut t.healthy_nodes, 1);
+            bump(&mut t.healthy_cpus, n.cpus);
+            bump(&mut t.healthy_memory_bytes, n.memory_bytes);
+            bump(&mut t.healthy_gpus, n.gpus());
         }
     }
     t
@@ -311,6 +427,71 @@ mod tests {
         // No health section: unknown, so not offered for work.
         assert!(!pool.nodes[2].healthy);
         assert_eq!(pool.nodes[2].reasons, ["HealthNotReported"]);
+    }
+
+    #[test]
+    fn sums_saturate_instead_of_wrapping() {
+        let huge = json!({"inventory": {"cpu": {"threads": u64::MAX}, "memory": {"totalBytes": u64::MAX},
+            "gpus": {"devices": [{"name": "H100", "memoryBytes": u64::MAX}, {"name": "H100", "memoryBytes": u64::MAX}]},
+            "health": {"healthy": true, "reasons": []}}});
+        let pool = PoolInventory::from_statuses([("a", &huge), ("b", &huge)]);
+        let t = &pool.totals;
+        assert_eq!(
+            (t.cpus, t.memory_bytes, t.gpu_memory_bytes),
+            (u64::MAX, u64::MAX, u64::MAX)
+        );
+        assert_eq!((t.healthy_cpus, t.gpus), (u64::MAX, 4));
+    }
+
+    #[test]
+    fn a_node_claiming_more_than_its_capacity_is_cut_to_it_and_unhealthy() {
+        let doc = node(&[("H100", 80), ("H100", 80), ("A100", 40)], true, "ACTIVE");
+        let cap = NodeCapacity::from_capacity([
+            ("cpu", "32"),
+            ("memory", "1Ki"),
+            ("nvidia.com/gpu", "2"),
+            ("pods", "110"),
+        ]);
+        assert_eq!(
+            cap,
+            NodeCapacity {
+                cpus: Some(32),
+                memory_bytes: Some(1024),
+                gpus: Some(2)
+            }
+        );
+        let pool = PoolInventory::from_nodes([("a", &doc, Some(&cap))]);
+        let n = &pool.nodes[0];
+        assert_eq!((n.cpus, n.memory_bytes, n.gpus()), (32, 1000, 2));
+        assert_eq!(
+            n.gpus_by_model,
+            BTreeMap::from([("A100".into(), 1), ("H100".into(), 1)])
+        );
+        assert_eq!(n.gpu_memory_bytes, 133);
+        assert!(!n.healthy);
+        assert_eq!(n.reasons, ["InventoryExceedsNodeCapacity:cpu,nvidia.com/gpu"]);
+        assert_eq!(pool.totals.healthy_gpus, 0);
+        // Within capacity, or a capacity the kubelet does not report: untouched.
+        let roomy = NodeCapacity::from_capacity([("cpu", "64"), ("memory", "64Gi")]);
+        let pool = PoolInventory::from_nodes([("a", &doc, Some(&roomy))]);
+        assert!(pool.nodes[0].healthy && pool.nodes[0].gpus() == 3);
+    }
+
+    #[test]
+    fn quantities_parse_as_capacity_writes_them() {
+        for (text, want) in [
+            ("64", Some(64)),
+            ("63500m", Some(63)),
+            ("263824Mi", Some(263_824 << 20)),
+            ("1G", Some(1_000_000_000)),
+            ("16Ei", None),
+            ("", None),
+            ("1.5Gi", None),
+            ("-1", None),
+            ("Mi", None),
+        ] {
+            assert_eq!(parse_quantity(text), want, "{text}");
+        }
     }
 
     #[test]

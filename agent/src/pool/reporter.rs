@@ -8,12 +8,18 @@
 //! which delivers the latest once the hub is reachable. An unchanged pool costs nothing but
 //! the heartbeat, which re-sends the status to the hub (its proof that the report is fresh)
 //! and re-applies every claim (repairing hand edits; a no-op on the server).
+//!
+//! A NodeInventory counts only while a Node of its name owns it (its ownerReference names the
+//! live Node's uid), so an inventory written for a node that does not exist, or left by a
+//! deleted one, reports nothing; a second watch follows the Nodes for that and for their
+//! capacity, which each inventory is held to (see `aggregate`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, DynamicObject, ListParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -24,7 +30,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::aggregate::PoolInventory;
+use super::aggregate::{NodeCapacity, PoolInventory};
 use super::claims::{self, Claim, ClusterFacts};
 use super::spoke_claims::{ClaimWriter, ClaimsError};
 use crate::admin::SharedRegistry;
@@ -75,6 +81,8 @@ pub struct PoolMetrics {
     nodes: Family<Vec<(String, String)>, Gauge>,
     /// Physical GPUs in the pool.
     gpus: Gauge,
+    /// NodeInventories not counted (no live Node of their name owns them).
+    untrusted: Gauge,
 }
 
 impl PoolMetrics {
@@ -95,6 +103,11 @@ impl PoolMetrics {
         );
         r.register("nodes", "Nodes in the pool, by health", self.nodes.clone());
         r.register("gpus", "Physical GPUs in the pool", self.gpus.clone());
+        r.register(
+            "untrusted_inventories",
+            "NodeInventories not counted: no live Node of their name owns them",
+            self.untrusted.clone(),
+        );
     }
 
     fn observe(&self, pool: &PoolInventory) {
@@ -122,9 +135,13 @@ pub struct PoolReport {
 }
 
 impl PoolReport {
-    /// The report of `inventories` (node name → NodeInventory status) in a cluster with `facts`.
-    pub fn of(inventories: &BTreeMap<String, serde_json::Value>, facts: &ClusterFacts) -> Self {
-        let pool = PoolInventory::from_statuses(inventories.iter().map(|(k, v)| (k.as_str(), v)));
+    /// The report of `nodes` (node name, NodeInventory status, the Node's capacity) in a cluster
+    /// with `facts`.
+    pub fn of<'a>(
+        nodes: impl IntoIterator<Item = (&'a str, &'a serde_json::Value, Option<&'a NodeCapacity>)>,
+        facts: &ClusterFacts,
+    ) -> Self {
+        let pool = PoolInventory::from_nodes(nodes);
         let claims = claims::claims(&pool, facts);
         let status = claims::managed_cluster_status(&pool, facts, &claims);
         PoolReport { pool, claims, status }
@@ -183,6 +200,10 @@ impl PoolReporter {
         let mut stream = watcher::watcher(api, watcher::Config::default())
             .default_backoff()
             .boxed();
+        let node_api: Api<Node> = Api::all(self.client.clone());
+        let mut node_stream = watcher::watcher(node_api, watcher::Config::default())
+            .default_backoff()
+            .boxed();
         let mut state = ReporterState::new(ClaimWriter::new(self.client.clone()));
         let mut due: Option<Instant> = None;
         let mut heartbeat = Instant::now() + self.args.pool_heartbeat;
@@ -199,7 +220,7 @@ impl PoolReporter {
                     due = None;
                     self.report(&mut state, false).await;
                 }
-                () = tokio::time::sleep_until(heartbeat), if state.listed => {
+                () = tokio::time::sleep_until(heartbeat), if state.ready() => {
                     heartbeat = Instant::now() + self.args.pool_heartbeat;
                     self.report(&mut state, true).await;
                 }
@@ -209,14 +230,25 @@ impl PoolReporter {
                         due = Some(Instant::now() + self.args.pool_report_debounce);
                     }
                 }
+                ev = node_stream.next() => {
+                    let Some(ev) = ev else { return };
+                    if state.apply_node(ev) && due.is_none() {
+                        due = Some(Instant::now() + self.args.pool_report_debounce);
+                    }
+                }
             }
         }
     }
 
     /// Sums the pool and reports what changed (everything, for a heartbeat).
     async fn report(&self, state: &mut ReporterState, heartbeat: bool) {
+        if !state.ready() {
+            // Both lists first: a partial pool is never reported as the whole.
+            return;
+        }
         let facts = state.facts(&self.client).await;
-        let report = PoolReport::of(&state.inventories, &facts);
+        state.note_untrusted(&self.metrics);
+        let report = PoolReport::of(state.trusted(), &facts);
         let changed = state.last.as_ref() != Some(&report);
         // A node's document goes to the hub when it changed, even if the totals did not.
         self.report_nodes(state, heartbeat);
@@ -270,20 +302,23 @@ impl PoolReporter {
         }
     }
 
-    /// Hands the hub each node whose inventory changed since the last report (all, for a
-    /// heartbeat) and the removal of each node that left the pool.
+    /// Hands the hub each counted node whose inventory changed since the last report (all, for
+    /// a heartbeat) or that it does not have yet, and the removal of each node it has that no
+    /// longer counts.
     fn report_nodes(&self, state: &mut ReporterState, heartbeat: bool) {
         let dirty = std::mem::take(&mut state.dirty);
-        let gone = std::mem::take(&mut state.gone);
         let Some(hub) = &self.hub else { return };
-        for (name, status) in &state.inventories {
-            if heartbeat || dirty.contains(name) {
+        let mut counted = BTreeSet::new();
+        for (name, status, _) in state.trusted() {
+            counted.insert(name.to_string());
+            if heartbeat || dirty.contains(name) || !state.sent.contains(name) {
                 hub.node_inventory(name, Some(node_document(name, status)), heartbeat);
             }
         }
-        for name in gone {
-            hub.node_inventory(&name, None, false);
+        for name in state.sent.difference(&counted) {
+            hub.node_inventory(name, None, false);
         }
+        state.sent = counted;
     }
 }
 
@@ -308,19 +343,29 @@ impl RunningReporter {
 /// What the reporter remembers between reports.
 #[derive(Debug)]
 struct ReporterState {
-    /// Node name → NodeInventory status, as the watch last saw it.
-    inventories: BTreeMap<String, serde_json::Value>,
+    /// Node name → NodeInventory, as the watch last saw it.
+    inventories: BTreeMap<String, Inventory>,
+    /// Node name → the Node's uid and capacity, as the Node watch last saw them.
+    nodes: BTreeMap<String, NodeFacts>,
+    /// The Node list in progress after a watch (re)start, swapped in whole at its end.
+    node_relist: Option<BTreeMap<String, NodeFacts>>,
+    /// A complete Node list has been seen.
+    nodes_listed: bool,
+    /// The Node watch is failing (warned once per outage).
+    node_watch_failing: bool,
+    /// Nodes whose document the hub has (sent and not removed since).
+    sent: BTreeSet<String>,
+    /// Inventories not counted, already warned about (again only after they counted).
+    untrusted: BTreeSet<String>,
     /// The last report made.
     last: Option<PoolReport>,
     /// The list in progress after a watch (re)start, swapped in whole at its end.
-    relist: Option<BTreeMap<String, serde_json::Value>>,
+    relist: Option<BTreeMap<String, Inventory>>,
     /// A complete list has been seen: the first report waits for it, so a partial pool is
     /// never reported as the whole.
     listed: bool,
     /// Nodes whose inventory changed since the last report (their documents go to the hub).
     dirty: BTreeSet<String>,
-    /// Nodes that left the pool since the last report (their removal goes to the hub).
-    gone: BTreeSet<String>,
     /// The watch is failing: its failures are warned about once per outage (a cluster
     /// without the NodeInventory CRD would otherwise log one every backoff step, for ever).
     watch_failing: bool,
@@ -346,11 +391,16 @@ impl ReporterState {
     fn new(claims: ClaimWriter) -> Self {
         ReporterState {
             inventories: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            node_relist: None,
+            nodes_listed: false,
+            node_watch_failing: false,
+            sent: BTreeSet::new(),
+            untrusted: BTreeSet::new(),
             last: None,
             relist: None,
             listed: false,
             dirty: BTreeSet::new(),
-            gone: BTreeSet::new(),
             watch_failing: false,
             claims,
             claims_failed: false,
@@ -384,21 +434,14 @@ impl ReporterState {
                         self.dirty.insert(name.clone());
                     }
                 }
-                let left: Vec<String> = self
-                    .inventories
-                    .keys()
-                    .filter(|n| !fresh.contains_key(*n))
-                    .cloned()
-                    .collect();
-                self.gone.extend(left);
+                let left = self.inventories.keys().any(|n| !fresh.contains_key(n));
                 self.inventories = fresh;
                 let first = !self.listed;
                 self.listed = true;
-                first || !self.dirty.is_empty() || !self.gone.is_empty()
+                first || !self.dirty.is_empty() || left
             }
             Ok(Event::Apply(o)) => match entry(o) {
                 Some((name, status)) if self.inventories.get(&name) != Some(&status) => {
-                    self.gone.remove(&name);
                     self.dirty.insert(name.clone());
                     self.inventories.insert(name, status);
                     self.listed
@@ -408,7 +451,6 @@ impl ReporterState {
             Ok(Event::Delete(o)) => match o.metadata.name {
                 Some(name) if self.inventories.remove(&name).is_some() => {
                     self.dirty.remove(&name);
-                    self.gone.insert(name);
                     self.listed
                 }
                 _ => false,
@@ -423,6 +465,91 @@ impl ReporterState {
                 false
             }
         }
+    }
+
+    /// Both watches have listed: a report can speak for the whole pool.
+    fn ready(&self) -> bool {
+        self.listed && self.nodes_listed
+    }
+
+    /// Applies one Node watch event; true when what the pool trusts may have changed.
+    fn apply_node(&mut self, ev: Result<Event<Node>, watcher::Error>) -> bool {
+        if ev.is_ok() {
+            self.node_watch_failing = false;
+        }
+        let changed = match ev {
+            Ok(Event::Init) => {
+                self.node_relist = Some(BTreeMap::new());
+                return false;
+            }
+            Ok(Event::InitApply(node)) => {
+                if let (Some(r), Some((name, facts))) = (self.node_relist.as_mut(), NodeFacts::of(node)) {
+                    r.insert(name, facts);
+                }
+                return false;
+            }
+            Ok(Event::InitDone) => {
+                let fresh = self.node_relist.take().unwrap_or_default();
+                let changed = fresh != self.nodes || !self.nodes_listed;
+                self.nodes = fresh;
+                self.nodes_listed = true;
+                changed
+            }
+            Ok(Event::Apply(node)) => match NodeFacts::of(node) {
+                Some((name, facts)) if self.nodes.get(&name) != Some(&facts) => {
+                    self.nodes.insert(name, facts);
+                    true
+                }
+                _ => false,
+            },
+            Ok(Event::Delete(node)) => node
+                .metadata
+                .name
+                .is_some_and(|name| self.nodes.remove(&name).is_some()),
+            Err(e) => {
+                if !self.node_watch_failing {
+                    tracing::warn!(error = %e, "Node watch failed; NodeInventories are not counted until it recovers; retrying with backoff");
+                }
+                self.node_watch_failing = true;
+                false
+            }
+        };
+        changed && self.ready()
+    }
+
+    /// The inventories that count: owned by the live Node of their name, with its capacity.
+    fn trusted(&self) -> impl Iterator<Item = (&str, &serde_json::Value, Option<&NodeCapacity>)> {
+        self.inventories.iter().filter_map(|(name, inv)| {
+            let node = self.nodes.get(name)?;
+            (inv.owner.as_deref() == Some(node.uid.as_str())).then_some((
+                name.as_str(),
+                &inv.status,
+                Some(&node.capacity),
+            ))
+        })
+    }
+
+    /// Warns once about each inventory that does not count, and counts them.
+    fn note_untrusted(&mut self, metrics: &PoolMetrics) {
+        let mut untrusted = BTreeSet::new();
+        for (name, inv) in &self.inventories {
+            let why = match (self.nodes.get(name), inv.owner.as_deref()) {
+                (None, _) => "no Node of that name",
+                (Some(_), None) => "not owned by its Node",
+                (Some(node), Some(owner)) if owner != node.uid => {
+                    "owned by another Node of that name (a deleted one)"
+                }
+                _ => continue,
+            };
+            if !self.untrusted.contains(name) {
+                tracing::warn!(node = %name, why, "NodeInventory not counted in the pool");
+            }
+            untrusted.insert(name.clone());
+        }
+        metrics
+            .untrusted
+            .set(i64::try_from(untrusted.len()).unwrap_or(i64::MAX));
+        self.untrusted = untrusted;
     }
 
     /// The cluster facts, read again when they are due.
@@ -462,13 +589,50 @@ async fn read_facts(client: &kube::Client) -> Result<ClusterFacts, kube::Error> 
     ))
 }
 
-/// A NodeInventory's name and status.
-fn entry(o: DynamicObject) -> Option<(String, serde_json::Value)> {
+/// A NodeInventory as the pool reads it.
+#[derive(Debug, Clone, PartialEq)]
+struct Inventory {
+    /// The uid of the Node of the same name its ownerReferences name (the node role sets it).
+    owner: Option<String>,
+    /// Its status.
+    status: serde_json::Value,
+}
+
+/// A NodeInventory's name, owner and status.
+fn entry(o: DynamicObject) -> Option<(String, Inventory)> {
     let name = o.metadata.name?;
-    Some((
-        name,
-        o.data.get("status").cloned().unwrap_or(serde_json::Value::Null),
-    ))
+    let owner = o
+        .metadata
+        .owner_references
+        .unwrap_or_default()
+        .into_iter()
+        .find(|r| r.kind == "Node" && r.api_version == "v1" && r.name == name)
+        .map(|r| r.uid);
+    let status = o.data.get("status").cloned().unwrap_or(serde_json::Value::Null);
+    Some((name, Inventory { owner, status }))
+}
+
+/// What the pool needs of a Node.
+#[derive(Debug, Clone, PartialEq)]
+struct NodeFacts {
+    /// Its uid, which its NodeInventory's ownerReference must name.
+    uid: String,
+    /// What its kubelet reports as capacity.
+    capacity: NodeCapacity,
+}
+
+impl NodeFacts {
+    /// A Node's name and facts; the rest of the object is dropped at once.
+    fn of(node: Node) -> Option<(String, NodeFacts)> {
+        let name = node.metadata.name?;
+        let uid = node.metadata.uid?;
+        let capacity = node
+            .status
+            .and_then(|s| s.capacity)
+            .map(|c| NodeCapacity::from_capacity(c.iter().map(|(k, v)| (k.as_str(), v.0.as_str()))))
+            .unwrap_or_default();
+        Some((name, NodeFacts { uid, capacity }))
+    }
 }
 
 /// The NodeInventory document the hub receives for a node (the same shape the bare-metal node
