@@ -126,14 +126,18 @@ impl ArtifactCache {
         Ok(removed)
     }
 
-    /// A fresh file name for a layer blob being downloaded, on the cache's filesystem; one left
-    /// by a crash is removed at the next open.
-    pub fn scratch_file(&self, digest: &Digest) -> PathBuf {
-        self.layers.join(format!(
-            ".{}.download-{:016x}",
-            digest.hex(),
-            rand::random::<u64>()
-        ))
+    /// A fresh file for a layer blob being downloaded, on the cache's filesystem. It is removed
+    /// when the returned guard is dropped, so a download that fails or is cancelled halfway
+    /// leaves nothing behind (a retry every few seconds would otherwise fill the volume); one
+    /// left by a crash is removed at the next open.
+    pub fn scratch_file(&self, digest: &Digest) -> ScratchFile {
+        ScratchFile {
+            path: self.layers.join(format!(
+                ".{}.download-{:016x}",
+                digest.hex(),
+                rand::random::<u64>()
+            )),
+        }
     }
 
     fn entry_dir(&self, digest: &Digest) -> PathBuf {
@@ -181,6 +185,30 @@ impl ArtifactCache {
             }
         }
         Ok(())
+    }
+}
+
+/// A download's scratch file, removed when dropped (the file need not exist yet).
+#[derive(Debug)]
+pub struct ScratchFile {
+    path: PathBuf,
+}
+
+impl ScratchFile {
+    /// Where it is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ScratchFile {
+    fn drop(&mut self) {
+        match fs::remove_file(&self.path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot remove a download's scratch file");
+            }
+            _ => {}
+        }
     }
 }
 

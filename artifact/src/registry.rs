@@ -11,7 +11,7 @@ pub use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use tokio::io::AsyncWriteExt;
 
-use crate::cache::{ArtifactCache, CacheError, Check};
+use crate::cache::{ArtifactCache, CacheError, Check, ScratchFile};
 use crate::digest::{Digest, DigestError};
 use crate::pack::{PackError, pack_dir};
 use crate::retry::{RetryPolicy, Transient, transient};
@@ -491,15 +491,13 @@ impl Registry {
         let file = self.download(&by_digest, &layer, &layer_digest, cache).await?;
         let (put_cache, put_digest, put_limits) = (cache.clone(), layer_digest.clone(), *limits);
         let put = tokio::task::spawn_blocking(move || {
-            let blob = std::fs::File::open(&file);
-            let result = blob
+            // `file` is removed when this closure ends, whatever the outcome.
+            std::fs::File::open(file.path())
                 .map_err(|e| CacheError::Io {
-                    path: file.clone(),
+                    path: file.path().to_path_buf(),
                     source: e,
                 })
-                .and_then(|blob| put_cache.put(&put_digest, std::io::BufReader::new(blob), &put_limits));
-            let _ = std::fs::remove_file(&file);
-            result
+                .and_then(|blob| put_cache.put(&put_digest, std::io::BufReader::new(blob), &put_limits))
         })
         .await
         .map_err(|e| RegistryError::Download {
@@ -581,14 +579,15 @@ impl Registry {
     }
 
     /// Streams the layer blob into a scratch file of the cache (never whole in memory),
-    /// refusing more bytes than the manifest announced.
+    /// refusing more bytes than the manifest announced. The file goes with the returned guard,
+    /// and with this future when it fails or is dropped.
     async fn download(
         &self,
         by_digest: &Reference,
         layer: &oci_client::manifest::OciDescriptor,
         digest: &Digest,
         cache: &ArtifactCache,
-    ) -> Result<PathBuf, RegistryError> {
+    ) -> Result<ScratchFile, RegistryError> {
         let io_err = |source| RegistryError::Download {
             digest: digest.clone(),
             source,
@@ -600,15 +599,13 @@ impl Registry {
             .run("layer", || self.client.pull_blob_stream(by_digest, layer))
             .await
             .map_err(self.retried_err(by_digest))?;
-        let path = cache.scratch_file(digest);
-        let mut file = tokio::fs::File::create(&path).await.map_err(io_err)?;
+        let scratch = cache.scratch_file(digest);
+        let mut file = tokio::fs::File::create(scratch.path()).await.map_err(io_err)?;
         let mut got = 0u64;
         while let Some(chunk) = stream.stream.next().await {
             let chunk = chunk.map_err(io_err)?;
             got += chunk.len() as u64;
             if got > layer.size as u64 {
-                drop(file);
-                let _ = tokio::fs::remove_file(&path).await;
                 return Err(io_err(std::io::Error::other(
                     "the registry sent more bytes than the layer's size",
                 )));
@@ -616,7 +613,7 @@ impl Registry {
             file.write_all(&chunk).await.map_err(io_err)?;
         }
         file.flush().await.map_err(io_err)?;
-        Ok(path)
+        Ok(scratch)
     }
 }
 

@@ -49,7 +49,9 @@ pub use cluster::{ADMIN_USER, ClusterOptions, DEFAULT_CONTROLLERS, KubeCluster, 
 pub use credentials::UserCredentials;
 pub use error::HarnessError;
 pub use poll::{POLL_ATTEMPTS, POLL_INTERVAL, eventually, eventually_with};
-pub use registry::{LayoutBlob, OciRegistry, RateLimitedFront, RegistryOptions, skopeo, write_oci_layout};
+pub use registry::{
+    CuttingFront, LayoutBlob, OciRegistry, RateLimitedFront, RegistryOptions, skopeo, write_oci_layout,
+};
 pub use registry_token::{TOKEN_ISSUER, TOKEN_SERVICE, TokenServer};
 pub use shared::{shared_spoke, try_shared_spoke};
 

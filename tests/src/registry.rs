@@ -359,6 +359,62 @@ impl Drop for RateLimitedFront {
     }
 }
 
+/// A front that passes requests to the registry but cuts each connection once it has sent
+/// `max_bytes` of the registry's answers back: a registry (or a network) that drops a download
+/// halfway. Small answers (pings, manifests) pass; a layer larger than the cap never does.
+#[derive(Debug)]
+pub struct CuttingFront {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CuttingFront {
+    /// Listens on a free loopback port in front of `registry` (`127.0.0.1:PORT`).
+    pub async fn start(registry: &str, max_bytes: u64) -> Result<Self, HarnessError> {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| HarnessError::io("binding the cutting front", e))?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| HarnessError::io("reading the front's port", e))?
+            .port();
+        let upstream = registry.to_string();
+        let task = tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(to) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let (mut client_read, mut client_write) = tokio::io::split(conn);
+                    let (to_read, mut to_write) = tokio::io::split(to);
+                    let requests = tokio::io::copy(&mut client_read, &mut to_write);
+                    // Answers pass up to the cap; then both sides are dropped mid-stream.
+                    let mut capped = to_read.take(max_bytes);
+                    let answers = tokio::io::copy(&mut capped, &mut client_write);
+                    tokio::select! {
+                        _ = requests => {}
+                        _ = answers => {}
+                    }
+                });
+            }
+        });
+        Ok(CuttingFront { port, task })
+    }
+
+    /// `127.0.0.1:PORT` of the front.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for CuttingFront {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Reads one request head and answers it with 429, the way distribution's rate limiters do
 /// (an OCI error envelope with code `TOOMANYREQUESTS`), then closes.
 async fn reject_one(mut conn: tokio::net::TcpStream, retry_after_s: u32) {

@@ -9,8 +9,8 @@ use spokelet_artifact::registry::{
 };
 use spokelet_artifact::retry::RetryPolicy;
 use spokelet_artifact::unpack::UnpackLimits;
+use spokelet_e2e::{CuttingFront, OciRegistry, RateLimitedFront, RegistryOptions};
 use spokelet_e2e::{LayoutBlob, skopeo, write_oci_layout};
-use spokelet_e2e::{OciRegistry, RateLimitedFront, RegistryOptions};
 
 /// How many GETs of `blobs/sha256:<hex>` the registry's access log (its combined-format
 /// lines, one per request) holds.
@@ -649,4 +649,94 @@ async fn a_bearer_token_registry_is_pushed_to_and_pulled_from_with_credentials_a
         );
     }
     registry.stop().await;
+}
+
+/// A download the registry cuts halfway fails the pull and leaves no scratch file in the cache,
+/// so a source retried every few seconds cannot fill the cache volume; the next pull through a
+/// sound connection succeeds.
+#[tokio::test]
+async fn a_download_cut_halfway_leaves_nothing_in_the_cache() {
+    use rand::RngCore as _;
+    let registry = OciRegistry::start().await.unwrap();
+    let src = tempfile::tempdir().unwrap();
+    // Incompressible, so the layer is as large as the file: far past the front's cap.
+    let mut blob = vec![0u8; 4 << 20];
+    rand::rng().fill_bytes(&mut blob);
+    std::fs::write(src.path().join("weights.bin"), &blob).unwrap();
+    let direct = Registry::new(true, RegistryAuth::Anonymous);
+    direct
+        .push_dir(
+            &format!("oci://{}/apps/cut", registry.host()),
+            "v1",
+            src.path(),
+            "src",
+            "rev",
+        )
+        .await
+        .unwrap();
+
+    let front = CuttingFront::start(&registry.host(), 256 << 10).await.unwrap();
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = ArtifactCache::open(cache_dir.path()).unwrap();
+    let limits = UnpackLimits::default();
+    let scratch = || -> Vec<String> {
+        walk(cache_dir.path())
+            .into_iter()
+            .filter(|n| n.contains(".download-") || n.contains(".partial-"))
+            .collect()
+    };
+    for attempt in 0..3 {
+        let err = Registry::new(true, RegistryAuth::Anonymous)
+            .pull(
+                &format!("oci://{}/apps/cut", front.host()),
+                &ArtifactRef::tag("v1"),
+                &cache,
+                &limits,
+            )
+            .await
+            .expect_err("the connection is cut before the layer is whole");
+        assert!(
+            scratch().is_empty(),
+            "attempt {attempt} ({err}) left {:?}",
+            scratch()
+        );
+    }
+    // Cancelled halfway (the pull's future dropped): nothing left either.
+    let cancelled = tokio::time::timeout(
+        std::time::Duration::from_millis(1),
+        Registry::new(true, RegistryAuth::Anonymous).pull(
+            &format!("oci://{}/apps/cut", registry.host()),
+            &ArtifactRef::tag("v1"),
+            &cache,
+            &limits,
+        ),
+    )
+    .await;
+    if cancelled.is_err() {
+        assert!(scratch().is_empty(), "a cancelled pull left {:?}", scratch());
+    }
+    Registry::new(true, RegistryAuth::Anonymous)
+        .pull(
+            &format!("oci://{}/apps/cut", registry.host()),
+            &ArtifactRef::tag("v1"),
+            &cache,
+            &limits,
+        )
+        .await
+        .expect("pulled over a sound connection");
+    assert!(scratch().is_empty(), "{:?}", scratch());
+    registry.stop().await;
+}
+
+/// Every path under `dir`, as text.
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        out.push(path.display().to_string());
+        if path.is_dir() {
+            out.extend(walk(&path));
+        }
+    }
+    out
 }
