@@ -158,6 +158,27 @@ impl std::fmt::Debug for Registry {
     }
 }
 
+/// How long the registry client waits on the network. Without them a registry that accepts the
+/// connection and then says nothing holds the pull (and, above it, a reconcile) until the
+/// source's own `timeout`; with them such a registry fails one request in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// To open a connection (TCP and TLS).
+    pub connect: std::time::Duration,
+    /// Between two reads of an answer: a stalled stream fails after this long without a byte,
+    /// however long the whole download takes.
+    pub read: std::time::Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: std::time::Duration::from_secs(10),
+            read: std::time::Duration::from_secs(30),
+        }
+    }
+}
+
 impl Registry {
     pub fn new(insecure: bool, auth: RegistryAuth) -> Registry {
         Registry::with_roots(insecure, auth, None)
@@ -166,6 +187,11 @@ impl Registry {
     /// A client that trusts only the PEM certificates `ca` (a registry with its own CA, Flux's
     /// `certSecretRef` `ca.crt`), or the usual roots when None.
     pub fn with_roots(insecure: bool, auth: RegistryAuth, ca: Option<&[u8]>) -> Registry {
+        Registry::configured(insecure, auth, ca, Timeouts::default())
+    }
+
+    /// [`Registry::with_roots`] with other network timeouts.
+    pub fn configured(insecure: bool, auth: RegistryAuth, ca: Option<&[u8]>, timeouts: Timeouts) -> Registry {
         // The agent's TLS provider is ring; oci-client needs one installed before its first
         // client. Installing twice is refused harmlessly.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -184,6 +210,8 @@ impl Registry {
                 ClientProtocol::Https
             },
             tls_certs_only: roots,
+            connect_timeout: Some(timeouts.connect),
+            read_timeout: Some(timeouts.read),
             ..ClientConfig::default()
         };
         Registry {

@@ -20,6 +20,10 @@ use spokelet_base::lock::lock;
 
 use crate::objects::{DEFAULT_TIMEOUT, FluxObject, OciRepositorySpec, duration};
 
+/// The longest a pull may take, whatever the source's `timeout` asks: a hub cannot make one
+/// source hold the agent's pull for an hour.
+pub const MAX_PULL_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Why a source could not be fetched; each knows the Flux condition reason it reports.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -117,11 +121,16 @@ impl SourceFetcher {
             digest: spec.reference.digest.clone(),
             layer_media_type: spec.layer_selector.as_ref().and_then(|l| l.media_type.clone()),
         };
-        let timeout = spec
+        let asked = spec
             .timeout
             .as_deref()
             .and_then(|t| duration(t, "timeout").ok())
             .unwrap_or(DEFAULT_TIMEOUT);
+        // The hub picks `timeout`; the agent bounds how long one pull may take.
+        let timeout = asked.min(MAX_PULL_TIMEOUT);
+        if timeout < asked {
+            tracing::debug!(url = %spec.url, ?asked, limit = ?MAX_PULL_TIMEOUT, "the source's timeout is cut to the agent's limit");
+        }
         let pull = registry.refresh(
             &spec.url,
             &wanted,

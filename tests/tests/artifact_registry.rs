@@ -5,7 +5,7 @@
 use oci_client::secrets::RegistryAuth;
 use spokelet_artifact::cache::ArtifactCache;
 use spokelet_artifact::registry::{
-    ArtifactRef, FLUX_CONFIG_MEDIA_TYPE, FLUX_CONTENT_MEDIA_TYPE, Registry, RegistryError,
+    ArtifactRef, FLUX_CONFIG_MEDIA_TYPE, FLUX_CONTENT_MEDIA_TYPE, Registry, RegistryError, Timeouts,
 };
 use spokelet_artifact::retry::RetryPolicy;
 use spokelet_artifact::unpack::UnpackLimits;
@@ -739,4 +739,46 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
         }
     }
     out
+}
+
+/// A registry that accepts connections and then says nothing fails the pull by the client's own
+/// timeouts, instead of holding it (and the reconcile above it) until the source's `timeout`.
+#[tokio::test]
+async fn a_silent_registry_fails_the_pull_by_the_clients_timeouts() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            held.push(conn); // never read, never answered, never closed
+        }
+    });
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = ArtifactCache::open(cache_dir.path()).unwrap();
+    let short = Timeouts {
+        connect: std::time::Duration::from_millis(500),
+        read: std::time::Duration::from_millis(500),
+    };
+    let once = RetryPolicy {
+        attempts: 1,
+        ..RetryPolicy::default()
+    };
+    let registry = Registry::configured(true, RegistryAuth::Anonymous, None, short).with_retry(once);
+    let (url, wanted, limits) = (
+        format!("oci://{host}/apps/silent"),
+        ArtifactRef::tag("v1"),
+        UnpackLimits::default(),
+    );
+    let pull = registry.pull(&url, &wanted, &cache, &limits);
+    // The guard only turns a hang into a failure with a message; the client must end it itself.
+    let result = tokio::time::timeout(std::time::Duration::from_secs(120), pull)
+        .await
+        .expect("the client gave up by itself");
+    let err = result.expect_err("nothing was ever answered");
+    let chain = format!("{err:?}");
+    assert!(
+        chain.contains("timed out") || chain.contains("TimedOut"),
+        "{chain}"
+    );
+    silent.abort();
 }
