@@ -15,28 +15,7 @@ use spokelet_e2e::ocm_hub::{onboard_cluster, start_ocm_hub};
 use spokelet_e2e::{eventually, shared_spoke, unique_name};
 
 mod support;
-use support::{Agent, GrpcAgentArgs, condition, latest_status, spoke_namespace};
-
-/// Waits until ConfigMap `settings` in `cms` has `model` = `want` (`None`: until it is gone).
-async fn until_model(cms: &Api<ConfigMap>, want: Option<&str>) {
-    eventually(
-        &format!("ConfigMap settings with model={want:?} on the spoke"),
-        || {
-            let cms = cms.clone();
-            async move {
-                let cm = cms.get_opt("settings").await.map_err(|e| e.to_string())?;
-                let model = cm.map(|c| c.data.and_then(|d| d.get("model").cloned()));
-                match (model, want) {
-                    (None, None) => Ok(()),
-                    (Some(Some(m)), Some(w)) if m == w => Ok(()),
-                    (other, _) => Err(format!("found {other:?}")),
-                }
-            }
-        },
-    )
-    .await
-    .unwrap();
-}
+use support::{Agent, GrpcAgentArgs, condition, latest_status, spoke_namespace, until_gone, until_model};
 
 #[tokio::test]
 async fn work_from_grpc_hub_is_applied_updated_and_deleted_with_status_back_on_the_hub() {
@@ -72,7 +51,7 @@ async fn work_from_grpc_hub_is_applied_updated_and_deleted_with_status_back_on_t
     let work = hub.upsert_work(&cluster, "model-server", bundle("llama"));
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
 
-    until_model(&cms, Some("llama")).await;
+    until_model(&cms, "settings", Some("llama")).await;
     let status = eventually("Applied=True with feedback on the hub", || {
         let found = latest_status(&hub, &work.uid, |s| {
             condition(s, "Applied").as_deref() == Some("True") && s.to_string().contains("\"replicas\"")
@@ -105,11 +84,11 @@ async fn work_from_grpc_hub_is_applied_updated_and_deleted_with_status_back_on_t
     // Update on the hub: the spoke follows.
     let updated = hub.upsert_work(&cluster, "model-server", bundle("mistral"));
     assert_eq!(updated.generation, 2);
-    until_model(&cms, Some("mistral")).await;
+    until_model(&cms, "settings", Some("mistral")).await;
 
     // Delete on the hub: objects go, and the last status says Deleted.
     hub.delete_work(&cluster, "model-server").unwrap();
-    until_model(&cms, None).await;
+    until_model(&cms, "settings", None).await;
     eventually("a final Deleted status on the hub", || {
         let found = latest_status(&hub, &work.uid, |s| {
             condition(s, "Deleted").as_deref() == Some("True")
@@ -172,7 +151,7 @@ async fn work_from_kubernetes_hub_is_applied_updated_and_deleted_with_status_on_
         .await
         .unwrap();
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-    until_model(&cms, Some("llama")).await;
+    until_model(&cms, "settings", Some("llama")).await;
 
     eventually(
         "Applied=True and the feedback value in the hub work's status",
@@ -204,25 +183,20 @@ async fn work_from_kubernetes_hub_is_applied_updated_and_deleted_with_status_on_
         )
         .await
         .unwrap();
-    until_model(&cms, Some("mistral")).await;
+    until_model(&cms, "settings", Some("mistral")).await;
 
     // Delete on the hub: the spoke is cleaned up, then the finalizer lets the hub work go.
     works
         .delete("model-server", &DeleteParams::default())
         .await
         .unwrap();
-    until_model(&cms, None).await;
-    eventually("the hub work to be gone once cleanup is done", || {
-        let works = works.clone();
-        async move {
-            match works.get_opt("model-server").await.map_err(|e| e.to_string())? {
-                None => Ok(()),
-                Some(w) => Err(format!("still there, finalizers {:?}", w.metadata.finalizers)),
-            }
-        }
-    })
-    .await
-    .unwrap();
+    until_model(&cms, "settings", None).await;
+    until_gone(
+        &works,
+        "model-server",
+        "the hub work to be gone once cleanup is done",
+    )
+    .await;
 
     agent.stop().await;
     hub.stop().await;

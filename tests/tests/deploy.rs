@@ -27,6 +27,27 @@ fn kubectl() -> std::process::Command {
     std::process::Command::new(kubectl_path())
 }
 
+/// `kubectl apply --server-side -f -` of `text` (with `extra` flags) as the deploy test's
+/// field manager.
+async fn kubectl_apply(kubeconfig: &Path, extra: &[&str], text: &str) -> std::process::Output {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(kubectl_path())
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["apply", "--server-side", "--field-manager=deploy-test"])
+        .args(extra)
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(text.as_bytes()).await.unwrap();
+    drop(stdin);
+    child.wait_with_output().await.unwrap()
+}
+
 /// `kubectl kustomize DIR`, as YAML documents.
 fn render(dir: &Path) -> (String, Vec<Value>) {
     let out = kubectl()
@@ -192,27 +213,7 @@ async fn every_overlay_renders_keeps_its_promises_and_the_api_server_accepts_it(
     for overlay in OVERLAYS {
         let (text, docs) = render(&deploy().join("overlays").join(overlay));
         check_promises(overlay, &docs);
-        let mut child = tokio::process::Command::new(kubectl_path())
-            .arg("--kubeconfig")
-            .arg(spoke.kubeconfig_path())
-            .args([
-                "apply",
-                "--server-side",
-                "--dry-run=server",
-                "--field-manager=deploy-test",
-                "-f",
-                "-",
-            ])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use tokio::io::AsyncWriteExt;
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(text.as_bytes()).await.unwrap();
-        drop(stdin);
-        let out = child.wait_with_output().await.unwrap();
+        let out = kubectl_apply(spoke.kubeconfig_path(), &["--dry-run=server"], &text).await;
         assert!(
             out.status.success(),
             "{overlay}: the API server refused it:\n{}",
@@ -309,20 +310,7 @@ async fn the_api_server_enforces_own_node_only_for_the_node_roles_token() {
         .map(|d| serde_yaml::to_string(d).unwrap())
         .collect::<Vec<_>>()
         .join("---\n");
-    let mut child = tokio::process::Command::new(kubectl_path())
-        .arg("--kubeconfig")
-        .arg(cluster.kubeconfig_path())
-        .args(["apply", "--server-side", "--field-manager=deploy-test", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use tokio::io::AsyncWriteExt;
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(text.as_bytes()).await.unwrap();
-    drop(stdin);
-    let out = child.wait_with_output().await.unwrap();
+    let out = kubectl_apply(cluster.kubeconfig_path(), &[], &text).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     // Two Nodes (no kubelet needed) and a pod of the node role scheduled on `a`.

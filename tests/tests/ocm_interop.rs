@@ -19,7 +19,7 @@ use spokelet_e2e::ocm::{
 use spokelet_e2e::{eventually, shared_spoke, unique_name};
 
 mod support;
-use support::{Agent, spoke_namespace, write};
+use support::{Agent, GrpcAgentArgs, spoke_namespace, until_gone, until_model};
 
 /// A lease short enough that the hub's grace (5 durations) runs out within the test.
 const LEASE_SECONDS: u32 = 2;
@@ -46,27 +46,6 @@ fn taints(mc: &DynamicObject) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// The work's ConfigMap on the spoke, with `data.model` = `want` (`None`: gone).
-async fn until_model(cms: &Api<ConfigMap>, name: &str, want: Option<&str>) {
-    eventually(
-        &format!("ConfigMap {name} with model={want:?} on the spoke"),
-        || {
-            let cms = cms.clone();
-            async move {
-                let cm = cms.get_opt(name).await.map_err(|e| e.to_string())?;
-                let model = cm.map(|c| c.data.and_then(|d| d.get("model").cloned()));
-                match (model, want) {
-                    (None, None) => Ok(()),
-                    (Some(Some(m)), Some(w)) if m == w => Ok(()),
-                    (other, _) => Err(format!("found {other:?}")),
-                }
-            }
-        },
-    )
-    .await
-    .unwrap();
 }
 
 fn config_map(ns: &str, name: &str, model: &str) -> Value {
@@ -309,35 +288,15 @@ async fn works_reach_spokelet_through_ocms_grpc_server_and_their_status_returns(
     let cluster = unique_name("pool");
     hub.accept_cluster(&cluster, 60).await.unwrap();
 
-    let dir = tempfile::tempdir().unwrap();
     let identity = hub.issue_grpc_agent(&cluster, "agent").unwrap();
-    let ca = write(dir.path(), "ca.crt", hub.grpc_ca_pem().unwrap());
-    let cert = write(dir.path(), "tls.crt", &identity.cert_pem);
-    let key = write(dir.path(), "tls.key", &identity.key_pem);
-    let kubeconfig = spoke.kubeconfig_path().display().to_string();
-    let url = hub.grpc_url().unwrap().to_string();
-    let agent = Agent::start(&[
-        "spokelet",
-        "run",
-        "--hub-transport",
-        "grpc",
-        "--hub-url",
-        &url,
-        "--hub-ca-file",
-        &ca,
-        "--hub-client-cert-file",
-        &cert,
-        "--hub-client-key-file",
-        &key,
-        "--cluster-name",
+    let args = GrpcAgentArgs::to(
+        hub.grpc_url().unwrap(),
+        hub.grpc_ca_pem().unwrap(),
+        &identity,
         &cluster,
-        "--kubeconfig",
-        &kubeconfig,
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--pool-report",
-        "false",
-    ]);
+        spoke.kubeconfig_path(),
+    );
+    let agent = Agent::start(&args.with(&["--pool-report", "false"]));
 
     // A ManifestWork created on the hub API, as any OCM user creates one.
     let works: Api<DynamicObject> = Api::namespaced_with(
@@ -388,17 +347,12 @@ async fn works_reach_spokelet_through_ocms_grpc_server_and_their_status_returns(
     until_model(&cms, "model", Some("mistral")).await;
     works.delete("model-server", &Default::default()).await.unwrap();
     until_model(&cms, "model", None).await;
-    eventually("the hub's ManifestWork gone once spokelet cleaned up", || {
-        let works = works.clone();
-        async move {
-            match works.get_opt("model-server").await.map_err(|e| e.to_string())? {
-                None => Ok(()),
-                Some(w) => Err(format!("still there: finalizers {:?}", w.metadata.finalizers)),
-            }
-        }
-    })
-    .await
-    .unwrap();
+    until_gone(
+        &works,
+        "model-server",
+        "the hub's ManifestWork gone once spokelet cleaned up",
+    )
+    .await;
 
     agent.stop().await;
     hub.check_running().unwrap();

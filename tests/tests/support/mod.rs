@@ -6,7 +6,7 @@ pub mod engine;
 
 use std::path::Path;
 
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
 use spokelet::admin::{Health, RunContext};
@@ -87,6 +87,45 @@ impl Agent {
     }
 }
 
+/// Waits until ConfigMap `name` in `cms` has `model` = `want` (`None`: until it is gone).
+pub async fn until_model(cms: &Api<ConfigMap>, name: &str, want: Option<&str>) {
+    spokelet_e2e::eventually(
+        &format!("ConfigMap {name} with model={want:?} on the spoke"),
+        || {
+            let cms = cms.clone();
+            async move {
+                let cm = cms.get_opt(name).await.map_err(|e| e.to_string())?;
+                let model = cm.map(|c| c.data.and_then(|d| d.get("model").cloned()));
+                match (model, want) {
+                    (None, None) => Ok(()),
+                    (Some(Some(m)), Some(w)) if m == w => Ok(()),
+                    (other, _) => Err(format!("found {other:?}")),
+                }
+            }
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// Waits until the hub object `name` in `api` is gone (its finalizers released).
+pub async fn until_gone<K>(api: &Api<K>, name: &str, what: &str)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    spokelet_e2e::eventually(what, || {
+        let api = api.clone();
+        async move {
+            match api.get_opt(name).await.map_err(|e| e.to_string())? {
+                None => Ok(()),
+                Some(o) => Err(format!("still there, finalizers {:?}", o.meta().finalizers)),
+            }
+        }
+    })
+    .await
+    .unwrap();
+}
+
 pub fn write(dir: &Path, name: &str, text: &str) -> String {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
@@ -103,11 +142,29 @@ pub struct GrpcAgentArgs {
 
 impl GrpcAgentArgs {
     pub fn new(pki: &HubPki, hub: &TestHub, cluster: &str, kubeconfig: &Path) -> Self {
-        let dir = tempfile::tempdir().unwrap();
         let identity = pki
             .client(cluster, &["system:open-cluster-management:managed-clusters"])
             .unwrap();
-        let ca = write(dir.path(), "ca.crt", pki.serving_ca.cert_pem());
+        let args = Self::to(
+            &hub.url(),
+            pki.serving_ca.cert_pem(),
+            &identity,
+            cluster,
+            kubeconfig,
+        );
+        args.with_agent_id(cluster)
+    }
+
+    /// The flags for the gRPC hub at `url` whose serving CA is `ca_pem`, as `identity`.
+    pub fn to(
+        url: &str,
+        ca_pem: &str,
+        identity: &spokelet_e2e::pki::CertAndKey,
+        cluster: &str,
+        kubeconfig: &Path,
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = write(dir.path(), "ca.crt", ca_pem);
         let cert = write(dir.path(), "tls.crt", &identity.cert_pem);
         let key = write(dir.path(), "tls.key", &identity.key_pem);
         let argv = [
@@ -116,7 +173,7 @@ impl GrpcAgentArgs {
             "--hub-transport",
             "grpc",
             "--hub-url",
-            &hub.url(),
+            url,
             "--hub-ca-file",
             &ca,
             "--hub-client-cert-file",
@@ -124,8 +181,6 @@ impl GrpcAgentArgs {
             "--hub-client-key-file",
             &key,
             "--cluster-name",
-            cluster,
-            "--agent-id",
             cluster,
             "--kubeconfig",
             &kubeconfig.display().to_string(),
@@ -135,6 +190,12 @@ impl GrpcAgentArgs {
         .map(String::from)
         .to_vec();
         GrpcAgentArgs { _dir: dir, argv }
+    }
+
+    /// With `--agent-id` set.
+    fn with_agent_id(mut self, id: &str) -> Self {
+        self.argv.extend(["--agent-id".to_string(), id.to_string()]);
+        self
     }
 
     /// The command line with `extra` flags appended.
