@@ -38,14 +38,14 @@ pub enum RegistryError {
     SemverRange { range: String, reason: String },
     #[error("no tag of {url} matches semver range {range:?}")]
     NoMatchingTag { url: String, range: String },
-    #[error("registry request for {reference}: {source}")]
+    #[error("registry request for {reference}: {}", answer(.source))]
     Request {
         reference: String,
         #[source]
         source: oci_client::errors::OciDistributionError,
     },
     /// Answers of 429 or 5xx, still so after the retry policy's attempts.
-    #[error("registry request for {reference}: {kind} after {attempts} attempts with backoff: {source}")]
+    #[error("registry request for {reference}: {kind} after {attempts} attempts with backoff: {}", answer(.source))]
     Throttled {
         reference: String,
         kind: Transient,
@@ -645,6 +645,21 @@ impl Registry {
     }
 }
 
+/// The most of a registry's answer an error message carries. The message reaches the hub in the
+/// source's condition, and a registry may answer a whole HTML page or anything it likes.
+const MAX_ANSWER_CHARS: usize = 300;
+
+/// A registry error as text, on one line and cut to [`MAX_ANSWER_CHARS`].
+fn answer(e: &oci_client::errors::OciDistributionError) -> String {
+    let text = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+    let total = text.chars().count();
+    if total <= MAX_ANSWER_CHARS {
+        return text;
+    }
+    let kept: String = text.chars().take(MAX_ANSWER_CHARS).collect();
+    format!("{kept}… ({} more characters)", total - MAX_ANSWER_CHARS)
+}
+
 /// The OCI platform of this agent (`linux/amd64`, `linux/arm64`, ...).
 pub fn agent_platform() -> (&'static str, &'static str) {
     let arch = match std::env::consts::ARCH {
@@ -745,5 +760,31 @@ impl Registry {
                 source,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_registrys_long_answer_is_cut_to_one_short_line() {
+        let page = format!("<html>\n<body>{}</body>\n</html>", "x".repeat(100_000));
+        let err = RegistryError::Request {
+            reference: "registry.example/apps/demo:v1".into(),
+            source: oci_client::errors::OciDistributionError::ServerError {
+                code: 500,
+                url: "https://registry.example/v2/apps/demo/manifests/v1".into(),
+                message: page,
+            },
+        };
+        let text = err.to_string();
+        assert!(text.chars().count() < 500, "{} characters", text.chars().count());
+        assert!(!text.contains('\n'), "{text}");
+        assert!(text.contains("more characters)"), "{text}");
+        assert!(
+            text.starts_with("registry request for registry.example/apps/demo:v1: "),
+            "{text}"
+        );
     }
 }

@@ -127,8 +127,15 @@ impl FileSource {
         if !self.synced {
             self.synced = true;
             // A file that does not parse may define recorded works: the listing then proves
-            // nothing about them, and they are kept as missing instead of deleted.
-            let listing = if complete {
+            // nothing about them, and they are kept as missing instead of deleted. Nor does a
+            // directory empty at start: a volume not mounted or not yet filled looks the same as
+            // one emptied on purpose, so its works are kept as missing too (removed after the
+            // eviction grace period); files removed while the agent runs are deletions as usual.
+            if present.is_empty() {
+                tracing::warn!(dir = %self.dir.display(),
+                    "the works directory is empty at start: works recorded on the spoke are kept as missing, not deleted, until the eviction grace period");
+            }
+            let listing = if complete && !present.is_empty() {
                 Listing::Complete
             } else {
                 Listing::Quiet
@@ -425,6 +432,17 @@ mod tests {
         let ev = drain(&mut s);
         assert!(
             matches!(ev.last(), Some(WorkEvent::Synced(Listing::Complete))),
+            "{ev:?}"
+        );
+    }
+
+    #[test]
+    fn a_directory_empty_at_start_proves_no_deletion() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = FileSource::new(dir.path(), Duration::from_secs(1)).unwrap();
+        let ev = drain(&mut s);
+        assert!(
+            matches!(ev.as_slice(), [WorkEvent::Synced(Listing::Quiet)]),
             "{ev:?}"
         );
     }

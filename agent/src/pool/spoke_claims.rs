@@ -3,8 +3,10 @@
 //! Only claims under `spokelet.io` become ClusterClaim objects. The OCM-named ones
 //! (`kubeversion`, `platform`, `product`) are reserved: a stock registration agent reports them
 //! itself, and an object of that name would compete with it. Every object spokelet creates
-//! carries the label `app.kubernetes.io/managed-by: spokelet`, and only objects with it are
-//! ever deleted (with a uid precondition, so a claim someone else recreated meanwhile stays).
+//! carries the label `app.kubernetes.io/managed-by: spokelet`, and an object is deleted only
+//! when it has the label, a `.spokelet.io` name and spokelet's field manager among its
+//! managedFields (a label anyone can set is not proof enough), with a uid and resourceVersion
+//! precondition, so a claim someone else recreated or changed meanwhile stays.
 
 use std::collections::BTreeMap;
 
@@ -43,6 +45,23 @@ pub enum ClaimsError {
     /// A request failed.
     #[error("ClusterClaims: {0}")]
     Api(#[from] kube::Error),
+}
+
+/// Whether spokelet wrote this claim: its name is one of spokelet's and spokelet's field manager
+/// holds fields of it (the label is only how they are listed).
+fn written_by_us(claim: &DynamicObject) -> bool {
+    let named = claim
+        .metadata
+        .name
+        .as_deref()
+        .is_some_and(|n| n.ends_with(OWN_SUFFIX));
+    let managed = claim
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .any(|f| f.manager.as_deref() == Some(FIELD_MANAGER));
+    named && managed
 }
 
 /// Keeps the spoke's ClusterClaims equal to the pool's spokelet claims.
@@ -111,13 +130,13 @@ impl ClaimWriter {
             let Some(name) = claim.metadata.name.as_deref() else {
                 continue;
             };
-            if wanted.contains_key(name) {
+            if wanted.contains_key(name) || !written_by_us(&claim) {
                 continue;
             }
             let params = DeleteParams {
                 preconditions: Some(Preconditions {
                     uid: claim.metadata.uid.clone(),
-                    resource_version: None,
+                    resource_version: claim.metadata.resource_version.clone(),
                 }),
                 ..DeleteParams::default()
             };
@@ -138,5 +157,28 @@ fn no_api(e: kube::Error) -> ClaimsError {
     match &e {
         kube::Error::Api(s) if s.code == 404 => ClaimsError::NoApi,
         _ => ClaimsError::Api(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim(name: &str, manager: &str) -> DynamicObject {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "cluster.open-cluster-management.io/v1alpha1", "kind": "ClusterClaim",
+            "metadata": {"name": name, "labels": {MANAGED_BY.0: MANAGED_BY.1},
+                         "managedFields": [{"manager": manager, "operation": "Apply"}]},
+            "spec": {"value": "x"},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn only_claims_spokelet_wrote_are_its_to_delete() {
+        assert!(written_by_us(&claim("gpu.count.spokelet.io", FIELD_MANAGER)));
+        // Labelled by someone else, or named outside spokelet's claims: left alone.
+        assert!(!written_by_us(&claim("gpu.count.spokelet.io", "kubectl")));
+        assert!(!written_by_us(&claim("region.example.com", FIELD_MANAGER)));
     }
 }
