@@ -28,6 +28,14 @@ pub struct BuildLimits {
     pub max_file_bytes: u64,
     /// Nesting of kustomizations through `resources`.
     pub max_nesting: usize,
+    /// Directories and files read by one build, counting each time one is reached: nesting
+    /// alone does not bound a walk (17 levels each listing the next four times is 4^16 visits,
+    /// all within the depth limit and producing no object).
+    pub max_reads: usize,
+    /// Bytes of YAML read by one build, all files together.
+    pub max_total_bytes: u64,
+    /// Wall time of one build: it holds a reconcile permit while it runs.
+    pub max_duration: std::time::Duration,
 }
 
 impl Default for BuildLimits {
@@ -36,6 +44,9 @@ impl Default for BuildLimits {
             max_objects: 5_000,
             max_file_bytes: 16 * 1024 * 1024,
             max_nesting: 16,
+            max_reads: 10_000,
+            max_total_bytes: 256 * 1024 * 1024,
+            max_duration: std::time::Duration::from_secs(60),
         }
     }
 }
@@ -63,6 +74,14 @@ pub enum BuildError {
     TooManyObjects { limit: usize },
     #[error("kustomizations nest more than {limit} deep (or include each other)")]
     TooDeep { limit: usize },
+    #[error("{path}: includes itself through resources (a cycle)")]
+    Cycle { path: String },
+    #[error("the build reads over {limit} directories and files")]
+    TooManyReads { limit: usize },
+    #[error("the build reads over {limit} bytes of YAML")]
+    TooManyBytes { limit: u64 },
+    #[error("the build took longer than {limit:?}")]
+    TookTooLong { limit: std::time::Duration },
     #[error("{0}")]
     Patch(String),
     /// A patch only a strategic merge would apply (also `UnsupportedKustomizeField`).
@@ -179,6 +198,10 @@ pub fn build(
         root,
         limits,
         count: 0,
+        reads: 0,
+        bytes: 0,
+        deadline: std::time::Instant::now() + limits.max_duration,
+        walking: Vec::new(),
     };
     let mut objs = b.dir(&dir, 0)?;
     let patches: Vec<PatchEntry> = overlay
@@ -210,6 +233,14 @@ struct Builder<'a> {
     limits: &'a BuildLimits,
     /// Objects read so far, against `max_objects`.
     count: usize,
+    /// Directories and files reached so far, against `max_reads`.
+    reads: usize,
+    /// YAML bytes read so far, against `max_total_bytes`.
+    bytes: u64,
+    /// When the build must have ended (`max_duration`).
+    deadline: std::time::Instant,
+    /// The directories being walked, outermost first: one reached again is a cycle.
+    walking: Vec<PathBuf>,
 }
 
 impl Builder<'_> {
@@ -221,6 +252,36 @@ impl Builder<'_> {
                 limit: self.limits.max_nesting,
             });
         }
+        if self.walking.iter().any(|d| d == dir) {
+            return Err(BuildError::Cycle {
+                path: self.shown(dir),
+            });
+        }
+        self.spend()?;
+        self.walking.push(dir.to_path_buf());
+        let objs = self.dir_contents(dir, depth);
+        self.walking.pop();
+        objs
+    }
+
+    /// One more directory or file read: within the read budget and the time limit, or an error.
+    fn spend(&mut self) -> Result<(), BuildError> {
+        self.reads += 1;
+        if self.reads > self.limits.max_reads {
+            return Err(BuildError::TooManyReads {
+                limit: self.limits.max_reads,
+            });
+        }
+        if std::time::Instant::now() > self.deadline {
+            return Err(BuildError::TookTooLong {
+                limit: self.limits.max_duration,
+            });
+        }
+        Ok(())
+    }
+
+    /// What [`Builder::dir`] reads once the directory is admitted.
+    fn dir_contents(&mut self, dir: &Path, depth: usize) -> Result<Vec<Value>, BuildError> {
         if let Some(file) = kustomization_file(dir) {
             return self.kustomization(dir, &file, depth);
         }
@@ -312,7 +373,7 @@ impl Builder<'_> {
 
     /// Applies each patch in order.
     fn patch_all(
-        &self,
+        &mut self,
         objs: &mut [Value],
         entries: &[PatchEntry],
         origin: &str,
@@ -392,7 +453,8 @@ impl Builder<'_> {
         Ok(objs)
     }
 
-    fn read(&self, path: &Path) -> Result<String, BuildError> {
+    fn read(&mut self, path: &Path) -> Result<String, BuildError> {
+        self.spend()?;
         let shown = self.shown(path);
         let err = |message: String| BuildError::Read {
             file: shown.clone(),
@@ -404,6 +466,12 @@ impl Builder<'_> {
                 "is over the {} byte limit for one file",
                 self.limits.max_file_bytes
             )));
+        }
+        self.bytes = self.bytes.saturating_add(meta.len());
+        if self.bytes > self.limits.max_total_bytes {
+            return Err(BuildError::TooManyBytes {
+                limit: self.limits.max_total_bytes,
+            });
         }
         std::fs::read_to_string(path).map_err(|e| err(e.to_string()))
     }

@@ -248,7 +248,73 @@ fn broken_artifacts_fail_with_where_and_limits_hold() {
     };
     let e = build(root, "c", &Overlay::default(), &small).unwrap_err();
     assert!(matches!(e, BuildError::TooManyObjects { limit: 2 }), "{e}");
+    // Including itself is a cycle, named as one (it used to end only at the depth limit).
     write(root, "loop/kustomization.yaml", "resources: [.]\n");
     let e = build(root, "loop", &Overlay::default(), &BuildLimits::default()).unwrap_err();
+    assert!(matches!(e, BuildError::Cycle { .. }), "{e}");
+    // A chain deeper than the limit, without a cycle.
+    for level in 0..20 {
+        write(
+            root,
+            &format!("deep/l{level}/kustomization.yaml"),
+            &format!("resources: [../l{}]\n", level + 1),
+        );
+    }
+    write(root, "deep/l20/kustomization.yaml", "resources: []\n");
+    let e = build(root, "deep/l0", &Overlay::default(), &BuildLimits::default()).unwrap_err();
     assert!(matches!(e, BuildError::TooDeep { .. }), "{e}");
+}
+
+/// A small artifact whose kustomizations fan out (17 levels, each listing the next four times:
+/// 4^16 visits, all within the depth limit and producing no object) is refused by the read
+/// budget instead of running for ever.
+#[test]
+fn a_fan_out_of_resources_is_refused_by_the_read_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    for level in 0..17 {
+        let resources = if level == 16 {
+            "resources: []\n".to_string()
+        } else {
+            let next = format!("../d{}", level + 1);
+            format!("resources: [{next}, {next}, {next}, {next}]\n")
+        };
+        write(root, &format!("d{level}/kustomization.yaml"), &resources);
+    }
+    let e = build(root, "d0", &Overlay::default(), &BuildLimits::default()).unwrap_err();
+    assert_eq!(e, BuildError::TooManyReads { limit: 10_000 }, "{e}");
+}
+
+/// Kustomizations that include each other are a cycle, named as one.
+#[test]
+fn kustomizations_including_each_other_are_a_cycle() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    write(root, "a/kustomization.yaml", "resources: [../b]\n");
+    write(root, "b/kustomization.yaml", "resources: [../a]\n");
+    let e = build(root, "a", &Overlay::default(), &BuildLimits::default()).unwrap_err();
+    assert!(matches!(&e, BuildError::Cycle { path } if path == "a"), "{e}");
+}
+
+/// The bytes of all files together are bounded, not only each file's.
+#[test]
+fn the_bytes_of_one_build_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let padding = format!("# {}\n", "x".repeat(1000));
+    for i in 0..10 {
+        write(
+            root,
+            &format!("app/cm{i}.yaml"),
+            &format!("{padding}apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cm{i}}}\n"),
+        );
+    }
+    let limits = BuildLimits {
+        max_total_bytes: 5_000,
+        ..BuildLimits::default()
+    };
+    let e = build(root, "app", &Overlay::default(), &limits).unwrap_err();
+    assert_eq!(e, BuildError::TooManyBytes { limit: 5_000 }, "{e}");
+    let objs = build(root, "app", &Overlay::default(), &BuildLimits::default()).unwrap();
+    assert_eq!(objs.len(), 10);
 }
