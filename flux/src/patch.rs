@@ -50,6 +50,12 @@ enum Operation {
     Merge(Value),
 }
 
+/// The largest an object may grow to under a patch (JSON bytes), checked after every operation:
+/// JSON 6902 `copy` operations double an object each, so thirty of them in a few hundred bytes
+/// of patch would ask for gigabytes. The work's own manifest budget (`--max-work-bytes`, 4 MiB by
+/// default) is the same size.
+pub const MAX_PATCHED_OBJECT_BYTES: usize = 4 * 1024 * 1024;
+
 /// Applies `patch` to every object its target selects. A patch that selects nothing is an
 /// error, as in kustomize: it is a mistake in the artifact.
 pub fn apply(objs: &mut [Value], patch: &PatchSpec) -> Result<(), PatchError> {
@@ -90,11 +96,11 @@ pub fn apply(objs: &mut [Value], patch: &PatchSpec) -> Result<(), PatchError> {
         hits += 1;
         let what = format!("{origin} on {}", describe(obj));
         match &op {
-            Operation::Json6902(p) => json_patch::patch(obj, p).map_err(|e| PatchError::Apply {
-                what,
-                message: e.to_string(),
-            })?,
-            Operation::Merge(m) => json_patch::merge(obj, m),
+            Operation::Json6902(p) => apply_bounded(obj, p, &what)?,
+            Operation::Merge(m) => {
+                json_patch::merge(obj, m);
+                check_size(obj, &what)?;
+            }
         }
     }
     if hits == 0 {
@@ -103,6 +109,44 @@ pub fn apply(objs: &mut [Value], patch: &PatchSpec) -> Result<(), PatchError> {
         )));
     }
     Ok(())
+}
+
+/// A JSON 6902 patch, one operation at a time, the object's size checked after each.
+fn apply_bounded(obj: &mut Value, patch: &json_patch::Patch, what: &str) -> Result<(), PatchError> {
+    for op in &patch.0 {
+        json_patch::patch(obj, &json_patch::Patch(vec![op.clone()])).map_err(|e| PatchError::Apply {
+            what: what.to_string(),
+            message: e.to_string(),
+        })?;
+        check_size(obj, what)?;
+    }
+    Ok(())
+}
+
+/// Refuses an object grown past [`MAX_PATCHED_OBJECT_BYTES`].
+fn check_size(obj: &Value, what: &str) -> Result<(), PatchError> {
+    // Counted by writing into a sink that only adds up lengths: nothing is allocated.
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            if self.0 > MAX_PATCHED_OBJECT_BYTES {
+                return Err(std::io::Error::other("too large"));
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    match serde_json::to_writer(&mut count, obj) {
+        Ok(()) => Ok(()),
+        Err(_) => Err(PatchError::Apply {
+            what: what.to_string(),
+            message: format!("the patched object grows past {MAX_PATCHED_OBJECT_BYTES} bytes"),
+        }),
+    }
 }
 
 /// Refuses what only a strategic merge would do: its `$patch`-style directives, and lists of
@@ -236,6 +280,21 @@ mod tests {
             text: text.into(),
             target,
         }
+    }
+
+    #[test]
+    fn a_patch_that_doubles_an_object_thirty_times_stops_at_the_size_limit() {
+        let mut o = objs();
+        let t = Target {
+            kind: Some("ConfigMap".into()),
+            ..Target::default()
+        };
+        o[1]["data"]["a"] = json!("x".repeat(1024));
+        let ops: String = (0..30)
+            .map(|i| format!("- op: copy\n  from: /data\n  path: /data/d{i}\n"))
+            .collect();
+        let err = apply(&mut o, &spec(&ops, Some(t))).unwrap_err();
+        assert!(err.to_string().contains("grows past"), "{err}");
     }
 
     #[test]

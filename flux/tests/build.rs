@@ -318,3 +318,24 @@ fn the_bytes_of_one_build_are_bounded() {
     let objs = build(root, "app", &Overlay::default(), &BuildLimits::default()).unwrap();
     assert_eq!(objs.len(), 10);
 }
+
+/// A YAML billion-laughs (nine levels of aliases each repeating the last nine times, about 2 KB)
+/// is refused by the YAML reader's alias budget, not expanded.
+#[test]
+fn a_yaml_alias_bomb_is_refused_not_expanded() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let mut text = String::from(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: lol}\na: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+    );
+    let names = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"];
+    for w in names.windows(2) {
+        let (prev, next) = (w[0], w[1]);
+        let refs = vec![format!("*{prev}"); 9].join(",");
+        text.push_str(&format!("{next}: &{next} [{refs}]\n"));
+    }
+    write(root, "bomb/cm.yaml", &text);
+    let e = build(root, "bomb", &Overlay::default(), &BuildLimits::default()).unwrap_err();
+    assert!(matches!(e, BuildError::Yaml { .. }), "{e}");
+    assert!(e.to_string().contains("repetition limit"), "{e}");
+}
