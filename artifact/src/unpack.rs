@@ -187,6 +187,10 @@ impl<R: Read> Read for Counted<R> {
 enum LimitHit {
     #[error("compressed size limit")]
     Compressed,
+    #[error("unpacked size limit")]
+    Uncompressed,
+    #[error("compression ratio limit")]
+    Ratio,
 }
 
 fn from_io(e: io::Error, limits: &UnpackLimits) -> UnpackError {
@@ -197,34 +201,41 @@ fn from_io(e: io::Error, limits: &UnpackLimits) -> UnpackError {
         Some(LimitHit::Compressed) => UnpackError::CompressedTooLarge {
             limit: limits.max_compressed,
         },
+        Some(LimitHit::Uncompressed) => UnpackError::UncompressedTooLarge {
+            limit: limits.max_uncompressed,
+        },
+        Some(LimitHit::Ratio) => UnpackError::RatioTooHigh {
+            limit: limits.max_ratio,
+        },
         None => UnpackError::Corrupt(e.to_string()),
     }
 }
 
-/// The running totals checked on every chunk of file contents.
-struct Budget<'a> {
-    limits: &'a UnpackLimits,
+/// The gzip decoder's output, every byte counted against the unpacked size and ratio limits:
+/// file contents, and tar headers, GNU long names and PAX records alike. The tar reader keeps a
+/// long name or a PAX record whole in memory, so counting only file contents let a header of
+/// 800 MiB of zeros (800 KB compressed) through; counted here, it stops within the ratio limit.
+struct Decompressed<R> {
+    inner: R,
+    limits: UnpackLimits,
+    /// Compressed bytes read so far (the [`Counted`] under the decoder).
     compressed: std::rc::Rc<std::cell::Cell<u64>>,
+    /// Decompressed bytes given so far.
     uncompressed: u64,
 }
 
-impl Budget<'_> {
-    /// Counts `n` more decompressed bytes.
-    fn spend(&mut self, n: u64) -> Result<(), UnpackError> {
-        self.uncompressed += n;
-        let limits = self.limits;
-        if self.uncompressed > limits.max_uncompressed {
-            return Err(UnpackError::UncompressedTooLarge {
-                limit: limits.max_uncompressed,
-            });
+impl<R: Read> Read for Decompressed<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.uncompressed += n as u64;
+        if self.uncompressed > self.limits.max_uncompressed {
+            return Err(io::Error::other(LimitHit::Uncompressed));
         }
         let compressed = self.compressed.get().max(1);
-        if self.uncompressed > RATIO_GRACE && self.uncompressed / compressed > limits.max_ratio {
-            return Err(UnpackError::RatioTooHigh {
-                limit: limits.max_ratio,
-            });
+        if self.uncompressed > RATIO_GRACE && self.uncompressed / compressed > self.limits.max_ratio {
+            return Err(io::Error::other(LimitHit::Ratio));
         }
-        Ok(())
+        Ok(n)
     }
 }
 
@@ -236,14 +247,15 @@ fn unpack_into<R: Read>(archive: R, staging: &Path, limits: &UnpackLimits) -> Re
         read: compressed.clone(),
         limit: limits.max_compressed,
     };
-    let mut tar = tar::Archive::new(GzDecoder::new(counted));
+    let mut tar = tar::Archive::new(Decompressed {
+        inner: GzDecoder::new(counted),
+        limits: *limits,
+        compressed,
+        uncompressed: 0,
+    });
     let mut run = Extraction {
         staging,
-        budget: Budget {
-            limits,
-            compressed,
-            uncompressed: 0,
-        },
+        limits,
         seen: HashSet::new(),
         count: 0,
         done: Unpacked::default(),
@@ -253,7 +265,7 @@ fn unpack_into<R: Read>(archive: R, staging: &Path, limits: &UnpackLimits) -> Re
     }
     // Read the input to its end (still bounded): bytes after the archive are part of the blob,
     // and a verifying reader gives its verdict only there.
-    let mut rest = tar.into_inner().into_inner();
+    let mut rest = tar.into_inner().inner.into_inner();
     io::copy(&mut rest, &mut io::sink()).map_err(|e| from_io(e, limits))?;
     Ok(run.done)
 }
@@ -261,7 +273,7 @@ fn unpack_into<R: Read>(archive: R, staging: &Path, limits: &UnpackLimits) -> Re
 /// One unpack between its entries.
 struct Extraction<'a> {
     staging: &'a Path,
-    budget: Budget<'a>,
+    limits: &'a UnpackLimits,
     /// Paths written so far, to refuse a second entry for one.
     seen: HashSet<PathBuf>,
     /// Entries read, skipped ones too: a million symlinks cost as much to read as files.
@@ -272,7 +284,7 @@ struct Extraction<'a> {
 impl Extraction<'_> {
     /// Checks one entry and writes it, skips it, or refuses the archive.
     fn take<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), UnpackError> {
-        let limits = self.budget.limits;
+        let limits = self.limits;
         self.count += 1;
         if self.count > limits.max_files {
             return Err(UnpackError::TooManyEntries {
@@ -305,7 +317,7 @@ impl Extraction<'_> {
                     fs::create_dir_all(parent).map_err(write_err(parent))?;
                 }
                 let mode = entry.header().mode().unwrap_or(0o644);
-                let (size, sha256) = copy_file(&mut entry, &target, mode, &mut self.budget)?;
+                let (size, sha256) = copy_file(&mut entry, &target, mode, limits)?;
                 self.done.bytes += size;
                 self.done.files += 1;
                 let path = rel.to_string_lossy().into_owned();
@@ -358,7 +370,7 @@ fn checked_path(raw: &str, max_depth: usize) -> Result<PathBuf, UnpackError> {
     Ok(rel)
 }
 
-/// Writes one file's contents, counting them against the budget as they stream. The file is
+/// Writes one file's contents as they stream (counted where they are decompressed). The file is
 /// created new (an existing path, which a duplicate entry or a directory would be, fails), and
 /// keeps only the permission bits (no setuid, setgid or sticky bit). Returns its size and
 /// hex sha256.
@@ -366,7 +378,7 @@ fn copy_file(
     from: &mut impl Read,
     to: &Path,
     mode: u32,
-    budget: &mut Budget<'_>,
+    limits: &UnpackLimits,
 ) -> Result<(u64, String), UnpackError> {
     use sha2::Digest as _;
     use std::io::Write;
@@ -385,11 +397,10 @@ fn copy_file(
     let mut written = 0u64;
     let mut hasher = sha2::Sha256::new();
     loop {
-        let n = from.read(&mut buf).map_err(|e| from_io(e, budget.limits))?;
+        let n = from.read(&mut buf).map_err(|e| from_io(e, limits))?;
         if n == 0 {
             return Ok((written, hex::encode(hasher.finalize())));
         }
-        budget.spend(n as u64)?;
         file.write_all(&buf[..n]).map_err(werr)?;
         hasher.update(&buf[..n]);
         written += n as u64;

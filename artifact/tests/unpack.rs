@@ -217,6 +217,31 @@ fn a_10_gb_gzip_bomb_is_stopped_by_the_ratio() {
     assert!(matches!(e, UnpackError::RatioTooHigh { limit: 200 }), "{e}");
 }
 
+/// A GNU long-name header or a PAX record is metadata the tar reader keeps whole in memory: one
+/// announcing 800 MiB of zeros (about 800 KB compressed) is stopped by the ratio as it is
+/// decompressed, before it is held.
+#[test]
+fn an_800_mib_long_name_or_pax_header_is_stopped_as_it_decompresses() {
+    for kind in [EntryType::GNULongName, EntryType::XHeader] {
+        let mut h = Header::new_gnu();
+        h.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+        h.set_entry_type(kind);
+        h.set_size(800 * 1024 * 1024);
+        h.set_cksum();
+        let bomb = Bomb {
+            header: h.as_bytes().to_vec(),
+            at: 0,
+        };
+        let stream = flate2::read::GzEncoder::new(bomb, Compression::best());
+        let (_tmp, result) = unpack(stream, &UnpackLimits::default());
+        let e = result.unwrap_err();
+        assert!(
+            matches!(e, UnpackError::RatioTooHigh { limit: 200 }),
+            "{kind:?}: {e}"
+        );
+    }
+}
+
 #[test]
 fn size_limits_hold_for_compressed_and_uncompressed_bytes() {
     let body = "x".repeat(4096);
