@@ -89,6 +89,9 @@ pub enum BuildError {
     Strategic(String),
     #[error("the build defines {0} twice")]
     Duplicate(String),
+    /// What the build produced is over one of the work's own limits (size, nesting).
+    #[error("{0}")]
+    OverWorkLimit(String),
 }
 
 impl BuildError {

@@ -39,6 +39,7 @@ use super::context::ReconcileContext;
 use super::failure::ManifestFailure;
 use super::manifestwork::{FeedbackValue, FieldValue, Manifest, ManifestWork, ValueType};
 use super::status::ManifestResult;
+use super::validate::WorkLimits;
 
 /// The labels Flux's kustomize-controller puts on what it applies; kept so tools that look
 /// for them (and `kubectl get -l`) find objects from artifacts the same way.
@@ -534,7 +535,7 @@ async fn attempt(
         max_objects: limit,
         ..BuildLimits::default()
     };
-    match build_objects(ks, pulled.dir.clone(), vars, limits).await {
+    match build_objects(ks, pulled.dir.clone(), vars, limits, ctx.cfg.limits).await {
         Ok(manifests) => {
             tracing::info!(kustomization = %id, revision = %pulled.revision, objects = manifests.len(), "built");
             Attempt::Built(BuildMemory {
@@ -567,6 +568,7 @@ async fn build_objects(
     dir: PathBuf,
     vars: Option<BTreeMap<String, String>>,
     limits: BuildLimits,
+    work_limits: WorkLimits,
 ) -> Result<Vec<Manifest>, BuildError> {
     let spec = &ks.spec;
     let meta = spec.common_metadata.clone().unwrap_or_default();
@@ -591,6 +593,7 @@ async fn build_objects(
         for o in &mut objs {
             label(o, &name, &namespace);
         }
+        check_built(&objs, &work_limits)?;
         Ok(objs.into_iter().map(Manifest::from).collect())
     });
     task.await.unwrap_or_else(|e| {
@@ -599,6 +602,40 @@ async fn build_objects(
             message: format!("the build task failed: {e}"),
         })
     })
+}
+
+/// Holds what a build made to the work's own limits, as if the hub had sent it inline: each
+/// object's nesting (`--max-json-depth`) and the bytes of them all (`--max-work-bytes`).
+fn check_built(objs: &[Value], limits: &WorkLimits) -> Result<(), BuildError> {
+    let mut bytes = 0usize;
+    for (i, obj) in objs.iter().enumerate() {
+        let text = obj.to_string();
+        let depth = super::validate::json_depth(&text);
+        if depth > limits.max_json_depth {
+            return Err(BuildError::OverWorkLimit(format!(
+                "built object {i} ({}) nests {depth} levels deep, over the limit of {}",
+                describe(obj),
+                limits.max_json_depth
+            )));
+        }
+        bytes = bytes.saturating_add(text.len());
+        if bytes > limits.max_work_bytes {
+            return Err(BuildError::OverWorkLimit(format!(
+                "the built objects are over the work's {} byte limit",
+                limits.max_work_bytes
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `kind/name` of an object, for messages.
+fn describe(obj: &Value) -> String {
+    format!(
+        "{}/{}",
+        obj["kind"].as_str().unwrap_or("?"),
+        obj["metadata"]["name"].as_str().unwrap_or("?")
+    )
 }
 
 /// Adds Flux's ownership labels.
@@ -900,5 +937,32 @@ fn display(r: &ManifestResult) -> String {
         r.meta.name.clone()
     } else {
         format!("{}/{}", r.meta.namespace, r.meta.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn built_objects_are_held_to_the_works_size_and_nesting() {
+        let limits = WorkLimits {
+            max_work_bytes: 200,
+            max_json_depth: 5,
+            ..WorkLimits::default()
+        };
+        let small = json!({"kind": "ConfigMap", "metadata": {"name": "a"}, "data": {"k": "v"}});
+        assert_eq!(check_built(std::slice::from_ref(&small), &limits), Ok(()));
+        let deep = json!({"kind": "ConfigMap", "metadata": {"name": "deep"}, "data": {"a": [[[[["x"]]]]]}});
+        let err = check_built(&[deep], &limits).unwrap_err().to_string();
+        assert!(
+            err.contains("ConfigMap/deep") && err.contains("levels deep"),
+            "{err}"
+        );
+        let many = vec![small; 10];
+        let err = check_built(&many, &limits).unwrap_err().to_string();
+        assert!(err.contains("200 byte limit"), "{err}");
     }
 }
