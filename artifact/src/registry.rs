@@ -128,6 +128,10 @@ pub struct Pulled {
     pub dir: PathBuf,
     /// False when the layer was already cached (no blob was requested).
     pub downloaded: bool,
+    /// The fingerprint of the keys whose signature check this digest passed
+    /// ([`CosignKeys::fingerprint`]); None when none was asked for. An unchanged digest is taken
+    /// as it is only while the keys are the same: a key revoked since is asked again.
+    pub verified_with: Option<String>,
 }
 
 /// The annotations of a pushed artifact.
@@ -378,7 +382,8 @@ impl Registry {
         keys: Option<&CosignKeys>,
     ) -> Result<Pulled, RegistryError> {
         let (manifest_digest, revision) = self.resolve(url, wanted).await?;
-        if let Some(known) = known.filter(|k| k.manifest == manifest_digest)
+        let fingerprint = keys.map(CosignKeys::fingerprint);
+        if let Some(known) = known.filter(|k| k.manifest == manifest_digest && k.verified_with == fingerprint)
             && let Some(dir) = cache.get(&known.layer, Check::Sizes)?
         {
             return Ok(Pulled {
@@ -388,12 +393,15 @@ impl Registry {
                 ..known.clone()
             });
         }
-        // A new digest: its signature is checked before anything of it is downloaded.
+        // A new digest, or new keys: the signature is checked before anything is downloaded.
         if let Some(keys) = keys {
             self.verify_signature(url, &manifest_digest, keys).await?;
         }
-        self.pull_resolved(url, wanted, manifest_digest, revision, cache, limits)
-            .await
+        let mut pulled = self
+            .pull_resolved(url, wanted, manifest_digest, revision, cache, limits)
+            .await?;
+        pulled.verified_with = fingerprint;
+        Ok(pulled)
     }
 
     /// Checks that a cosign signature of `manifest`, made with one of `keys`, is stored at
@@ -514,6 +522,7 @@ impl Registry {
                 layer: layer_digest,
                 dir,
                 downloaded: false,
+                verified_with: None,
             });
         }
         let file = self.download(&by_digest, &layer, &layer_digest, cache).await?;
@@ -538,6 +547,7 @@ impl Registry {
             layer: layer_digest,
             dir: put?,
             downloaded: true,
+            verified_with: None,
         })
     }
 

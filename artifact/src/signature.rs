@@ -66,6 +66,17 @@ impl CosignKeys {
         Ok(CosignKeys(keys))
     }
 
+    /// What identifies this set of keys (sha256 of their SEC1 encodings, in order): a digest
+    /// verified with one set is not taken as verified by another.
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        for key in &self.0 {
+            h.update(key.to_encoded_point(false).as_bytes());
+        }
+        hex::encode(h.finalize())
+    }
+
     /// Checks that `payload`, signed with `signature_b64`, is a cosign payload for `manifest`
     /// and that one of the keys made the signature.
     pub fn verify(

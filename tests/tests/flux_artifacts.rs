@@ -617,6 +617,56 @@ async fn a_signed_artifact_is_applied_and_unsigned_or_wrongly_signed_ones_never_
     registry.stop().await;
 }
 
+/// A key taken out of `verify.secretRef` (revoked) no longer vouches for a digest fetched and
+/// verified with it: the unchanged check verifies again when the keys changed, and refuses.
+#[tokio::test]
+async fn a_revoked_key_no_longer_vouches_for_a_digest_already_fetched() {
+    use p256::ecdsa::SigningKey;
+    use p256::pkcs8::{EncodePublicKey, LineEnding};
+    use spokelet_artifact::cache::ArtifactCache;
+    use spokelet_artifact::registry::ArtifactRef;
+    use spokelet_artifact::signature::CosignKeys;
+    let registry = OciRegistry::start().await.unwrap();
+    let host = registry.host();
+    let url = format!("oci://{host}/apps/revoked");
+    let key = SigningKey::from_slice(&[21u8; 32]).unwrap();
+    let other = SigningKey::from_slice(&[22u8; 32]).unwrap();
+    let signed = push(&url, "v1", &[("deploy/a.yaml", cm_yaml("a", "one"))]).await;
+    push_signature(&host, "apps/revoked", &signed, &key).await;
+    let keys_of = |k: &SigningKey| {
+        let pem = k.verifying_key().to_public_key_pem(LineEnding::LF).unwrap();
+        CosignKeys::from_pems([("cosign.pub", pem.as_bytes())]).unwrap()
+    };
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = ArtifactCache::open(cache_dir.path()).unwrap();
+    let (limits, wanted) = (UnpackLimits::default(), ArtifactRef::tag("v1"));
+    let client = Registry::new(true, RegistryAuth::Anonymous);
+    let first = client
+        .refresh(&url, &wanted, &cache, &limits, None, Some(&keys_of(&key)))
+        .await
+        .unwrap();
+    // Unchanged, same key: taken as it is, nothing downloaded.
+    let again = client
+        .refresh(&url, &wanted, &cache, &limits, Some(&first), Some(&keys_of(&key)))
+        .await
+        .unwrap();
+    assert!(!again.downloaded);
+    // The Secret now holds another key: the digest it has is checked again, and refused.
+    let err = client
+        .refresh(
+            &url,
+            &wanted,
+            &cache,
+            &limits,
+            Some(&again),
+            Some(&keys_of(&other)),
+        )
+        .await
+        .expect_err("the revoked key's signature no longer counts");
+    assert!(err.to_string().contains("no signature verifies it"), "{err}");
+    registry.stop().await;
+}
+
 /// `prune: false`: what leaves the artifact stays on the cluster, released (no longer owned
 /// by the work's record), as Flux leaves it.
 #[tokio::test]
