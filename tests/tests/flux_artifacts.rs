@@ -800,6 +800,57 @@ async fn force_recreates_an_object_whose_immutable_field_changed_and_without_it_
     registry.stop().await;
 }
 
+/// `force: true` never deletes an object the work adopted (one that existed before the work):
+/// adopted objects are released, never deleted, so an immutable change to one is refused with
+/// the reason and the object stays as it was.
+#[tokio::test]
+async fn force_does_not_recreate_an_object_the_work_adopted() {
+    let registry = OciRegistry::start().await.unwrap();
+    let url = format!("oci://{}/apps/adopted", registry.host());
+    let (mut agent, _cache, ns) = flux_agent("flux-force-adopted").await;
+    let client = agent.client.clone();
+    // Someone's ConfigMap, there before the work.
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let theirs: ConfigMap = serde_yaml::from_str(&immutable_cm_yaml("a", "one")).unwrap();
+    cms.create(&Default::default(), &theirs).await.unwrap();
+    let before = cm_uid(&client, &ns, "a").await.expect("created");
+    push(&url, "v1", &[("deploy/a.yaml", immutable_cm_yaml("a", "one"))]).await;
+    push(&url, "v2", &[("deploy/a.yaml", immutable_cm_yaml("a", "two"))]).await;
+    let mut w = work(
+        "flux-force-adopted",
+        1,
+        vec![
+            oci_repository("adopted", &url, "v1"),
+            kustomization("adopted", "adopted", &ns, json!({"force": true})),
+        ],
+    );
+    agent.upsert(&w);
+    agent
+        .wait("flux-force-adopted", "v1 Ready (the ConfigMap adopted)", |u| {
+            manifest_cond_opt(u, 1, "Ready").is_some_and(|c| c.status == "True")
+        })
+        .await;
+    w.spec.workload.manifests[0] = oci_repository("adopted", &url, "v2").into();
+    w.metadata.generation = Some(2);
+    agent.upsert(&w);
+    let status = agent
+        .wait("flux-force-adopted", "v2 refused: adopted, not recreated", |u| {
+            manifest_cond_opt(u, 1, "Ready")
+                .is_some_and(|c| c.status == "False" && c.message.contains("adopted"))
+        })
+        .await;
+    let ready = manifest_cond_opt(&status, 1, "Ready").unwrap();
+    assert!(ready.message.contains("never deleted"), "{}", ready.message);
+    assert_eq!(
+        cm_uid(&client, &ns, "a").await,
+        Some(before),
+        "the adopted object is the same one"
+    );
+    assert_eq!(cm_value(&client, &ns, "a").await.as_deref(), Some("one"));
+    agent.stop().await;
+    registry.stop().await;
+}
+
 /// A hostile artifact (an entry climbing out with `..`) fails its source with the reason, nothing
 /// of it is written, and a work beside it is applied as usual.
 #[tokio::test]

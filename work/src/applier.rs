@@ -100,6 +100,10 @@ pub struct Prepared {
     /// immutable field changed, delete the object (only if this work owns it) and create it
     /// anew, as kustomize-controller does. Nothing else ever deletes in order to apply.
     pub recreate_on_immutable: bool,
+    /// UIDs of objects the work adopted (they existed before it), which a recreation must not
+    /// delete: adopted objects are released, never deleted (`--adopted-objects release`, the
+    /// default). Empty when adopted objects may be deleted.
+    pub adopted: std::sync::Arc<std::collections::HashSet<String>>,
 }
 
 /// What an apply did.
@@ -234,6 +238,11 @@ impl Applier {
             .pointer("/metadata/uid")
             .and_then(Value::as_str)
             .map(str::to_string);
+        if uid.as_ref().is_some_and(|u| p.adopted.contains(u)) {
+            return Err(ApplyError::Client(format!(
+                "{refused}; not recreated: the work adopted this object (it existed before the work), and adopted objects are released, never deleted"
+            )));
+        }
         let dp = kube::api::DeleteParams {
             preconditions: Some(kube::api::Preconditions {
                 uid,

@@ -173,6 +173,7 @@ pub async fn prepare(
         ignore,
         spec_hash: p.content_hash.clone(),
         recreate_on_immutable: false,
+        adopted: Default::default(),
     })
 }
 

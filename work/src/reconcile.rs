@@ -305,6 +305,19 @@ impl Run<'_> {
     /// work with different content.
     async fn prepare_tier(&mut self, idxs: Vec<usize>) -> Vec<Prepared> {
         let mut batch = Vec::new();
+        // What a `force: true` recreation must not delete: the objects the work adopted.
+        let adopted = if self.ctx.cfg.release_adopted && idxs.iter().any(|i| self.recreate.contains(i)) {
+            let mut uids = self
+                .memory
+                .record
+                .as_ref()
+                .map(applied_work::adopted_uids)
+                .unwrap_or_default();
+            uids.extend(self.adopted.iter().cloned());
+            std::sync::Arc::new(uids)
+        } else {
+            std::sync::Arc::default()
+        };
         for i in idxs {
             let Some(p) = self.parsed[i].as_ref() else {
                 continue;
@@ -319,6 +332,9 @@ impl Run<'_> {
                 }
             };
             prep.recreate_on_immutable = self.recreate.contains(&i);
+            if prep.recreate_on_immutable {
+                prep.adopted = adopted.clone();
+            }
             if let Err(e) = self.seen.check(&prep.key, i) {
                 r.error = Some(e.into());
                 continue;
