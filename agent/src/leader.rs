@@ -146,6 +146,11 @@ fn default_identity() -> String {
     format!("{host}_{:08x}", rand::random::<u32>())
 }
 
+/// The error of a Lease request that got no answer within `limit`.
+fn no_answer(limit: Duration) -> kube::Error {
+    kube::Error::Service(format!("no answer from the API server within {limit:?}").into())
+}
+
 /// Whether this replica may write to the spoke now: open until an instant of the local
 /// monotonic clock, shut otherwise. Cheap to clone; checked before every mutating request.
 #[derive(Debug, Clone)]
@@ -174,6 +179,13 @@ impl WriteGate {
     /// No write from now on.
     pub fn shut_now(&self) {
         self.open_until.store(0, Ordering::Release);
+    }
+
+    /// How long writes remain allowed (zero when shut).
+    pub fn remaining(&self) -> Duration {
+        let until = self.open_until.load(Ordering::Acquire);
+        let now = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        Duration::from_nanos(until.saturating_sub(now))
     }
 
     /// Whether a write may be sent now.
@@ -287,7 +299,18 @@ impl Elector {
             ExponentialBackoff::new(self.settings.retry_period / 4, self.settings.retry_period, 0.2);
         loop {
             let leading = *self.role.borrow() == Role::Leader;
-            let wait = match self.attempt().await {
+            // Each attempt is bounded: a renewal hung on a half-open connection must not keep a
+            // shut-gate "leader" (and its hub session) alive for minutes. A leader waits at most
+            // until its gate shuts, a candidate one retry period.
+            let limit = if leading {
+                self.gate.remaining()
+            } else {
+                self.settings.retry_period
+            };
+            let attempt = tokio::time::timeout(limit, self.attempt())
+                .await
+                .unwrap_or_else(|_| Err(no_answer(limit)));
+            let wait = match attempt {
                 Ok(Attempt::Held(sent)) => {
                     backoff.reset();
                     self.gate.open_until(sent + self.settings.renew_deadline);
@@ -566,6 +589,39 @@ mod tests {
         gate.open_until(Instant::now() + Duration::from_secs(1));
         gate.shut_now();
         assert!(!gate.is_open());
+    }
+
+    /// A leader whose renewal hangs (a half-open connection: the request is sent, no answer
+    /// ever comes) loses the Lease when its gate shuts, instead of waiting on the request.
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_that_never_answers_loses_leadership_at_the_gate_deadline() {
+        let hanging = tower::service_fn(|_req: http::Request<kube::client::Body>| {
+            std::future::pending::<Result<http::Response<kube::client::Body>, BoxError>>()
+        });
+        let client = kube::Client::new(hanging, "ns");
+        let settings = LeaseSettings {
+            name: "l".into(),
+            namespace: "ns".into(),
+            identity: "me".into(),
+            duration: Duration::from_secs(10),
+            renew_deadline: Duration::from_secs(7),
+            retry_period: Duration::from_secs(2),
+        };
+        let gate = WriteGate::shut();
+        let start = Instant::now();
+        gate.open_until(start + settings.renew_deadline);
+        let mut elector = Elector::new(client, settings, gate.clone(), LeaderMetrics::default());
+        elector.role.send_replace(Role::Leader);
+        let role = elector.role();
+        let ran = tokio::time::timeout(Duration::from_secs(60), elector.run(CancellationToken::new())).await;
+        assert!(ran.is_ok(), "the elector waited on a renewal that never answers");
+        assert_eq!(*role.borrow(), Role::Lost);
+        assert!(!gate.is_open());
+        assert!(
+            start.elapsed() <= Duration::from_secs(7) + Duration::from_millis(10),
+            "{:?}",
+            start.elapsed()
+        );
     }
 
     #[test]
