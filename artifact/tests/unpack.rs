@@ -200,20 +200,25 @@ impl Read for Bomb {
     }
 }
 
+/// Unpacks `h` followed by endless zeros, compressed on the fly: the unpacker must stop long
+/// before the size the header announces is made.
+fn unpack_bomb(h: &Header) -> UnpackError {
+    let bomb = Bomb {
+        header: h.as_bytes().to_vec(),
+        at: 0,
+    };
+    let stream = flate2::read::GzEncoder::new(bomb, Compression::best());
+    let (_tmp, result) = unpack(stream, &UnpackLimits::default());
+    result.unwrap_err()
+}
+
 #[test]
 fn a_10_gb_gzip_bomb_is_stopped_by_the_ratio() {
     let mut h = Header::new_gnu();
     h.set_path("zeros").unwrap();
     h.set_size(10 * 1024 * 1024 * 1024);
     h.set_cksum();
-    let bomb = Bomb {
-        header: h.as_bytes().to_vec(),
-        at: 0,
-    };
-    // Compressed on the fly: the unpacker stops long before 10 GB are made.
-    let stream = flate2::read::GzEncoder::new(bomb, Compression::best());
-    let (_tmp, result) = unpack(stream, &UnpackLimits::default());
-    let e = result.unwrap_err();
+    let e = unpack_bomb(&h);
     assert!(matches!(e, UnpackError::RatioTooHigh { limit: 200 }), "{e}");
 }
 
@@ -228,13 +233,7 @@ fn an_800_mib_long_name_or_pax_header_is_stopped_as_it_decompresses() {
         h.set_entry_type(kind);
         h.set_size(800 * 1024 * 1024);
         h.set_cksum();
-        let bomb = Bomb {
-            header: h.as_bytes().to_vec(),
-            at: 0,
-        };
-        let stream = flate2::read::GzEncoder::new(bomb, Compression::best());
-        let (_tmp, result) = unpack(stream, &UnpackLimits::default());
-        let e = result.unwrap_err();
+        let e = unpack_bomb(&h);
         assert!(
             matches!(e, UnpackError::RatioTooHigh { limit: 200 }),
             "{kind:?}: {e}"
