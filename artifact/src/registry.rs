@@ -38,6 +38,8 @@ pub enum RegistryError {
     SemverRange { range: String, reason: String },
     #[error("no tag of {url} matches semver range {range:?}")]
     NoMatchingTag { url: String, range: String },
+    #[error("{reference} has over {limit} tags; a semver range is not resolved over so many")]
+    TooManyTags { reference: String, limit: usize },
     #[error("registry request for {reference}: {}", answer(.source))]
     Request {
         reference: String,
@@ -153,7 +155,14 @@ pub struct Registry {
     auth: RegistryAuth,
     /// How requests answered with 429 or 5xx are repeated.
     retry: RetryPolicy,
+    /// Tags asked for per page of the tag list ([`TAG_PAGE`]; smaller in tests).
+    tag_page: usize,
 }
+
+/// Tags per page of a tag list.
+pub const TAG_PAGE: usize = 1000;
+/// The most tags read to resolve a semver range.
+pub const MAX_TAGS: usize = 100_000;
 
 impl std::fmt::Debug for Registry {
     // The client holds credentials and tokens; none of it is worth printing.
@@ -222,7 +231,14 @@ impl Registry {
             client: Client::new(config),
             auth,
             retry: RetryPolicy::default(),
+            tag_page: TAG_PAGE,
         }
+    }
+
+    /// The same client reading tag lists `n` tags a page.
+    pub fn with_tag_page(mut self, n: usize) -> Registry {
+        self.tag_page = n.max(1);
+        self
     }
 
     /// The same client with another retry policy (tests, and `artifact pull --no-retry`).
@@ -334,14 +350,7 @@ impl Registry {
             })
             .transpose()?;
         let repo = repository(url)?;
-        let tags = self
-            .retry
-            .run("tag list", || {
-                self.client.list_tags(&repo, &self.auth, None, None)
-            })
-            .await
-            .map_err(self.retried_err(&repo))?
-            .tags;
+        let tags = self.all_tags(&repo).await?;
         tags.into_iter()
             .filter(|t| filter.as_ref().is_none_or(|f| f.is_match(t)))
             .filter_map(|t| {
@@ -354,6 +363,41 @@ impl Registry {
                 url: url.to_string(),
                 range: range.to_string(),
             })
+    }
+
+    /// Every tag of `repo`, page by page (`n` and `last`, as the distribution API pages them):
+    /// registries that page by default (GHCR, Docker Hub) would otherwise hide every tag past
+    /// the first page from a semver range. At most [`MAX_TAGS`], in pages of [`TAG_PAGE`].
+    async fn all_tags(&self, repo: &Reference) -> Result<Vec<String>, RegistryError> {
+        let mut tags: Vec<String> = Vec::new();
+        loop {
+            let last = tags.last().cloned();
+            let page = self
+                .retry
+                .run("tag list", || {
+                    self.client
+                        .list_tags(repo, &self.auth, Some(self.tag_page), last.as_deref())
+                })
+                .await
+                .map_err(self.retried_err(repo))?
+                .tags;
+            let full = page.len() >= self.tag_page;
+            // A registry that ignores `last` answers the same page again: stop there.
+            let fresh: Vec<String> = page.into_iter().filter(|t| !tags.contains(t)).collect();
+            if fresh.is_empty() {
+                return Ok(tags);
+            }
+            tags.extend(fresh);
+            if tags.len() > MAX_TAGS {
+                return Err(RegistryError::TooManyTags {
+                    reference: repo.whole(),
+                    limit: MAX_TAGS,
+                });
+            }
+            if !full {
+                return Ok(tags);
+            }
+        }
     }
 
     /// Pulls the artifact `wanted` names from `url` into `cache`: resolved to a manifest digest

@@ -252,6 +252,15 @@ async fn the_digest_beats_the_semver_range_which_beats_the_tag() {
         .unwrap();
     assert_eq!(again.manifest, first.manifest);
     assert!(!again.downloaded);
+
+    // The tag list read page by page (two tags a page here): the range still sees every tag,
+    // also those past the first page, as on registries that page by default.
+    let lists_before = registry.requests("/tags/list").len();
+    let paged = Registry::new(true, RegistryAuth::Anonymous).with_tag_page(2);
+    let p = paged.pull(&url, &semver, &cache, &limits).await.unwrap();
+    assert_eq!(version(&p), "version: v1.2.0\n");
+    let pages = registry.requests("/tags/list").len() - lists_before;
+    assert!(pages >= 3, "{pages} tag-list requests for five tags two a page");
     registry.stop().await;
 }
 
