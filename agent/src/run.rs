@@ -18,7 +18,7 @@ use crate::pool::{PoolMetrics, PoolReportArgs, PoolReporter, RunningReporter};
 use crate::work::applied_work::{hub_hash, hub_hash_of_address, legacy_hub_hash};
 use crate::work::engine::{EngineConfig, EngineError, WorkEngine};
 use crate::work::executor::ClientFactory;
-use crate::work::flux::FluxObjects;
+use crate::work::flux::{FluxObjects, InsecureRegistries};
 use crate::work::manifestwork::DEFAULT_FIELD_MANAGER;
 use crate::work::metrics::WorkMetrics;
 use crate::work::policy::{AgentIdentity, Policy, PolicyError};
@@ -138,6 +138,22 @@ pub struct RunArgs {
     #[command(flatten)]
     pub artifact_limits: ArtifactLimitArgs,
 
+    /// Allow `OCIRepository` sources on plain HTTP (`insecure: true`) or at loopback and
+    /// link-local addresses (this node's own services, the cloud metadata endpoint); refused by
+    /// default, since the hub picks the URL and the agent sends the source's credentials there.
+    #[arg(long, env = "SPOKELET_ARTIFACT_ALLOW_INSECURE")]
+    pub artifact_allow_insecure: bool,
+
+    /// With `--artifact-allow-insecure`, only these registry hosts (`host` or `host:port`,
+    /// comma-separated); all when empty.
+    #[arg(
+        long,
+        env = "SPOKELET_ARTIFACT_INSECURE_HOSTS",
+        value_delimiter = ',',
+        value_name = "HOSTS"
+    )]
+    pub artifact_insecure_hosts: Vec<String>,
+
     /// One active engine among several replicas (`--leader-elect`).
     #[command(flatten)]
     pub leader: LeaderArgs,
@@ -239,6 +255,10 @@ pub fn engine_config(args: &RunArgs) -> EngineConfig {
         FluxMode::Native => FluxObjects::Native {
             cache: args.artifact_cache.clone(),
             unpack: args.artifact_limits.limits(),
+            insecure: InsecureRegistries {
+                allow: args.artifact_allow_insecure,
+                hosts: args.artifact_insecure_hosts.clone(),
+            },
         },
     };
     cfg

@@ -12,13 +12,18 @@ use spokelet_artifact::digest::Digest;
 use spokelet_artifact::unpack::UnpackLimits;
 use spokelet_base::lock::lock;
 
-use crate::source::SourceFetcher;
+use crate::source::{InsecureRegistries, SourceFetcher};
 
 /// What the agent does with Flux objects in works (`--flux-objects`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FluxObjects {
-    /// Reconciled by the agent: artifacts cached in `cache`, unpacked within `unpack`.
-    Native { cache: PathBuf, unpack: UnpackLimits },
+    /// Reconciled by the agent: artifacts cached in `cache`, unpacked within `unpack`, from
+    /// plain-HTTP or local registries only as `insecure` allows.
+    Native {
+        cache: PathBuf,
+        unpack: UnpackLimits,
+        insecure: InsecureRegistries,
+    },
     /// Sent to the API server like any other object, for spokes that run Flux themselves.
     Passthrough,
 }
@@ -44,11 +49,16 @@ impl std::fmt::Debug for FluxSupport {
 impl FluxSupport {
     /// Support for `mode`, or None for passthrough.
     pub fn new(mode: &FluxObjects, client: &kube::Client) -> Option<FluxSupport> {
-        let FluxObjects::Native { cache, unpack } = mode else {
+        let FluxObjects::Native {
+            cache,
+            unpack,
+            insecure,
+        } = mode
+        else {
             return None;
         };
         let fetcher = ArtifactCache::open(cache)
-            .map(|c| SourceFetcher::new(client.clone(), c, *unpack))
+            .map(|c| SourceFetcher::new(client.clone(), c, *unpack, insecure.clone()))
             .map_err(|e| format!("the artifact cache {} cannot be used: {e}", cache.display()));
         if let Err(e) = &fetcher {
             tracing::error!(error = %e, "Flux objects in works will fail until the agent can use its artifact cache");

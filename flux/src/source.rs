@@ -37,6 +37,10 @@ pub enum SourceError {
     Registry(#[from] RegistryError),
     #[error("pulling {url} took longer than its timeout of {timeout:?}")]
     Timeout { url: String, timeout: Duration },
+    #[error(
+        "{url} is {why}; refused unless the agent allows it (--artifact-allow-insecure, and the host in --artifact-insecure-hosts when that is set)"
+    )]
+    Insecure { url: String, why: &'static str },
     #[error("verify ({provider}): {why}; nothing was unpacked")]
     Verification { provider: String, why: String },
 }
@@ -66,12 +70,79 @@ impl SourceError {
     }
 }
 
+/// Which registries an agent-side opt-in allows beyond the ordinary: plain HTTP
+/// (`insecure: true`) and loopback or link-local addresses, which reach the agent's own node
+/// (a node-local service, the cloud metadata endpoint) and which a hub must not be able to
+/// point a pull, and its credentials, at by itself. Set by `--artifact-allow-insecure` and
+/// `--artifact-insecure-hosts`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InsecureRegistries {
+    /// Such registries are allowed at all.
+    pub allow: bool,
+    /// When not empty, only these hosts (`host` or `host:port`, as the URL names them).
+    pub hosts: Vec<String>,
+}
+
+impl InsecureRegistries {
+    /// Refuses a pull from `url` (plain HTTP when `insecure`) that needs the opt-in it lacks.
+    pub fn check(&self, url: &str, insecure: bool) -> Result<(), SourceError> {
+        let host = registry_host(url);
+        let why = if insecure {
+            "plain HTTP (insecure: true)"
+        } else if is_local(host) {
+            "a loopback or link-local address"
+        } else {
+            return Ok(());
+        };
+        let listed = self.hosts.is_empty()
+            || self
+                .hosts
+                .iter()
+                .any(|h| h == host || Some(h.as_str()) == host.rsplit_once(':').map(|(name, _)| name));
+        if self.allow && listed {
+            return Ok(());
+        }
+        Err(SourceError::Insecure {
+            url: url.to_string(),
+            why,
+        })
+    }
+}
+
+/// Whether `host` (`name`, `name:port`, `[v6]:port`) is a loopback or link-local address, or
+/// `localhost`. A name that only resolves to one is not caught here (no lookup is made).
+fn is_local(host: &str) -> bool {
+    let bare = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(rest),
+        None => host.rsplit_once(':').map_or(host, |(name, port)| {
+            if port.chars().all(|c| c.is_ascii_digit()) {
+                name
+            } else {
+                host
+            }
+        }),
+    };
+    let name = bare.to_ascii_lowercase();
+    if name == "localhost" || name.ends_with(".localhost") {
+        return true;
+    }
+    match name.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(v4)) => v4.is_loopback() || v4.is_link_local() || v4.is_unspecified(),
+        Ok(std::net::IpAddr::V6(v6)) => {
+            v6.is_loopback() || v6.is_unspecified() || (v6.segments()[0] & 0xffc0) == 0xfe80
+        }
+        Err(_) => false,
+    }
+}
+
 /// Pulls sources into one cache with one set of limits; cheap to clone.
 #[derive(Clone)]
 pub struct SourceFetcher {
     client: kube::Client,
     cache: ArtifactCache,
     limits: UnpackLimits,
+    /// Plain-HTTP and local registries the agent allows.
+    insecure: InsecureRegistries,
     /// One registry client per distinct settings (host, plain HTTP, credentials, CA), kept
     /// across fetches: a check every interval then reuses its connection and the token the
     /// registry gave, instead of a new TLS handshake and token exchange each time.
@@ -90,11 +161,17 @@ impl std::fmt::Debug for SourceFetcher {
 }
 
 impl SourceFetcher {
-    pub fn new(client: kube::Client, cache: ArtifactCache, limits: UnpackLimits) -> SourceFetcher {
+    pub fn new(
+        client: kube::Client,
+        cache: ArtifactCache,
+        limits: UnpackLimits,
+        insecure: InsecureRegistries,
+    ) -> SourceFetcher {
         SourceFetcher {
             client,
             cache,
             limits,
+            insecure,
             registries: Arc::default(),
         }
     }
@@ -110,6 +187,8 @@ impl SourceFetcher {
         known: Option<&Pulled>,
     ) -> Result<Pulled, SourceError> {
         let spec = &repo.spec;
+        // Before any Secret is read: credentials never go to a registry the agent refuses.
+        self.insecure.check(&spec.url, spec.insecure)?;
         let keys = self.keys(repo).await?;
         let auth = self.auth(repo).await?;
         let ca = self.ca(repo).await?;
@@ -334,6 +413,35 @@ fn docker_config(config: &str, host: &str) -> Result<RegistryAuth, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn plain_http_and_local_registries_need_the_agents_opt_in() {
+        let off = InsecureRegistries::default();
+        assert!(off.check("oci://registry.example/apps/a", false).is_ok());
+        for (url, insecure) in [
+            ("oci://registry.example/apps/a", true),
+            ("oci://127.0.0.1:5000/apps/a", false),
+            ("oci://localhost/apps/a", false),
+            ("oci://169.254.169.254/latest", false),
+            ("oci://[::1]:5000/apps/a", false),
+            ("oci://[fe80::1]/apps/a", false),
+        ] {
+            let err = off.check(url, insecure).unwrap_err().to_string();
+            assert!(err.contains("--artifact-allow-insecure"), "{url}: {err}");
+        }
+        let all = InsecureRegistries {
+            allow: true,
+            hosts: Vec::new(),
+        };
+        assert!(all.check("oci://127.0.0.1:5000/apps/a", true).is_ok());
+        let listed = InsecureRegistries {
+            allow: true,
+            hosts: vec!["127.0.0.1:5000".into(), "mirror.lan".into()],
+        };
+        assert!(listed.check("oci://127.0.0.1:5000/apps/a", false).is_ok());
+        assert!(listed.check("oci://mirror.lan:8080/apps/a", true).is_ok());
+        assert!(listed.check("oci://169.254.169.254/latest", false).is_err());
+    }
+
     use super::*;
     use k8s_openapi::ByteString;
 

@@ -148,6 +148,11 @@ async fn bench() {
     cfg.flux = FluxObjects::Native {
         cache: tmp.path().join("cache"),
         unpack: UnpackLimits::default(),
+        // The registry is plain HTTP on loopback.
+        insecure: spokelet::work::flux::InsecureRegistries {
+            allow: true,
+            hosts: Vec::new(),
+        },
     };
     let (tx, src) = mpsc::unbounded_channel();
     let (stx, mut rx) = mpsc::unbounded_channel();

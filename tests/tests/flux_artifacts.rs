@@ -21,16 +21,29 @@ fn native(cache: &Path) -> FluxObjects {
     FluxObjects::Native {
         cache: cache.to_path_buf(),
         unpack: UnpackLimits::default(),
+        // The test registry is plain HTTP on loopback: allowed by the agent's opt-in.
+        insecure: spokelet::work::flux::InsecureRegistries {
+            allow: true,
+            hosts: Vec::new(),
+        },
     }
 }
 
 /// An engine reconciling Flux objects natively, with a cache of its own, synced, and a fresh
 /// namespace `<prefix>-...` on the spoke.
 async fn flux_agent(prefix: &str) -> (Agent, tempfile::TempDir, String) {
+    flux_agent_with(prefix, true).await
+}
+
+/// [`flux_agent`], with plain-HTTP and local registries allowed or not.
+async fn flux_agent_with(prefix: &str, allow_insecure: bool) -> (Agent, tempfile::TempDir, String) {
     let cache = tempfile::tempdir().unwrap();
     let hub = unique_name("flux-hub");
     let mut cfg = test_config(&hub);
     cfg.flux = native(cache.path());
+    if let FluxObjects::Native { insecure, .. } = &mut cfg.flux {
+        insecure.allow = allow_insecure;
+    }
     let agent = Agent::start_with(&hub, cfg).await;
     agent.synced();
     let ns = namespace(&agent.client, prefix).await;
@@ -664,6 +677,42 @@ async fn a_revoked_key_no_longer_vouches_for_a_digest_already_fetched() {
         .await
         .expect_err("the revoked key's signature no longer counts");
     assert!(err.to_string().contains("no signature verifies it"), "{err}");
+    registry.stop().await;
+}
+
+/// Without the agent's opt-in, a source on plain HTTP or on a loopback address is refused before
+/// anything is read or pulled: the hub picks the URL, and the agent would send the source's
+/// credentials there.
+#[tokio::test]
+async fn a_plain_http_or_local_registry_is_refused_without_the_agents_opt_in() {
+    let registry = OciRegistry::start().await.unwrap();
+    let url = format!("oci://{}/apps/local", registry.host());
+    push(&url, "v1", &[("deploy/a.yaml", cm_yaml("local", "one"))]).await;
+    let pushed = registry.requests("/v2/apps/local").len();
+    let (mut agent, _cache, ns) = flux_agent_with("flux-insecure", false).await;
+    let client = agent.client.clone();
+    agent.upsert(&work(
+        "flux-insecure",
+        1,
+        vec![
+            oci_repository("local", &url, "v1"),
+            kustomization("local", "local", &ns, json!({})),
+        ],
+    ));
+    let u = agent
+        .wait("flux-insecure", "the source refused", |u| {
+            manifest_cond_opt(u, 0, "Ready").is_some_and(|c| c.status == "False")
+        })
+        .await;
+    let ready = manifest_cond(&u, 0, "Ready");
+    assert!(ready.message.contains("--artifact-allow-insecure"), "{ready:?}");
+    assert!(get_cm(&client, &ns, "local").await.is_none(), "nothing applied");
+    assert_eq!(
+        registry.requests("/v2/apps/local").len(),
+        pushed,
+        "nothing was asked of the registry"
+    );
+    agent.stop().await;
     registry.stop().await;
 }
 

@@ -134,6 +134,7 @@ impl EngineConfig {
             flux: FluxObjects::Native {
                 cache: std::env::temp_dir().join("spokelet-artifacts"),
                 unpack: UnpackLimits::default(),
+                insecure: Default::default(),
             },
         }
     }

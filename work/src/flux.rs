@@ -31,6 +31,7 @@ use spokelet_flux::objects::{
 };
 /// Re-exported: the setting and the shared state live with the Flux crate.
 pub use spokelet_flux::shared::{FluxObjects, FluxSupport};
+pub use spokelet_flux::source::InsecureRegistries;
 use spokelet_flux::substitute;
 use tokio::time::Instant;
 
