@@ -61,7 +61,10 @@ async fn run() -> Result<(), HarnessError> {
     if let Some(ocm) = &ocm {
         describe_ocm(ocm, &spoke)?;
     }
-    println!("registry: {} (plain HTTP, no auth)", registry.host());
+    println!(
+        "registry: {} (plain HTTP, no auth; an agent pulling from it needs --artifact-allow-insecure)",
+        registry.host()
+    );
     println!();
     println!("export KUBECONFIG={}", spoke.kubeconfig_path().display());
     println!("Ctrl-C stops everything and deletes the files above.");
