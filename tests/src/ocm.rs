@@ -22,7 +22,7 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kube::api::{Api, ApiResource, DynamicObject, PostParams};
+use kube::api::{Api, ApiResource, DynamicObject};
 
 use crate::assets::Binary;
 use crate::cluster::{Processes, start_budget};
@@ -206,19 +206,8 @@ impl OcmHub {
     /// (`HubAcceptedManagedCluster`) and created its namespace and RBAC.
     pub async fn accept_cluster(&self, name: &str, lease_seconds: u32) -> Result<(), HarnessError> {
         let admin = self.client();
+        crate::ocm_hub::create_managed_cluster(&admin, name, Some(lease_seconds)).await?;
         let api = managed_clusters(&admin);
-        let mc: DynamicObject = serde_json::from_value(serde_json::json!({
-            "apiVersion": "cluster.open-cluster-management.io/v1", "kind": "ManagedCluster",
-            "metadata": {"name": name},
-            "spec": {"hubAcceptsClient": true, "leaseDurationSeconds": lease_seconds},
-        }))
-        .map_err(|e| invalid("ManagedCluster", e))?;
-        api.create(&PostParams::default(), &mc)
-            .await
-            .map_err(|source| HarnessError::Kube {
-                context: format!("creating the ManagedCluster {name}"),
-                source,
-            })?;
         eventually(&format!("OCM's registration controller to accept {name}"), || {
             let api = api.clone();
             async move {

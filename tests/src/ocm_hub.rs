@@ -120,20 +120,27 @@ pub async fn start_pool_spoke() -> Result<KubeCluster, HarnessError> {
 /// Does on the hub what accepting a cluster does: creates its ManagedCluster
 /// (`hubAcceptsClient: true`); the agent only ever writes its status.
 pub async fn accept_managed_cluster(admin: &kube::Client, cluster: &str) -> Result<(), HarnessError> {
-    let resource = kube::api::ApiResource {
-        group: "cluster.open-cluster-management.io".into(),
-        version: "v1".into(),
-        api_version: "cluster.open-cluster-management.io/v1".into(),
-        kind: "ManagedCluster".into(),
-        plural: "managedclusters".into(),
-    };
-    let api: Api<kube::api::DynamicObject> = Api::all_with(admin.clone(), &resource);
+    create_managed_cluster(admin, cluster, None).await
+}
+
+/// Creates the ManagedCluster `cluster` with `hubAcceptsClient: true` and, if given,
+/// `leaseDurationSeconds`.
+pub async fn create_managed_cluster(
+    admin: &kube::Client,
+    cluster: &str,
+    lease_seconds: Option<u32>,
+) -> Result<(), HarnessError> {
+    let mut spec = serde_json::json!({"hubAcceptsClient": true});
+    if let Some(seconds) = lease_seconds {
+        spec["leaseDurationSeconds"] = seconds.into();
+    }
     let mc: kube::api::DynamicObject = serde_json::from_value(serde_json::json!({
         "apiVersion": "cluster.open-cluster-management.io/v1", "kind": "ManagedCluster",
-        "metadata": {"name": cluster}, "spec": {"hubAcceptsClient": true},
+        "metadata": {"name": cluster}, "spec": spec,
     }))
     .map_err(|e| invalid("ManagedCluster", e))?;
-    api.create(&PostParams::default(), &mc)
+    crate::ocm::managed_clusters(admin)
+        .create(&PostParams::default(), &mc)
         .await
         .map_err(|source| HarnessError::Kube {
             context: format!("creating the ManagedCluster {cluster}"),

@@ -253,6 +253,19 @@ pub(crate) fn free_ports(n: usize) -> Result<Vec<u16>, HarnessError> {
         .collect()
 }
 
+/// A listener on a free port of 127.0.0.1 for one of the harness's own servers (`what`, for
+/// errors), and its port.
+pub(crate) async fn bind_loopback(what: &str) -> Result<(tokio::net::TcpListener, u16), HarnessError> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| HarnessError::io(format!("binding {what}"), e))?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| HarnessError::io(format!("reading the port of {what}"), e))?
+        .port();
+    Ok((listener, port))
+}
+
 /// The last `lines` lines of a log file (at most its last 64 KiB), or a note why not.
 pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
     const MAX: u64 = 64 * 1024;

@@ -311,13 +311,7 @@ impl RateLimitedFront {
     /// Listens on a free loopback port in front of `registry` (`127.0.0.1:PORT`).
     pub async fn start(registry: &str, rejections: u32, retry_after_s: u32) -> Result<Self, HarnessError> {
         use std::sync::atomic::Ordering;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|e| HarnessError::io("binding the rate-limited front", e))?;
-        let port = listener
-            .local_addr()
-            .map_err(|e| HarnessError::io("reading the front's port", e))?
-            .port();
+        let (listener, port) = crate::process::bind_loopback("the rate-limited front").await?;
         let rejected = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
         let counter = rejected.clone();
         let upstream = registry.to_string();
@@ -372,13 +366,7 @@ impl CuttingFront {
     /// Listens on a free loopback port in front of `registry` (`127.0.0.1:PORT`).
     pub async fn start(registry: &str, max_bytes: u64) -> Result<Self, HarnessError> {
         use tokio::io::AsyncReadExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|e| HarnessError::io("binding the cutting front", e))?;
-        let port = listener
-            .local_addr()
-            .map_err(|e| HarnessError::io("reading the front's port", e))?
-            .port();
+        let (listener, port) = crate::process::bind_loopback("the cutting front").await?;
         let upstream = registry.to_string();
         let task = tokio::spawn(async move {
             while let Ok((conn, _)) = listener.accept().await {

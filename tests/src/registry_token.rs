@@ -63,13 +63,7 @@ impl TokenServer {
             })?
             .map_err(|e| HarnessError::io("reading the signing certificate", e))?
             .to_vec();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(|e| HarnessError::io("binding the token server", e))?;
-        let port = listener
-            .local_addr()
-            .map_err(|e| HarnessError::io("reading the token server's port", e))?
-            .port();
+        let (listener, port) = crate::process::bind_loopback("the token server").await?;
         let (issued, refused) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
         let issuer = Arc::new(Issuer {
             users: users.to_vec(),

@@ -128,6 +128,13 @@ async fn send(
     (out, result)
 }
 
+/// Ends a refused send and offers the same status again after `delay`, behind the others.
+fn offer_again(shared: &Arc<Shared>, out: &Outgoing, delay: Duration) -> Sent {
+    shared.finished(&out.uid);
+    shared.defer(out, delay);
+    Sent::Done
+}
+
 /// Books one send's outcome: delivered, refused (this status only) or a broken connection (the
 /// status put back first in line).
 fn take_result(
@@ -150,17 +157,13 @@ fn take_result(
             shared.metrics.refused(&code_label(st.code()));
             tracing::warn!(resource_id = %out.uid, error = %error_chain(&st), retry_in = ?REFUSED_RETRY,
                 "hub refused a status as too large; other statuses go first, this one is offered again later");
-            shared.finished(&out.uid);
-            shared.defer(out, REFUSED_RETRY);
-            return Sent::Done;
+            return offer_again(shared, out, REFUSED_RETRY);
         }
         Ok(Err(st)) if st.code() == Code::FailedPrecondition => {
             shared.metrics.refused(&code_label(st.code()));
             tracing::debug!(resource_id = %out.uid, error = %error_chain(&st), retry_in = ?CONFLICT_RETRY,
                 "the hub's object changed under the status write; offered again");
-            shared.finished(&out.uid);
-            shared.defer(out, CONFLICT_RETRY);
-            return Sent::Done;
+            return offer_again(shared, out, CONFLICT_RETRY);
         }
         Ok(Err(st)) if !is_transport_failure(st.code()) => {
             shared.metrics.refused(&code_label(st.code()));
