@@ -8,9 +8,9 @@
 # For one crate or test file, run install.sh once and then cargo directly, e.g.
 #   cargo test -p spokelet-e2e --test smoke
 #
-# The first run on a fresh Debian 12 machine installs Debian packages and builds
-# kube-apiserver and kube-controller-manager from Debian's source package (several
-# minutes); later runs reuse them (seconds). See tests/env/install.sh.
+# The first run on a fresh Debian 12 machine installs Debian packages and builds Kubernetes,
+# etcd and OCM from the Go module proxy (about 18 minutes in all); later runs reuse them
+# (seconds). See tests/env/install.sh.
 set -euo pipefail
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -66,6 +66,25 @@ impl FluxKind {
             FluxKind::Kustomization => "Kustomization",
         }
     }
+
+    /// The API group, as the write policy names it.
+    pub fn group(self) -> &'static str {
+        match self {
+            FluxKind::OciRepository => SOURCE_GROUP,
+            FluxKind::Kustomization => KUSTOMIZE_GROUP,
+        }
+    }
+}
+
+/// A Secret or ConfigMap a Flux object reads, in its own namespace: what the write policy and
+/// the work's identity are checked against before it is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadRef {
+    /// `Secret` or `ConfigMap`.
+    pub kind: &'static str,
+    pub name: String,
+    /// The field that names it, for messages (`spec.secretRef`, ...).
+    pub field: &'static str,
 }
 
 /// A reference to a Secret or ConfigMap by name, in the Flux object's namespace.
@@ -134,6 +153,29 @@ pub struct OciRepositorySpec {
     #[serde(default)]
     pub suspend: bool,
     pub verify: Option<Verify>,
+}
+
+impl OciRepositorySpec {
+    /// The Secrets a fetch reads: credentials, CA and verification keys.
+    pub fn reads(&self) -> Vec<ReadRef> {
+        let secret = |r: &Option<LocalRef>, field| {
+            r.as_ref().map(|r| ReadRef {
+                kind: "Secret",
+                name: r.name.clone(),
+                field,
+            })
+        };
+        [
+            secret(&self.secret_ref, "spec.secretRef"),
+            secret(&self.cert_secret_ref, "spec.certSecretRef"),
+            self.verify
+                .as_ref()
+                .and_then(|v| secret(&v.secret_ref, "spec.verify.secretRef")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
 }
 
 /// `Kustomization.spec.sourceRef`.
@@ -215,6 +257,25 @@ pub struct KustomizationSpec {
     pub name_suffix: Option<String>,
     #[serde(default)]
     pub patches: Vec<Value>,
+}
+
+impl KustomizationSpec {
+    /// The Secrets and ConfigMaps a build reads (`postBuild.substituteFrom`).
+    pub fn reads(&self) -> Vec<ReadRef> {
+        self.post_build
+            .iter()
+            .flat_map(|p| &p.substitute_from)
+            .map(|f| ReadRef {
+                kind: if f.kind == "ConfigMap" {
+                    "ConfigMap"
+                } else {
+                    "Secret"
+                },
+                name: f.name.clone(),
+                field: "spec.postBuild.substituteFrom",
+            })
+            .collect()
+    }
 }
 
 /// A parsed Flux object: its kind, name, namespace and spec.

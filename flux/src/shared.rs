@@ -48,7 +48,7 @@ impl std::fmt::Debug for FluxSupport {
 
 impl FluxSupport {
     /// Support for `mode`, or None for passthrough.
-    pub fn new(mode: &FluxObjects, client: &kube::Client) -> Option<FluxSupport> {
+    pub fn new(mode: &FluxObjects) -> Option<FluxSupport> {
         let FluxObjects::Native {
             cache,
             unpack,
@@ -58,7 +58,7 @@ impl FluxSupport {
             return None;
         };
         let fetcher = ArtifactCache::open(cache)
-            .map(|c| SourceFetcher::new(client.clone(), c, *unpack, insecure.clone()))
+            .map(|c| SourceFetcher::new(c, *unpack, insecure.clone()))
             .map_err(|e| format!("the artifact cache {} cannot be used: {e}", cache.display()));
         if let Err(e) = &fetcher {
             tracing::error!(error = %e, "Flux objects in works will fail until the agent can use its artifact cache");

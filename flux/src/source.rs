@@ -33,6 +33,13 @@ pub enum SourceError {
         name: String,
         message: String,
     },
+    /// The work's identity may not read the Secret: the API server said so.
+    #[error("Secret {namespace}/{name}: {message}")]
+    Forbidden {
+        namespace: String,
+        name: String,
+        message: String,
+    },
     #[error("{0}")]
     Registry(#[from] RegistryError),
     #[error("pulling {url} took longer than its timeout of {timeout:?}")]
@@ -55,6 +62,8 @@ impl SourceError {
     pub fn reason(&self) -> &'static str {
         match self {
             SourceError::Secret { .. } => "AuthenticationFailed",
+            // The API server's own reason, as for a manifest it refuses the work's executor.
+            SourceError::Forbidden { .. } => "Forbidden",
             SourceError::Registry(RegistryError::Request {
                 source:
                     oci_client::errors::OciDistributionError::AuthenticationFailure(_)
@@ -138,7 +147,6 @@ fn is_local(host: &str) -> bool {
 /// Pulls sources into one cache with one set of limits; cheap to clone.
 #[derive(Clone)]
 pub struct SourceFetcher {
-    client: kube::Client,
     cache: ArtifactCache,
     limits: UnpackLimits,
     /// Plain-HTTP and local registries the agent allows.
@@ -161,14 +169,8 @@ impl std::fmt::Debug for SourceFetcher {
 }
 
 impl SourceFetcher {
-    pub fn new(
-        client: kube::Client,
-        cache: ArtifactCache,
-        limits: UnpackLimits,
-        insecure: InsecureRegistries,
-    ) -> SourceFetcher {
+    pub fn new(cache: ArtifactCache, limits: UnpackLimits, insecure: InsecureRegistries) -> SourceFetcher {
         SourceFetcher {
-            client,
             cache,
             limits,
             insecure,
@@ -181,17 +183,21 @@ impl SourceFetcher {
     }
 
     /// Fetches `repo`'s artifact; when it is still `known`'s, one tag lookup and nothing else.
+    /// Its Secrets are read with `reader`, the work's identity (its executor's, when it names
+    /// one): a work never reads a Secret through the agent's own rights that its executor
+    /// could not read.
     pub async fn fetch(
         &self,
+        reader: &kube::Client,
         repo: &FluxObject<OciRepositorySpec>,
         known: Option<&Pulled>,
     ) -> Result<Pulled, SourceError> {
         let spec = &repo.spec;
         // Before any Secret is read: credentials never go to a registry the agent refuses.
         self.insecure.check(&spec.url, spec.insecure)?;
-        let keys = self.keys(repo).await?;
-        let auth = self.auth(repo).await?;
-        let ca = self.ca(repo).await?;
+        let keys = self.keys(reader, repo).await?;
+        let auth = self.auth(reader, repo).await?;
+        let ca = self.ca(reader, repo).await?;
         let registry = self.registry(&spec.url, spec.insecure, auth, ca.as_deref());
         let wanted = ArtifactRef {
             tag: spec.reference.tag.clone(),
@@ -270,7 +276,11 @@ impl SourceFetcher {
     /// The public keys of `verify` (every `*.pub` entry of its Secret). Fail closed: an
     /// artifact that asks to be verified is never unpacked unverified, so keyless
     /// verification, `notation` and unusable keys are errors, never skipped checks.
-    async fn keys(&self, repo: &FluxObject<OciRepositorySpec>) -> Result<Option<CosignKeys>, SourceError> {
+    async fn keys(
+        &self,
+        reader: &kube::Client,
+        repo: &FluxObject<OciRepositorySpec>,
+    ) -> Result<Option<CosignKeys>, SourceError> {
         let Some(v) = &repo.spec.verify else {
             return Ok(None);
         };
@@ -291,7 +301,7 @@ impl SourceFetcher {
                 "matchOIDCIdentity is keyless verification, which is not supported",
             ));
         }
-        let secret = self.secret(&repo.namespace, &r.name).await?;
+        let secret = secret(reader, &repo.namespace, &r.name).await?;
         let data = secret.data.unwrap_or_default();
         let pems: Vec<(&str, &[u8])> = data
             .iter()
@@ -306,22 +316,17 @@ impl SourceFetcher {
             })
     }
 
-    async fn secret(&self, namespace: &str, name: &str) -> Result<Secret, SourceError> {
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
-        api.get(name).await.map_err(|e| SourceError::Secret {
-            namespace: namespace.into(),
-            name: name.into(),
-            message: e.to_string(),
-        })
-    }
-
     /// Credentials from `secretRef`: a docker config (`.dockerconfigjson`) entry for the
     /// registry host, or `username` and `password` keys; anonymous without one.
-    async fn auth(&self, repo: &FluxObject<OciRepositorySpec>) -> Result<RegistryAuth, SourceError> {
+    async fn auth(
+        &self,
+        reader: &kube::Client,
+        repo: &FluxObject<OciRepositorySpec>,
+    ) -> Result<RegistryAuth, SourceError> {
         let Some(r) = &repo.spec.secret_ref else {
             return Ok(RegistryAuth::Anonymous);
         };
-        let secret = self.secret(&repo.namespace, &r.name).await?;
+        let secret = secret(reader, &repo.namespace, &r.name).await?;
         let err = |message: String| SourceError::Secret {
             namespace: repo.namespace.clone(),
             name: r.name.clone(),
@@ -334,11 +339,15 @@ impl SourceFetcher {
     /// The CA bundle of `certSecretRef` (`ca.crt`). Client certificates are refused by name:
     /// the registry client cannot present one, and dropping it silently would fail later and
     /// less clearly.
-    async fn ca(&self, repo: &FluxObject<OciRepositorySpec>) -> Result<Option<Vec<u8>>, SourceError> {
+    async fn ca(
+        &self,
+        reader: &kube::Client,
+        repo: &FluxObject<OciRepositorySpec>,
+    ) -> Result<Option<Vec<u8>>, SourceError> {
         let Some(r) = &repo.spec.cert_secret_ref else {
             return Ok(None);
         };
-        let secret = self.secret(&repo.namespace, &r.name).await?;
+        let secret = secret(reader, &repo.namespace, &r.name).await?;
         let err = |message: &str| SourceError::Secret {
             namespace: repo.namespace.clone(),
             name: r.name.clone(),
@@ -355,6 +364,26 @@ impl SourceFetcher {
             None => Err(err("has no ca.crt")),
         }
     }
+}
+
+/// The Secret `namespace/name`, read as `reader`.
+async fn secret(reader: &kube::Client, namespace: &str, name: &str) -> Result<Secret, SourceError> {
+    let api: Api<Secret> = Api::namespaced(reader.clone(), namespace);
+    api.get(name).await.map_err(|e| {
+        let (namespace, name, message) = (namespace.to_string(), name.to_string(), e.to_string());
+        match e {
+            kube::Error::Api(s) if s.code == 403 => SourceError::Forbidden {
+                namespace,
+                name,
+                message,
+            },
+            _ => SourceError::Secret {
+                namespace,
+                name,
+                message,
+            },
+        }
+    })
 }
 
 /// `host[:port]` of `oci://host[:port]/repo`.

@@ -1154,3 +1154,111 @@ async fn the_cache_survives_a_restart_and_entries_no_work_holds_are_collected() 
     second.stop().await;
     registry.stop().await;
 }
+
+/// A work may not have the agent read a Secret it could not write (the spoke's policy) or one
+/// its executor may not read (the API server's RBAC): Flux objects read their Secrets and
+/// ConfigMaps as the work, and nothing read that way reaches the hub.
+#[tokio::test]
+async fn flux_objects_read_secrets_only_as_the_work_may() {
+    let registry = OciRegistry::start().await.unwrap();
+    let url = format!("oci://{}/apps/leak", registry.host());
+    push(&url, "v1", &[("deploy/a.yaml", cm_yaml("leak-${password}", "x"))]).await;
+    let cache = tempfile::tempdir().unwrap();
+    let hub = unique_name("flux-hub");
+    let mut cfg = config_with_executors(&hub).await;
+    cfg.flux = native(cache.path());
+    let mut agent = Agent::start_with(&hub, cfg).await;
+    agent.synced();
+    let client = agent.client.clone();
+    let team = namespace(&client, "flux-team").await;
+    let other = namespace(&client, "flux-other").await;
+    let protected = unique_name("cloud");
+    let password = || vec![("password", "s3cr3t".to_string())];
+    secret(&client, "kube-system", &protected, "Opaque", &password()).await;
+    secret(&client, &other, "cloud", "Opaque", &password()).await;
+    secret(&client, &team, "vars", "Opaque", &[("password", "mine".into())]).await;
+    // The executor may manage ConfigMaps and Secrets in its own namespace, and nothing else.
+    let rights = executor_with(&team, "deployer", &["configmaps", "secrets"], &["*"]);
+    agent.upsert(&work("flux-leak-setup", 1, rights));
+    agent.wait_applied("flux-leak-setup", 1).await;
+    let executor = serde_json::from_value(json!(
+        {"subject": {"type": "ServiceAccount", "serviceAccount": {"namespace": team, "name": "deployer"}}}
+    ))
+    .unwrap();
+    let substitute =
+        |secret: &str| json!({"postBuild": {"substituteFrom": [{"kind": "Secret", "name": secret}]}});
+    let source = |name: &str| in_namespace(oci_repository(name, &url, "v1"), &team);
+    let ks_from = |name: &str, ns: &str, secret: &str| {
+        let mut ks = in_namespace(kustomization(name, name, &team, substitute(secret)), ns);
+        ks["spec"]["sourceRef"]["namespace"] = json!(team);
+        ks
+    };
+
+    // No executor: the agent's own rights could read kube-system, so the policy refuses first.
+    agent.upsert(&work(
+        "flux-leak-policy",
+        1,
+        vec![source("policy"), ks_from("policy", "kube-system", &protected)],
+    ));
+    // With an executor: the API server refuses it the other namespace's Secrets, for
+    // substitution and for registry credentials alike.
+    let auth_url = format!("oci://{}/apps/leak-auth", registry.host());
+    let mut creds = in_namespace(oci_repository("creds", &auth_url, "v1"), &other);
+    creds["spec"]["secretRef"] = json!({"name": "cloud"});
+    let mut w = work(
+        "flux-leak-executor",
+        1,
+        vec![source("rbac"), ks_from("rbac", &other, "cloud"), creds],
+    );
+    w.spec.executor = Some(executor);
+    agent.upsert(&w);
+    // And what it may read, it reads: its own namespace's Secret.
+    let mut own = work(
+        "flux-leak-own",
+        1,
+        vec![source("own"), ks_from("own", &team, "vars")],
+    );
+    own.spec.executor = w.spec.executor.clone();
+    agent.upsert(&own);
+
+    let u = agent
+        .wait("flux-leak-policy", "the Kustomization refused", |u| {
+            manifest_cond_opt(u, 1, "Ready").is_some_and(|c| c.status == "False")
+        })
+        .await;
+    let ready = manifest_cond(&u, 1, "Ready");
+    assert_eq!(ready.reason, "DeniedByPolicy", "{ready:?}");
+    assert!(ready.message.contains("kube-system"), "{ready:?}");
+    let u = agent
+        .wait("flux-leak-executor", "both reads refused", |u| {
+            [1, 2]
+                .iter()
+                .all(|&i| manifest_cond_opt(u, i, "Ready").is_some_and(|c| c.status == "False"))
+        })
+        .await;
+    for i in [1, 2] {
+        let ready = manifest_cond(&u, i, "Ready");
+        assert_eq!(ready.reason, "Forbidden", "manifest {i}: {ready:?}");
+        assert!(ready.message.contains("system:serviceaccount:"), "{ready:?}");
+    }
+    assert!(
+        registry.requests("/v2/apps/leak-auth").is_empty(),
+        "no request (and no credential) went to the registry"
+    );
+    agent
+        .wait("flux-leak-own", "its own Secret substituted", |u| {
+            manifest_cond_opt(u, 1, "Ready").is_some_and(|c| c.status == "True")
+        })
+        .await;
+    assert!(get_cm(&client, &team, "leak-mine").await.is_some());
+    assert!(get_cm(&client, &team, "leak-s3cr3t").await.is_none());
+    agent.drain();
+    for u in &agent.all {
+        let text = serde_json::to_string(&u.status).unwrap();
+        assert!(!text.contains("s3cr3t"), "the value reached the hub: {text}");
+    }
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), "kube-system");
+    secrets.delete(&protected, &Default::default()).await.unwrap();
+    agent.stop().await;
+    registry.stop().await;
+}

@@ -16,7 +16,7 @@ use spokelet::work::applied_work;
 use spokelet::work::conditions::find;
 use spokelet::work::manifestwork::AppliedManifestWork;
 use spokelet::work::metrics::WorkMetrics;
-use spokelet::work::{CancellationToken, EngineConfig, Listing, StatusUpdate, WorkEngine, WorkEvent};
+use spokelet::work::{CancellationToken, Listing, StatusUpdate, WorkEngine, WorkEvent};
 use spokelet_e2e::{shared_spoke, unique_name};
 use tokio::sync::mpsc;
 
@@ -1253,36 +1253,6 @@ async fn records_under_another_spelling_of_the_hub_address_are_adopted() {
     a.wait("w-respelt", "Deleted=True", |u| u.deleted).await;
     cm_gone(&a.client, &ns, "c", "the work's object").await;
     a.stop().await;
-}
-
-/// An engine config whose executor clients impersonate through the spoke's admin kubeconfig.
-async fn config_with_executors(hub: &str) -> EngineConfig {
-    let path = shared_spoke().await.kubeconfig_path().to_path_buf();
-    let kubeconfig = kube::config::Kubeconfig::read_from(&path).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-        .await
-        .unwrap();
-    let mut cfg = test_config(hub);
-    cfg.executor_clients = Some(spokelet::run::executor_factory(
-        &config,
-        spokelet::kube_client::HttpVersion::Http1,
-        None,
-    ));
-    cfg
-}
-
-/// A ServiceAccount `name` in `ns` allowed `verbs` on ConfigMaps there, and nothing else.
-fn configmap_executor(ns: &str, name: &str, verbs: &[&str]) -> Vec<Value> {
-    vec![
-        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": ns}}),
-        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-               "metadata": {"name": format!("{name}-configmaps"), "namespace": ns},
-               "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": verbs}]}),
-        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-               "metadata": {"name": format!("{name}-configmaps"), "namespace": ns},
-               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": format!("{name}-configmaps")},
-               "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}]}),
-    ]
 }
 
 #[tokio::test]

@@ -263,7 +263,7 @@ impl WorkEngine {
             amw_api: Api::all(client.clone()),
             record_names: Mutex::new(HashMap::new()),
             executors: ExecutorClients::new(cfg.executor_clients.clone()),
-            flux: FluxSupport::new(&cfg.flux, &client),
+            flux: FluxSupport::new(&cfg.flux),
         };
         let (ready_tx, _) = watch::channel(false);
         WorkEngine {

@@ -20,14 +20,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::Api;
+use kube::{Api, Client};
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 use spokelet_artifact::registry::Pulled;
 use spokelet_flux::build::{BuildError, BuildLimits, Overlay, build};
 use spokelet_flux::health::{Health, health};
 use spokelet_flux::objects::{
-    self, FluxKind, FluxObject, KustomizationSpec, OciRepositorySpec, SpecError, duration,
+    self, FluxKind, FluxObject, KustomizationSpec, OciRepositorySpec, ReadRef, SpecError, duration,
 };
 /// Re-exported: the setting and the shared state live with the Flux crate.
 pub use spokelet_flux::shared::{FluxObjects, FluxSupport};
@@ -39,6 +39,7 @@ use super::conditions::{FALSE, TRUE, UNKNOWN, cond};
 use super::context::ReconcileContext;
 use super::failure::ManifestFailure;
 use super::manifestwork::{FeedbackValue, FieldValue, Manifest, ManifestWork, ValueType};
+use super::policy::{DENIED_REASON, Target};
 use super::status::ManifestResult;
 use super::validate::WorkLimits;
 
@@ -157,9 +158,14 @@ impl Expansion {
 }
 
 /// Fetches and builds the work's Flux objects. None when it has none (or they pass through).
+///
+/// Every Secret and ConfigMap the Flux objects name is read as `reader`, the work's identity
+/// (its executor when it names one, else the agent), and only after the write policy allowed
+/// the Flux object and what it reads.
 pub async fn expand(
     ctx: &ReconcileContext,
     work: &ManifestWork,
+    reader: &Client,
     memory: &mut FluxMemory,
 ) -> Option<Expansion> {
     let support = ctx.flux.as_ref()?;
@@ -183,7 +189,7 @@ pub async fn expand(
     let mut sources: HashMap<String, Option<Pulled>> = HashMap::new();
     let mut downloaded = false;
     for (i, v) in repos {
-        let (native, pulled, new) = source_step(support, &v, memory, &mut x).await;
+        let (native, pulled, new) = source_step(ctx, support, reader, &v, memory, &mut x).await;
         downloaded |= new;
         sources.insert(native.id.clone(), pulled);
         x.natives.insert(i, native);
@@ -198,7 +204,14 @@ pub async fn expand(
     let first_built = work.spec.workload.manifests.len();
     let limit = ctx.cfg.limits.max_manifests.saturating_sub(first_built);
     for (i, v) in kustomizations {
-        let native = kustomization_step(ctx, &v, &sources, memory, &mut x, first_built, limit).await;
+        let step = KustomizationStep {
+            ctx,
+            reader,
+            sources: &sources,
+            first_built,
+            limit,
+        };
+        let native = step.run(&v, memory, &mut x).await;
         x.natives.insert(i, native);
     }
     // Forget what the work no longer has.
@@ -211,7 +224,9 @@ pub async fn expand(
 /// One OCIRepository: fetched when due. Returns its result, its artifact (the last good one
 /// through failures) and whether a layer was downloaded.
 async fn source_step(
+    ctx: &ReconcileContext,
     support: &FluxSupport,
+    reader: &Client,
     v: &Value,
     memory: &mut FluxMemory,
     x: &mut Expansion,
@@ -224,6 +239,10 @@ async fn source_step(
             return (native, None, false);
         }
     };
+    if let Some(message) = refused_by_policy(ctx, FluxKind::OciRepository, &repo, &repo.spec.reads()) {
+        native.fail(DENIED_REASON, message);
+        return (native, None, false);
+    }
     let fetcher = match &support.fetcher {
         Ok(f) => f,
         Err(e) => {
@@ -247,7 +266,7 @@ async fn source_step(
         let last = known
             .filter(|m| m.spec == repo.spec)
             .and_then(|m| m.pulled.clone());
-        let result = fetcher.fetch(&repo, last.as_ref()).await;
+        let result = fetcher.fetch(reader, &repo, last.as_ref()).await;
         let entry = memory
             .sources
             .entry(native.id.clone())
@@ -332,104 +351,147 @@ async fn source_step(
     (native, pulled, downloaded)
 }
 
-/// One Kustomization: built from its source's artifact when anything it depends on changed,
-/// its manifests appended to `x.built`.
-async fn kustomization_step(
-    ctx: &ReconcileContext,
-    v: &Value,
-    sources: &HashMap<String, Option<Pulled>>,
-    memory: &mut FluxMemory,
-    x: &mut Expansion,
+/// What every Kustomization of a work is built with.
+struct KustomizationStep<'a> {
+    ctx: &'a ReconcileContext,
+    /// The work's identity, for the variables' Secrets and ConfigMaps.
+    reader: &'a Client,
+    /// The work's sources' artifacts, by `namespace/name`.
+    sources: &'a HashMap<String, Option<Pulled>>,
+    /// The ordinal the first built manifest gets (after the work's own).
     first_built: usize,
+    /// How many objects builds may still add within the work's manifest limit.
     limit: usize,
-) -> Native {
-    let mut native = Native::new(FluxKind::Kustomization, v);
-    let ks = match objects::kustomization(v) {
-        Ok(k) => k,
-        Err(e) => {
-            native.fail(spec_reason(&e), e.to_string());
+}
+
+impl KustomizationStep<'_> {
+    /// One Kustomization: built from its source's artifact when anything it depends on changed,
+    /// its manifests appended to `x.built`.
+    async fn run(&self, v: &Value, memory: &mut FluxMemory, x: &mut Expansion) -> Native {
+        let (ctx, first_built) = (self.ctx, self.first_built);
+        let mut native = Native::new(FluxKind::Kustomization, v);
+        let ks = match objects::kustomization(v) {
+            Ok(k) => k,
+            Err(e) => {
+                native.fail(spec_reason(&e), e.to_string());
+                x.keep_all = true;
+                return native;
+            }
+        };
+        if let Some(message) = refused_by_policy(ctx, FluxKind::Kustomization, &ks, &ks.spec.reads()) {
+            native.fail(DENIED_REASON, message);
             x.keep_all = true;
             return native;
         }
-    };
-    if !ks.spec.prune {
-        x.no_prune.insert((ks.name.clone(), ks.namespace.clone()));
-    }
-    let force = ks.spec.force;
-    native.wait = ks.spec.wait;
-    native.health_checks = ks
-        .spec
-        .health_checks
-        .iter()
-        .map(|h| {
-            let ns = h.namespace.clone().unwrap_or_else(|| ks.namespace.clone());
-            (h.kind.clone().unwrap_or_default(), ns, h.name.clone())
-        })
-        .collect();
-    let retry = ks
-        .spec
-        .retry_interval
-        .as_deref()
-        .and_then(|r| duration(r, "retryInterval").ok())
-        .unwrap_or_else(|| duration(&ks.spec.interval, "interval").unwrap_or(Duration::from_secs(600)));
-    let attempt = attempt(ctx, &ks, sources, memory, limit).await;
-    let entry = memory.builds.get(&native.id);
-    match attempt {
-        Attempt::Built(b) => {
-            native.revision = Some(b.revision.clone());
-            let interval = duration(&ks.spec.interval, "interval").unwrap_or(Duration::from_secs(600));
-            x.due(b.built + interval);
-            append(x, &mut native, &b.manifests, first_built);
-            // The applied revision stays until the new build is applied; readiness only while
-            // the build is the same.
-            let prev = memory.builds.remove(&native.id);
-            let (last_applied, ready) =
-                prev.map_or((None, false), |p| (p.last_applied, p.key == b.key && p.ready));
-            memory.builds.insert(
-                native.id.clone(),
-                BuildMemory {
-                    last_applied,
-                    ready,
-                    ..b
-                },
-            );
+        if !ks.spec.prune {
+            x.no_prune.insert((ks.name.clone(), ks.namespace.clone()));
         }
-        Attempt::Failed { reason, message } => {
-            x.due(Instant::now() + retry);
-            match entry {
-                Some(last) => {
-                    let last_revision = last.revision.clone();
-                    let manifests = last.manifests.clone();
-                    native.revision = Some(last_revision.clone());
-                    append(x, &mut native, &manifests, first_built);
-                    native.fail(
-                        reason,
-                        format!("{message}; the objects of revision {last_revision} stay applied"),
-                    );
-                }
-                None => {
-                    x.keep_all = true;
-                    native.fail(reason, message);
-                }
+        let force = ks.spec.force;
+        native.wait = ks.spec.wait;
+        native.health_checks = ks
+            .spec
+            .health_checks
+            .iter()
+            .map(|h| {
+                let ns = h.namespace.clone().unwrap_or_else(|| ks.namespace.clone());
+                (h.kind.clone().unwrap_or_default(), ns, h.name.clone())
+            })
+            .collect();
+        let retry = ks
+            .spec
+            .retry_interval
+            .as_deref()
+            .and_then(|r| duration(r, "retryInterval").ok())
+            .unwrap_or_else(|| duration(&ks.spec.interval, "interval").unwrap_or(Duration::from_secs(600)));
+        let attempt = attempt(ctx, self.reader, &ks, self.sources, memory, self.limit).await;
+        let entry = memory.builds.get(&native.id);
+        match attempt {
+            Attempt::Built(b) => {
+                native.revision = Some(b.revision.clone());
+                let interval = duration(&ks.spec.interval, "interval").unwrap_or(Duration::from_secs(600));
+                x.due(b.built + interval);
+                append(x, &mut native, &b.manifests, first_built);
+                // The applied revision stays until the new build is applied; readiness only while
+                // the build is the same.
+                let prev = memory.builds.remove(&native.id);
+                let (last_applied, ready) =
+                    prev.map_or((None, false), |p| (p.last_applied, p.key == b.key && p.ready));
+                memory.builds.insert(
+                    native.id.clone(),
+                    BuildMemory {
+                        last_applied,
+                        ready,
+                        ..b
+                    },
+                );
             }
-        }
-        Attempt::Held { reason, message } => {
-            // Suspended, or waiting on a dependency: nothing is applied or pruned.
-            if reason != "Suspended" {
+            Attempt::Failed { reason, message } => {
                 x.due(Instant::now() + retry);
+                match entry {
+                    Some(last) => {
+                        let last_revision = last.revision.clone();
+                        let manifests = last.manifests.clone();
+                        native.revision = Some(last_revision.clone());
+                        append(x, &mut native, &manifests, first_built);
+                        native.fail(
+                            reason,
+                            format!("{message}; the objects of revision {last_revision} stay applied"),
+                        );
+                    }
+                    None => {
+                        x.keep_all = true;
+                        native.fail(reason, message);
+                    }
+                }
             }
-            x.keep_all = true;
-            native.ready = (
-                if reason == "Suspended" { UNKNOWN } else { FALSE },
-                reason,
-                message,
-            );
+            Attempt::Held { reason, message } => {
+                // Suspended, or waiting on a dependency: nothing is applied or pruned.
+                if reason != "Suspended" {
+                    x.due(Instant::now() + retry);
+                }
+                x.keep_all = true;
+                native.ready = (
+                    if reason == "Suspended" { UNKNOWN } else { FALSE },
+                    reason,
+                    message,
+                );
+            }
         }
+        if force {
+            x.recreate.extend(native.objects.clone());
+        }
+        native
     }
-    if force {
-        x.recreate.extend(native.objects.clone());
+}
+
+/// Why the write policy refuses a Flux object or a Secret or ConfigMap it reads, if it does.
+/// What a Flux object reads is held to the rules of what a work writes: a work may not have
+/// the agent read (and substitute, or send to a registry) what it could not write itself.
+fn refused_by_policy<S>(
+    ctx: &ReconcileContext,
+    kind: FluxKind,
+    obj: &FluxObject<S>,
+    reads: &[ReadRef],
+) -> Option<String> {
+    let (ns, name) = (obj.namespace.as_str(), obj.name.as_str());
+    let policy = &ctx.cfg.policy;
+    if let Err(d) = policy.check(&Target::new(kind.group(), kind.name(), ns, name)) {
+        return Some(format!("{} {ns}/{name}: {d}", kind.name()));
     }
-    native
+    reads.iter().find_map(|r| {
+        policy
+            .check(&Target::new("", r.kind, ns, &r.name))
+            .err()
+            .map(|d| {
+                format!(
+                    "{} {ns}/{} ({} of {} {name}): {d}",
+                    r.kind,
+                    r.name,
+                    r.field,
+                    kind.name()
+                )
+            })
+    })
 }
 
 /// Appends a build's manifests to the expansion as the Kustomization's objects.
@@ -450,6 +512,7 @@ enum Attempt {
 /// Builds the Kustomization, or reuses its last build while nothing it depends on changed.
 async fn attempt(
     ctx: &ReconcileContext,
+    reader: &Client,
     ks: &FluxObject<KustomizationSpec>,
     sources: &HashMap<String, Option<Pulled>>,
     memory: &FluxMemory,
@@ -518,14 +581,9 @@ async fn attempt(
     {
         return Attempt::Built(reuse(last, last.built));
     }
-    let vars = match variables(ctx, ks).await {
+    let vars = match variables(reader, ks).await {
         Ok(v) => v,
-        Err(message) => {
-            return Attempt::Failed {
-                reason: "BuildFailed",
-                message,
-            };
-        }
+        Err((reason, message)) => return Attempt::Failed { reason, message },
     };
     let key = build_key(&pulled.revision, ks, &vars);
     if let Some(last) = last.filter(|l| l.key == key) {
@@ -654,11 +712,12 @@ fn label(obj: &mut Value, name: &str, namespace: &str) {
 }
 
 /// The postBuild variables: `substituteFrom` in order (later ones win), then `substitute`
-/// over them, as Flux does. None without a postBuild.
+/// over them, as Flux does. None without a postBuild. Read as `reader`, the work's identity; a
+/// read it may not make fails with the API server's `Forbidden`.
 async fn variables(
-    ctx: &ReconcileContext,
+    reader: &Client,
     ks: &FluxObject<KustomizationSpec>,
-) -> Result<Option<BTreeMap<String, String>>, String> {
+) -> Result<Option<BTreeMap<String, String>>, Failure> {
     let Some(post) = &ks.spec.post_build else {
         return Ok(None);
     };
@@ -666,13 +725,13 @@ async fn variables(
     for from in &post.substitute_from {
         let found = match from.kind.as_str() {
             "ConfigMap" => {
-                let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ks.namespace);
+                let api: Api<ConfigMap> = Api::namespaced(reader.clone(), &ks.namespace);
                 api.get_opt(&from.name)
                     .await
                     .map(|c| c.map(|c| c.data.unwrap_or_default().into_iter().collect::<Vec<_>>()))
             }
             _ => {
-                let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ks.namespace);
+                let api: Api<Secret> = Api::namespaced(reader.clone(), &ks.namespace);
                 api.get_opt(&from.name).await.map(|s| {
                     s.map(|s| {
                         s.data
@@ -688,21 +747,25 @@ async fn variables(
             Ok(Some(pairs)) => vars.extend(pairs),
             Ok(None) if from.optional => {}
             Ok(None) => {
-                return Err(format!(
-                    "postBuild.substituteFrom {} {} not found",
-                    from.kind, from.name
+                return Err((
+                    "BuildFailed",
+                    format!("postBuild.substituteFrom {} {} not found", from.kind, from.name),
                 ));
             }
             Err(e) => {
-                return Err(format!(
-                    "postBuild.substituteFrom {} {}: {e}",
-                    from.kind, from.name
+                let reason = match &e {
+                    kube::Error::Api(s) if s.code == 403 => "Forbidden",
+                    _ => "BuildFailed",
+                };
+                return Err((
+                    reason,
+                    format!("postBuild.substituteFrom {} {}: {e}", from.kind, from.name),
                 ));
             }
         }
     }
     vars.extend(post.substitute.clone());
-    substitute::check_names(&vars).map_err(|e| e.to_string())?;
+    substitute::check_names(&vars).map_err(|e| ("BuildFailed", e.to_string()))?;
     Ok(Some(vars))
 }
 

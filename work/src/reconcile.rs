@@ -66,7 +66,7 @@ pub async fn reconcile(
         Ok(c) => c,
         Err(e) => return refused(prev, generation, &WorkFailure::Executor(e), &now, memory),
     };
-    let expansion = flux::expand(ctx, work, &mut memory.flux).await;
+    let expansion = flux::expand(ctx, work, &writer, &mut memory.flux).await;
     let expanded = expansion.as_ref().and_then(|x| x.expanded(work));
     let own = work.spec.workload.manifests.len();
     let work = expanded.as_ref().unwrap_or(work);

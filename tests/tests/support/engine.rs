@@ -238,3 +238,38 @@ pub async fn cm_gone(client: &Client, ns: &str, name: &str, what: &str) {
     })
     .await;
 }
+
+/// An engine config whose executor clients impersonate through the spoke's admin kubeconfig.
+pub async fn config_with_executors(hub: &str) -> EngineConfig {
+    let path = shared_spoke().await.kubeconfig_path().to_path_buf();
+    let kubeconfig = kube::config::Kubeconfig::read_from(&path).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    let mut cfg = test_config(hub);
+    cfg.executor_clients = Some(spokelet::run::executor_factory(
+        &config,
+        spokelet::kube_client::HttpVersion::Http1,
+        None,
+    ));
+    cfg
+}
+
+/// A ServiceAccount `name` in `ns` allowed `verbs` on ConfigMaps there, and nothing else.
+pub fn configmap_executor(ns: &str, name: &str, verbs: &[&str]) -> Vec<Value> {
+    executor_with(ns, name, &["configmaps"], verbs)
+}
+
+/// A ServiceAccount `name` in `ns` allowed `verbs` on `resources` (core group) there, and nothing else.
+pub fn executor_with(ns: &str, name: &str, resources: &[&str], verbs: &[&str]) -> Vec<Value> {
+    vec![
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": ns}}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+               "metadata": {"name": format!("{name}-rights"), "namespace": ns},
+               "rules": [{"apiGroups": [""], "resources": resources, "verbs": verbs}]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": format!("{name}-rights"), "namespace": ns},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": format!("{name}-rights")},
+               "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}]}),
+    ]
+}
