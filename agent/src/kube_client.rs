@@ -14,6 +14,7 @@
 
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -45,6 +46,19 @@ pub enum HttpVersion {
     /// HTTP/2 offered first in ALPN (HTTP/1.1 still offered, for servers without h2).
     Http2,
 }
+
+/// How long a connection (TCP and TLS) may take to open.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a request waits for its answer to begin, and an answer (other than a watch's) may
+/// go without a byte: the API server's own default `--request-timeout`. Without it a request on
+/// a half-open connection (a stalled proxy, a vanished node) waits for ever, and with it the
+/// reconcile, the engine's drain and a lost leader's exit.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a watch may go without a byte: kube's own read timeout, just over the 290 s a
+/// watch asks the server to close it after; bookmarks arrive about every minute well inside it.
+const WATCH_IDLE_TIMEOUT: Duration = Duration::from_secs(295);
 
 /// Idle connections an HTTP/1.1 pool keeps: enough for the engine's steady traffic; a burst
 /// opens more, which then close after hyper's idle timeout.
@@ -143,14 +157,16 @@ pub fn gated_client(
 /// (`Config::rustls_client_config`) with a client-certificate resolver that follows rotation.
 /// Everything else (server, auth, headers, `tls-server-name`) still comes from `config`.
 /// With `identity_version`, a change of version retires the current connections for new
-/// requests (see `RenewingPool`); without, one pool serves the client's lifetime.
+/// requests (see `RenewingPool`); without, one pool serves the client's lifetime. With `gate`,
+/// writes pass only while it is open.
 pub fn client_with_tls(
     config: Config,
     tls: rustls::ClientConfig,
     identity_version: Option<IdentityVersion>,
     version: HttpVersion,
+    gate: Option<WriteGate>,
 ) -> Result<Client, KubeClientError> {
-    build(config, tls, identity_version, version, None)
+    build(config, tls, identity_version, version, gate)
 }
 
 fn build(
@@ -170,6 +186,7 @@ fn build(
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
+    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http();
@@ -198,8 +215,8 @@ fn build(
         .option_layer(config.auth_layer()?)
         .layer(config.extra_headers_layer()?)
         // The auth layers' errors are boxed; make the connection's error the same type.
-        .map_err(|e: hyper_util::client::legacy::Error| -> BoxError { Box::new(e) })
-        .service(pool);
+        .map_err(|e: DeadlineError<hyper_util::client::legacy::Error>| -> BoxError { Box::new(e) })
+        .service(Deadlines(pool));
     Ok(Client::new(service, config.default_namespace))
 }
 
@@ -212,6 +229,63 @@ fn hyper_client(https: HttpsConnector<HttpConnector>) -> HyperClient {
         .http2_keep_alive_while_idle(true)
         .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
         .build(https)
+}
+
+/// Bounds every request in time: its answer must begin within [`REQUEST_TIMEOUT`], and then
+/// go no longer without a byte than [`REQUEST_TIMEOUT`] ([`WATCH_IDLE_TIMEOUT`] for a watch).
+#[derive(Debug, Clone)]
+struct Deadlines<S>(S);
+
+/// The error of a request whose answer did not begin in time.
+#[derive(Debug, thiserror::Error)]
+#[error("no answer from the API server within {0:?}")]
+struct NoAnswer(Duration);
+
+/// Whether the request is a watch (`?watch=true` or `?watch=1`), whose answer streams for minutes.
+fn is_watch(uri: &http::Uri) -> bool {
+    uri.query().is_some_and(|q| {
+        q.split('&')
+            .any(|kv| matches!(kv, "watch=true" | "watch=1" | "watch=True"))
+    })
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for Deadlines<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tower_http::timeout::TimeoutBody<R>>;
+    type Error = DeadlineError<S::Error>;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx).map_err(DeadlineError::Inner)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let idle = if is_watch(request.uri()) {
+            WATCH_IDLE_TIMEOUT
+        } else {
+            REQUEST_TIMEOUT
+        };
+        let answer = self.0.call(request);
+        Box::pin(async move {
+            let response = tokio::time::timeout(REQUEST_TIMEOUT, answer)
+                .await
+                .map_err(|_| DeadlineError::NoAnswer(NoAnswer(REQUEST_TIMEOUT)))?
+                .map_err(DeadlineError::Inner)?;
+            Ok(response.map(|body| tower_http::timeout::TimeoutBody::new(idle, body)))
+        })
+    }
+}
+
+/// A request's error: the connection's own, or no answer in time.
+#[derive(Debug, thiserror::Error)]
+enum DeadlineError<E> {
+    #[error(transparent)]
+    Inner(E),
+    #[error(transparent)]
+    NoAnswer(NoAnswer),
 }
 
 #[derive(Clone)]
@@ -293,5 +367,35 @@ where
             ConnectionPool::Fixed(client) => client.call(request),
             ConnectionPool::Renewing(pool) => pool.client().call(request),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::{Service, ServiceExt};
+
+    #[test]
+    fn watches_are_told_from_other_requests_by_their_query() {
+        let uri = |s: &str| s.parse::<http::Uri>().unwrap();
+        assert!(is_watch(&uri("/api/v1/pods?watch=true&resourceVersion=1")));
+        assert!(is_watch(&uri("/api/v1/pods?resourceVersion=1&watch=1")));
+        assert!(!is_watch(&uri("/api/v1/pods?limit=500")));
+        assert!(!is_watch(&uri("/api/v1/namespaces/watch=true/pods")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_without_an_answer_fails_at_the_request_timeout() {
+        let silent = tower::service_fn(|_req: http::Request<()>| async {
+            std::future::pending::<Result<http::Response<String>, std::io::Error>>().await
+        });
+        let mut svc = Deadlines(silent);
+        let start = tokio::time::Instant::now();
+        let req = http::Request::get("/api/v1/namespaces").body(()).unwrap();
+        let Err(err) = svc.ready().await.unwrap().call(req).await else {
+            panic!("answered");
+        };
+        assert!(err.to_string().contains("no answer"), "{err}");
+        assert_eq!(start.elapsed(), REQUEST_TIMEOUT);
     }
 }

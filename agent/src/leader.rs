@@ -553,17 +553,48 @@ where
             *request.method(),
             http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
         );
-        if !reads && !self.gate.is_open() {
-            let refused = NotLeader {
-                method: request.method().clone(),
-                path: request.uri().path().to_string(),
-            };
+        if reads {
+            let fut = self.inner.call(request);
+            return Box::pin(async move { fut.await.map_err(Into::into) });
+        }
+        let (method, path) = (request.method().clone(), request.uri().path().to_string());
+        if !self.gate.is_open() {
+            let refused = NotLeader { method, path };
             tracing::warn!(error = %refused, "write refused");
             return Box::pin(std::future::ready(Err(refused.into())));
         }
         let fut = self.inner.call(request);
-        Box::pin(async move { fut.await.map_err(Into::into) })
+        // A write sent while the gate was open must still not land after it shuts: a request
+        // held up (a stalled connection, a slow server) is abandoned at the gate's deadline,
+        // which a renewal meanwhile moves on.
+        let gate = self.gate.clone();
+        Box::pin(async move {
+            tokio::pin!(fut);
+            loop {
+                let left = gate.remaining();
+                if left.is_zero() {
+                    let late = Outlived { method, path };
+                    tracing::warn!(error = %late, "write abandoned");
+                    return Err(late.into());
+                }
+                tokio::select! {
+                    r = &mut fut => return r.map_err(Into::into),
+                    () = tokio::time::sleep(left) => {}
+                }
+            }
+        })
     }
+}
+
+/// The error of a write still unanswered when the gate shut: abandoned, so it cannot land
+/// while another replica holds the lease.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "not the leader: {method} {path} was abandoned unanswered when the work-engine lease's renew deadline passed"
+)]
+pub struct Outlived {
+    method: http::Method,
+    path: String,
 }
 
 #[cfg(test)]
@@ -687,5 +718,47 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(sent.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_unanswered_at_the_gates_deadline_is_abandoned_unless_a_renewal_moves_it() {
+        use tower::{Layer, Service, ServiceExt};
+        // A server that answers each write only after 5 s.
+        let inner = tower::service_fn(|_req: http::Request<()>| async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Ok::<_, BoxError>(())
+        });
+        let gate = WriteGate::shut();
+        let mut svc = GateLayer(gate.clone()).layer(inner);
+        let patch = || {
+            http::Request::builder()
+                .method(http::Method::PATCH)
+                .uri("/api/v1/namespaces/a/configmaps/b")
+                .body(())
+                .unwrap()
+        };
+        let start = Instant::now();
+        gate.open_until(start + Duration::from_secs(2));
+        let err = svc.ready().await.unwrap().call(patch()).await.unwrap_err();
+        assert!(err.to_string().contains("abandoned"), "{err}");
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(2),
+            "abandoned at the deadline, not later"
+        );
+
+        // Renewed while the write is on its way: it is waited for.
+        let start = Instant::now();
+        gate.open_until(start + Duration::from_secs(2));
+        let renewing = {
+            let gate = gate.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                gate.open_until(Instant::now() + Duration::from_secs(7));
+            })
+        };
+        svc.ready().await.unwrap().call(patch()).await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+        renewing.await.unwrap();
     }
 }

@@ -302,6 +302,9 @@ pub async fn run(args: RunArgs, hub: HubArgs, ctx: RunContext) -> Result<(), Run
     }
 }
 
+/// How long a replica that lost the lease lets its engine drain before it exits anyway.
+const LOST_DRAIN: Duration = Duration::from_secs(1);
+
 /// Waits as a standby (ready, writing nothing) until the Lease is ours, then runs the engine
 /// with every spoke write behind the election's gate. Leadership lost: the gate shuts, the
 /// engine stops and this returns [`LeaderError::Lost`], so the process exits and comes back
@@ -344,20 +347,30 @@ async fn run_as_candidate(
     ctx.health.set_ready(false);
     // The engine stops on shutdown, or at once when leadership is lost.
     let engine_stop = ctx.shutdown.child_token();
-    let on_loss = {
+    let lost = {
         let (stop, mut role) = (engine_stop.clone(), role.clone());
-        tokio::spawn(async move {
-            if role.wait_for(|r| *r == Role::Lost).await.is_ok() {
-                stop.cancel();
+        async move {
+            if role.wait_for(|r| *r == Role::Lost).await.is_err() {
+                return std::future::pending().await;
             }
-        })
+            stop.cancel();
+            // With the gate shut nothing in flight can write any more: the drain gets a
+            // moment for its logs, and whatever is still waiting (a read on a stalled
+            // connection) is abandoned rather than keep a deposed leader alive.
+            tokio::time::sleep(LOST_DRAIN).await;
+        }
     };
     let engine_ctx = RunContext {
         shutdown: engine_stop,
         ..ctx.clone()
     };
-    let result = run_active(args, hub, &engine_ctx, config, version, Some(gate.clone())).await;
-    on_loss.abort();
+    let result = tokio::select! {
+        r = run_active(args, hub, &engine_ctx, config, version, Some(gate.clone())) => r,
+        () = lost => {
+            tracing::error!(lease = %settings.lease(), "leadership lost; in-flight work abandoned");
+            Err(LeaderError::Lost(settings.lease()).into())
+        }
+    };
     if *role.borrow() == Role::Lost {
         return Err(LeaderError::Lost(settings.lease()).into());
     }
@@ -382,7 +395,9 @@ async fn run_active(
     // One client (one connection pool) for every request and watch of the engine.
     let client = kube_client::gated_client(config.clone(), version, gate.clone())?;
     let client = EngineClient { client, executors };
-    if let Some(conn) = HubConnection::open(hub, &args.agent_id, &ctx.registry, &client.client).await? {
+    let opened =
+        HubConnection::open(hub, &args.agent_id, &ctx.registry, &client.client, gate.clone()).await?;
+    if let Some(conn) = opened {
         if let Some(dir) = &args.works_dir {
             // Two sources would fight over the same AppliedManifestWorks; refuse rather than guess.
             conn.closer.close().await;

@@ -276,3 +276,104 @@ async fn one_replica_applies_a_frozen_leader_writes_nothing_after_resuming_and_s
     assert!(status.success(), "{status}: {}", replicas[last_one].log());
     assert_eq!(holder(&client, &agent_ns).await, None, "the lease was released");
 }
+
+/// The Lease's renewTime, as the API server holds it.
+async fn renew_time(client: &kube::Client, ns: &str) -> Option<String> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), ns);
+    let lease = leases.get_opt("spokelet-work-engine").await.ok().flatten()?;
+    lease.spec?.renew_time.map(|t| format!("{:?}", t.0))
+}
+
+/// A leader whose connection to the API server stalls right after a renewal (requests neither
+/// answered nor refused): its writes in flight are abandoned at the renew deadline, it exits
+/// instead of hanging on them, and the standby takes over; nothing of the old leader lands.
+#[tokio::test]
+async fn a_leader_whose_connection_stalls_after_a_renewal_exits_and_writes_nothing_more() {
+    let spoke = shared_spoke().await;
+    let client = spoke.client();
+    let agent_ns = unique_name("stall-agent");
+    let ns = unique_name("stall-works");
+    create_namespace(&client, &agent_ns).await.unwrap();
+    create_namespace(&client, &ns).await.unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let works = scratch.path().join("works");
+    std::fs::create_dir_all(&works).unwrap();
+    write_work(&works, &ns, "one");
+    // replica-a reaches the API server only through the front.
+    let server = spoke.server_url();
+    let front = spokelet_e2e::StallingFront::start(server.trim_start_matches("https://"))
+        .await
+        .unwrap();
+    let through_front = scratch.path().join("front.kubeconfig");
+    let text = std::fs::read_to_string(spoke.kubeconfig_path()).unwrap();
+    assert!(text.contains(&server), "the kubeconfig names {server}");
+    std::fs::write(
+        &through_front,
+        text.replace(&server, &format!("https://{}", front.host())),
+    )
+    .unwrap();
+    let mut replicas = vec![Replica::start(
+        "replica-a",
+        &works,
+        &agent_ns,
+        &through_front,
+        scratch.path(),
+    )];
+    wait_holder(&client, &agent_ns, &["replica-a"]).await;
+    wait_value(&client, &ns, "one", &replicas).await;
+    replicas.push(Replica::start(
+        "replica-b",
+        &works,
+        &agent_ns,
+        spoke.kubeconfig_path(),
+        scratch.path(),
+    ));
+
+    // Right after a renewal: stall, and give the leader something to write.
+    let seen = renew_time(&client, &agent_ns).await;
+    eventually_with("the lease is renewed", 300, Duration::from_millis(20), || {
+        let (c, n, seen) = (client.clone(), agent_ns.clone(), seen.clone());
+        async move {
+            let now = renew_time(&c, &n).await;
+            if now != seen {
+                Ok(())
+            } else {
+                Err(format!("renewTime {now:?}"))
+            }
+        }
+    })
+    .await
+    .unwrap();
+    front.stall();
+    let stalled = Instant::now();
+    let stalled_at = SystemTime::now();
+    write_work(&works, &ns, "two");
+
+    // It finds it cannot renew, and exits rather than wait on requests that never end.
+    let status = exited(&mut replicas[0], Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("the stalled leader is still running:\n{}", replicas[0].log()));
+    println!("stalled leader exited {:?} after the stall", stalled.elapsed());
+    assert!(!status.success(), "lost leadership is an error exit: {status}");
+    let log = replicas[0].log();
+    assert!(log.contains("lost the work-engine lease"), "{log}");
+    assert!(
+        front.dropped() > 0,
+        "the leader did send into the stalled connection"
+    );
+
+    // The standby takes over and applies the change; the old leader wrote nothing after the
+    // stall (managedFields time is to the second).
+    wait_holder(&client, &agent_ns, &["replica-b"]).await;
+    wait_value(&client, &ns, "two", &replicas).await;
+    let floor = stalled_at - Duration::from_secs(1);
+    for (manager, at) in managers(&client, &ns).await {
+        if manager == "replica-a" {
+            assert!(
+                at.is_some_and(|t| t < floor),
+                "replica-a wrote after the stall: {at:?}"
+            );
+        }
+    }
+    drop(front);
+}

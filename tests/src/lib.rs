@@ -43,6 +43,7 @@ mod registry;
 mod registry_token;
 mod rundir;
 mod shared;
+mod stalling_front;
 
 pub use assets::{Binary, test_assets_dir};
 pub use cluster::{ADMIN_USER, ClusterOptions, DEFAULT_CONTROLLERS, KubeCluster, MASTERS_GROUP};
@@ -54,6 +55,7 @@ pub use registry::{
 };
 pub use registry_token::{TOKEN_ISSUER, TOKEN_SERVICE, TokenServer};
 pub use shared::{shared_spoke, try_shared_spoke};
+pub use stalling_front::StallingFront;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

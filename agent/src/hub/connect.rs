@@ -11,6 +11,7 @@ use super::kube_hub::{KubeHub, KubeHubError, KubeHubOptions};
 use super::metrics;
 use super::{HubEvents, PoolReportSink};
 use crate::admin::SharedRegistry;
+use crate::leader::WriteGate;
 use crate::lock::lock;
 use crate::work::applied_work;
 use crate::work::source::StatusSink;
@@ -86,12 +87,14 @@ impl HubCloser {
 }
 
 impl HubConnection {
-    /// Open the configured transport; `Ok(None)` when no `--hub-transport` is set.
+    /// Open the configured transport; `Ok(None)` when no `--hub-transport` is set. With
+    /// `gate`, nothing is sent to the hub while it is shut (statuses already queued included).
     pub async fn open(
         args: &HubArgs,
         agent_id: &str,
         registry: &SharedRegistry,
         spoke: &kube::Client,
+        gate: Option<WriteGate>,
     ) -> Result<Option<HubConnection>, ConnectError> {
         // `--agent-id` belongs to the engine's flags; the hub settings need it too.
         let mut args = args.clone();
@@ -103,6 +106,7 @@ impl HubConnection {
                 let address = settings.url.uri();
                 let mut opts = GrpcHubOptions::new(settings);
                 opts.recorded = recorded_works(spoke, &address).await;
+                opts.gate = gate;
                 metrics::register(&opts.metrics, &mut lock(registry));
                 let hub = GrpcHub::start(opts, stop.clone())?;
                 tracing::info!(hub = %address, transport = "grpc", "hub transport started");
@@ -118,7 +122,8 @@ impl HubConnection {
             Some(ResolvedHub::Kube(settings)) => {
                 let config = super::kube_hub::config_from_kubeconfig(&settings.kubeconfig).await?;
                 let address = config.cluster_url.to_string();
-                let client = super::kube_hub::hub_client(config, &settings.kubeconfig, settings.security)?;
+                let client =
+                    super::kube_hub::gated_hub_client(config, &settings.kubeconfig, settings.security, gate)?;
                 let mut opts = KubeHubOptions::new(client, &settings.cluster_name, &settings.agent_id);
                 opts.lease_duration = settings.lease_duration;
                 opts.spoke = Some(spoke.clone());

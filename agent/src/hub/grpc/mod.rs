@@ -120,6 +120,10 @@ pub struct GrpcHubOptions {
     /// oversized event is then refused by the codec (logged, reported) instead of breaking the
     /// stream, which would reconnect and receive the same event again.
     pub max_message_size: usize,
+    /// The work-engine lease's write gate, when leader election is on: nothing is published
+    /// while it is shut (what was queued stays unsent; the next leader reports it), and a
+    /// Publish in flight is abandoned when it shuts.
+    pub gate: Option<crate::leader::WriteGate>,
 }
 
 impl GrpcHubOptions {
@@ -138,6 +142,7 @@ impl GrpcHubOptions {
             shutdown_flush: Duration::from_secs(5),
             max_message_size: 16 * 1024 * 1024,
             subscription: Subscription::Works,
+            gate: None,
         }
     }
 }

@@ -17,6 +17,7 @@ use super::book::{Outgoing, Shared};
 use super::dial::Client;
 use crate::hub::cloudevents::StatusKind;
 use crate::hub::tls::error_chain;
+use crate::leader::WriteGate;
 use crate::lock::lock;
 
 /// How long a status the hub refused as too large waits before it is offered again, behind
@@ -78,17 +79,25 @@ pub(super) async fn publish_loop(
     shared: Arc<Shared>,
     client: Client,
     timeout: Duration,
+    gate: Option<WriteGate>,
     session: CancellationToken,
     errors: mpsc::Sender<GrpcError>,
 ) {
     let mut flying = FuturesUnordered::new();
     // uid → kind of what is in flight, to put back if the session ends first.
     let mut aboard: HashMap<String, StatusKind> = HashMap::new();
+    // Without leadership nothing is taken from the outbox, and a send lasts at most until the
+    // gate shuts: a deposed leader's queued statuses never reach the hub.
+    let allowed = || {
+        gate.as_ref()
+            .map_or(Some(timeout), |g| g.is_open().then(|| timeout.min(g.remaining())))
+    };
     loop {
         while flying.len() < MAX_IN_FLIGHT {
+            let Some(limit) = allowed() else { break };
             let Some(out) = shared.next_outgoing() else { break };
             aboard.insert(out.uid.clone(), out.kind);
-            flying.push(send(client.clone(), out, timeout));
+            flying.push(send(client.clone(), out, limit));
         }
         let ended = tokio::select! {
             () = session.cancelled() => None,

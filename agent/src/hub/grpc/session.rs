@@ -147,6 +147,7 @@ impl Runner {
                 self.shared.clone(),
                 client.clone(),
                 self.opts.publish_timeout,
+                self.opts.gate.clone(),
                 session.clone(),
                 pub_err_tx,
             )

@@ -83,6 +83,18 @@ pub fn hub_client(
     kubeconfig: &Path,
     security: HubSecurity,
 ) -> Result<kube::Client, KubeHubError> {
+    gated_hub_client(config, kubeconfig, security, None)
+}
+
+/// [`hub_client`] whose writes to the hub (statuses, the cluster lease, finalizers) pass only
+/// while `gate` is open: a replica that lost the work-engine lease tells the hub nothing more,
+/// not even what it had queued.
+pub fn gated_hub_client(
+    config: kube::Config,
+    kubeconfig: &Path,
+    security: HubSecurity,
+    gate: Option<crate::leader::WriteGate>,
+) -> Result<kube::Client, KubeHubError> {
     security.check(&config, kubeconfig)?;
     let HubTls {
         config: tls,
@@ -102,6 +114,7 @@ pub fn hub_client(
         tls,
         identity_version,
         crate::kube_client::HttpVersion::Http2,
+        gate,
     )?)
 }
 

@@ -60,7 +60,7 @@ use tracing::Instrument;
 
 pub use self::client::{
     ClientCertSource, HubSecurity, HubTls, client_cert_source, client_from_kubeconfig,
-    config_from_kubeconfig, hub_client, hub_tls_config,
+    config_from_kubeconfig, gated_hub_client, hub_client, hub_tls_config,
 };
 use self::cluster::write_cluster_status;
 pub use self::cluster::{KubeReportSink, managed_cluster_resource};
