@@ -4,13 +4,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use spokelet_artifact::cache::ArtifactCache;
 use spokelet_artifact::digest::Digest;
 use spokelet_artifact::unpack::UnpackLimits;
 use spokelet_base::lock::lock;
+use tokio::sync::Semaphore;
 
 use crate::source::{InsecureRegistries, SourceFetcher};
 
@@ -38,7 +39,14 @@ pub struct FluxSupport {
     /// Set once the engine has reconciled every work of its first sync: before that a work
     /// not yet reconciled could still want a layer nobody has claimed.
     collect: AtomicBool,
+    /// Bounds the works whose Flux objects are fetched and built at once. This is apart from
+    /// the engine's reconcile permits, and taken before one: sources that answer slowly hold
+    /// up other works' fetches at worst, never the reconciles of works without Flux objects.
+    pub expansions: Arc<Semaphore>,
 }
+
+/// Works whose Flux objects are fetched and built at once.
+pub const MAX_CONCURRENT_EXPANSIONS: usize = 16;
 
 impl std::fmt::Debug for FluxSupport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -67,6 +75,7 @@ impl FluxSupport {
             fetcher,
             in_use: Mutex::new(HashMap::new()),
             collect: AtomicBool::new(false),
+            expansions: Arc::new(Semaphore::new(MAX_CONCURRENT_EXPANSIONS)),
         })
     }
 

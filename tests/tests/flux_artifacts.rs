@@ -1262,3 +1262,54 @@ async fn flux_objects_read_secrets_only_as_the_work_may() {
     agent.stop().await;
     registry.stop().await;
 }
+
+/// A registry that accepts connections and never answers holds up only its own work: sources
+/// are fetched outside the engine's reconcile permits, so even with a single permit another
+/// work is applied while the fetch still waits.
+#[tokio::test]
+async fn a_registry_that_never_answers_holds_up_no_other_work() {
+    let registry = OciRegistry::start().await.unwrap();
+    let front = spokelet_e2e::StallingFront::start(&registry.host())
+        .await
+        .unwrap();
+    front.stall();
+    let url = format!("oci://{}/apps/silent", front.host());
+    let cache = tempfile::tempdir().unwrap();
+    let hub = unique_name("flux-hub");
+    let mut cfg = test_config(&hub);
+    cfg.flux = native(cache.path());
+    cfg.max_concurrent_works = 1;
+    let mut agent = Agent::start_with(&hub, cfg).await;
+    agent.synced();
+    let ns = namespace(&agent.client, "flux-silent").await;
+    agent.upsert(&work(
+        "flux-silent",
+        1,
+        vec![
+            oci_repository("silent", &url, "v1"),
+            kustomization("silent", "silent", &ns, json!({})),
+        ],
+    ));
+    // The fetch is under way: its request went into the stalled connection.
+    spokelet_e2e::eventually("the fetch reaches the silent registry", || {
+        let sent = front.dropped();
+        async move {
+            if sent > 0 {
+                Ok(())
+            } else {
+                Err("nothing sent yet".to_string())
+            }
+        }
+    })
+    .await
+    .unwrap();
+    agent.upsert(&work("plain", 1, vec![cm(&ns, "plain", json!({"k": "v"}))]));
+    agent.wait_applied("plain", 1).await;
+    assert!(
+        agent.latest.get("flux-silent").is_none(),
+        "the other work waited for the silent registry: {:?}",
+        agent.latest.get("flux-silent").map(|u| &u.status)
+    );
+    agent.stop().await;
+    registry.stop().await;
+}

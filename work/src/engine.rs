@@ -942,10 +942,18 @@ impl EngineLoop {
         let name = name.to_string();
         let generation = work.metadata.generation.unwrap_or(0);
         let span = tracing::info_span!("reconcile", work = %name, generation);
+        let stopping = self.stopping.clone();
         let task = async move {
+            let mut memory = memory;
+            // Outside the permit (see `reconcile::expand`); a stopping engine does not wait for
+            // a slow registry.
+            let expansion = tokio::select! {
+                x = reconcile::expand(&ctx, &work, &mut memory) => x,
+                () = stopping.cancelled() => return,
+            };
             let _permit = permits.acquire_owned().await;
             let t0 = std::time::Instant::now();
-            let report = Box::pin(reconcile::reconcile(&ctx, &work, &prev, memory)).await;
+            let report = Box::pin(reconcile::reconcile(&ctx, &work, &prev, memory, expansion)).await;
             let outcome = if report.failed { "failed" } else { "ok" };
             ctx.metrics.reconciled(outcome, t0.elapsed().as_secs_f64());
             let update = work_update(&work, &report.status, false, ctx.cfg.max_status_bytes);

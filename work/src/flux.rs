@@ -184,6 +184,7 @@ pub async fn expand(
         *memory = FluxMemory::default();
         return None;
     }
+    let _expanding = support.expansions.clone().acquire_owned().await.ok();
     let name = work.metadata.name.clone().unwrap_or_default();
     let mut x = Expansion::default();
     let mut sources: HashMap<String, Option<Pulled>> = HashMap::new();

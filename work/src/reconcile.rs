@@ -50,12 +50,30 @@ pub struct Report {
     pub recheck_at: Option<Instant>,
 }
 
-/// Reconciles `work`. Never returns an error: every failure ends up in the status.
+/// Fetches and builds the work's Flux objects (see [`flux::expand`]), for [`reconcile`].
+/// Called before the reconcile's permit is taken: a slow registry then holds up only Flux
+/// expansions (bounded apart, `FluxSupport::expansions`), never the reconciles of other works.
+/// None when the work has no Flux objects, or is refused whole anyway (too large, an unusable
+/// executor), which [`reconcile`] reports.
+pub async fn expand(
+    ctx: &ReconcileContext,
+    work: &ManifestWork,
+    memory: &mut WorkMemory,
+) -> Option<flux::Expansion> {
+    ctx.flux.as_ref()?;
+    check_limits(work, &ctx.cfg.limits).ok()?;
+    let reader = ctx.executors.for_work(work, &ctx.client).ok()?;
+    flux::expand(ctx, work, &reader, &mut memory.flux).await
+}
+
+/// Reconciles `work`, with its Flux objects' `expansion` from [`expand`]. Never returns an
+/// error: every failure ends up in the status.
 pub async fn reconcile(
     ctx: &ReconcileContext,
     work: &ManifestWork,
     prev: &ManifestWorkStatus,
     mut memory: WorkMemory,
+    expansion: Option<flux::Expansion>,
 ) -> Report {
     let generation = work.metadata.generation.unwrap_or(0);
     let now = now_rfc3339();
@@ -66,7 +84,6 @@ pub async fn reconcile(
         Ok(c) => c,
         Err(e) => return refused(prev, generation, &WorkFailure::Executor(e), &now, memory),
     };
-    let expansion = flux::expand(ctx, work, &writer, &mut memory.flux).await;
     let expanded = expansion.as_ref().and_then(|x| x.expanded(work));
     let own = work.spec.workload.manifests.len();
     let work = expanded.as_ref().unwrap_or(work);
