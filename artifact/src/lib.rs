@@ -5,6 +5,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod cache;
+pub mod capped;
 pub mod digest;
 pub mod pack;
 pub mod registry;

@@ -11,7 +11,12 @@ pub use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use tokio::io::AsyncWriteExt;
 
+use std::sync::Arc;
+
+use oci_client::errors::OciDistributionError;
+
 use crate::cache::{ArtifactCache, CacheError, Check, ScratchFile};
+use crate::capped::{CappedClient, MAX_MANIFEST_BYTES, MAX_TAG_LIST_BYTES, Wanted};
 use crate::digest::{Digest, DigestError};
 use crate::pack::{PackError, pack_dir};
 use crate::retry::{RetryPolicy, Transient, transient};
@@ -151,7 +156,11 @@ pub struct PushMeta {
 /// the connection pool and the tokens the registry handed out.
 #[derive(Clone)]
 pub struct Registry {
+    /// Pushes (oci-client).
     client: Client,
+    /// Every pull request: answers read through caps (see [`crate::capped`]); or why it could
+    /// not be made (a CA that is not PEM), which every pull then fails with.
+    capped: Result<Arc<CappedClient>, String>,
     auth: RegistryAuth,
     /// How requests answered with 429 or 5xx are repeated.
     retry: RetryPolicy,
@@ -227,8 +236,12 @@ impl Registry {
             read_timeout: Some(timeouts.read),
             ..ClientConfig::default()
         };
+        let capped = CappedClient::new(insecure, auth.clone(), ca, timeouts)
+            .map(Arc::new)
+            .map_err(|e| e.to_string());
         Registry {
             client: Client::new(config),
+            capped,
             auth,
             retry: RetryPolicy::default(),
             tag_page: TAG_PAGE,
@@ -320,12 +333,9 @@ impl Registry {
         let by_tag = reference(url, &tag)?;
         let digest = self
             .retry
-            .run("tag lookup", || {
-                self.client.fetch_manifest_digest(&by_tag, &self.auth)
-            })
+            .run("tag lookup", || self.tag_digest(&by_tag))
             .await
             .map_err(self.retried_err(&by_tag))?;
-        let digest = Digest::parse(&digest)?;
         let revision = format!("{tag}@{digest}");
         Ok((digest, revision))
     }
@@ -374,13 +384,9 @@ impl Registry {
             let last = tags.last().cloned();
             let page = self
                 .retry
-                .run("tag list", || {
-                    self.client
-                        .list_tags(repo, &self.auth, Some(self.tag_page), last.as_deref())
-                })
+                .run("tag list", || self.tag_page(repo, last.as_deref()))
                 .await
-                .map_err(self.retried_err(repo))?
-                .tags;
+                .map_err(self.retried_err(repo))?;
             let full = page.len() >= self.tag_page;
             // A registry that ignores `last` answers the same page again: stop there.
             let fresh: Vec<String> = page.into_iter().filter(|t| !tags.contains(t)).collect();
@@ -398,6 +404,63 @@ impl Registry {
                 return Ok(tags);
             }
         }
+    }
+
+    /// The pull client, or why there is none.
+    fn capped(&self) -> Result<&CappedClient, OciDistributionError> {
+        self.capped
+            .as_deref()
+            .map_err(|e| OciDistributionError::GenericError(Some(e.clone())))
+    }
+
+    /// The manifest digest a tag names: the `Docker-Content-Digest` of a HEAD, or (a registry
+    /// that sends none) the digest of the manifest itself, read within its cap.
+    async fn tag_digest(&self, by_tag: &Reference) -> Result<Digest, OciDistributionError> {
+        let capped = self.capped()?;
+        let accept = [
+            OCI_MANIFEST_MEDIA_TYPE,
+            OCI_INDEX_MEDIA_TYPE,
+            DOCKER_MANIFEST_MEDIA_TYPE,
+        ];
+        let path = manifest_path(by_tag);
+        let headers = capped.head(by_tag, &path, &accept).await?;
+        let announced = headers
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Digest::parse(v).ok());
+        if let Some(digest) = announced {
+            return Ok(digest);
+        }
+        let wanted = Wanted {
+            what: "manifest",
+            cap: MAX_MANIFEST_BYTES,
+        };
+        let (bytes, _) = capped.get(by_tag, &path, &accept, wanted).await?;
+        Ok(Digest::of(&bytes))
+    }
+
+    /// One page of `repo`'s tags after `last`, [`Registry::with_tag_page`] tags long at most.
+    async fn tag_page(
+        &self,
+        repo: &Reference,
+        last: Option<&str>,
+    ) -> Result<Vec<String>, OciDistributionError> {
+        let mut path = format!("tags/list?n={}", self.tag_page);
+        if let Some(last) = last {
+            path.push_str("&last=");
+            path.push_str(&query_escape(last));
+        }
+        let wanted = Wanted {
+            what: "tag list",
+            cap: MAX_TAG_LIST_BYTES,
+        };
+        let (bytes, _) = self.capped()?.get(repo, &path, &[], wanted).await?;
+        #[derive(serde::Deserialize)]
+        struct TagList {
+            tags: Option<Vec<String>>,
+        }
+        let list: TagList = serde_json::from_slice(&bytes)?;
+        Ok(list.tags.unwrap_or_default())
     }
 
     /// Pulls the artifact `wanted` names from `url` into `cache`: resolved to a manifest digest
@@ -458,21 +521,25 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         let tag = signature::signature_tag(manifest);
         let by_tag = reference(url, &tag)?;
+        let signature_manifest = Wanted {
+            what: "signature manifest",
+            cap: MAX_MANIFEST_BYTES,
+        };
+        let accept = [OCI_MANIFEST_MEDIA_TYPE, DOCKER_MANIFEST_MEDIA_TYPE];
         let (bytes, _) = match self
             .retry
-            .run("signature manifest", || {
-                self.client.pull_manifest_raw(
-                    &by_tag,
-                    &self.auth,
-                    &[OCI_MANIFEST_MEDIA_TYPE, DOCKER_MANIFEST_MEDIA_TYPE],
-                )
+            .run("signature manifest", || async {
+                self.capped()?
+                    .get(&by_tag, &manifest_path(&by_tag), &accept, signature_manifest)
+                    .await
             })
             .await
         {
             Ok(found) => found,
             Err(
-                oci_client::errors::OciDistributionError::ImageManifestNotFoundError(_)
-                | oci_client::errors::OciDistributionError::RegistryError { .. },
+                OciDistributionError::ImageManifestNotFoundError(_)
+                | OciDistributionError::RegistryError { .. }
+                | OciDistributionError::ServerError { code: 404, .. },
             ) => {
                 return Err(RegistryError::Unsigned {
                     digest: manifest.clone(),
@@ -520,11 +587,16 @@ impl Registry {
             return Err(format!("a payload of {} bytes", layer.size));
         }
         let expected = Digest::parse(&layer.digest).map_err(|e| e.to_string())?;
-        let mut payload = Vec::new();
-        self.client
-            .pull_blob(by_tag, layer, &mut payload)
-            .await
-            .map_err(|e| format!("fetching the payload: {e}"))?;
+        let wanted = Wanted {
+            what: "signature payload",
+            cap: signature::MAX_PAYLOAD_BYTES as usize,
+        };
+        let fetched = async {
+            self.capped()?
+                .get(by_tag, &format!("blobs/{expected}"), &[], wanted)
+                .await
+        };
+        let (payload, _) = fetched.await.map_err(|e| format!("fetching the payload: {e}"))?;
         if Digest::of(&payload) != expected {
             return Err("a payload that does not match its digest".into());
         }
@@ -639,14 +711,17 @@ impl Registry {
 
     /// A manifest's (or index's) bytes, checked against `digest`.
     async fn manifest_bytes(&self, by_digest: &Reference, digest: &Digest) -> Result<Vec<u8>, RegistryError> {
+        let wanted = Wanted {
+            what: "manifest",
+            cap: MAX_MANIFEST_BYTES,
+        };
+        let accept = [OCI_MANIFEST_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE];
         let (bytes, _) = self
             .retry
-            .run("manifest", || {
-                self.client.pull_manifest_raw(
-                    by_digest,
-                    &self.auth,
-                    &[OCI_MANIFEST_MEDIA_TYPE, OCI_INDEX_MEDIA_TYPE],
-                )
+            .run("manifest", || async {
+                self.capped()?
+                    .get(by_digest, &manifest_path(by_digest), &accept, wanted)
+                    .await
             })
             .await
             .map_err(self.retried_err(by_digest))?;
@@ -657,7 +732,7 @@ impl Registry {
                 actual,
             });
         }
-        Ok(bytes.to_vec())
+        Ok(bytes)
     }
 
     /// Streams the layer blob into a scratch file of the cache (never whole in memory),
@@ -674,18 +749,21 @@ impl Registry {
             digest: digest.clone(),
             source,
         };
-        let mut stream = self
+        let response = self
             .retry
             // Only the start is repeated: a stream cut halfway fails the pull, and the
             // source's retryInterval fetches it again into a fresh scratch file.
-            .run("layer", || self.client.pull_blob_stream(by_digest, layer))
+            .run("layer", || async {
+                self.capped()?.stream(by_digest, &format!("blobs/{digest}")).await
+            })
             .await
             .map_err(self.retried_err(by_digest))?;
+        let mut stream = response.bytes_stream();
         let scratch = cache.scratch_file(digest);
         let mut file = tokio::fs::File::create(scratch.path()).await.map_err(io_err)?;
         let mut got = 0u64;
-        while let Some(chunk) = stream.stream.next().await {
-            let chunk = chunk.map_err(io_err)?;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| io_err(std::io::Error::other(e)))?;
             got += chunk.len() as u64;
             if got > layer.size as u64 {
                 return Err(io_err(std::io::Error::other(
@@ -769,6 +847,21 @@ fn index_entry(bytes: &[u8], digest: &Digest) -> Result<Option<String>, Registry
                 .join(", "),
         }),
     }
+}
+
+/// `manifests/<digest or tag>` of a reference.
+fn manifest_path(r: &Reference) -> String {
+    format!("manifests/{}", r.digest().or(r.tag()).unwrap_or("latest"))
+}
+
+/// A tag for a query string: tags are `[A-Za-z0-9_.-]`, anything else is escaped.
+fn query_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// The repository of `oci://host/repo`, as a reference (its tag, `latest`, is not used).

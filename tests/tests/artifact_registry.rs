@@ -459,11 +459,10 @@ async fn an_index_gives_this_platforms_artifact_and_a_layer_selector_picks_its_l
 }
 
 /// The check the agent makes every interval for an unchanged artifact costs one request (the
-/// tag lookup) on a registry that asks for credentials, whose answer the client keeps. On an
-/// open registry the client also pings `/v2/` before it, as it finds no credentials to keep:
-/// two requests, both without a body.
+/// tag lookup, a HEAD without a body), on an open registry and on one that asks for
+/// credentials, whose authorization the client keeps.
 #[tokio::test]
-async fn an_unchanged_check_costs_one_request_on_a_registry_with_credentials() {
+async fn an_unchanged_check_costs_one_request_with_or_without_credentials() {
     for users in [vec![("puller".to_string(), "s3cret".to_string())], vec![]] {
         let registry = OciRegistry::start_with(&RegistryOptions {
             users: users.clone(),
@@ -489,7 +488,8 @@ async fn an_unchanged_check_costs_one_request_on_a_registry_with_credentials() {
         let wanted = ArtifactRef::tag("v1");
         let known = client.pull(&url, &wanted, &cache, &limits).await.unwrap();
         const CHECKS: usize = 20;
-        let expected = if users.is_empty() { 2 * CHECKS } else { CHECKS };
+        // One HEAD each: no `/v2/` ping, and the registry's authorization is reused.
+        let expected = CHECKS;
         let before = registry.v2_requests().len();
         for _ in 0..CHECKS {
             let p = client
@@ -544,10 +544,10 @@ async fn a_rate_limited_registry_is_retried_after_a_delay_and_a_persistent_limit
         .await
         .unwrap();
 
-    // Four rejected connections, then through. One tag lookup of the client makes at most
-    // four requests (a `/v2/` ping, a HEAD, and when the HEAD brought no digest another ping
-    // and a GET), so the first attempt surely fails and the pull has to wait and retry.
-    let front = RateLimitedFront::start(&registry.host(), 4, 1).await.unwrap();
+    // Two rejected connections, then through. One tag lookup is one HEAD (and a GET when the
+    // HEAD brought no digest), so the first attempt surely fails and the pull has to wait and
+    // retry, twice.
+    let front = RateLimitedFront::start(&registry.host(), 2, 1).await.unwrap();
     let url = format!("oci://{}/apps/limited", front.host());
     let cache_dir = tempfile::tempdir().unwrap();
     let cache = ArtifactCache::open(cache_dir.path()).unwrap();
@@ -558,7 +558,7 @@ async fn a_rate_limited_registry_is_retried_after_a_delay_and_a_persistent_limit
         .await
         .expect("pulled once the limit lifted");
     assert_eq!(pulled.manifest, pushed);
-    assert_eq!(front.rejected(), 4);
+    assert_eq!(front.rejected(), 2);
     // The retry of a 429 waits at least three quarters of a second (1 s, jittered by 25%).
     assert!(
         start.elapsed() >= std::time::Duration::from_millis(750),
@@ -590,7 +590,7 @@ async fn a_rate_limited_registry_is_retried_after_a_delay_and_a_persistent_limit
             .contains("rate limited (HTTP 429) after 4 attempts"),
         "{err}"
     );
-    // Each attempt is one tag lookup, at most four requests: bounded, not a loop.
+    // Each attempt is one tag lookup, at most two requests: bounded, not a loop.
     let rejected = stuck.rejected();
     assert!(
         (quick.attempts..=4 * quick.attempts).contains(&rejected),
@@ -790,4 +790,146 @@ async fn a_silent_registry_fails_the_pull_by_the_clients_timeouts() {
         "{chain}"
     );
     silent.abort();
+}
+
+/// A "registry" on loopback whose answers never end: every manifest, tag list and error page
+/// streams for ever (or announces 2 GiB). Counts what it managed to send.
+struct EndlessRegistry {
+    port: u16,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EndlessRegistry {
+    async fn start() -> EndlessRegistry {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = sent.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                tokio::spawn(Self::serve(conn, counter.clone()));
+            }
+        });
+        EndlessRegistry { port, sent, task }
+    }
+
+    /// Answers requests on one connection until it streams an endless body.
+    async fn serve(mut conn: tokio::net::TcpStream, sent: std::sync::Arc<std::sync::atomic::AtomicU64>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut head = Vec::new();
+        loop {
+            let mut byte = [0u8; 1];
+            if conn.read(&mut byte).await.unwrap_or(0) == 0 {
+                return;
+            }
+            head.push(byte[0]);
+            if !head.ends_with(b"\r\n\r\n") {
+                continue;
+            }
+            let line = String::from_utf8_lossy(&head)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            head.clear();
+            let mut parts = line.split(' ');
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            if method == "HEAD" {
+                let digest = format!("sha256:{}", "ab".repeat(32));
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nDocker-Content-Digest: {digest}\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: 0\r\n\r\n"
+                );
+                if conn.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            let (status, framing) = if path.starts_with("/v2/announced/") {
+                ("200 OK", "Content-Length: 2147483648")
+            } else if path.starts_with("/v2/errors/") {
+                ("404 Not Found", "Transfer-Encoding: chunked")
+            } else {
+                ("200 OK", "Transfer-Encoding: chunked")
+            };
+            let chunked = framing.starts_with("Transfer");
+            let answer = format!("HTTP/1.1 {status}\r\nContent-Type: application/json\r\n{framing}\r\n\r\n");
+            if conn.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+            let block = vec![b' '; 64 * 1024];
+            loop {
+                let written = if chunked {
+                    let size = format!("{:x}\r\n", block.len());
+                    conn.write_all(size.as_bytes()).await.is_ok()
+                        && conn.write_all(&block).await.is_ok()
+                        && conn.write_all(b"\r\n").await.is_ok()
+                } else {
+                    conn.write_all(&block).await.is_ok()
+                };
+                if !written {
+                    return;
+                }
+                sent.fetch_add(block.len() as u64, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn url(&self, repo: &str) -> String {
+        format!("oci://127.0.0.1:{}/{repo}", self.port)
+    }
+}
+
+impl Drop for EndlessRegistry {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Manifests, tag lists and error pages are read only up to their caps: a registry answering
+/// without end (or announcing 2 GiB) fails the pull with a reason naming the limit, and the
+/// client stops reading at the cap instead of holding the answer.
+#[tokio::test]
+async fn endless_manifests_tag_lists_and_error_pages_are_read_only_up_to_their_caps() {
+    let server = EndlessRegistry::start().await;
+    let cache_dir = tempfile::tempdir().unwrap();
+    let cache = ArtifactCache::open(cache_dir.path()).unwrap();
+    let limits = UnpackLimits::default();
+    let client = Registry::new(true, RegistryAuth::Anonymous).with_retry(RetryPolicy::none());
+    let semver = ArtifactRef {
+        semver: Some(">=1.0.0".into()),
+        ..ArtifactRef::default()
+    };
+    let cases = [
+        (
+            "endless",
+            ArtifactRef::tag("v1"),
+            "manifest is over the 4194304 byte limit",
+        ),
+        (
+            "announced",
+            ArtifactRef::tag("v1"),
+            "manifest is over the 4194304 byte limit",
+        ),
+        ("tags", semver, "tag list is over the 16777216 byte limit"),
+        (
+            "errors",
+            ArtifactRef::tag("v1"),
+            "error answer is over the 65536 byte limit",
+        ),
+    ];
+    for (repo, wanted, reason) in cases {
+        let before = server.sent.load(std::sync::atomic::Ordering::SeqCst);
+        let err = client
+            .pull(&server.url(repo), &wanted, &cache, &limits)
+            .await
+            .expect_err("refused");
+        assert!(err.to_string().contains(reason), "{repo}: {err}");
+        // The client hung up at its cap: what the server got out is the cap and what the
+        // socket buffers held when the connection closed, nowhere near the endless answer.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let sent = server.sent.load(std::sync::atomic::Ordering::SeqCst) - before;
+        assert!(sent < 64 * 1024 * 1024, "{repo}: the server sent {sent} bytes");
+        println!("{repo}: refused after the server sent {sent} bytes: {err}");
+    }
 }
