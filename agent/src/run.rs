@@ -395,8 +395,23 @@ async fn run_active(
     // One client (one connection pool) for every request and watch of the engine.
     let client = kube_client::gated_client(config.clone(), version, gate.clone())?;
     let client = EngineClient { client, executors };
-    let opened =
-        HubConnection::open(hub, &args.agent_id, &ctx.registry, &client.client, gate.clone()).await?;
+    let hub = HubArgs {
+        agent_namespace: Some(args.agent_namespace.clone()),
+        ..hub.clone()
+    };
+    // Opening may wait long (a join waits for the hub's approval): a shutdown ends the wait.
+    let opening = HubConnection::open(
+        &hub,
+        &args.agent_id,
+        &ctx.registry,
+        &client.client,
+        config,
+        gate.clone(),
+    );
+    let opened = tokio::select! {
+        opened = opening => opened?,
+        () = ctx.shutdown.cancelled() => return Ok(()),
+    };
     if let Some(conn) = opened {
         if let Some(dir) = &args.works_dir {
             // Two sources would fight over the same AppliedManifestWorks; refuse rather than guess.

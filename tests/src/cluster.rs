@@ -67,6 +67,10 @@ pub struct ClusterOptions {
     pub controllers: Vec<String>,
     /// Extra kube-apiserver flags, e.g. `--feature-gates=…`, appended last.
     pub extra_apiserver_args: Vec<String>,
+    /// Sign approved client-certificate requests (signer `kubernetes.io/kube-apiserver-client`)
+    /// with the cluster's client CA, for this long at most: the controller-manager then runs
+    /// its `csrsigning` controller. None: requests are never signed.
+    pub csr_signing: Option<std::time::Duration>,
 }
 
 impl Default for ClusterOptions {
@@ -84,6 +88,7 @@ impl ClusterOptions {
             etcd_prefix: None,
             controllers: Vec::new(),
             extra_apiserver_args: Vec::new(),
+            csr_signing: None,
         }
     }
 
@@ -409,11 +414,14 @@ async fn start_once(opts: &ClusterOptions) -> Result<KubeCluster, HarnessError> 
                 .issue_client_now("system:kube-controller-manager", &[MASTERS_GROUP])?,
             dir.join("kube-controller-manager.kubeconfig"),
         )?;
-        let controllers = if opts.controllers.is_empty() {
+        let mut controllers = if opts.controllers.is_empty() {
             DEFAULT_CONTROLLERS.join(",")
         } else {
             opts.controllers.join(",")
         };
+        if opts.csr_signing.is_some() {
+            controllers.push_str(",csrsigning");
+        }
         let mut kcm_args = args(&[
             ("--kubeconfig", path_arg(kcm_user.kubeconfig_path())),
             ("--bind-address", "127.0.0.1".into()),
@@ -427,6 +435,19 @@ async fn start_once(opts: &ClusterOptions) -> Result<KubeCluster, HarnessError> 
             ("--controllers", controllers),
             ("--profiling", "false".into()),
         ]);
+        if let Some(duration) = opts.csr_signing {
+            kcm_args.extend(args(&[
+                (
+                    "--cluster-signing-kube-apiserver-client-cert-file",
+                    path_arg(&files.client_ca),
+                ),
+                (
+                    "--cluster-signing-kube-apiserver-client-key-file",
+                    path_arg(&files.client_ca_key),
+                ),
+                ("--cluster-signing-duration", format!("{}s", duration.as_secs())),
+            ]));
+        }
         // Before 1.24 the controller-manager also serves plain HTTP on 10252 by default.
         if kube_minor_version(&kcm_bin).await.is_some_and(|minor| minor < 24) {
             kcm_args.extend(args(&[("--port", "0".into())]));
@@ -458,6 +479,8 @@ async fn start_once(opts: &ClusterOptions) -> Result<KubeCluster, HarnessError> 
 struct PkiFiles {
     serving_ca: PathBuf,
     client_ca: PathBuf,
+    /// The client CA's key: for the controller-manager's signer only.
+    client_ca_key: PathBuf,
     serving_cert: PathBuf,
     serving_key: PathBuf,
     sa_key: PathBuf,
@@ -472,6 +495,7 @@ impl PkiFiles {
         let files = PkiFiles {
             serving_ca: pki_dir.join("serving-ca.crt"),
             client_ca: pki_dir.join("client-ca.crt"),
+            client_ca_key: pki_dir.join("client-ca.key"),
             serving_cert: pki_dir.join("apiserver.crt"),
             serving_key: pki_dir.join("apiserver.key"),
             sa_key: pki_dir.join("service-account.key"),
@@ -479,6 +503,7 @@ impl PkiFiles {
         };
         write_private(&files.serving_ca, pki.serving_ca.cert_pem())?;
         write_private(&files.client_ca, pki.client_ca.cert_pem())?;
+        write_private(&files.client_ca_key, &pki.client_ca.key_pem())?;
         write_private(&files.serving_cert, &pki.serving.cert_pem)?;
         write_private(&files.serving_key, &pki.serving.key_pem)?;
         write_private(&files.sa_key, &pki.service_account_key_pem)?;

@@ -244,6 +244,34 @@ impl OcmHub {
         self.cluster.issue_user(&format!("{group}:{agent}"), &[&group])
     }
 
+    /// A bootstrap credential as OCM's cluster manager hands one out: a user in
+    /// [`BOOTSTRAP_GROUP`], which OCM's `open-cluster-management:bootstrap` ClusterRole (made
+    /// here with the rules of OCM's chart) lets create and read ManagedClusters and
+    /// certificate signing requests, and nothing else.
+    pub async fn issue_bootstrap(&self, user: &str) -> Result<UserCredentials, HarnessError> {
+        use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+        let admin = self.client();
+        let role: ClusterRole = from_json(serde_json::json!({
+            "metadata": {"name": BOOTSTRAP_ROLE},
+            "rules": [
+                {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]},
+                {"apiGroups": ["certificates.k8s.io"], "resources": ["certificatesigningrequests"],
+                 "verbs": ["create", "get", "list", "watch"]},
+                {"apiGroups": [CLUSTER_GROUP], "resources": ["managedclusters"],
+                 "verbs": ["get", "create", "list", "watch"]},
+                {"apiGroups": [CLUSTER_GROUP], "resources": ["managedclustersets/join"], "verbs": ["create"]},
+            ]
+        }))?;
+        let binding: ClusterRoleBinding = from_json(serde_json::json!({
+            "metadata": {"name": format!("{BOOTSTRAP_ROLE}:managedcluster")},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": BOOTSTRAP_ROLE},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": BOOTSTRAP_GROUP}]
+        }))?;
+        create_or_keep(&Api::<ClusterRole>::all(admin.clone()), &role).await?;
+        create_or_keep(&Api::<ClusterRoleBinding>::all(admin), &binding).await?;
+        self.cluster.issue_user(user, &[BOOTSTRAP_GROUP])
+    }
+
     /// `https://127.0.0.1:PORT` of OCM's gRPC server, when started.
     pub fn grpc_url(&self) -> Option<&str> {
         self.grpc.as_ref().map(|g| g.url.as_str())
@@ -269,6 +297,27 @@ impl OcmHub {
     /// Kills OCM's processes and the API server (what dropping does), off the executor.
     pub async fn stop(self) {
         let _ = tokio::task::spawn_blocking(move || drop(self)).await;
+    }
+}
+
+/// The group OCM's bootstrap credentials are in (its chart binds the bootstrap role to it).
+pub const BOOTSTRAP_GROUP: &str = "system:bootstrappers:managedcluster";
+/// OCM's ClusterRole for bootstrap credentials.
+pub const BOOTSTRAP_ROLE: &str = "open-cluster-management:bootstrap";
+
+fn from_json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, HarnessError> {
+    serde_json::from_value(v).map_err(|e| invalid("bootstrap RBAC", e))
+}
+
+/// Creates `obj` unless an object of its name exists.
+async fn create_or_keep<K>(api: &Api<K>, obj: &K) -> Result<(), HarnessError>
+where
+    K: kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.create(&Default::default(), obj).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(invalid("bootstrap RBAC", e)),
     }
 }
 

@@ -86,6 +86,11 @@ impl CertificateAuthority {
         &self.cert_pem
     }
 
+    /// The CA's private key, PEM (for a signer that issues on its behalf).
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
     /// A server certificate for `sans` (IP addresses or DNS names).
     pub fn issue_server(&self, common_name: &str, sans: &[&str]) -> Result<CertAndKey, HarnessError> {
         let now = SystemTime::now();

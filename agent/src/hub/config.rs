@@ -45,7 +45,8 @@ pub enum HubConfigError {
         "hub url {0:?} is plaintext; refusing to send credentials and works unencrypted (set --insecure-plaintext to allow it)"
     )]
     Plaintext(String),
-    /// Both an inline value and a file were given for the same input.
+    /// Both an inline value and a file were given for the same input, or two settings that
+    /// exclude each other.
     #[error("both {0} and {1} are set; use one")]
     Conflict(&'static str, &'static str),
     /// A TLS setting that is not understood.
@@ -255,6 +256,41 @@ pub struct HubArgs {
     /// (`spec.leaseDurationSeconds`), which wins.
     #[arg(long, env = "SPOKELET_HUB_LEASE_DURATION", default_value = "60s", value_parser = parse_duration)]
     pub hub_lease_duration: Duration,
+
+    /// Bootstrap kubeconfig for `--hub-transport kube`, instead of `--hub-kubeconfig`: the
+    /// agent joins the hub as OCM's registration agent does (creates its ManagedCluster and a
+    /// certificate request, waits for approval and acceptance) and runs from the certificate
+    /// issued, kept in `--hub-credentials-secret` and written to `--hub-credentials-dir`.
+    #[arg(long, env = "SPOKELET_BOOTSTRAP_HUB_KUBECONFIG", value_name = "FILE")]
+    pub bootstrap_hub_kubeconfig: Option<PathBuf>,
+
+    /// Where a joined agent's hub credentials are written (`kubeconfig`, `tls.crt`, `tls.key`).
+    #[arg(
+        long,
+        env = "SPOKELET_HUB_CREDENTIALS_DIR",
+        value_name = "DIR",
+        default_value = "/var/lib/spokelet/hub"
+    )]
+    pub hub_credentials_dir: PathBuf,
+
+    /// The Secret, in the agent's namespace, that keeps a joined agent's hub credentials
+    /// across restarts (OCM's name and layout).
+    #[arg(
+        long,
+        env = "SPOKELET_HUB_CREDENTIALS_SECRET",
+        default_value = "hub-kubeconfig-secret"
+    )]
+    pub hub_credentials_secret: String,
+
+    /// The spoke's API server URL as the hub is to reach it, written into a ManagedCluster the
+    /// agent creates; default: the URL the agent itself uses.
+    #[arg(long, env = "SPOKELET_SPOKE_EXTERNAL_SERVER_URL")]
+    pub spoke_external_server_url: Option<String>,
+
+    /// The agent's namespace (where the credential Secret lives); copied from `spokelet run`'s
+    /// `--agent-namespace` by the caller, like `agent_id`.
+    #[arg(skip)]
+    pub agent_namespace: Option<String>,
 }
 
 impl Default for HubArgs {
@@ -275,6 +311,11 @@ impl Default for HubArgs {
             insecure_plaintext: false,
             hub_kubeconfig: None,
             hub_lease_duration: Duration::from_secs(60),
+            bootstrap_hub_kubeconfig: None,
+            hub_credentials_dir: PathBuf::from("/var/lib/spokelet/hub"),
+            hub_credentials_secret: "hub-kubeconfig-secret".to_string(),
+            spoke_external_server_url: None,
+            agent_namespace: None,
         }
     }
 }
@@ -410,8 +451,10 @@ fn pick(
 /// Settings of the Kubernetes-hub transport.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KubeHubSettings {
-    /// Kubeconfig for the hub API server.
+    /// Kubeconfig for the hub API server (with a bootstrap, the one the join writes).
     pub kubeconfig: PathBuf,
+    /// Join with a bootstrap credential first.
+    pub bootstrap: Option<BootstrapSettings>,
     /// Our cluster name (the namespace of our works and lease).
     pub cluster_name: String,
     /// Our agent id (lease holder).
@@ -432,7 +475,41 @@ pub enum ResolvedHub {
     Kube(KubeHubSettings),
 }
 
+/// How to join with a bootstrap credential (`--bootstrap-hub-kubeconfig`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootstrapSettings {
+    pub kubeconfig: PathBuf,
+    /// Where the credentials are written.
+    pub dir: PathBuf,
+    /// The Secret keeping them, in the agent's namespace.
+    pub secret: String,
+    pub agent_namespace: String,
+    /// `--spoke-external-server-url`.
+    pub spoke_url: Option<String>,
+}
+
+impl BootstrapSettings {
+    /// The kubeconfig the join writes and the hub transport runs from.
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfig")
+    }
+}
+
 impl HubArgs {
+    /// The bootstrap settings, when `--bootstrap-hub-kubeconfig` is set.
+    fn bootstrap(&self) -> Option<BootstrapSettings> {
+        self.bootstrap_hub_kubeconfig.as_ref().map(|k| BootstrapSettings {
+            kubeconfig: k.clone(),
+            dir: self.hub_credentials_dir.clone(),
+            secret: self.hub_credentials_secret.clone(),
+            agent_namespace: self
+                .agent_namespace
+                .clone()
+                .unwrap_or_else(|| "spokelet-system".to_string()),
+            spoke_url: self.spoke_external_server_url.clone(),
+        })
+    }
+
     /// Merges the file (if any) under the flags. `Ok(None)` when no hub transport is selected.
     pub fn resolve(&self) -> Result<Option<ResolvedHub>, HubConfigError> {
         match self.hub_transport {
@@ -445,10 +522,22 @@ impl HubArgs {
                 self.merge(file).map(|s| Some(ResolvedHub::Grpc(s)))
             }
             Some(HubTransport::Kube) => {
-                let kubeconfig = self
-                    .hub_kubeconfig
-                    .clone()
-                    .ok_or(HubConfigError::Missing("--hub-kubeconfig"))?;
+                let bootstrap = self.bootstrap();
+                let kubeconfig = match (&self.hub_kubeconfig, &bootstrap) {
+                    (Some(_), Some(_)) => {
+                        return Err(HubConfigError::Conflict(
+                            "--hub-kubeconfig",
+                            "--bootstrap-hub-kubeconfig",
+                        ));
+                    }
+                    (Some(k), None) => k.clone(),
+                    (None, Some(b)) => b.kubeconfig(),
+                    (None, None) => {
+                        return Err(HubConfigError::Missing(
+                            "--hub-kubeconfig or --bootstrap-hub-kubeconfig",
+                        ));
+                    }
+                };
                 let cluster_name = self
                     .cluster_name
                     .clone()
@@ -466,6 +555,7 @@ impl HubArgs {
                 };
                 Ok(Some(ResolvedHub::Kube(KubeHubSettings {
                     kubeconfig,
+                    bootstrap,
                     cluster_name,
                     agent_id,
                     lease_duration: self.hub_lease_duration,

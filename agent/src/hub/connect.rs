@@ -9,6 +9,7 @@ use super::config::{HubArgs, HubConfigError, ResolvedHub};
 use super::grpc::{GrpcError, GrpcHub, GrpcHubOptions, HubHandle, RecordedWork};
 use super::kube_hub::{KubeHub, KubeHubError, KubeHubOptions};
 use super::metrics;
+use super::registration::{self, JoinSettings};
 use super::{HubEvents, PoolReportSink};
 use crate::admin::SharedRegistry;
 use crate::leader::WriteGate;
@@ -29,6 +30,9 @@ pub enum ConnectError {
     /// The hub kubeconfig cannot be read or used.
     #[error(transparent)]
     Kube(#[from] KubeHubError),
+    /// Joining the hub with the bootstrap credential failed.
+    #[error("joining the hub: {0}")]
+    Join(#[from] registration::JoinError),
 }
 
 /// An open hub connection, split into what the engine consumes and what stops the transport.
@@ -94,6 +98,7 @@ impl HubConnection {
         agent_id: &str,
         registry: &SharedRegistry,
         spoke: &kube::Client,
+        spoke_config: &kube::Config,
         gate: Option<WriteGate>,
     ) -> Result<Option<HubConnection>, ConnectError> {
         // `--agent-id` belongs to the engine's flags; the hub settings need it too.
@@ -120,6 +125,21 @@ impl HubConnection {
                 }
             }
             Some(ResolvedHub::Kube(settings)) => {
+                if let Some(bootstrap) = &settings.bootstrap {
+                    let (url, ca) = registration::join::spoke_endpoint(spoke_config);
+                    let join = JoinSettings {
+                        bootstrap_kubeconfig: bootstrap.kubeconfig.clone(),
+                        security: settings.security,
+                        cluster: settings.cluster_name.clone(),
+                        agent: settings.agent_id.clone(),
+                        dir: bootstrap.dir.clone(),
+                        secret_namespace: bootstrap.agent_namespace.clone(),
+                        secret_name: bootstrap.secret.clone(),
+                        spoke_url: bootstrap.spoke_url.clone().unwrap_or(url),
+                        spoke_ca: ca,
+                    };
+                    registration::ensure_joined(&join, spoke).await?;
+                }
                 let config = super::kube_hub::config_from_kubeconfig(&settings.kubeconfig).await?;
                 let address = config.cluster_url.to_string();
                 let client =

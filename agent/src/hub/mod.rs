@@ -23,6 +23,7 @@ pub mod kube_hub;
 pub mod metrics;
 pub mod outbox;
 pub mod pool_report;
+pub mod registration;
 pub mod tls;
 
 pub use config::{HubArgs, HubConfigError, HubSettings, HubTransport, KubeHubSettings, ResolvedHub};

@@ -1,0 +1,327 @@
+//! Joining over the Kubernetes hub with a bootstrap credential, as OCM's registration agent
+//! does: the ManagedCluster created if it is missing, a CSR with OCM's subject, the issued
+//! certificate kept, and then the wait for the hub to accept the cluster. A restart finds the
+//! kept certificate and makes no new request.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use k8s_openapi::api::certificates::v1::{CertificateSigningRequest, CertificateSigningRequestSpec};
+use kube::api::{Api, DynamicObject, ObjectMeta, PostParams};
+use serde_json::json;
+
+use super::csr::{self, Issued};
+use super::store::{Credentials, StoreError};
+use crate::hub::kube_hub::{
+    HubSecurity, KubeHubError, config_from_kubeconfig, hub_client, managed_cluster_resource,
+};
+
+/// OCM's label naming a CSR's cluster; its hub approves only CSRs that carry it.
+const CLUSTER_NAME_LABEL: &str = "open-cluster-management.io/cluster-name";
+/// OCM's label naming a CSR's agent.
+const AGENT_NAME_LABEL: &str = "open-cluster-management.io/agent-name";
+/// The signer of client certificates the hub's API server accepts.
+const CLIENT_SIGNER: &str = "kubernetes.io/kube-apiserver-client";
+/// How often the CSR and the ManagedCluster are looked at while waiting (each look is one GET;
+/// the bootstrap identity may not be allowed to watch everywhere).
+const POLL: Duration = Duration::from_secs(1);
+/// How often a wait says again where it waits.
+const SAY_AGAIN: Duration = Duration::from_secs(30);
+
+/// What joining needs.
+#[derive(Debug, Clone)]
+pub struct JoinSettings {
+    /// The bootstrap kubeconfig: a credential allowed only to create the ManagedCluster and
+    /// CSRs (OCM's `open-cluster-management:bootstrap` role).
+    pub bootstrap_kubeconfig: PathBuf,
+    pub security: HubSecurity,
+    pub cluster: String,
+    pub agent: String,
+    /// Where the credentials are written for the hub transport.
+    pub dir: PathBuf,
+    /// The Secret that keeps them across restarts.
+    pub secret_namespace: String,
+    pub secret_name: String,
+    /// The spoke's API server as the hub is to reach it (`managedClusterClientConfigs`).
+    pub spoke_url: String,
+    /// Its CA bundle (PEM), when not publicly trusted.
+    pub spoke_ca: Option<Vec<u8>>,
+}
+
+/// Why the agent could not join.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error("the bootstrap kubeconfig: {0}")]
+    Bootstrap(#[source] KubeHubError),
+    #[error("{what} on the hub with the bootstrap credential: {source}")]
+    Hub {
+        what: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("the hub denied certificate request {name}: {reason}")]
+    Denied { name: String, reason: String },
+    #[error(transparent)]
+    Csr(#[from] csr::CsrError),
+    #[error(
+        "the hub issued a certificate for {found:?}, not for agent {agent} of cluster {cluster}; nothing was kept"
+    )]
+    WrongIdentity {
+        found: String,
+        cluster: String,
+        agent: String,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Makes sure the agent holds a certificate of the hub for itself: the one kept in the Secret
+/// while it names this cluster and agent and has not expired, else a new one by joining.
+/// Writes the files and returns the kubeconfig to run the hub transport from.
+pub async fn ensure_joined(s: &JoinSettings, spoke: &kube::Client) -> Result<PathBuf, JoinError> {
+    let config = config_from_kubeconfig(&s.bootstrap_kubeconfig)
+        .await
+        .map_err(JoinError::Bootstrap)?;
+    let server = config.cluster_url.to_string();
+    let ca_pem = config.root_cert.as_ref().map(|certs| pem_bundle(certs));
+    let kept = Credentials::load(
+        spoke,
+        &s.secret_namespace,
+        &s.secret_name,
+        &server,
+        ca_pem.as_deref(),
+    )
+    .await?;
+    if let Some(kept) = kept {
+        match usable(&kept, s) {
+            Ok(()) => {
+                tracing::info!(cluster = %s.cluster, secret = %s.secret_name, "running from the hub credentials kept from an earlier join");
+                return Ok(kept.write_files(&s.dir)?);
+            }
+            Err(why) => {
+                tracing::warn!(secret = %s.secret_name, why, "the kept hub credentials cannot be used; joining again")
+            }
+        }
+    }
+    let hub = hub_client(config, &s.bootstrap_kubeconfig, s.security).map_err(JoinError::Bootstrap)?;
+    ensure_managed_cluster(&hub, s).await?;
+    let request = csr::request(&s.cluster, &s.agent)?;
+    let name = create_csr(&hub, s, &request.csr_pem).await?;
+    let cert_pem = wait_issued(&hub, &name).await?;
+    let issued = Issued::from_pem(&cert_pem)?;
+    if !issued.names(&s.cluster, &s.agent) {
+        return Err(JoinError::WrongIdentity {
+            found: issued.common_name,
+            cluster: s.cluster.clone(),
+            agent: s.agent.clone(),
+        });
+    }
+    let creds = Credentials {
+        server,
+        ca_pem,
+        cert_pem,
+        key_pem: request.key_pem.into_bytes(),
+        cluster: s.cluster.clone(),
+        agent: s.agent.clone(),
+    };
+    creds.save(spoke, &s.secret_namespace, &s.secret_name).await?;
+    let path = creds.write_files(&s.dir)?;
+    tracing::info!(cluster = %s.cluster, csr = %name, not_after = ?issued.not_after, "joined the hub: certificate issued and kept");
+    wait_accepted(&hub, &s.cluster).await?;
+    Ok(path)
+}
+
+/// Whether kept credentials can be run from: issued to this cluster and agent, not expired.
+fn usable(c: &Credentials, s: &JoinSettings) -> Result<(), &'static str> {
+    if c.cluster != s.cluster || c.agent != s.agent {
+        return Err("they were issued to another cluster or agent");
+    }
+    let issued = Issued::from_pem(&c.cert_pem).map_err(|_| "the certificate cannot be read")?;
+    if !issued.names(&s.cluster, &s.agent) {
+        return Err("the certificate names another cluster or agent");
+    }
+    if SystemTime::now() >= issued.not_after {
+        return Err("the certificate has expired");
+    }
+    Ok(())
+}
+
+/// Creates the ManagedCluster if it does not exist, naming the spoke's API server; an existing
+/// one is left as it is (the bootstrap role may not change it).
+async fn ensure_managed_cluster(hub: &kube::Client, s: &JoinSettings) -> Result<(), JoinError> {
+    let api: Api<DynamicObject> = Api::all_with(hub.clone(), &managed_cluster_resource());
+    let err = |what| move |source| JoinError::Hub { what, source };
+    if api
+        .get_opt(&s.cluster)
+        .await
+        .map_err(err("reading the ManagedCluster"))?
+        .is_some()
+    {
+        return Ok(());
+    }
+    let mut client_config = json!({"url": s.spoke_url});
+    if let Some(ca) = &s.spoke_ca {
+        client_config["caBundle"] = json!(base64::engine::general_purpose::STANDARD.encode(ca));
+    }
+    let resource = managed_cluster_resource();
+    let obj: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": resource.api_version,
+        "kind": resource.kind,
+        "metadata": {"name": s.cluster},
+        "spec": {"managedClusterClientConfigs": [client_config], "leaseDurationSeconds": 60},
+    }))
+    .map_err(|e| JoinError::Hub {
+        what: "making the ManagedCluster",
+        source: kube::Error::SerdeError(e),
+    })?;
+    match api.create(&PostParams::default(), &obj).await {
+        Ok(_) => {
+            tracing::info!(cluster = %s.cluster, "created the ManagedCluster on the hub");
+            Ok(())
+        }
+        // Made meanwhile by someone else: as good.
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(source) => Err(JoinError::Hub {
+            what: "creating the ManagedCluster",
+            source,
+        }),
+    }
+}
+
+/// Sends the certificate request; returns its name.
+async fn create_csr(hub: &kube::Client, s: &JoinSettings, csr_pem: &str) -> Result<String, JoinError> {
+    let api: Api<CertificateSigningRequest> = Api::all(hub.clone());
+    let csr = CertificateSigningRequest {
+        metadata: ObjectMeta {
+            generate_name: Some(format!("{}-", s.cluster)),
+            labels: Some(
+                [
+                    (CLUSTER_NAME_LABEL.to_string(), s.cluster.clone()),
+                    (AGENT_NAME_LABEL.to_string(), s.agent.clone()),
+                ]
+                .into(),
+            ),
+            ..ObjectMeta::default()
+        },
+        spec: CertificateSigningRequestSpec {
+            request: k8s_openapi::ByteString(csr_pem.as_bytes().to_vec()),
+            signer_name: CLIENT_SIGNER.to_string(),
+            usages: Some(
+                ["digital signature", "key encipherment", "client auth"]
+                    .map(String::from)
+                    .to_vec(),
+            ),
+            ..CertificateSigningRequestSpec::default()
+        },
+        status: None,
+    };
+    let made = api
+        .create(&PostParams::default(), &csr)
+        .await
+        .map_err(|source| JoinError::Hub {
+            what: "creating the certificate request",
+            source,
+        })?;
+    let name = made.metadata.name.unwrap_or_default();
+    tracing::info!(csr = %name, "certificate request sent to the hub");
+    Ok(name)
+}
+
+/// Waits until the hub signs request `name` (approved, then issued), saying where it waits;
+/// a denied or failed request is an error.
+async fn wait_issued(hub: &kube::Client, name: &str) -> Result<Vec<u8>, JoinError> {
+    let api: Api<CertificateSigningRequest> = Api::all(hub.clone());
+    let mut said = None::<tokio::time::Instant>;
+    loop {
+        let csr = api.get(name).await.map_err(|source| JoinError::Hub {
+            what: "reading the certificate request",
+            source,
+        })?;
+        let status = csr.status.unwrap_or_default();
+        let conditions = status.conditions.unwrap_or_default();
+        if let Some(c) = conditions
+            .iter()
+            .find(|c| c.type_ == "Denied" || c.type_ == "Failed")
+        {
+            return Err(JoinError::Denied {
+                name: name.to_string(),
+                reason: format!(
+                    "{}: {}",
+                    c.reason.clone().unwrap_or_default(),
+                    c.message.clone().unwrap_or_default()
+                ),
+            });
+        }
+        if let Some(cert) = status.certificate.filter(|c| !c.0.is_empty()) {
+            return Ok(cert.0);
+        }
+        let approved = conditions.iter().any(|c| c.type_ == "Approved");
+        if said.is_none_or(|t| t.elapsed() >= SAY_AGAIN) {
+            if approved {
+                tracing::info!(csr = %name, "waiting for the hub to sign the approved certificate request");
+            } else {
+                tracing::info!(csr = %name, "waiting for the hub to approve the certificate request (auto-approval, or `kubectl certificate approve {name}` on the hub)");
+            }
+            said = Some(tokio::time::Instant::now());
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Waits until the hub accepts the cluster (`spec.hubAcceptsClient`), saying where it waits.
+async fn wait_accepted(hub: &kube::Client, cluster: &str) -> Result<(), JoinError> {
+    let api: Api<DynamicObject> = Api::all_with(hub.clone(), &managed_cluster_resource());
+    let mut said = None::<tokio::time::Instant>;
+    loop {
+        let mc = api.get_opt(cluster).await.map_err(|source| JoinError::Hub {
+            what: "reading the ManagedCluster",
+            source,
+        })?;
+        let accepted = mc
+            .as_ref()
+            .and_then(|m| m.data.pointer("/spec/hubAcceptsClient"))
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false);
+        if accepted {
+            return Ok(());
+        }
+        if said.is_none_or(|t| t.elapsed() >= SAY_AGAIN) {
+            tracing::info!(
+                cluster,
+                "waiting for the hub to accept the cluster (spec.hubAcceptsClient on its ManagedCluster)"
+            );
+            said = Some(tokio::time::Instant::now());
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// DER certificates as one PEM bundle.
+fn pem_bundle(certs: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = String::new();
+    for der in certs {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            out.push_str(&String::from_utf8_lossy(line));
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    out.into_bytes()
+}
+
+/// The spoke's URL and CA as a client of it sees them (the defaults for
+/// `managedClusterClientConfigs`).
+pub fn spoke_endpoint(config: &kube::Config) -> (String, Option<Vec<u8>>) {
+    (
+        config.cluster_url.to_string().trim_end_matches('/').to_string(),
+        config.root_cert.as_ref().map(|c| pem_bundle(c)),
+    )
+}
+
+/// The kubeconfig path the credentials in `dir` are run from.
+pub fn kubeconfig_in(dir: &Path) -> PathBuf {
+    dir.join("kubeconfig")
+}

@@ -1,0 +1,14 @@
+//! Joining a hub as OCM's registration agent does: with a bootstrap credential the agent
+//! creates its ManagedCluster and a certificate signing request with OCM's subject, keeps the
+//! certificate the hub issues (a Secret in its namespace, and files the hub transport runs
+//! from), and waits until the hub accepts the cluster.
+//!
+//! - [`csr`]: the key pair and request, and what an issued certificate says.
+//! - [`store`]: the kept credentials (Secret and files).
+//! - [`join`]: the join over the Kubernetes hub.
+
+pub mod csr;
+pub mod join;
+pub mod store;
+
+pub use join::{JoinError, JoinSettings, ensure_joined};

@@ -1,0 +1,202 @@
+//! Joining the real OCM hub with a bootstrap credential, as OCM's registration agent does:
+//! spokelet creates its ManagedCluster (naming the spoke's API server) and a certificate
+//! request with OCM's subject, waits for an admin to approve it and to accept the cluster, runs
+//! from the certificate the hub's signer issued (kept in a Secret), and a restart reuses it.
+
+use std::time::Duration;
+
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use serde_json::json;
+use spokelet_e2e::ocm::{OcmHub, OcmHubOptions, condition_status, managed_clusters};
+use spokelet_e2e::{ClusterOptions, eventually, shared_spoke, unique_name};
+
+mod support;
+use support::{Agent, spoke_namespace, until_model};
+
+/// The cluster's certificate requests on the hub.
+async fn requests(hub: &kube::Client, cluster: &str) -> Vec<CertificateSigningRequest> {
+    let api: Api<CertificateSigningRequest> = Api::all(hub.clone());
+    api.list(&ListParams::default().labels(&format!("open-cluster-management.io/cluster-name={cluster}")))
+        .await
+        .unwrap()
+        .items
+}
+
+#[tokio::test]
+async fn spokelet_joins_a_stock_ocm_hub_with_a_bootstrap_credential_and_a_restart_reuses_its_certificate() {
+    let hub = OcmHub::start(OcmHubOptions {
+        cluster: ClusterOptions {
+            name: "ocm-hub-join".into(),
+            controller_manager: true,
+            csr_signing: Some(Duration::from_secs(3600)),
+            ..ClusterOptions::hub()
+        },
+        ..OcmHubOptions::default()
+    })
+    .await
+    .unwrap();
+    let admin = hub.client();
+    let spoke = shared_spoke().await;
+    let agent_ns = spoke_namespace(&spoke.client(), "join-agent").await;
+    let works_ns = spoke_namespace(&spoke.client(), "join-works").await;
+    let cluster = unique_name("joined");
+    let bootstrap = hub
+        .issue_bootstrap("system:bootstrap:spokelet-e2e")
+        .await
+        .unwrap();
+    let credentials = tempfile::tempdir().unwrap();
+    let argv = |dir: &std::path::Path| {
+        vec![
+            "spokelet".to_string(),
+            "run".into(),
+            "--hub-transport".into(),
+            "kube".into(),
+            "--bootstrap-hub-kubeconfig".into(),
+            bootstrap.kubeconfig_path().display().to_string(),
+            "--hub-credentials-dir".into(),
+            dir.display().to_string(),
+            "--cluster-name".into(),
+            cluster.clone(),
+            "--agent-id".into(),
+            "spokelet".into(),
+            "--agent-namespace".into(),
+            agent_ns.clone(),
+            "--kubeconfig".into(),
+            spoke.kubeconfig_path().display().to_string(),
+            "--admin-addr".into(),
+            "127.0.0.1:0".into(),
+            "--pool-report".into(),
+            "false".into(),
+        ]
+    };
+    let agent = Agent::start(&argv(credentials.path()));
+
+    // It made its ManagedCluster, naming the spoke's API server, and asks for a certificate.
+    let clusters = managed_clusters(&admin);
+    let csr_name = eventually("the agent's certificate request", || {
+        let (admin, cluster) = (admin.clone(), cluster.clone());
+        async move {
+            let found = requests(&admin, &cluster).await;
+            found
+                .first()
+                .and_then(|c| c.metadata.name.clone())
+                .ok_or_else(|| "none yet".to_string())
+        }
+    })
+    .await
+    .unwrap();
+    let mc = clusters.get(&cluster).await.unwrap();
+    assert_eq!(
+        mc.data["spec"]["managedClusterClientConfigs"][0]["url"].as_str(),
+        Some(spoke.server_url().trim_end_matches('/')),
+        "{:?}",
+        mc.data["spec"]
+    );
+    assert!(mc.data["spec"]["managedClusterClientConfigs"][0]["caBundle"].is_string());
+    let csr = requests(&admin, &cluster).await.remove(0);
+    assert_eq!(csr.spec.signer_name, "kubernetes.io/kube-apiserver-client");
+    assert_eq!(
+        csr.spec.username.as_deref(),
+        Some("system:bootstrap:spokelet-e2e")
+    );
+
+    // Nothing is kept until the hub signs.
+    let secrets: Api<Secret> = Api::namespaced(spoke.client(), &agent_ns);
+    assert!(secrets.get_opt("hub-kubeconfig-secret").await.unwrap().is_none());
+
+    // The admin approves (`kubectl certificate approve`) and accepts the cluster.
+    let csrs: Api<CertificateSigningRequest> = Api::all(admin.clone());
+    csrs.patch_approval(
+        &csr_name,
+        &PatchParams::default(),
+        &Patch::Merge(
+            json!({"status": {"conditions": [{"type": "Approved", "status": "True",
+            "reason": "AdminApproved", "message": "approved by the test"}]}}),
+        ),
+    )
+    .await
+    .unwrap();
+    eventually("the hub credentials kept in the Secret", || {
+        let secrets = secrets.clone();
+        async move {
+            secrets
+                .get_opt("hub-kubeconfig-secret")
+                .await
+                .map_err(|e| e.to_string())?
+                .map(drop)
+                .ok_or_else(|| "no Secret yet".to_string())
+        }
+    })
+    .await
+    .unwrap();
+    clusters
+        .patch(
+            &cluster,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"hubAcceptsClient": true, "leaseDurationSeconds": 5}})),
+        )
+        .await
+        .unwrap();
+    eventually("the cluster Joined and Available", || {
+        let (clusters, cluster) = (clusters.clone(), cluster.clone());
+        async move {
+            let mc = clusters.get(&cluster).await.map_err(|e| e.to_string())?;
+            let joined = condition_status(&mc, "ManagedClusterJoined");
+            let available = condition_status(&mc, "ManagedClusterConditionAvailable");
+            (joined.as_deref() == Some("True") && available.as_deref() == Some("True"))
+                .then_some(())
+                .ok_or(format!("joined {joined:?}, available {available:?}"))
+        }
+    })
+    .await
+    .unwrap();
+
+    // Works reach it with the issued certificate.
+    let works: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        admin.clone(),
+        &cluster,
+        &spokelet_e2e::ocm::resource(
+            spokelet_e2e::ocm::WORK_GROUP,
+            "v1",
+            "ManifestWork",
+            "manifestworks",
+        ),
+    );
+    let work = |model: &str| -> kube::api::DynamicObject {
+        serde_json::from_value(json!({
+            "apiVersion": "work.open-cluster-management.io/v1", "kind": "ManifestWork",
+            "metadata": {"name": "joined-model", "namespace": cluster},
+            "spec": {"workload": {"manifests": [{"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "joined-model", "namespace": works_ns}, "data": {"model": model}}]}}
+        }))
+        .unwrap()
+    };
+    works.create(&Default::default(), &work("llama")).await.unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(spoke.client(), &works_ns);
+    until_model(&cms, "joined-model", Some("llama")).await;
+    agent.stop().await;
+
+    // A restart runs from the kept certificate: no new request, works still flow.
+    let again = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&argv(again.path()));
+    works
+        .patch(
+            "joined-model",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"workload": {"manifests": [{"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "joined-model", "namespace": works_ns}, "data": {"model": "mistral"}}]}}})),
+        )
+        .await
+        .unwrap();
+    until_model(&cms, "joined-model", Some("mistral")).await;
+    assert_eq!(
+        requests(&admin, &cluster).await.len(),
+        1,
+        "no second certificate request"
+    );
+    assert!(again.path().join("tls.crt").exists());
+    agent.stop().await;
+    hub.stop().await;
+}
