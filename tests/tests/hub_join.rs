@@ -200,3 +200,143 @@ async fn spokelet_joins_a_stock_ocm_hub_with_a_bootstrap_credential_and_a_restar
     agent.stop().await;
     hub.stop().await;
 }
+
+/// With OCM's auto-approval for the bootstrap user, the join needs no one: the cluster is
+/// `Available` moments after start. The hub signs for a short time; spokelet renews with a
+/// fifth of the lifetime left, in its own name (OCM approves renewals of accepted clusters),
+/// and works keep flowing across the switch.
+#[tokio::test]
+async fn an_auto_approved_join_renews_its_short_lived_certificate_while_works_flow() {
+    let bootstrap_user = "system:bootstrap:spokelet-renew";
+    let hub = OcmHub::start(OcmHubOptions {
+        registration_args: vec![
+            "--feature-gates=ManagedClusterAutoApproval=true".into(),
+            format!("--auto-approved-csr-users={bootstrap_user}"),
+        ],
+        cluster: ClusterOptions {
+            name: "ocm-hub-renew".into(),
+            controller_manager: true,
+            csr_signing: Some(Duration::from_secs(90)),
+            ..ClusterOptions::hub()
+        },
+        ..OcmHubOptions::default()
+    })
+    .await
+    .unwrap();
+    let admin = hub.client();
+    let spoke = shared_spoke().await;
+    let agent_ns = spoke_namespace(&spoke.client(), "renew-agent").await;
+    let works_ns = spoke_namespace(&spoke.client(), "renew-works").await;
+    let cluster = unique_name("renewed");
+    let bootstrap = hub.issue_bootstrap(bootstrap_user).await.unwrap();
+    let credentials = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let agent = Agent::start(&[
+        "spokelet",
+        "run",
+        "--hub-transport",
+        "kube",
+        "--bootstrap-hub-kubeconfig",
+        &bootstrap.kubeconfig_path().display().to_string(),
+        "--hub-credentials-dir",
+        &credentials.path().display().to_string(),
+        "--cluster-name",
+        &cluster,
+        "--agent-id",
+        "spokelet",
+        "--agent-namespace",
+        &agent_ns,
+        "--kubeconfig",
+        &spoke.kubeconfig_path().display().to_string(),
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--pool-report",
+        "false",
+    ]);
+    let clusters = managed_clusters(&admin);
+    eventually("the cluster Available without anyone approving", || {
+        let (clusters, cluster) = (clusters.clone(), cluster.clone());
+        async move {
+            let mc = clusters.get_opt(&cluster).await.map_err(|e| e.to_string())?;
+            let available = mc
+                .as_ref()
+                .and_then(|mc| condition_status(mc, "ManagedClusterConditionAvailable"));
+            (available.as_deref() == Some("True"))
+                .then_some(())
+                .ok_or(format!("available {available:?}"))
+        }
+    })
+    .await
+    .unwrap();
+    println!("start to Available, auto-approved: {:?}", started.elapsed());
+
+    let works: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        admin.clone(),
+        &cluster,
+        &spokelet_e2e::ocm::resource(
+            spokelet_e2e::ocm::WORK_GROUP,
+            "v1",
+            "ManifestWork",
+            "manifestworks",
+        ),
+    );
+    let manifests = |model: &str| {
+        json!([{"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "renewed-model", "namespace": works_ns}, "data": {"model": model}}])
+    };
+    let work: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "work.open-cluster-management.io/v1", "kind": "ManifestWork",
+        "metadata": {"name": "renewed-model", "namespace": cluster},
+        "spec": {"workload": {"manifests": manifests("v0")}}
+    }))
+    .unwrap();
+    works.create(&Default::default(), &work).await.unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(spoke.client(), &works_ns);
+    until_model(&cms, "renewed-model", Some("v0")).await;
+    let first_cert = std::fs::read(credentials.path().join("tls.crt")).unwrap();
+
+    // Works keep coming while the certificate nears its renewal.
+    let mut version = 0;
+    loop {
+        version += 1;
+        let model = format!("v{version}");
+        works
+            .patch(
+                "renewed-model",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"workload": {"manifests": manifests(&model)}}})),
+            )
+            .await
+            .unwrap();
+        until_model(&cms, "renewed-model", Some(&model)).await;
+        let renewed = requests(&admin, &cluster).await.len() >= 2
+            && std::fs::read(credentials.path().join("tls.crt")).unwrap() != first_cert;
+        if renewed {
+            break;
+        }
+        assert!(version < 400, "no renewal after {version} work updates");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!("renewed after {:?} and {version} work updates", started.elapsed());
+    let renewal = requests(&admin, &cluster)
+        .await
+        .into_iter()
+        .find(|c| c.spec.username.as_deref() != Some(bootstrap_user))
+        .expect("a request in the agent's own name");
+    assert_eq!(
+        renewal.spec.username.as_deref(),
+        Some(format!("system:open-cluster-management:{cluster}:spokelet").as_str())
+    );
+    // After the switch, works still arrive.
+    works
+        .patch(
+            "renewed-model",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"workload": {"manifests": manifests("after")}}})),
+        )
+        .await
+        .unwrap();
+    until_model(&cms, "renewed-model", Some("after")).await;
+    agent.stop().await;
+    hub.stop().await;
+}

@@ -125,6 +125,7 @@ impl HubConnection {
                 }
             }
             Some(ResolvedHub::Kube(settings)) => {
+                let mut renewing = None;
                 if let Some(bootstrap) = &settings.bootstrap {
                     let (url, ca) = registration::join::spoke_endpoint(spoke_config);
                     let join = JoinSettings {
@@ -139,6 +140,11 @@ impl HubConnection {
                         spoke_ca: ca,
                     };
                     registration::ensure_joined(&join, spoke).await?;
+                    renewing = Some(tokio::spawn(registration::keep_renewed(
+                        join,
+                        spoke.clone(),
+                        stop.clone(),
+                    )));
                 }
                 let config = super::kube_hub::config_from_kubeconfig(&settings.kubeconfig).await?;
                 let address = config.cluster_url.to_string();
@@ -149,7 +155,9 @@ impl HubConnection {
                 opts.spoke = Some(spoke.clone());
                 let hub = KubeHub::start(opts, stop.clone());
                 tracing::info!(hub = %address, transport = "kube", cluster = %settings.cluster_name, "hub transport started");
-                let closer = HubCloser::new(stop, hub.tasks, None);
+                let mut tasks = hub.tasks;
+                tasks.extend(renewing);
+                let closer = HubCloser::new(stop, tasks, None);
                 HubConnection {
                     source: hub.source,
                     sink: Arc::new(hub.sink),

@@ -83,8 +83,7 @@ pub async fn ensure_joined(s: &JoinSettings, spoke: &kube::Client) -> Result<Pat
     let config = config_from_kubeconfig(&s.bootstrap_kubeconfig)
         .await
         .map_err(JoinError::Bootstrap)?;
-    let server = config.cluster_url.to_string();
-    let ca_pem = config.root_cert.as_ref().map(|certs| pem_bundle(certs));
+    let (server, ca_pem) = endpoint_of(&config);
     let kept = Credentials::load(
         spoke,
         &s.secret_namespace,
@@ -130,6 +129,21 @@ pub async fn ensure_joined(s: &JoinSettings, spoke: &kube::Client) -> Result<Pat
     tracing::info!(cluster = %s.cluster, csr = %name, not_after = ?issued.not_after, "joined the hub: certificate issued and kept");
     wait_accepted(&hub, &s.cluster).await?;
     Ok(path)
+}
+
+/// The hub's URL and CA bundle as the bootstrap kubeconfig names them.
+pub(super) async fn hub_endpoint(bootstrap: &Path) -> Result<(String, Option<Vec<u8>>), JoinError> {
+    let config = config_from_kubeconfig(bootstrap)
+        .await
+        .map_err(JoinError::Bootstrap)?;
+    Ok(endpoint_of(&config))
+}
+
+fn endpoint_of(config: &kube::Config) -> (String, Option<Vec<u8>>) {
+    (
+        config.cluster_url.to_string(),
+        config.root_cert.as_ref().map(|certs| pem_bundle(certs)),
+    )
 }
 
 /// Whether kept credentials can be run from: issued to this cluster and agent, not expired.
@@ -190,7 +204,11 @@ async fn ensure_managed_cluster(hub: &kube::Client, s: &JoinSettings) -> Result<
 }
 
 /// Sends the certificate request; returns its name.
-async fn create_csr(hub: &kube::Client, s: &JoinSettings, csr_pem: &str) -> Result<String, JoinError> {
+pub(super) async fn create_csr(
+    hub: &kube::Client,
+    s: &JoinSettings,
+    csr_pem: &str,
+) -> Result<String, JoinError> {
     let api: Api<CertificateSigningRequest> = Api::all(hub.clone());
     let csr = CertificateSigningRequest {
         metadata: ObjectMeta {
@@ -230,7 +248,7 @@ async fn create_csr(hub: &kube::Client, s: &JoinSettings, csr_pem: &str) -> Resu
 
 /// Waits until the hub signs request `name` (approved, then issued), saying where it waits;
 /// a denied or failed request is an error.
-async fn wait_issued(hub: &kube::Client, name: &str) -> Result<Vec<u8>, JoinError> {
+pub(super) async fn wait_issued(hub: &kube::Client, name: &str) -> Result<Vec<u8>, JoinError> {
     let api: Api<CertificateSigningRequest> = Api::all(hub.clone());
     let mut said = None::<tokio::time::Instant>;
     loop {

@@ -6,9 +6,13 @@
 //! - [`csr`]: the key pair and request, and what an issued certificate says.
 //! - [`store`]: the kept credentials (Secret and files).
 //! - [`join`]: the join over the Kubernetes hub.
+//! - [`renew`]: renewal with a fifth of the certificate's life left, and joining again once
+//!   it expired.
 
 pub mod csr;
 pub mod join;
+pub mod renew;
 pub mod store;
 
 pub use join::{JoinError, JoinSettings, ensure_joined};
+pub use renew::keep_renewed;

@@ -1,0 +1,123 @@
+//! Keeping the hub certificate fresh: with a fifth of its lifetime left (OCM's rule) the agent
+//! asks for a new one in its own name, which OCM's hub approves for an accepted cluster; the
+//! kept Secret and the files are replaced, and the hub transport presents the new certificate
+//! on its next connection while the watch stays on its own. A certificate that expires all the
+//! same (the hub never signed) sends the agent back to its bootstrap credential to join again,
+//! as OCM's agent rebootstraps.
+
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+
+use super::csr::{self, Issued};
+use super::join::{JoinError, JoinSettings, create_csr, ensure_joined, hub_endpoint, wait_issued};
+use super::store::Credentials;
+use crate::backoff::ExponentialBackoff;
+use crate::hub::kube_hub::{config_from_kubeconfig, hub_client};
+
+/// Renews the certificate in `s.dir` until `stop`; see the module docs.
+pub async fn keep_renewed(s: JoinSettings, spoke: kube::Client, stop: CancellationToken) {
+    // Failed renewals are tried again with the shared backoff, up to a few minutes apart, for
+    // as long as the certificate lasts.
+    let mut backoff = ExponentialBackoff::new(Duration::from_secs(5), Duration::from_secs(300), 0.2);
+    loop {
+        let issued = match std::fs::read(s.dir.join("tls.crt"))
+            .map_err(|e| e.to_string())
+            .and_then(|pem| Issued::from_pem(&pem).map_err(|e| e.to_string()))
+        {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the hub certificate to renew it; looking again later");
+                if !pause(backoff.next_delay(), &stop).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        let now = SystemTime::now();
+        if now >= issued.not_after {
+            tracing::warn!(cluster = %s.cluster, "the hub certificate expired without renewal; joining again with the bootstrap credential");
+            match ensure_joined(&s, &spoke).await {
+                Ok(_) => backoff.reset(),
+                Err(e) => {
+                    tracing::error!(error = %e, "joining again failed; retrying");
+                    if !pause(backoff.next_delay(), &stop).await {
+                        return;
+                    }
+                }
+            }
+            continue;
+        }
+        let wait = issued.renew_at().duration_since(now).unwrap_or_default();
+        if !wait.is_zero() {
+            tracing::debug!(in_secs = wait.as_secs(), "hub certificate renewal scheduled");
+            if !pause(wait, &stop).await {
+                return;
+            }
+        }
+        let left = issued
+            .not_after
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        let renewal = tokio::time::timeout(left, renew_once(&s, &spoke));
+        let outcome = tokio::select! {
+            r = renewal => r,
+            () = stop.cancelled() => return,
+        };
+        match outcome {
+            Ok(Ok(next)) => {
+                backoff.reset();
+                tracing::info!(cluster = %s.cluster, not_after = ?next.not_after, "hub certificate renewed");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "hub certificate renewal failed; retrying");
+                if !pause(backoff.next_delay(), &stop).await {
+                    return;
+                }
+            }
+            // The certificate ran out while waiting: the next turn joins again.
+            Err(_) => {}
+        }
+    }
+}
+
+/// One renewal: a new key and request sent with the current certificate, the new
+/// certificate waited for, checked, kept and written.
+async fn renew_once(s: &JoinSettings, spoke: &kube::Client) -> Result<Issued, JoinError> {
+    let path = s.dir.join("kubeconfig");
+    let config = config_from_kubeconfig(&path)
+        .await
+        .map_err(JoinError::Bootstrap)?;
+    let hub = hub_client(config, &path, s.security).map_err(JoinError::Bootstrap)?;
+    let request = csr::request(&s.cluster, &s.agent)?;
+    let name = create_csr(&hub, s, &request.csr_pem).await?;
+    let cert_pem = wait_issued(&hub, &name).await?;
+    let issued = Issued::from_pem(&cert_pem)?;
+    if !issued.names(&s.cluster, &s.agent) {
+        return Err(JoinError::WrongIdentity {
+            found: issued.common_name,
+            cluster: s.cluster.clone(),
+            agent: s.agent.clone(),
+        });
+    }
+    let (server, ca_pem) = hub_endpoint(&s.bootstrap_kubeconfig).await?;
+    let creds = Credentials {
+        server,
+        ca_pem,
+        cert_pem,
+        key_pem: request.key_pem.into_bytes(),
+        cluster: s.cluster.clone(),
+        agent: s.agent.clone(),
+    };
+    creds.save(spoke, &s.secret_namespace, &s.secret_name).await?;
+    creds.write_files(&s.dir)?;
+    Ok(issued)
+}
+
+/// Sleeps `d` unless `stop` comes first; whether to go on.
+async fn pause(d: Duration, stop: &CancellationToken) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(d) => true,
+        () = stop.cancelled() => false,
+    }
+}
