@@ -12,7 +12,13 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use spokelet_e2e::{Binary, ClusterOptions, KubeCluster, shared_spoke};
 
-const OVERLAYS: &[&str] = &["grpc-hub", "kube-hub", "gpu-nodes", "single-node"];
+const OVERLAYS: &[&str] = &[
+    "grpc-hub",
+    "kube-hub",
+    "kube-hub-bootstrap",
+    "gpu-nodes",
+    "single-node",
+];
 
 fn deploy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes")

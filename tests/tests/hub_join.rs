@@ -198,6 +198,66 @@ async fn spokelet_joins_a_stock_ocm_hub_with_a_bootstrap_credential_and_a_restar
     );
     assert!(again.path().join("tls.crt").exists());
     agent.stop().await;
+
+    // Bad input: a bootstrap file that is not a kubeconfig, and a request the hub denies. Each
+    // ends the agent with an error naming it, and nothing is kept.
+    let broken = credentials.path().join("broken.kubeconfig");
+    std::fs::write(&broken, "clusters: [unclosed\n").unwrap();
+    let mut bad = argv(tempfile::tempdir().unwrap().path());
+    let at = bad
+        .iter()
+        .position(|a| a == "--bootstrap-hub-kubeconfig")
+        .unwrap();
+    bad[at + 1] = broken.display().to_string();
+    let err = Agent::start(&bad)
+        .ended()
+        .await
+        .expect_err("a broken bootstrap file");
+    assert!(err.to_string().contains("bootstrap kubeconfig"), "{err}");
+
+    let denied_ns = spoke_namespace(&spoke.client(), "join-denied").await;
+    let denied_cluster = unique_name("denied");
+    let mut denied_argv = argv(tempfile::tempdir().unwrap().path());
+    for (flag, value) in [
+        ("--cluster-name", &denied_cluster),
+        ("--agent-namespace", &denied_ns),
+    ] {
+        let at = denied_argv.iter().position(|a| a == flag).unwrap();
+        denied_argv[at + 1] = value.clone();
+    }
+    let denied = Agent::start(&denied_argv);
+    let name = eventually("the second cluster's request", || {
+        let (admin, cluster) = (admin.clone(), denied_cluster.clone());
+        async move {
+            requests(&admin, &cluster)
+                .await
+                .first()
+                .and_then(|c| c.metadata.name.clone())
+                .ok_or_else(|| "none yet".to_string())
+        }
+    })
+    .await
+    .unwrap();
+    csrs.patch_approval(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(
+            json!({"status": {"conditions": [{"type": "Denied", "status": "True",
+            "reason": "NotOurs", "message": "this pool is not expected"}]}}),
+        ),
+    )
+    .await
+    .unwrap();
+    let err = denied.ended().await.expect_err("a denied request");
+    assert!(
+        err.to_string().contains("denied certificate request") && err.to_string().contains("NotOurs"),
+        "{err}"
+    );
+    let kept: Api<Secret> = Api::namespaced(spoke.client(), &denied_ns);
+    assert!(
+        kept.get_opt("hub-kubeconfig-secret").await.unwrap().is_none(),
+        "nothing kept"
+    );
     hub.stop().await;
 }
 

@@ -80,6 +80,11 @@ impl Agent {
         Agent { health, stop, task }
     }
 
+    /// Waits for the agent to end by itself (a fatal error) and returns how it ended.
+    pub async fn ended(self) -> Result<(), spokelet::daemon::DaemonError> {
+        self.task.await.unwrap()
+    }
+
     /// Signals shutdown and checks the agent drained cleanly.
     pub async fn stop(self) {
         self.stop.send(()).unwrap();
