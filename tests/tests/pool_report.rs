@@ -331,6 +331,23 @@ async fn pool_inventory_reaches_cluster_claims_and_the_managed_cluster_status_on
         .collect();
     assert_eq!(before, after, "ClusterClaims rewritten");
 
+    // Someone else's ClusterClaims: one for the hub, one marked spoke-only. The next report
+    // carries the first beside spokelet's, as OCM's registration agent would.
+    let claim_api: Api<DynamicObject> = Api::all_with(pool.client.clone(), &cluster_claim_resource());
+    for (name, labels) in [
+        ("region.example.com", json!({})),
+        (
+            "secret.example.com",
+            json!({"open-cluster-management.io/spoke-only": ""}),
+        ),
+    ] {
+        let claim: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "cluster.open-cluster-management.io/v1alpha1", "kind": "ClusterClaim",
+            "metadata": {"name": name, "labels": labels}, "spec": {"value": "eu-1"}}))
+        .unwrap();
+        claim_api.create(&PostParams::default(), &claim).await.unwrap();
+    }
+
     // An uncorrectable ECC error on GPU 3: the node is unhealthy, its GPUs not allocatable.
     pool.set_gpus(&ShimState {
         ecc_uncorrected: BTreeMap::from([(3, 2)]),
@@ -346,6 +363,9 @@ async fn pool_inventory_reaches_cluster_claims_and_the_managed_cluster_status_on
     })
     .await;
     println!("ECC error -> hub (kube): {took:?}");
+    assert!(has_claim(&status, "region.example.com", "eu-1"), "{status}");
+    assert!(!claim_map(&status).contains_key("secret.example.com"), "{status}");
+    assert!(has_claim(&status, "gpu.count.spokelet.io", "8"), "{status}");
     let unhealthy = &claim_map(&status)["node.unhealthy.spokelet.io"];
     assert!(unhealthy.starts_with("gpu-node:"), "{unhealthy}");
     assert!(unhealthy.contains("GpuEccUncorrectable:gpu3"), "{unhealthy}");

@@ -26,6 +26,37 @@ pub const PLATFORM: &str = "platform.open-cluster-management.io";
 /// OCM's claim of the Kubernetes distribution (`EKS`, `GKE`, `K3s`, ..., `Other`).
 pub const PRODUCT: &str = "product.open-cluster-management.io";
 
+/// The claim names OCM reserves (`ReservedClusterClaimNames` of its API): reported before, and
+/// not counted among, the custom claims.
+pub const RESERVED: [&str; 4] = ["id.k8s.io", KUBE_VERSION, PLATFORM, PRODUCT];
+
+/// Custom claims a ManagedCluster's status carries at most: OCM's `--cluster-claims-max`
+/// default, so a hub sees what a stock registration agent would show it.
+pub const MAX_CUSTOM_CLAIMS: usize = 20;
+
+/// A ClusterClaim with this label stays on the spoke (OCM's `spoke-only`).
+pub const SPOKE_ONLY_LABEL: &str = "open-cluster-management.io/spoke-only";
+
+/// The claims a ManagedCluster's status carries, as OCM's registration agent exposes them:
+/// every ClusterClaim on the spoke (`on_spoke`, spokelet's own and anyone else's) and
+/// spokelet's reserved claims where no object of that name exists; the reserved ones first,
+/// then at most `max_custom` others, each part sorted by name.
+pub fn exposed(ours: &[Claim], on_spoke: &[Claim], max_custom: usize) -> Vec<Claim> {
+    let mut by_name: BTreeMap<&str, &Claim> = on_spoke.iter().map(|c| (c.name.as_str(), c)).collect();
+    for c in ours {
+        // An object on the spoke speaks for itself, as OCM reads it.
+        by_name.entry(c.name.as_str()).or_insert(c);
+    }
+    let (reserved, custom): (Vec<&Claim>, Vec<&Claim>) = by_name
+        .into_values()
+        .partition(|c| RESERVED.contains(&c.name.as_str()));
+    reserved
+        .into_iter()
+        .chain(custom.into_iter().take(max_custom))
+        .cloned()
+        .collect()
+}
+
 /// One claim.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct Claim {
@@ -265,5 +296,36 @@ mod tests {
         assert!(c.len() <= MAX_CLAIMS);
         assert_eq!(bytes_quantity(80 << 30), "80Gi");
         assert_eq!(bytes_quantity(1000), "1000");
+    }
+
+    #[test]
+    fn claims_on_the_spoke_are_exposed_beside_spokelets_reserved_first_and_custom_capped() {
+        let c = |name: &str, value: &str| Claim {
+            name: name.into(),
+            value: value.into(),
+        };
+        let ours = vec![
+            c(KUBE_VERSION, "v1.37.2"),
+            c(PLATFORM, "Other"),
+            c("gpu.count.spokelet.io", "8"),
+        ];
+        let mut on_spoke = vec![
+            c("gpu.count.spokelet.io", "8"),
+            c("id.k8s.io", "4f1c"),
+            // Someone else's reserved claim object wins over spokelet's computed value.
+            c(PLATFORM, "Equinix"),
+        ];
+        on_spoke.extend((0..25).map(|i| c(&format!("team{i:02}.example.com"), "x")));
+        let exposed = exposed(&ours, &on_spoke, MAX_CUSTOM_CLAIMS);
+        let names: Vec<&str> = exposed.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(&names[..3], ["id.k8s.io", KUBE_VERSION, PLATFORM]);
+        assert_eq!(exposed[2].value, "Equinix");
+        assert_eq!(names.len(), 3 + MAX_CUSTOM_CLAIMS);
+        assert_eq!(names[3], "gpu.count.spokelet.io");
+        assert_eq!(names[4], "team00.example.com");
+        assert!(
+            !names.contains(&"team24.example.com"),
+            "custom claims past the cap by name are left out"
+        );
     }
 }

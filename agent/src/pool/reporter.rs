@@ -272,9 +272,30 @@ impl PoolReporter {
         }
         self.sync_claims(state, &report, heartbeat).await;
         if let Some(hub) = &self.hub {
-            hub.cluster_status(report.status.clone(), heartbeat);
+            hub.cluster_status(self.exposed_status(state, &report).await, heartbeat);
         }
         state.last = Some(report);
+    }
+
+    /// The report's ManagedCluster status with the claims as OCM exposes them: every
+    /// ClusterClaim on the spoke beside spokelet's (see [`claims::exposed`]). Without the
+    /// ClusterClaim API, or when it cannot be read, spokelet's own.
+    async fn exposed_status(&self, state: &ReporterState, report: &PoolReport) -> serde_json::Value {
+        let on_spoke = match state.claims.on_spoke().await {
+            Ok(c) => c,
+            Err(ClaimsError::NoApi) => Vec::new(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the spoke's ClusterClaims; reporting spokelet's own");
+                Vec::new()
+            }
+        };
+        let mut status = report.status.clone();
+        status["clusterClaims"] = serde_json::json!(claims::exposed(
+            &report.claims,
+            &on_spoke,
+            claims::MAX_CUSTOM_CLAIMS
+        ));
+        status
     }
 
     /// Keeps the spoke's ClusterClaims current; a missing ClusterClaim API is said once.

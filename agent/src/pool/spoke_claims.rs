@@ -117,6 +117,26 @@ impl ClaimWriter {
         Ok(requests)
     }
 
+    /// Every ClusterClaim on the spoke but those marked spoke-only, as claims (one list).
+    pub async fn on_spoke(&self) -> Result<Vec<Claim>, ClaimsError> {
+        let selector = format!("!{}", super::claims::SPOKE_ONLY_LABEL);
+        let all = self
+            .api
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(no_api)?;
+        Ok(all
+            .into_iter()
+            .filter_map(|o| {
+                let value = o.data.pointer("/spec/value")?.as_str()?.to_string();
+                Some(Claim {
+                    name: o.metadata.name?,
+                    value,
+                })
+            })
+            .collect())
+    }
+
     /// Deletes spokelet's claims not in `wanted`; returns the requests made.
     async fn remove_others(&self, wanted: &BTreeMap<&str, &str>) -> Result<usize, ClaimsError> {
         let selector = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
