@@ -150,23 +150,37 @@ pub fn gated_client(
     gate: Option<WriteGate>,
 ) -> Result<Client, KubeClientError> {
     let tls = config.rustls_client_config()?;
-    build(config, tls, None, version, gate)
+    let guards = Guards {
+        gate,
+        ..Guards::default()
+    };
+    build(config, tls, None, version, guards)
+}
+
+/// What a client watches over besides auth.
+#[derive(Debug, Clone, Default)]
+pub struct Guards {
+    /// Writes pass only while it is open (see [`crate::leader::GateLayer`]).
+    pub gate: Option<WriteGate>,
+    /// Told of every answer `401 Unauthorized`: the server no longer takes the client's
+    /// credential (the hub client's, so a joined agent can join again).
+    pub unauthorized: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// [`client`] with a TLS configuration the caller made, for example kube's own
 /// (`Config::rustls_client_config`) with a client-certificate resolver that follows rotation.
 /// Everything else (server, auth, headers, `tls-server-name`) still comes from `config`.
 /// With `identity_version`, a change of version retires the current connections for new
-/// requests (see `RenewingPool`); without, one pool serves the client's lifetime. With `gate`,
-/// writes pass only while it is open.
+/// requests (see `RenewingPool`); without, one pool serves the client's lifetime. See
+/// [`Guards`] for the rest.
 pub fn client_with_tls(
     config: Config,
     tls: rustls::ClientConfig,
     identity_version: Option<IdentityVersion>,
     version: HttpVersion,
-    gate: Option<WriteGate>,
+    guards: Guards,
 ) -> Result<Client, KubeClientError> {
-    build(config, tls, identity_version, version, gate)
+    build(config, tls, identity_version, version, guards)
 }
 
 fn build(
@@ -174,7 +188,7 @@ fn build(
     mut tls: rustls::ClientConfig,
     identity_version: Option<IdentityVersion>,
     version: HttpVersion,
-    gate: Option<WriteGate>,
+    guards: Guards,
 ) -> Result<Client, KubeClientError> {
     if let Some(token) = &config.auth_info.token
         && !token_fits_a_header(secrecy::ExposeSecret::expose_secret(token))
@@ -210,13 +224,16 @@ fn build(
     };
     let service = ServiceBuilder::new()
         // Outermost: a write refused for want of leadership never reaches auth or the wire.
-        .option_layer(gate.map(GateLayer))
+        .option_layer(guards.gate.map(GateLayer))
         .layer(config.base_uri_layer())
         .option_layer(config.auth_layer()?)
         .layer(config.extra_headers_layer()?)
         // The auth layers' errors are boxed; make the connection's error the same type.
         .map_err(|e: DeadlineError<hyper_util::client::legacy::Error>| -> BoxError { Box::new(e) })
-        .service(Deadlines(pool));
+        .service(Deadlines {
+            inner: pool,
+            unauthorized: guards.unauthorized,
+        });
     Ok(Client::new(service, config.default_namespace))
 }
 
@@ -233,8 +250,12 @@ fn hyper_client(https: HttpsConnector<HttpConnector>) -> HyperClient {
 
 /// Bounds every request in time: its answer must begin within [`REQUEST_TIMEOUT`], and then
 /// go no longer without a byte than [`REQUEST_TIMEOUT`] ([`WATCH_IDLE_TIMEOUT`] for a watch).
+/// It also tells [`Guards::unauthorized`] of each `401` answer.
 #[derive(Debug, Clone)]
-struct Deadlines<S>(S);
+struct Deadlines<S> {
+    inner: S,
+    unauthorized: Option<Arc<tokio::sync::Notify>>,
+}
 
 /// The error of a request whose answer did not begin in time.
 #[derive(Debug, thiserror::Error)]
@@ -259,7 +280,7 @@ where
     type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx).map_err(DeadlineError::Inner)
+        self.inner.poll_ready(cx).map_err(DeadlineError::Inner)
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
@@ -268,12 +289,18 @@ where
         } else {
             REQUEST_TIMEOUT
         };
-        let answer = self.0.call(request);
+        let answer = self.inner.call(request);
+        let unauthorized = self.unauthorized.clone();
         Box::pin(async move {
             let response = tokio::time::timeout(REQUEST_TIMEOUT, answer)
                 .await
                 .map_err(|_| DeadlineError::NoAnswer(NoAnswer(REQUEST_TIMEOUT)))?
                 .map_err(DeadlineError::Inner)?;
+            if response.status() == http::StatusCode::UNAUTHORIZED
+                && let Some(n) = &unauthorized
+            {
+                n.notify_one();
+            }
             Ok(response.map(|body| tower_http::timeout::TimeoutBody::new(idle, body)))
         })
     }
@@ -389,7 +416,10 @@ mod tests {
         let silent = tower::service_fn(|_req: http::Request<()>| async {
             std::future::pending::<Result<http::Response<String>, std::io::Error>>().await
         });
-        let mut svc = Deadlines(silent);
+        let mut svc = Deadlines {
+            inner: silent,
+            unauthorized: None,
+        };
         let start = tokio::time::Instant::now();
         let req = http::Request::get("/api/v1/namespaces").body(()).unwrap();
         let Err(err) = svc.ready().await.unwrap().call(req).await else {

@@ -264,7 +264,8 @@ async fn spokelet_joins_a_stock_ocm_hub_with_a_bootstrap_credential_and_a_restar
 /// With OCM's auto-approval for the bootstrap user, the join needs no one: the cluster is
 /// `Available` moments after start. The hub signs for a short time; spokelet renews with a
 /// fifth of the lifetime left, in its own name (OCM approves renewals of accepted clusters),
-/// and works keep flowing across the switch.
+/// and works keep flowing across the switch. A certificate the hub stops taking (401) sends it
+/// back to the bootstrap credential, and it joins again by itself.
 #[tokio::test]
 async fn an_auto_approved_join_renews_its_short_lived_certificate_while_works_flow() {
     let bootstrap_user = "system:bootstrap:spokelet-renew";
@@ -397,6 +398,61 @@ async fn an_auto_approved_join_renews_its_short_lived_certificate_while_works_fl
         .await
         .unwrap();
     until_model(&cms, "renewed-model", Some("after")).await;
+
+    // The hub stops taking the certificate (here: one from a CA it does not know takes its
+    // place): its 401s send the agent back to the bootstrap credential, and it joins again.
+    let group = format!("system:open-cluster-management:{cluster}");
+    let foreign = spokelet_e2e::pki::CertificateAuthority::new("not the hub's CA")
+        .unwrap()
+        .issue_client_now(&format!("{group}:spokelet"), &[&group])
+        .unwrap();
+    std::fs::write(credentials.path().join("tls.key"), &foreign.key_pem).unwrap();
+    std::fs::write(credentials.path().join("tls.crt"), &foreign.cert_pem).unwrap();
+    let bootstrap_requests = |all: Vec<CertificateSigningRequest>| {
+        all.into_iter()
+            .filter(|c| c.spec.username.as_deref() == Some(bootstrap_user))
+            .count()
+    };
+    let mut version = 0;
+    loop {
+        version += 1;
+        let model = format!("rejected-{version}");
+        works
+            .patch(
+                "renewed-model",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"workload": {"manifests": manifests(&model)}}})),
+            )
+            .await
+            .unwrap();
+        until_model(&cms, "renewed-model", Some(&model)).await;
+        let rejoined = bootstrap_requests(requests(&admin, &cluster).await) >= 2
+            && std::fs::read(credentials.path().join("tls.crt")).unwrap() != foreign.cert_pem.as_bytes();
+        if rejoined {
+            break;
+        }
+        assert!(version < 200, "never joined again after {version} work updates");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Its status reaches the hub again with the new certificate.
+    eventually("the work's status on the hub after joining again", || {
+        let works = works.clone();
+        async move {
+            let w = works.get("renewed-model").await.map_err(|e| e.to_string())?;
+            let applied = condition_status(&w, "Applied");
+            let generation = w.metadata.generation.unwrap_or_default();
+            let observed = w.data["status"]["conditions"]
+                .as_array()
+                .and_then(|cs| cs.iter().find(|c| c["type"] == "Applied"))
+                .and_then(|c| c["observedGeneration"].as_i64())
+                .unwrap_or_default();
+            (applied.as_deref() == Some("True") && observed == generation)
+                .then_some(())
+                .ok_or(format!("Applied {applied:?} at {observed} of {generation}"))
+        }
+    })
+    .await
+    .unwrap();
     agent.stop().await;
     hub.stop().await;
 }

@@ -126,6 +126,8 @@ impl HubConnection {
             }
             Some(ResolvedHub::Kube(settings)) => {
                 let mut renewing = None;
+                // A 401 from the hub tells a joined agent its certificate is no longer taken.
+                let rejected = Arc::new(tokio::sync::Notify::new());
                 if let Some(bootstrap) = &settings.bootstrap {
                     let (url, ca) = registration::join::spoke_endpoint(spoke_config);
                     let join = JoinSettings {
@@ -143,13 +145,22 @@ impl HubConnection {
                     renewing = Some(tokio::spawn(registration::keep_renewed(
                         join,
                         spoke.clone(),
+                        rejected.clone(),
                         stop.clone(),
                     )));
                 }
                 let config = super::kube_hub::config_from_kubeconfig(&settings.kubeconfig).await?;
                 let address = config.cluster_url.to_string();
-                let client =
-                    super::kube_hub::gated_hub_client(config, &settings.kubeconfig, settings.security, gate)?;
+                let guards = crate::kube_client::Guards {
+                    gate,
+                    unauthorized: settings.bootstrap.as_ref().map(|_| rejected),
+                };
+                let client = super::kube_hub::gated_hub_client(
+                    config,
+                    &settings.kubeconfig,
+                    settings.security,
+                    guards,
+                )?;
                 let mut opts = KubeHubOptions::new(client, &settings.cluster_name, &settings.agent_id);
                 opts.lease_duration = settings.lease_duration;
                 opts.spoke = Some(spoke.clone());

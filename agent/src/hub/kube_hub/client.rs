@@ -12,7 +12,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use super::KubeHubError;
 use crate::hub::tls::{PemSource, ReloadingClientCert};
-use crate::kube_client::IdentityVersion;
+use crate::kube_client::{Guards, IdentityVersion};
 
 /// Reads a hub kubeconfig (client-certificate authentication) into a client configuration.
 pub async fn config_from_kubeconfig(path: &Path) -> Result<kube::Config, KubeHubError> {
@@ -83,17 +83,18 @@ pub fn hub_client(
     kubeconfig: &Path,
     security: HubSecurity,
 ) -> Result<kube::Client, KubeHubError> {
-    gated_hub_client(config, kubeconfig, security, None)
+    gated_hub_client(config, kubeconfig, security, Guards::default())
 }
 
-/// [`hub_client`] whose writes to the hub (statuses, the cluster lease, finalizers) pass only
-/// while `gate` is open: a replica that lost the work-engine lease tells the hub nothing more,
-/// not even what it had queued.
+/// [`hub_client`] with [`Guards`]: writes to the hub (statuses, the cluster lease, finalizers)
+/// pass only while the gate is open, so a replica that lost the work-engine lease tells the hub
+/// nothing more, not even what it had queued; a `401` from the hub is signalled (a joined
+/// agent's certificate no longer taken: it joins again).
 pub fn gated_hub_client(
     config: kube::Config,
     kubeconfig: &Path,
     security: HubSecurity,
-    gate: Option<crate::leader::WriteGate>,
+    guards: Guards,
 ) -> Result<kube::Client, KubeHubError> {
     security.check(&config, kubeconfig)?;
     let HubTls {
@@ -114,7 +115,7 @@ pub fn gated_hub_client(
         tls,
         identity_version,
         crate::kube_client::HttpVersion::Http2,
-        gate,
+        guards,
     )?)
 }
 

@@ -103,6 +103,25 @@ pub async fn ensure_joined(s: &JoinSettings, spoke: &kube::Client) -> Result<Pat
             }
         }
     }
+    join_with(s, spoke, config, server, ca_pem).await
+}
+
+/// Joins with the bootstrap credential, whatever is kept (see [`ensure_joined`]).
+pub(super) async fn join(s: &JoinSettings, spoke: &kube::Client) -> Result<PathBuf, JoinError> {
+    let config = config_from_kubeconfig(&s.bootstrap_kubeconfig)
+        .await
+        .map_err(JoinError::Bootstrap)?;
+    let (server, ca_pem) = endpoint_of(&config);
+    join_with(s, spoke, config, server, ca_pem).await
+}
+
+async fn join_with(
+    s: &JoinSettings,
+    spoke: &kube::Client,
+    config: kube::Config,
+    server: String,
+    ca_pem: Option<Vec<u8>>,
+) -> Result<PathBuf, JoinError> {
     let hub = hub_client(config, &s.bootstrap_kubeconfig, s.security).map_err(JoinError::Bootstrap)?;
     ensure_managed_cluster(&hub, s).await?;
     let request = csr::request(&s.cluster, &s.agent)?;
