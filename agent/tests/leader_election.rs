@@ -156,6 +156,35 @@ async fn managers(client: &kube::Client, ns: &str) -> Vec<(String, Option<System
         .collect()
 }
 
+/// What each election test starts from: the agent's namespace (the Lease), the one works
+/// write to (the built-in policy keeps works out of the agent's own), and a works directory
+/// holding the work with value `one`.
+struct Scene {
+    agent_ns: String,
+    ns: String,
+    scratch: tempfile::TempDir,
+    works: PathBuf,
+}
+
+impl Scene {
+    async fn new(client: &kube::Client, prefix: &str) -> Scene {
+        let agent_ns = unique_name(&format!("{prefix}-agent"));
+        let ns = unique_name(&format!("{prefix}-works"));
+        create_namespace(client, &agent_ns).await.unwrap();
+        create_namespace(client, &ns).await.unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let works = scratch.path().join("works");
+        std::fs::create_dir_all(&works).unwrap();
+        write_work(&works, &ns, "one");
+        Scene {
+            agent_ns,
+            ns,
+            scratch,
+            works,
+        }
+    }
+}
+
 async fn exited(r: &mut Replica, within: Duration) -> Option<std::process::ExitStatus> {
     tokio::time::timeout(within, r.child.wait())
         .await
@@ -167,16 +196,12 @@ async fn exited(r: &mut Replica, within: Duration) -> Option<std::process::ExitS
 async fn one_replica_applies_a_frozen_leader_writes_nothing_after_resuming_and_sigterm_hands_over() {
     let spoke = shared_spoke().await;
     let client = spoke.client();
-    // The agent's namespace (the Lease) and the one works write to: the built-in policy keeps
-    // works out of the agent's own.
-    let agent_ns = unique_name("leader-agent");
-    let ns = unique_name("leader-works");
-    create_namespace(&client, &agent_ns).await.unwrap();
-    create_namespace(&client, &ns).await.unwrap();
-    let scratch = tempfile::tempdir().unwrap();
-    let works = scratch.path().join("works");
-    std::fs::create_dir_all(&works).unwrap();
-    write_work(&works, &ns, "one");
+    let Scene {
+        agent_ns,
+        ns,
+        scratch,
+        works,
+    } = Scene::new(&client, "leader").await;
     let kubeconfig = spoke.kubeconfig_path();
     let mut replicas: Vec<Replica> = ["replica-a", "replica-b", "replica-c"]
         .iter()
@@ -291,14 +316,12 @@ async fn renew_time(client: &kube::Client, ns: &str) -> Option<String> {
 async fn a_leader_whose_connection_stalls_after_a_renewal_exits_and_writes_nothing_more() {
     let spoke = shared_spoke().await;
     let client = spoke.client();
-    let agent_ns = unique_name("stall-agent");
-    let ns = unique_name("stall-works");
-    create_namespace(&client, &agent_ns).await.unwrap();
-    create_namespace(&client, &ns).await.unwrap();
-    let scratch = tempfile::tempdir().unwrap();
-    let works = scratch.path().join("works");
-    std::fs::create_dir_all(&works).unwrap();
-    write_work(&works, &ns, "one");
+    let Scene {
+        agent_ns,
+        ns,
+        scratch,
+        works,
+    } = Scene::new(&client, "stall").await;
     // replica-a reaches the API server only through the front.
     let server = spoke.server_url();
     let front = spokelet_e2e::StallingFront::start(server.trim_start_matches("https://"))

@@ -20,8 +20,6 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderMap, WWW_AUTHENTICATE};
 use reqwest::{Method, StatusCode};
 use spokelet_base::lock::lock;
 
-use crate::registry::Timeouts;
-
 /// The largest manifest (or image index) read: the distribution spec's own 4 MiB, which
 /// registries accept at least and a Flux artifact's manifest stays far below.
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
@@ -32,6 +30,27 @@ pub const MAX_TAG_LIST_BYTES: usize = 16 * 1024 * 1024;
 pub const MAX_TOKEN_BYTES: usize = 1024 * 1024;
 /// The most of an error answer read; the message a status carries is cut far shorter.
 pub const MAX_ERROR_BYTES: usize = 64 * 1024;
+
+/// How long the registry client waits on the network. Without them a registry that accepts the
+/// connection and then says nothing holds the pull (and, above it, a reconcile) until the
+/// source's own `timeout`; with them such a registry fails one request in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// To open a connection (TCP and TLS).
+    pub connect: std::time::Duration,
+    /// Between two reads of an answer: a stalled stream fails after this long without a byte,
+    /// however long the whole download takes.
+    pub read: std::time::Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: std::time::Duration::from_secs(10),
+            read: std::time::Duration::from_secs(30),
+        }
+    }
+}
 
 /// An HTTP client for one registry's pulls, with the credentials of one source.
 pub(crate) struct CappedClient {

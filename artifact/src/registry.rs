@@ -16,6 +16,8 @@ use std::sync::Arc;
 use oci_client::errors::OciDistributionError;
 
 use crate::cache::{ArtifactCache, CacheError, Check, ScratchFile};
+/// Re-exported: the network timeouts belong to the HTTP client that applies them.
+pub use crate::capped::Timeouts;
 use crate::capped::{CappedClient, MAX_MANIFEST_BYTES, MAX_TAG_LIST_BYTES, Wanted};
 use crate::digest::{Digest, DigestError};
 use crate::pack::{PackError, pack_dir};
@@ -177,27 +179,6 @@ impl std::fmt::Debug for Registry {
     // The client holds credentials and tokens; none of it is worth printing.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Registry").finish_non_exhaustive()
-    }
-}
-
-/// How long the registry client waits on the network. Without them a registry that accepts the
-/// connection and then says nothing holds the pull (and, above it, a reconcile) until the
-/// source's own `timeout`; with them such a registry fails one request in seconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Timeouts {
-    /// To open a connection (TCP and TLS).
-    pub connect: std::time::Duration,
-    /// Between two reads of an answer: a stalled stream fails after this long without a byte,
-    /// however long the whole download takes.
-    pub read: std::time::Duration,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        Timeouts {
-            connect: std::time::Duration::from_secs(10),
-            read: std::time::Duration::from_secs(30),
-        }
     }
 }
 

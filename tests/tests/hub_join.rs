@@ -24,6 +24,47 @@ async fn requests(hub: &kube::Client, cluster: &str) -> Vec<CertificateSigningRe
         .items
 }
 
+/// Where a joining agent's files are and who it is.
+#[derive(Clone, Copy)]
+struct Joiner<'a> {
+    bootstrap: &'a std::path::Path,
+    spoke_kubeconfig: &'a std::path::Path,
+    cluster: &'a str,
+    agent_ns: &'a str,
+}
+
+impl Joiner<'_> {
+    /// `spokelet run` on the Kubernetes hub with the bootstrap credential, as agent `spokelet`,
+    /// writing its credentials to `dir`.
+    fn argv(&self, dir: &std::path::Path) -> Vec<String> {
+        let path = |p: &std::path::Path| p.display().to_string();
+        [
+            "spokelet",
+            "run",
+            "--hub-transport",
+            "kube",
+            "--bootstrap-hub-kubeconfig",
+            &path(self.bootstrap),
+            "--hub-credentials-dir",
+            &path(dir),
+            "--cluster-name",
+            self.cluster,
+            "--agent-id",
+            "spokelet",
+            "--agent-namespace",
+            self.agent_ns,
+            "--kubeconfig",
+            &path(self.spoke_kubeconfig),
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--pool-report",
+            "false",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+}
+
 #[tokio::test]
 async fn spokelet_joins_a_stock_ocm_hub_with_a_bootstrap_credential_and_a_restart_reuses_its_certificate() {
     let hub = OcmHub::start(OcmHubOptions {
@@ -47,31 +88,13 @@ async fn spokelet_joins_a_stock_ocm_hub_with_a_bootstrap_credential_and_a_restar
         .await
         .unwrap();
     let credentials = tempfile::tempdir().unwrap();
-    let argv = |dir: &std::path::Path| {
-        vec![
-            "spokelet".to_string(),
-            "run".into(),
-            "--hub-transport".into(),
-            "kube".into(),
-            "--bootstrap-hub-kubeconfig".into(),
-            bootstrap.kubeconfig_path().display().to_string(),
-            "--hub-credentials-dir".into(),
-            dir.display().to_string(),
-            "--cluster-name".into(),
-            cluster.clone(),
-            "--agent-id".into(),
-            "spokelet".into(),
-            "--agent-namespace".into(),
-            agent_ns.clone(),
-            "--kubeconfig".into(),
-            spoke.kubeconfig_path().display().to_string(),
-            "--admin-addr".into(),
-            "127.0.0.1:0".into(),
-            "--pool-report".into(),
-            "false".into(),
-        ]
+    let joiner = Joiner {
+        bootstrap: bootstrap.kubeconfig_path(),
+        spoke_kubeconfig: spoke.kubeconfig_path(),
+        cluster: &cluster,
+        agent_ns: &agent_ns,
     };
-    let agent = Agent::start(&argv(credentials.path()));
+    let agent = Agent::start(&joiner.argv(credentials.path()));
 
     // It made its ManagedCluster, naming the spoke's API server, and asks for a certificate.
     let clusters = managed_clusters(&admin);
@@ -180,7 +203,7 @@ async fn spokelet_joins_a_stock_ocm_hub_with_a_bootstrap_credential_and_a_restar
 
     // A restart runs from the kept certificate: no new request, works still flow.
     let again = tempfile::tempdir().unwrap();
-    let agent = Agent::start(&argv(again.path()));
+    let agent = Agent::start(&joiner.argv(again.path()));
     works
         .patch(
             "joined-model",
@@ -203,12 +226,11 @@ async fn spokelet_joins_a_stock_ocm_hub_with_a_bootstrap_credential_and_a_restar
     // ends the agent with an error naming it, and nothing is kept.
     let broken = credentials.path().join("broken.kubeconfig");
     std::fs::write(&broken, "clusters: [unclosed\n").unwrap();
-    let mut bad = argv(tempfile::tempdir().unwrap().path());
-    let at = bad
-        .iter()
-        .position(|a| a == "--bootstrap-hub-kubeconfig")
-        .unwrap();
-    bad[at + 1] = broken.display().to_string();
+    let bad = Joiner {
+        bootstrap: &broken,
+        ..joiner
+    }
+    .argv(tempfile::tempdir().unwrap().path());
     let err = Agent::start(&bad)
         .ended()
         .await
@@ -217,14 +239,12 @@ async fn spokelet_joins_a_stock_ocm_hub_with_a_bootstrap_credential_and_a_restar
 
     let denied_ns = spoke_namespace(&spoke.client(), "join-denied").await;
     let denied_cluster = unique_name("denied");
-    let mut denied_argv = argv(tempfile::tempdir().unwrap().path());
-    for (flag, value) in [
-        ("--cluster-name", &denied_cluster),
-        ("--agent-namespace", &denied_ns),
-    ] {
-        let at = denied_argv.iter().position(|a| a == flag).unwrap();
-        denied_argv[at + 1] = value.clone();
+    let denied_argv = Joiner {
+        cluster: &denied_cluster,
+        agent_ns: &denied_ns,
+        ..joiner
     }
+    .argv(tempfile::tempdir().unwrap().path());
     let denied = Agent::start(&denied_argv);
     let name = eventually("the second cluster's request", || {
         let (admin, cluster) = (admin.clone(), denied_cluster.clone());
@@ -292,28 +312,13 @@ async fn an_auto_approved_join_renews_its_short_lived_certificate_while_works_fl
     let bootstrap = hub.issue_bootstrap(bootstrap_user).await.unwrap();
     let credentials = tempfile::tempdir().unwrap();
     let started = std::time::Instant::now();
-    let agent = Agent::start(&[
-        "spokelet",
-        "run",
-        "--hub-transport",
-        "kube",
-        "--bootstrap-hub-kubeconfig",
-        &bootstrap.kubeconfig_path().display().to_string(),
-        "--hub-credentials-dir",
-        &credentials.path().display().to_string(),
-        "--cluster-name",
-        &cluster,
-        "--agent-id",
-        "spokelet",
-        "--agent-namespace",
-        &agent_ns,
-        "--kubeconfig",
-        &spoke.kubeconfig_path().display().to_string(),
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--pool-report",
-        "false",
-    ]);
+    let joiner = Joiner {
+        bootstrap: bootstrap.kubeconfig_path(),
+        spoke_kubeconfig: spoke.kubeconfig_path(),
+        cluster: &cluster,
+        agent_ns: &agent_ns,
+    };
+    let agent = Agent::start(&joiner.argv(credentials.path()));
     let clusters = managed_clusters(&admin);
     eventually("the cluster Available without anyone approving", || {
         let (clusters, cluster) = (clusters.clone(), cluster.clone());

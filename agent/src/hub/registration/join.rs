@@ -124,9 +124,25 @@ async fn join_with(
 ) -> Result<PathBuf, JoinError> {
     let hub = hub_client(config, &s.bootstrap_kubeconfig, s.security).map_err(JoinError::Bootstrap)?;
     ensure_managed_cluster(&hub, s).await?;
+    let (issued, name) = obtain(s, spoke, &hub, server, ca_pem).await?;
+    tracing::info!(cluster = %s.cluster, csr = %name, not_after = ?issued.not_after, "joined the hub: certificate issued and kept");
+    wait_accepted(&hub, &s.cluster).await?;
+    Ok(kubeconfig_in(&s.dir))
+}
+
+/// Asks `hub` for a certificate (a new key and request, as the identity `hub` holds), waits
+/// until it is signed, checks that it names this cluster and agent, and keeps it: the Secret,
+/// then the files. Returns what was issued and the request's name.
+pub(super) async fn obtain(
+    s: &JoinSettings,
+    spoke: &kube::Client,
+    hub: &kube::Client,
+    server: String,
+    ca_pem: Option<Vec<u8>>,
+) -> Result<(Issued, String), JoinError> {
     let request = csr::request(&s.cluster, &s.agent)?;
-    let name = create_csr(&hub, s, &request.csr_pem).await?;
-    let cert_pem = wait_issued(&hub, &name).await?;
+    let name = create_csr(hub, s, &request.csr_pem).await?;
+    let cert_pem = wait_issued(hub, &name).await?;
     let issued = Issued::from_pem(&cert_pem)?;
     if !issued.names(&s.cluster, &s.agent) {
         return Err(JoinError::WrongIdentity {
@@ -144,10 +160,8 @@ async fn join_with(
         agent: s.agent.clone(),
     };
     creds.save(spoke, &s.secret_namespace, &s.secret_name).await?;
-    let path = creds.write_files(&s.dir)?;
-    tracing::info!(cluster = %s.cluster, csr = %name, not_after = ?issued.not_after, "joined the hub: certificate issued and kept");
-    wait_accepted(&hub, &s.cluster).await?;
-    Ok(path)
+    creds.write_files(&s.dir)?;
+    Ok((issued, name))
 }
 
 /// The hub's URL and CA bundle as the bootstrap kubeconfig names them.
@@ -223,11 +237,7 @@ async fn ensure_managed_cluster(hub: &kube::Client, s: &JoinSettings) -> Result<
 }
 
 /// Sends the certificate request; returns its name.
-pub(super) async fn create_csr(
-    hub: &kube::Client,
-    s: &JoinSettings,
-    csr_pem: &str,
-) -> Result<String, JoinError> {
+async fn create_csr(hub: &kube::Client, s: &JoinSettings, csr_pem: &str) -> Result<String, JoinError> {
     let api: Api<CertificateSigningRequest> = Api::all(hub.clone());
     let csr = CertificateSigningRequest {
         metadata: ObjectMeta {
@@ -267,7 +277,7 @@ pub(super) async fn create_csr(
 
 /// Waits until the hub signs request `name` (approved, then issued), saying where it waits;
 /// a denied or failed request is an error.
-pub(super) async fn wait_issued(hub: &kube::Client, name: &str) -> Result<Vec<u8>, JoinError> {
+async fn wait_issued(hub: &kube::Client, name: &str) -> Result<Vec<u8>, JoinError> {
     let api: Api<CertificateSigningRequest> = Api::all(hub.clone());
     let mut said = None::<tokio::time::Instant>;
     loop {

@@ -12,9 +12,8 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::csr::{self, Issued};
-use super::join::{JoinError, JoinSettings, create_csr, ensure_joined, hub_endpoint, wait_issued};
-use super::store::Credentials;
+use super::csr::Issued;
+use super::join::{JoinError, JoinSettings, ensure_joined, hub_endpoint, obtain};
 use crate::backoff::ExponentialBackoff;
 use crate::hub::kube_hub::{config_from_kubeconfig, hub_client};
 
@@ -145,28 +144,8 @@ async fn renew_once(s: &JoinSettings, spoke: &kube::Client) -> Result<Issued, Jo
         .await
         .map_err(JoinError::Bootstrap)?;
     let hub = hub_client(config, &path, s.security).map_err(JoinError::Bootstrap)?;
-    let request = csr::request(&s.cluster, &s.agent)?;
-    let name = create_csr(&hub, s, &request.csr_pem).await?;
-    let cert_pem = wait_issued(&hub, &name).await?;
-    let issued = Issued::from_pem(&cert_pem)?;
-    if !issued.names(&s.cluster, &s.agent) {
-        return Err(JoinError::WrongIdentity {
-            found: issued.common_name,
-            cluster: s.cluster.clone(),
-            agent: s.agent.clone(),
-        });
-    }
     let (server, ca_pem) = hub_endpoint(&s.bootstrap_kubeconfig).await?;
-    let creds = Credentials {
-        server,
-        ca_pem,
-        cert_pem,
-        key_pem: request.key_pem.into_bytes(),
-        cluster: s.cluster.clone(),
-        agent: s.agent.clone(),
-    };
-    creds.save(spoke, &s.secret_namespace, &s.secret_name).await?;
-    creds.write_files(&s.dir)?;
+    let (issued, _) = obtain(s, spoke, &hub, server, ca_pem).await?;
     Ok(issued)
 }
 
