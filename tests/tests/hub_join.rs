@@ -458,6 +458,29 @@ async fn an_auto_approved_join_renews_its_short_lived_certificate_while_works_fl
     })
     .await
     .unwrap();
+
+    // The kept Secret deleted: the agent joins again and keeps the new certificate.
+    let secrets: Api<Secret> = Api::namespaced(spoke.client(), &agent_ns);
+    secrets
+        .delete("hub-kubeconfig-secret", &Default::default())
+        .await
+        .unwrap();
+    eventually("a join again after the Secret was deleted", || {
+        let (admin, cluster, secrets) = (admin.clone(), cluster.clone(), secrets.clone());
+        async move {
+            let joins = bootstrap_requests(requests(&admin, &cluster).await);
+            let kept = secrets
+                .get_opt("hub-kubeconfig-secret")
+                .await
+                .map_err(|e| e.to_string())?
+                .is_some();
+            (joins >= 3 && kept)
+                .then_some(())
+                .ok_or(format!("{joins} joins, Secret kept: {kept}"))
+        }
+    })
+    .await
+    .unwrap();
     agent.stop().await;
     hub.stop().await;
 }

@@ -3,8 +3,8 @@
 //! kept Secret and the files are replaced, and the hub transport presents the new certificate
 //! on its next connection while the watch stays on its own. A certificate that expires all the
 //! same (the hub never signed), or that the hub stops taking (it answers `401`: its CA
-//! changed, say), sends the agent back to its bootstrap credential to join again, as OCM's agent
-//! rebootstraps.
+//! changed, say), or a deleted credential Secret, sends the agent back to its bootstrap
+//! credential to join again, as OCM's agent rebootstraps.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -13,13 +13,25 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::csr::Issued;
-use super::join::{JoinError, JoinSettings, ensure_joined, hub_endpoint, obtain};
+use super::join::{JoinError, JoinSettings, hub_endpoint, obtain};
 use crate::backoff::ExponentialBackoff;
 use crate::hub::kube_hub::{config_from_kubeconfig, hub_client};
 
 /// How long after a `401` the hub's answers are looked at again before joining again: a
 /// certificate switched a moment ago (by a renewal) gets that long to reach the connections.
 const REJECTION_SETTLE: Duration = Duration::from_secs(2);
+
+/// How often the kept Secret is looked for: one GET of the spoke a minute. A deleted Secret
+/// sends the agent back to its bootstrap credential, as OCM's agent does.
+const SECRET_CHECK: Duration = Duration::from_secs(60);
+
+/// What woke the renewal task.
+enum Wake {
+    /// The hub answered `401`.
+    Rejected,
+    /// Renewal is due, or the Secret is to be looked for.
+    Timer,
+}
 
 /// Renews the certificate in `s.dir` until `stop`; `rejected` is told of every `401` from the
 /// hub. See the module docs.
@@ -29,86 +41,120 @@ pub async fn keep_renewed(
     rejected: Arc<Notify>,
     stop: CancellationToken,
 ) {
-    // Failed renewals are tried again with the shared backoff, up to a few minutes apart, for
-    // as long as the certificate lasts.
-    let mut backoff = ExponentialBackoff::new(Duration::from_secs(5), Duration::from_secs(300), 0.2);
-    loop {
-        let issued = match std::fs::read(s.dir.join("tls.crt"))
-            .map_err(|e| e.to_string())
-            .and_then(|pem| Issued::from_pem(&pem).map_err(|e| e.to_string()))
-        {
+    let mut task = Renewal {
+        s,
+        spoke,
+        // Failed renewals and joins are tried again with the shared backoff, up to a few
+        // minutes apart, for as long as the certificate lasts.
+        backoff: ExponentialBackoff::new(Duration::from_secs(5), Duration::from_secs(300), 0.2),
+        stop,
+    };
+    while task.turn(&rejected).await {}
+}
+
+/// The renewal task's state.
+struct Renewal {
+    s: JoinSettings,
+    spoke: kube::Client,
+    backoff: ExponentialBackoff,
+    stop: CancellationToken,
+}
+
+impl Renewal {
+    /// One turn: waits for whatever comes first and acts on it; false once stopped.
+    async fn turn(&mut self, rejected: &Notify) -> bool {
+        let issued = match current(&self.s) {
             Ok(i) => i,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the hub certificate to renew it; looking again later");
-                if !pause(backoff.next_delay(), &stop).await {
-                    return;
-                }
-                continue;
+                return pause(self.backoff.next_delay(), &self.stop).await;
             }
         };
         let now = SystemTime::now();
         if now >= issued.not_after {
-            tracing::warn!(cluster = %s.cluster, "the hub certificate expired without renewal; joining again with the bootstrap credential");
-            match ensure_joined(&s, &spoke).await {
-                Ok(_) => backoff.reset(),
-                Err(e) => {
-                    tracing::error!(error = %e, "joining again failed; retrying");
-                    if !pause(backoff.next_delay(), &stop).await {
-                        return;
-                    }
-                }
-            }
-            continue;
+            return self.rejoin("the hub certificate expired without renewal").await;
         }
-        let wait = issued.renew_at().duration_since(now).unwrap_or_default();
-        if !wait.is_zero() {
-            tracing::debug!(in_secs = wait.as_secs(), "hub certificate renewal scheduled");
-            let refused = tokio::select! {
-                () = tokio::time::sleep(wait) => false,
-                () = rejected.notified() => true,
-                () = stop.cancelled() => return,
-            };
-            if refused && still_refused(&s, &stop).await {
-                tracing::warn!(cluster = %s.cluster, "the hub no longer takes the agent's certificate (401); joining again with the bootstrap credential");
-                match rejoin(&s, &spoke).await {
-                    Ok(()) => backoff.reset(),
-                    Err(e) => {
-                        tracing::error!(error = %e, "joining again failed; retrying");
-                        if !pause(backoff.next_delay(), &stop).await {
-                            return;
-                        }
-                    }
-                }
-                continue;
+        let due = issued.renew_at().duration_since(now).unwrap_or_default();
+        // A stop first when several are ready.
+        let wake = tokio::select! {
+            biased;
+            () = self.stop.cancelled() => return false,
+            () = rejected.notified() => Wake::Rejected,
+            () = tokio::time::sleep(due.min(SECRET_CHECK)) => Wake::Timer,
+        };
+        match wake {
+            Wake::Rejected if still_refused(&self.s, &self.stop).await => {
+                self.rejoin("the hub no longer takes the agent's certificate (401)")
+                    .await
             }
-            if refused {
-                continue;
+            Wake::Rejected => true,
+            // Looked for before any renewal, which would write it again unnoticed.
+            Wake::Timer if secret_gone(&self.s, &self.spoke).await => {
+                self.rejoin("the hub credential Secret was deleted").await
             }
+            Wake::Timer if SystemTime::now() >= issued.renew_at() => self.renew(&issued).await,
+            Wake::Timer => true,
         }
+    }
+
+    /// Renews, bounded by the certificate's expiry.
+    async fn renew(&mut self, issued: &Issued) -> bool {
         let left = issued
             .not_after
             .duration_since(SystemTime::now())
             .unwrap_or_default();
-        let renewal = tokio::time::timeout(left, renew_once(&s, &spoke));
+        let renewal = tokio::time::timeout(left, renew_once(&self.s, &self.spoke));
         let outcome = tokio::select! {
             r = renewal => r,
-            () = stop.cancelled() => return,
+            () = self.stop.cancelled() => return false,
         };
         match outcome {
             Ok(Ok(next)) => {
-                backoff.reset();
-                tracing::info!(cluster = %s.cluster, not_after = ?next.not_after, "hub certificate renewed");
+                self.backoff.reset();
+                tracing::info!(cluster = %self.s.cluster, not_after = ?next.not_after, "hub certificate renewed");
+                true
             }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "hub certificate renewal failed; retrying");
-                if !pause(backoff.next_delay(), &stop).await {
-                    return;
-                }
+                pause(self.backoff.next_delay(), &self.stop).await
             }
             // The certificate ran out while waiting: the next turn joins again.
-            Err(_) => {}
+            Err(_) => true,
         }
     }
+
+    /// Joins again with the bootstrap credential, whatever is kept.
+    async fn rejoin(&mut self, why: &str) -> bool {
+        tracing::warn!(cluster = %self.s.cluster, why, "joining again with the bootstrap credential");
+        let joined = tokio::select! {
+            r = super::join::join(&self.s, &self.spoke) => r,
+            () = self.stop.cancelled() => return false,
+        };
+        match joined {
+            Ok(_) => {
+                self.backoff.reset();
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "joining again failed; retrying");
+                pause(self.backoff.next_delay(), &self.stop).await
+            }
+        }
+    }
+}
+
+/// The certificate the transport runs from now.
+fn current(s: &JoinSettings) -> Result<Issued, String> {
+    std::fs::read(s.dir.join("tls.crt"))
+        .map_err(|e| e.to_string())
+        .and_then(|pem| Issued::from_pem(&pem).map_err(|e| e.to_string()))
+}
+
+/// Whether the kept Secret is gone (an error reading it is not taken as gone).
+async fn secret_gone(s: &JoinSettings, spoke: &kube::Client) -> bool {
+    let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(spoke.clone(), &s.secret_namespace);
+    matches!(api.get_opt(&s.secret_name).await, Ok(None))
 }
 
 /// Whether the hub still refuses the certificate a moment after a `401`: after
@@ -129,11 +175,6 @@ async fn still_refused(s: &JoinSettings, stop: &CancellationToken) -> bool {
     let api: kube::Api<kube::api::DynamicObject> =
         kube::Api::all_with(hub, &crate::hub::kube_hub::managed_cluster_resource());
     matches!(api.get_opt(&s.cluster).await, Err(kube::Error::Api(e)) if e.code == 401)
-}
-
-/// Joins again with the bootstrap credential, whatever is kept.
-async fn rejoin(s: &JoinSettings, spoke: &kube::Client) -> Result<(), JoinError> {
-    super::join::join(s, spoke).await.map(drop)
 }
 
 /// One renewal: a new key and request sent with the current certificate, the new
