@@ -55,9 +55,24 @@ fn config_map(ns: &str, name: &str, model: &str) -> Value {
 
 #[tokio::test]
 async fn a_stock_ocm_hub_accepts_places_and_rolls_out_to_spokelet_over_its_kubernetes_api() {
-    let hub = OcmHub::start(OcmHubOptions::default()).await.unwrap();
+    // With OCM's ClusterProfile feature, the clusters a set binding covers get a ClusterProfile
+    // whose properties are the ManagedCluster's claims.
+    let hub = OcmHub::start(OcmHubOptions {
+        registration_args: vec!["--feature-gates=ClusterProfile=true".into()],
+        ..OcmHubOptions::default()
+    })
+    .await
+    .unwrap();
     let admin = hub.client();
     let spoke = shared_spoke().await;
+    // The pool report reads NodeInventories (none here: a pool of no nodes still has claims).
+    spokelet_e2e::ocm_hub::install_crd_yaml(
+        &spoke.client(),
+        "nodeinventories.spokelet.io",
+        spokelet_e2e::ocm_hub::NODE_INVENTORY_CRD,
+    )
+    .await
+    .unwrap();
     let ns = spoke_namespace(&spoke.client(), "ocm-rollout").await;
     let cluster = unique_name("pool");
     hub.accept_cluster(&cluster, LEASE_SECONDS).await.unwrap();
@@ -79,8 +94,6 @@ async fn a_stock_ocm_hub_accepts_places_and_rolls_out_to_spokelet_over_its_kuber
         &kubeconfig,
         "--admin-addr",
         "127.0.0.1:0",
-        "--pool-report",
-        "false",
     ]);
 
     // Joined and Available as OCM's agent would make it, so no unreachable taint.
@@ -177,6 +190,38 @@ async fn a_stock_ocm_hub_accepts_places_and_rolls_out_to_spokelet_over_its_kuber
             } else {
                 Err(format!("decisions: {chosen:?}"))
             }
+        }
+    })
+    .await
+    .unwrap();
+
+    // The bound set gives the cluster a ClusterProfile carrying its claims as properties.
+    let profiles: Api<DynamicObject> = Api::namespaced_with(
+        admin.clone(),
+        &rollouts,
+        &resource(
+            "multicluster.x-k8s.io",
+            "v1alpha1",
+            "ClusterProfile",
+            "clusterprofiles",
+        ),
+    );
+    eventually("the ClusterProfile's properties from spokelet's claims", || {
+        let (profiles, cluster) = (profiles.clone(), cluster.clone());
+        async move {
+            let profile = profiles.get_opt(&cluster).await.map_err(|e| e.to_string())?;
+            let properties = profile
+                .as_ref()
+                .and_then(|p| p.data["status"]["properties"].as_array().cloned())
+                .unwrap_or_default();
+            properties
+                .iter()
+                .any(|p| {
+                    p["name"] == "kubeversion.open-cluster-management.io"
+                        && p["value"].as_str().is_some_and(|v| v.starts_with("v1."))
+                })
+                .then_some(())
+                .ok_or(format!("properties: {properties:?}"))
         }
     })
     .await
