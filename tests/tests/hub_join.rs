@@ -24,6 +24,23 @@ async fn requests(hub: &kube::Client, cluster: &str) -> Vec<CertificateSigningRe
         .items
 }
 
+/// The real OCM hub whose API server signs client certificates for `signing` at most, its
+/// registration controller run with `registration_args`.
+async fn signing_hub(name: &str, signing: Duration, registration_args: Vec<String>) -> OcmHub {
+    OcmHub::start(OcmHubOptions {
+        registration_args,
+        cluster: ClusterOptions {
+            name: name.into(),
+            controller_manager: true,
+            csr_signing: Some(signing),
+            ..ClusterOptions::hub()
+        },
+        ..OcmHubOptions::default()
+    })
+    .await
+    .unwrap()
+}
+
 /// Where a joining agent's files are and who it is.
 #[derive(Clone, Copy)]
 struct Joiner<'a> {
@@ -67,17 +84,7 @@ impl Joiner<'_> {
 
 #[tokio::test]
 async fn spokelet_joins_a_stock_ocm_hub_with_a_bootstrap_credential_and_a_restart_reuses_its_certificate() {
-    let hub = OcmHub::start(OcmHubOptions {
-        cluster: ClusterOptions {
-            name: "ocm-hub-join".into(),
-            controller_manager: true,
-            csr_signing: Some(Duration::from_secs(3600)),
-            ..ClusterOptions::hub()
-        },
-        ..OcmHubOptions::default()
-    })
-    .await
-    .unwrap();
+    let hub = signing_hub("ocm-hub-join", Duration::from_secs(3600), Vec::new()).await;
     let admin = hub.client();
     let spoke = shared_spoke().await;
     let agent_ns = spoke_namespace(&spoke.client(), "join-agent").await;
@@ -289,21 +296,15 @@ async fn spokelet_joins_a_stock_ocm_hub_with_a_bootstrap_credential_and_a_restar
 #[tokio::test]
 async fn an_auto_approved_join_renews_its_short_lived_certificate_while_works_flow() {
     let bootstrap_user = "system:bootstrap:spokelet-renew";
-    let hub = OcmHub::start(OcmHubOptions {
-        registration_args: vec![
+    let hub = signing_hub(
+        "ocm-hub-renew",
+        Duration::from_secs(90),
+        vec![
             "--feature-gates=ManagedClusterAutoApproval=true".into(),
             format!("--auto-approved-csr-users={bootstrap_user}"),
         ],
-        cluster: ClusterOptions {
-            name: "ocm-hub-renew".into(),
-            controller_manager: true,
-            csr_signing: Some(Duration::from_secs(90)),
-            ..ClusterOptions::hub()
-        },
-        ..OcmHubOptions::default()
-    })
-    .await
-    .unwrap();
+    )
+    .await;
     let admin = hub.client();
     let spoke = shared_spoke().await;
     let agent_ns = spoke_namespace(&spoke.client(), "renew-agent").await;
