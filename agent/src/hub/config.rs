@@ -491,7 +491,7 @@ pub struct BootstrapSettings {
 impl BootstrapSettings {
     /// The kubeconfig the join writes and the hub transport runs from.
     pub fn kubeconfig(&self) -> PathBuf {
-        self.dir.join("kubeconfig")
+        crate::hub::registration::kubeconfig_in(&self.dir)
     }
 }
 

@@ -129,7 +129,7 @@ impl HubConnection {
                 // A 401 from the hub tells a joined agent its certificate is no longer taken.
                 let rejected = Arc::new(tokio::sync::Notify::new());
                 if let Some(bootstrap) = &settings.bootstrap {
-                    let (url, ca) = registration::join::spoke_endpoint(spoke_config);
+                    let (url, ca) = registration::spoke_endpoint(spoke_config);
                     let join = JoinSettings {
                         bootstrap_kubeconfig: bootstrap.kubeconfig.clone(),
                         security: settings.security,

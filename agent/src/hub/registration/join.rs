@@ -370,5 +370,5 @@ pub fn spoke_endpoint(config: &kube::Config) -> (String, Option<Vec<u8>>) {
 
 /// The kubeconfig path the credentials in `dir` are run from.
 pub fn kubeconfig_in(dir: &Path) -> PathBuf {
-    dir.join("kubeconfig")
+    dir.join(super::store::KUBECONFIG)
 }

@@ -9,10 +9,12 @@
 //! - [`renew`]: renewal with a fifth of the certificate's life left, and joining again once
 //!   it expired.
 
-pub mod csr;
-pub mod join;
-pub mod renew;
-pub mod store;
+pub(crate) mod csr;
+pub(crate) mod join;
+pub(crate) mod renew;
+pub(crate) mod store;
 
-pub use join::{JoinError, JoinSettings, ensure_joined};
+pub use csr::CsrError;
+pub use join::{JoinError, JoinSettings, ensure_joined, kubeconfig_in, spoke_endpoint};
 pub use renew::keep_renewed;
+pub use store::StoreError;

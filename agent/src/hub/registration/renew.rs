@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::csr::Issued;
-use super::join::{JoinError, JoinSettings, hub_endpoint, obtain};
+use super::join::{JoinError, JoinSettings, hub_endpoint, kubeconfig_in, obtain};
 use crate::backoff::ExponentialBackoff;
 use crate::hub::kube_hub::{config_from_kubeconfig, hub_client};
 
@@ -145,7 +145,7 @@ impl Renewal {
 
 /// The certificate the transport runs from now.
 fn current(s: &JoinSettings) -> Result<Issued, String> {
-    std::fs::read(s.dir.join("tls.crt"))
+    std::fs::read(s.dir.join(super::store::CERT))
         .map_err(|e| e.to_string())
         .and_then(|pem| Issued::from_pem(&pem).map_err(|e| e.to_string()))
 }
@@ -165,7 +165,7 @@ async fn still_refused(s: &JoinSettings, stop: &CancellationToken) -> bool {
     if !pause(REJECTION_SETTLE, stop).await {
         return false;
     }
-    let path = s.dir.join("kubeconfig");
+    let path = kubeconfig_in(&s.dir);
     let Ok(config) = config_from_kubeconfig(&path).await else {
         return false;
     };
@@ -180,7 +180,7 @@ async fn still_refused(s: &JoinSettings, stop: &CancellationToken) -> bool {
 /// One renewal: a new key and request sent with the current certificate, the new
 /// certificate waited for, checked, kept and written.
 async fn renew_once(s: &JoinSettings, spoke: &kube::Client) -> Result<Issued, JoinError> {
-    let path = s.dir.join("kubeconfig");
+    let path = kubeconfig_in(&s.dir);
     let config = config_from_kubeconfig(&path)
         .await
         .map_err(JoinError::Bootstrap)?;

@@ -10,8 +10,8 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ObjectMeta, PostParams};
 
 /// The Secret's keys, as OCM's registration agent writes them.
-const KUBECONFIG: &str = "kubeconfig";
-const CERT: &str = "tls.crt";
+pub(crate) const KUBECONFIG: &str = "kubeconfig";
+pub(crate) const CERT: &str = "tls.crt";
 const KEY: &str = "tls.key";
 const CLUSTER: &str = "cluster-name";
 const AGENT: &str = "agent-name";
