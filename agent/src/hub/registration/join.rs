@@ -24,8 +24,12 @@ const AGENT_NAME_LABEL: &str = "open-cluster-management.io/agent-name";
 /// The signer of client certificates the hub's API server accepts.
 const CLIENT_SIGNER: &str = "kubernetes.io/kube-apiserver-client";
 /// How often the CSR and the ManagedCluster are looked at while waiting (each look is one GET;
-/// the bootstrap identity may not be allowed to watch everywhere).
+/// the bootstrap identity may not be allowed to watch everywhere): every second for the first
+/// minute, when auto-approval answers, then every [`SLOW_POLL`], since a person approving may
+/// take hours and each look costs the hub a request.
 const POLL: Duration = Duration::from_secs(1);
+const FAST_POLLS_FOR: Duration = Duration::from_secs(60);
+const SLOW_POLL: Duration = Duration::from_secs(10);
 /// How often a wait says again where it waits.
 const SAY_AGAIN: Duration = Duration::from_secs(30);
 
@@ -279,6 +283,7 @@ async fn create_csr(hub: &kube::Client, s: &JoinSettings, csr_pem: &str) -> Resu
 /// a denied or failed request is an error.
 async fn wait_issued(hub: &kube::Client, name: &str) -> Result<Vec<u8>, JoinError> {
     let api: Api<CertificateSigningRequest> = Api::all(hub.clone());
+    let start = tokio::time::Instant::now();
     let mut said = None::<tokio::time::Instant>;
     loop {
         let csr = api.get(name).await.map_err(|source| JoinError::Hub {
@@ -312,13 +317,14 @@ async fn wait_issued(hub: &kube::Client, name: &str) -> Result<Vec<u8>, JoinErro
             }
             said = Some(tokio::time::Instant::now());
         }
-        tokio::time::sleep(POLL).await;
+        tokio::time::sleep(poll_after(start)).await;
     }
 }
 
 /// Waits until the hub accepts the cluster (`spec.hubAcceptsClient`), saying where it waits.
 async fn wait_accepted(hub: &kube::Client, cluster: &str) -> Result<(), JoinError> {
     let api: Api<DynamicObject> = Api::all_with(hub.clone(), &managed_cluster_resource());
+    let start = tokio::time::Instant::now();
     let mut said = None::<tokio::time::Instant>;
     loop {
         let mc = api.get_opt(cluster).await.map_err(|source| JoinError::Hub {
@@ -340,7 +346,16 @@ async fn wait_accepted(hub: &kube::Client, cluster: &str) -> Result<(), JoinErro
             );
             said = Some(tokio::time::Instant::now());
         }
-        tokio::time::sleep(POLL).await;
+        tokio::time::sleep(poll_after(start)).await;
+    }
+}
+
+/// The pause before the next look of a wait that began at `start`.
+fn poll_after(start: tokio::time::Instant) -> Duration {
+    if start.elapsed() < FAST_POLLS_FOR {
+        POLL
+    } else {
+        SLOW_POLL
     }
 }
 
