@@ -387,3 +387,25 @@ pub fn spoke_endpoint(config: &kube::Config) -> (String, Option<Vec<u8>>) {
 pub fn kubeconfig_in(dir: &Path) -> PathBuf {
     dir.join(super::store::KUBECONFIG)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_looks_every_second_for_a_minute_then_every_ten() {
+        let start = tokio::time::Instant::now();
+        assert_eq!(poll_after(start), POLL);
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert_eq!(poll_after(start), POLL);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(poll_after(start), SLOW_POLL);
+    }
+
+    #[test]
+    fn der_certificates_become_one_pem_bundle() {
+        let pem = String::from_utf8(pem_bundle(&[vec![1, 2, 3], vec![4; 100]])).unwrap();
+        assert_eq!(pem.matches("-----BEGIN CERTIFICATE-----").count(), 2);
+        assert!(pem.lines().all(|l| l.len() <= 64), "{pem}");
+    }
+}
