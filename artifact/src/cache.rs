@@ -7,10 +7,13 @@
 //! removed; an entry whose files no longer match their list was changed on disk and is removed
 //! too. Either way the caller fetches the layer again.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use spokelet_base::lock::lock;
 
 use crate::digest::Digest;
 use crate::unpack::{FileSum, UnpackError, UnpackLimits, Unpacked, unpack_layer};
@@ -45,6 +48,10 @@ pub enum Check {
 #[derive(Debug, Clone)]
 pub struct ArtifactCache {
     layers: PathBuf,
+    /// One lock per digest being put, shared by the clones: two works pulling the same artifact
+    /// at once unpack it once, the second finding the first's entry, instead of the second
+    /// finding a directory whose file list is not yet written (and taking it for a broken one).
+    putting: Arc<Mutex<HashMap<String, Arc<Mutex<()>>>>>,
 }
 
 impl ArtifactCache {
@@ -52,7 +59,10 @@ impl ArtifactCache {
     pub fn open(dir: &Path) -> Result<ArtifactCache, CacheError> {
         let layers = dir.join("layers");
         fs::create_dir_all(&layers).map_err(io_err(&layers))?;
-        let cache = ArtifactCache { layers };
+        let cache = ArtifactCache {
+            layers,
+            putting: Arc::default(),
+        };
         cache.sweep_partial()?;
         Ok(cache)
     }
@@ -83,6 +93,29 @@ impl ArtifactCache {
     /// Unpacks layer `blob` (checked against `digest` as it streams) into the cache and returns
     /// its directory. Another unpack of the same digest finishing first is a hit, not an error.
     pub fn put(
+        &self,
+        digest: &Digest,
+        blob: impl Read,
+        limits: &UnpackLimits,
+    ) -> Result<PathBuf, CacheError> {
+        let mine = lock(&self.putting)
+            .entry(digest.hex().to_string())
+            .or_default()
+            .clone();
+        let result = {
+            let _held = lock(&mine);
+            self.put_locked(digest, blob, limits)
+        };
+        // The last one out removes the digest's lock (the map holds one count, this call one).
+        let mut putting = lock(&self.putting);
+        if Arc::strong_count(&mine) <= 2 {
+            putting.remove(digest.hex());
+        }
+        result
+    }
+
+    /// [`ArtifactCache::put`] while holding the digest's lock.
+    fn put_locked(
         &self,
         digest: &Digest,
         blob: impl Read,

@@ -118,3 +118,36 @@ fn entries_no_work_references_are_collected() {
         .collect();
     assert_eq!(names.len(), 2, "only a's directory and list: {names:?}");
 }
+
+/// Two works pulling the same artifact at once: both puts succeed with the same entry (the
+/// second finds the first's), many times over, from clones of one cache as the agent shares it.
+#[test]
+fn concurrent_puts_of_one_layer_all_succeed_with_one_entry() {
+    let files: Vec<(String, String)> = (0..200)
+        .map(|i| {
+            (
+                format!("deploy/cm-{i}.yaml"),
+                format!("kind: ConfigMap\nvalue: {i}\n"),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, &str)> = files.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let (blob, digest) = layer(&refs);
+    for _ in 0..10 {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = ArtifactCache::open(tmp.path()).unwrap();
+        let dirs: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    let (cache, blob, digest) = (cache.clone(), &blob, &digest);
+                    s.spawn(move || cache.put(digest, &blob[..], &UnpackLimits::default()))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for d in &dirs {
+            assert_eq!(d.as_ref().unwrap(), dirs[0].as_ref().unwrap());
+        }
+        assert!(cache.get(&digest, Check::Contents).unwrap().is_some());
+    }
+}

@@ -1231,9 +1231,10 @@ async fn flux_objects_read_secrets_only_as_the_work_may() {
     assert!(ready.message.contains("kube-system"), "{ready:?}");
     let u = agent
         .wait("flux-leak-executor", "both reads refused", |u| {
+            // The Kustomization says ArtifactFailed until its source's first pull is in.
             [1, 2]
                 .iter()
-                .all(|&i| manifest_cond_opt(u, i, "Ready").is_some_and(|c| c.status == "False"))
+                .all(|&i| manifest_cond_opt(u, i, "Ready").is_some_and(|c| c.reason == "Forbidden"))
         })
         .await;
     for i in [1, 2] {
