@@ -24,6 +24,38 @@ async fn requests(hub: &kube::Client, cluster: &str) -> Vec<CertificateSigningRe
         .items
 }
 
+/// Sends updates of work `renewed-model` (models `<prefix>1`, `<prefix>2`, ...), each waited
+/// for on the spoke, until `done` holds after one; returns how many were sent.
+async fn updates_until<F, Fut>(
+    works: &Api<kube::api::DynamicObject>,
+    cms: &Api<ConfigMap>,
+    manifests: &impl Fn(&str) -> serde_json::Value,
+    prefix: &str,
+    mut done: F,
+) -> usize
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for version in 1..=400 {
+        let model = format!("{prefix}{version}");
+        works
+            .patch(
+                "renewed-model",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"workload": {"manifests": manifests(&model)}}})),
+            )
+            .await
+            .unwrap();
+        until_model(cms, "renewed-model", Some(&model)).await;
+        if done().await {
+            return version;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("{prefix}: still not done after 400 work updates");
+}
+
 /// The real OCM hub whose API server signs client certificates for `signing` at most, its
 /// registration controller run with `registration_args`.
 async fn signing_hub(name: &str, signing: Duration, registration_args: Vec<String>) -> OcmHub {
@@ -363,27 +395,11 @@ async fn an_auto_approved_join_renews_its_short_lived_certificate_while_works_fl
     let first_cert = std::fs::read(credentials.path().join("tls.crt")).unwrap();
 
     // Works keep coming while the certificate nears its renewal.
-    let mut version = 0;
-    loop {
-        version += 1;
-        let model = format!("v{version}");
-        works
-            .patch(
-                "renewed-model",
-                &PatchParams::default(),
-                &Patch::Merge(json!({"spec": {"workload": {"manifests": manifests(&model)}}})),
-            )
-            .await
-            .unwrap();
-        until_model(&cms, "renewed-model", Some(&model)).await;
-        let renewed = requests(&admin, &cluster).await.len() >= 2
-            && std::fs::read(credentials.path().join("tls.crt")).unwrap() != first_cert;
-        if renewed {
-            break;
-        }
-        assert!(version < 400, "no renewal after {version} work updates");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let version = updates_until(&works, &cms, &manifests, "v", || async {
+        requests(&admin, &cluster).await.len() >= 2
+            && std::fs::read(credentials.path().join("tls.crt")).unwrap() != first_cert
+    })
+    .await;
     println!("renewed after {:?} and {version} work updates", started.elapsed());
     let renewal = requests(&admin, &cluster)
         .await
@@ -419,27 +435,11 @@ async fn an_auto_approved_join_renews_its_short_lived_certificate_while_works_fl
             .filter(|c| c.spec.username.as_deref() == Some(bootstrap_user))
             .count()
     };
-    let mut version = 0;
-    loop {
-        version += 1;
-        let model = format!("rejected-{version}");
-        works
-            .patch(
-                "renewed-model",
-                &PatchParams::default(),
-                &Patch::Merge(json!({"spec": {"workload": {"manifests": manifests(&model)}}})),
-            )
-            .await
-            .unwrap();
-        until_model(&cms, "renewed-model", Some(&model)).await;
-        let rejoined = bootstrap_requests(requests(&admin, &cluster).await) >= 2
-            && std::fs::read(credentials.path().join("tls.crt")).unwrap() != foreign.cert_pem.as_bytes();
-        if rejoined {
-            break;
-        }
-        assert!(version < 200, "never joined again after {version} work updates");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    updates_until(&works, &cms, &manifests, "rejected-", || async {
+        bootstrap_requests(requests(&admin, &cluster).await) >= 2
+            && std::fs::read(credentials.path().join("tls.crt")).unwrap() != foreign.cert_pem.as_bytes()
+    })
+    .await;
     // Its status reaches the hub again with the new certificate.
     eventually("the work's status on the hub after joining again", || {
         let works = works.clone();
