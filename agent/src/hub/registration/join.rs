@@ -283,8 +283,7 @@ async fn create_csr(hub: &kube::Client, s: &JoinSettings, csr_pem: &str) -> Resu
 /// a denied or failed request is an error.
 async fn wait_issued(hub: &kube::Client, name: &str) -> Result<Vec<u8>, JoinError> {
     let api: Api<CertificateSigningRequest> = Api::all(hub.clone());
-    let start = tokio::time::Instant::now();
-    let mut said = None::<tokio::time::Instant>;
+    let mut waiting = Waiting::new();
     loop {
         let csr = api.get(name).await.map_err(|source| JoinError::Hub {
             what: "reading the certificate request",
@@ -309,23 +308,21 @@ async fn wait_issued(hub: &kube::Client, name: &str) -> Result<Vec<u8>, JoinErro
             return Ok(cert.0);
         }
         let approved = conditions.iter().any(|c| c.type_ == "Approved");
-        if said.is_none_or(|t| t.elapsed() >= SAY_AGAIN) {
+        if waiting.time_to_say() {
             if approved {
                 tracing::info!(csr = %name, "waiting for the hub to sign the approved certificate request");
             } else {
                 tracing::info!(csr = %name, "waiting for the hub to approve the certificate request (auto-approval, or `kubectl certificate approve {name}` on the hub)");
             }
-            said = Some(tokio::time::Instant::now());
         }
-        tokio::time::sleep(poll_after(start)).await;
+        waiting.pause().await;
     }
 }
 
 /// Waits until the hub accepts the cluster (`spec.hubAcceptsClient`), saying where it waits.
 async fn wait_accepted(hub: &kube::Client, cluster: &str) -> Result<(), JoinError> {
     let api: Api<DynamicObject> = Api::all_with(hub.clone(), &managed_cluster_resource());
-    let start = tokio::time::Instant::now();
-    let mut said = None::<tokio::time::Instant>;
+    let mut waiting = Waiting::new();
     loop {
         let mc = api.get_opt(cluster).await.map_err(|source| JoinError::Hub {
             what: "reading the ManagedCluster",
@@ -339,14 +336,42 @@ async fn wait_accepted(hub: &kube::Client, cluster: &str) -> Result<(), JoinErro
         if accepted {
             return Ok(());
         }
-        if said.is_none_or(|t| t.elapsed() >= SAY_AGAIN) {
+        if waiting.time_to_say() {
             tracing::info!(
                 cluster,
                 "waiting for the hub to accept the cluster (spec.hubAcceptsClient on its ManagedCluster)"
             );
-            said = Some(tokio::time::Instant::now());
         }
-        tokio::time::sleep(poll_after(start)).await;
+        waiting.pause().await;
+    }
+}
+
+/// The pace of a wait on the hub: when to look again, and when to say again where it waits.
+struct Waiting {
+    start: tokio::time::Instant,
+    said: Option<tokio::time::Instant>,
+}
+
+impl Waiting {
+    fn new() -> Waiting {
+        Waiting {
+            start: tokio::time::Instant::now(),
+            said: None,
+        }
+    }
+
+    /// Whether to log where it waits now (at once, then every [`SAY_AGAIN`]).
+    fn time_to_say(&mut self) -> bool {
+        let due = self.said.is_none_or(|t| t.elapsed() >= SAY_AGAIN);
+        if due {
+            self.said = Some(tokio::time::Instant::now());
+        }
+        due
+    }
+
+    /// Sleeps until the next look.
+    async fn pause(&self) {
+        tokio::time::sleep(poll_after(self.start)).await;
     }
 }
 
@@ -400,6 +425,16 @@ mod tests {
         assert_eq!(poll_after(start), POLL);
         tokio::time::advance(Duration::from_secs(2)).await;
         assert_eq!(poll_after(start), SLOW_POLL);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_says_where_it_waits_at_once_then_every_thirty_seconds() {
+        let mut waiting = Waiting::new();
+        assert!(waiting.time_to_say());
+        assert!(!waiting.time_to_say());
+        tokio::time::advance(SAY_AGAIN).await;
+        assert!(waiting.time_to_say());
+        assert!(!waiting.time_to_say());
     }
 
     #[test]
