@@ -28,6 +28,15 @@ pub const HEARTBEAT: &str = "io.open-cluster-management.cloudevents.heartbeat";
 /// `<this>.status.update_request`).
 pub const MANAGED_CLUSTERS: &str = "cluster.open-cluster-management.io.v1.managedclusters";
 
+/// Data type of certificate signing requests on OCM's gRPC registration: the agent sends a
+/// whole CSR as `<this>.spec.create_request`; the hub sends CSRs of the cluster back as spec
+/// events, the signed certificate in `status.certificate`.
+pub const CERTIFICATE_SIGNING_REQUESTS: &str = "certificates.k8s.io.v1.certificatesigningrequests";
+
+/// Data type of coordination leases on OCM's gRPC registration: the agent renews the cluster
+/// lease with `<this>.spec.update_request` carrying the whole Lease.
+pub const LEASES: &str = "coordination.k8s.io.v1.leases";
+
 /// Data type of spokelet's own per-node inventory and health reports (`docs/PROTOCOL.md`):
 /// `<this>.status.update_request` carries a NodeInventory, `<this>.status.delete_request` says
 /// the node is gone. Node services subscribe with it to hear the hub's heartbeats.

@@ -44,7 +44,9 @@ pub const WORK_GROUP: &str = "work.open-cluster-management.io";
 pub struct OcmHubOptions {
     /// Also run OCM's CloudEvents gRPC server (mutual TLS, OCM's own authorisation).
     pub grpc: bool,
-    /// Extra flags for the registration controller, e.g. `--feature-gates=...`.
+    /// Extra flags for the registration controller, e.g. `--feature-gates=...`. With `grpc`,
+    /// the controller also runs OCM's gRPC registration driver, signing agents' certificates
+    /// with the CA the gRPC server trusts.
     pub registration_args: Vec<String>,
     /// The hub API server's options (a label and extra flags; the controller-manager is off
     /// unless set).
@@ -117,8 +119,19 @@ impl OcmHub {
             ]
         };
         let ports = free_ports(5)?;
+        let grpc_files = match opts.grpc {
+            true => Some(grpc_server_files(&dir, ports[4])?),
+            false => None,
+        };
         let mut registration_args = vec!["controller".to_string()];
         registration_args.extend(common(ports[0]));
+        if grpc_files.is_some() {
+            registration_args.extend([
+                "--enabled-registration-drivers=csr,grpc".to_string(),
+                format!("--grpc-ca-file={}", dir.join(GRPC_CLIENT_CA).display()),
+                format!("--grpc-key-file={}", dir.join(GRPC_CLIENT_CA_KEY).display()),
+            ]);
+        }
         registration_args.extend(opts.registration_args.iter().cloned());
         let mut work_args = vec!["manager".to_string()];
         work_args.extend(common(ports[1]));
@@ -137,9 +150,8 @@ impl OcmHub {
             ("work-manager", work, work_args, vec![ports[1]]),
             ("placement-controller", placement, placement_args, vec![ports[2]]),
         ];
-        let grpc = match server {
-            Some(server) => {
-                let (endpoint, config) = grpc_server_files(&dir, ports[4])?;
+        let grpc = match server.zip(grpc_files) {
+            Some((server, (endpoint, config))) => {
                 let mut args = vec!["grpc".to_string()];
                 args.extend(common(ports[3]));
                 args.push(format!("--server-config={}", config.display()));
@@ -294,6 +306,29 @@ impl OcmHub {
             .issue_client_now(&format!("{group}:{agent}"), &[&group])
     }
 
+    /// A bootstrap config for the gRPC transport in OCM's format (`url`, `caData`, and a
+    /// bootstrap client certificate for `user` in [`BOOTSTRAP_GROUP`], whose rights are OCM's
+    /// bootstrap role's, made as [`OcmHub::issue_bootstrap`] makes it), written to `path`.
+    pub async fn issue_grpc_bootstrap(&self, user: &str, path: &Path) -> Result<(), HarnessError> {
+        use base64::Engine;
+        // The role and its binding; the kubeconfig made beside them is not used.
+        self.issue_bootstrap(user).await?;
+        let grpc = self
+            .grpc
+            .as_ref()
+            .ok_or_else(|| invalid("gRPC bootstrap", "the hub runs no gRPC server"))?;
+        let client = grpc.client_ca.issue_client_now(user, &[BOOTSTRAP_GROUP])?;
+        let b64 = |pem: &str| base64::engine::general_purpose::STANDARD.encode(pem);
+        let yaml = format!(
+            "url: {}\ncaData: {}\nclientCertData: {}\nclientKeyData: {}\n",
+            grpc.url,
+            b64(grpc.serving_ca.cert_pem()),
+            b64(&client.cert_pem),
+            b64(&client.key_pem)
+        );
+        write_private(path, &yaml)
+    }
+
     /// Kills OCM's processes and the API server (what dropping does), off the executor.
     pub async fn stop(self) {
         let _ = tokio::task::spawn_blocking(move || drop(self)).await;
@@ -380,6 +415,11 @@ async fn install_hub_crds(client: &kube::Client) -> Result<(), HarnessError> {
     Ok(())
 }
 
+/// The CA the gRPC server trusts for clients, and its key (the registration controller signs
+/// gRPC agents' certificates with it), in the hub's directory.
+const GRPC_CLIENT_CA: &str = "grpc-client-ca.crt";
+const GRPC_CLIENT_CA_KEY: &str = "grpc-client-ca.key";
+
 /// The gRPC server's PKI and configuration file (OCM's `--server-config` format).
 fn grpc_server_files(dir: &Path, port: u16) -> Result<(GrpcEndpoint, PathBuf), HarnessError> {
     let serving_ca = CertificateAuthority::new("ocm-grpc-serving-ca")?;
@@ -388,7 +428,8 @@ fn grpc_server_files(dir: &Path, port: u16) -> Result<(GrpcEndpoint, PathBuf), H
     let files = [
         ("grpc-tls.crt", serving.cert_pem.as_str()),
         ("grpc-tls.key", serving.key_pem.as_str()),
-        ("grpc-client-ca.crt", client_ca.cert_pem()),
+        (GRPC_CLIENT_CA, client_ca.cert_pem()),
+        (GRPC_CLIENT_CA_KEY, &client_ca.key_pem()),
     ];
     for (name, pem) in files {
         write_private(&dir.join(name), pem)?;

@@ -485,3 +485,207 @@ async fn an_auto_approved_join_renews_its_short_lived_certificate_while_works_fl
     agent.stop().await;
     hub.stop().await;
 }
+
+/// The same join over OCM's CloudEvents gRPC server (`server grpc`), with a bootstrap config in
+/// OCM's gRPC format: the ManagedCluster and the certificate request travel as CloudEvents,
+/// OCM's gRPC registration driver approves the bootstrap user's request and signs it with the
+/// CA the gRPC server trusts, and spokelet runs from the `config.yaml` it keeps. Over the same
+/// wire it renews its lease, sets `Joined` and `Available` and sends the pool's claims; it
+/// renews its short-lived certificate in its own name while works flow, and a restart reuses
+/// what it kept.
+#[tokio::test]
+async fn spokelet_joins_ocms_grpc_server_with_a_bootstrap_config_and_stays_joined() {
+    let bootstrap_user = "system:bootstrap:spokelet-grpc";
+    let hub = OcmHub::start(OcmHubOptions {
+        grpc: true,
+        registration_args: vec![
+            "--feature-gates=ManagedClusterAutoApproval=true".into(),
+            format!("--auto-approved-grpc-users={bootstrap_user}"),
+            // Short, so the agent renews while the test watches (it renews with a fifth left).
+            "--grpc-signing-duration=90s".into(),
+        ],
+        ..OcmHubOptions::default()
+    })
+    .await
+    .unwrap();
+    let admin = hub.client();
+    let spoke = shared_spoke().await;
+    let agent_ns = spoke_namespace(&spoke.client(), "grpc-join-agent").await;
+    let works_ns = spoke_namespace(&spoke.client(), "grpc-join-works").await;
+    let cluster = unique_name("grpcjoin");
+    // The pool report reads NodeInventories (none here: a pool of no nodes still has claims).
+    spokelet_e2e::ocm_hub::install_crd_yaml(
+        &spoke.client(),
+        "nodeinventories.spokelet.io",
+        spokelet_e2e::ocm_hub::NODE_INVENTORY_CRD,
+    )
+    .await
+    .unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let bootstrap = files.path().join("bootstrap.yaml");
+    hub.issue_grpc_bootstrap(bootstrap_user, &bootstrap)
+        .await
+        .unwrap();
+    let argv = |dir: &std::path::Path, bootstrap: &std::path::Path| -> Vec<String> {
+        let path = |p: &std::path::Path| p.display().to_string();
+        [
+            "spokelet",
+            "run",
+            "--hub-transport",
+            "grpc",
+            "--bootstrap-hub-config",
+            &path(bootstrap),
+            "--hub-credentials-dir",
+            &path(dir),
+            "--cluster-name",
+            &cluster,
+            "--agent-id",
+            "spokelet",
+            "--agent-namespace",
+            &agent_ns,
+            "--kubeconfig",
+            &path(spoke.kubeconfig_path()),
+            "--admin-addr",
+            "127.0.0.1:0",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let credentials = files.path().join("hub");
+    let started = std::time::Instant::now();
+    let agent = Agent::start(&argv(&credentials, &bootstrap));
+
+    // Joined, Available and leased over gRPC, with nobody approving.
+    let clusters = managed_clusters(&admin);
+    eventually("the cluster Joined and Available over gRPC", || {
+        let (clusters, cluster) = (clusters.clone(), cluster.clone());
+        async move {
+            let mc = clusters.get_opt(&cluster).await.map_err(|e| e.to_string())?;
+            let joined = mc
+                .as_ref()
+                .and_then(|mc| condition_status(mc, "ManagedClusterJoined"));
+            let available = mc
+                .as_ref()
+                .and_then(|mc| condition_status(mc, "ManagedClusterConditionAvailable"));
+            (joined.as_deref() == Some("True") && available.as_deref() == Some("True"))
+                .then_some(())
+                .ok_or(format!("joined {joined:?}, available {available:?}"))
+        }
+    })
+    .await
+    .unwrap();
+    println!(
+        "start to Available over gRPC, auto-approved: {:?}",
+        started.elapsed()
+    );
+    let csr = requests(&admin, &cluster).await.remove(0);
+    assert_eq!(csr.spec.signer_name, "open-cluster-management.io/grpc");
+    assert_eq!(
+        csr.metadata.annotations.unwrap_or_default()["open-cluster-management.io/csr-user"],
+        bootstrap_user
+    );
+    let mc = clusters.get(&cluster).await.unwrap();
+    assert_eq!(
+        mc.data["spec"]["managedClusterClientConfigs"][0]["url"].as_str(),
+        Some(spoke.server_url().trim_end_matches('/'))
+    );
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(admin.clone(), &cluster);
+    let renew_time = || async {
+        leases
+            .get("managed-cluster-lease")
+            .await
+            .ok()
+            .and_then(|l| l.spec)
+            .and_then(|s| s.renew_time)
+            .map(|t| t.0)
+    };
+    let first_renewal = renew_time().await;
+    assert!(first_renewal.is_some(), "the lease was renewed over gRPC");
+    // The pool's claims reach the ManagedCluster in the same object.
+    eventually("the pool's claims on the ManagedCluster", || {
+        let (clusters, cluster) = (clusters.clone(), cluster.clone());
+        async move {
+            let mc = clusters.get(&cluster).await.map_err(|e| e.to_string())?;
+            let claims = mc.data["status"]["clusterClaims"].as_array().map_or(0, Vec::len);
+            (claims > 0)
+                .then_some(())
+                .ok_or(format!("status {}", mc.data["status"]))
+        }
+    })
+    .await
+    .unwrap();
+
+    // Works flow, and keep flowing across the renewal of the certificate.
+    let works: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        admin.clone(),
+        &cluster,
+        &spokelet_e2e::ocm::resource(
+            spokelet_e2e::ocm::WORK_GROUP,
+            "v1",
+            "ManifestWork",
+            "manifestworks",
+        ),
+    );
+    let manifests = |model: &str| {
+        json!([{"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "renewed-model", "namespace": works_ns}, "data": {"model": model}}])
+    };
+    let work: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "work.open-cluster-management.io/v1", "kind": "ManifestWork",
+        "metadata": {"name": "renewed-model", "namespace": cluster},
+        "spec": {"workload": {"manifests": manifests("v0")}}
+    }))
+    .unwrap();
+    works.create(&Default::default(), &work).await.unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(spoke.client(), &works_ns);
+    until_model(&cms, "renewed-model", Some("v0")).await;
+    let first_cert = std::fs::read(credentials.join("tls.crt")).unwrap();
+    let version = updates_until(&works, &cms, &manifests, "v", || async {
+        requests(&admin, &cluster).await.len() >= 2
+            && std::fs::read(credentials.join("tls.crt")).unwrap() != first_cert
+    })
+    .await;
+    println!(
+        "renewed over gRPC after {:?} and {version} work updates",
+        started.elapsed()
+    );
+    let own = format!("system:open-cluster-management:{cluster}:spokelet");
+    assert!(
+        requests(&admin, &cluster).await.iter().any(|c| {
+            c.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("open-cluster-management.io/csr-user"))
+                == Some(&own)
+        }),
+        "the renewal is asked in the agent's own name"
+    );
+    updates_until(&works, &cms, &manifests, "after-", || async { true }).await;
+    eventually("the lease renewed again", || async {
+        (renew_time().await > first_renewal)
+            .then_some(())
+            .ok_or("not yet".to_string())
+    })
+    .await
+    .unwrap();
+    agent.stop().await;
+
+    // A restart runs from what was kept: no new request.
+    let before = requests(&admin, &cluster).await.len();
+    let agent = Agent::start(&argv(&files.path().join("again"), &bootstrap));
+    updates_until(&works, &cms, &manifests, "restarted-", || async { true }).await;
+    assert_eq!(requests(&admin, &cluster).await.len(), before, "no new request");
+    agent.stop().await;
+
+    // Bad input: a bootstrap config that is not one ends the agent naming the file.
+    let broken = files.path().join("broken.yaml");
+    std::fs::write(&broken, "url: [unclosed\n").unwrap();
+    let err = Agent::start(&argv(&files.path().join("broken"), &broken))
+        .ended()
+        .await
+        .expect_err("a broken bootstrap config");
+    assert!(err.to_string().contains("broken.yaml"), "{err}");
+    assert!(!files.path().join("broken").join("config.yaml").exists());
+    hub.check_running().unwrap();
+    hub.stop().await;
+}

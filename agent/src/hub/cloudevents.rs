@@ -191,7 +191,7 @@ fn attr<'a>(ev: &'a CloudEvent, name: &str) -> Option<&'a Attr> {
 }
 
 /// A string-ish attribute.
-fn attr_string(ev: &CloudEvent, name: &'static str) -> Result<Option<String>, CodecError> {
+pub(crate) fn attr_string(ev: &CloudEvent, name: &'static str) -> Result<Option<String>, CodecError> {
     match attr(ev, name) {
         None => Ok(None),
         Some(Attr::CeString(s) | Attr::CeUri(s) | Attr::CeUriRef(s)) => Ok(Some(s.clone())),
@@ -237,7 +237,7 @@ fn kind(a: &Attr) -> &'static str {
 }
 
 /// The JSON payload bytes, size-checked.
-fn payload(ev: &CloudEvent) -> Result<Option<&[u8]>, CodecError> {
+pub(crate) fn payload(ev: &CloudEvent) -> Result<Option<&[u8]>, CodecError> {
     if let Some(ct) = ev.attributes.get(CONTENT_TYPE_KEY).and_then(|v| v.attr.as_ref()) {
         let Attr::CeString(ct) = ct else {
             return Err(CodecError::ContentType(kind(ct).to_string()));
@@ -306,7 +306,7 @@ pub fn decode(ev: &CloudEvent, ours: &str) -> Result<Incoming, CodecError> {
 
 /// Refuses events naming another cluster. Events without the attribute were routed to us by the
 /// subscription, so they are accepted.
-fn check_cluster(ev: &CloudEvent, ours: &str) -> Result<(), CodecError> {
+pub(crate) fn check_cluster(ev: &CloudEvent, ours: &str) -> Result<(), CodecError> {
     match attr_string(ev, ext::CLUSTER_NAME)? {
         Some(c) if c != ours => Err(CodecError::WrongCluster {
             got: c,
@@ -430,7 +430,7 @@ pub fn new_event_id() -> String {
     )
 }
 
-fn string_attr(s: impl Into<String>) -> CloudEventAttributeValue {
+pub(crate) fn string_attr(s: impl Into<String>) -> CloudEventAttributeValue {
     CloudEventAttributeValue {
         attr: Some(Attr::CeString(s.into())),
     }
@@ -458,7 +458,7 @@ fn now_attr() -> CloudEventAttributeValue {
 }
 
 /// An event with the common context attributes.
-fn base_event(source: &str, type_: String, data: Vec<u8>) -> CloudEvent {
+pub(crate) fn base_event(source: &str, type_: String, data: Vec<u8>) -> CloudEvent {
     let mut attributes = std::collections::HashMap::new();
     attributes.insert(CONTENT_TYPE_KEY.to_string(), string_attr(CONTENT_TYPE_JSON));
     attributes.insert(format!("ce-{}", ext::TIME), now_attr());

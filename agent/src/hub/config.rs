@@ -264,6 +264,13 @@ pub struct HubArgs {
     #[arg(long, env = "SPOKELET_BOOTSTRAP_HUB_KUBECONFIG", value_name = "FILE")]
     pub bootstrap_hub_kubeconfig: Option<PathBuf>,
 
+    /// Bootstrap config for `--hub-transport grpc`, instead of `--hub-config`, in OCM's gRPC
+    /// bootstrap format (`url`, `caFile`/`caData`, a bootstrap client certificate or token):
+    /// the agent joins over OCM's gRPC server and runs from the `config.yaml` it writes to
+    /// `--hub-credentials-dir` (kept in `--hub-credentials-secret`).
+    #[arg(long, env = "SPOKELET_BOOTSTRAP_HUB_CONFIG", value_name = "FILE")]
+    pub bootstrap_hub_config: Option<PathBuf>,
+
     /// Where a joined agent's hub credentials are written (`kubeconfig`, `tls.crt`, `tls.key`).
     #[arg(
         long,
@@ -312,6 +319,7 @@ impl Default for HubArgs {
             hub_kubeconfig: None,
             hub_lease_duration: Duration::from_secs(60),
             bootstrap_hub_kubeconfig: None,
+            bootstrap_hub_config: None,
             hub_credentials_dir: PathBuf::from("/var/lib/spokelet/hub"),
             hub_credentials_secret: "hub-kubeconfig-secret".to_string(),
             spoke_external_server_url: None,
@@ -470,15 +478,23 @@ pub struct KubeHubSettings {
 pub enum ResolvedHub {
     /// CloudEvents over gRPC: pass to [`GrpcHubOptions::new`](super::grpc::GrpcHubOptions::new).
     Grpc(HubSettings),
+    /// CloudEvents over gRPC after joining with `bootstrap` (`--bootstrap-hub-config`); the
+    /// transport's settings come from the config the join writes.
+    GrpcJoin {
+        bootstrap: Box<HubSettings>,
+        join: BootstrapSettings,
+    },
     /// Kubernetes API: build a client with
     /// [`client_from_kubeconfig`](super::kube_hub::client_from_kubeconfig).
     Kube(KubeHubSettings),
 }
 
-/// How to join with a bootstrap credential (`--bootstrap-hub-kubeconfig`).
+/// How to join with a bootstrap credential (`--bootstrap-hub-kubeconfig` or
+/// `--bootstrap-hub-config`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootstrapSettings {
-    pub kubeconfig: PathBuf,
+    /// The bootstrap kubeconfig or gRPC config.
+    pub credential: PathBuf,
     /// Where the credentials are written.
     pub dir: PathBuf,
     /// The Secret keeping them, in the agent's namespace.
@@ -489,17 +505,30 @@ pub struct BootstrapSettings {
 }
 
 impl BootstrapSettings {
-    /// The kubeconfig the join writes and the hub transport runs from.
-    pub fn kubeconfig(&self) -> PathBuf {
+    /// The kubeconfig the Kubernetes hub's join writes and its transport runs from.
+    pub fn runs_from(&self) -> PathBuf {
         crate::hub::registration::kubeconfig_in(&self.dir)
+    }
+
+    /// The flags the transport runs with after a gRPC join: the joined config file instead
+    /// of the bootstrap, and none of the bootstrap's credential flags.
+    pub fn joined_args(&self, args: &HubArgs) -> HubArgs {
+        HubArgs {
+            hub_config: Some(crate::hub::registration::grpc_config_in(&self.dir)),
+            bootstrap_hub_config: None,
+            hub_client_cert_file: None,
+            hub_client_key_file: None,
+            hub_token_file: None,
+            ..args.clone()
+        }
     }
 }
 
 impl HubArgs {
-    /// The bootstrap settings, when `--bootstrap-hub-kubeconfig` is set.
-    fn bootstrap(&self) -> Option<BootstrapSettings> {
-        self.bootstrap_hub_kubeconfig.as_ref().map(|k| BootstrapSettings {
-            kubeconfig: k.clone(),
+    /// The bootstrap settings around the bootstrap credential `file`.
+    fn bootstrap(&self, file: Option<&PathBuf>) -> Option<BootstrapSettings> {
+        file.map(|k| BootstrapSettings {
+            credential: k.clone(),
             dir: self.hub_credentials_dir.clone(),
             secret: self.hub_credentials_secret.clone(),
             agent_namespace: self
@@ -515,14 +544,43 @@ impl HubArgs {
         match self.hub_transport {
             None => Ok(None),
             Some(HubTransport::Grpc) => {
-                let file = match &self.hub_config {
-                    Some(p) => HubConfigFile::load(p)?,
-                    None => HubConfigFile::default(),
-                };
-                self.merge(file).map(|s| Some(ResolvedHub::Grpc(s)))
+                if self.bootstrap_hub_kubeconfig.is_some() {
+                    return Err(HubConfigError::Conflict(
+                        "--hub-transport grpc",
+                        "--bootstrap-hub-kubeconfig (use --bootstrap-hub-config)",
+                    ));
+                }
+                match (
+                    &self.hub_config,
+                    self.bootstrap(self.bootstrap_hub_config.as_ref()),
+                ) {
+                    (Some(_), Some(_)) => {
+                        Err(HubConfigError::Conflict("--hub-config", "--bootstrap-hub-config"))
+                    }
+                    (None, Some(join)) => {
+                        let bootstrap = self.merge(HubConfigFile::load(&join.credential)?)?;
+                        Ok(Some(ResolvedHub::GrpcJoin {
+                            bootstrap: Box::new(bootstrap),
+                            join,
+                        }))
+                    }
+                    (file, None) => {
+                        let file = match file {
+                            Some(p) => HubConfigFile::load(p)?,
+                            None => HubConfigFile::default(),
+                        };
+                        self.merge(file).map(|s| Some(ResolvedHub::Grpc(s)))
+                    }
+                }
             }
             Some(HubTransport::Kube) => {
-                let bootstrap = self.bootstrap();
+                if self.bootstrap_hub_config.is_some() {
+                    return Err(HubConfigError::Conflict(
+                        "--hub-transport kube",
+                        "--bootstrap-hub-config (use --bootstrap-hub-kubeconfig)",
+                    ));
+                }
+                let bootstrap = self.bootstrap(self.bootstrap_hub_kubeconfig.as_ref());
                 let kubeconfig = match (&self.hub_kubeconfig, &bootstrap) {
                     (Some(_), Some(_)) => {
                         return Err(HubConfigError::Conflict(
@@ -531,7 +589,7 @@ impl HubArgs {
                         ));
                     }
                     (Some(k), None) => k.clone(),
-                    (None, Some(b)) => b.kubeconfig(),
+                    (None, Some(b)) => b.runs_from(),
                     (None, None) => {
                         return Err(HubConfigError::Missing(
                             "--hub-kubeconfig or --bootstrap-hub-kubeconfig",

@@ -9,7 +9,7 @@ use super::config::{HubArgs, HubConfigError, ResolvedHub};
 use super::grpc::{GrpcError, GrpcHub, GrpcHubOptions, HubHandle, RecordedWork};
 use super::kube_hub::{KubeHub, KubeHubError, KubeHubOptions};
 use super::metrics;
-use super::registration::{self, JoinSettings};
+use super::registration::{self, Bootstrap, JoinSettings};
 use super::{HubEvents, PoolReportSink};
 use crate::admin::SharedRegistry;
 use crate::leader::WriteGate;
@@ -108,21 +108,33 @@ impl HubConnection {
         let conn = match args.resolve()? {
             None => return Ok(None),
             Some(ResolvedHub::Grpc(settings)) => {
-                let address = settings.url.uri();
-                let mut opts = GrpcHubOptions::new(settings);
-                opts.recorded = recorded_works(spoke, &address).await;
-                opts.gate = gate;
-                metrics::register(&opts.metrics, &mut lock(registry));
-                let hub = GrpcHub::start(opts, stop.clone())?;
-                tracing::info!(hub = %address, transport = "grpc", "hub transport started");
-                let closer = HubCloser::new(stop, vec![hub.task], Some(hub.handle));
-                HubConnection {
-                    source: hub.source,
-                    sink: Arc::new(hub.sink),
-                    reports: Arc::new(hub.reports),
-                    address,
-                    closer,
-                }
+                open_grpc(settings, spoke, registry, gate, stop, Vec::new()).await?
+            }
+            Some(ResolvedHub::GrpcJoin { bootstrap, join }) => {
+                let (url, ca) = registration::spoke_endpoint(spoke_config);
+                let joining = JoinSettings {
+                    cluster: bootstrap.cluster_name.clone(),
+                    agent: bootstrap.agent_id.clone(),
+                    bootstrap: Bootstrap::Grpc(bootstrap),
+                    dir: join.dir.clone(),
+                    secret_namespace: join.agent_namespace.clone(),
+                    secret_name: join.secret.clone(),
+                    spoke_url: join.spoke_url.clone().unwrap_or(url),
+                    spoke_ca: ca,
+                };
+                registration::ensure_joined(&joining, spoke).await?;
+                // Over gRPC no request answers 401: renewal, expiry and a deleted Secret
+                // are what send the agent back to its bootstrap credential.
+                let renewing = tokio::spawn(registration::keep_renewed(
+                    joining,
+                    spoke.clone(),
+                    Arc::new(tokio::sync::Notify::new()),
+                    stop.clone(),
+                ));
+                let Some(ResolvedHub::Grpc(settings)) = join.joined_args(&args).resolve()? else {
+                    unreachable!("the joined flags select the gRPC transport");
+                };
+                open_grpc(settings, spoke, registry, gate, stop, vec![renewing]).await?
             }
             Some(ResolvedHub::Kube(settings)) => {
                 let mut renewing = None;
@@ -131,8 +143,10 @@ impl HubConnection {
                 if let Some(bootstrap) = &settings.bootstrap {
                     let (url, ca) = registration::spoke_endpoint(spoke_config);
                     let join = JoinSettings {
-                        bootstrap_kubeconfig: bootstrap.kubeconfig.clone(),
-                        security: settings.security,
+                        bootstrap: Bootstrap::Kube {
+                            kubeconfig: bootstrap.credential.clone(),
+                            security: settings.security,
+                        },
                         cluster: settings.cluster_name.clone(),
                         agent: settings.agent_id.clone(),
                         dir: bootstrap.dir.clone(),
@@ -180,6 +194,42 @@ impl HubConnection {
         };
         Ok(Some(conn))
     }
+}
+
+/// Starts the gRPC transport with `settings`, and beside it the cluster's membership (lease,
+/// conditions, pool status; see [`super::grpc::membership`]); `tasks` end with it.
+async fn open_grpc(
+    settings: super::HubSettings,
+    spoke: &kube::Client,
+    registry: &SharedRegistry,
+    gate: Option<WriteGate>,
+    stop: CancellationToken,
+    mut tasks: Vec<JoinHandle<()>>,
+) -> Result<HubConnection, ConnectError> {
+    use super::grpc::membership::{MembershipOptions, MembershipReports, keep_membership};
+    let address = settings.url.uri();
+    let mut opts = GrpcHubOptions::new(settings.clone());
+    opts.recorded = recorded_works(spoke, &address).await;
+    opts.gate = gate.clone();
+    metrics::register(&opts.metrics, &mut lock(registry));
+    let hub = GrpcHub::start(opts, stop.clone())?;
+    tracing::info!(hub = %address, transport = "grpc", "hub transport started");
+    let (reports, status) = MembershipReports::new(hub.reports.clone());
+    let membership = MembershipOptions {
+        settings,
+        spoke: Some(spoke.clone()),
+        gate,
+        fallback: hub.reports,
+    };
+    tasks.push(tokio::spawn(keep_membership(membership, status, stop.clone())));
+    tasks.push(hub.task);
+    Ok(HubConnection {
+        source: hub.source,
+        sink: Arc::new(hub.sink),
+        reports: Arc::new(reports),
+        address,
+        closer: HubCloser::new(stop, tasks, Some(hub.handle)),
+    })
 }
 
 /// The works this hub's records on the spoke belong to, so the first resync asks the hub about

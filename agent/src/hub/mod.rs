@@ -9,6 +9,7 @@
 //! - [`outbox`]: the latest-status-per-work queue both transports send from.
 //! - [`pool_report`]: the pool inventory reports a transport carries ([`PoolReportSink`]).
 //! - [`cloudevents`]: the pure event codec.
+//! - [`object_events`]: the codec of whole objects (OCM's gRPC registration).
 //! - [`tls`]: rustls client with certificate rotation.
 //! - [`config`]: the reference-format config file and the `--hub-*` flags ([`HubArgs`]).
 //! - [`connect`]: opens the configured transport for `spokelet run` ([`HubConnection::open`]).
@@ -21,6 +22,7 @@ pub mod file_source;
 pub mod grpc;
 pub mod kube_hub;
 pub mod metrics;
+pub mod object_events;
 pub mod outbox;
 pub mod pool_report;
 pub mod registration;

@@ -119,7 +119,7 @@ impl PemSource {
     }
 
     /// The PEM bytes (inline base64 is decoded).
-    fn read(&self, what: &'static str) -> Result<Vec<u8>, TlsError> {
+    pub(crate) fn read(&self, what: &'static str) -> Result<Vec<u8>, TlsError> {
         match self {
             PemSource::File(p) => std::fs::read(p).map_err(|source| TlsError::Read {
                 what,

@@ -13,7 +13,7 @@ use crate::hub::tls::{ClientTls, HubConnector};
 
 /// Adds `authorization: Bearer <token>` when a token is configured.
 #[derive(Clone)]
-pub(super) struct Auth {
+pub(crate) struct Auth {
     /// The header value, marked sensitive so it is never logged by tonic/hyper.
     header: Option<AsciiMetadataValue>,
 }
@@ -57,7 +57,7 @@ impl Interceptor for Auth {
 }
 
 /// The client type of one session.
-pub(super) type Client = CloudEventServiceClient<InterceptedService<Channel, Auth>>;
+pub(crate) type Client = CloudEventServiceClient<InterceptedService<Channel, Auth>>;
 
 /// The endpoint to dial, with the connect timeout and keepalive settings.
 fn endpoint(opts: &GrpcHubOptions) -> Result<Endpoint, GrpcError> {

@@ -22,10 +22,14 @@
 //! - `events`: what each incoming event does.
 //! - `book`: what the transport remembers about works and the status outbox.
 //! - `publish`: the per-session status publisher.
+//! - `objects`: one data type of OCM's gRPC registration followed (ManagedClusters, leases, CSRs).
+//! - `membership`: the cluster's `Joined`/`Available` conditions, lease and status over gRPC.
 
 mod book;
-mod dial;
+pub(crate) mod dial;
 mod events;
+pub(crate) mod membership;
+pub(crate) mod objects;
 mod publish;
 mod session;
 
@@ -306,4 +310,19 @@ impl GrpcHub {
             task,
         })
     }
+}
+
+/// A client of the hub `settings` name, for the registration's own subscriptions (the join,
+/// the membership): dialed with the transport's defaults and TLS.
+pub(crate) async fn dial_hub(settings: &HubSettings) -> Result<dial::Client, GrpcError> {
+    let opts = GrpcHubOptions::new(settings.clone());
+    if settings.url.plaintext && !settings.insecure_plaintext {
+        return Err(GrpcError::Plaintext(settings.url.uri()));
+    }
+    let tls = if settings.url.plaintext {
+        None
+    } else {
+        Some(ClientTls::new(settings.tls.clone())?)
+    };
+    dial::connect(&opts, tls.as_ref()).await
 }

@@ -11,7 +11,7 @@ use super::membership::Membership;
 use super::{KubeHubOptions, LEASE_NAME, is_not_found, retry_backoff};
 
 /// `metav1.MicroTime` wire format of now.
-fn micro_time_now() -> String {
+pub(crate) fn micro_time_now() -> String {
     let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = crate::work::conditions::now_rfc3339();
     // now_rfc3339 is `YYYY-MM-DDTHH:MM:SSZ`; MicroTime adds six fractional digits.
@@ -82,7 +82,7 @@ pub(super) async fn renew_lease(
 }
 
 /// `period` stretched by a random factor in [1, 1.25) (OCM's `leaseUpdateJitterFactor`).
-fn jittered(period: Duration) -> Duration {
+pub(crate) fn jittered(period: Duration) -> Duration {
     period.mul_f64(1.0 + rand::random::<f64>() * 0.25)
 }
 

@@ -34,20 +34,20 @@ use crate::work::conditions::now_rfc3339;
 const DEFAULT_LEASE_SECONDS: u64 = 60;
 /// How often the spoke API server is probed while nothing else changes (OCM's
 /// `--cluster-healthcheck-period`).
-const HEALTH_PERIOD: Duration = Duration::from_secs(60);
+pub(crate) const HEALTH_PERIOD: Duration = Duration::from_secs(60);
 /// How long the probe must keep failing before `Available` turns False (OCM waits as long).
 const UNAVAILABLE_AFTER: Duration = Duration::from_secs(20);
 /// How often a failing probe is repeated (OCM's retry while the spoke looks unavailable).
-const FAILING_PROBE_PERIOD: Duration = Duration::from_secs(5);
+pub(crate) const FAILING_PROBE_PERIOD: Duration = Duration::from_secs(5);
 /// The longest pause between attempts to read the ManagedCluster on a hub that does not serve
 /// it: such a hub rarely starts serving it, and each attempt is a request.
 const UNMANAGED_RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// Condition types and reasons, as OCM's API names them.
 const HUB_ACCEPTED: &str = "HubAcceptedManagedCluster";
-const JOINED: &str = "ManagedClusterJoined";
+pub(crate) const JOINED: &str = "ManagedClusterJoined";
 const AVAILABLE: &str = "ManagedClusterConditionAvailable";
-const CLOCK_SYNCED: &str = "ManagedClusterConditionClockSynced";
+pub(crate) const CLOCK_SYNCED: &str = "ManagedClusterConditionClockSynced";
 
 /// What the agent knows of its ManagedCluster.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,14 +72,14 @@ pub(crate) struct AcceptedCluster {
     /// `spec.leaseDurationSeconds` (0 → 60 s): how often the lease is renewed.
     pub(crate) lease_duration: Duration,
     /// `status.conditions` as the hub has them.
-    conditions: Vec<Value>,
+    pub(crate) conditions: Vec<Value>,
     /// For the optimistic-concurrency guard of the condition patch.
     resource_version: Option<String>,
 }
 
 impl Membership {
     /// Reads a ManagedCluster object.
-    fn of(obj: &DynamicObject) -> Membership {
+    pub(crate) fn of(obj: &DynamicObject) -> Membership {
         let spec = &obj.data["spec"];
         let conditions: Vec<Value> = obj.data["status"]["conditions"]
             .as_array()
@@ -118,7 +118,7 @@ impl Membership {
 }
 
 /// The `status` of condition `type_` in `conditions`.
-fn condition_status<'a>(conditions: &'a [Value], type_: &str) -> Option<&'a str> {
+pub(crate) fn condition_status<'a>(conditions: &'a [Value], type_: &str) -> Option<&'a str> {
     conditions
         .iter()
         .find(|c| c["type"] == type_)
@@ -221,15 +221,15 @@ fn watcher_code(e: &watcher::Error) -> Option<u16> {
 
 /// The result of probing the spoke's API server, with when it started failing.
 #[derive(Debug, Clone, Default)]
-struct Health {
+pub(crate) struct Health {
     /// When the current run of failed probes began.
-    failing_since: Option<Instant>,
+    pub(crate) failing_since: Option<Instant>,
     /// The last failure, for the condition's message.
     last_error: String,
 }
 
 impl Health {
-    fn record(&mut self, probe: Result<(), String>) {
+    pub(crate) fn record(&mut self, probe: Result<(), String>) {
         match probe {
             Ok(()) => self.failing_since = None,
             Err(e) => {
@@ -241,7 +241,7 @@ impl Health {
 
     /// The `Available` condition to publish: True while healthy, False once failures have
     /// lasted [`UNAVAILABLE_AFTER`], nothing new (keep what the hub has) in between.
-    fn condition(&self) -> Option<Value> {
+    pub(crate) fn condition(&self) -> Option<Value> {
         match self.failing_since {
             None => Some(condition(
                 AVAILABLE,
@@ -261,12 +261,12 @@ impl Health {
 }
 
 /// A condition without its transition time (set when merged).
-fn condition(type_: &str, status: &str, reason: &str, message: &str) -> Value {
+pub(crate) fn condition(type_: &str, status: &str, reason: &str, message: &str) -> Value {
     json!({"type": type_, "status": status, "reason": reason, "message": message})
 }
 
 /// `/livez` of the spoke, falling back to `/healthz` where it is not served or not allowed.
-async fn probe_spoke(spoke: &kube::Client) -> Result<(), String> {
+pub(crate) async fn probe_spoke(spoke: &kube::Client) -> Result<(), String> {
     let mut last = String::new();
     for path in ["/livez", "/healthz"] {
         let request = http::Request::get(path)
@@ -355,7 +355,7 @@ async fn write_conditions(
 
 /// The hub's conditions with each of `wanted` set (`meta.SetStatusCondition`'s rules:
 /// `lastTransitionTime` moves only when the status changes); `None` when nothing changes.
-fn merge_conditions(current: &[Value], wanted: &[Value], now: &str) -> Option<Vec<Value>> {
+pub(crate) fn merge_conditions(current: &[Value], wanted: &[Value], now: &str) -> Option<Vec<Value>> {
     let mut merged = current.to_vec();
     let mut changed = false;
     for want in wanted {

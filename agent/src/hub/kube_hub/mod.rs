@@ -44,8 +44,8 @@
 
 mod client;
 mod cluster;
-mod lease;
-mod membership;
+pub(crate) mod lease;
+pub(crate) mod membership;
 mod status;
 mod works;
 

@@ -1,7 +1,8 @@
-//! Joining over the Kubernetes hub with a bootstrap credential, as OCM's registration agent
-//! does: the ManagedCluster created if it is missing, a CSR with OCM's subject, the issued
-//! certificate kept, and then the wait for the hub to accept the cluster. A restart finds the
-//! kept certificate and makes no new request.
+//! Joining with a bootstrap credential, as OCM's registration agent does: the ManagedCluster
+//! created if it is missing, a CSR with OCM's subject, the issued certificate kept, and then
+//! the wait for the hub to accept the cluster. A restart finds the kept certificate and makes
+//! no new request. This file holds what both wires share and the Kubernetes hub's join; the
+//! gRPC hub's is in [`super::over_grpc`].
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -12,34 +13,59 @@ use kube::api::{Api, DynamicObject, ObjectMeta, PostParams};
 use serde_json::json;
 
 use super::csr::{self, Issued};
-use super::store::{Credentials, StoreError};
+use super::store::{Credentials, StoreError, Wire};
+use crate::hub::config::HubSettings;
+use crate::hub::grpc::GrpcError;
 use crate::hub::kube_hub::{
     HubSecurity, KubeHubError, config_from_kubeconfig, hub_client, managed_cluster_resource,
 };
 
 /// OCM's label naming a CSR's cluster; its hub approves only CSRs that carry it.
-const CLUSTER_NAME_LABEL: &str = "open-cluster-management.io/cluster-name";
+pub(super) const CLUSTER_NAME_LABEL: &str = "open-cluster-management.io/cluster-name";
 /// OCM's label naming a CSR's agent.
-const AGENT_NAME_LABEL: &str = "open-cluster-management.io/agent-name";
+pub(super) const AGENT_NAME_LABEL: &str = "open-cluster-management.io/agent-name";
 /// The signer of client certificates the hub's API server accepts.
 const CLIENT_SIGNER: &str = "kubernetes.io/kube-apiserver-client";
 /// How often the CSR and the ManagedCluster are looked at while waiting (each look is one GET;
 /// the bootstrap identity may not be allowed to watch everywhere): every second for the first
 /// minute, when auto-approval answers, then every [`SLOW_POLL`], since a person approving may
 /// take hours and each look costs the hub a request.
-const POLL: Duration = Duration::from_secs(1);
+pub(super) const POLL: Duration = Duration::from_secs(1);
 const FAST_POLLS_FOR: Duration = Duration::from_secs(60);
 const SLOW_POLL: Duration = Duration::from_secs(10);
 /// How often a wait says again where it waits.
 const SAY_AGAIN: Duration = Duration::from_secs(30);
 
+/// The bootstrap credential, a credential allowed only to create the ManagedCluster and CSRs
+/// (OCM's `open-cluster-management:bootstrap` role), and the wire it is used on.
+#[derive(Debug, Clone)]
+pub enum Bootstrap {
+    /// A kubeconfig of the hub's API server (`--bootstrap-hub-kubeconfig`).
+    Kube {
+        kubeconfig: PathBuf,
+        security: HubSecurity,
+    },
+    /// OCM's gRPC config file (`--bootstrap-hub-config`), read: the server's URL and CA, and a
+    /// bootstrap client certificate or token.
+    Grpc(Box<HubSettings>),
+}
+
+impl Bootstrap {
+    /// How the credentials the join earns are kept and run from.
+    fn wire(&self) -> Wire {
+        match self {
+            Bootstrap::Kube { .. } => Wire::Kube,
+            Bootstrap::Grpc(s) => Wire::Grpc {
+                allow_tls12: s.tls.allow_tls12,
+            },
+        }
+    }
+}
+
 /// What joining needs.
 #[derive(Debug, Clone)]
 pub struct JoinSettings {
-    /// The bootstrap kubeconfig: a credential allowed only to create the ManagedCluster and
-    /// CSRs (OCM's `open-cluster-management:bootstrap` role).
-    pub bootstrap_kubeconfig: PathBuf,
-    pub security: HubSecurity,
+    pub bootstrap: Bootstrap,
     pub cluster: String,
     pub agent: String,
     /// Where the credentials are written for the hub transport.
@@ -58,6 +84,12 @@ pub struct JoinSettings {
 pub enum JoinError {
     #[error("the bootstrap kubeconfig: {0}")]
     Bootstrap(#[source] KubeHubError),
+    #[error("the gRPC hub, with the bootstrap credential: {0}")]
+    Grpc(#[source] GrpcError),
+    #[error("the bootstrap hub config: {0}")]
+    BootstrapConfig(String),
+    #[error("the gRPC hub refused {what}: {why}")]
+    Refused { what: &'static str, why: String },
     #[error("{what} on the hub with the bootstrap credential: {source}")]
     Hub {
         what: &'static str,
@@ -82,16 +114,15 @@ pub enum JoinError {
 
 /// Makes sure the agent holds a certificate of the hub for itself: the one kept in the Secret
 /// while it names this cluster and agent and has not expired, else a new one by joining.
-/// Writes the files and returns the kubeconfig to run the hub transport from.
+/// Writes the files and returns the config (kubeconfig or gRPC config) to run the hub
+/// transport from.
 pub async fn ensure_joined(s: &JoinSettings, spoke: &kube::Client) -> Result<PathBuf, JoinError> {
-    let config = config_from_kubeconfig(&s.bootstrap_kubeconfig)
-        .await
-        .map_err(JoinError::Bootstrap)?;
-    let (server, ca_pem) = endpoint_of(&config);
+    let (server, ca_pem) = hub_endpoint(s).await?;
     let kept = Credentials::load(
         spoke,
         &s.secret_namespace,
         &s.secret_name,
+        s.bootstrap.wire(),
         &server,
         ca_pem.as_deref(),
     )
@@ -107,26 +138,28 @@ pub async fn ensure_joined(s: &JoinSettings, spoke: &kube::Client) -> Result<Pat
             }
         }
     }
-    join_with(s, spoke, config, server, ca_pem).await
+    join(s, spoke).await
 }
 
 /// Joins with the bootstrap credential, whatever is kept (see [`ensure_joined`]).
 pub(super) async fn join(s: &JoinSettings, spoke: &kube::Client) -> Result<PathBuf, JoinError> {
-    let config = config_from_kubeconfig(&s.bootstrap_kubeconfig)
+    match &s.bootstrap {
+        Bootstrap::Kube { kubeconfig, security } => join_kube(s, spoke, kubeconfig, *security).await,
+        Bootstrap::Grpc(settings) => super::over_grpc::join(s, settings, spoke).await,
+    }
+}
+
+async fn join_kube(
+    s: &JoinSettings,
+    spoke: &kube::Client,
+    kubeconfig: &Path,
+    security: HubSecurity,
+) -> Result<PathBuf, JoinError> {
+    let config = config_from_kubeconfig(kubeconfig)
         .await
         .map_err(JoinError::Bootstrap)?;
     let (server, ca_pem) = endpoint_of(&config);
-    join_with(s, spoke, config, server, ca_pem).await
-}
-
-async fn join_with(
-    s: &JoinSettings,
-    spoke: &kube::Client,
-    config: kube::Config,
-    server: String,
-    ca_pem: Option<Vec<u8>>,
-) -> Result<PathBuf, JoinError> {
-    let hub = hub_client(config, &s.bootstrap_kubeconfig, s.security).map_err(JoinError::Bootstrap)?;
+    let hub = hub_client(config, kubeconfig, security).map_err(JoinError::Bootstrap)?;
     ensure_managed_cluster(&hub, s).await?;
     let (issued, name) = obtain(s, spoke, &hub, server, ca_pem).await?;
     tracing::info!(cluster = %s.cluster, csr = %name, not_after = ?issued.not_after, "joined the hub: certificate issued and kept");
@@ -147,6 +180,19 @@ pub(super) async fn obtain(
     let request = csr::request(&s.cluster, &s.agent)?;
     let name = create_csr(hub, s, &request.csr_pem).await?;
     let cert_pem = wait_issued(hub, &name).await?;
+    let issued = keep(s, spoke, request, cert_pem, (server, ca_pem)).await?;
+    Ok((issued, name))
+}
+
+/// Checks that the certificate the hub issued for `request` names this cluster and agent and
+/// keeps it: the Secret, then the files. Nothing is kept for a certificate naming another.
+pub(super) async fn keep(
+    s: &JoinSettings,
+    spoke: &kube::Client,
+    request: csr::Request,
+    cert_pem: Vec<u8>,
+    (server, ca_pem): (String, Option<Vec<u8>>),
+) -> Result<Issued, JoinError> {
     let issued = Issued::from_pem(&cert_pem)?;
     if !issued.names(&s.cluster, &s.agent) {
         return Err(JoinError::WrongIdentity {
@@ -156,6 +202,7 @@ pub(super) async fn obtain(
         });
     }
     let creds = Credentials {
+        wire: s.bootstrap.wire(),
         server,
         ca_pem,
         cert_pem,
@@ -163,17 +210,34 @@ pub(super) async fn obtain(
         cluster: s.cluster.clone(),
         agent: s.agent.clone(),
     };
-    creds.save(spoke, &s.secret_namespace, &s.secret_name).await?;
+    creds
+        .save(spoke, &s.secret_namespace, &s.secret_name, &s.dir)
+        .await?;
     creds.write_files(&s.dir)?;
-    Ok((issued, name))
+    Ok(issued)
 }
 
-/// The hub's URL and CA bundle as the bootstrap kubeconfig names them.
-pub(super) async fn hub_endpoint(bootstrap: &Path) -> Result<(String, Option<Vec<u8>>), JoinError> {
-    let config = config_from_kubeconfig(bootstrap)
-        .await
-        .map_err(JoinError::Bootstrap)?;
-    Ok(endpoint_of(&config))
+/// The hub's URL and CA bundle as the bootstrap credential names them.
+pub(super) async fn hub_endpoint(s: &JoinSettings) -> Result<(String, Option<Vec<u8>>), JoinError> {
+    match &s.bootstrap {
+        Bootstrap::Kube { kubeconfig, .. } => {
+            let config = config_from_kubeconfig(kubeconfig)
+                .await
+                .map_err(JoinError::Bootstrap)?;
+            Ok(endpoint_of(&config))
+        }
+        Bootstrap::Grpc(settings) => {
+            let ca = match &settings.tls.ca {
+                Some(source) => Some(
+                    source
+                        .read("hub CA")
+                        .map_err(|e| JoinError::BootstrapConfig(e.to_string()))?,
+                ),
+                None => None,
+            };
+            Ok((settings.url.uri(), ca))
+        }
+    }
 }
 
 fn endpoint_of(config: &kube::Config) -> (String, Option<Vec<u8>>) {
@@ -347,13 +411,13 @@ async fn wait_accepted(hub: &kube::Client, cluster: &str) -> Result<(), JoinErro
 }
 
 /// The pace of a wait on the hub: when to look again, and when to say again where it waits.
-struct Waiting {
+pub(super) struct Waiting {
     start: tokio::time::Instant,
     said: Option<tokio::time::Instant>,
 }
 
 impl Waiting {
-    fn new() -> Waiting {
+    pub(super) fn new() -> Waiting {
         Waiting {
             start: tokio::time::Instant::now(),
             said: None,
@@ -361,7 +425,7 @@ impl Waiting {
     }
 
     /// Whether to log where it waits now (at once, then every [`SAY_AGAIN`]).
-    fn time_to_say(&mut self) -> bool {
+    pub(super) fn time_to_say(&mut self) -> bool {
         let due = self.said.is_none_or(|t| t.elapsed() >= SAY_AGAIN);
         if due {
             self.said = Some(tokio::time::Instant::now());
@@ -372,6 +436,11 @@ impl Waiting {
     /// Sleeps until the next look.
     async fn pause(&self) {
         tokio::time::sleep(poll_after(self.start)).await;
+    }
+
+    /// When the next look is due, from now.
+    pub(super) fn next_look(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now() + poll_after(self.start)
     }
 }
 
@@ -411,6 +480,11 @@ pub fn spoke_endpoint(config: &kube::Config) -> (String, Option<Vec<u8>>) {
 /// The kubeconfig path the credentials in `dir` are run from.
 pub fn kubeconfig_in(dir: &Path) -> PathBuf {
     dir.join(super::store::KUBECONFIG)
+}
+
+/// The gRPC config path the credentials in `dir` are run from.
+pub fn grpc_config_in(dir: &Path) -> PathBuf {
+    dir.join(super::store::GRPC_CONFIG)
 }
 
 #[cfg(test)]

@@ -5,16 +5,20 @@
 //!
 //! - [`csr`]: the key pair and request, and what an issued certificate says.
 //! - [`store`]: the kept credentials (Secret and files).
-//! - [`join`]: the join over the Kubernetes hub.
+//! - [`join`]: the join over the Kubernetes hub, and what both wires share.
+//! - [`over_grpc`]: the join over OCM's CloudEvents gRPC server.
 //! - [`renew`]: renewal with a fifth of the certificate's life left, and joining again once
 //!   it expired.
 
 pub(crate) mod csr;
 pub(crate) mod join;
+pub(crate) mod over_grpc;
 pub(crate) mod renew;
 pub(crate) mod store;
 
 pub use csr::CsrError;
-pub use join::{JoinError, JoinSettings, ensure_joined, kubeconfig_in, spoke_endpoint};
+pub use join::{
+    Bootstrap, JoinError, JoinSettings, ensure_joined, grpc_config_in, kubeconfig_in, spoke_endpoint,
+};
 pub use renew::keep_renewed;
 pub use store::StoreError;

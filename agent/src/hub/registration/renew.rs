@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::csr::Issued;
-use super::join::{JoinError, JoinSettings, hub_endpoint, kubeconfig_in, obtain};
+use super::join::{Bootstrap, JoinError, JoinSettings, hub_endpoint, kubeconfig_in, obtain};
 use crate::backoff::ExponentialBackoff;
 use crate::hub::kube_hub::{config_from_kubeconfig, hub_client};
 
@@ -162,6 +162,10 @@ async fn secret_gone(s: &JoinSettings, spoke: &kube::Client) -> bool {
 /// certificate on disk now, so a lone `401` answered while a renewed certificate was being
 /// picked up is let pass.
 async fn still_refused(s: &JoinSettings, stop: &CancellationToken) -> bool {
+    // Only the Kubernetes hub's client reports a 401.
+    let Bootstrap::Kube { security, .. } = &s.bootstrap else {
+        return false;
+    };
     if !pause(REJECTION_SETTLE, stop).await {
         return false;
     }
@@ -169,7 +173,7 @@ async fn still_refused(s: &JoinSettings, stop: &CancellationToken) -> bool {
     let Ok(config) = config_from_kubeconfig(&path).await else {
         return false;
     };
-    let Ok(hub) = hub_client(config, &path, s.security) else {
+    let Ok(hub) = hub_client(config, &path, *security) else {
         return false;
     };
     let api: kube::Api<kube::api::DynamicObject> =
@@ -180,14 +184,19 @@ async fn still_refused(s: &JoinSettings, stop: &CancellationToken) -> bool {
 /// One renewal: a new key and request sent with the current certificate, the new
 /// certificate waited for, checked, kept and written.
 async fn renew_once(s: &JoinSettings, spoke: &kube::Client) -> Result<Issued, JoinError> {
-    let path = kubeconfig_in(&s.dir);
-    let config = config_from_kubeconfig(&path)
-        .await
-        .map_err(JoinError::Bootstrap)?;
-    let hub = hub_client(config, &path, s.security).map_err(JoinError::Bootstrap)?;
-    let (server, ca_pem) = hub_endpoint(&s.bootstrap_kubeconfig).await?;
-    let (issued, _) = obtain(s, spoke, &hub, server, ca_pem).await?;
-    Ok(issued)
+    let endpoint = hub_endpoint(s).await?;
+    match &s.bootstrap {
+        Bootstrap::Kube { security, .. } => {
+            let path = kubeconfig_in(&s.dir);
+            let config = config_from_kubeconfig(&path)
+                .await
+                .map_err(JoinError::Bootstrap)?;
+            let hub = hub_client(config, &path, *security).map_err(JoinError::Bootstrap)?;
+            let (issued, _) = obtain(s, spoke, &hub, endpoint.0, endpoint.1).await?;
+            Ok(issued)
+        }
+        Bootstrap::Grpc(bootstrap) => super::over_grpc::renew(s, bootstrap, spoke, endpoint).await,
+    }
 }
 
 /// Sleeps `d` unless `stop` comes first; whether to go on.

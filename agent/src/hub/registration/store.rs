@@ -1,6 +1,7 @@
 //! The hub credentials the join earned: kept in a Secret in the agent's namespace (OCM's
 //! `hub-kubeconfig-secret` layout) so a restart reuses them, and written as files the hub
-//! transport runs from, which it re-reads when a renewal replaces them.
+//! transport runs from (a kubeconfig for the Kubernetes hub, OCM's gRPC `config.yaml` for
+//! the gRPC hub), which it re-reads when a renewal replaces them.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,6 +13,8 @@ use kube::api::{Api, ObjectMeta, PostParams};
 /// The Secret's keys, as OCM's registration agent writes them.
 pub(crate) const KUBECONFIG: &str = "kubeconfig";
 pub(crate) const CERT: &str = "tls.crt";
+/// The gRPC transport's config file (OCM's `config.yaml`, naming the files beside it).
+pub(crate) const GRPC_CONFIG: &str = "config.yaml";
 const KEY: &str = "tls.key";
 const CLUSTER: &str = "cluster-name";
 const AGENT: &str = "agent-name";
@@ -34,10 +37,34 @@ pub enum StoreError {
     },
 }
 
+/// Which transport the credentials are for, so which file they are run from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    /// The hub's Kubernetes API: a kubeconfig.
+    Kube,
+    /// OCM's CloudEvents gRPC server: its config file format.
+    Grpc {
+        /// The bootstrap's `minTLSVersion: "1.2"`, carried over.
+        allow_tls12: bool,
+    },
+}
+
+impl Wire {
+    /// The file (and Secret key) the transport runs from.
+    pub(crate) fn config_file(self) -> &'static str {
+        match self {
+            Wire::Kube => KUBECONFIG,
+            Wire::Grpc { .. } => GRPC_CONFIG,
+        }
+    }
+}
+
 /// A client certificate the hub issued, with what reaching the hub takes.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
-    /// The hub API server's URL, from the bootstrap kubeconfig.
+    /// The transport they are for.
+    pub wire: Wire,
+    /// The hub's URL, from the bootstrap credential.
     pub server: String,
     /// The CA bundle the hub is verified with (PEM), from the bootstrap kubeconfig; None uses
     /// the system roots.
@@ -54,6 +81,7 @@ impl std::fmt::Debug for Credentials {
     // The key is a secret.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Credentials")
+            .field("wire", &self.wire)
             .field("server", &self.server)
             .field("cluster", &self.cluster)
             .field("agent", &self.agent)
@@ -80,24 +108,63 @@ impl Credentials {
         )
     }
 
+    /// OCM's gRPC config file naming the certificate and key files in `dir` (absolute: our
+    /// config reader, like OCM's, takes paths as written).
+    pub fn grpc_config(&self, dir: &Path) -> String {
+        use base64::Engine;
+        let mut out = format!("url: {}\n", self.server);
+        if let Some(pem) = &self.ca_pem {
+            out.push_str(&format!(
+                "caData: {}\n",
+                base64::engine::general_purpose::STANDARD.encode(pem)
+            ));
+        }
+        out.push_str(&format!(
+            "clientCertFile: {}\nclientKeyFile: {}\n",
+            dir.join(CERT).display(),
+            dir.join(KEY).display()
+        ));
+        if matches!(self.wire, Wire::Grpc { allow_tls12: true }) {
+            out.push_str("minTLSVersion: \"1.2\"\n");
+        }
+        out
+    }
+
+    /// The config the transport runs from, for its wire, naming files in `dir`.
+    fn config(&self, dir: &Path) -> String {
+        match self.wire {
+            Wire::Kube => self.kubeconfig(),
+            Wire::Grpc { .. } => self.grpc_config(dir),
+        }
+    }
+
     /// Writes the files the hub transport reads into `dir`: the key and certificate first,
     /// each through a file renamed into place (a reader never sees half of one), the
-    /// kubeconfig last. Returns the kubeconfig's path.
+    /// config (kubeconfig or gRPC config) last. Returns the config's path.
     pub fn write_files(&self, dir: &Path) -> Result<PathBuf, StoreError> {
         let err = |path: &Path| {
             let path = path.to_path_buf();
             move |source| StoreError::File { path, source }
         };
         std::fs::create_dir_all(dir).map_err(err(dir))?;
+        // Absolute, so the gRPC config names the files wherever the agent runs from.
+        let dir = std::path::absolute(dir).map_err(err(dir))?;
         write_atomic(&dir.join(KEY), &self.key_pem, true)?;
         write_atomic(&dir.join(CERT), &self.cert_pem, false)?;
-        let kubeconfig = dir.join(KUBECONFIG);
-        write_atomic(&kubeconfig, self.kubeconfig().as_bytes(), false)?;
-        Ok(kubeconfig)
+        let config = dir.join(self.wire.config_file());
+        write_atomic(&config, self.config(&dir).as_bytes(), false)?;
+        Ok(config)
     }
 
-    /// Saves them in the Secret `namespace/name` (created, or replaced whole).
-    pub async fn save(&self, spoke: &kube::Client, namespace: &str, name: &str) -> Result<(), StoreError> {
+    /// Saves them in the Secret `namespace/name` (created, or replaced whole); a gRPC config
+    /// in it names the files in `dir`.
+    pub async fn save(
+        &self,
+        spoke: &kube::Client,
+        namespace: &str,
+        name: &str,
+        dir: &Path,
+    ) -> Result<(), StoreError> {
         let api: Api<Secret> = Api::namespaced(spoke.clone(), namespace);
         let err = |source| StoreError::Secret {
             namespace: namespace.to_string(),
@@ -105,7 +172,11 @@ impl Credentials {
             source,
         };
         let data: BTreeMap<String, ByteString> = [
-            (KUBECONFIG, self.kubeconfig().into_bytes()),
+            (
+                self.wire.config_file(),
+                self.config(&std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()))
+                    .into_bytes(),
+            ),
             (CERT, self.cert_pem.clone()),
             (KEY, self.key_pem.clone()),
             (CLUSTER, self.cluster.clone().into_bytes()),
@@ -140,12 +211,13 @@ impl Credentials {
     }
 
     /// The credentials kept in the Secret `namespace/name`, with `server` and `ca_pem` (the
-    /// bootstrap kubeconfig's, which may have moved since); None when there is no Secret or it
-    /// lacks a key.
+    /// bootstrap credential's, which may have moved since); None when there is no Secret, it
+    /// lacks a key, or it was kept for the other wire.
     pub async fn load(
         spoke: &kube::Client,
         namespace: &str,
         name: &str,
+        wire: Wire,
         server: &str,
         ca_pem: Option<&[u8]>,
     ) -> Result<Option<Credentials>, StoreError> {
@@ -159,12 +231,16 @@ impl Credentials {
             return Ok(None);
         };
         let field = |k: &str| data.get(k).map(|v| v.0.clone());
+        if field(wire.config_file()).is_none() {
+            return Ok(None);
+        }
         let (Some(cert_pem), Some(key_pem), Some(cluster), Some(agent)) =
             (field(CERT), field(KEY), field(CLUSTER), field(AGENT))
         else {
             return Ok(None);
         };
         Ok(Some(Credentials {
+            wire,
             server: server.to_string(),
             ca_pem: ca_pem.map(<[u8]>::to_vec),
             cert_pem,
@@ -205,6 +281,7 @@ mod tests {
     fn the_files_make_a_kubeconfig_kube_reads_with_the_certificate_beside_it() {
         let dir = tempfile::tempdir().unwrap();
         let creds = Credentials {
+            wire: Wire::Kube,
             server: "https://hub.example:6443".into(),
             ca_pem: Some(b"-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n".to_vec()),
             cert_pem: b"cert".to_vec(),
@@ -231,5 +308,34 @@ mod tests {
         }
         let cluster = config.clusters[0].cluster.as_ref().unwrap();
         assert_eq!(cluster.server.as_deref(), Some("https://hub.example:6443"));
+    }
+
+    #[test]
+    fn the_grpc_files_make_a_config_the_grpc_transport_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = b"-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n".to_vec();
+        let creds = Credentials {
+            wire: Wire::Grpc { allow_tls12: false },
+            server: "https://hub.example:8090".into(),
+            ca_pem: Some(ca.clone()),
+            cert_pem: b"cert".to_vec(),
+            key_pem: b"key".to_vec(),
+            cluster: "pool-a".into(),
+            agent: "agent-1".into(),
+        };
+        let path = creds.write_files(dir.path()).unwrap();
+        assert_eq!(path.file_name().unwrap(), GRPC_CONFIG);
+        let file = crate::hub::config::HubConfigFile::load(&path).unwrap();
+        assert_eq!(file.url.as_deref(), Some("https://hub.example:8090"));
+        assert_eq!(
+            file.client_cert_file.as_deref(),
+            Some(std::path::absolute(dir.path()).unwrap().join(CERT).as_path())
+        );
+        use base64::Engine;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(file.ca_data.unwrap())
+            .unwrap();
+        assert_eq!(decoded, ca);
+        assert!(!dir.path().join(KUBECONFIG).exists());
     }
 }
