@@ -689,3 +689,102 @@ async fn spokelet_joins_ocms_grpc_server_with_a_bootstrap_config_and_stays_joine
     hub.check_running().unwrap();
     hub.stop().await;
 }
+
+/// The common name of the PEM certificate in `path`.
+fn common_name(path: &std::path::Path) -> String {
+    let pem = std::fs::read(path).unwrap();
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+    let cert = pem.parse_x509().unwrap();
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    cn
+}
+
+/// Bare-metal node services join the same way, each with its own bootstrap config run and a
+/// certificate naming its node (agent `spokelet-node-<node>`), kept in its own directory (no
+/// Secret: there is no Kubernetes API on a bare-metal machine); a restart reuses it.
+#[tokio::test]
+async fn bare_metal_node_services_join_over_grpc_each_with_a_certificate_naming_its_node() {
+    let bootstrap_user = "system:bootstrap:spokelet-nodes";
+    let hub = OcmHub::start(OcmHubOptions {
+        grpc: true,
+        registration_args: vec![
+            "--feature-gates=ManagedClusterAutoApproval=true".into(),
+            format!("--auto-approved-grpc-users={bootstrap_user}"),
+        ],
+        ..OcmHubOptions::default()
+    })
+    .await
+    .unwrap();
+    let admin = hub.client();
+    let cluster = unique_name("baremetal");
+    // The pool was accepted when its engine (or an admin) joined it.
+    hub.accept_cluster(&cluster, 60).await.unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let bootstrap = files.path().join("bootstrap.yaml");
+    hub.issue_grpc_bootstrap(bootstrap_user, &bootstrap)
+        .await
+        .unwrap();
+    let root = files.path().join("empty-root");
+    std::fs::create_dir_all(&root).unwrap();
+    let node_argv = |node: &str, dir: &std::path::Path| -> Vec<String> {
+        let path = |p: &std::path::Path| p.display().to_string();
+        [
+            "spokelet",
+            "node",
+            "--bootstrap-hub-config",
+            &path(&bootstrap),
+            "--hub-credentials-dir",
+            &path(dir),
+            "--cluster-name",
+            &cluster,
+            "--node-name",
+            node,
+            "--root",
+            &path(&root),
+            "--admin-addr",
+            "127.0.0.1:0",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let nodes = ["bm-1", "bm-2"];
+    let agents: Vec<Agent> = nodes
+        .iter()
+        .map(|node| Agent::start(&node_argv(node, &files.path().join(node))))
+        .collect();
+    for node in nodes {
+        let dir = files.path().join(node);
+        eventually(&format!("{node}'s certificate kept"), || {
+            let dir = dir.clone();
+            async move {
+                (dir.join("tls.crt").exists() && dir.join("config.yaml").exists())
+                    .then_some(())
+                    .ok_or("not yet".to_string())
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            common_name(&dir.join("tls.crt")),
+            format!("system:open-cluster-management:{cluster}:spokelet-node-{node}")
+        );
+    }
+    let joined = requests(&admin, &cluster).await;
+    assert_eq!(joined.len(), 2, "one request per machine");
+    for agent in agents {
+        agent.stop().await;
+    }
+    // A restart of one runs from its files: no new request.
+    let again = Agent::start(&node_argv("bm-1", &files.path().join("bm-1")));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(requests(&admin, &cluster).await.len(), 2, "no new request");
+    again.stop().await;
+    hub.check_running().unwrap();
+    hub.stop().await;
+}

@@ -9,7 +9,7 @@ use super::config::{HubArgs, HubConfigError, ResolvedHub};
 use super::grpc::{GrpcError, GrpcHub, GrpcHubOptions, HubHandle, RecordedWork};
 use super::kube_hub::{KubeHub, KubeHubError, KubeHubOptions};
 use super::metrics;
-use super::registration::{self, Bootstrap, JoinSettings};
+use super::registration::{self, Bootstrap, JoinSettings, Keeping};
 use super::{HubEvents, PoolReportSink};
 use crate::admin::SharedRegistry;
 use crate::leader::WriteGate;
@@ -117,17 +117,19 @@ impl HubConnection {
                     agent: bootstrap.agent_id.clone(),
                     bootstrap: Bootstrap::Grpc(bootstrap),
                     dir: join.dir.clone(),
-                    secret_namespace: join.agent_namespace.clone(),
-                    secret_name: join.secret.clone(),
-                    spoke_url: join.spoke_url.clone().unwrap_or(url),
+                    keeping: Keeping::Secret {
+                        spoke: spoke.clone(),
+                        namespace: join.agent_namespace.clone(),
+                        name: join.secret.clone(),
+                    },
+                    spoke_url: Some(join.spoke_url.clone().unwrap_or(url)),
                     spoke_ca: ca,
                 };
-                registration::ensure_joined(&joining, spoke).await?;
+                registration::ensure_joined(&joining).await?;
                 // Over gRPC no request answers 401: renewal, expiry and a deleted Secret
                 // are what send the agent back to its bootstrap credential.
                 let renewing = tokio::spawn(registration::keep_renewed(
                     joining,
-                    spoke.clone(),
                     Arc::new(tokio::sync::Notify::new()),
                     stop.clone(),
                 ));
@@ -150,15 +152,17 @@ impl HubConnection {
                         cluster: settings.cluster_name.clone(),
                         agent: settings.agent_id.clone(),
                         dir: bootstrap.dir.clone(),
-                        secret_namespace: bootstrap.agent_namespace.clone(),
-                        secret_name: bootstrap.secret.clone(),
-                        spoke_url: bootstrap.spoke_url.clone().unwrap_or(url),
+                        keeping: Keeping::Secret {
+                            spoke: spoke.clone(),
+                            namespace: bootstrap.agent_namespace.clone(),
+                            name: bootstrap.secret.clone(),
+                        },
+                        spoke_url: Some(bootstrap.spoke_url.clone().unwrap_or(url)),
                         spoke_ca: ca,
                     };
-                    registration::ensure_joined(&join, spoke).await?;
+                    registration::ensure_joined(&join).await?;
                     renewing = Some(tokio::spawn(registration::keep_renewed(
                         join,
-                        spoke.clone(),
                         rejected.clone(),
                         stop.clone(),
                     )));

@@ -24,6 +24,9 @@ pub enum HubTargetError {
     /// The transport refused its settings (unreadable certificates, plaintext without opt-in).
     #[error(transparent)]
     Grpc(#[from] GrpcError),
+    /// Joining the hub with the bootstrap credential failed.
+    #[error("joining the hub: {0}")]
+    Join(#[from] crate::hub::registration::JoinError),
     /// `--hub-transport kube` was asked for.
     #[error("the node service reports to the hub over gRPC only; --hub-transport kube is for `spokelet run`")]
     KubeTransport,
@@ -38,10 +41,11 @@ pub(super) struct HubTarget {
 }
 
 impl HubTarget {
-    /// Validates the settings and starts the connection (which retries until the hub is up).
-    /// Returns the target and what stops its transport once the report loop is over (after
-    /// flushing the queued report, bounded by the transport's shutdown flush).
-    pub(super) fn start(
+    /// Validates the settings, joins the hub first when given a bootstrap config (waiting for
+    /// approval and acceptance), and starts the connection (which retries until the hub is
+    /// up). Returns the target and what stops its transport once the report loop is over
+    /// (after flushing the queued report, bounded by the transport's shutdown flush).
+    pub(super) async fn start(
         args: &HubArgs,
         node: &str,
         ctx: &RunContext,
@@ -53,13 +57,20 @@ impl HubTarget {
         args.hub_transport = Some(HubTransport::Grpc);
         // One source per machine, so the hub can tell the node services of a pool apart.
         args.agent_id = Some(format!("spokelet-node-{node}"));
-        let Some(ResolvedHub::Grpc(settings)) = args.resolve()? else {
-            return Err(HubTargetError::KubeTransport);
+        let stop = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let settings = match args.resolve()? {
+            Some(ResolvedHub::Grpc(settings)) => settings,
+            Some(ResolvedHub::GrpcJoin { bootstrap, join }) => {
+                let (settings, renewing) = join_as_node(&args, *bootstrap, join, &stop).await?;
+                tasks.push(renewing);
+                settings
+            }
+            _ => return Err(HubTargetError::KubeTransport),
         };
         let mut opts = GrpcHubOptions::new(settings);
         opts.subscription = Subscription::NodeReports;
         crate::hub::metrics::register(&opts.metrics, &mut lock(&ctx.registry));
-        let stop = CancellationToken::new();
         let GrpcHub {
             mut source,
             reports,
@@ -75,7 +86,8 @@ impl HubTarget {
         };
         // Its own token, not the shutdown token, so the final report can still be flushed once
         // shutdown is asked for.
-        Ok((target, HubCloser::new(stop, vec![task, drain], None)))
+        tasks.extend([task, drain]);
+        Ok((target, HubCloser::new(stop, tasks, None)))
     }
 
     /// Queues the report (the transport delivers the newest).
@@ -83,4 +95,37 @@ impl HubTarget {
         let document = inventory_document(&self.node, report, observed);
         self.reports.node_inventory(&self.node, Some(document), heartbeat);
     }
+}
+
+/// Joins as this machine's agent (`spokelet-node-<node>`, a certificate naming its node) with
+/// the bootstrap config, keeping the credentials in the files alone (no Secret: there is no
+/// Kubernetes API here), and starts their renewal. Returns the settings to run from.
+async fn join_as_node(
+    args: &HubArgs,
+    bootstrap: crate::hub::HubSettings,
+    join: crate::hub::config::BootstrapSettings,
+    stop: &CancellationToken,
+) -> Result<(crate::hub::HubSettings, tokio::task::JoinHandle<()>), HubTargetError> {
+    use crate::hub::registration::{self, Bootstrap, JoinSettings, Keeping};
+    let joining = JoinSettings {
+        cluster: bootstrap.cluster_name.clone(),
+        agent: bootstrap.agent_id.clone(),
+        bootstrap: Bootstrap::Grpc(Box::new(bootstrap)),
+        dir: join.dir.clone(),
+        keeping: Keeping::Files,
+        // A ManagedCluster this makes (the pool's engine or an admin usually has) names no
+        // API server: a bare-metal pool may have none.
+        spoke_url: join.spoke_url.clone(),
+        spoke_ca: None,
+    };
+    registration::ensure_joined(&joining).await?;
+    let renewing = tokio::spawn(registration::keep_renewed(
+        joining,
+        std::sync::Arc::new(tokio::sync::Notify::new()),
+        stop.clone(),
+    ));
+    let Some(ResolvedHub::Grpc(settings)) = join.joined_args(args).resolve()? else {
+        return Err(HubTargetError::KubeTransport);
+    };
+    Ok((settings, renewing))
 }

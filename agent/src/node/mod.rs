@@ -77,7 +77,10 @@ pub struct NodeArgs {
     pub resync_interval: Duration,
 
     /// The hub to report to instead of a Kubernetes API server (the bare-metal node service):
-    /// `--hub-config FILE` or `--hub-url`, with `--cluster-name`. gRPC only.
+    /// `--hub-config FILE` or `--hub-url`, with `--cluster-name`; or
+    /// `--bootstrap-hub-config FILE` to join with a bootstrap credential first, as agent
+    /// `spokelet-node-<node>` with a certificate of its own (kept in `--hub-credentials-dir`).
+    /// gRPC only.
     #[command(flatten)]
     pub hub: HubArgs,
 }
@@ -85,7 +88,7 @@ pub struct NodeArgs {
 impl NodeArgs {
     /// Reports go to the hub, not to a Kubernetes API server.
     pub fn reports_to_hub(&self) -> bool {
-        self.hub.hub_config.is_some() || self.hub.hub_url.is_some()
+        self.hub.hub_config.is_some() || self.hub.hub_url.is_some() || self.hub.bootstrap_hub_config.is_some()
     }
 }
 
@@ -268,7 +271,7 @@ pub async fn run(args: NodeArgs, ctx: RunContext) -> Result<(), NodeError> {
         if name.is_empty() {
             return Err(NodeError::NoNodeName);
         }
-        let (hub, closer) = hub_target::HubTarget::start(&args.hub, &name, &ctx)?;
+        let (hub, closer) = hub_target::HubTarget::start(&args.hub, &name, &ctx).await?;
         tracing::info!(node = %name, interval = ?args.rediscover_interval, "node service starting (reporting to the hub)");
         let result = report_loop(&args, &ctx, Target::Hub(hub)).await;
         closer.close().await;

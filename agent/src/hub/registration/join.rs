@@ -13,7 +13,7 @@ use kube::api::{Api, DynamicObject, ObjectMeta, PostParams};
 use serde_json::json;
 
 use super::csr::{self, Issued};
-use super::store::{Credentials, StoreError, Wire};
+use super::store::{Credentials, Keeping, StoreError, Wire};
 use crate::hub::config::HubSettings;
 use crate::hub::grpc::GrpcError;
 use crate::hub::kube_hub::{
@@ -70,11 +70,11 @@ pub struct JoinSettings {
     pub agent: String,
     /// Where the credentials are written for the hub transport.
     pub dir: PathBuf,
-    /// The Secret that keeps them across restarts.
-    pub secret_namespace: String,
-    pub secret_name: String,
-    /// The spoke's API server as the hub is to reach it (`managedClusterClientConfigs`).
-    pub spoke_url: String,
+    /// What keeps them across restarts.
+    pub keeping: Keeping,
+    /// The spoke's API server as the hub is to reach it (`managedClusterClientConfigs`);
+    /// none for a pool without one (bare metal).
+    pub spoke_url: Option<String>,
     /// Its CA bundle (PEM), when not publicly trusted.
     pub spoke_ca: Option<Vec<u8>>,
 }
@@ -116,52 +116,47 @@ pub enum JoinError {
 /// while it names this cluster and agent and has not expired, else a new one by joining.
 /// Writes the files and returns the config (kubeconfig or gRPC config) to run the hub
 /// transport from.
-pub async fn ensure_joined(s: &JoinSettings, spoke: &kube::Client) -> Result<PathBuf, JoinError> {
+pub async fn ensure_joined(s: &JoinSettings) -> Result<PathBuf, JoinError> {
     let (server, ca_pem) = hub_endpoint(s).await?;
-    let kept = Credentials::load(
-        spoke,
-        &s.secret_namespace,
-        &s.secret_name,
-        s.bootstrap.wire(),
-        &server,
-        ca_pem.as_deref(),
-    )
-    .await?;
+    let kept = s
+        .keeping
+        .load(
+            &s.dir,
+            s.bootstrap.wire(),
+            (&server, ca_pem.as_deref()),
+            (&s.cluster, &s.agent),
+        )
+        .await?;
     if let Some(kept) = kept {
         match usable(&kept, s) {
             Ok(()) => {
-                tracing::info!(cluster = %s.cluster, secret = %s.secret_name, "running from the hub credentials kept from an earlier join");
+                tracing::info!(cluster = %s.cluster, kept_in = %s.keeping.describe(), "running from the hub credentials kept from an earlier join");
                 return Ok(kept.write_files(&s.dir)?);
             }
             Err(why) => {
-                tracing::warn!(secret = %s.secret_name, why, "the kept hub credentials cannot be used; joining again")
+                tracing::warn!(kept_in = %s.keeping.describe(), why, "the kept hub credentials cannot be used; joining again")
             }
         }
     }
-    join(s, spoke).await
+    join(s).await
 }
 
 /// Joins with the bootstrap credential, whatever is kept (see [`ensure_joined`]).
-pub(super) async fn join(s: &JoinSettings, spoke: &kube::Client) -> Result<PathBuf, JoinError> {
+pub(super) async fn join(s: &JoinSettings) -> Result<PathBuf, JoinError> {
     match &s.bootstrap {
-        Bootstrap::Kube { kubeconfig, security } => join_kube(s, spoke, kubeconfig, *security).await,
-        Bootstrap::Grpc(settings) => super::over_grpc::join(s, settings, spoke).await,
+        Bootstrap::Kube { kubeconfig, security } => join_kube(s, kubeconfig, *security).await,
+        Bootstrap::Grpc(settings) => super::over_grpc::join(s, settings).await,
     }
 }
 
-async fn join_kube(
-    s: &JoinSettings,
-    spoke: &kube::Client,
-    kubeconfig: &Path,
-    security: HubSecurity,
-) -> Result<PathBuf, JoinError> {
+async fn join_kube(s: &JoinSettings, kubeconfig: &Path, security: HubSecurity) -> Result<PathBuf, JoinError> {
     let config = config_from_kubeconfig(kubeconfig)
         .await
         .map_err(JoinError::Bootstrap)?;
     let (server, ca_pem) = endpoint_of(&config);
     let hub = hub_client(config, kubeconfig, security).map_err(JoinError::Bootstrap)?;
     ensure_managed_cluster(&hub, s).await?;
-    let (issued, name) = obtain(s, spoke, &hub, server, ca_pem).await?;
+    let (issued, name) = obtain(s, &hub, server, ca_pem).await?;
     tracing::info!(cluster = %s.cluster, csr = %name, not_after = ?issued.not_after, "joined the hub: certificate issued and kept");
     wait_accepted(&hub, &s.cluster).await?;
     Ok(kubeconfig_in(&s.dir))
@@ -172,7 +167,6 @@ async fn join_kube(
 /// then the files. Returns what was issued and the request's name.
 pub(super) async fn obtain(
     s: &JoinSettings,
-    spoke: &kube::Client,
     hub: &kube::Client,
     server: String,
     ca_pem: Option<Vec<u8>>,
@@ -180,7 +174,7 @@ pub(super) async fn obtain(
     let request = csr::request(&s.cluster, &s.agent)?;
     let name = create_csr(hub, s, &request.csr_pem).await?;
     let cert_pem = wait_issued(hub, &name).await?;
-    let issued = keep(s, spoke, request, cert_pem, (server, ca_pem)).await?;
+    let issued = keep(s, request, cert_pem, (server, ca_pem)).await?;
     Ok((issued, name))
 }
 
@@ -188,7 +182,6 @@ pub(super) async fn obtain(
 /// keeps it: the Secret, then the files. Nothing is kept for a certificate naming another.
 pub(super) async fn keep(
     s: &JoinSettings,
-    spoke: &kube::Client,
     request: csr::Request,
     cert_pem: Vec<u8>,
     (server, ca_pem): (String, Option<Vec<u8>>),
@@ -210,9 +203,7 @@ pub(super) async fn keep(
         cluster: s.cluster.clone(),
         agent: s.agent.clone(),
     };
-    creds
-        .save(spoke, &s.secret_namespace, &s.secret_name, &s.dir)
-        .await?;
+    s.keeping.save(&creds, &s.dir).await?;
     creds.write_files(&s.dir)?;
     Ok(issued)
 }
@@ -275,18 +266,7 @@ async fn ensure_managed_cluster(hub: &kube::Client, s: &JoinSettings) -> Result<
     {
         return Ok(());
     }
-    let mut client_config = json!({"url": s.spoke_url});
-    if let Some(ca) = &s.spoke_ca {
-        client_config["caBundle"] = json!(base64::engine::general_purpose::STANDARD.encode(ca));
-    }
-    let resource = managed_cluster_resource();
-    let obj: DynamicObject = serde_json::from_value(json!({
-        "apiVersion": resource.api_version,
-        "kind": resource.kind,
-        "metadata": {"name": s.cluster},
-        "spec": {"managedClusterClientConfigs": [client_config], "leaseDurationSeconds": 60},
-    }))
-    .map_err(|e| JoinError::Hub {
+    let obj: DynamicObject = serde_json::from_value(new_managed_cluster(s)).map_err(|e| JoinError::Hub {
         what: "making the ManagedCluster",
         source: kube::Error::SerdeError(e),
     })?;
@@ -302,6 +282,25 @@ async fn ensure_managed_cluster(hub: &kube::Client, s: &JoinSettings) -> Result<
             source,
         }),
     }
+}
+
+/// The ManagedCluster an agent creates: its name, the spoke's API server where there is one,
+/// and OCM's default lease duration; never `hubAcceptsClient` (the hub's admin decides).
+pub(super) fn new_managed_cluster(s: &JoinSettings) -> serde_json::Value {
+    let mut spec = json!({"leaseDurationSeconds": 60});
+    if let Some(url) = &s.spoke_url {
+        let mut client_config = json!({"url": url});
+        if let Some(ca) = &s.spoke_ca {
+            client_config["caBundle"] = json!(base64::engine::general_purpose::STANDARD.encode(ca));
+        }
+        spec["managedClusterClientConfigs"] = json!([client_config]);
+    }
+    json!({
+        "apiVersion": "cluster.open-cluster-management.io/v1",
+        "kind": "ManagedCluster",
+        "metadata": {"name": s.cluster},
+        "spec": spec,
+    })
 }
 
 /// Sends the certificate request; returns its name.

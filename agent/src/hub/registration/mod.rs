@@ -21,4 +21,4 @@ pub use join::{
     Bootstrap, JoinError, JoinSettings, ensure_joined, grpc_config_in, kubeconfig_in, spoke_endpoint,
 };
 pub use renew::keep_renewed;
-pub use store::StoreError;
+pub use store::{Keeping, StoreError};

@@ -16,7 +16,7 @@ use spokelet_proto::{CERTIFICATE_SIGNING_REQUESTS, MANAGED_CLUSTERS};
 use super::csr::{self, Issued};
 use super::join::{
     AGENT_NAME_LABEL, CLUSTER_NAME_LABEL, JoinError, JoinSettings, Waiting, grpc_config_in, hub_endpoint,
-    keep,
+    keep, new_managed_cluster,
 };
 use crate::hub::cloudevents::action;
 use crate::hub::config::HubSettings;
@@ -32,18 +32,14 @@ const GRPC_SIGNER: &str = "open-cluster-management.io/grpc";
 const LIST_SETTLE: Duration = Duration::from_secs(2);
 
 /// Joins over gRPC with `bootstrap`; returns the gRPC config to run from.
-pub(super) async fn join(
-    s: &JoinSettings,
-    bootstrap: &HubSettings,
-    spoke: &kube::Client,
-) -> Result<PathBuf, JoinError> {
+pub(super) async fn join(s: &JoinSettings, bootstrap: &HubSettings) -> Result<PathBuf, JoinError> {
     let client = dial_hub(bootstrap).await.map_err(JoinError::Grpc)?;
     let mut clusters = ObjectFeed::open(&client, &s.cluster, MANAGED_CLUSTERS)
         .await
         .map_err(JoinError::Grpc)?;
     ensure_managed_cluster(&mut clusters, s).await?;
     let endpoint = hub_endpoint(s).await?;
-    let (issued, name) = obtain(s, spoke, &client, endpoint).await?;
+    let (issued, name) = obtain(s, &client, endpoint).await?;
     tracing::info!(cluster = %s.cluster, csr = %name, not_after = ?issued.not_after, "joined the hub over gRPC: certificate issued and kept");
     wait_accepted(&mut clusters, &s.cluster).await?;
     Ok(grpc_config_in(&s.dir))
@@ -53,13 +49,12 @@ pub(super) async fn join(
 pub(super) async fn renew(
     s: &JoinSettings,
     bootstrap: &HubSettings,
-    spoke: &kube::Client,
     endpoint: (String, Option<Vec<u8>>),
 ) -> Result<Issued, JoinError> {
     let client = dial_hub(&joined_settings(bootstrap, s))
         .await
         .map_err(JoinError::Grpc)?;
-    let (issued, _) = obtain(s, spoke, &client, endpoint).await?;
+    let (issued, _) = obtain(s, &client, endpoint).await?;
     Ok(issued)
 }
 
@@ -85,16 +80,7 @@ async fn ensure_managed_cluster(feed: &mut ObjectFeed, s: &JoinSettings) -> Resu
             None => break,
         }
     }
-    let mut client_config = json!({"url": s.spoke_url});
-    if let Some(ca) = &s.spoke_ca {
-        client_config["caBundle"] = json!(base64::engine::general_purpose::STANDARD.encode(ca));
-    }
-    let cluster = json!({
-        "apiVersion": "cluster.open-cluster-management.io/v1",
-        "kind": "ManagedCluster",
-        "metadata": {"name": s.cluster},
-        "spec": {"managedClusterClientConfigs": [client_config], "leaseDurationSeconds": 60},
-    });
+    let cluster = new_managed_cluster(s);
     match feed
         .write("spec", action::CREATE, &cluster)
         .await
@@ -121,7 +107,6 @@ async fn ensure_managed_cluster(feed: &mut ObjectFeed, s: &JoinSettings) -> Resu
 /// signed, checks and keeps it. Returns what was issued and the request's name.
 async fn obtain(
     s: &JoinSettings,
-    spoke: &kube::Client,
     client: &crate::hub::grpc::dial::Client,
     endpoint: (String, Option<Vec<u8>>),
 ) -> Result<(Issued, String), JoinError> {
@@ -160,7 +145,7 @@ async fn obtain(
         }
     })
     .await?;
-    let issued = keep(s, spoke, request, cert_pem, endpoint).await?;
+    let issued = keep(s, request, cert_pem, endpoint).await?;
     Ok((issued, name))
 }
 

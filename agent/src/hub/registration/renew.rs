@@ -35,15 +35,9 @@ enum Wake {
 
 /// Renews the certificate in `s.dir` until `stop`; `rejected` is told of every `401` from the
 /// hub. See the module docs.
-pub async fn keep_renewed(
-    s: JoinSettings,
-    spoke: kube::Client,
-    rejected: Arc<Notify>,
-    stop: CancellationToken,
-) {
+pub async fn keep_renewed(s: JoinSettings, rejected: Arc<Notify>, stop: CancellationToken) {
     let mut task = Renewal {
         s,
-        spoke,
         // Failed renewals and joins are tried again with the shared backoff, up to a few
         // minutes apart, for as long as the certificate lasts.
         backoff: ExponentialBackoff::new(Duration::from_secs(5), Duration::from_secs(300), 0.2),
@@ -55,7 +49,6 @@ pub async fn keep_renewed(
 /// The renewal task's state.
 struct Renewal {
     s: JoinSettings,
-    spoke: kube::Client,
     backoff: ExponentialBackoff,
     stop: CancellationToken,
 }
@@ -89,8 +82,8 @@ impl Renewal {
             }
             Wake::Rejected => true,
             // Looked for before any renewal, which would write it again unnoticed.
-            Wake::Timer if secret_gone(&self.s, &self.spoke).await => {
-                self.rejoin("the hub credential Secret was deleted").await
+            Wake::Timer if self.s.keeping.gone(&self.s.dir).await => {
+                self.rejoin("the kept hub credentials were deleted").await
             }
             Wake::Timer if SystemTime::now() >= issued.renew_at() => self.renew(&issued).await,
             Wake::Timer => true,
@@ -103,7 +96,7 @@ impl Renewal {
             .not_after
             .duration_since(SystemTime::now())
             .unwrap_or_default();
-        let renewal = tokio::time::timeout(left, renew_once(&self.s, &self.spoke));
+        let renewal = tokio::time::timeout(left, renew_once(&self.s));
         let outcome = tokio::select! {
             r = renewal => r,
             () = self.stop.cancelled() => return false,
@@ -127,7 +120,7 @@ impl Renewal {
     async fn rejoin(&mut self, why: &str) -> bool {
         tracing::warn!(cluster = %self.s.cluster, why, "joining again with the bootstrap credential");
         let joined = tokio::select! {
-            r = super::join::join(&self.s, &self.spoke) => r,
+            r = super::join::join(&self.s) => r,
             () = self.stop.cancelled() => return false,
         };
         match joined {
@@ -148,13 +141,6 @@ fn current(s: &JoinSettings) -> Result<Issued, String> {
     std::fs::read(s.dir.join(super::store::CERT))
         .map_err(|e| e.to_string())
         .and_then(|pem| Issued::from_pem(&pem).map_err(|e| e.to_string()))
-}
-
-/// Whether the kept Secret is gone (an error reading it is not taken as gone).
-async fn secret_gone(s: &JoinSettings, spoke: &kube::Client) -> bool {
-    let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
-        kube::Api::namespaced(spoke.clone(), &s.secret_namespace);
-    matches!(api.get_opt(&s.secret_name).await, Ok(None))
 }
 
 /// Whether the hub still refuses the certificate a moment after a `401`: after
@@ -183,7 +169,7 @@ async fn still_refused(s: &JoinSettings, stop: &CancellationToken) -> bool {
 
 /// One renewal: a new key and request sent with the current certificate, the new
 /// certificate waited for, checked, kept and written.
-async fn renew_once(s: &JoinSettings, spoke: &kube::Client) -> Result<Issued, JoinError> {
+async fn renew_once(s: &JoinSettings) -> Result<Issued, JoinError> {
     let endpoint = hub_endpoint(s).await?;
     match &s.bootstrap {
         Bootstrap::Kube { security, .. } => {
@@ -192,10 +178,10 @@ async fn renew_once(s: &JoinSettings, spoke: &kube::Client) -> Result<Issued, Jo
                 .await
                 .map_err(JoinError::Bootstrap)?;
             let hub = hub_client(config, &path, *security).map_err(JoinError::Bootstrap)?;
-            let (issued, _) = obtain(s, spoke, &hub, endpoint.0, endpoint.1).await?;
+            let (issued, _) = obtain(s, &hub, endpoint.0, endpoint.1).await?;
             Ok(issued)
         }
-        Bootstrap::Grpc(bootstrap) => super::over_grpc::renew(s, bootstrap, spoke, endpoint).await,
+        Bootstrap::Grpc(bootstrap) => super::over_grpc::renew(s, bootstrap, endpoint).await,
     }
 }
 

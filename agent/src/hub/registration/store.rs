@@ -251,6 +251,98 @@ impl Credentials {
     }
 }
 
+/// Where the credentials a join earned are kept across restarts, beside the files.
+#[derive(Clone)]
+pub enum Keeping {
+    /// A Secret in the agent's namespace on the spoke (OCM's `hub-kubeconfig-secret`).
+    Secret {
+        spoke: kube::Client,
+        namespace: String,
+        name: String,
+    },
+    /// The files alone: the bare-metal node service has no Kubernetes API to keep a Secret in,
+    /// and its credentials directory is its own.
+    Files,
+}
+
+impl std::fmt::Debug for Keeping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl Keeping {
+    /// What keeps them, for the log.
+    pub fn describe(&self) -> String {
+        match self {
+            Keeping::Secret { namespace, name, .. } => format!("Secret {namespace}/{name}"),
+            Keeping::Files => "the credentials directory".to_string(),
+        }
+    }
+
+    /// The credentials kept, if any (see [`Credentials::load`]); from the files, they are
+    /// taken as issued to `cluster`/`agent` (the certificate's subject is checked before use).
+    pub async fn load(
+        &self,
+        dir: &Path,
+        wire: Wire,
+        (server, ca_pem): (&str, Option<&[u8]>),
+        (cluster, agent): (&str, &str),
+    ) -> Result<Option<Credentials>, StoreError> {
+        match self {
+            Keeping::Secret {
+                spoke,
+                namespace,
+                name,
+            } => Credentials::load(spoke, namespace, name, wire, server, ca_pem).await,
+            Keeping::Files => {
+                let (Ok(cert_pem), Ok(key_pem)) =
+                    (std::fs::read(dir.join(CERT)), std::fs::read(dir.join(KEY)))
+                else {
+                    return Ok(None);
+                };
+                Ok(Some(Credentials {
+                    wire,
+                    server: server.to_string(),
+                    ca_pem: ca_pem.map(<[u8]>::to_vec),
+                    cert_pem,
+                    key_pem,
+                    cluster: cluster.to_string(),
+                    agent: agent.to_string(),
+                }))
+            }
+        }
+    }
+
+    /// Keeps `creds` (the files are written by the caller).
+    pub async fn save(&self, creds: &Credentials, dir: &Path) -> Result<(), StoreError> {
+        match self {
+            Keeping::Secret {
+                spoke,
+                namespace,
+                name,
+            } => creds.save(spoke, namespace, name, dir).await,
+            Keeping::Files => Ok(()),
+        }
+    }
+
+    /// Whether what keeps them is gone (deleted by someone): the agent then joins again. An
+    /// error reading the Secret is not taken as gone.
+    pub async fn gone(&self, dir: &Path) -> bool {
+        match self {
+            Keeping::Secret {
+                spoke,
+                namespace,
+                name,
+            } => {
+                let api: Api<Secret> = Api::namespaced(spoke.clone(), namespace);
+                matches!(api.get_opt(name).await, Ok(None))
+            }
+            Keeping::Files => !dir.join(CERT).exists() || !dir.join(KEY).exists(),
+        }
+    }
+}
+
 /// Writes `bytes` to `path` through a file beside it renamed into place; `private` files are
 /// readable by their owner only.
 fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> Result<(), StoreError> {
