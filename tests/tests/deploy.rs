@@ -16,6 +16,7 @@ const OVERLAYS: &[&str] = &[
     "grpc-hub",
     "kube-hub",
     "kube-hub-bootstrap",
+    "grpc-hub-bootstrap",
     "gpu-nodes",
     "single-node",
 ];

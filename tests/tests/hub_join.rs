@@ -695,14 +695,12 @@ fn common_name(path: &std::path::Path) -> String {
     let pem = std::fs::read(path).unwrap();
     let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
     let cert = pem.parse_x509().unwrap();
-    let cn = cert
-        .subject()
+    cert.subject()
         .iter_common_name()
         .next()
         .and_then(|cn| cn.as_str().ok())
         .unwrap_or_default()
-        .to_string();
-    cn
+        .to_string()
 }
 
 /// Bare-metal node services join the same way, each with its own bootstrap config run and a

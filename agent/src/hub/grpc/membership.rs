@@ -138,12 +138,13 @@ async fn forward_unmanaged(
     }
 }
 
-/// Whether a failed subscribe means the hub does not serve this data type to the agent.
+/// Whether a failed subscribe means the hub does not serve this data type at all. A refusal
+/// (`PermissionDenied`) is not that: OCM's hub grants the lease's rights a moment after it
+/// accepts the cluster, so it is tried again with the backoff.
 fn not_served(e: &GrpcError) -> bool {
     matches!(e, GrpcError::Subscribe(s) if matches!(
         s.code(),
-        tonic::Code::InvalidArgument | tonic::Code::PermissionDenied | tonic::Code::Unimplemented
-            | tonic::Code::NotFound | tonic::Code::Unknown
+        tonic::Code::InvalidArgument | tonic::Code::Unimplemented | tonic::Code::NotFound
     ))
 }
 
@@ -170,6 +171,10 @@ struct Session<'a> {
     next_lease: Instant,
     /// Anything arrived (resets the reconnect backoff).
     heard: bool,
+    /// The pool reporter sent a status (a change, or its heartbeat) not yet written. Only
+    /// then is its status written: the hub keeps what it is sent in its own spelling
+    /// (quantities, defaults), so comparing with what it sends back would write for ever.
+    report_due: bool,
 }
 
 impl<'a> Session<'a> {
@@ -182,6 +187,8 @@ impl<'a> Session<'a> {
             next_probe: Instant::now(),
             next_lease: Instant::now(),
             heard: false,
+            // A new connection writes the latest status once.
+            report_due: true,
         }
     }
 
@@ -228,7 +235,10 @@ impl<'a> Session<'a> {
                         self.lease = (!ev.deleted()).then_some(ev.object);
                     }
                 }),
-                Wake::Report => Ok(()),
+                Wake::Report => {
+                    self.report_due = true;
+                    Ok(())
+                }
                 Wake::Probe => {
                     self.probe().await;
                     Ok(())
@@ -316,7 +326,7 @@ impl<'a> Session<'a> {
     }
 
     /// The ManagedCluster as the agent wants it: the hub's, with `Joined` and `Available` set
-    /// and the pool status merged in; `None` when nothing is to be written.
+    /// and, when one is due, the pool status merged in; `None` when nothing is to be written.
     fn wanted_cluster(&self, report: Option<&Value>) -> Option<Value> {
         let current = self.cluster.as_ref()?;
         let Membership::Accepted(accepted) = self.membership() else {
@@ -334,8 +344,13 @@ impl<'a> Session<'a> {
         ))
         .chain(self.opts.spoke.as_ref().and_then(|_| self.health.condition()))
         .collect();
+        let merged = merge_conditions(&accepted.conditions, &wanted, &now_rfc3339());
+        let report = report.filter(|_| self.report_due);
+        if merged.is_none() && report.is_none() {
+            return None;
+        }
         let mut next = current.clone();
-        if let Some(merged) = merge_conditions(&accepted.conditions, &wanted, &now_rfc3339()) {
+        if let Some(merged) = merged {
             next["status"]["conditions"] = Value::Array(merged);
         }
         if let Some(Value::Object(fields)) = report {
@@ -346,7 +361,7 @@ impl<'a> Session<'a> {
                 }
             }
         }
-        (next != *current).then_some(next)
+        Some(next)
     }
 
     /// Writes the wanted ManagedCluster status, when it differs from the hub's. Its update
@@ -368,6 +383,7 @@ impl<'a> Session<'a> {
                 tracing::debug!("ManagedCluster status written over gRPC");
                 // Until the hub's update event arrives, what was written is what it has.
                 self.cluster = Some(next);
+                self.report_due = false;
             }
             Err(Refusal::Conflict) => clusters.list().await?,
             Err(r) => tracing::warn!(refusal = ?r, "the hub refused the ManagedCluster status"),
@@ -431,9 +447,16 @@ mod tests {
             .map(|c| c["type"].as_str().unwrap())
             .collect();
         assert_eq!(types, ["HubAcceptedManagedCluster", JOINED]);
-        // Once the hub has it, nothing more is written.
-        session.cluster = Some(next);
+        // Once the hub has it, nothing more is written, even where the hub spells the pool
+        // status its own way; the reporter's next status (a change or its heartbeat) is.
+        let mut as_hub_has_it = next;
+        as_hub_has_it["status"]["clusterClaims"] = json!([{"name": "a", "value": "b", "x": 1}]);
+        session.cluster = Some(as_hub_has_it);
+        session.report_due = false;
         assert!(session.wanted_cluster(Some(&report)).is_none());
+        session.report_due = true;
+        let again = session.wanted_cluster(Some(&report)).unwrap();
+        assert_eq!(again["status"]["clusterClaims"], report["clusterClaims"]);
     }
 
     #[test]
@@ -452,11 +475,11 @@ mod tests {
     }
 
     #[test]
-    fn a_refused_subscription_means_the_hub_does_not_serve_the_type() {
+    fn an_unknown_data_type_means_the_hub_does_not_serve_it_a_refusal_does_not() {
         assert!(not_served(&GrpcError::Subscribe(
             tonic::Status::invalid_argument("data type")
         )));
-        assert!(not_served(&GrpcError::Subscribe(
+        assert!(!not_served(&GrpcError::Subscribe(
             tonic::Status::permission_denied("sar")
         )));
         assert!(!not_served(&GrpcError::Subscribe(tonic::Status::unavailable(

@@ -510,6 +510,45 @@ mod tests {
         assert!(!waiting.time_to_say());
     }
 
+    #[tokio::test]
+    async fn a_certificate_for_another_cluster_is_refused_and_nothing_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = JoinSettings {
+            bootstrap: Bootstrap::Kube {
+                kubeconfig: dir.path().join("bootstrap.kubeconfig"),
+                security: HubSecurity::default(),
+            },
+            cluster: "pool-a".into(),
+            agent: "spokelet".into(),
+            dir: dir.path().join("hub"),
+            keeping: Keeping::Files,
+            spoke_url: None,
+            spoke_ca: None,
+        };
+        // A certificate naming the same agent of another cluster.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, csr::agent_user("pool-b", "spokelet"));
+        let cert = params.self_signed(&key).unwrap();
+        let ours = csr::request("pool-a", "spokelet").unwrap();
+        let err = keep(
+            &s,
+            ours,
+            cert.pem().into_bytes(),
+            ("https://hub.example:6443".into(), None),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, JoinError::WrongIdentity { .. }), "{err}");
+        assert!(
+            err.to_string().contains("pool-b") && err.to_string().contains("nothing was kept"),
+            "{err}"
+        );
+        assert!(!s.dir.exists(), "no file written");
+    }
+
     #[test]
     fn der_certificates_become_one_pem_bundle() {
         let pem = String::from_utf8(pem_bundle(&[vec![1, 2, 3], vec![4; 100]])).unwrap();
