@@ -33,6 +33,9 @@ const IDLE: Duration = Duration::from_secs(240);
 /// The goal for a join to `Available` once approved.
 const TARGET: Duration = Duration::from_secs(5);
 
+/// OCM's agent's namespace when it cannot read its pod's.
+const OCM_NAMESPACE: &str = "open-cluster-management-agent";
+
 const SPOKELET_BOOTSTRAP: &str = "system:bootstrap:bench-spokelet";
 const OCM_BOOTSTRAP: &str = "system:bootstrap:bench-ocm";
 
@@ -108,8 +111,20 @@ struct Setup {
 impl Setup {
     /// Starts `who` joining as `cluster`, its namespace on the spoke made.
     async fn start(&self, who: Joiner, cluster: &str, spoke: &kube::Client) -> Proc {
-        let ns = format!("{cluster}-agent");
-        create_namespace(spoke, &ns).await.unwrap();
+        let ns = match who {
+            Joiner::Spokelet => format!("{cluster}-agent"),
+            // OCM's agent keeps its Secret in its component namespace, which outside a pod is
+            // always this one; the previous run's Secret is removed so each run joins afresh.
+            Joiner::Ocm => OCM_NAMESPACE.to_string(),
+        };
+        if let Err(e) = create_namespace(spoke, &ns).await
+            && !e.to_string().contains("already exists")
+        {
+            panic!("{e}");
+        }
+        let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+            kube::Api::namespaced(spoke.clone(), &ns);
+        let _ = secrets.delete("hub-kubeconfig-secret", &Default::default()).await;
         let dir = self.dir.join(cluster);
         std::fs::create_dir_all(&dir).unwrap();
         let path = |p: &Path| p.display().to_string();
@@ -255,12 +270,9 @@ async fn run() {
     let spoke = shared_spoke().await;
     let spoke_client = spoke.client();
     // OCM's agent reads the spoke's ClusterClaims.
-    install_ocm_crd(
-        &spoke_client,
-        "0000_02_clusters.open-cluster-management.io_clusterclaims.crd.yaml",
-    )
-    .await
-    .unwrap();
+    install_ocm_crd(&spoke_client, spokelet_e2e::ocm_hub::CLUSTER_CLAIM_CRD_FILE)
+        .await
+        .unwrap();
     let spokelet_bootstrap = hub.issue_bootstrap(SPOKELET_BOOTSTRAP).await.unwrap();
     let ocm_bootstrap = hub.issue_bootstrap(OCM_BOOTSTRAP).await.unwrap();
     let setup = Setup {

@@ -601,6 +601,8 @@ async fn spokelet_joins_ocms_grpc_server_with_a_bootstrap_config_and_stays_joine
     };
     let first_renewal = renew_time().await;
     assert!(first_renewal.is_some(), "the lease was renewed over gRPC");
+    // OCM's taint controller leaves it selectable: a Placement selects it.
+    support::placed(&admin, &cluster).await;
     // The pool's claims reach the ManagedCluster in the same object.
     eventually("the pool's claims on the ManagedCluster", || {
         let (clusters, cluster) = (clusters.clone(), cluster.clone());

@@ -11,31 +11,17 @@
 //!   their status is written back to the hub's ManifestWorks by OCM's server.
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{Api, DynamicObject, PostParams};
 use serde_json::{Value, json};
-use spokelet_e2e::ocm::{
-    CLUSTER_GROUP, OcmHub, OcmHubOptions, WORK_GROUP, condition_status, managed_clusters, resource,
-};
+use spokelet_e2e::ocm::{OcmHub, OcmHubOptions, WORK_GROUP, condition_status, managed_clusters, resource};
 use spokelet_e2e::{eventually, shared_spoke, unique_name};
 
 mod support;
-use support::{Agent, GrpcAgentArgs, spoke_namespace, until_gone, until_model};
+use support::{Agent, GrpcAgentArgs, create_object as create, spoke_namespace, until_gone, until_model};
 
 /// A lease short enough that the hub's grace (5 durations) runs out within the test.
 const LEASE_SECONDS: u32 = 2;
 const UNREACHABLE_TAINT: &str = "cluster.open-cluster-management.io/unreachable";
-
-/// Creates an object of `resource` (in `namespace`, if any) from JSON.
-async fn create(client: &kube::Client, res: &kube::api::ApiResource, namespace: Option<&str>, obj: Value) {
-    let api: Api<DynamicObject> = match namespace {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, res),
-        None => Api::all_with(client.clone(), res),
-    };
-    let obj: DynamicObject = serde_json::from_value(obj).unwrap();
-    api.create(&PostParams::default(), &obj)
-        .await
-        .unwrap_or_else(|e| panic!("creating a {}: {e}", res.kind));
-}
 
 fn taints(mc: &DynamicObject) -> Vec<String> {
     mc.data["spec"]["taints"]
@@ -120,80 +106,7 @@ async fn a_stock_ocm_hub_accepts_places_and_rolls_out_to_spokelet_over_its_kuber
     .unwrap();
 
     // A set, its binding and a Placement select the cluster.
-    let set = unique_name("gpu-pools");
-    let rollouts = unique_name("rollouts");
-    spokelet_e2e::create_namespace(&admin, &rollouts).await.unwrap();
-    create(&admin, &resource(CLUSTER_GROUP, "v1beta2", "ManagedClusterSet", "managedclustersets"), None,
-        json!({"apiVersion": "cluster.open-cluster-management.io/v1beta2", "kind": "ManagedClusterSet",
-               "metadata": {"name": set}, "spec": {"clusterSelector": {"selectorType": "ExclusiveClusterSetLabel"}}})).await;
-    clusters
-        .patch(
-            &cluster,
-            &PatchParams::default(),
-            &Patch::Merge(json!({
-            "metadata": {"labels": {"cluster.open-cluster-management.io/clusterset": set}}})),
-        )
-        .await
-        .unwrap();
-    create(
-        &admin,
-        &resource(
-            CLUSTER_GROUP,
-            "v1beta2",
-            "ManagedClusterSetBinding",
-            "managedclustersetbindings",
-        ),
-        Some(&rollouts),
-        json!({"apiVersion": "cluster.open-cluster-management.io/v1beta2", "kind": "ManagedClusterSetBinding",
-               "metadata": {"name": set, "namespace": rollouts}, "spec": {"clusterSet": set}}),
-    )
-    .await;
-    create(
-        &admin,
-        &resource(CLUSTER_GROUP, "v1beta1", "Placement", "placements"),
-        Some(&rollouts),
-        json!({"apiVersion": "cluster.open-cluster-management.io/v1beta1", "kind": "Placement",
-               "metadata": {"name": "models", "namespace": rollouts}, "spec": {"clusterSets": [set]}}),
-    )
-    .await;
-    let decisions: Api<DynamicObject> = Api::namespaced_with(
-        admin.clone(),
-        &rollouts,
-        &resource(
-            CLUSTER_GROUP,
-            "v1beta1",
-            "PlacementDecision",
-            "placementdecisions",
-        ),
-    );
-    eventually("the Placement to select the cluster", || {
-        let decisions = decisions.clone();
-        let cluster = cluster.clone();
-        async move {
-            let list = decisions
-                .list(&Default::default())
-                .await
-                .map_err(|e| e.to_string())?;
-            let chosen: Vec<String> = list
-                .items
-                .iter()
-                .flat_map(|d| {
-                    d.data["status"]["decisions"]
-                        .as_array()
-                        .cloned()
-                        .unwrap_or_default()
-                })
-                .filter_map(|d| d["clusterName"].as_str().map(str::to_string))
-                .collect();
-            if chosen.contains(&cluster) {
-                Ok(())
-            } else {
-                Err(format!("decisions: {chosen:?}"))
-            }
-        }
-    })
-    .await
-    .unwrap();
+    let rollouts = support::placed(&admin, &cluster).await.namespace;
 
     // The bound set gives the cluster a ClusterProfile carrying its claims as properties.
     let profiles: Api<DynamicObject> = Api::namespaced_with(

@@ -210,3 +210,112 @@ impl GrpcAgentArgs {
         v
     }
 }
+
+/// Creates an object of `res` (in `namespace`, if any) from JSON; a failure fails the test.
+pub async fn create_object(
+    client: &kube::Client,
+    res: &kube::api::ApiResource,
+    namespace: Option<&str>,
+    obj: Value,
+) {
+    let api: Api<kube::api::DynamicObject> = match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, res),
+        None => Api::all_with(client.clone(), res),
+    };
+    let obj: kube::api::DynamicObject = serde_json::from_value(obj).unwrap();
+    api.create(&PostParams::default(), &obj)
+        .await
+        .unwrap_or_else(|e| panic!("creating a {}: {e}", res.kind));
+}
+
+/// What [`placed`] made: the ManagedClusterSet and the namespace its binding and the
+/// Placement `models` are in.
+pub struct Placed {
+    pub set: String,
+    pub namespace: String,
+}
+
+/// Does what a platform team does to roll out to `cluster` with OCM: a ManagedClusterSet with
+/// the cluster in it, its binding in a new namespace and a Placement `models` there; waits
+/// until the placement controller selects the cluster (it skips clusters OCM's taint
+/// controller marks unreachable, so this also proves `Available`).
+pub async fn placed(admin: &kube::Client, cluster: &str) -> Placed {
+    use spokelet_e2e::ocm::{CLUSTER_GROUP, managed_clusters, resource};
+    let create = |client, res: kube::api::ApiResource, namespace, obj| async move {
+        create_object(client, &res, namespace, obj).await
+    };
+    let set = unique_name("gpu-pools");
+    let namespace = unique_name("rollouts");
+    spokelet_e2e::create_namespace(admin, &namespace).await.unwrap();
+    create(admin, resource(CLUSTER_GROUP, "v1beta2", "ManagedClusterSet", "managedclustersets"), None,
+        json!({"apiVersion": "cluster.open-cluster-management.io/v1beta2", "kind": "ManagedClusterSet",
+               "metadata": {"name": set}, "spec": {"clusterSelector": {"selectorType": "ExclusiveClusterSetLabel"}}})).await;
+    managed_clusters(admin)
+        .patch(
+            cluster,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({
+            "metadata": {"labels": {"cluster.open-cluster-management.io/clusterset": set}}})),
+        )
+        .await
+        .unwrap();
+    create(
+        admin,
+        resource(
+            CLUSTER_GROUP,
+            "v1beta2",
+            "ManagedClusterSetBinding",
+            "managedclustersetbindings",
+        ),
+        Some(&namespace),
+        json!({"apiVersion": "cluster.open-cluster-management.io/v1beta2", "kind": "ManagedClusterSetBinding",
+               "metadata": {"name": set, "namespace": namespace}, "spec": {"clusterSet": set}}),
+    )
+    .await;
+    create(
+        admin,
+        resource(CLUSTER_GROUP, "v1beta1", "Placement", "placements"),
+        Some(&namespace),
+        json!({"apiVersion": "cluster.open-cluster-management.io/v1beta1", "kind": "Placement",
+               "metadata": {"name": "models", "namespace": namespace}, "spec": {"clusterSets": [set]}}),
+    )
+    .await;
+    let decisions: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        admin.clone(),
+        &namespace,
+        &resource(
+            CLUSTER_GROUP,
+            "v1beta1",
+            "PlacementDecision",
+            "placementdecisions",
+        ),
+    );
+    spokelet_e2e::eventually("the Placement to select the cluster", || {
+        let decisions = decisions.clone();
+        async move {
+            let list = decisions
+                .list(&Default::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            let chosen: Vec<String> = list
+                .items
+                .iter()
+                .flat_map(|d| {
+                    d.data["status"]["decisions"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                })
+                .filter_map(|d| d["clusterName"].as_str().map(str::to_string))
+                .collect();
+            chosen
+                .iter()
+                .any(|c| c == cluster)
+                .then_some(())
+                .ok_or(format!("decisions: {chosen:?}"))
+        }
+    })
+    .await
+    .unwrap();
+    Placed { set, namespace }
+}

@@ -39,11 +39,14 @@ pub(super) async fn renew_lease(
 ) {
     let api: Api<Lease> = Api::namespaced(opts.client.clone(), &opts.cluster_name);
     let mut backoff = retry_backoff(opts.retry_max.min(opts.lease_duration));
+    // The lease as the last renewal left it: the next renewal replaces it without reading it
+    // again, one request a period instead of OCM's two (a get and an update).
+    let mut last: Option<Lease> = None;
     loop {
         let period = membership.borrow_and_update().lease_period(opts.lease_duration);
         let wait = match period {
             None => None,
-            Some(period) => Some(match renew_once(&api, &opts, period).await {
+            Some(period) => Some(match renew_once(&api, &opts, period, &mut last).await {
                 Ok(()) => {
                     tracing::debug!("cluster lease renewed");
                     backoff.reset();
@@ -86,14 +89,30 @@ pub(crate) fn jittered(period: Duration) -> Duration {
     period.mul_f64(1.0 + rand::random::<f64>() * 0.25)
 }
 
-/// One renewal: get and replace `renewTime` only (guarded by resourceVersion), as OCM's agent
-/// does; create the lease when the hub has none (a hub without OCM's lease controller).
-async fn renew_once(api: &Api<Lease>, opts: &KubeHubOptions, period: Duration) -> Result<(), LeaseError> {
+/// One renewal: replace `renewTime` only (guarded by resourceVersion) on the lease as the last
+/// renewal left it, or as read now when there is none or someone else changed it since (a
+/// conflict); create the lease when the hub has none (a hub without OCM's lease controller).
+async fn renew_once(
+    api: &Api<Lease>,
+    opts: &KubeHubOptions,
+    period: Duration,
+    last: &mut Option<Lease>,
+) -> Result<(), LeaseError> {
+    if let Some(mut lease) = last.take() {
+        renew_time_now(&mut lease)?;
+        match api.replace(LEASE_NAME, &PostParams::default(), &lease).await {
+            Ok(renewed) => {
+                *last = Some(renewed);
+                return Ok(());
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     match api.get(LEASE_NAME).await {
         Ok(mut lease) => {
-            let spec = lease.spec.get_or_insert_with(Default::default);
-            spec.renew_time = Some(serde_json::from_value(micro_time_now().into())?);
-            api.replace(LEASE_NAME, &PostParams::default(), &lease).await?;
+            renew_time_now(&mut lease)?;
+            *last = Some(api.replace(LEASE_NAME, &PostParams::default(), &lease).await?);
         }
         Err(e) if is_not_found(&e) => {
             let secs = i32::try_from(period.as_secs()).unwrap_or(i32::MAX).max(1);
@@ -107,11 +126,18 @@ async fn renew_once(api: &Api<Lease>, opts: &KubeHubOptions, period: Duration) -
                     "renewTime": micro_time_now(),
                 },
             }))?;
-            api.create(&PostParams::default(), &lease).await?;
+            *last = Some(api.create(&PostParams::default(), &lease).await?);
             tracing::info!("cluster lease created");
         }
         Err(e) => return Err(e.into()),
     }
+    Ok(())
+}
+
+/// Sets the lease's `spec.renewTime` to now.
+fn renew_time_now(lease: &mut Lease) -> Result<(), LeaseError> {
+    let spec = lease.spec.get_or_insert_with(Default::default);
+    spec.renew_time = Some(serde_json::from_value(micro_time_now().into())?);
     Ok(())
 }
 
