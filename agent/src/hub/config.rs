@@ -543,84 +543,90 @@ impl HubArgs {
     pub fn resolve(&self) -> Result<Option<ResolvedHub>, HubConfigError> {
         match self.hub_transport {
             None => Ok(None),
-            Some(HubTransport::Grpc) => {
-                if self.bootstrap_hub_kubeconfig.is_some() {
-                    return Err(HubConfigError::Conflict(
-                        "--hub-transport grpc",
-                        "--bootstrap-hub-kubeconfig (use --bootstrap-hub-config)",
-                    ));
-                }
-                match (
-                    &self.hub_config,
-                    self.bootstrap(self.bootstrap_hub_config.as_ref()),
-                ) {
-                    (Some(_), Some(_)) => {
-                        Err(HubConfigError::Conflict("--hub-config", "--bootstrap-hub-config"))
-                    }
-                    (None, Some(join)) => {
-                        let bootstrap = self.merge(HubConfigFile::load(&join.credential)?)?;
-                        Ok(Some(ResolvedHub::GrpcJoin {
-                            bootstrap: Box::new(bootstrap),
-                            join,
-                        }))
-                    }
-                    (file, None) => {
-                        let file = match file {
-                            Some(p) => HubConfigFile::load(p)?,
-                            None => HubConfigFile::default(),
-                        };
-                        self.merge(file).map(|s| Some(ResolvedHub::Grpc(s)))
-                    }
-                }
+            Some(HubTransport::Grpc) => self.resolve_grpc().map(Some),
+            Some(HubTransport::Kube) => self.resolve_kube().map(|k| Some(ResolvedHub::Kube(k))),
+        }
+    }
+
+    /// The gRPC transport's settings: from `--hub-config` (and flags), or a join with
+    /// `--bootstrap-hub-config` first.
+    fn resolve_grpc(&self) -> Result<ResolvedHub, HubConfigError> {
+        if self.bootstrap_hub_kubeconfig.is_some() {
+            return Err(HubConfigError::Conflict(
+                "--hub-transport grpc",
+                "--bootstrap-hub-kubeconfig (use --bootstrap-hub-config)",
+            ));
+        }
+        match (
+            &self.hub_config,
+            self.bootstrap(self.bootstrap_hub_config.as_ref()),
+        ) {
+            (Some(_), Some(_)) => Err(HubConfigError::Conflict("--hub-config", "--bootstrap-hub-config")),
+            (None, Some(join)) => {
+                let bootstrap = self.merge(HubConfigFile::load(&join.credential)?)?;
+                Ok(ResolvedHub::GrpcJoin {
+                    bootstrap: Box::new(bootstrap),
+                    join,
+                })
             }
-            Some(HubTransport::Kube) => {
-                if self.bootstrap_hub_config.is_some() {
-                    return Err(HubConfigError::Conflict(
-                        "--hub-transport kube",
-                        "--bootstrap-hub-config (use --bootstrap-hub-kubeconfig)",
-                    ));
-                }
-                let bootstrap = self.bootstrap(self.bootstrap_hub_kubeconfig.as_ref());
-                let kubeconfig = match (&self.hub_kubeconfig, &bootstrap) {
-                    (Some(_), Some(_)) => {
-                        return Err(HubConfigError::Conflict(
-                            "--hub-kubeconfig",
-                            "--bootstrap-hub-kubeconfig",
-                        ));
-                    }
-                    (Some(k), None) => k.clone(),
-                    (None, Some(b)) => b.runs_from(),
-                    (None, None) => {
-                        return Err(HubConfigError::Missing(
-                            "--hub-kubeconfig or --bootstrap-hub-kubeconfig",
-                        ));
-                    }
+            (file, None) => {
+                let file = match file {
+                    Some(p) => HubConfigFile::load(p)?,
+                    None => HubConfigFile::default(),
                 };
-                let cluster_name = self
-                    .cluster_name
-                    .clone()
-                    .filter(|c| !c.is_empty())
-                    .ok_or(HubConfigError::Missing("--cluster-name"))?;
-                let agent_id = self
-                    .agent_id
-                    .clone()
-                    .filter(|a| !a.is_empty())
-                    .unwrap_or_else(|| cluster_name.clone());
-                let security = HubSecurity {
-                    allow_plaintext: self.insecure_plaintext,
-                    allow_unverified: self.hub_insecure_skip_tls_verify,
-                    allow_tls12: allow_tls12(self.hub_min_tls_version.as_deref())?,
-                };
-                Ok(Some(ResolvedHub::Kube(KubeHubSettings {
-                    kubeconfig,
-                    bootstrap,
-                    cluster_name,
-                    agent_id,
-                    lease_duration: self.hub_lease_duration,
-                    security,
-                })))
+                self.merge(file).map(ResolvedHub::Grpc)
             }
         }
+    }
+
+    /// The Kubernetes-hub transport's settings: `--hub-kubeconfig`, or a join with
+    /// `--bootstrap-hub-kubeconfig` first.
+    fn resolve_kube(&self) -> Result<KubeHubSettings, HubConfigError> {
+        if self.bootstrap_hub_config.is_some() {
+            return Err(HubConfigError::Conflict(
+                "--hub-transport kube",
+                "--bootstrap-hub-config (use --bootstrap-hub-kubeconfig)",
+            ));
+        }
+        let bootstrap = self.bootstrap(self.bootstrap_hub_kubeconfig.as_ref());
+        let kubeconfig = match (&self.hub_kubeconfig, &bootstrap) {
+            (Some(_), Some(_)) => {
+                return Err(HubConfigError::Conflict(
+                    "--hub-kubeconfig",
+                    "--bootstrap-hub-kubeconfig",
+                ));
+            }
+            (Some(k), None) => k.clone(),
+            (None, Some(b)) => b.runs_from(),
+            (None, None) => {
+                return Err(HubConfigError::Missing(
+                    "--hub-kubeconfig or --bootstrap-hub-kubeconfig",
+                ));
+            }
+        };
+        let cluster_name = self
+            .cluster_name
+            .clone()
+            .filter(|c| !c.is_empty())
+            .ok_or(HubConfigError::Missing("--cluster-name"))?;
+        let agent_id = self
+            .agent_id
+            .clone()
+            .filter(|a| !a.is_empty())
+            .unwrap_or_else(|| cluster_name.clone());
+        let security = HubSecurity {
+            allow_plaintext: self.insecure_plaintext,
+            allow_unverified: self.hub_insecure_skip_tls_verify,
+            allow_tls12: allow_tls12(self.hub_min_tls_version.as_deref())?,
+        };
+        Ok(KubeHubSettings {
+            kubeconfig,
+            bootstrap,
+            cluster_name,
+            agent_id,
+            lease_duration: self.hub_lease_duration,
+            security,
+        })
     }
 
     /// Merges `file` under the flags.
@@ -831,6 +837,51 @@ keepAliveConfig:
             hub: HubArgs,
         }
         Run::command().debug_assert();
+    }
+
+    #[test]
+    fn a_grpc_bootstrap_config_resolves_to_a_join_and_the_joined_flags_to_its_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let bootstrap = dir.path().join("bootstrap.yaml");
+        std::fs::write(&bootstrap, "url: https://hub.example:8090\ntoken: t0ken\n").unwrap();
+        let args = HubArgs {
+            hub_transport: Some(HubTransport::Grpc),
+            bootstrap_hub_config: Some(bootstrap.clone()),
+            hub_credentials_dir: dir.path().join("hub"),
+            cluster_name: Some("pool-a".into()),
+            ..HubArgs::default()
+        };
+        let Some(ResolvedHub::GrpcJoin { bootstrap: b, join }) = args.resolve().unwrap() else {
+            panic!("a join")
+        };
+        assert_eq!(b.url.uri(), "https://hub.example:8090");
+        assert_eq!(join.credential, bootstrap);
+        let joined = join.joined_args(&args);
+        assert_eq!(
+            joined.hub_config,
+            Some(dir.path().join("hub").join("config.yaml"))
+        );
+        assert!(joined.bootstrap_hub_config.is_none());
+        // Each bootstrap flag belongs to its own transport, and a join replaces --hub-config.
+        let both = HubArgs {
+            hub_config: Some(bootstrap.clone()),
+            ..args.clone()
+        };
+        assert!(matches!(both.resolve(), Err(HubConfigError::Conflict(..))));
+        let kube = HubArgs {
+            hub_transport: Some(HubTransport::Kube),
+            ..args.clone()
+        };
+        assert!(matches!(kube.resolve(), Err(HubConfigError::Conflict(..))));
+        let kubeconfig_on_grpc = HubArgs {
+            bootstrap_hub_config: None,
+            bootstrap_hub_kubeconfig: Some(bootstrap),
+            ..args
+        };
+        assert!(matches!(
+            kubeconfig_on_grpc.resolve(),
+            Err(HubConfigError::Conflict(..))
+        ));
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::config::{HubArgs, HubConfigError, ResolvedHub};
+use super::config::{BootstrapSettings, HubArgs, HubConfigError, KubeHubSettings, ResolvedHub};
 use super::grpc::{GrpcError, GrpcHub, GrpcHubOptions, HubHandle, RecordedWork};
 use super::kube_hub::{KubeHub, KubeHubError, KubeHubOptions};
 use super::metrics;
@@ -111,93 +111,132 @@ impl HubConnection {
                 open_grpc(settings, spoke, registry, gate, stop, Vec::new()).await?
             }
             Some(ResolvedHub::GrpcJoin { bootstrap, join }) => {
-                let (url, ca) = registration::spoke_endpoint(spoke_config);
-                let joining = JoinSettings {
-                    cluster: bootstrap.cluster_name.clone(),
-                    agent: bootstrap.agent_id.clone(),
-                    bootstrap: Bootstrap::Grpc(bootstrap),
-                    dir: join.dir.clone(),
-                    keeping: Keeping::Secret {
-                        spoke: spoke.clone(),
-                        namespace: join.agent_namespace.clone(),
-                        name: join.secret.clone(),
-                    },
-                    spoke_url: Some(join.spoke_url.clone().unwrap_or(url)),
-                    spoke_ca: ca,
+                let joined = Spoke {
+                    client: spoke,
+                    config: spoke_config,
                 };
-                registration::ensure_joined(&joining).await?;
-                // Over gRPC no request answers 401: renewal, expiry and a deleted Secret
-                // are what send the agent back to its bootstrap credential.
-                let renewing = tokio::spawn(registration::keep_renewed(
-                    joining,
-                    Arc::new(tokio::sync::Notify::new()),
-                    stop.clone(),
-                ));
-                let Some(ResolvedHub::Grpc(settings)) = join.joined_args(&args).resolve()? else {
-                    unreachable!("the joined flags select the gRPC transport");
-                };
-                open_grpc(settings, spoke, registry, gate, stop, vec![renewing]).await?
+                open_grpc_joined(&args, *bootstrap, &join, joined, registry, gate, stop).await?
             }
             Some(ResolvedHub::Kube(settings)) => {
-                let mut renewing = None;
-                // A 401 from the hub tells a joined agent its certificate is no longer taken.
-                let rejected = Arc::new(tokio::sync::Notify::new());
-                if let Some(bootstrap) = &settings.bootstrap {
-                    let (url, ca) = registration::spoke_endpoint(spoke_config);
-                    let join = JoinSettings {
-                        bootstrap: Bootstrap::Kube {
-                            kubeconfig: bootstrap.credential.clone(),
-                            security: settings.security,
-                        },
-                        cluster: settings.cluster_name.clone(),
-                        agent: settings.agent_id.clone(),
-                        dir: bootstrap.dir.clone(),
-                        keeping: Keeping::Secret {
-                            spoke: spoke.clone(),
-                            namespace: bootstrap.agent_namespace.clone(),
-                            name: bootstrap.secret.clone(),
-                        },
-                        spoke_url: Some(bootstrap.spoke_url.clone().unwrap_or(url)),
-                        spoke_ca: ca,
-                    };
-                    registration::ensure_joined(&join).await?;
-                    renewing = Some(tokio::spawn(registration::keep_renewed(
-                        join,
-                        rejected.clone(),
-                        stop.clone(),
-                    )));
-                }
-                let config = super::kube_hub::config_from_kubeconfig(&settings.kubeconfig).await?;
-                let address = config.cluster_url.to_string();
-                let guards = crate::kube_client::Guards {
-                    gate,
-                    unauthorized: settings.bootstrap.as_ref().map(|_| rejected),
+                let joined = Spoke {
+                    client: spoke,
+                    config: spoke_config,
                 };
-                let client = super::kube_hub::gated_hub_client(
-                    config,
-                    &settings.kubeconfig,
-                    settings.security,
-                    guards,
-                )?;
-                let mut opts = KubeHubOptions::new(client, &settings.cluster_name, &settings.agent_id);
-                opts.lease_duration = settings.lease_duration;
-                opts.spoke = Some(spoke.clone());
-                let hub = KubeHub::start(opts, stop.clone());
-                tracing::info!(hub = %address, transport = "kube", cluster = %settings.cluster_name, "hub transport started");
-                let mut tasks = hub.tasks;
-                tasks.extend(renewing);
-                let closer = HubCloser::new(stop, tasks, None);
-                HubConnection {
-                    source: hub.source,
-                    sink: Arc::new(hub.sink),
-                    reports: Arc::new(hub.reports),
-                    address,
-                    closer,
-                }
+                open_kube(&settings, joined, gate, stop).await?
             }
         };
         Ok(Some(conn))
     }
+}
+
+/// The spoke the agent runs on: its client (where the credential Secret is kept) and its
+/// config (the API server a ManagedCluster the agent creates names).
+#[derive(Clone, Copy)]
+struct Spoke<'a> {
+    client: &'a kube::Client,
+    config: &'a kube::Config,
+}
+
+impl Spoke<'_> {
+    /// How to join with `bootstrap` as `agent` of `cluster`, keeping what it earns as
+    /// `settings` say.
+    fn join_settings(
+        self,
+        bootstrap: Bootstrap,
+        (cluster, agent): (&str, &str),
+        settings: &BootstrapSettings,
+    ) -> JoinSettings {
+        let (url, ca) = registration::spoke_endpoint(self.config);
+        JoinSettings {
+            bootstrap,
+            cluster: cluster.to_string(),
+            agent: agent.to_string(),
+            dir: settings.dir.clone(),
+            keeping: Keeping::Secret {
+                spoke: self.client.clone(),
+                namespace: settings.agent_namespace.clone(),
+                name: settings.secret.clone(),
+            },
+            spoke_url: Some(settings.spoke_url.clone().unwrap_or(url)),
+            spoke_ca: ca,
+        }
+    }
+}
+
+/// Joins over gRPC with `bootstrap` (or runs from what an earlier join kept), starts the
+/// renewal, and opens the gRPC transport from the joined config.
+async fn open_grpc_joined(
+    args: &HubArgs,
+    bootstrap: super::HubSettings,
+    join: &BootstrapSettings,
+    spoke: Spoke<'_>,
+    registry: &SharedRegistry,
+    gate: Option<WriteGate>,
+    stop: CancellationToken,
+) -> Result<HubConnection, ConnectError> {
+    let who = (bootstrap.cluster_name.clone(), bootstrap.agent_id.clone());
+    let joining = spoke.join_settings(Bootstrap::Grpc(Box::new(bootstrap)), (&who.0, &who.1), join);
+    registration::ensure_joined(&joining).await?;
+    // Over gRPC no request answers 401: renewal, expiry and a deleted Secret are what send
+    // the agent back to its bootstrap credential.
+    let renewing = tokio::spawn(registration::keep_renewed(
+        joining,
+        Arc::new(tokio::sync::Notify::new()),
+        stop.clone(),
+    ));
+    let Some(ResolvedHub::Grpc(settings)) = join.joined_args(args).resolve()? else {
+        unreachable!("the joined flags select the gRPC transport");
+    };
+    open_grpc(settings, spoke.client, registry, gate, stop, vec![renewing]).await
+}
+
+/// Opens the Kubernetes-hub transport, joining first when it has a bootstrap credential.
+async fn open_kube(
+    settings: &KubeHubSettings,
+    spoke: Spoke<'_>,
+    gate: Option<WriteGate>,
+    stop: CancellationToken,
+) -> Result<HubConnection, ConnectError> {
+    let mut renewing = None;
+    // A 401 from the hub tells a joined agent its certificate is no longer taken.
+    let rejected = Arc::new(tokio::sync::Notify::new());
+    if let Some(bootstrap) = &settings.bootstrap {
+        let join = spoke.join_settings(
+            Bootstrap::Kube {
+                kubeconfig: bootstrap.credential.clone(),
+                security: settings.security,
+            },
+            (&settings.cluster_name, &settings.agent_id),
+            bootstrap,
+        );
+        registration::ensure_joined(&join).await?;
+        renewing = Some(tokio::spawn(registration::keep_renewed(
+            join,
+            rejected.clone(),
+            stop.clone(),
+        )));
+    }
+    let config = super::kube_hub::config_from_kubeconfig(&settings.kubeconfig).await?;
+    let address = config.cluster_url.to_string();
+    let guards = crate::kube_client::Guards {
+        gate,
+        unauthorized: settings.bootstrap.as_ref().map(|_| rejected),
+    };
+    let client = super::kube_hub::gated_hub_client(config, &settings.kubeconfig, settings.security, guards)?;
+    let mut opts = KubeHubOptions::new(client, &settings.cluster_name, &settings.agent_id);
+    opts.lease_duration = settings.lease_duration;
+    opts.spoke = Some(spoke.client.clone());
+    let hub = KubeHub::start(opts, stop.clone());
+    tracing::info!(hub = %address, transport = "kube", cluster = %settings.cluster_name, "hub transport started");
+    let mut tasks = hub.tasks;
+    tasks.extend(renewing);
+    Ok(HubConnection {
+        source: hub.source,
+        sink: Arc::new(hub.sink),
+        reports: Arc::new(hub.reports),
+        address,
+        closer: HubCloser::new(stop, tasks, None),
+    })
 }
 
 /// Starts the gRPC transport with `settings`, and beside it the cluster's membership (lease,
