@@ -56,6 +56,67 @@ where
     panic!("{prefix}: still not done after 400 work updates");
 }
 
+/// Waits until the hub's ManagedCluster `cluster` is `ManagedClusterJoined` and
+/// `ManagedClusterConditionAvailable`, `how` naming the case for a failure.
+async fn until_joined_and_available(clusters: &Api<kube::api::DynamicObject>, cluster: &str, how: &str) {
+    eventually(
+        &format!("the cluster Joined and Available {how}"),
+        || async move {
+            let mc = clusters.get_opt(cluster).await.map_err(|e| e.to_string())?;
+            let status = |type_| mc.as_ref().and_then(|mc| condition_status(mc, type_));
+            let (joined, available) = (
+                status("ManagedClusterJoined"),
+                status("ManagedClusterConditionAvailable"),
+            );
+            (joined.as_deref() == Some("True") && available.as_deref() == Some("True"))
+                .then_some(())
+                .ok_or(format!("joined {joined:?}, available {available:?}"))
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// The hub's ManifestWorks of `cluster`.
+fn hub_works(admin: &kube::Client, cluster: &str) -> Api<kube::api::DynamicObject> {
+    Api::namespaced_with(
+        admin.clone(),
+        cluster,
+        &spokelet_e2e::ocm::resource(
+            spokelet_e2e::ocm::WORK_GROUP,
+            "v1",
+            "ManifestWork",
+            "manifestworks",
+        ),
+    )
+}
+
+/// The manifests of work `renewed-model`: one ConfigMap in `works_ns` holding `model`.
+fn model_manifests(works_ns: &str, model: &str) -> serde_json::Value {
+    json!([{"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "renewed-model", "namespace": works_ns}, "data": {"model": model}}])
+}
+
+/// Creates work `renewed-model` (model `v0`) on the hub and waits for it on the spoke;
+/// returns the spoke's ConfigMaps in `works_ns`.
+async fn start_renewed_model(
+    works: &Api<kube::api::DynamicObject>,
+    cluster: &str,
+    spoke: &kube::Client,
+    works_ns: &str,
+) -> Api<ConfigMap> {
+    let work: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "work.open-cluster-management.io/v1", "kind": "ManifestWork",
+        "metadata": {"name": "renewed-model", "namespace": cluster},
+        "spec": {"workload": {"manifests": model_manifests(works_ns, "v0")}}
+    }))
+    .unwrap();
+    works.create(&Default::default(), &work).await.unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(spoke.clone(), works_ns);
+    until_model(&cms, "renewed-model", Some("v0")).await;
+    cms
+}
+
 /// The real OCM hub whose API server signs client certificates for `signing` at most, its
 /// registration controller run with `registration_args`.
 async fn signing_hub(name: &str, signing: Duration, registration_args: Vec<String>) -> OcmHub {
@@ -201,31 +262,10 @@ async fn spokelet_joins_a_stock_ocm_hub_with_a_bootstrap_credential_and_a_restar
         )
         .await
         .unwrap();
-    eventually("the cluster Joined and Available", || {
-        let (clusters, cluster) = (clusters.clone(), cluster.clone());
-        async move {
-            let mc = clusters.get(&cluster).await.map_err(|e| e.to_string())?;
-            let joined = condition_status(&mc, "ManagedClusterJoined");
-            let available = condition_status(&mc, "ManagedClusterConditionAvailable");
-            (joined.as_deref() == Some("True") && available.as_deref() == Some("True"))
-                .then_some(())
-                .ok_or(format!("joined {joined:?}, available {available:?}"))
-        }
-    })
-    .await
-    .unwrap();
+    until_joined_and_available(&clusters, &cluster, "after approval and acceptance").await;
 
     // Works reach it with the issued certificate.
-    let works: Api<kube::api::DynamicObject> = Api::namespaced_with(
-        admin.clone(),
-        &cluster,
-        &spokelet_e2e::ocm::resource(
-            spokelet_e2e::ocm::WORK_GROUP,
-            "v1",
-            "ManifestWork",
-            "manifestworks",
-        ),
-    );
+    let works = hub_works(&admin, &cluster);
     let work = |model: &str| -> kube::api::DynamicObject {
         serde_json::from_value(json!({
             "apiVersion": "work.open-cluster-management.io/v1", "kind": "ManifestWork",
@@ -353,45 +393,12 @@ async fn an_auto_approved_join_renews_its_short_lived_certificate_while_works_fl
     };
     let agent = Agent::start(&joiner.argv(credentials.path()));
     let clusters = managed_clusters(&admin);
-    eventually("the cluster Available without anyone approving", || {
-        let (clusters, cluster) = (clusters.clone(), cluster.clone());
-        async move {
-            let mc = clusters.get_opt(&cluster).await.map_err(|e| e.to_string())?;
-            let available = mc
-                .as_ref()
-                .and_then(|mc| condition_status(mc, "ManagedClusterConditionAvailable"));
-            (available.as_deref() == Some("True"))
-                .then_some(())
-                .ok_or(format!("available {available:?}"))
-        }
-    })
-    .await
-    .unwrap();
+    until_joined_and_available(&clusters, &cluster, "without anyone approving").await;
     println!("start to Available, auto-approved: {:?}", started.elapsed());
 
-    let works: Api<kube::api::DynamicObject> = Api::namespaced_with(
-        admin.clone(),
-        &cluster,
-        &spokelet_e2e::ocm::resource(
-            spokelet_e2e::ocm::WORK_GROUP,
-            "v1",
-            "ManifestWork",
-            "manifestworks",
-        ),
-    );
-    let manifests = |model: &str| {
-        json!([{"apiVersion": "v1", "kind": "ConfigMap",
-                "metadata": {"name": "renewed-model", "namespace": works_ns}, "data": {"model": model}}])
-    };
-    let work: kube::api::DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "work.open-cluster-management.io/v1", "kind": "ManifestWork",
-        "metadata": {"name": "renewed-model", "namespace": cluster},
-        "spec": {"workload": {"manifests": manifests("v0")}}
-    }))
-    .unwrap();
-    works.create(&Default::default(), &work).await.unwrap();
-    let cms: Api<ConfigMap> = Api::namespaced(spoke.client(), &works_ns);
-    until_model(&cms, "renewed-model", Some("v0")).await;
+    let works = hub_works(&admin, &cluster);
+    let manifests = |model: &str| model_manifests(&works_ns, model);
+    let cms = start_renewed_model(&works, &cluster, &spoke.client(), &works_ns).await;
     let first_cert = std::fs::read(credentials.path().join("tls.crt")).unwrap();
 
     // Works keep coming while the certificate nears its renewal.
@@ -557,23 +564,7 @@ async fn spokelet_joins_ocms_grpc_server_with_a_bootstrap_config_and_stays_joine
 
     // Joined, Available and leased over gRPC, with nobody approving.
     let clusters = managed_clusters(&admin);
-    eventually("the cluster Joined and Available over gRPC", || {
-        let (clusters, cluster) = (clusters.clone(), cluster.clone());
-        async move {
-            let mc = clusters.get_opt(&cluster).await.map_err(|e| e.to_string())?;
-            let joined = mc
-                .as_ref()
-                .and_then(|mc| condition_status(mc, "ManagedClusterJoined"));
-            let available = mc
-                .as_ref()
-                .and_then(|mc| condition_status(mc, "ManagedClusterConditionAvailable"));
-            (joined.as_deref() == Some("True") && available.as_deref() == Some("True"))
-                .then_some(())
-                .ok_or(format!("joined {joined:?}, available {available:?}"))
-        }
-    })
-    .await
-    .unwrap();
+    until_joined_and_available(&clusters, &cluster, "over gRPC").await;
     println!(
         "start to Available over gRPC, auto-approved: {:?}",
         started.elapsed()
@@ -618,29 +609,9 @@ async fn spokelet_joins_ocms_grpc_server_with_a_bootstrap_config_and_stays_joine
     .unwrap();
 
     // Works flow, and keep flowing across the renewal of the certificate.
-    let works: Api<kube::api::DynamicObject> = Api::namespaced_with(
-        admin.clone(),
-        &cluster,
-        &spokelet_e2e::ocm::resource(
-            spokelet_e2e::ocm::WORK_GROUP,
-            "v1",
-            "ManifestWork",
-            "manifestworks",
-        ),
-    );
-    let manifests = |model: &str| {
-        json!([{"apiVersion": "v1", "kind": "ConfigMap",
-                "metadata": {"name": "renewed-model", "namespace": works_ns}, "data": {"model": model}}])
-    };
-    let work: kube::api::DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "work.open-cluster-management.io/v1", "kind": "ManifestWork",
-        "metadata": {"name": "renewed-model", "namespace": cluster},
-        "spec": {"workload": {"manifests": manifests("v0")}}
-    }))
-    .unwrap();
-    works.create(&Default::default(), &work).await.unwrap();
-    let cms: Api<ConfigMap> = Api::namespaced(spoke.client(), &works_ns);
-    until_model(&cms, "renewed-model", Some("v0")).await;
+    let works = hub_works(&admin, &cluster);
+    let manifests = |model: &str| model_manifests(&works_ns, model);
+    let cms = start_renewed_model(&works, &cluster, &spoke.client(), &works_ns).await;
     let first_cert = std::fs::read(credentials.join("tls.crt")).unwrap();
     let version = updates_until(&works, &cms, &manifests, "v", || async {
         requests(&admin, &cluster).await.len() >= 2

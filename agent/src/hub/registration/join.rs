@@ -1,31 +1,24 @@
-//! Joining with a bootstrap credential, as OCM's registration agent does: the ManagedCluster
-//! created if it is missing, a CSR with OCM's subject, the issued certificate kept, and then
-//! the wait for the hub to accept the cluster. A restart finds the kept certificate and makes
-//! no new request. This file holds what both wires share and the Kubernetes hub's join; the
-//! gRPC hub's is in [`super::over_grpc`].
+//! What joining a hub takes on either wire, as OCM's registration agent joins: the settings
+//! and errors, the ManagedCluster an agent creates, the pace of the waits, and the keeping of
+//! an issued certificate once it is checked to name this cluster and agent. The joins
+//! themselves are [`super::over_kube`] and [`super::over_grpc`]; [`super::ensure`] picks one.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use base64::Engine;
-use k8s_openapi::api::certificates::v1::{CertificateSigningRequest, CertificateSigningRequestSpec};
-use kube::api::{Api, DynamicObject, ObjectMeta, PostParams};
 use serde_json::json;
 
 use super::csr::{self, Issued};
 use super::store::{Credentials, Keeping, StoreError, Wire};
 use crate::hub::config::HubSettings;
 use crate::hub::grpc::GrpcError;
-use crate::hub::kube_hub::{
-    HubSecurity, KubeHubError, config_from_kubeconfig, hub_client, managed_cluster_resource,
-};
+use crate::hub::kube_hub::{HubSecurity, KubeHubError, config_from_kubeconfig};
 
 /// OCM's label naming a CSR's cluster; its hub approves only CSRs that carry it.
 pub(super) const CLUSTER_NAME_LABEL: &str = "open-cluster-management.io/cluster-name";
 /// OCM's label naming a CSR's agent.
 pub(super) const AGENT_NAME_LABEL: &str = "open-cluster-management.io/agent-name";
-/// The signer of client certificates the hub's API server accepts.
-const CLIENT_SIGNER: &str = "kubernetes.io/kube-apiserver-client";
 /// How often the CSR and the ManagedCluster are looked at while waiting (each look is one GET;
 /// the bootstrap identity may not be allowed to watch everywhere): every second for the first
 /// minute, when auto-approval answers, then every [`SLOW_POLL`], since a person approving may
@@ -52,7 +45,7 @@ pub enum Bootstrap {
 
 impl Bootstrap {
     /// How the credentials the join earns are kept and run from.
-    fn wire(&self) -> Wire {
+    pub(super) fn wire(&self) -> Wire {
         match self {
             Bootstrap::Kube { .. } => Wire::Kube,
             Bootstrap::Grpc(s) => Wire::Grpc {
@@ -112,72 +105,6 @@ pub enum JoinError {
     Store(#[from] StoreError),
 }
 
-/// Makes sure the agent holds a certificate of the hub for itself: the one kept in the Secret
-/// while it names this cluster and agent and has not expired, else a new one by joining.
-/// Writes the files and returns the config (kubeconfig or gRPC config) to run the hub
-/// transport from.
-pub async fn ensure_joined(s: &JoinSettings) -> Result<PathBuf, JoinError> {
-    let (server, ca_pem) = hub_endpoint(s).await?;
-    let kept = s
-        .keeping
-        .load(
-            &s.dir,
-            s.bootstrap.wire(),
-            (&server, ca_pem.as_deref()),
-            (&s.cluster, &s.agent),
-        )
-        .await?;
-    if let Some(kept) = kept {
-        match usable(&kept, s) {
-            Ok(()) => {
-                tracing::info!(cluster = %s.cluster, kept_in = %s.keeping.describe(), "running from the hub credentials kept from an earlier join");
-                return Ok(kept.write_files(&s.dir)?);
-            }
-            Err(why) => {
-                tracing::warn!(kept_in = %s.keeping.describe(), why, "the kept hub credentials cannot be used; joining again")
-            }
-        }
-    }
-    join(s).await
-}
-
-/// Joins with the bootstrap credential, whatever is kept (see [`ensure_joined`]).
-pub(super) async fn join(s: &JoinSettings) -> Result<PathBuf, JoinError> {
-    match &s.bootstrap {
-        Bootstrap::Kube { kubeconfig, security } => join_kube(s, kubeconfig, *security).await,
-        Bootstrap::Grpc(settings) => super::over_grpc::join(s, settings).await,
-    }
-}
-
-async fn join_kube(s: &JoinSettings, kubeconfig: &Path, security: HubSecurity) -> Result<PathBuf, JoinError> {
-    let config = config_from_kubeconfig(kubeconfig)
-        .await
-        .map_err(JoinError::Bootstrap)?;
-    let (server, ca_pem) = endpoint_of(&config);
-    let hub = hub_client(config, kubeconfig, security).map_err(JoinError::Bootstrap)?;
-    ensure_managed_cluster(&hub, s).await?;
-    let (issued, name) = obtain(s, &hub, server, ca_pem).await?;
-    tracing::info!(cluster = %s.cluster, csr = %name, not_after = ?issued.not_after, "joined the hub: certificate issued and kept");
-    wait_accepted(&hub, &s.cluster).await?;
-    Ok(kubeconfig_in(&s.dir))
-}
-
-/// Asks `hub` for a certificate (a new key and request, as the identity `hub` holds), waits
-/// until it is signed, checks that it names this cluster and agent, and keeps it: the Secret,
-/// then the files. Returns what was issued and the request's name.
-pub(super) async fn obtain(
-    s: &JoinSettings,
-    hub: &kube::Client,
-    server: String,
-    ca_pem: Option<Vec<u8>>,
-) -> Result<(Issued, String), JoinError> {
-    let request = csr::request(&s.cluster, &s.agent)?;
-    let name = create_csr(hub, s, &request.csr_pem).await?;
-    let cert_pem = wait_issued(hub, &name).await?;
-    let issued = keep(s, request, cert_pem, (server, ca_pem)).await?;
-    Ok((issued, name))
-}
-
 /// Checks that the certificate the hub issued for `request` names this cluster and agent and
 /// keeps it: the Secret, then the files. Nothing is kept for a certificate naming another.
 pub(super) async fn keep(
@@ -231,57 +158,11 @@ pub(super) async fn hub_endpoint(s: &JoinSettings) -> Result<(String, Option<Vec
     }
 }
 
-fn endpoint_of(config: &kube::Config) -> (String, Option<Vec<u8>>) {
+pub(super) fn endpoint_of(config: &kube::Config) -> (String, Option<Vec<u8>>) {
     (
         config.cluster_url.to_string(),
         config.root_cert.as_ref().map(|certs| pem_bundle(certs)),
     )
-}
-
-/// Whether kept credentials can be run from: issued to this cluster and agent, not expired.
-fn usable(c: &Credentials, s: &JoinSettings) -> Result<(), &'static str> {
-    if c.cluster != s.cluster || c.agent != s.agent {
-        return Err("they were issued to another cluster or agent");
-    }
-    let issued = Issued::from_pem(&c.cert_pem).map_err(|_| "the certificate cannot be read")?;
-    if !issued.names(&s.cluster, &s.agent) {
-        return Err("the certificate names another cluster or agent");
-    }
-    if SystemTime::now() >= issued.not_after {
-        return Err("the certificate has expired");
-    }
-    Ok(())
-}
-
-/// Creates the ManagedCluster if it does not exist, naming the spoke's API server; an existing
-/// one is left as it is (the bootstrap role may not change it).
-async fn ensure_managed_cluster(hub: &kube::Client, s: &JoinSettings) -> Result<(), JoinError> {
-    let api: Api<DynamicObject> = Api::all_with(hub.clone(), &managed_cluster_resource());
-    let err = |what| move |source| JoinError::Hub { what, source };
-    if api
-        .get_opt(&s.cluster)
-        .await
-        .map_err(err("reading the ManagedCluster"))?
-        .is_some()
-    {
-        return Ok(());
-    }
-    let obj: DynamicObject = serde_json::from_value(new_managed_cluster(s)).map_err(|e| JoinError::Hub {
-        what: "making the ManagedCluster",
-        source: kube::Error::SerdeError(e),
-    })?;
-    match api.create(&PostParams::default(), &obj).await {
-        Ok(_) => {
-            tracing::info!(cluster = %s.cluster, "created the ManagedCluster on the hub");
-            Ok(())
-        }
-        // Made meanwhile by someone else: as good.
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(source) => Err(JoinError::Hub {
-            what: "creating the ManagedCluster",
-            source,
-        }),
-    }
 }
 
 /// The ManagedCluster an agent creates: its name, the spoke's API server where there is one,
@@ -301,112 +182,6 @@ pub(super) fn new_managed_cluster(s: &JoinSettings) -> serde_json::Value {
         "metadata": {"name": s.cluster},
         "spec": spec,
     })
-}
-
-/// Sends the certificate request; returns its name.
-async fn create_csr(hub: &kube::Client, s: &JoinSettings, csr_pem: &str) -> Result<String, JoinError> {
-    let api: Api<CertificateSigningRequest> = Api::all(hub.clone());
-    let csr = CertificateSigningRequest {
-        metadata: ObjectMeta {
-            generate_name: Some(format!("{}-", s.cluster)),
-            labels: Some(
-                [
-                    (CLUSTER_NAME_LABEL.to_string(), s.cluster.clone()),
-                    (AGENT_NAME_LABEL.to_string(), s.agent.clone()),
-                ]
-                .into(),
-            ),
-            ..ObjectMeta::default()
-        },
-        spec: CertificateSigningRequestSpec {
-            request: k8s_openapi::ByteString(csr_pem.as_bytes().to_vec()),
-            signer_name: CLIENT_SIGNER.to_string(),
-            usages: Some(
-                ["digital signature", "key encipherment", "client auth"]
-                    .map(String::from)
-                    .to_vec(),
-            ),
-            ..CertificateSigningRequestSpec::default()
-        },
-        status: None,
-    };
-    let made = api
-        .create(&PostParams::default(), &csr)
-        .await
-        .map_err(|source| JoinError::Hub {
-            what: "creating the certificate request",
-            source,
-        })?;
-    let name = made.metadata.name.unwrap_or_default();
-    tracing::info!(csr = %name, "certificate request sent to the hub");
-    Ok(name)
-}
-
-/// Waits until the hub signs request `name` (approved, then issued), saying where it waits;
-/// a denied or failed request is an error.
-async fn wait_issued(hub: &kube::Client, name: &str) -> Result<Vec<u8>, JoinError> {
-    let api: Api<CertificateSigningRequest> = Api::all(hub.clone());
-    let mut waiting = Waiting::new();
-    loop {
-        let csr = api.get(name).await.map_err(|source| JoinError::Hub {
-            what: "reading the certificate request",
-            source,
-        })?;
-        let status = csr.status.unwrap_or_default();
-        let conditions = status.conditions.unwrap_or_default();
-        if let Some(c) = conditions
-            .iter()
-            .find(|c| c.type_ == "Denied" || c.type_ == "Failed")
-        {
-            return Err(JoinError::Denied {
-                name: name.to_string(),
-                reason: format!(
-                    "{}: {}",
-                    c.reason.clone().unwrap_or_default(),
-                    c.message.clone().unwrap_or_default()
-                ),
-            });
-        }
-        if let Some(cert) = status.certificate.filter(|c| !c.0.is_empty()) {
-            return Ok(cert.0);
-        }
-        let approved = conditions.iter().any(|c| c.type_ == "Approved");
-        if waiting.time_to_say() {
-            if approved {
-                tracing::info!(csr = %name, "waiting for the hub to sign the approved certificate request");
-            } else {
-                tracing::info!(csr = %name, "waiting for the hub to approve the certificate request (auto-approval, or `kubectl certificate approve {name}` on the hub)");
-            }
-        }
-        waiting.pause().await;
-    }
-}
-
-/// Waits until the hub accepts the cluster (`spec.hubAcceptsClient`), saying where it waits.
-async fn wait_accepted(hub: &kube::Client, cluster: &str) -> Result<(), JoinError> {
-    let api: Api<DynamicObject> = Api::all_with(hub.clone(), &managed_cluster_resource());
-    let mut waiting = Waiting::new();
-    loop {
-        let mc = api.get_opt(cluster).await.map_err(|source| JoinError::Hub {
-            what: "reading the ManagedCluster",
-            source,
-        })?;
-        let accepted = mc
-            .as_ref()
-            .and_then(|m| m.data.pointer("/spec/hubAcceptsClient"))
-            .and_then(serde_json::Value::as_bool)
-            .unwrap_or(false);
-        if accepted {
-            return Ok(());
-        }
-        if waiting.time_to_say() {
-            tracing::info!(
-                cluster,
-                "waiting for the hub to accept the cluster (spec.hubAcceptsClient on its ManagedCluster)"
-            );
-        }
-        waiting.pause().await;
-    }
 }
 
 /// The pace of a wait on the hub: when to look again, and when to say again where it waits.
@@ -433,7 +208,7 @@ impl Waiting {
     }
 
     /// Sleeps until the next look.
-    async fn pause(&self) {
+    pub(super) async fn pause(&self) {
         tokio::time::sleep(poll_after(self.start)).await;
     }
 

@@ -13,7 +13,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::csr::Issued;
-use super::join::{Bootstrap, JoinError, JoinSettings, hub_endpoint, kubeconfig_in, obtain};
+use super::join::{Bootstrap, JoinError, JoinSettings, hub_endpoint, kubeconfig_in};
+use super::over_kube::obtain;
 use crate::backoff::ExponentialBackoff;
 use crate::hub::kube_hub::{config_from_kubeconfig, hub_client};
 
@@ -120,7 +121,7 @@ impl Renewal {
     async fn rejoin(&mut self, why: &str) -> bool {
         tracing::warn!(cluster = %self.s.cluster, why, "joining again with the bootstrap credential");
         let joined = tokio::select! {
-            r = super::join::join(&self.s) => r,
+            r = super::ensure::join(&self.s) => r,
             () = self.stop.cancelled() => return false,
         };
         match joined {
