@@ -90,6 +90,25 @@ impl std::fmt::Debug for Credentials {
 }
 
 impl Credentials {
+    /// Credentials read back from where they were kept, reached at `server` (and `ca_pem`) as
+    /// the bootstrap credential names it now.
+    fn kept(
+        wire: Wire,
+        (server, ca_pem): (&str, Option<&[u8]>),
+        (cert_pem, key_pem): (Vec<u8>, Vec<u8>),
+        (cluster, agent): (&str, &str),
+    ) -> Credentials {
+        Credentials {
+            wire,
+            server: server.to_string(),
+            ca_pem: ca_pem.map(<[u8]>::to_vec),
+            cert_pem,
+            key_pem,
+            cluster: cluster.to_string(),
+            agent: agent.to_string(),
+        }
+    }
+
     /// A kubeconfig naming the certificate and key files beside it (relative paths, resolved
     /// against the kubeconfig's own directory, as OCM's hub kubeconfig does).
     pub fn kubeconfig(&self) -> String {
@@ -239,15 +258,13 @@ impl Credentials {
         else {
             return Ok(None);
         };
-        Ok(Some(Credentials {
+        let (cluster, agent) = (String::from_utf8_lossy(&cluster), String::from_utf8_lossy(&agent));
+        Ok(Some(Credentials::kept(
             wire,
-            server: server.to_string(),
-            ca_pem: ca_pem.map(<[u8]>::to_vec),
-            cert_pem,
-            key_pem,
-            cluster: String::from_utf8_lossy(&cluster).into_owned(),
-            agent: String::from_utf8_lossy(&agent).into_owned(),
-        }))
+            (server, ca_pem),
+            (cert_pem, key_pem),
+            (&cluster, &agent),
+        )))
     }
 }
 
@@ -301,15 +318,12 @@ impl Keeping {
                 else {
                     return Ok(None);
                 };
-                Ok(Some(Credentials {
+                Ok(Some(Credentials::kept(
                     wire,
-                    server: server.to_string(),
-                    ca_pem: ca_pem.map(<[u8]>::to_vec),
-                    cert_pem,
-                    key_pem,
-                    cluster: cluster.to_string(),
-                    agent: agent.to_string(),
-                }))
+                    (server, ca_pem),
+                    (cert_pem, key_pem),
+                    (cluster, agent),
+                )))
             }
         }
     }
