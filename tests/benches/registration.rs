@@ -4,11 +4,13 @@
 //!
 //! 1. join: from the process's start to its ManagedCluster `ManagedClusterConditionAvailable`
 //!    True, the bootstrap request approved by the hub itself (OCM's `ManagedClusterAutoApproval`
-//!    with the bootstrap users listed), a new cluster each run;
+//!    with the bootstrap users listed), a new cluster each run, over the hub's Kubernetes API
+//!    and over OCM's gRPC server (`--registration-auth=grpc` for OCM's agent);
 //! 2. idle cost: the requests each joined, idle agent sends the hub over a quiet window, read
 //!    from the hub API server's audit log by user and scaled to an hour, by verb and resource.
 //!    spokelet is also the work agent: its watch of ManifestWorks is in its count; OCM's
-//!    registration agent alone has none.
+//!    registration agent alone has none. Over gRPC the hub's API server sees OCM's gRPC server
+//!    act for every agent, so only the Kubernetes-hub agents are counted.
 //!
 //! A renewal with work updates in flight is timed by the `hub_join` tests, which print it.
 //! Run with `cargo bench -p spokelet-e2e --bench registration`.
@@ -38,6 +40,8 @@ const OCM_NAMESPACE: &str = "open-cluster-management-agent";
 
 const SPOKELET_BOOTSTRAP: &str = "system:bootstrap:bench-spokelet";
 const OCM_BOOTSTRAP: &str = "system:bootstrap:bench-ocm";
+const SPOKELET_GRPC_BOOTSTRAP: &str = "system:bootstrap:bench-spokelet-grpc";
+const OCM_GRPC_BOOTSTRAP: &str = "system:bootstrap:bench-ocm-grpc";
 
 /// A child process killed when dropped, its output in a log file.
 struct Proc {
@@ -74,18 +78,29 @@ impl Proc {
     }
 }
 
-/// Which agent joins.
+/// Which agent joins, over which wire.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Joiner {
     Spokelet,
     Ocm,
+    SpokeletGrpc,
+    OcmGrpc,
 }
 
 impl Joiner {
+    const ALL: [Joiner; 4] = [
+        Joiner::Spokelet,
+        Joiner::Ocm,
+        Joiner::SpokeletGrpc,
+        Joiner::OcmGrpc,
+    ];
+
     fn label(self) -> &'static str {
         match self {
-            Joiner::Spokelet => "spokelet run --bootstrap-hub-kubeconfig",
-            Joiner::Ocm => "OCM registration agent",
+            Joiner::Spokelet => "spokelet, Kubernetes hub",
+            Joiner::Ocm => "OCM registration agent, Kubernetes hub",
+            Joiner::SpokeletGrpc => "spokelet, OCM's gRPC server",
+            Joiner::OcmGrpc => "OCM registration agent, OCM's gRPC server",
         }
     }
 
@@ -93,7 +108,15 @@ impl Joiner {
         match self {
             Joiner::Spokelet => "spokelet",
             Joiner::Ocm => "ocm",
+            Joiner::SpokeletGrpc => "spokeletg",
+            Joiner::OcmGrpc => "ocmg",
         }
+    }
+
+    /// Whether its idle requests can be told apart on the hub: over gRPC the hub API sees
+    /// OCM's server, not the agent.
+    fn on_kube_hub(self) -> bool {
+        matches!(self, Joiner::Spokelet | Joiner::Ocm)
     }
 }
 
@@ -105,6 +128,8 @@ struct Setup {
     spoke_url: String,
     spokelet_bootstrap: PathBuf,
     ocm_bootstrap: PathBuf,
+    spokelet_grpc_bootstrap: PathBuf,
+    ocm_grpc_bootstrap: PathBuf,
     dir: PathBuf,
 }
 
@@ -112,10 +137,10 @@ impl Setup {
     /// Starts `who` joining as `cluster`, its namespace on the spoke made.
     async fn start(&self, who: Joiner, cluster: &str, spoke: &kube::Client) -> Proc {
         let ns = match who {
-            Joiner::Spokelet => format!("{cluster}-agent"),
+            Joiner::Spokelet | Joiner::SpokeletGrpc => format!("{cluster}-agent"),
             // OCM's agent keeps its Secret in its component namespace, which outside a pod is
             // always this one; the previous run's Secret is removed so each run joins afresh.
-            Joiner::Ocm => OCM_NAMESPACE.to_string(),
+            Joiner::Ocm | Joiner::OcmGrpc => OCM_NAMESPACE.to_string(),
         };
         if let Err(e) = create_namespace(spoke, &ns).await
             && !e.to_string().contains("already exists")
@@ -128,36 +153,67 @@ impl Setup {
         let dir = self.dir.join(cluster);
         std::fs::create_dir_all(&dir).unwrap();
         let path = |p: &Path| p.display().to_string();
+        let common = |agent_args: Vec<String>| -> Vec<String> {
+            let mut all = agent_args;
+            all.extend([
+                format!("--cluster-name={cluster}"),
+                format!("--agent-id={}", who.agent_id()),
+                format!("--kubeconfig={}", path(&self.spoke_kubeconfig)),
+            ]);
+            all
+        };
+        let spokelet = |transport: &str, bootstrap: String| {
+            common(vec![
+                "run".into(),
+                format!("--hub-transport={transport}"),
+                bootstrap,
+                format!("--hub-credentials-dir={}", path(&dir.join("hub"))),
+                format!("--agent-namespace={ns}"),
+                "--admin-addr=127.0.0.1:0".into(),
+                "--pool-report=false".into(),
+            ])
+        };
+        let ocm = |auth: Vec<String>| {
+            let mut args = vec![
+                "agent".into(),
+                format!("--hub-kubeconfig-dir={}", path(&dir.join("hub"))),
+                format!("--namespace={ns}"),
+                format!("--spoke-external-server-urls={}", self.spoke_url),
+                "--disable-leader-election".into(),
+                format!("--listen=127.0.0.1:{}", free_port()),
+            ];
+            args.extend(auth);
+            common(args)
+        };
         let (program, args) = match who {
             Joiner::Spokelet => (
                 &self.spokelet,
-                vec![
-                    "run".into(),
-                    "--hub-transport=kube".into(),
+                spokelet(
+                    "kube",
                     format!("--bootstrap-hub-kubeconfig={}", path(&self.spokelet_bootstrap)),
-                    format!("--hub-credentials-dir={}", path(&dir.join("hub"))),
-                    format!("--cluster-name={cluster}"),
-                    format!("--agent-id={}", who.agent_id()),
-                    format!("--agent-namespace={ns}"),
-                    format!("--kubeconfig={}", path(&self.spoke_kubeconfig)),
-                    "--admin-addr=127.0.0.1:0".into(),
-                    "--pool-report=false".into(),
-                ],
+                ),
+            ),
+            Joiner::SpokeletGrpc => (
+                &self.spokelet,
+                spokelet(
+                    "grpc",
+                    format!("--bootstrap-hub-config={}", path(&self.spokelet_grpc_bootstrap)),
+                ),
             ),
             Joiner::Ocm => (
                 &self.ocm,
-                vec![
-                    "agent".into(),
-                    format!("--cluster-name={cluster}"),
-                    format!("--agent-id={}", who.agent_id()),
-                    format!("--bootstrap-kubeconfig={}", path(&self.ocm_bootstrap)),
-                    format!("--hub-kubeconfig-dir={}", path(&dir.join("hub"))),
-                    format!("--namespace={ns}"),
-                    format!("--kubeconfig={}", path(&self.spoke_kubeconfig)),
-                    format!("--spoke-external-server-urls={}", self.spoke_url),
-                    "--disable-leader-election".into(),
-                    format!("--listen=127.0.0.1:{}", free_port()),
-                ],
+                ocm(vec![format!(
+                    "--bootstrap-kubeconfig={}",
+                    path(&self.ocm_bootstrap)
+                )]),
+            ),
+            Joiner::OcmGrpc => (
+                &self.ocm,
+                ocm(vec![
+                    "--registration-auth=grpc".into(),
+                    format!("--grpc-bootstrap-config={}", path(&self.ocm_grpc_bootstrap)),
+                    format!("--grpc-config={}", path(&dir.join("hub").join("config.yaml"))),
+                ]),
             ),
         };
         Proc::start(program, &args, dir.join("agent.log"), &dir)
@@ -248,9 +304,11 @@ async fn run() {
     .unwrap();
     let audit = dir.join("audit.log");
     let hub = OcmHub::start(OcmHubOptions {
+        grpc: true,
         registration_args: vec![
             "--feature-gates=ManagedClusterAutoApproval=true".into(),
             format!("--auto-approved-csr-users={SPOKELET_BOOTSTRAP},{OCM_BOOTSTRAP}"),
+            format!("--auto-approved-grpc-users={SPOKELET_GRPC_BOOTSTRAP},{OCM_GRPC_BOOTSTRAP}"),
         ],
         cluster: ClusterOptions {
             name: "ocm-hub-join-bench".into(),
@@ -262,7 +320,6 @@ async fn run() {
             ],
             ..ClusterOptions::hub()
         },
-        ..OcmHubOptions::default()
     })
     .await
     .unwrap_or_else(|e| panic!("{e}"));
@@ -275,6 +332,16 @@ async fn run() {
         .unwrap();
     let spokelet_bootstrap = hub.issue_bootstrap(SPOKELET_BOOTSTRAP).await.unwrap();
     let ocm_bootstrap = hub.issue_bootstrap(OCM_BOOTSTRAP).await.unwrap();
+    let grpc_bootstrap = |user: &'static str| {
+        let path = dir.join(format!("{user}.yaml").replace(':', "-"));
+        let hub = &hub;
+        async move {
+            hub.issue_grpc_bootstrap(user, &path).await.unwrap();
+            path
+        }
+    };
+    let spokelet_grpc_bootstrap = grpc_bootstrap(SPOKELET_GRPC_BOOTSTRAP).await;
+    let ocm_grpc_bootstrap = grpc_bootstrap(OCM_GRPC_BOOTSTRAP).await;
     let setup = Setup {
         spokelet,
         ocm,
@@ -282,6 +349,8 @@ async fn run() {
         spoke_url: spoke.server_url().trim_end_matches('/').to_string(),
         spokelet_bootstrap: spokelet_bootstrap.kubeconfig_path().to_path_buf(),
         ocm_bootstrap: ocm_bootstrap.kubeconfig_path().to_path_buf(),
+        spokelet_grpc_bootstrap,
+        ocm_grpc_bootstrap,
         dir: dir.clone(),
     };
     let clusters = managed_clusters(&admin);
@@ -292,7 +361,7 @@ async fn run() {
     let mut last = Vec::new();
     for run in 0..RUNS {
         last.clear();
-        for who in [Joiner::Spokelet, Joiner::Ocm] {
+        for who in Joiner::ALL {
             let cluster = format!("{}-{tag}-{run}", who.agent_id());
             let start = Instant::now();
             let agent = setup.start(who, &cluster, &spoke_client).await;
@@ -314,7 +383,7 @@ async fn run() {
     println!(
         "\nJoin: process start to ManagedClusterConditionAvailable=True, bootstrap CSR auto-approved ({RUNS} runs each, same hub and spoke)"
     );
-    let rows: Vec<Vec<String>> = [Joiner::Spokelet, Joiner::Ocm]
+    let rows: Vec<Vec<String>> = Joiner::ALL
         .iter()
         .map(|who| {
             let mut t = times[who.label()].clone();
@@ -335,7 +404,7 @@ async fn run() {
         IDLE.as_secs()
     );
     let mut rows = Vec::new();
-    for (who, cluster, _) in &last {
+    for (who, cluster, _) in last.iter().filter(|(who, ..)| who.on_kube_hub()) {
         let user = format!("system:open-cluster-management:{cluster}:{}", who.agent_id());
         let counts = by_user.get(&user).cloned().unwrap_or_default();
         let total: u64 = counts.values().sum();

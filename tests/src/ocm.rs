@@ -319,9 +319,11 @@ impl OcmHub {
             .ok_or_else(|| invalid("gRPC bootstrap", "the hub runs no gRPC server"))?;
         let client = grpc.client_ca.issue_client_now(user, &[BOOTSTRAP_GROUP])?;
         let b64 = |pem: &str| base64::engine::general_purpose::STANDARD.encode(pem);
+        // The URL as OCM writes it: a gRPC target without a scheme (OCM's own agent refuses
+        // `https://`); spokelet reads both.
         let yaml = format!(
             "url: {}\ncaData: {}\nclientCertData: {}\nclientKeyData: {}\n",
-            grpc.url,
+            grpc.url.trim_start_matches("https://"),
             b64(grpc.serving_ca.cert_pem()),
             b64(&client.cert_pem),
             b64(&client.key_pem)

@@ -36,6 +36,12 @@ use crate::work::conditions::now_rfc3339;
 
 /// The lease OCM's hub makes for each cluster, in the cluster's namespace.
 const LEASE_NAME: &str = "managed-cluster-lease";
+/// How often the hub is asked again for the ManagedCluster and the lease while either is not
+/// known: OCM's server registers a subscription only after it has answered it, so the answer
+/// to a list sent at once can miss it (and, until the object changes, nothing else comes).
+/// The first asks are a second apart, doubling up to [`RELIST_MAX`].
+const RELIST: Duration = Duration::from_secs(1);
+const RELIST_MAX: Duration = Duration::from_secs(30);
 /// How long a hub that serves no ManagedCluster is left before the agent asks again.
 const UNMANAGED_RETRY: Duration = Duration::from_secs(300);
 
@@ -155,6 +161,7 @@ enum Wake {
     Report,
     Probe,
     Renew,
+    Relist,
 }
 
 /// One connection's state.
@@ -171,6 +178,8 @@ struct Session<'a> {
     next_lease: Instant,
     /// Anything arrived (resets the reconnect backoff).
     heard: bool,
+    /// The pause before asking again for what is not known (see [`RELIST`]).
+    relist_after: Duration,
     /// The pool reporter sent a status (a change, or its heartbeat) not yet written. Only
     /// then is its status written: the hub keeps what it is sent in its own spelling
     /// (quantities, defaults), so comparing with what it sends back would write for ever.
@@ -187,6 +196,7 @@ impl<'a> Session<'a> {
             next_probe: Instant::now(),
             next_lease: Instant::now(),
             heard: false,
+            relist_after: RELIST,
             // A new connection writes the latest status once.
             report_due: true,
         }
@@ -213,6 +223,7 @@ impl<'a> Session<'a> {
         tracing::info!("following the ManagedCluster and its lease over gRPC");
         loop {
             let lease_due = self.lease_due();
+            let unknown = self.cluster.is_none() || self.lease.is_none();
             let wake = tokio::select! {
                 () = stop.cancelled() => return End::Stopped,
                 ev = clusters.next() => Wake::Cluster(ev),
@@ -223,6 +234,7 @@ impl<'a> Session<'a> {
                 }
                 () = tokio::time::sleep_until(self.next_probe) => Wake::Probe,
                 () = tokio::time::sleep_until(self.next_lease), if lease_due => Wake::Renew,
+                () = tokio::time::sleep(self.relist_after), if unknown => Wake::Relist,
             };
             let step = match wake {
                 Wake::Cluster(ev) => ev.map(|ev| {
@@ -244,6 +256,7 @@ impl<'a> Session<'a> {
                     Ok(())
                 }
                 Wake::Renew => self.renew_lease(&mut leases).await,
+                Wake::Relist => self.relist(&mut clusters, &mut leases).await,
             };
             if let Err(e) = step {
                 return End::Broken(e);
@@ -264,6 +277,18 @@ impl<'a> Session<'a> {
         clusters.list().await?;
         leases.list().await?;
         Ok((clusters, leases))
+    }
+
+    /// Asks again for whichever of the two is not known.
+    async fn relist(&mut self, clusters: &mut ObjectFeed, leases: &mut ObjectFeed) -> Result<(), GrpcError> {
+        self.relist_after = (self.relist_after * 2).min(RELIST_MAX);
+        if self.cluster.is_none() {
+            clusters.list().await?;
+        }
+        if self.lease.is_none() {
+            leases.list().await?;
+        }
+        Ok(())
     }
 
     fn membership(&self) -> Membership {
