@@ -7,6 +7,7 @@
 //! beside it, which the gRPC transport then runs from.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use base64::Engine;
 use serde_json::{Value, json};
@@ -26,6 +27,9 @@ use crate::hub::tls::PemSource;
 
 /// The signer of client certificates for OCM's gRPC server.
 const GRPC_SIGNER: &str = "open-cluster-management.io/grpc";
+/// How long the hub's answer to a list is waited for. It sends what it has before it
+/// acknowledges the request, so this is only the stream's own delay.
+const LIST_SETTLE: Duration = Duration::from_secs(2);
 
 /// Joins over gRPC with `bootstrap`; returns the gRPC config to run from.
 pub(super) async fn join(s: &JoinSettings, bootstrap: &HubSettings) -> Result<PathBuf, JoinError> {
@@ -64,10 +68,18 @@ fn joined_settings(bootstrap: &HubSettings, s: &JoinSettings) -> HubSettings {
     settings
 }
 
-/// Creates the ManagedCluster unless the hub has it, naming the spoke's API server. Over gRPC
-/// the create is sent at once and "already exists" taken as done: asking first would mean
-/// waiting out a silence to learn that the hub has none (a list of nothing sends nothing).
+/// Creates the ManagedCluster unless the hub has it, naming the spoke's API server.
 async fn ensure_managed_cluster(feed: &mut ObjectFeed, s: &JoinSettings) -> Result<(), JoinError> {
+    feed.list().await.map_err(JoinError::Grpc)?;
+    let settle = tokio::time::Instant::now() + LIST_SETTLE;
+    loop {
+        let left = settle.saturating_duration_since(tokio::time::Instant::now());
+        match feed.next_within(left).await.map_err(JoinError::Grpc)? {
+            Some(ev) if ev.name() == s.cluster && !ev.deleted() => return Ok(()),
+            Some(_) => {}
+            None => break,
+        }
+    }
     let cluster = new_managed_cluster(s);
     match feed
         .write("spec", action::CREATE, &cluster)
@@ -78,7 +90,7 @@ async fn ensure_managed_cluster(feed: &mut ObjectFeed, s: &JoinSettings) -> Resu
             tracing::info!(cluster = %s.cluster, "created the ManagedCluster on the hub");
             Ok(())
         }
-        // The hub has it (made by an admin, an earlier join or another machine of the pool).
+        // Made meanwhile by someone else: as good.
         Err(Refusal::Exists) => Ok(()),
         Err(Refusal::Conflict) => Err(JoinError::Refused {
             what: "creating the ManagedCluster",
