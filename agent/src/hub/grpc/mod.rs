@@ -273,14 +273,7 @@ impl GrpcHub {
     /// connection task. Must be called inside a tokio runtime.
     pub fn start(opts: GrpcHubOptions, shutdown: CancellationToken) -> Result<GrpcHub, GrpcError> {
         let s = &opts.settings;
-        if s.url.plaintext && !s.insecure_plaintext {
-            return Err(GrpcError::Plaintext(s.url.uri()));
-        }
-        let tls = if s.url.plaintext {
-            None
-        } else {
-            Some(ClientTls::new(s.tls.clone())?)
-        };
+        let tls = client_tls(s)?;
         if let Some(tls) = &tls {
             // Validate the server name now rather than at the first connect.
             tls.connector(&s.url.host, s.url.port)?;
@@ -315,14 +308,17 @@ impl GrpcHub {
 /// A client of the hub `settings` name, for the registration's own subscriptions (the join,
 /// the membership): dialed with the transport's defaults and TLS.
 pub(crate) async fn dial_hub(settings: &HubSettings) -> Result<dial::Client, GrpcError> {
-    let opts = GrpcHubOptions::new(settings.clone());
-    if settings.url.plaintext && !settings.insecure_plaintext {
+    let tls = client_tls(settings)?;
+    dial::connect(&GrpcHubOptions::new(settings.clone()), tls.as_ref()).await
+}
+
+/// The TLS client `settings` ask for: none for a plaintext URL, which must be opted into.
+fn client_tls(settings: &HubSettings) -> Result<Option<ClientTls>, GrpcError> {
+    if !settings.url.plaintext {
+        return Ok(Some(ClientTls::new(settings.tls.clone())?));
+    }
+    if !settings.insecure_plaintext {
         return Err(GrpcError::Plaintext(settings.url.uri()));
     }
-    let tls = if settings.url.plaintext {
-        None
-    } else {
-        Some(ClientTls::new(settings.tls.clone())?)
-    };
-    dial::connect(&opts, tls.as_ref()).await
+    Ok(None)
 }

@@ -184,6 +184,15 @@ pub(super) fn new_managed_cluster(s: &JoinSettings) -> serde_json::Value {
     })
 }
 
+/// Says where the wait for certificate request `name` stands, on either wire.
+pub(super) fn say_csr_wait(name: &str, approved: bool) {
+    if approved {
+        tracing::info!(csr = %name, "waiting for the hub to sign the approved certificate request");
+    } else {
+        tracing::info!(csr = %name, "waiting for the hub to approve the certificate request (auto-approval, or `kubectl certificate approve {name}` on the hub)");
+    }
+}
+
 /// The pace of a wait on the hub: when to look again, and when to say again where it waits.
 pub(super) struct Waiting {
     start: tokio::time::Instant,

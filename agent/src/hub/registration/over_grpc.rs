@@ -16,7 +16,7 @@ use spokelet_proto::{CERTIFICATE_SIGNING_REQUESTS, MANAGED_CLUSTERS};
 use super::csr::{self, Issued};
 use super::join::{
     AGENT_NAME_LABEL, CLUSTER_NAME_LABEL, JoinError, JoinSettings, Waiting, grpc_config_in, hub_endpoint,
-    keep, new_managed_cluster,
+    keep, new_managed_cluster, say_csr_wait,
 };
 use crate::hub::cloudevents::action;
 use crate::hub::config::HubSettings;
@@ -137,13 +137,11 @@ async fn obtain(
             });
         }
     }
-    let cert_pem = wait_for(&mut feed, |ev| issued_in(ev, &name), |approved| {
-        if approved {
-            tracing::info!(csr = %name, "waiting for the hub to sign the approved certificate request");
-        } else {
-            tracing::info!(csr = %name, "waiting for the hub to approve the certificate request (auto-approval, or `kubectl certificate approve {name}` on the hub)");
-        }
-    })
+    let cert_pem = wait_for(
+        &mut feed,
+        |ev| issued_in(ev, &name),
+        |approved| say_csr_wait(&name, approved),
+    )
     .await?;
     let issued = keep(s, request, cert_pem, endpoint).await?;
     Ok((issued, name))

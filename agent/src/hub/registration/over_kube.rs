@@ -11,7 +11,7 @@ use kube::api::{Api, DynamicObject, ObjectMeta, PostParams};
 use super::csr::{self, Issued};
 use super::join::{
     AGENT_NAME_LABEL, CLUSTER_NAME_LABEL, JoinError, JoinSettings, Waiting, endpoint_of, keep, kubeconfig_in,
-    new_managed_cluster,
+    new_managed_cluster, say_csr_wait,
 };
 use crate::hub::kube_hub::{HubSecurity, config_from_kubeconfig, hub_client, managed_cluster_resource};
 
@@ -153,11 +153,7 @@ async fn wait_issued(hub: &kube::Client, name: &str) -> Result<Vec<u8>, JoinErro
         }
         let approved = conditions.iter().any(|c| c.type_ == "Approved");
         if waiting.time_to_say() {
-            if approved {
-                tracing::info!(csr = %name, "waiting for the hub to sign the approved certificate request");
-            } else {
-                tracing::info!(csr = %name, "waiting for the hub to approve the certificate request (auto-approval, or `kubectl certificate approve {name}` on the hub)");
-            }
+            say_csr_wait(name, approved);
         }
         waiting.pause().await;
     }
