@@ -643,11 +643,61 @@ async fn spokelet_joins_ocms_grpc_server_with_a_bootstrap_config_and_stays_joine
     .unwrap();
     agent.stop().await;
 
-    // A restart runs from what was kept: no new request.
+    // A restart runs from what was kept: no new request. It runs without the pool reporter,
+    // which must not take the membership with it: the lease is renewed all the same.
     let before = requests(&admin, &cluster).await.len();
-    let agent = Agent::start(&argv(&files.path().join("again"), &bootstrap));
+    let renewed_before = renew_time().await;
+    let mut without_reporter = argv(&files.path().join("again"), &bootstrap);
+    without_reporter.push("--pool-report=false".into());
+    let agent = Agent::start(&without_reporter);
     updates_until(&works, &cms, &manifests, "restarted-", || async { true }).await;
     assert_eq!(requests(&admin, &cluster).await.len(), before, "no new request");
+    eventually(
+        "the lease renewed after the restart, with no pool reporter",
+        || async {
+            (renew_time().await > renewed_before)
+                .then_some(())
+                .ok_or("not yet".to_string())
+        },
+    )
+    .await
+    .unwrap();
+    agent.stop().await;
+
+    // The hub stops taking the kept certificate (its CA changed, say): the TLS alert sends the
+    // agent back to its bootstrap config, it joins again and works flow.
+    let stranger = spokelet_e2e::pki::CertificateAuthority::new("another-ca").unwrap();
+    let foreign = stranger
+        .issue_client_now(
+            &own,
+            &[
+                &format!("system:open-cluster-management:{cluster}"),
+                "system:open-cluster-management:managed-clusters",
+            ],
+        )
+        .unwrap();
+    let secrets: Api<Secret> = Api::namespaced(spoke.client(), &agent_ns);
+    let mut kept = secrets.get("hub-kubeconfig-secret").await.unwrap();
+    let data = kept.data.get_or_insert_with(Default::default);
+    data.insert(
+        "tls.crt".into(),
+        k8s_openapi::ByteString(foreign.cert_pem.into_bytes()),
+    );
+    data.insert(
+        "tls.key".into(),
+        k8s_openapi::ByteString(foreign.key_pem.into_bytes()),
+    );
+    kept.metadata.managed_fields = None;
+    secrets
+        .replace("hub-kubeconfig-secret", &Default::default(), &kept)
+        .await
+        .unwrap();
+    let before = requests(&admin, &cluster).await.len();
+    let agent = Agent::start(&argv(&files.path().join("refused"), &bootstrap));
+    updates_until(&works, &cms, &manifests, "rejoined-", || async {
+        requests(&admin, &cluster).await.len() > before
+    })
+    .await;
     agent.stop().await;
 
     // Bad input: a bootstrap config that is not one ends the agent naming the file.

@@ -108,7 +108,18 @@ impl HubConnection {
         let conn = match args.resolve()? {
             None => return Ok(None),
             Some(ResolvedHub::Grpc(settings)) => {
-                open_grpc(settings, spoke, registry, gate, stop, Vec::new()).await?
+                open_grpc(
+                    GrpcOpening {
+                        settings,
+                        rejected: None,
+                        tasks: Vec::new(),
+                    },
+                    spoke,
+                    registry,
+                    gate,
+                    stop,
+                )
+                .await?
             }
             Some(ResolvedHub::GrpcJoin { bootstrap, join }) => {
                 let joined = Spoke {
@@ -177,17 +188,22 @@ async fn open_grpc_joined(
     let who = (bootstrap.cluster_name.clone(), bootstrap.agent_id.clone());
     let joining = spoke.join_settings(Bootstrap::Grpc(Box::new(bootstrap)), (&who.0, &who.1), join);
     registration::ensure_joined(&joining).await?;
-    // Over gRPC no request answers 401: renewal, expiry and a deleted Secret are what send
-    // the agent back to its bootstrap credential.
+    // The transport tells of a refused certificate (a TLS alert, `Unauthenticated`).
+    let rejected = Arc::new(tokio::sync::Notify::new());
     let renewing = tokio::spawn(registration::keep_renewed(
         joining,
-        Arc::new(tokio::sync::Notify::new()),
+        rejected.clone(),
         stop.clone(),
     ));
     let Some(ResolvedHub::Grpc(settings)) = join.joined_args(args).resolve()? else {
         unreachable!("the joined flags select the gRPC transport");
     };
-    open_grpc(settings, spoke.client, registry, gate, stop, vec![renewing]).await
+    let grpc = GrpcOpening {
+        settings,
+        rejected: Some(rejected),
+        tasks: vec![renewing],
+    };
+    open_grpc(grpc, spoke.client, registry, gate, stop).await
 }
 
 /// Opens the Kubernetes-hub transport, joining first when it has a bootstrap credential.
@@ -239,21 +255,35 @@ async fn open_kube(
     })
 }
 
+/// What the gRPC transport is opened with besides the spoke.
+struct GrpcOpening {
+    settings: super::HubSettings,
+    /// Told of refused credentials (a joined agent's; None without a bootstrap).
+    rejected: Option<Arc<tokio::sync::Notify>>,
+    /// Tasks that end with the connection (the renewal).
+    tasks: Vec<JoinHandle<()>>,
+}
+
 /// Starts the gRPC transport with `settings`, and beside it the cluster's membership (lease,
 /// conditions, pool status; see [`super::grpc::membership`]); `tasks` end with it.
 async fn open_grpc(
-    settings: super::HubSettings,
+    grpc: GrpcOpening,
     spoke: &kube::Client,
     registry: &SharedRegistry,
     gate: Option<WriteGate>,
     stop: CancellationToken,
-    mut tasks: Vec<JoinHandle<()>>,
 ) -> Result<HubConnection, ConnectError> {
     use super::grpc::membership::{MembershipOptions, MembershipReports, keep_membership};
+    let GrpcOpening {
+        settings,
+        rejected,
+        mut tasks,
+    } = grpc;
     let address = settings.url.uri();
     let mut opts = GrpcHubOptions::new(settings.clone());
     opts.recorded = recorded_works(spoke, &address).await;
     opts.gate = gate.clone();
+    opts.rejected = rejected;
     metrics::register(&opts.metrics, &mut lock(registry));
     let hub = GrpcHub::start(opts, stop.clone())?;
     tracing::info!(hub = %address, transport = "grpc", "hub transport started");

@@ -5,6 +5,9 @@
 //! once; the transport keeps the newest, sends it while connected and again after a reconnect,
 //! so a hub outage delays the report and loses nothing.
 
+use std::sync::Arc;
+
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{Report, inventory_document};
@@ -59,16 +62,19 @@ impl HubTarget {
         args.agent_id = Some(format!("spokelet-node-{node}"));
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
+        let mut rejected = None;
         let settings = match args.resolve()? {
             Some(ResolvedHub::Grpc(settings)) => settings,
             Some(ResolvedHub::GrpcJoin { bootstrap, join }) => {
-                let (settings, renewing) = join_as_node(&args, *bootstrap, join, &stop).await?;
+                let (settings, renewing, refused) = join_as_node(&args, *bootstrap, join, &stop).await?;
                 tasks.push(renewing);
+                rejected = Some(refused);
                 settings
             }
             _ => return Err(HubTargetError::KubeTransport),
         };
         let mut opts = GrpcHubOptions::new(settings);
+        opts.rejected = rejected;
         opts.subscription = Subscription::NodeReports;
         crate::hub::metrics::register(&opts.metrics, &mut lock(&ctx.registry));
         let GrpcHub {
@@ -99,13 +105,14 @@ impl HubTarget {
 
 /// Joins as this machine's agent (`spokelet-node-<node>`, a certificate naming its node) with
 /// the bootstrap config, keeping the credentials in the files alone (no Secret: there is no
-/// Kubernetes API here), and starts their renewal. Returns the settings to run from.
+/// Kubernetes API here), and starts their renewal. Returns the settings to run from, the
+/// renewal and what tells it of a refused certificate.
 async fn join_as_node(
     args: &HubArgs,
     bootstrap: crate::hub::HubSettings,
     join: crate::hub::config::BootstrapSettings,
     stop: &CancellationToken,
-) -> Result<(crate::hub::HubSettings, tokio::task::JoinHandle<()>), HubTargetError> {
+) -> Result<(crate::hub::HubSettings, tokio::task::JoinHandle<()>, Arc<Notify>), HubTargetError> {
     use crate::hub::registration::{self, Bootstrap, JoinSettings, Keeping};
     let joining = JoinSettings {
         cluster: bootstrap.cluster_name.clone(),
@@ -119,13 +126,15 @@ async fn join_as_node(
         spoke_ca: None,
     };
     registration::ensure_joined(&joining).await?;
+    // Told by the transport when the hub refuses the certificate.
+    let rejected = Arc::new(Notify::new());
     let renewing = tokio::spawn(registration::keep_renewed(
         joining,
-        std::sync::Arc::new(tokio::sync::Notify::new()),
+        rejected.clone(),
         stop.clone(),
     ));
     let Some(ResolvedHub::Grpc(settings)) = join.joined_args(args).resolve()? else {
         return Err(HubTargetError::KubeTransport);
     };
-    Ok((settings, renewing))
+    Ok((settings, renewing, rejected))
 }

@@ -36,10 +36,11 @@ use crate::work::conditions::now_rfc3339;
 
 /// The lease OCM's hub makes for each cluster, in the cluster's namespace.
 const LEASE_NAME: &str = "managed-cluster-lease";
-/// How often the hub is asked again for the ManagedCluster and the lease while either is not
-/// known: OCM's server registers a subscription only after it has answered it, so the answer
-/// to a list sent at once can miss it (and, until the object changes, nothing else comes).
-/// The first asks are a second apart, doubling up to [`RELIST_MAX`].
+/// How often the hub is asked again for the ManagedCluster and the lease until it has
+/// confirmed the membership (see `Session::settled`): OCM's server registers a subscription
+/// only after it has answered it, so the answer to a list sent at once, or an event of those
+/// first moments, can miss it (and, until the object changes, nothing else comes). The first
+/// asks are a second apart, doubling up to [`RELIST_MAX`]; none once settled.
 const RELIST: Duration = Duration::from_secs(1);
 const RELIST_MAX: Duration = Duration::from_secs(30);
 /// How long a hub that serves no ManagedCluster is left before the agent asks again.
@@ -132,6 +133,8 @@ async fn forward_unmanaged(
     stop: &CancellationToken,
 ) -> bool {
     let until = Instant::now() + UNMANAGED_RETRY;
+    // Without a pool reporter (`--pool-report=false`) there is never a status to forward.
+    let mut open = reports.has_changed().is_ok();
     loop {
         if let Some((status, resend)) = reports.borrow_and_update().clone() {
             fallback.cluster_status(status, resend);
@@ -139,7 +142,7 @@ async fn forward_unmanaged(
         tokio::select! {
             () = stop.cancelled() => return false,
             () = tokio::time::sleep_until(until) => return true,
-            changed = reports.changed() => if changed.is_err() { return false },
+            changed = reports.changed(), if open => open = changed.is_ok(),
         }
     }
 }
@@ -159,6 +162,8 @@ enum Wake {
     Cluster(Result<crate::hub::object_events::ObjectEvent, GrpcError>),
     Lease(Result<crate::hub::object_events::ObjectEvent, GrpcError>),
     Report,
+    /// The pool reporter is gone (or was never started): the membership goes on without it.
+    ReportsClosed,
     Probe,
     Renew,
     Relist,
@@ -178,8 +183,15 @@ struct Session<'a> {
     next_lease: Instant,
     /// Anything arrived (resets the reconnect backoff).
     heard: bool,
-    /// The pause before asking again for what is not known (see [`RELIST`]).
+    /// The pause before asking again while the membership is not settled (see [`RELIST`]),
+    /// and when that is.
     relist_after: Duration,
+    next_relist: Instant,
+    /// The hub has sent back a ManagedCluster with this agent's conditions (`Joined`, and
+    /// `Available` where the spoke is probed): what was written reached it.
+    confirmed: bool,
+    /// A lease renewal was accepted by the hub since the session began.
+    renewed: bool,
     /// The pool reporter sent a status (a change, or its heartbeat) not yet written. Only
     /// then is its status written: the hub keeps what it is sent in its own spelling
     /// (quantities, defaults), so comparing with what it sends back would write for ever.
@@ -197,6 +209,9 @@ impl<'a> Session<'a> {
             next_lease: Instant::now(),
             heard: false,
             relist_after: RELIST,
+            next_relist: Instant::now() + RELIST,
+            confirmed: false,
+            renewed: false,
             // A new connection writes the latest status once.
             report_due: true,
         }
@@ -221,27 +236,25 @@ impl<'a> Session<'a> {
             Err(e) => return End::Broken(e),
         };
         tracing::info!("following the ManagedCluster and its lease over gRPC");
+        // Without a pool reporter (`--pool-report=false`) the sender is gone from the start.
+        let mut reports_open = reports.has_changed().is_ok();
         loop {
             let lease_due = self.lease_due();
-            let unknown = self.cluster.is_none() || self.lease.is_none();
+            let unsettled = !self.settled();
             let wake = tokio::select! {
                 () = stop.cancelled() => return End::Stopped,
                 ev = clusters.next() => Wake::Cluster(ev),
                 ev = leases.next() => Wake::Lease(ev),
-                changed = reports.changed() => {
-                    if changed.is_err() { return End::Stopped }
-                    Wake::Report
-                }
+                changed = reports.changed(), if reports_open => match changed {
+                    Ok(()) => Wake::Report,
+                    Err(_) => Wake::ReportsClosed,
+                },
                 () = tokio::time::sleep_until(self.next_probe) => Wake::Probe,
                 () = tokio::time::sleep_until(self.next_lease), if lease_due => Wake::Renew,
-                () = tokio::time::sleep(self.relist_after), if unknown => Wake::Relist,
+                () = tokio::time::sleep_until(self.next_relist), if unsettled => Wake::Relist,
             };
             let step = match wake {
-                Wake::Cluster(ev) => ev.map(|ev| {
-                    if ev.name() == self.cluster_name() {
-                        self.cluster = (!ev.deleted()).then_some(ev.object);
-                    }
-                }),
+                Wake::Cluster(ev) => ev.map(|ev| self.on_cluster(ev)),
                 Wake::Lease(ev) => ev.map(|ev| {
                     if ev.name() == LEASE_NAME {
                         self.lease = (!ev.deleted()).then_some(ev.object);
@@ -249,6 +262,10 @@ impl<'a> Session<'a> {
                 }),
                 Wake::Report => {
                     self.report_due = true;
+                    Ok(())
+                }
+                Wake::ReportsClosed => {
+                    reports_open = false;
                     Ok(())
                 }
                 Wake::Probe => {
@@ -279,13 +296,55 @@ impl<'a> Session<'a> {
         Ok((clusters, leases))
     }
 
-    /// Asks again for whichever of the two is not known.
+    /// A ManagedCluster event: the hub's version replaces what the agent has.
+    fn on_cluster(&mut self, ev: crate::hub::object_events::ObjectEvent) {
+        if ev.name() != self.cluster_name() {
+            return;
+        }
+        if ev.deleted() {
+            self.cluster = None;
+            self.confirmed = false;
+            return;
+        }
+        self.confirmed = self.carries_our_conditions(&ev.object);
+        self.cluster = Some(ev.object);
+    }
+
+    /// Whether `cluster`, as the hub sent it, has this agent's conditions as it wants them
+    /// (after the spoke's first probe, where it is probed).
+    fn carries_our_conditions(&self, cluster: &Value) -> bool {
+        let probed = self.opts.spoke.is_none() || self.health.condition().is_some();
+        let conditions = cluster["status"]["conditions"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        probed && merge_conditions(conditions, &self.wanted_conditions(), &now_rfc3339()).is_none()
+    }
+
+    /// `Joined`, and `Available` once the spoke has been probed.
+    fn wanted_conditions(&self) -> Vec<Value> {
+        let joined = condition(JOINED, "True", "ManagedClusterJoined", "Managed cluster joined");
+        std::iter::once(joined)
+            .chain(self.opts.spoke.as_ref().and_then(|_| self.health.condition()))
+            .collect()
+    }
+
+    /// Whether the membership is in place as far as the hub has said: both objects known, a
+    /// renewal accepted and the conditions sent back. Until then the hub is asked again now and
+    /// then: OCM's server registers a subscription only after answering it, so an answer or an
+    /// event can be lost in the first moments (see [`RELIST`]).
+    fn settled(&self) -> bool {
+        self.cluster.is_some() && self.lease.is_some() && self.renewed && self.confirmed
+    }
+
+    /// Asks again for what the hub has not confirmed; the next ask comes later each time.
     async fn relist(&mut self, clusters: &mut ObjectFeed, leases: &mut ObjectFeed) -> Result<(), GrpcError> {
         self.relist_after = (self.relist_after * 2).min(RELIST_MAX);
-        if self.cluster.is_none() {
+        self.next_relist = Instant::now() + self.relist_after;
+        if self.cluster.is_none() || !self.confirmed {
             clusters.list().await?;
         }
-        if self.lease.is_none() {
+        if self.lease.is_none() || !self.renewed {
             leases.list().await?;
         }
         Ok(())
@@ -340,7 +399,10 @@ impl<'a> Session<'a> {
         };
         lease["spec"]["renewTime"] = micro_time_now().into();
         match leases.write("spec", action::UPDATE, &lease).await? {
-            Ok(()) => tracing::debug!("cluster lease renewed"),
+            Ok(()) => {
+                tracing::debug!("cluster lease renewed");
+                self.renewed = true;
+            }
             Err(Refusal::Conflict) => {
                 self.next_lease = Instant::now();
                 leases.list().await?;
@@ -361,15 +423,7 @@ impl<'a> Session<'a> {
             // OCM's agent writes no status while the hub says the clocks disagree.
             return None;
         }
-        let wanted: Vec<Value> = std::iter::once(condition(
-            JOINED,
-            "True",
-            "ManagedClusterJoined",
-            "Managed cluster joined",
-        ))
-        .chain(self.opts.spoke.as_ref().and_then(|_| self.health.condition()))
-        .collect();
-        let merged = merge_conditions(&accepted.conditions, &wanted, &now_rfc3339());
+        let merged = merge_conditions(&accepted.conditions, &self.wanted_conditions(), &now_rfc3339());
         let report = report.filter(|_| self.report_due);
         if merged.is_none() && report.is_none() {
             return None;
@@ -497,6 +551,47 @@ mod tests {
             {"type": "HubAcceptedManagedCluster", "status": "True"},
             {"type": CLOCK_SYNCED, "status": "False"}])));
         assert!(session.wanted_cluster(None).is_none());
+    }
+
+    fn cluster_event(object: Value) -> crate::hub::object_events::ObjectEvent {
+        crate::hub::object_events::ObjectEvent {
+            subresource: "spec".into(),
+            action: "update_request".into(),
+            object,
+        }
+    }
+
+    #[test]
+    fn the_membership_settles_once_the_hub_sent_our_conditions_back_and_took_a_renewal() {
+        let opts = options();
+        let mut session = Session::new(&opts);
+        session.on_cluster(cluster_event(accepted(json!([
+            {"type": "HubAcceptedManagedCluster", "status": "True"}]))));
+        session.lease = Some(json!({"metadata": {"name": LEASE_NAME}}));
+        session.renewed = true;
+        assert!(!session.settled(), "Joined is not on the hub yet");
+        let written = session.wanted_cluster(None).unwrap();
+        session.on_cluster(cluster_event(written));
+        assert!(session.settled());
+        session.renewed = false;
+        assert!(!session.settled(), "no renewal taken yet");
+        session.renewed = true;
+        session.on_cluster(cluster_event(accepted(json!([]))));
+        assert!(!session.settled(), "the hub's newer version lost the condition");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_pool_reporter_does_not_end_the_wait_on_a_hub_without_managed_clusters() {
+        let opts = options();
+        let (sender, mut reports) = watch::channel(None);
+        drop(sender);
+        let stop = CancellationToken::new();
+        let started = Instant::now();
+        assert!(
+            forward_unmanaged(&opts.fallback, &mut reports, &stop).await,
+            "tries the hub again"
+        );
+        assert_eq!(started.elapsed(), UNMANAGED_RETRY);
     }
 
     #[test]

@@ -128,6 +128,9 @@ pub struct GrpcHubOptions {
     /// while it is shut (what was queued stays unsent; the next leader reports it), and a
     /// Publish in flight is abandoned when it shuts.
     pub gate: Option<crate::leader::WriteGate>,
+    /// Told when the hub refuses the agent's credentials (see [`credentials_refused`]): a
+    /// joined agent's renewal then checks and, if the refusal stands, joins again.
+    pub rejected: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 impl GrpcHubOptions {
@@ -147,8 +150,31 @@ impl GrpcHubOptions {
             max_message_size: 16 * 1024 * 1024,
             subscription: Subscription::Works,
             gate: None,
+            rejected: None,
         }
     }
+}
+
+/// TLS alerts by which a hub refuses the client certificate itself (not the connection):
+/// rustls' names, as they appear in the error chain.
+const REFUSED_IDENTITY_ALERTS: &[&str] = &[
+    "fatal alert: CertificateExpired",
+    "fatal alert: UnknownCA",
+    "fatal alert: BadCertificate",
+    "fatal alert: CertificateRequired",
+    "fatal alert: CertificateRevoked",
+    "fatal alert: AccessDenied",
+];
+
+/// Whether `e` says the hub no longer takes this agent's credentials: a TLS alert about its
+/// certificate, or `Unauthenticated`, the gRPC form of a `401`. `PermissionDenied` is not:
+/// OCM's hub answers it while it is still making a newly accepted cluster's RBAC.
+pub(crate) fn credentials_refused(e: &GrpcError) -> bool {
+    let unauthenticated = matches!(e,
+        GrpcError::Subscribe(s) | GrpcError::Resync(s) | GrpcError::Stream(s) | GrpcError::Publish(s)
+            if s.code() == tonic::Code::Unauthenticated);
+    let chain = crate::hub::tls::error_chain(e);
+    unauthenticated || REFUSED_IDENTITY_ALERTS.iter().any(|a| chain.contains(a))
 }
 
 /// What a connection subscribes to.
@@ -321,4 +347,27 @@ fn client_tls(settings: &HubSettings) -> Result<Option<ClientTls>, GrpcError> {
         return Err(GrpcError::Plaintext(settings.url.uri()));
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_certificate_is_told_from_a_refused_request() {
+        let alert =
+            tonic::Status::unavailable("error trying to connect: received fatal alert: BadCertificate");
+        assert!(credentials_refused(&GrpcError::Subscribe(alert)));
+        assert!(credentials_refused(&GrpcError::Stream(
+            tonic::Status::unauthenticated("no client certificate")
+        )));
+        // RBAC still being made for a cluster just accepted, and a hub that is down.
+        assert!(!credentials_refused(&GrpcError::Subscribe(
+            tonic::Status::permission_denied("access denied")
+        )));
+        assert!(!credentials_refused(&GrpcError::Subscribe(
+            tonic::Status::unavailable("connection refused")
+        )));
+        assert!(!credentials_refused(&GrpcError::StreamEnded));
+    }
 }

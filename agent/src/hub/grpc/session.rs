@@ -22,16 +22,6 @@ use crate::hub::tls::{ClientTls, error_chain};
 use crate::lock::lock;
 use crate::work::source::{Listing, WorkEvent};
 
-/// TLS alerts a hub sends when it does not accept our client certificate (rustls spelling).
-const REFUSED_IDENTITY_ALERTS: &[&str] = &[
-    "fatal alert: CertificateExpired",
-    "fatal alert: UnknownCA",
-    "fatal alert: BadCertificate",
-    "fatal alert: CertificateRequired",
-    "fatal alert: CertificateRevoked",
-    "fatal alert: AccessDenied",
-];
-
 /// How one session ended.
 enum SessionEnd {
     /// Shutdown was requested.
@@ -86,8 +76,11 @@ impl Runner {
                 SessionEnd::Shutdown => break,
                 SessionEnd::Broken { error, heard } => {
                     let mut msg = error_chain(&error);
-                    if REFUSED_IDENTITY_ALERTS.iter().any(|a| msg.contains(a)) {
+                    if super::credentials_refused(&error) {
                         msg.push_str(" (the hub refused this agent's client certificate)");
+                        if let Some(rejected) = &self.opts.rejected {
+                            rejected.notify_one();
+                        }
                     }
                     tracing::warn!(error = %msg, "hub session ended; reconnecting");
                     self.state.send_modify(|s| {

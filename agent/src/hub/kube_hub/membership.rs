@@ -46,7 +46,7 @@ const UNMANAGED_RETRY_MAX: Duration = Duration::from_secs(300);
 /// Condition types and reasons, as OCM's API names them.
 const HUB_ACCEPTED: &str = "HubAcceptedManagedCluster";
 pub(crate) const JOINED: &str = "ManagedClusterJoined";
-const AVAILABLE: &str = "ManagedClusterConditionAvailable";
+pub(crate) const AVAILABLE: &str = "ManagedClusterConditionAvailable";
 pub(crate) const CLOCK_SYNCED: &str = "ManagedClusterConditionClockSynced";
 
 /// What the agent knows of its ManagedCluster.

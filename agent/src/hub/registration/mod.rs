@@ -9,7 +9,7 @@
 //! - [`over_kube`]: the join over the Kubernetes hub.
 //! - [`over_grpc`]: the join over OCM's CloudEvents gRPC server.
 //! - [`ensure`]: the kept credentials, or a join over the bootstrap's wire.
-//! - [`renew`]: renewal with a fifth of the certificate's life left, and joining again once
+//! - [`renew`]: renewal with 20 to 25 % of the certificate's life left, and joining again once
 //!   it expired.
 
 pub(crate) mod csr;

@@ -7,7 +7,6 @@
 //! beside it, which the gRPC transport then runs from.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use base64::Engine;
 use serde_json::{Value, json};
@@ -27,9 +26,6 @@ use crate::hub::tls::PemSource;
 
 /// The signer of client certificates for OCM's gRPC server.
 const GRPC_SIGNER: &str = "open-cluster-management.io/grpc";
-/// How long the hub's answer to a list is waited for. It sends what it has before it
-/// acknowledges the request, so this is only the stream's own delay.
-const LIST_SETTLE: Duration = Duration::from_secs(2);
 
 /// Joins over gRPC with `bootstrap`; returns the gRPC config to run from.
 pub(super) async fn join(s: &JoinSettings, bootstrap: &HubSettings) -> Result<PathBuf, JoinError> {
@@ -58,6 +54,16 @@ pub(super) async fn renew(
     Ok(issued)
 }
 
+/// Whether the hub refuses the certificate kept in `s.dir`: a subscription opened with it
+/// fails with a TLS alert about it or `Unauthenticated`.
+pub(super) async fn refuses_kept(s: &JoinSettings, bootstrap: &HubSettings) -> bool {
+    let opened = async {
+        let client = dial_hub(&joined_settings(bootstrap, s)).await?;
+        ObjectFeed::open(&client, &s.cluster, MANAGED_CLUSTERS).await
+    };
+    matches!(opened.await, Err(e) if crate::hub::grpc::credentials_refused(&e))
+}
+
 /// The bootstrap's hub, reached with the certificate the join kept instead of the bootstrap's
 /// own certificate or token.
 fn joined_settings(bootstrap: &HubSettings, s: &JoinSettings) -> HubSettings {
@@ -68,18 +74,10 @@ fn joined_settings(bootstrap: &HubSettings, s: &JoinSettings) -> HubSettings {
     settings
 }
 
-/// Creates the ManagedCluster unless the hub has it, naming the spoke's API server.
+/// Creates the ManagedCluster unless the hub has it, naming the spoke's API server. Over gRPC
+/// the create is sent at once and "already exists" taken as done: asking first would mean
+/// waiting out a silence to learn that the hub has none (a list of nothing sends nothing).
 async fn ensure_managed_cluster(feed: &mut ObjectFeed, s: &JoinSettings) -> Result<(), JoinError> {
-    feed.list().await.map_err(JoinError::Grpc)?;
-    let settle = tokio::time::Instant::now() + LIST_SETTLE;
-    loop {
-        let left = settle.saturating_duration_since(tokio::time::Instant::now());
-        match feed.next_within(left).await.map_err(JoinError::Grpc)? {
-            Some(ev) if ev.name() == s.cluster && !ev.deleted() => return Ok(()),
-            Some(_) => {}
-            None => break,
-        }
-    }
     let cluster = new_managed_cluster(s);
     match feed
         .write("spec", action::CREATE, &cluster)
@@ -90,7 +88,7 @@ async fn ensure_managed_cluster(feed: &mut ObjectFeed, s: &JoinSettings) -> Resu
             tracing::info!(cluster = %s.cluster, "created the ManagedCluster on the hub");
             Ok(())
         }
-        // Made meanwhile by someone else: as good.
+        // The hub has it (made by an admin, an earlier join or another machine of the pool).
         Err(Refusal::Exists) => Ok(()),
         Err(Refusal::Conflict) => Err(JoinError::Refused {
             what: "creating the ManagedCluster",

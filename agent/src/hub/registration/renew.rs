@@ -1,10 +1,11 @@
-//! Keeping the hub certificate fresh: with a fifth of its lifetime left (OCM's rule) the agent
-//! asks for a new one in its own name, which OCM's hub approves for an accepted cluster; the
-//! kept Secret and the files are replaced, and the hub transport presents the new certificate
-//! on its next connection while the watch stays on its own. A certificate that expires all the
-//! same (the hub never signed), or that the hub stops taking (it answers `401`: its CA
-//! changed, say), or a deleted credential Secret, sends the agent back to its bootstrap
-//! credential to join again, as OCM's agent rebootstraps.
+//! Keeping the hub certificate fresh: with 20 to 25 % of its lifetime left (OCM's rule, drawn per
+//! certificate) the agent asks for a new one in its own name, which OCM's hub approves for an
+//! accepted cluster; the kept Secret and the files are replaced, and the hub transport presents the
+//! new certificate on its next connection while the watch stays on its own. A certificate that
+//! expires all the same (the hub never signed), or that the hub stops taking (it answers `401`, or
+//! over gRPC a TLS alert about the certificate or `Unauthenticated`: its CA changed, say), or a
+//! deleted credential Secret, sends the agent back to its bootstrap credential to join again, as
+//! OCM's agent rebootstraps.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -78,7 +79,7 @@ impl Renewal {
         };
         match wake {
             Wake::Rejected if still_refused(&self.s, &self.stop).await => {
-                self.rejoin("the hub no longer takes the agent's certificate (401)")
+                self.rejoin("the hub no longer takes the agent's certificate (a 401; over gRPC a TLS alert or Unauthenticated)")
                     .await
             }
             Wake::Rejected => true,
@@ -144,18 +145,18 @@ fn current(s: &JoinSettings) -> Result<Issued, String> {
         .and_then(|pem| Issued::from_pem(&pem).map_err(|e| e.to_string()))
 }
 
-/// Whether the hub still refuses the certificate a moment after a `401`: after
-/// [`REJECTION_SETTLE`], one request of the agent's own (its ManagedCluster) with the
-/// certificate on disk now, so a lone `401` answered while a renewed certificate was being
-/// picked up is let pass.
+/// Whether the hub still refuses the certificate a moment after a `401` (over gRPC: a TLS
+/// alert about it, or `Unauthenticated`): after [`REJECTION_SETTLE`], one request of the
+/// agent's own (its ManagedCluster) with the certificate on disk now, so a lone refusal
+/// answered while a renewed certificate was being picked up is let pass.
 async fn still_refused(s: &JoinSettings, stop: &CancellationToken) -> bool {
-    // Only the Kubernetes hub's client reports a 401.
-    let Bootstrap::Kube { security, .. } = &s.bootstrap else {
-        return false;
-    };
     if !pause(REJECTION_SETTLE, stop).await {
         return false;
     }
+    let security = match &s.bootstrap {
+        Bootstrap::Kube { security, .. } => security,
+        Bootstrap::Grpc(bootstrap) => return super::over_grpc::refuses_kept(s, bootstrap).await,
+    };
     let path = kubeconfig_in(&s.dir);
     let Ok(config) = config_from_kubeconfig(&path).await else {
         return false;
