@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::absent_works::{AbsentWorks, Cleanup};
 use super::applied_work::{self, AppliedWorkError};
 use super::applier::Applier;
 use super::claims::Claims;
@@ -303,7 +304,7 @@ impl WorkEngine {
         let mut lp = EngineLoop::new(ctx, &cfg, ready_tx, sink, records);
         loop {
             let next = earliest(
-                earliest(lp.timers.next_deadline(), lp.evictions.next_deadline()),
+                earliest(lp.timers.next_deadline(), lp.absent.next_deadline()),
                 lp.rechecks.next_deadline(),
             );
             tokio::select! {
@@ -366,21 +367,8 @@ struct EngineLoop {
     tasks: JoinSet<()>,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
-    /// Recorded works the source has not delivered yet. On a complete listing they are deleted
-    /// (the hub has no such work); when the source only goes quiet they become `missing`.
-    undelivered: HashMap<String, AppliedManifestWork>,
-    /// Recorded works a synced hub did not re-send: kept running and reported, and evicted when
-    /// their deadline in `evictions` passes while the hub is synced.
-    missing: HashMap<String, AppliedManifestWork>,
-    /// Eviction deadlines of the `missing` works.
-    evictions: Debouncer<String>,
-    /// Missing works whose deadline passed while the hub was away: evicted once it has synced
-    /// again and still not re-sent them.
-    overdue: HashSet<String>,
-    /// See [`EngineConfig::eviction_grace`].
-    eviction_grace: Duration,
-    /// The source is connected and has synced since it last connected.
-    hub_synced: bool,
+    /// Recorded works the hub has not delivered, and when they are cleaned up.
+    absent: AbsentWorks,
     /// The first `Synced` has been seen (readiness is computed once, from the first sync).
     synced_once: bool,
     /// Works of the initial sync still to finish their first reconcile (then: ready).
@@ -416,12 +404,7 @@ impl EngineLoop {
             tasks: JoinSet::new(),
             done_tx,
             done_rx,
-            undelivered: records,
-            missing: HashMap::new(),
-            evictions: Debouncer::new(Duration::ZERO, Duration::ZERO),
-            overdue: HashSet::new(),
-            eviction_grace: cfg.eviction_grace,
-            hub_synced: false,
+            absent: AbsentWorks::new(records, cfg.eviction_grace),
             synced_once: false,
             initial: None,
             source_open: true,
@@ -531,27 +514,19 @@ impl EngineLoop {
         for name in self.rechecks.take_due(now) {
             self.rerun(&name);
         }
-        for name in self.evictions.take_due(now) {
-            if self.hub_synced {
-                self.evict(&name);
-            } else {
-                self.overdue.insert(name);
-            }
+        for cleanup in self.absent.due(now) {
+            self.clean_up(cleanup);
         }
     }
 
-    /// A missing work's grace period is over on a synced hub: clean it up as its record says.
-    fn evict(&mut self, name: &str) {
-        let Some(amw) = self.missing.remove(name) else {
-            return;
-        };
-        tracing::warn!(work = %name, grace = ?self.eviction_grace,
-            "work still missing from the hub after the eviction grace period; cleaning up its recorded resources");
-        self.ctx.metrics.evictions.inc();
-        self.ctx.metrics.missing.set(self.missing.len() as i64);
-        self.slots.entry(name.to_string()).or_default().delete =
-            Some(applied_work::recorded_delete_option(&amw));
-        self.rerun(name);
+    /// A recorded work the hub no longer has (see `absent_works`): delete it as its record says.
+    fn clean_up(&mut self, c: Cleanup) {
+        if c.evicted {
+            self.ctx.metrics.evictions.inc();
+        }
+        self.ctx.metrics.missing.set(self.absent.missing_count() as i64);
+        self.slots.entry(c.work.clone()).or_default().delete = Some(c.option);
+        self.rerun(&c.work);
     }
 
     /// The periodic backstop: every work once more.
@@ -576,28 +551,17 @@ impl EngineLoop {
                 reason,
             }) => self.on_unreadable(work, generation, reason),
             Some(WorkEvent::Synced(listing)) => self.on_synced(listing),
-            Some(WorkEvent::Disconnected) => {
-                if self.hub_synced {
-                    tracing::info!(
-                        missing = self.missing.len(),
-                        "hub lost; no evictions until it has synced again"
-                    );
-                }
-                self.hub_synced = false;
-            }
+            Some(WorkEvent::Disconnected) => self.absent.disconnected(),
         }
     }
 
-    /// Takes a recorded work off the undelivered and missing lists (the hub has it after all).
+    /// Takes a recorded work off the absent ones (the hub has it after all).
     fn found(&mut self, name: &str) -> Option<AppliedManifestWork> {
-        if let Some(amw) = self.undelivered.remove(name) {
-            return Some(amw);
+        let (amw, was_missing) = self.absent.found(name)?;
+        if was_missing {
+            self.ctx.metrics.missing.set(self.absent.missing_count() as i64);
+            tracing::info!(work = %name, "missing work is back from the hub; nothing was deleted");
         }
-        let amw = self.missing.remove(name)?;
-        self.evictions.cancel(&name.to_string());
-        self.overdue.remove(name);
-        self.ctx.metrics.missing.set(self.missing.len() as i64);
-        tracing::info!(work = %name, "missing work is back from the hub; nothing was deleted");
         Some(amw)
     }
 
@@ -668,9 +632,8 @@ impl EngineLoop {
         {
             return Some(uid);
         }
-        self.undelivered
-            .get(name)
-            .or_else(|| self.missing.get(name))
+        self.absent
+            .record(name)
             .and_then(applied_work::recorded_hub_uid)
             .map(str::to_string)
     }
@@ -700,21 +663,13 @@ impl EngineLoop {
     /// The name a ref's work is recorded under: its own, or that of the record carrying its
     /// uid (an unreadable event may not say the name right).
     fn recorded_name(&self, r: &WorkRef) -> String {
-        if self.slots.contains_key(&r.name)
-            || self.undelivered.contains_key(&r.name)
-            || self.missing.contains_key(&r.name)
-        {
+        if self.slots.contains_key(&r.name) || self.absent.record(&r.name).is_some() {
             return r.name.clone();
         }
         let Some(uid) = r.uid.as_deref() else {
             return r.name.clone();
         };
-        self.undelivered
-            .iter()
-            .chain(self.missing.iter())
-            .find(|(_, amw)| applied_work::recorded_hub_uid(amw) == Some(uid))
-            .map(|(n, _)| n.clone())
-            .unwrap_or_else(|| r.name.clone())
+        self.absent.named_by_uid(uid).unwrap_or(&r.name).to_string()
     }
 
     /// The source delivered all it has. On a complete listing, records it did not deliver are
@@ -722,14 +677,10 @@ impl EngineLoop {
     /// kept and evicted after the grace period. The engine is ready once the works of the first
     /// sync have been reconciled once.
     fn on_synced(&mut self, listing: Listing) {
-        self.hub_synced = true;
-        match listing {
-            Listing::Complete => self.delete_undelivered(),
-            Listing::Quiet => self.mark_missing(),
-        }
-        let overdue: Vec<String> = self.overdue.drain().collect();
-        for name in overdue {
-            self.evict(&name);
+        let cleanups = self.absent.synced(listing, Instant::now());
+        self.ctx.metrics.missing.set(self.absent.missing_count() as i64);
+        for cleanup in cleanups {
+            self.clean_up(cleanup);
         }
         if std::mem::replace(&mut self.synced_once, true) {
             return;
@@ -745,33 +696,6 @@ impl EngineLoop {
         } else {
             self.initial = Some(pending);
         }
-    }
-
-    /// A complete listing omitted these recorded works: the hub deleted them while we were away.
-    fn delete_undelivered(&mut self) {
-        let gone: Vec<(String, AppliedManifestWork)> =
-            self.undelivered.drain().chain(self.missing.drain()).collect();
-        self.evictions = Debouncer::new(Duration::ZERO, Duration::ZERO);
-        self.ctx.metrics.missing.set(0);
-        for (name, amw) in gone {
-            tracing::info!(work = %name, "the hub's complete list omits the work; cleaning up its recorded resources");
-            self.slots.entry(name.clone()).or_default().delete =
-                Some(applied_work::recorded_delete_option(&amw));
-            self.rerun(&name);
-        }
-    }
-
-    /// A quiet source did not re-send these recorded works: keep them, say so, and start their
-    /// grace period.
-    fn mark_missing(&mut self) {
-        let deadline = Instant::now() + self.eviction_grace;
-        for (name, amw) in self.undelivered.drain() {
-            tracing::warn!(work = %name, grace = ?self.eviction_grace,
-                "recorded work not re-sent by the hub; kept running, and cleaned up only if still missing after the grace period");
-            self.evictions.schedule_at(name.clone(), deadline);
-            self.missing.insert(name, amw);
-        }
-        self.ctx.metrics.missing.set(self.missing.len() as i64);
     }
 
     /// Takes a reconcile's report into its slot and schedules a retry or hold it asks for.

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+mod absent_works;
 pub mod applied_work;
 pub mod applier;
 pub mod claims;
