@@ -35,15 +35,16 @@ use support::{Agent, GrpcAgentArgs, write};
 const CLUSTER_STATUS: &str = "cluster.open-cluster-management.io.v1.managedclusters.status.update_request";
 const NODE_UPDATE: &str = "io.spokelet.nodes.v1alpha1.nodeinventories.status.update_request";
 
-/// Waits (polling every 50 ms, up to 30 s) for `check` to give a value; returns it and how
-/// long it took.
+/// Waits (polling every 50 ms, up to the harness's 5 minutes: the bound is a hang detector, not
+/// a speed limit, and four pools starting at once on a small CI machine can take a while) for
+/// `check` to give a value; returns it and how long it took.
 async fn until<T, F, Fut>(what: &str, check: F) -> (T, Duration)
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Result<T, String>>,
 {
     let start = Instant::now();
-    let v = eventually_with(what, 600, Duration::from_millis(50), check)
+    let v = eventually_with(what, 6000, Duration::from_millis(50), check)
         .await
         .unwrap();
     (v, start.elapsed())
@@ -792,8 +793,8 @@ async fn the_pool_counts_only_inventories_their_node_owns_held_to_its_capacity()
     let claims_api: Api<DynamicObject> = Api::all_with(client.clone(), &cluster_claim_resource());
     let claims = eventually_with(
         "the pool's claims on the spoke",
-        600,
-        Duration::from_millis(200),
+        spokelet_e2e::POLL_ATTEMPTS,
+        spokelet_e2e::POLL_INTERVAL,
         || {
             let api = claims_api.clone();
             async move {
