@@ -148,8 +148,12 @@ pub struct OciRepositorySpec {
     pub cert_secret_ref: Option<LocalRef>,
     #[serde(default)]
     pub insecure: bool,
-    pub interval: String,
-    pub timeout: Option<String>,
+    /// How often the source is looked at again (parsed once, here).
+    #[serde(deserialize_with = "interval")]
+    pub interval: Duration,
+    /// How long one pull may take; Flux's default when absent.
+    #[serde(default, deserialize_with = "timeout")]
+    pub timeout: Option<Duration>,
     #[serde(default)]
     pub suspend: bool,
     pub verify: Option<Verify>,
@@ -234,9 +238,14 @@ pub struct ObjectRef {
 pub struct KustomizationSpec {
     pub source_ref: SourceRef,
     pub path: Option<String>,
-    pub interval: String,
-    pub retry_interval: Option<String>,
-    pub timeout: Option<String>,
+    /// How often it is built again from an unchanged source (parsed once, here).
+    #[serde(deserialize_with = "interval")]
+    pub interval: Duration,
+    /// How soon a failed build is tried again; `interval` when absent.
+    #[serde(default, deserialize_with = "retry_interval")]
+    pub retry_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "timeout")]
+    pub timeout: Option<Duration>,
     /// Required by Flux; objects that leave the build are deleted only when true.
     pub prune: bool,
     #[serde(default)]
@@ -389,10 +398,6 @@ pub fn oci_repository(obj: &Value) -> Result<FluxObject<OciRepositorySpec>, Spec
             why: "a Kustomization can only build an extracted layer",
         });
     }
-    duration(&spec.interval, "interval").map_err(invalid)?;
-    if let Some(t) = &spec.timeout {
-        duration(t, "timeout").map_err(invalid)?;
-    }
     Ok(FluxObject {
         namespace: namespace_of(obj),
         generation: generation_of(obj),
@@ -418,15 +423,6 @@ pub fn kustomization(obj: &Value) -> Result<FluxObject<KustomizationSpec>, SpecE
             field: format!("sourceRef.kind: {}", spec.source_ref.kind),
             why: "only OCIRepository sources are fetched by spokelet",
         });
-    }
-    for (field, value) in [
-        ("interval", Some(&spec.interval)),
-        ("retryInterval", spec.retry_interval.as_ref()),
-        ("timeout", spec.timeout.as_ref()),
-    ] {
-        if let Some(v) = value {
-            duration(v, field).map_err(&invalid)?;
-        }
     }
     for from in spec.post_build.iter().flat_map(|p| &p.substitute_from) {
         if from.kind != "ConfigMap" && from.kind != "Secret" {
@@ -496,9 +492,32 @@ fn typed<S: serde::de::DeserializeOwned>(
     })
 }
 
-/// A Flux duration field, checked (the same notation as spokelet's own settings).
-pub fn duration(text: &str, field: &str) -> Result<Duration, String> {
+/// A Flux duration field (the same notation as spokelet's own settings), its error naming it.
+fn duration(text: &str, field: &str) -> Result<Duration, String> {
     parse_duration(text).map_err(|e| format!("spec.{field}: {e}"))
+}
+
+/// `spec.interval`, parsed as the spec is read.
+fn interval<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    duration(&String::deserialize(d)?, "interval").map_err(serde::de::Error::custom)
+}
+
+/// An optional duration field, parsed as the spec is read.
+fn optional_duration<'de, D: serde::Deserializer<'de>>(
+    d: D,
+    field: &str,
+) -> Result<Option<Duration>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|text| duration(&text, field).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+fn timeout<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    optional_duration(d, "timeout")
+}
+
+fn retry_interval<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    optional_duration(d, "retryInterval")
 }
 
 fn namespace_of(obj: &Value) -> String {

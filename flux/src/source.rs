@@ -18,7 +18,7 @@ use spokelet_artifact::signature::CosignKeys;
 use spokelet_artifact::unpack::UnpackLimits;
 use spokelet_base::lock::lock;
 
-use crate::objects::{DEFAULT_TIMEOUT, FluxObject, OciRepositorySpec, duration};
+use crate::objects::{DEFAULT_TIMEOUT, FluxObject, OciRepositorySpec};
 
 /// The longest a pull may take, whatever the source's `timeout` asks: a hub cannot make one
 /// source hold the agent's pull for an hour.
@@ -206,11 +206,7 @@ impl SourceFetcher {
             digest: spec.reference.digest.clone(),
             layer_media_type: spec.layer_selector.as_ref().and_then(|l| l.media_type.clone()),
         };
-        let asked = spec
-            .timeout
-            .as_deref()
-            .and_then(|t| duration(t, "timeout").ok())
-            .unwrap_or(DEFAULT_TIMEOUT);
+        let asked = spec.timeout.unwrap_or(DEFAULT_TIMEOUT);
         // The hub picks `timeout`; the agent bounds how long one pull may take.
         let timeout = asked.min(MAX_PULL_TIMEOUT);
         if timeout < asked {
