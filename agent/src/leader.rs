@@ -516,6 +516,40 @@ impl<S> tower::Layer<S> for GateLayer {
     }
 }
 
+/// A status sink that drops reports while the write gate is shut: a replica that lost the
+/// Lease reports nothing more (the new leader reports the works' state itself).
+#[derive(Debug)]
+pub(crate) struct GatedSink {
+    inner: Arc<dyn crate::work::source::StatusSink>,
+    gate: WriteGate,
+}
+
+impl GatedSink {
+    pub(crate) fn wrap(
+        inner: Arc<dyn crate::work::source::StatusSink>,
+        gate: Option<WriteGate>,
+    ) -> Arc<dyn crate::work::source::StatusSink> {
+        match gate {
+            Some(gate) => Arc::new(GatedSink { inner, gate }),
+            None => inner,
+        }
+    }
+}
+
+impl crate::work::source::StatusSink for GatedSink {
+    fn publish(
+        &self,
+        update: crate::work::source::StatusUpdate,
+    ) -> futures::future::BoxFuture<'_, Result<(), crate::work::source::SinkError>> {
+        if !self.gate.is_open() {
+            return Box::pin(std::future::ready(Err(crate::work::source::SinkError::Failed(
+                "not the leader: status not reported".into(),
+            ))));
+        }
+        self.inner.publish(update)
+    }
+}
+
 /// The service [`GateLayer`] makes.
 #[derive(Debug, Clone)]
 pub struct Gated<S> {

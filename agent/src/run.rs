@@ -12,7 +12,9 @@ use crate::artifact::ArtifactLimitArgs;
 use crate::hub::file_source::{FileSource, FileSourceError, FileStatusSink};
 use crate::hub::{ConnectError, HubArgs, HubConnection};
 use crate::kube_client::{self, ClusterConfigError, HttpVersion, KubeClientError};
-use crate::leader::{Elector, LeaderArgs, LeaderError, LeaderMetrics, LeaseSettings, Role, WriteGate};
+use crate::leader::{
+    Elector, GatedSink, LeaderArgs, LeaderError, LeaderMetrics, LeaseSettings, Role, WriteGate,
+};
 use crate::lock::lock;
 use crate::pool::{PoolMetrics, PoolReportArgs, PoolReporter, RunningReporter};
 use crate::work::applied_work::{hub_hash, hub_hash_of_address, legacy_hub_hash};
@@ -23,7 +25,7 @@ use crate::work::manifestwork::DEFAULT_FIELD_MANAGER;
 use crate::work::metrics::WorkMetrics;
 use crate::work::policy::{AgentIdentity, Policy, PolicyError};
 use crate::work::schedule::FlapGuard;
-use crate::work::source::{SinkError, StatusSink, StatusUpdate, WorkSource};
+use crate::work::source::{StatusSink, WorkSource};
 use crate::work::validate::WorkLimits;
 use spokelet_base::duration::parse_duration;
 use tokio_util::sync::CancellationToken;
@@ -463,34 +465,6 @@ fn start_pool_reporter(
     let metrics = PoolMetrics::default();
     metrics.register(&ctx.registry);
     Some(PoolReporter::new(client.clone(), hub, args.pool.clone(), metrics).spawn(&ctx.shutdown))
-}
-
-/// A status sink that drops reports while the write gate is shut: a replica that lost the
-/// Lease reports nothing more (the new leader reports the works' state itself).
-#[derive(Debug)]
-struct GatedSink {
-    inner: Arc<dyn StatusSink>,
-    gate: WriteGate,
-}
-
-impl GatedSink {
-    fn wrap(inner: Arc<dyn StatusSink>, gate: Option<WriteGate>) -> Arc<dyn StatusSink> {
-        match gate {
-            Some(gate) => Arc::new(GatedSink { inner, gate }),
-            None => inner,
-        }
-    }
-}
-
-impl StatusSink for GatedSink {
-    fn publish(&self, update: StatusUpdate) -> futures::future::BoxFuture<'_, Result<(), SinkError>> {
-        if !self.gate.is_open() {
-            return Box::pin(std::future::ready(Err(SinkError::Failed(
-                "not the leader: status not reported".into(),
-            ))));
-        }
-        self.inner.publish(update)
-    }
 }
 
 /// Runs the engine on any source and sink (a hub transport, say) until `ctx.shutdown` is

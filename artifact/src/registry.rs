@@ -21,7 +21,7 @@ pub use crate::capped::Timeouts;
 use crate::capped::{CappedClient, MAX_MANIFEST_BYTES, MAX_TAG_LIST_BYTES, Wanted};
 use crate::digest::{Digest, DigestError};
 use crate::pack::{PackError, pack_dir};
-use crate::retry::{RetryPolicy, Transient, transient};
+use crate::retry::{PullRetry, Transient, transient};
 use crate::signature::{self, CosignKeys, SignatureError};
 use crate::unpack::UnpackLimits;
 
@@ -165,7 +165,7 @@ pub struct Registry {
     capped: Result<Arc<CappedClient>, String>,
     auth: RegistryAuth,
     /// How requests answered with 429 or 5xx are repeated.
-    retry: RetryPolicy,
+    retry: PullRetry,
     /// Tags asked for per page of the tag list ([`TAG_PAGE`]; smaller in tests).
     tag_page: usize,
 }
@@ -224,7 +224,7 @@ impl Registry {
             client: Client::new(config),
             capped,
             auth,
-            retry: RetryPolicy::default(),
+            retry: PullRetry::default(),
             tag_page: TAG_PAGE,
         }
     }
@@ -236,7 +236,7 @@ impl Registry {
     }
 
     /// The same client with another retry policy (tests, and `artifact pull --no-retry`).
-    pub fn with_retry(mut self, retry: RetryPolicy) -> Registry {
+    pub fn with_retry(mut self, retry: PullRetry) -> Registry {
         self.retry = retry;
         self
     }

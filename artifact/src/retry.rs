@@ -18,7 +18,7 @@ use spokelet_base::backoff::ExponentialBackoff;
 /// without its headers. The floor of the backoff for a 429 is therefore a full second, the
 /// common value registries send, and doubling from there.
 #[derive(Debug, Clone)]
-pub struct RetryPolicy {
+pub struct PullRetry {
     /// Attempts in all, the first included; 1 turns retrying off.
     pub attempts: u32,
     /// Delay before the second attempt after a 5xx, doubling after each further failure.
@@ -29,9 +29,9 @@ pub struct RetryPolicy {
     pub max_delay: Duration,
 }
 
-impl Default for RetryPolicy {
+impl Default for PullRetry {
     fn default() -> Self {
-        RetryPolicy {
+        PullRetry {
             // 1 + 3 retries: 0.5 + 1 + 2 s after 5xx, 1 + 2 + 4 s after 429, about 7 s at most.
             attempts: 4,
             first_delay: Duration::from_millis(500),
@@ -78,12 +78,12 @@ pub fn transient(err: &OciDistributionError) -> Option<Transient> {
     }
 }
 
-impl RetryPolicy {
+impl PullRetry {
     /// No retries: every request is made once.
-    pub fn none() -> RetryPolicy {
-        RetryPolicy {
+    pub fn none() -> PullRetry {
+        PullRetry {
             attempts: 1,
-            ..RetryPolicy::default()
+            ..PullRetry::default()
         }
     }
 
@@ -184,7 +184,7 @@ mod tests {
     async fn a_rate_limited_request_waits_at_least_a_second_and_then_succeeds() {
         let (calls, request) = flaky(2, 429);
         let start = tokio::time::Instant::now();
-        let got = RetryPolicy::default()
+        let got = PullRetry::default()
             .run("test", request)
             .await
             .expect("third try");
@@ -199,7 +199,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn retries_stop_after_the_attempts_and_the_last_error_is_returned() {
         let (calls, request) = flaky(10, 503);
-        let err = RetryPolicy::default()
+        let err = PullRetry::default()
             .run("test", request)
             .await
             .expect_err("gives up");
@@ -210,13 +210,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_permanent_error_is_not_repeated() {
         let (calls, request) = flaky(10, 404);
-        RetryPolicy::default()
-            .run("test", request)
-            .await
-            .expect_err("404");
+        PullRetry::default().run("test", request).await.expect_err("404");
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         let (calls, request) = flaky(10, 429);
-        RetryPolicy::none()
+        PullRetry::none()
             .run("test", request)
             .await
             .expect_err("no retries");

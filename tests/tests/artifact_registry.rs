@@ -7,7 +7,7 @@ use spokelet_artifact::cache::ArtifactCache;
 use spokelet_artifact::registry::{
     ArtifactRef, FLUX_CONFIG_MEDIA_TYPE, FLUX_CONTENT_MEDIA_TYPE, Registry, RegistryError, Timeouts,
 };
-use spokelet_artifact::retry::RetryPolicy;
+use spokelet_artifact::retry::PullRetry;
 use spokelet_artifact::unpack::UnpackLimits;
 use spokelet_e2e::{CuttingFront, OciRegistry, RateLimitedFront, RegistryOptions};
 use spokelet_e2e::{LayoutBlob, skopeo, write_oci_layout};
@@ -570,10 +570,10 @@ async fn a_rate_limited_registry_is_retried_after_a_delay_and_a_persistent_limit
     let stuck = RateLimitedFront::start(&registry.host(), u32::MAX, 1)
         .await
         .unwrap();
-    let quick = RetryPolicy {
+    let quick = PullRetry {
         first_delay: std::time::Duration::from_millis(10),
         first_delay_rate_limited: std::time::Duration::from_millis(10),
-        ..RetryPolicy::default()
+        ..PullRetry::default()
     };
     let err = Registry::new(true, RegistryAuth::Anonymous)
         .with_retry(quick.clone())
@@ -768,9 +768,9 @@ async fn a_silent_registry_fails_the_pull_by_the_clients_timeouts() {
         connect: std::time::Duration::from_millis(500),
         read: std::time::Duration::from_millis(500),
     };
-    let once = RetryPolicy {
+    let once = PullRetry {
         attempts: 1,
-        ..RetryPolicy::default()
+        ..PullRetry::default()
     };
     let registry = Registry::configured(true, RegistryAuth::Anonymous, None, short).with_retry(once);
     let (url, wanted, limits) = (
@@ -895,7 +895,7 @@ async fn endless_manifests_tag_lists_and_error_pages_are_read_only_up_to_their_c
     let cache_dir = tempfile::tempdir().unwrap();
     let cache = ArtifactCache::open(cache_dir.path()).unwrap();
     let limits = UnpackLimits::default();
-    let client = Registry::new(true, RegistryAuth::Anonymous).with_retry(RetryPolicy::none());
+    let client = Registry::new(true, RegistryAuth::Anonymous).with_retry(PullRetry::none());
     let semver = ArtifactRef {
         semver: Some(">=1.0.0".into()),
         ..ArtifactRef::default()

@@ -61,8 +61,8 @@ pub struct ReconcileContext {
     pub resolver: Resolver,
     pub drift: DriftWatcher,
     pub applier: Applier,
-    /// Which work claims which object: spans works, so it is the one lock here (taken through
-    /// `crate::lock::lock`, never held across an await).
+    /// Which work claims which object: spans works, so it is locked (through
+    /// `spokelet_base::lock::lock`, never held across an await).
     pub claims: Arc<Mutex<Claims>>,
     /// Bounds concurrent manifest applies across all works, so one huge work cannot starve the
     /// API server's other clients.

@@ -44,6 +44,7 @@ use super::status::{publish, unreadable_status, work_update};
 use super::status_fit::DEFAULT_MAX_STATUS_BYTES;
 use super::validate::{MAX_WORK_NAME, WorkLimits, check_subdomain};
 use spokelet_artifact::unpack::UnpackLimits;
+use spokelet_base::deadline::sleep_until_opt;
 use spokelet_base::lock::lock;
 
 /// Jitter of the retry delays of failed reconciles and deletions: works that failed together
@@ -926,12 +927,5 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
-    }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
     }
 }

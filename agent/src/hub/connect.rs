@@ -5,12 +5,13 @@ use std::sync::Arc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::PoolReportSink;
 use super::config::{BootstrapSettings, HubArgs, HubConfigError, KubeHubSettings, ResolvedHub};
 use super::grpc::{GrpcError, GrpcHub, GrpcHubOptions, HubHandle, RecordedWork};
 use super::kube_hub::{KubeHub, KubeHubError, KubeHubOptions};
 use super::metrics;
 use super::registration::{self, Bootstrap, JoinSettings, Keeping};
-use super::{HubEvents, PoolReportSink};
+use super::work_events::HubEvents;
 use crate::admin::SharedRegistry;
 use crate::leader::WriteGate;
 use crate::lock::lock;

@@ -14,6 +14,7 @@
 //! - [`config`]: the reference-format config file and the `--hub-*` flags ([`HubArgs`]).
 //! - [`connect`]: opens the configured transport for `spokelet run` ([`HubConnection::open`]).
 //! - [`metrics`]: the `spokelet_hub_*` Prometheus metrics ([`HubMetrics`]).
+//! - [`work_events`]: the bounded channel a transport hands the engine ([`HubEvents`]).
 
 pub mod cloudevents;
 pub mod config;
@@ -27,6 +28,7 @@ pub mod outbox;
 pub mod pool_report;
 pub mod registration;
 pub mod tls;
+pub mod work_events;
 
 pub use config::{HubArgs, HubConfigError, HubSettings, HubTransport, KubeHubSettings, ResolvedHub};
 pub use connect::{ConnectError, HubCloser, HubConnection};
@@ -37,16 +39,4 @@ pub use grpc::{
 };
 pub use metrics::HubMetrics;
 pub use pool_report::PoolReportSink;
-
-/// Work events from a hub transport to the engine (a [`WorkSource`](crate::work::source::WorkSource)).
-///
-/// Bounded ([`EVENT_BUFFER`]): a transport waits when the engine is behind, so a hub streaming
-/// works faster than they can be taken costs at most that many works of memory. The engine
-/// only files each event (the work runs as a task), so the waits are short and a transport still
-/// reads its heartbeats and watch in time.
-pub type HubEvents = tokio::sync::mpsc::Receiver<crate::work::source::WorkEvent>;
-
-/// Work events a transport may have in flight to the engine. Each is at most one work (4 MiB by
-/// the codec's limit), so this bounds the backlog to about a gigabyte in the worst case and a
-/// few megabytes in practice, while being deep enough that a resync of thousands of works flows.
-pub const EVENT_BUFFER: usize = 256;
+pub use work_events::{EVENT_BUFFER, HubEvents};

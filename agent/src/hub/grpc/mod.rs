@@ -44,10 +44,10 @@ use tracing::Instrument;
 
 use self::book::Shared;
 use self::session::Runner;
-use super::HubEvents;
 use super::config::HubSettings;
 use super::metrics::HubMetrics;
 use super::tls::{ClientTls, TlsError};
+use super::work_events::{EVENT_BUFFER, HubEvents};
 use crate::work::source::{SinkError, StatusSink, StatusUpdate};
 
 /// Transport failures. Setup errors are returned by [`GrpcHub::start`]; the rest end one session
@@ -306,7 +306,7 @@ impl GrpcHub {
         }
         let shared = Arc::new(Shared::new(&s.cluster_name, &s.agent_id, opts.metrics.clone()));
         shared.hold_recorded(&opts.recorded);
-        let (tx, rx) = mpsc::channel(super::EVENT_BUFFER);
+        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let (state_tx, state_rx) = watch::channel(HubState::default());
         let span =
             tracing::info_span!("hub", transport = "grpc", url = %s.url.uri(), cluster = %s.cluster_name);

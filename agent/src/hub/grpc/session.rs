@@ -21,6 +21,7 @@ use crate::hub::cloudevents;
 use crate::hub::tls::{ClientTls, error_chain};
 use crate::lock::lock;
 use crate::work::source::{Listing, WorkEvent};
+use spokelet_base::deadline::sleep_until_opt;
 
 /// How one session ended.
 enum SessionEnd {
@@ -47,14 +48,6 @@ pub(super) struct Runner {
     pub(super) state: watch::Sender<HubState>,
     /// Ends the transport, after a bounded flush of the outbox (see `flush`).
     pub(super) shutdown: CancellationToken,
-}
-
-/// Sleeps until `t`, or for ever when there is no deadline.
-async fn sleep_until_opt(t: Option<Instant>) {
-    match t {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => futures::future::pending().await,
-    }
 }
 
 impl Runner {

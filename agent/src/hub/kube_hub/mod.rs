@@ -69,8 +69,8 @@ use self::membership::{Membership, follow_cluster, keep_conditions};
 pub use self::status::KubeStatusSink;
 use self::status::{StatusQueue, write_statuses};
 use self::works::{watch_works, work_resource};
-use super::HubEvents;
 use super::tls::TlsError;
+use super::work_events::{EVENT_BUFFER, HubEvents};
 use crate::backoff::ExponentialBackoff;
 use crate::kube_client::KubeClientError;
 
@@ -194,7 +194,7 @@ impl KubeHub {
     /// Starts the watch, status writer and lease tasks. Must be called inside a tokio runtime.
     /// Nothing here needs the hub to be up: each task retries until it is, or until shutdown.
     pub fn start(opts: KubeHubOptions, shutdown: CancellationToken) -> KubeHub {
-        let (tx, rx) = mpsc::channel(super::EVENT_BUFFER);
+        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let queue = Arc::new(StatusQueue::default());
         let (reports_tx, reports_rx) = tokio::sync::watch::channel(None);
         let (membership_tx, membership_rx) = tokio::sync::watch::channel(Membership::Pending);
