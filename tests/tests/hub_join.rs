@@ -634,13 +634,20 @@ async fn spokelet_joins_ocms_grpc_server_with_a_bootstrap_config_and_stays_joine
         "the renewal is asked in the agent's own name"
     );
     updates_until(&works, &cms, &manifests, "after-", || async { true }).await;
-    eventually("the lease renewed again", || async {
-        (renew_time().await > first_renewal)
-            .then_some(())
-            .ok_or("not yet".to_string())
-    })
-    .await
-    .unwrap();
+    // Waits until the lease was renewed after `since`.
+    let renewed_after = |what: &'static str, since| {
+        let renew_time = &renew_time;
+        async move {
+            eventually(what, || async {
+                (renew_time().await > since)
+                    .then_some(())
+                    .ok_or("not yet".to_string())
+            })
+            .await
+            .unwrap();
+        }
+    };
+    renewed_after("the lease renewed again", first_renewal).await;
     agent.stop().await;
 
     // A restart runs from what was kept: no new request. It runs without the pool reporter,
@@ -652,16 +659,11 @@ async fn spokelet_joins_ocms_grpc_server_with_a_bootstrap_config_and_stays_joine
     let agent = Agent::start(&without_reporter);
     updates_until(&works, &cms, &manifests, "restarted-", || async { true }).await;
     assert_eq!(requests(&admin, &cluster).await.len(), before, "no new request");
-    eventually(
+    renewed_after(
         "the lease renewed after the restart, with no pool reporter",
-        || async {
-            (renew_time().await > renewed_before)
-                .then_some(())
-                .ok_or("not yet".to_string())
-        },
+        renewed_before,
     )
-    .await
-    .unwrap();
+    .await;
     agent.stop().await;
 
     // The hub stops taking the kept certificate (its CA changed, say): the TLS alert sends the
