@@ -156,13 +156,9 @@ pub async fn crd_established(client: &kube::Client, name: &str) -> Result<(), Ha
         let api = api.clone();
         async move {
             let crd = api.get(name).await.map_err(|e| e.to_string())?;
-            let established = crd
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
-            established.then_some(()).ok_or("not established yet".to_string())
+            spokelet_work::applied_work::is_established(&crd)
+                .then_some(())
+                .ok_or("not established yet".to_string())
         }
     })
     .await

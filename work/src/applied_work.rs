@@ -158,6 +158,14 @@ async fn wait_served(client: &Client, deadline: tokio::time::Instant) -> Result<
     }
 }
 
+/// Whether a CRD says `Established=True`: its kinds are served.
+pub fn is_established(crd: &CustomResourceDefinition) -> bool {
+    crd.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Established" && c.status == "True"))
+}
+
 /// Polls a CRD until its Established condition is True, or `limit` passes.
 pub async fn wait_established(client: &Client, name: &str, limit: Duration) -> Result<(), AppliedWorkError> {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
@@ -167,13 +175,7 @@ pub async fn wait_established(client: &Client, name: &str, limit: Duration) -> R
             name: name.into(),
             source,
         })?;
-        let established = crd
-            .status
-            .and_then(|s| s.conditions)
-            .unwrap_or_default()
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True");
-        if established {
+        if is_established(&crd) {
             return Ok(());
         }
         if tokio::time::Instant::now() >= deadline {

@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::discovery::Resolved;
 use super::drift::{DriftWatcher, Live};
 use super::jsonpath::Step;
-use super::manifestwork::{AppliedManifestWork, IgnoreFieldsCondition, UpdateStrategyType};
+use super::manifestwork::{IgnoreFieldsCondition, UpdateStrategyType};
 use super::object::{
     ObjKey, SPEC_HASH_ANNOTATION, desired_is_subset, get_path, has_owner, owner_refs, remove_path, set_path,
 };
@@ -530,9 +530,6 @@ fn set_owner_refs(obj: &mut Value, refs: Vec<Value>) {
         }
     }
 }
-
-/// The owner type, re-exported for callers that build owner references.
-pub type Owner = AppliedManifestWork;
 
 /// The object and parameters of a create: the desired manifest owned by the AppliedManifestWork.
 fn create_request(p: &Prepared, owner: &OwnerReference) -> Result<(DynamicObject, PostParams), ApplyError> {
