@@ -249,9 +249,9 @@ enum Target {
 
 impl Target {
     /// Writes (or, for the hub, queues) one report. `heartbeat`: it equals the last one.
-    async fn write(&self, report: &Report, observed: &str, heartbeat: bool) -> Result<(), String> {
+    async fn write(&self, report: &Report, observed: &str, heartbeat: bool) -> Result<(), kube::Error> {
         match self {
-            Target::Kube(w) => w.write(report, observed).await.map_err(|e| e.to_string()),
+            Target::Kube(w) => w.write(report, observed).await,
             Target::Hub(h) => {
                 h.report(report, observed, heartbeat);
                 Ok(())

@@ -229,12 +229,12 @@ pub(crate) struct Health {
 }
 
 impl Health {
-    pub(crate) fn record(&mut self, probe: Result<(), String>) {
+    pub(crate) fn record(&mut self, probe: Result<(), SpokeUnhealthy>) {
         match probe {
             Ok(()) => self.failing_since = None,
             Err(e) => {
                 self.failing_since.get_or_insert_with(Instant::now);
-                self.last_error = e;
+                self.last_error = e.to_string();
             }
         }
     }
@@ -265,22 +265,32 @@ pub(crate) fn condition(type_: &str, status: &str, reason: &str, message: &str) 
     json!({"type": type_, "status": status, "reason": reason, "message": message})
 }
 
+/// Why the spoke's API server failed its health probe: the path asked and its answer.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {answer}")]
+pub(crate) struct SpokeUnhealthy {
+    path: &'static str,
+    answer: String,
+}
+
 /// `/livez` of the spoke, falling back to `/healthz` where it is not served or not allowed.
-pub(crate) async fn probe_spoke(spoke: &kube::Client) -> Result<(), String> {
-    let mut last = String::new();
+pub(crate) async fn probe_spoke(spoke: &kube::Client) -> Result<(), SpokeUnhealthy> {
+    let mut last = None;
     for path in ["/livez", "/healthz"] {
+        let unhealthy = |answer: String| SpokeUnhealthy { path, answer };
         let request = http::Request::get(path)
             .body(Vec::new())
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| unhealthy(e.to_string()))?;
         match spoke.request_text(request).await {
             Ok(_) => return Ok(()),
-            Err(kube::Error::Api(s)) if matches!(s.code, 403 | 404) => {
-                last = format!("{path}: {}", s.message)
-            }
-            Err(e) => return Err(format!("{path}: {e}")),
+            Err(kube::Error::Api(s)) if matches!(s.code, 403 | 404) => last = Some(unhealthy(s.message)),
+            Err(e) => return Err(unhealthy(e.to_string())),
         }
     }
-    Err(last)
+    Err(last.unwrap_or(SpokeUnhealthy {
+        path: "/healthz",
+        answer: "not served".into(),
+    }))
 }
 
 /// Keeps `Joined` and `Available` on the accepted ManagedCluster, as OCM's agent does. Without
@@ -466,7 +476,10 @@ mod tests {
         let mut health = Health::default();
         health.record(Ok(()));
         assert_eq!(health.condition().unwrap()["status"], "True");
-        health.record(Err("refused".into()));
+        health.record(Err(SpokeUnhealthy {
+            path: "/livez",
+            answer: "refused".into(),
+        }));
         assert_eq!(health.condition(), None, "a short failure changes nothing");
         health.failing_since = Some(Instant::now() - UNAVAILABLE_AFTER);
         let c = health.condition().unwrap();

@@ -138,11 +138,20 @@ impl Renewal {
     }
 }
 
+/// Why the certificate the transport runs from cannot be looked at.
+#[derive(Debug, thiserror::Error)]
+enum CurrentError {
+    #[error("reading {0}: {1}")]
+    Read(std::path::PathBuf, #[source] std::io::Error),
+    #[error(transparent)]
+    Unreadable(#[from] super::csr::CsrError),
+}
+
 /// The certificate the transport runs from now.
-fn current(s: &JoinSettings) -> Result<Issued, String> {
-    std::fs::read(s.dir.join(super::store::CERT))
-        .map_err(|e| e.to_string())
-        .and_then(|pem| Issued::from_pem(&pem).map_err(|e| e.to_string()))
+fn current(s: &JoinSettings) -> Result<Issued, CurrentError> {
+    let path = s.dir.join(super::store::CERT);
+    let pem = std::fs::read(&path).map_err(|e| CurrentError::Read(path, e))?;
+    Ok(Issued::from_pem(&pem)?)
 }
 
 /// Whether the hub still refuses the certificate a moment after a `401` (over gRPC: a TLS
