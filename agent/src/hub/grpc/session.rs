@@ -69,11 +69,17 @@ impl Runner {
                 SessionEnd::Shutdown => break,
                 SessionEnd::Broken { error, heard } => {
                     let mut msg = error_chain(&error);
-                    if super::credentials_refused(&error) {
+                    let refused = super::credentials_refused(&error);
+                    if refused {
                         msg.push_str(" (the hub refused this agent's client certificate)");
-                        if let Some(rejected) = &self.opts.rejected {
-                            rejected.notify_one();
-                        }
+                    }
+                    // A session that never got going may be a refused certificate whose TLS
+                    // alert was lost (TLS 1.3 sends it after the handshake): the renewal task
+                    // checks (`refuses_kept`) before it joins again.
+                    if (refused || !heard)
+                        && let Some(rejected) = &self.opts.rejected
+                    {
+                        rejected.notify_one();
                     }
                     tracing::warn!(error = %msg, "hub session ended; reconnecting");
                     self.state.send_modify(|s| {
