@@ -133,7 +133,9 @@ pub async fn install_crd(client: &Client) -> Result<(), AppliedWorkError> {
 
 /// Waits until the records can be listed. A newly Established CRD's storage may still be
 /// initialising (Kubernetes 1.3x answers `429 storage is (re)initializing` for a moment), and
-/// the engine's first request is that list: a transient answer must not stop the agent.
+/// on a loaded API server its CRD handler, which reads CRDs from an informer, may not have seen
+/// the CRD yet and answers 404 though the CRD says Established. The engine's first request is
+/// that list: a transient answer must not stop the agent.
 async fn wait_served(client: &Client, deadline: tokio::time::Instant) -> Result<(), AppliedWorkError> {
     let api: Api<AppliedManifestWork> = Api::all(client.clone());
     loop {
@@ -143,7 +145,7 @@ async fn wait_served(client: &Client, deadline: tokio::time::Instant) -> Result<
         {
             Ok(_) => return Ok(()),
             Err(kube::Error::Api(s))
-                if matches!(s.code, 429 | 503) && tokio::time::Instant::now() < deadline =>
+                if matches!(s.code, 404 | 429 | 503) && tokio::time::Instant::now() < deadline =>
             {
                 tracing::debug!(reason = %s.message, "AppliedManifestWork storage not ready yet");
             }

@@ -53,6 +53,22 @@ pub async fn spoke_namespace(client: &kube::Client, prefix: &str) -> String {
     ns
 }
 
+/// Sends the agents' log lines (info and above, `SPOKELET_TEST_LOG` to change) to the output of
+/// the test that runs them: the test harness keeps it per test and shows it only when the test
+/// fails, so a failure in CI comes with what the agent was doing.
+fn capture_agent_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter =
+            std::env::var("SPOKELET_TEST_LOG").unwrap_or_else(|_| "spokelet=info,spokelet_work=info".into());
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .with_ansi(false)
+            .try_init();
+    });
+}
+
 /// The whole agent running in-process from a command line, as `spokelet` would run it.
 pub struct Agent {
     /// Readiness as `/readyz` reports it.
@@ -65,6 +81,7 @@ pub struct Agent {
 impl Agent {
     /// Parses `argv` with the real CLI (a `run` or `node` command) and starts the agent.
     pub fn start<S: AsRef<str>>(argv: &[S]) -> Agent {
+        capture_agent_logs();
         let argv: Vec<&str> = argv.iter().map(AsRef::as_ref).collect();
         let ctx = RunContext::new();
         let health = ctx.health.clone();
@@ -72,11 +89,22 @@ impl Agent {
         let trigger = async {
             let _ = stopped.await;
         };
-        let task = match Cli::load_from(&argv).unwrap().command {
-            Command::Run(cmd) => tokio::spawn(spokelet::daemon::run_until(*cmd, ctx, trigger)),
-            Command::Node(cmd) => tokio::spawn(spokelet::daemon::node_until(*cmd, ctx, trigger)),
+        let run: futures::future::BoxFuture<'static, _> = match Cli::load_from(&argv).unwrap().command {
+            Command::Run(cmd) => Box::pin(spokelet::daemon::run_until(*cmd, ctx, trigger)),
+            Command::Node(cmd) => Box::pin(spokelet::daemon::node_until(*cmd, ctx, trigger)),
             _ => panic!("not the run or node command: {argv:?}"),
         };
+        // An agent that ends by itself is said at once, on the test's output: a test waiting
+        // for something from it then fails with the cause beside its own message, instead of
+        // only timing out.
+        let line = argv.join(" ");
+        let task = tokio::spawn(async move {
+            let ended = run.await;
+            if let Err(e) = &ended {
+                eprintln!("AGENT ENDED WITH AN ERROR ({line}): {e}");
+            }
+            ended
+        });
         Agent { health, stop, task }
     }
 
