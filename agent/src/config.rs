@@ -177,7 +177,7 @@ fn config_file_args(
             .and_then(|m| m.value_source(arg.get_id().as_str()))
             .is_some_and(|src| matches!(src, ValueSource::CommandLine | ValueSource::EnvVariable));
         if !already_set {
-            push_flag(&mut out, arg, &key, value).map_err(invalid)?;
+            push_flag(&mut out, arg, &key, value).map_err(|e| invalid(e.to_string()))?;
         }
     }
     Ok(out)
@@ -201,6 +201,15 @@ fn read_config_map(path: &PathBuf) -> Result<Option<serde_yaml::Mapping>, Config
     }
 }
 
+/// A config entry's value that no flag can take.
+#[derive(Debug, thiserror::Error)]
+enum BadValue {
+    #[error("value of `{0}` must be a string, number, boolean or list of those")]
+    NotScalar(String),
+    #[error("`{0}` is a switch: use true or false")]
+    NotSwitch(String),
+}
+
 /// Appends the arguments for one config entry: `--key=value` per value (a list repeats the
 /// flag), or `--key` for a switch set to true.
 fn push_flag(
@@ -208,7 +217,7 @@ fn push_flag(
     arg: &clap::Arg,
     key: &str,
     value: serde_yaml::Value,
-) -> Result<(), String> {
+) -> Result<(), BadValue> {
     let is_switch = matches!(arg.get_action(), ArgAction::SetTrue | ArgAction::SetFalse);
     let values = match value {
         serde_yaml::Value::Sequence(items) => items,
@@ -219,11 +228,7 @@ fn push_flag(
             serde_yaml::Value::String(s) => s,
             serde_yaml::Value::Bool(b) => b.to_string(),
             serde_yaml::Value::Number(n) => n.to_string(),
-            _ => {
-                return Err(format!(
-                    "value of `{key}` must be a string, number, boolean or list of those"
-                ));
-            }
+            _ => return Err(BadValue::NotScalar(key.to_string())),
         };
         if !is_switch {
             out.push(OsString::from(format!("--{key}={scalar}")));
@@ -232,7 +237,7 @@ fn push_flag(
         match scalar.as_str() {
             "true" => out.push(OsString::from(format!("--{key}"))),
             "false" => {}
-            _ => return Err(format!("`{key}` is a switch: use true or false")),
+            _ => return Err(BadValue::NotSwitch(key.to_string())),
         }
     }
     Ok(())

@@ -7,7 +7,7 @@ use crate::{
     config::{AdminArgs, NodeCommand, RunCommand},
     lock::lock,
     run::RunError,
-    shutdown::{self, Drained},
+    shutdown::{self, Ending},
 };
 
 /// Why a long-running command stopped with an error.
@@ -108,8 +108,8 @@ where
     ctx.shutdown.cancel();
     let admin_result = admin_task.await;
     match outcome {
-        Drained::Finished(result) | Drained::Drained(result) => result?,
-        Drained::GraceExpired => return Err(DaemonError::GraceExpired(admin_args.shutdown_grace)),
+        Ending::Finished(result) | Ending::Drained(result) => result?,
+        Ending::GraceExpired => return Err(DaemonError::GraceExpired(admin_args.shutdown_grace)),
     }
     match admin_result {
         Ok(result) => result?,

@@ -88,7 +88,7 @@ pub enum LeaderError {
 
 /// Checked settings of one election.
 #[derive(Debug, Clone)]
-pub struct LeaseSettings {
+pub(crate) struct LeaseSettings {
     pub name: String,
     pub namespace: String,
     pub identity: String,
@@ -99,7 +99,7 @@ pub struct LeaseSettings {
 
 impl LeaseSettings {
     /// The settings `args` select; the Lease lives in `agent_namespace` unless told otherwise.
-    pub fn from_args(args: &LeaderArgs, agent_namespace: &str) -> Result<LeaseSettings, LeaderError> {
+    pub(crate) fn from_args(args: &LeaderArgs, agent_namespace: &str) -> Result<LeaseSettings, LeaderError> {
         let (duration, deadline, retry) = (
             args.leader_lease_duration,
             args.leader_renew_deadline,
@@ -126,7 +126,7 @@ impl LeaseSettings {
     }
 
     /// `namespace/name`, for messages.
-    pub fn lease(&self) -> String {
+    pub(crate) fn lease(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
 }
@@ -198,7 +198,7 @@ impl WriteGate {
 
 /// Where this replica stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Role {
+pub(crate) enum Role {
     /// Waiting for the Lease; writes nothing.
     Standby,
     /// Holds the Lease; its gate is open.
@@ -209,7 +209,7 @@ pub enum Role {
 
 /// Leader-election metrics (`spokelet_leader_*`).
 #[derive(Debug, Clone, Default)]
-pub struct LeaderMetrics {
+pub(crate) struct LeaderMetrics {
     /// 1 while this replica holds the Lease.
     pub is_leader: Gauge,
     /// Times this replica acquired the Lease.
@@ -220,7 +220,7 @@ pub struct LeaderMetrics {
 
 impl LeaderMetrics {
     /// Registers under `registry` (give it the `leader` prefix).
-    pub fn register(&self, registry: &mut Registry) {
+    pub(crate) fn register(&self, registry: &mut Registry) {
         registry.register(
             "is_leader",
             "1 while this replica holds the work-engine Lease",
@@ -249,7 +249,7 @@ struct Observed {
 
 /// Runs the election; [`Elector::role`] follows it.
 #[derive(Debug)]
-pub struct Elector {
+pub(crate) struct Elector {
     /// A client of its own, never gated: the Lease is the one write a standby makes.
     api: Api<Lease>,
     settings: LeaseSettings,
@@ -268,7 +268,7 @@ enum Attempt {
 }
 
 impl Elector {
-    pub fn new(
+    pub(crate) fn new(
         client: kube::Client,
         settings: LeaseSettings,
         gate: WriteGate,
@@ -285,14 +285,14 @@ impl Elector {
     }
 
     /// Follows this replica's role.
-    pub fn role(&self) -> watch::Receiver<Role> {
+    pub(crate) fn role(&self) -> watch::Receiver<Role> {
         self.role.subscribe()
     }
 
     /// Campaigns and then renews until `stop` is cancelled (the Lease is then released by
     /// [`Elector::release`], after the engine has drained) or leadership is lost (the gate is
     /// shut and the role becomes [`Role::Lost`]; the caller stops the engine and exits).
-    pub async fn run(&mut self, stop: CancellationToken) {
+    pub(crate) async fn run(&mut self, stop: CancellationToken) {
         // Errors (API server down) are retried with the shared backoff, capped at the retry
         // period so a standby notices a free Lease promptly once the server is back.
         let mut backoff =
@@ -366,7 +366,7 @@ impl Elector {
 
     /// Gives the Lease up so a standby takes over at once, instead of after its duration.
     /// Called after the engine drained; the gate is shut first, so nothing writes after.
-    pub async fn release(&self) {
+    pub(crate) async fn release(&self) {
         self.gate.shut_now();
         self.metrics.is_leader.set(0);
         if *self.role.borrow() != Role::Leader {
@@ -503,7 +503,7 @@ fn micro_time_now() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime
 /// so no code path (apply, record, prune, delete, executor impersonation) can write
 /// without leadership. Reads and watches pass, so caches stay warm.
 #[derive(Debug, Clone)]
-pub struct GateLayer(pub WriteGate);
+pub(crate) struct GateLayer(pub WriteGate);
 
 impl<S> tower::Layer<S> for GateLayer {
     type Service = Gated<S>;
@@ -552,7 +552,7 @@ impl crate::work::source::StatusSink for GatedSink {
 
 /// The service [`GateLayer`] makes.
 #[derive(Debug, Clone)]
-pub struct Gated<S> {
+pub(crate) struct Gated<S> {
     inner: S,
     gate: WriteGate,
 }
@@ -560,7 +560,7 @@ pub struct Gated<S> {
 /// The error a refused write fails with; kube reports it as a service error.
 #[derive(Debug, thiserror::Error)]
 #[error("not the leader: {method} {path} refused (this replica does not hold the work-engine lease)")]
-pub struct NotLeader {
+pub(crate) struct NotLeader {
     method: http::Method,
     path: String,
 }
@@ -626,7 +626,7 @@ where
 #[error(
     "not the leader: {method} {path} was abandoned unanswered when the work-engine lease's renew deadline passed"
 )]
-pub struct Outlived {
+pub(crate) struct Outlived {
     method: http::Method,
     path: String,
 }

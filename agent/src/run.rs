@@ -20,7 +20,6 @@ use crate::pool::{PoolMetrics, PoolReportArgs, PoolReporter, RunningReporter};
 use crate::work::applied_work::{hub_hash, hub_hash_of_address, legacy_hub_hash};
 use crate::work::engine::{EngineConfig, EngineError, WorkEngine};
 use crate::work::executor::ClientFactory;
-use crate::work::flux::{FluxObjects, InsecureRegistries};
 use crate::work::manifestwork::DEFAULT_FIELD_MANAGER;
 use crate::work::metrics::WorkMetrics;
 use crate::work::policy::{AgentIdentity, Policy, PolicyError};
@@ -252,7 +251,15 @@ pub fn engine_config(args: &RunArgs) -> EngineConfig {
     cfg.eviction_grace = args.eviction_grace_period;
     cfg.max_status_bytes = args.max_status_bytes;
     cfg.release_adopted = args.adopted_objects == AdoptedObjects::Release;
-    cfg.flux = match args.flux_objects {
+    cfg.expander = flux_expander(args);
+    cfg
+}
+
+/// Flux's expander, unless Flux objects pass through to the API server.
+#[cfg(feature = "flux")]
+fn flux_expander(args: &RunArgs) -> Option<Arc<dyn crate::work::expand::Expander>> {
+    use crate::work::flux::{FluxExpander, FluxObjects, InsecureRegistries};
+    FluxExpander::for_setting(&match args.flux_objects {
         FluxMode::Passthrough => FluxObjects::Passthrough,
         FluxMode::Native => FluxObjects::Native {
             cache: args.artifact_cache.clone(),
@@ -262,8 +269,18 @@ pub fn engine_config(args: &RunArgs) -> EngineConfig {
                 hosts: args.artifact_insecure_hosts.clone(),
             },
         },
-    };
-    cfg
+    })
+}
+
+/// Built without Flux: Flux objects can only pass through, and asking for more is said loudly.
+#[cfg(not(feature = "flux"))]
+fn flux_expander(args: &RunArgs) -> Option<Arc<dyn crate::work::expand::Expander>> {
+    if args.flux_objects == FluxMode::Native {
+        tracing::warn!(
+            "this build has no Flux support: Flux objects in works are sent to the API server as they are"
+        );
+    }
+    None
 }
 
 /// Runs the engine on the hub's works when a hub transport is set, else on `--works-dir`, until
@@ -284,7 +301,7 @@ pub fn executor_factory(config: &Config, version: HttpVersion, gate: Option<Writ
         let mut c = base.clone();
         c.auth_info.impersonate = Some(user.to_string());
         c.auth_info.impersonate_groups = Some(groups.to_vec());
-        kube_client::gated_client(c, version, gate.clone()).map_err(|e| e.to_string())
+        kube_client::gated_client(c, version, gate.clone()).map_err(Into::into)
     }))
 }
 

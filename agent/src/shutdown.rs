@@ -5,7 +5,7 @@ use std::{future::Future, time::Duration};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
-pub enum ShutdownError {
+pub(crate) enum ShutdownError {
     /// The OS refused to install a signal handler.
     #[error("cannot install a handler for {signal}: {source}")]
     Signal {
@@ -17,7 +17,7 @@ pub enum ShutdownError {
 
 /// How a drained run ended.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Drained<T> {
+pub(crate) enum Ending<T> {
     /// The task finished by itself before any signal.
     Finished(T),
     /// A signal arrived and the task finished within the grace period.
@@ -27,7 +27,7 @@ pub enum Drained<T> {
 }
 
 /// Resolves when SIGTERM (the kubelet, systemd) or SIGINT (Ctrl-C) arrives.
-pub async fn signal() -> Result<&'static str, ShutdownError> {
+pub(crate) async fn signal() -> Result<&'static str, ShutdownError> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(|source| ShutdownError::Signal {
         signal: "SIGTERM",
@@ -48,21 +48,26 @@ pub async fn signal() -> Result<&'static str, ShutdownError> {
 ///
 /// The grace period exists because a half-written apply is worse than a late exit, but an
 /// agent that never exits blocks node drains and rollouts.
-pub async fn drain<T, F, S>(task: F, trigger: S, token: CancellationToken, grace: Duration) -> Drained<T>
+pub(crate) async fn drain<T, F, S>(
+    task: F,
+    trigger: S,
+    token: CancellationToken,
+    grace: Duration,
+) -> Ending<T>
 where
     F: Future<Output = T>,
     S: Future<Output = ()>,
 {
     tokio::pin!(task);
     tokio::select! {
-        out = &mut task => return Drained::Finished(out),
+        out = &mut task => return Ending::Finished(out),
         () = trigger => {}
     }
     tracing::info!(grace_secs = grace.as_secs_f64(), "shutdown requested; draining");
     token.cancel();
     match tokio::time::timeout(grace, task).await {
-        Ok(out) => Drained::Drained(out),
-        Err(_) => Drained::GraceExpired,
+        Ok(out) => Ending::Drained(out),
+        Err(_) => Ending::GraceExpired,
     }
 }
 
@@ -80,7 +85,7 @@ mod tests {
             Duration::from_secs(1),
         )
         .await;
-        assert_eq!(out, Drained::Finished(7));
+        assert_eq!(out, Ending::Finished(7));
         assert!(!token.is_cancelled());
     }
 
@@ -96,7 +101,7 @@ mod tests {
         };
         let trigger = tokio::time::sleep(Duration::from_secs(1));
         let out = drain(task, trigger, token.clone(), Duration::from_secs(10)).await;
-        assert_eq!(out, Drained::Drained("drained"));
+        assert_eq!(out, Ending::Drained("drained"));
         assert!(token.is_cancelled());
     }
 
@@ -104,14 +109,14 @@ mod tests {
     async fn stuck_task_is_abandoned_after_grace() {
         let token = CancellationToken::new();
         let start = tokio::time::Instant::now();
-        let out: Drained<()> = drain(
+        let out: Ending<()> = drain(
             std::future::pending(),
             tokio::time::sleep(Duration::from_secs(1)),
             token,
             Duration::from_secs(5),
         )
         .await;
-        assert_eq!(out, Drained::GraceExpired);
+        assert_eq!(out, Ending::GraceExpired);
         assert_eq!(start.elapsed(), Duration::from_secs(6));
     }
 }

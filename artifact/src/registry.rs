@@ -36,6 +36,24 @@ pub const DOCKER_MANIFEST_MEDIA_TYPE: &str = "application/vnd.docker.distributio
 /// Media type of an OCI image index (one manifest per platform).
 pub const OCI_INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
 
+/// Why one simple-signing layer of a signature does not verify the artifact (each is tried;
+/// the reasons of all are reported when none does).
+#[derive(Debug, thiserror::Error)]
+enum LayerRejected {
+    #[error("a payload without a signature annotation")]
+    NoSignature,
+    #[error("a payload of {0} bytes")]
+    Size(i64),
+    #[error(transparent)]
+    Digest(#[from] DigestError),
+    #[error("fetching the payload: {0}")]
+    Fetch(#[source] OciDistributionError),
+    #[error("a payload that does not match its digest")]
+    DigestMismatch,
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
+}
+
 /// Why a push or pull failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -539,7 +557,7 @@ impl Registry {
         {
             match self.verify_layer(&by_tag, layer, manifest, keys).await {
                 Ok(()) => return Ok(()),
-                Err(e) => reasons.push(e),
+                Err(e) => reasons.push(e.to_string()),
             }
         }
         if reasons.is_empty() {
@@ -558,16 +576,16 @@ impl Registry {
         layer: &oci_client::manifest::OciDescriptor,
         manifest: &Digest,
         keys: &CosignKeys,
-    ) -> Result<(), String> {
+    ) -> Result<(), LayerRejected> {
         let sig = layer
             .annotations
             .as_ref()
             .and_then(|a| a.get(signature::SIGNATURE_ANNOTATION))
-            .ok_or("a payload without a signature annotation")?;
+            .ok_or(LayerRejected::NoSignature)?;
         if layer.size < 0 || layer.size > signature::MAX_PAYLOAD_BYTES {
-            return Err(format!("a payload of {} bytes", layer.size));
+            return Err(LayerRejected::Size(layer.size));
         }
-        let expected = Digest::parse(&layer.digest).map_err(|e| e.to_string())?;
+        let expected = Digest::parse(&layer.digest)?;
         let wanted = Wanted {
             what: "signature payload",
             cap: signature::MAX_PAYLOAD_BYTES as usize,
@@ -577,12 +595,11 @@ impl Registry {
                 .get(by_tag, &format!("blobs/{expected}"), &[], wanted)
                 .await
         };
-        let (payload, _) = fetched.await.map_err(|e| format!("fetching the payload: {e}"))?;
+        let (payload, _) = fetched.await.map_err(LayerRejected::Fetch)?;
         if Digest::of(&payload) != expected {
-            return Err("a payload that does not match its digest".into());
+            return Err(LayerRejected::DigestMismatch);
         }
-        keys.verify(&payload, sig, manifest)
-            .map_err(|e: SignatureError| e.to_string())
+        Ok(keys.verify(&payload, sig, manifest)?)
     }
 
     /// Pulls the manifest `manifest_digest` (already resolved) and its layer into `cache`.

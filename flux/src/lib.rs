@@ -6,13 +6,14 @@
 //! It knows nothing of works: the engine's `flux` step turns a work's Flux objects into
 //! manifests with these pieces and applies them like any other.
 #![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod build;
 pub mod health;
 pub mod objects;
 pub mod patch;
-pub mod shared;
+pub mod settings;
 pub mod source;
 pub mod substitute;
 pub mod transform;

@@ -329,7 +329,7 @@ impl SourceFetcher {
             message,
         };
         let host = registry_host(&repo.spec.url);
-        credentials(&secret, host).map_err(err)
+        credentials(&secret, host).map_err(|e| err(e.to_string()))
     }
 
     /// The CA bundle of `certSecretRef` (`ca.crt`). Client certificates are refused by name:
@@ -388,8 +388,33 @@ pub fn registry_host(url: &str) -> &str {
     rest.split('/').next().unwrap_or(rest)
 }
 
+/// Why a pull Secret gives no credentials for a registry host.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    #[error("holds neither .dockerconfigjson nor username and password")]
+    Missing,
+    #[error(".dockerconfigjson is not JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    #[error(".dockerconfigjson has no auths")]
+    NoAuths,
+    #[error(".dockerconfigjson has no entry for {0}")]
+    NoEntry(String),
+    #[error("auth of {host} is not base64: {source}")]
+    NotBase64 {
+        host: String,
+        #[source]
+        source: base64::DecodeError,
+    },
+    #[error("auth of {0} is not text")]
+    NotText(String),
+    #[error("auth of {0} is not user:password")]
+    NotUserPassword(String),
+    #[error("the entry for {0} has neither username and password nor auth")]
+    EmptyEntry(String),
+}
+
 /// The credentials a Secret holds for `host`.
-pub fn credentials(secret: &Secret, host: &str) -> Result<RegistryAuth, String> {
+pub fn credentials(secret: &Secret, host: &str) -> Result<RegistryAuth, CredentialsError> {
     let data = secret.data.clone().unwrap_or_default();
     let text = |k: &str| data.get(k).map(|b| String::from_utf8_lossy(&b.0).into_owned());
     if let Some(config) = text(".dockerconfigjson") {
@@ -397,18 +422,18 @@ pub fn credentials(secret: &Secret, host: &str) -> Result<RegistryAuth, String> 
     }
     match (text("username"), text("password")) {
         (Some(u), Some(p)) => Ok(RegistryAuth::Basic(u, p)),
-        _ => Err("holds neither .dockerconfigjson nor username and password".into()),
+        _ => Err(CredentialsError::Missing),
     }
 }
 
 /// The entry for `host` of a docker config JSON (`auths.<host>`: `username`/`password`, or
 /// `auth` as base64 of `user:password`).
-fn docker_config(config: &str, host: &str) -> Result<RegistryAuth, String> {
-    let v: Value = serde_json::from_str(config).map_err(|e| format!(".dockerconfigjson is not JSON: {e}"))?;
+fn docker_config(config: &str, host: &str) -> Result<RegistryAuth, CredentialsError> {
+    let v: Value = serde_json::from_str(config).map_err(CredentialsError::NotJson)?;
     let auths = v
         .get("auths")
         .and_then(Value::as_object)
-        .ok_or(".dockerconfigjson has no auths")?;
+        .ok_or(CredentialsError::NoAuths)?;
     let entry = auths
         .iter()
         .find(|(k, _)| {
@@ -416,24 +441,25 @@ fn docker_config(config: &str, host: &str) -> Result<RegistryAuth, String> {
             k.split('/').next() == Some(host)
         })
         .map(|(_, e)| e)
-        .ok_or_else(|| format!(".dockerconfigjson has no entry for {host}"))?;
+        .ok_or_else(|| CredentialsError::NoEntry(host.to_string()))?;
     let field = |k: &str| entry.get(k).and_then(Value::as_str).map(str::to_string);
     if let (Some(u), Some(p)) = (field("username"), field("password")) {
         return Ok(RegistryAuth::Basic(u, p));
     }
-    if let Some(auth) = field("auth") {
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(auth.trim())
-            .map_err(|e| format!("auth of {host} is not base64: {e}"))?;
-        let decoded = String::from_utf8(decoded).map_err(|_| format!("auth of {host} is not text"))?;
-        let (u, p) = decoded
-            .split_once(':')
-            .ok_or_else(|| format!("auth of {host} is not user:password"))?;
-        return Ok(RegistryAuth::Basic(u.into(), p.into()));
-    }
-    Err(format!(
-        "the entry for {host} has neither username and password nor auth"
-    ))
+    let Some(auth) = field("auth") else {
+        return Err(CredentialsError::EmptyEntry(host.to_string()));
+    };
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(auth.trim())
+        .map_err(|source| CredentialsError::NotBase64 {
+            host: host.to_string(),
+            source,
+        })?;
+    let decoded = String::from_utf8(decoded).map_err(|_| CredentialsError::NotText(host.to_string()))?;
+    let (u, p) = decoded
+        .split_once(':')
+        .ok_or_else(|| CredentialsError::NotUserPassword(host.to_string()))?;
+    Ok(RegistryAuth::Basic(u.into(), p.into()))
 }
 
 #[cfg(test)]
@@ -503,6 +529,7 @@ mod tests {
         assert!(
             credentials(&s, "nowhere:1")
                 .unwrap_err()
+                .to_string()
                 .contains("no entry for nowhere:1")
         );
         let plain = r#"{"auths": {"reg.example": {"username": "u", "password": "p"}}}"#;
@@ -521,6 +548,7 @@ mod tests {
         assert!(
             credentials(&secret(&[(".dockerconfigjson", "nope")]), "h")
                 .unwrap_err()
+                .to_string()
                 .contains("not JSON")
         );
     }

@@ -6,6 +6,7 @@
 //! fails: anything it cannot read becomes an entry in
 //! [`Inventory::warnings`] and the rest is still reported.
 #![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod cpu;

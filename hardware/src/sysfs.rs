@@ -15,13 +15,13 @@ use std::str::FromStr;
 /// Largest sysfs attribute we read. The kernel caps text attributes at one
 /// page, so anything bigger is not a real attribute; the cap keeps a hostile
 /// tree (or a mistaken `--root`) from making us read gigabytes.
-pub const ATTR_LIMIT: u64 = 64 * 1024;
+pub(crate) const ATTR_LIMIT: u64 = 64 * 1024;
 
 /// Largest procfs table (`/proc/cpuinfo`, `/proc/meminfo`) we read.
 /// `/proc/cpuinfo` grows with the CPU count (about 1.6 KiB per x86 thread, so
 /// roughly 1.6 MiB on a 1024-thread machine); 16 MiB leaves ample headroom
 /// while still bounding memory.
-pub const PROC_LIMIT: u64 = 16 * 1024 * 1024;
+pub(crate) const PROC_LIMIT: u64 = 16 * 1024 * 1024;
 
 /// Why a file under the root could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -90,14 +90,18 @@ impl SysfsError {
 
 /// Reads at most `limit` bytes of `path`; a longer file is an error rather
 /// than silently truncated, since a truncated table parses into wrong counts.
-pub fn read_bytes(path: &Path, limit: u64) -> Result<Vec<u8>, SysfsError> {
+pub(crate) fn read_bytes(path: &Path, limit: u64) -> Result<Vec<u8>, SysfsError> {
     read_impl(path, limit, false, |_| false)
 }
 
 /// Reads `path` like [`read_bytes`], but stops early once `done` says the
 /// bytes read so far are enough. Procfs tables are generated as they are
 /// read, so stopping early skips work in the kernel, not just copying.
-pub fn read_until(path: &Path, limit: u64, done: impl Fn(&[u8]) -> bool) -> Result<Vec<u8>, SysfsError> {
+pub(crate) fn read_until(
+    path: &Path,
+    limit: u64,
+    done: impl Fn(&[u8]) -> bool,
+) -> Result<Vec<u8>, SysfsError> {
     read_impl(path, limit, false, done)
 }
 
@@ -163,7 +167,7 @@ fn read_impl(
 const CHUNK: usize = 4096;
 
 /// Reads a text file with the given cap, requiring UTF-8.
-pub fn read_text(path: &Path, limit: u64) -> Result<String, SysfsError> {
+pub(crate) fn read_text(path: &Path, limit: u64) -> Result<String, SysfsError> {
     let bytes = read_bytes(path, limit)?;
     String::from_utf8(bytes).map_err(|_| SysfsError::NotUtf8 {
         path: path.to_path_buf(),
@@ -171,7 +175,7 @@ pub fn read_text(path: &Path, limit: u64) -> Result<String, SysfsError> {
 }
 
 /// Reads a single-value attribute, trimmed; `Ok(None)` when it does not exist.
-pub fn read_attr(path: &Path) -> Result<Option<String>, SysfsError> {
+pub(crate) fn read_attr(path: &Path) -> Result<Option<String>, SysfsError> {
     let text = read_impl(path, ATTR_LIMIT, true, |_| false).and_then(|bytes| {
         String::from_utf8(bytes).map_err(|_| SysfsError::NotUtf8 {
             path: path.to_path_buf(),
@@ -203,7 +207,11 @@ pub(crate) fn excerpt(value: &str) -> String {
 }
 
 /// Parses an attribute's text into `T`, describing a failure by `expected`.
-pub fn parse_value<T: FromStr>(path: &Path, value: &str, expected: &'static str) -> Result<T, SysfsError> {
+pub(crate) fn parse_value<T: FromStr>(
+    path: &Path,
+    value: &str,
+    expected: &'static str,
+) -> Result<T, SysfsError> {
     value.parse().map_err(|_| SysfsError::Parse {
         path: path.to_path_buf(),
         value: excerpt(value),

@@ -1,5 +1,6 @@
 //! CloudEvents gRPC wire types (`io.cloudevents.v1`) and the event-type strings spokelet speaks.
 #![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
 
 /// Generated messages and the `CloudEventService` client and server stubs.
 pub mod cloudevents {

@@ -18,7 +18,7 @@ use kube::api::Api;
 use serde_json::{Value, json};
 use spokelet::work::applied_work::hub_hash;
 use spokelet::work::conditions::find;
-use spokelet::work::flux::FluxObjects;
+use spokelet::work::flux::{FluxExpander, FluxObjects};
 use spokelet::work::manifestwork::{Manifest, ManifestWork, ManifestWorkSpec, ManifestsTemplate};
 use spokelet::work::metrics::WorkMetrics;
 use spokelet::work::{CancellationToken, EngineConfig, Listing, StatusUpdate, WorkEngine, WorkEvent};
@@ -145,7 +145,7 @@ async fn bench() {
         .unwrap();
 
     let mut cfg = EngineConfig::new(hub_hash("bench-artifacts"), "bench");
-    cfg.flux = FluxObjects::Native {
+    cfg.expander = FluxExpander::for_setting(&FluxObjects::Native {
         cache: tmp.path().join("cache"),
         unpack: UnpackLimits::default(),
         // The registry is plain HTTP on loopback.
@@ -153,7 +153,7 @@ async fn bench() {
             allow: true,
             hosts: Vec::new(),
         },
-    };
+    });
     let (tx, src) = mpsc::unbounded_channel();
     let (stx, mut rx) = mpsc::unbounded_channel();
     let engine = WorkEngine::new(client.clone(), cfg, WorkMetrics::default());

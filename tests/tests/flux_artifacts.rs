@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, Patch, PatchParams};
 use oci_client::secrets::RegistryAuth;
 use serde_json::{Value, json};
-use spokelet::work::flux::FluxObjects;
+use spokelet::work::flux::{FluxExpander, FluxObjects};
 use spokelet::work::manifestwork::FieldValue;
 use spokelet_artifact::registry::Registry;
 use spokelet_artifact::unpack::UnpackLimits;
@@ -40,10 +40,11 @@ async fn flux_agent_with(prefix: &str, allow_insecure: bool) -> (Agent, tempfile
     let cache = tempfile::tempdir().unwrap();
     let hub = unique_name("flux-hub");
     let mut cfg = test_config(&hub);
-    cfg.flux = native(cache.path());
-    if let FluxObjects::Native { insecure, .. } = &mut cfg.flux {
+    let mut mode = native(cache.path());
+    if let FluxObjects::Native { insecure, .. } = &mut mode {
         insecure.allow = allow_insecure;
     }
+    cfg.expander = FluxExpander::for_setting(&mode);
     let agent = Agent::start_with(&hub, cfg).await;
     agent.synced();
     let ns = namespace(&agent.client, prefix).await;
@@ -292,7 +293,7 @@ async fn a_kustomization_with_an_unsupported_field_applies_nothing_and_other_wor
 async fn with_flux_objects_passed_through_they_go_to_the_api_server() {
     let hub = unique_name("flux-hub");
     let mut cfg = test_config(&hub);
-    cfg.flux = FluxObjects::Passthrough;
+    cfg.expander = FluxExpander::for_setting(&FluxObjects::Passthrough);
     let mut agent = Agent::start_with(&hub, cfg).await;
     agent.synced();
     agent.upsert(&work(
@@ -1070,7 +1071,7 @@ async fn the_cache_survives_a_restart_and_entries_no_work_holds_are_collected() 
     let cache = tempfile::tempdir().unwrap();
     let start = |hub: String| {
         let mut cfg = test_config(&hub);
-        cfg.flux = native(cache.path());
+        cfg.expander = FluxExpander::for_setting(&native(cache.path()));
         async move {
             let a = Agent::start_with(&hub, cfg).await;
             a.synced();
@@ -1166,7 +1167,7 @@ async fn flux_objects_read_secrets_only_as_the_work_may() {
     let cache = tempfile::tempdir().unwrap();
     let hub = unique_name("flux-hub");
     let mut cfg = config_with_executors(&hub).await;
-    cfg.flux = native(cache.path());
+    cfg.expander = FluxExpander::for_setting(&native(cache.path()));
     let mut agent = Agent::start_with(&hub, cfg).await;
     agent.synced();
     let client = agent.client.clone();
@@ -1278,7 +1279,7 @@ async fn a_registry_that_never_answers_holds_up_no_other_work() {
     let cache = tempfile::tempdir().unwrap();
     let hub = unique_name("flux-hub");
     let mut cfg = test_config(&hub);
-    cfg.flux = native(cache.path());
+    cfg.expander = FluxExpander::for_setting(&native(cache.path()));
     cfg.max_concurrent_works = 1;
     let mut agent = Agent::start_with(&hub, cfg).await;
     agent.synced();

@@ -2,7 +2,8 @@
 //! applier, the claim table, the manifest-apply bound and the settings.
 //!
 //! Only state that really spans works is here. What belongs to one work (its flap guards, drift
-//! counts, last applied content, cached record) is the engine slot's (`history`).
+//! counts, last applied content, cached record, what its expansion remembers) is the engine
+//! slot's (`history`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,6 +19,7 @@ use super::claims::Claims;
 use super::discovery::Resolver;
 use super::drift::DriftWatcher;
 use super::executor::ExecutorClients;
+use super::expand::Expander;
 use super::manifestwork::AppliedManifestResourceMeta;
 use super::manifestwork::AppliedManifestWork;
 use super::metrics::WorkMetrics;
@@ -73,8 +75,9 @@ pub struct ReconcileContext {
     pub executors: ExecutorClients,
     /// Works whose record has a legacy name (see `legacy_hub_hashes`): they keep using it.
     pub record_names: Mutex<HashMap<String, String>>,
-    /// Flux objects reconciled by the agent; None when they pass through to the API server.
-    pub flux: Option<spokelet_flux::shared::FluxSupport>,
+    /// The step that expands works before they are applied (see `expand`; Flux's, when the
+    /// agent reconciles Flux objects itself); None: every manifest goes to the API server.
+    pub expander: Option<Arc<dyn Expander>>,
 }
 
 impl ReconcileContext {

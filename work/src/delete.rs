@@ -31,7 +31,7 @@ const POLL_MAX: Duration = Duration::from_secs(2);
 const POLL_JITTER: f64 = 0.2;
 
 #[derive(Debug, thiserror::Error)]
-pub enum DeleteError {
+pub(crate) enum DeleteError {
     /// Removing an object failed.
     #[error(transparent)]
     Prune(#[from] PruneError),
@@ -44,7 +44,7 @@ pub enum DeleteError {
 }
 
 /// Whether `e` matches one of the SelectivelyOrphan rules.
-pub fn is_orphaned(option: &DeleteOption, e: &AppliedManifestResourceMeta) -> bool {
+pub(crate) fn is_orphaned(option: &DeleteOption, e: &AppliedManifestResourceMeta) -> bool {
     match option.propagation_policy {
         DeletePropagationPolicy::Orphan => true,
         DeletePropagationPolicy::Foreground => false,
@@ -67,7 +67,7 @@ pub fn is_orphaned(option: &DeleteOption, e: &AppliedManifestResourceMeta) -> bo
 /// calling `progress(remaining, total)` whenever the count changes, then deletes the record.
 /// Objects are removed through `writer` (the work's executor, or the agent itself); the record,
 /// the agent's bookkeeping, through `client`.
-pub async fn delete_work(
+pub(crate) async fn delete_work(
     client: &Client,
     writer: &Client,
     amw: &AppliedManifestWork,
@@ -124,7 +124,7 @@ pub async fn delete_work(
 /// dropped before waiting for the objects to go: a stuck finalizer then stalls only its own work,
 /// never the works queued behind the concurrency limit.
 #[allow(clippy::too_many_arguments)] // One call site, the engine's; a struct would only rename them.
-pub async fn run_delete(
+pub(crate) async fn run_delete(
     ctx: &ReconcileContext,
     name: &str,
     work: Option<&ManifestWork>,

@@ -129,7 +129,7 @@ fn is_namespaced(caps: &ApiCapabilities) -> bool {
 
 /// An ApiResource for calls addressed by group/version/plural only (pruning, deletion), where the
 /// kind is not known and not needed for the URL.
-pub fn api_resource_for(group: &str, version: &str, plural: &str) -> ApiResource {
+pub(crate) fn api_resource_for(group: &str, version: &str, plural: &str) -> ApiResource {
     ApiResource {
         group: group.to_string(),
         version: version.to_string(),

@@ -75,7 +75,7 @@ struct Inner {
 
 /// Change notifications the engine may have queued before watch tasks wait: enough for a burst
 /// of edits to many works, small enough to cost nothing (a key is a few short strings).
-pub const NOTIFY_BUFFER: usize = 1024;
+pub(crate) const NOTIFY_BUFFER: usize = 1024;
 
 /// Watches everything the agent applied (objects carrying [`MANAGED_LABEL`]) and reports changes.
 #[derive(Clone)]

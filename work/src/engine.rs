@@ -29,7 +29,7 @@ use super::delete::run_delete;
 use super::discovery::Resolver;
 use super::drift::DriftWatcher;
 use super::executor::{ClientFactory, ExecutorClients};
-use super::flux::{FluxObjects, FluxSupport};
+use super::expand::Expander;
 use super::history::WorkMemory;
 use super::manifestwork::{
     AppliedManifestWork, DEFAULT_FIELD_MANAGER, DeleteOption, ManifestWork, ManifestWorkStatus,
@@ -43,7 +43,6 @@ use super::source::{Listing, StatusSink, StatusUpdate, WorkEvent, WorkRef, WorkS
 use super::status::{publish, unreadable_status, work_update};
 use super::status_fit::DEFAULT_MAX_STATUS_BYTES;
 use super::validate::{MAX_WORK_NAME, WorkLimits, check_subdomain};
-use spokelet_artifact::unpack::UnpackLimits;
 use spokelet_base::deadline::sleep_until_opt;
 use spokelet_base::lock::lock;
 
@@ -105,9 +104,10 @@ pub struct EngineConfig {
     pub release_adopted: bool,
     /// Makes clients impersonating works' executors; None fails works that name one.
     pub executor_clients: Option<ClientFactory>,
-    /// Whether Flux `OCIRepository` and `Kustomization` manifests are reconciled by the agent
-    /// (the default, with a cache in the system's temporary directory) or sent to the API server.
-    pub flux: FluxObjects,
+    /// The step that expands works before they are applied (see `expand`): the agent sets
+    /// Flux's, `flux::FluxExpander`, unless Flux objects are to pass through. None (the
+    /// default here) sends every manifest to the API server as it is.
+    pub expander: Option<Arc<dyn Expander>>,
 }
 
 impl EngineConfig {
@@ -133,11 +133,7 @@ impl EngineConfig {
             max_status_bytes: DEFAULT_MAX_STATUS_BYTES,
             release_adopted: true,
             executor_clients: None,
-            flux: FluxObjects::Native {
-                cache: std::env::temp_dir().join("spokelet-artifacts"),
-                unpack: UnpackLimits::default(),
-                insecure: Default::default(),
-            },
+            expander: None,
         }
     }
 }
@@ -265,7 +261,7 @@ impl WorkEngine {
             amw_api: Api::all(client.clone()),
             record_names: Mutex::new(HashMap::new()),
             executors: ExecutorClients::new(cfg.executor_clients.clone()),
-            flux: FluxSupport::new(&cfg.flux),
+            expander: cfg.expander.clone(),
         };
         let (ready_tx, _) = watch::channel(false);
         WorkEngine {
@@ -361,9 +357,9 @@ struct EngineLoop {
     slots: HashMap<String, Slot>,
     /// Due reconciles: debounced drift, retries, flap holds.
     timers: Debouncer<String>,
-    /// When works' Flux sources and builds are due to be looked at again. Apart from `timers`
-    /// because those keep the later of two deadlines (a back-off), while a recheck replaces
-    /// the previous one.
+    /// When works are due to be expanded again (`Report::look_again_at`: for Flux, a source's
+    /// interval). Apart from `timers` because those keep the later of two deadlines (a
+    /// back-off), while a recheck replaces the previous one.
     rechecks: Debouncer<String>,
     tasks: JoinSet<()>,
     done_tx: mpsc::UnboundedSender<Done>,
@@ -486,8 +482,8 @@ impl EngineLoop {
     /// on an artifact-cache entry no work holds is really unused.
     fn mark_ready(&self) {
         self.ready_tx.send_replace(true);
-        if let Some(f) = &self.ctx.flux {
-            f.allow_collection();
+        if let Some(x) = &self.ctx.expander {
+            x.engine_ready();
         }
     }
 
@@ -719,7 +715,7 @@ impl EngineLoop {
             self.timers.schedule_at(name.to_string(), until);
         }
         self.rechecks.cancel(&name.to_string());
-        if let Some(at) = report.recheck_at {
+        if let Some(at) = report.look_again_at {
             self.rechecks.schedule_at(name.to_string(), at);
         }
     }
@@ -742,10 +738,8 @@ impl EngineLoop {
         if ok && slot.delete.is_some() {
             self.slots.remove(name);
             self.ctx.metrics.forget(name);
+            // Its expander's memory (and what that held) went with the slot.
             self.rechecks.cancel(&name.to_string());
-            if let Some(f) = &self.ctx.flux {
-                f.forget(name);
-            }
         } else if !ok {
             slot.failures = slot.failures.saturating_add(1);
             let delay = self.retry.delay(slot.failures);

@@ -23,8 +23,12 @@ use spokelet_base::lock::lock;
 #[derive(Clone)]
 pub struct ClientFactory(pub Arc<MakeClient>);
 
+/// Why the factory could not make a client (the agent's own client-building error; the engine
+/// only reports it).
+pub type MakeClientError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The factory's function: user, groups → a client, or why not.
-pub type MakeClient = dyn Fn(&str, &[String]) -> Result<Client, String> + Send + Sync;
+pub type MakeClient = dyn Fn(&str, &[String]) -> Result<Client, MakeClientError> + Send + Sync;
 
 impl std::fmt::Debug for ClientFactory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -45,8 +49,13 @@ pub enum ExecutorError {
     #[error("this agent cannot impersonate executors; the work is not applied with the agent's own rights")]
     NoFactory,
     /// The impersonating client could not be made.
-    #[error("cannot act as executor {user}: {reason}")]
-    Client { user: String, reason: String },
+    #[error("cannot act as executor {user}: {source}")]
+    Client {
+        user: String,
+        /// Shared, so the error stays `Clone` (one failure is reported for every manifest).
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// The identity a work's executor names, as impersonation headers carry it.
@@ -150,9 +159,9 @@ impl ExecutorClients {
             return Ok(c.clone());
         }
         let factory = self.factory.as_ref().ok_or(ExecutorError::NoFactory)?;
-        let client = (factory.0)(&id.user, &id.groups).map_err(|reason| ExecutorError::Client {
+        let client = (factory.0)(&id.user, &id.groups).map_err(|e| ExecutorError::Client {
             user: id.user.clone(),
-            reason,
+            source: Arc::from(e),
         })?;
         lock(&self.clients).insert(id.user, client.clone());
         Ok(client)

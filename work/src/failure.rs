@@ -34,10 +34,10 @@ pub enum ManifestFailure {
     /// The spoke's policy does not let hub works write this object.
     #[error(transparent)]
     Denied(#[from] Denied),
-    /// A Flux object the agent reconciles itself failed (fetch, verification, build, or its
-    /// objects); the reason is Flux's.
+    /// An entry the engine's expander handles itself failed (for Flux: a fetch, verification,
+    /// build, or its objects); the reason is the expander's.
     #[error("{message}")]
-    Flux { reason: &'static str, message: String },
+    Expansion { reason: &'static str, message: String },
 }
 
 impl ManifestFailure {
@@ -53,14 +53,14 @@ impl ManifestFailure {
             ManifestFailure::Apply(e) => e.reason(),
             ManifestFailure::CrdNotEstablished(_) => "CRDNotEstablished",
             ManifestFailure::Denied(_) => DENIED_REASON,
-            ManifestFailure::Flux { reason, .. } => reason,
+            ManifestFailure::Expansion { reason, .. } => reason,
         }
     }
 }
 
 /// A failure of the whole work: nothing of it was applied this time.
 #[derive(Debug, thiserror::Error)]
-pub enum WorkFailure {
+pub(crate) enum WorkFailure {
     /// Larger than `--max-work-bytes` (JSON bytes of its manifests) or `--max-manifests`.
     #[error(transparent)]
     TooLarge(ValidateError),
@@ -77,7 +77,7 @@ pub enum WorkFailure {
 
 impl WorkFailure {
     /// The condition reason; as stable as [`ManifestFailure::reason`]'s.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             WorkFailure::TooLarge(ValidateError::TooManyManifests { .. }) => "TooManyManifests",
             WorkFailure::TooLarge(ValidateError::TooManyJsonPaths { .. }) => "TooManyJsonPaths",

@@ -10,7 +10,7 @@ use super::manifestwork::AppliedManifestWork;
 use super::schedule::FlapGuard;
 
 #[derive(Debug, Clone)]
-pub struct ManifestHistory {
+pub(crate) struct ManifestHistory {
     /// Its drift corrections and the hold when they come too often.
     pub flap: FlapGuard,
     /// Drift corrections so far, reported as the feedback value `DriftCorrections`.
@@ -22,7 +22,7 @@ pub struct ManifestHistory {
 
 /// Everything a reconcile takes from the work's slot and hands back.
 #[derive(Debug, Default)]
-pub struct WorkMemory {
+pub(crate) struct WorkMemory {
     /// By manifest ordinal. Keyed by ordinal, not object, as status is: a manifest that changes
     /// its object keeps its history, the way OCM reports it.
     pub manifests: HashMap<usize, ManifestHistory>,
@@ -30,13 +30,14 @@ pub struct WorkMemory {
     /// `managedFields`), so an unchanged reconcile costs no request. None before the first read
     /// and after a failed write: the spoke then has the truth and is read again.
     pub record: Option<AppliedManifestWork>,
-    /// What its Flux objects fetched and built (see `flux`).
-    pub flux: super::flux::FluxMemory,
+    /// What the engine's expander remembers about it (for Flux: what its sources fetched and
+    /// its Kustomizations built).
+    pub expansion: super::expand::ExpanderMemory,
 }
 
 impl WorkMemory {
     /// The history of manifest `ordinal`, started from `template` the first time.
-    pub fn manifest(&mut self, ordinal: usize, template: &FlapGuard) -> &mut ManifestHistory {
+    pub(crate) fn manifest(&mut self, ordinal: usize, template: &FlapGuard) -> &mut ManifestHistory {
         self.manifests.entry(ordinal).or_insert_with(|| ManifestHistory {
             flap: template.clone(),
             drift_corrections: 0,
@@ -45,7 +46,7 @@ impl WorkMemory {
     }
 
     /// Drift corrections of manifest `ordinal` so far (0 before it has a history).
-    pub fn drift_corrections(&self, ordinal: usize) -> i64 {
+    pub(crate) fn drift_corrections(&self, ordinal: usize) -> i64 {
         self.manifests.get(&ordinal).map_or(0, |h| h.drift_corrections)
     }
 }

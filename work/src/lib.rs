@@ -3,11 +3,15 @@
 //! Data flow: a [`source::WorkSource`] yields works; the [`engine::WorkEngine`] reconciles each
 //! ([`reconcile`]: validate, order, apply, prune, feedback) recording ownership on the spoke in an
 //! AppliedManifestWork ([`applied_work`]); the [`drift::DriftWatcher`] reports outside changes to
-//! what was applied; status goes to a [`source::StatusSink`] whenever its hash changes.
+//! what was applied; status goes to a [`source::StatusSink`] whenever its hash changes. Before
+//! a work is applied, the engine's [`expand::Expander`] (if it has one) may turn some of its
+//! manifests into others: with the `flux` feature, [`flux::FluxExpander`] fetches and builds
+//! Flux's `OCIRepository` and `Kustomization`.
 //!
 //! A crate of its own so that the engine cannot reach into the hub transports or the command
 //! line: it knows works only through [`source::WorkSource`] and [`source::StatusSink`].
 #![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 mod absent_works;
@@ -21,8 +25,10 @@ pub(crate) mod discovery;
 pub(crate) mod drift;
 pub mod engine;
 pub mod executor;
+pub mod expand;
 pub(crate) mod failure;
 pub mod feedback;
+#[cfg(feature = "flux")]
 pub mod flux;
 pub(crate) mod history;
 pub mod jsonpath;

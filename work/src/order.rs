@@ -3,7 +3,7 @@
 
 /// Apply tiers, applied one after another; manifests inside a tier go concurrently.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Tier {
+pub(crate) enum Tier {
     /// Namespaces and CRDs (CRDs are then waited on until Established).
     Foundation = 0,
     /// RBAC, service accounts, config, storage, policies.
@@ -15,11 +15,11 @@ pub enum Tier {
 }
 
 /// All tiers in apply order.
-pub const TIERS: [Tier; 4] = [Tier::Foundation, Tier::Config, Tier::Workload, Tier::Admission];
+pub(crate) const TIERS: [Tier; 4] = [Tier::Foundation, Tier::Config, Tier::Workload, Tier::Admission];
 
 /// The tier of a manifest, from its API group and kind only (no discovery needed, so a CR can be
 /// placed before its CRD is known).
-pub fn tier(group: &str, kind: &str) -> Tier {
+pub(crate) fn tier(group: &str, kind: &str) -> Tier {
     match (group, kind) {
         ("", "Namespace") | ("apiextensions.k8s.io", "CustomResourceDefinition") => Tier::Foundation,
         (
@@ -44,7 +44,7 @@ pub fn tier(group: &str, kind: &str) -> Tier {
 }
 
 /// Splits `apiVersion` into (group, version); core is "".
-pub fn split_api_version(api_version: &str) -> (&str, &str) {
+pub(crate) fn split_api_version(api_version: &str) -> (&str, &str) {
     match api_version.split_once('/') {
         Some((g, v)) => (g, v),
         None => ("", api_version),
@@ -52,7 +52,9 @@ pub fn split_api_version(api_version: &str) -> (&str, &str) {
 }
 
 /// Orders manifest indices by tier, keeping the work's order inside a tier.
-pub fn plan<'a>(items: impl IntoIterator<Item = (usize, &'a str, &'a str)>) -> Vec<(Tier, Vec<usize>)> {
+pub(crate) fn plan<'a>(
+    items: impl IntoIterator<Item = (usize, &'a str, &'a str)>,
+) -> Vec<(Tier, Vec<usize>)> {
     let mut out: Vec<(Tier, Vec<usize>)> = TIERS.iter().map(|t| (*t, Vec::new())).collect();
     for (i, group, kind) in items {
         let t = tier(group, kind);

@@ -1,7 +1,7 @@
 //! Removing one applied object on behalf of a work: deleted with a UID precondition, or — when
 //! another work still claims it, or it is being orphaned — only stripped of this work's ownerReference.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use kube::Client;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, Preconditions, PropagationPolicy};
@@ -14,7 +14,7 @@ use super::object::{MANAGED_LABEL, ObjKey, owner_refs};
 use spokelet_base::lock::lock;
 
 #[derive(Debug, thiserror::Error)]
-pub enum PruneError {
+pub(crate) enum PruneError {
     /// The API call failed.
     #[error("removing {key}: {}", super::object::api_message(source))]
     Api {
@@ -26,7 +26,7 @@ pub enum PruneError {
 
 /// What happened to the object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PruneOutcome {
+pub(crate) enum PruneOutcome {
     /// Already gone.
     Gone,
     /// Delete requested (it may linger while finalizers run).
@@ -39,23 +39,23 @@ pub enum PruneOutcome {
 
 /// The work whose objects are pruned: its name, its record's UID and the UIDs it adopted.
 #[allow(missing_debug_implementations)] // kube's Client has no Debug.
-pub struct Owner<'a> {
+pub(crate) struct Owner<'a> {
     /// The client the work writes with (its executor's, when it names one).
     pub client: &'a Client,
     pub work: &'a str,
     pub uid: &'a str,
     pub adopted: &'a HashSet<String>,
-    /// Kustomizations (name, namespace) with `prune: false`: an object labelled as theirs
-    /// (Flux's `kustomize.toolkit.fluxcd.io/name` and `/namespace` labels) is released, never
-    /// deleted, when it leaves the build. While any is set, an object whose labels are not in
+    /// Label sets (see `Expansion::release_labelled`): an object carrying every label of one
+    /// is released, never deleted, when it leaves the work (for Flux: the objects of a
+    /// Kustomization with `prune: false`). While any is set, an object whose labels are not in
     /// the drift cache is released too: when in doubt, keep it.
-    pub no_prune: &'a HashSet<(String, String)>,
+    pub release_labelled: &'a [BTreeMap<String, String>],
 }
 
-/// Whether `key` belongs to one of `no_prune`'s Kustomizations, as far as the drift cache knows
+/// Whether `key` carries every label of one of `sets`, as far as the drift cache knows
 /// (unknown counts as yes).
-fn kept_by_kustomization(ctx: &ReconcileContext, key: &ObjKey, no_prune: &HashSet<(String, String)>) -> bool {
-    if no_prune.is_empty() {
+fn released_by_labels(ctx: &ReconcileContext, key: &ObjKey, sets: &[BTreeMap<String, String>]) -> bool {
+    if sets.is_empty() {
         return false;
     }
     let live = match ctx.drift.lookup(key) {
@@ -63,25 +63,17 @@ fn kept_by_kustomization(ctx: &ReconcileContext, key: &ObjKey, no_prune: &HashSe
         super::drift::Live::Absent => return false,
         super::drift::Live::Unknown => return true,
     };
-    let label = |k: &str| {
-        live.pointer("/metadata/labels")
-            .and_then(|l| l.get(k))
-            .and_then(Value::as_str)
-            .map(str::to_string)
-    };
-    match (
-        label(super::flux::NAME_LABEL),
-        label(super::flux::NAMESPACE_LABEL),
-    ) {
-        (Some(n), Some(ns)) => no_prune.contains(&(n, ns)),
-        _ => false,
-    }
+    let labels = live.pointer("/metadata/labels");
+    sets.iter().any(|set| {
+        set.iter()
+            .all(|(k, v)| labels.and_then(|l| l.get(k)).and_then(Value::as_str) == Some(v.as_str()))
+    })
 }
 
 /// Whether letting go of `e` may only release it, never delete it: the work adopted it (unless
 /// the agent is set to delete adopted objects, as OCM's agent does), or the policy protects it.
 /// Pruning and work deletion both decide here.
-pub async fn release_only(
+pub(crate) async fn release_only(
     ctx: &ReconcileContext,
     e: &AppliedManifestResourceMeta,
     adopted: &HashSet<String>,
@@ -100,7 +92,7 @@ pub async fn release_only(
 
 /// How to remove an object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// Delete unless another work still claims it.
     Delete,
     /// Leave it; only drop our ownerReference (and our label if no other work owns it).
@@ -111,7 +103,7 @@ pub enum Mode {
 /// released ([`remove`]), except entries that may be the object of a manifest whose kind did not
 /// resolve (`unresolved`: group and name), kept until it does. Returns the entries the record
 /// keeps (wanted, unresolved, or failed to remove) and the failures.
-pub async fn prune_unlisted(
+pub(crate) async fn prune_unlisted(
     ctx: &ReconcileContext,
     owner: &Owner<'_>,
     entries: Vec<AppliedManifestResourceMeta>,
@@ -132,7 +124,7 @@ pub async fn prune_unlisted(
             continue;
         }
         let elsewhere = lock(&ctx.claims).claimed_elsewhere(&key, work);
-        let mode = if kept_by_kustomization(ctx, &key, owner.no_prune)
+        let mode = if released_by_labels(ctx, &key, owner.release_labelled)
             || release_only(ctx, &e, owner.adopted).await
         {
             Mode::Orphan
@@ -166,7 +158,7 @@ fn api(client: &Client, e: &AppliedManifestResourceMeta) -> Api<DynamicObject> {
 
 /// Removes one entry. `owner_uid` is this work's AppliedManifestWork UID; `claimed_elsewhere` says
 /// whether another work still wants the object.
-pub async fn remove(
+pub(crate) async fn remove(
     client: &Client,
     e: &AppliedManifestResourceMeta,
     owner_uid: &str,
@@ -260,7 +252,10 @@ async fn release(api: &Api<DynamicObject>, live: &DynamicObject, owner_uid: &str
 }
 
 /// Whether an entry's object still exists with the recorded UID (or, for intents, at all).
-pub async fn still_present(client: &Client, e: &AppliedManifestResourceMeta) -> Result<bool, PruneError> {
+pub(crate) async fn still_present(
+    client: &Client,
+    e: &AppliedManifestResourceMeta,
+) -> Result<bool, PruneError> {
     let live = api(client, e)
         .get_metadata_opt(&e.name)
         .await

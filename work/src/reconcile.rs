@@ -8,7 +8,7 @@
 //! record UIDs; last, prune ([`prune`](super::prune)) and build the status
 //! ([`status`](super::status)).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::ResourceExt;
@@ -19,8 +19,8 @@ use super::applier::{Action, Applier, ApplyError, ApplyOutcome, Prepared};
 use super::conditions::now_rfc3339;
 use super::context::ReconcileContext;
 use super::drift::Live;
+use super::expand::{ExpandInput, Expansion};
 use super::failure::{ManifestFailure, WorkFailure};
-use super::flux;
 use super::history::WorkMemory;
 use super::manifestwork::{
     AppliedManifestResourceMeta, AppliedManifestWork, AppliedManifestWorkSpec, ManifestWork,
@@ -37,7 +37,7 @@ use spokelet_base::lock::lock;
 
 /// Result of a reconcile.
 #[derive(Debug)]
-pub struct Report {
+pub(crate) struct Report {
     /// The new status (transition times merged with the previous one).
     pub status: ManifestWorkStatus,
     /// Whether something failed and a retry is due.
@@ -46,34 +46,40 @@ pub struct Report {
     pub hold_until: Option<Instant>,
     /// The work's history, handed back to its slot.
     pub memory: WorkMemory,
-    /// When its Flux sources or builds are due to be looked at again.
-    pub recheck_at: Option<Instant>,
+    /// When the expander wants the work expanded again though nothing else changed.
+    pub look_again_at: Option<Instant>,
 }
 
-/// Fetches and builds the work's Flux objects (see [`flux::expand`]), for [`reconcile`].
-/// Called before the reconcile's permit is taken: a slow registry then holds up only Flux
-/// expansions (bounded apart, `FluxSupport::expansions`), never the reconciles of other works.
-/// None when the work has no Flux objects, or is refused whole anyway (too large, an unusable
-/// executor), which [`reconcile`] reports.
-pub async fn expand(
+/// Expands the work with the engine's expander (see `expand`), for [`reconcile`]. Called before
+/// the reconcile's permit is taken: a slow expansion (a registry that answers slowly) then
+/// holds up only expansions, never the reconciles of other works. None without an expander,
+/// when the work has nothing for it, or when it is refused whole anyway (too large, an
+/// unusable executor), which [`reconcile`] reports.
+pub(crate) async fn expand(
     ctx: &ReconcileContext,
     work: &ManifestWork,
     memory: &mut WorkMemory,
-) -> Option<flux::Expansion> {
-    ctx.flux.as_ref()?;
+) -> Option<Expansion> {
+    let expander = ctx.expander.as_ref()?;
     check_limits(work, &ctx.cfg.limits).ok()?;
     let reader = ctx.executors.for_work(work, &ctx.client).ok()?;
-    flux::expand(ctx, work, &reader, &mut memory.flux).await
+    let input = ExpandInput {
+        work,
+        reader: &reader,
+        policy: &ctx.cfg.policy,
+        limits: ctx.cfg.limits,
+    };
+    expander.expand(input, &mut memory.expansion).await
 }
 
-/// Reconciles `work`, with its Flux objects' `expansion` from [`expand`]. Never returns an
-/// error: every failure ends up in the status.
-pub async fn reconcile(
+/// Reconciles `work`, with its `expansion` from [`expand`]. Never returns an error: every
+/// failure ends up in the status.
+pub(crate) async fn reconcile(
     ctx: &ReconcileContext,
     work: &ManifestWork,
     prev: &ManifestWorkStatus,
     mut memory: WorkMemory,
-    expansion: Option<flux::Expansion>,
+    expansion: Option<Expansion>,
 ) -> Report {
     let generation = work.metadata.generation.unwrap_or(0);
     let now = now_rfc3339();
@@ -90,7 +96,7 @@ pub async fn reconcile(
     let (results, mut parsed) = prepare::parse_manifests(work);
     if let Some(x) = &expansion {
         for (i, p) in parsed.iter_mut().enumerate() {
-            if x.is_native(i) {
+            if x.handled.contains(&i) {
                 *p = None;
             }
         }
@@ -117,7 +123,10 @@ pub async fn reconcile(
         hold_until: None,
         pre_existing: HashSet::new(),
         adopted: Vec::new(),
-        no_prune: expansion.as_ref().map(|x| x.no_prune.clone()).unwrap_or_default(),
+        release_labelled: expansion
+            .as_ref()
+            .map(|x| x.release_labelled.clone())
+            .unwrap_or_default(),
         recreate: expansion.as_ref().map(|x| x.recreate.clone()).unwrap_or_default(),
     };
     for (_tier, idxs) in run.tiers() {
@@ -127,12 +136,15 @@ pub async fn reconcile(
     let keep_all = expansion.as_ref().is_some_and(|x| x.keep_all);
     let prune_errors = if keep_all { Vec::new() } else { run.prune().await };
     run.fill_drift_corrections();
-    let recheck_at = expansion.as_ref().and_then(|x| run.finish_flux(x, generation));
-    run.report(prev, generation, &prune_errors, &now, own, recheck_at)
+    let look_again_at = expansion
+        .as_ref()
+        .and_then(|x| run.finish_expansion(x, generation));
+    run.report(prev, generation, &prune_errors, &now, own, look_again_at)
 }
 
-/// How often a Kustomization waiting on its health checks is looked at again.
-const HEALTH_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often an expansion still settling (a Kustomization waiting on its health checks) is
+/// looked at again.
+const SETTLING_RECHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The report of a work refused as a whole.
 fn refused(
@@ -147,7 +159,7 @@ fn refused(
         failed: true,
         hold_until: None,
         memory,
-        recheck_at: None,
+        look_again_at: None,
     }
 }
 
@@ -280,10 +292,11 @@ struct Run<'a> {
     pre_existing: HashSet<usize>,
     /// UIDs of objects adopted in this reconcile (first recorded now, and pre-existing).
     adopted: Vec<String>,
-    /// Kustomizations of the work with `prune: false` (see `prune::Owner::no_prune`).
-    no_prune: HashSet<(String, String)>,
+    /// Objects released, not deleted, when they leave the work (see
+    /// `prune::Owner::release_labelled`).
+    release_labelled: Vec<BTreeMap<String, String>>,
     /// Ordinals whose objects may be deleted and recreated when an immutable field changes
-    /// (see `flux::Expansion::recreate`).
+    /// (see `Expansion::recreate`).
     recreate: HashSet<usize>,
 }
 
@@ -550,7 +563,7 @@ impl Run<'_> {
                 work: &self.name,
                 uid: &owner_uid,
                 adopted: &adopted,
-                no_prune: &self.no_prune,
+                release_labelled: &self.release_labelled,
             },
             entries,
             &self.desired,
@@ -573,23 +586,24 @@ impl Run<'_> {
         errors
     }
 
-    /// Every manifest's drift corrections from the history (before Flux entries sum those of
-    /// their objects).
+    /// Every manifest's drift corrections from the history (before the expander's entries sum
+    /// those of their objects).
     fn fill_drift_corrections(&mut self) {
         for (i, r) in self.results.iter_mut().enumerate() {
             r.drift_corrections = self.memory.drift_corrections(i);
         }
     }
 
-    /// The Flux entries' results from their objects'; returns when the work is due again.
-    fn finish_flux(&mut self, x: &flux::Expansion, generation: i64) -> Option<Instant> {
-        let waiting = flux::finish(x, &mut self.results, &mut self.memory.flux, generation);
-        if !waiting {
-            return x.recheck_at;
+    /// The expander's entries' results from their objects'; returns when the work is due again.
+    fn finish_expansion(&mut self, x: &Expansion, generation: i64) -> Option<Instant> {
+        let expander = self.ctx.expander.as_ref()?;
+        let settling = expander.finish(x, &mut self.results, &mut self.memory.expansion, generation);
+        if !settling {
+            return x.look_again_at;
         }
-        // Health checks still waiting: look again soon, as Flux polls them.
-        let soon = Instant::now() + HEALTH_RECHECK;
-        Some(x.recheck_at.map_or(soon, |r| r.min(soon)))
+        // Still settling (health checks waiting): look again soon, as Flux polls them.
+        let soon = Instant::now() + SETTLING_RECHECK;
+        Some(x.look_again_at.map_or(soon, |r| r.min(soon)))
     }
 
     /// The report: the status from the results of the work's own `own` manifests (objects
@@ -602,7 +616,7 @@ impl Run<'_> {
         prune_errors: &[String],
         now: &str,
         own: usize,
-        recheck_at: Option<Instant>,
+        look_again_at: Option<Instant>,
     ) -> Report {
         let failed = self.results.iter().any(|r| r.error.is_some()) || !prune_errors.is_empty();
         self.results.truncate(own);
@@ -612,7 +626,7 @@ impl Run<'_> {
             failed,
             hold_until: self.hold_until,
             memory: self.memory,
-            recheck_at,
+            look_again_at,
         }
     }
 

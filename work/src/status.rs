@@ -43,12 +43,12 @@ pub struct ManifestResult {
     pub flapping: Option<String>,
     /// Drift corrections so far (from the work's history).
     pub drift_corrections: i64,
-    /// For a Flux object the agent reconciles itself (see `flux`): whether it has something to
-    /// serve, which stands for the live object it does not have.
-    pub native_available: Option<bool>,
-    /// Conditions beyond Applied and Available (a Flux object's `Ready`).
+    /// For an entry the engine's expander handles itself (see `expand`): whether it has
+    /// something to serve, which stands for the live object it does not have.
+    pub handled_available: Option<bool>,
+    /// Conditions beyond Applied and Available (an expander's, such as Flux's `Ready`).
     pub extra_conditions: Vec<Condition>,
-    /// Feedback values beyond the rules' (a Flux object's revisions and counts).
+    /// Feedback values beyond the rules' (an expander's, such as Flux's revisions and counts).
     pub extra_values: Vec<FeedbackValue>,
 }
 
@@ -65,7 +65,7 @@ struct Tally {
 
 /// The status of a reconciled work. Transition times are carried over from `prev` where a
 /// condition did not change, so the same outcome gives the same status and hash.
-pub fn build_status(
+pub(crate) fn build_status(
     generation: i64,
     results: &[ManifestResult],
     prune_errors: &[String],
@@ -108,13 +108,13 @@ fn manifest_status(
             .failed
             .push(format!("#{i} {} {}: {e}", r.meta.kind, display_name(&r.meta)));
     }
-    let available = r.native_available.unwrap_or(r.live.is_some());
+    let available = r.handled_available.unwrap_or(r.live.is_some());
     if !available {
         tally.unavailable += 1;
     }
-    let mut values = match r.native_available {
+    let mut values = match r.handled_available {
         Some(available) => {
-            conds.push(native_available(available, generation));
+            conds.push(handled_available(available, generation));
             Vec::new()
         }
         None => availability_and_feedback(r, generation, &mut conds),
@@ -141,8 +141,9 @@ fn manifest_status(
     }
 }
 
-/// Available of a Flux object the agent reconciles: it has an artifact or applied objects.
-fn native_available(available: bool, generation: i64) -> Condition {
+/// Available of an entry the expander handles: it has something to serve (for Flux: an
+/// artifact, or applied objects).
+fn handled_available(available: bool, generation: i64) -> Condition {
     if available {
         cond(
             types::AVAILABLE,
@@ -338,7 +339,7 @@ fn degraded_condition(tally: &Tally, n: usize, prune_errors: &[String], generati
 }
 
 /// Status of a work refused as a whole (too large, record unavailable).
-pub fn whole_work_status(
+pub(crate) fn whole_work_status(
     prev: &ManifestWorkStatus,
     generation: i64,
     failure: &WorkFailure,
@@ -365,11 +366,15 @@ pub fn whole_work_status(
 }
 
 /// Reason of the `Applied=False` condition of a work the source cannot read.
-pub const UNREADABLE_REASON: &str = "UnreadableWork";
+pub(crate) const UNREADABLE_REASON: &str = "UnreadableWork";
 
 /// Status of a work the hub holds but the agent cannot read: the manifests' last statuses as they
 /// were (their objects are left alone) and conditions saying why nothing is applied.
-pub fn unreadable_status(prev: &ManifestWorkStatus, generation: i64, reason: &str) -> ManifestWorkStatus {
+pub(crate) fn unreadable_status(
+    prev: &ManifestWorkStatus,
+    generation: i64,
+    reason: &str,
+) -> ManifestWorkStatus {
     let msg = truncate(
         format!(
             "the hub's version of this work cannot be read, so its objects are left as they are: {reason}"
@@ -395,7 +400,7 @@ pub fn unreadable_status(prev: &ManifestWorkStatus, generation: i64, reason: &st
 
 /// Status of a work while (and after) it is deleted: `remaining` is (left, total) of the
 /// objects being deleted, `(0, _)` once all are gone.
-pub fn deletion_status(
+pub(crate) fn deletion_status(
     prev: &ManifestWorkStatus,
     generation: i64,
     remaining: Option<(usize, usize)>,
@@ -433,7 +438,7 @@ pub fn deletion_status(
 
 /// The sink's view of a work's status.
 /// The status is fitted to `max_bytes` first ([`status_fit::fit`]): summarised, never dropped.
-pub fn work_update(
+pub(crate) fn work_update(
     work: &ManifestWork,
     status: &ManifestWorkStatus,
     deleted: bool,
@@ -450,7 +455,7 @@ pub fn work_update(
 
 /// Publishes `update` unless its hash is `last`, the one published before; returns the hash
 /// published now (still `last` when the sink failed: the next change or resync sends again).
-pub async fn publish(
+pub(crate) async fn publish(
     ctx: &ReconcileContext,
     sink: &dyn StatusSink,
     update: &StatusUpdate,

@@ -9,18 +9,18 @@ use super::manifestwork::{Condition, ManifestCondition, ManifestWorkStatus};
 
 /// Default status size limit in bytes of JSON: under both hubs' limits with room for the
 /// event's other fields.
-pub const DEFAULT_MAX_STATUS_BYTES: usize = 1024 * 1024;
+pub(crate) const DEFAULT_MAX_STATUS_BYTES: usize = 1024 * 1024;
 
 /// Longest condition message or feedback string kept once a status is over its limit.
 const SHRUNK_TEXT: usize = 1024;
 
 /// Reason of the work condition that says the status was summarised.
-pub const SUMMARISED_REASON: &str = "StatusSummarised";
+pub(crate) const SUMMARISED_REASON: &str = "StatusSummarised";
 
 /// `status` as it is when its JSON fits in `max` bytes; else with texts truncated; else with
 /// only the manifests not applied listed (and, if even that is too large, none), and a
 /// `StatusSummarised` note on the work's `Applied` condition saying how many were left out.
-pub fn fit(mut status: ManifestWorkStatus, max: usize) -> ManifestWorkStatus {
+pub(crate) fn fit(mut status: ManifestWorkStatus, max: usize) -> ManifestWorkStatus {
     if size(&status) <= max {
         return status;
     }

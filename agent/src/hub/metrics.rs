@@ -80,7 +80,7 @@ impl HubMetrics {
 }
 
 /// Registers `metrics` under `spokelet_hub` in the root registry.
-pub fn register(metrics: &HubMetrics, root: &mut Registry) {
+pub(crate) fn register(metrics: &HubMetrics, root: &mut Registry) {
     metrics.register(root.sub_registry_with_prefix("hub"));
 }
 

@@ -18,17 +18,17 @@
 
 pub mod cloudevents;
 pub mod config;
-pub mod connect;
+pub(crate) mod connect;
 pub mod file_source;
-pub mod grpc;
+pub(crate) mod grpc;
 pub mod kube_hub;
-pub mod metrics;
-pub mod object_events;
-pub mod outbox;
-pub mod pool_report;
-pub mod registration;
+pub(crate) mod metrics;
+pub(crate) mod object_events;
+pub(crate) mod outbox;
+pub(crate) mod pool_report;
+pub(crate) mod registration;
 pub mod tls;
-pub mod work_events;
+pub(crate) mod work_events;
 
 pub use config::{HubArgs, HubConfigError, HubSettings, HubTransport, KubeHubSettings, ResolvedHub};
 pub use connect::{ConnectError, HubCloser, HubConnection};

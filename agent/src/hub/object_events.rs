@@ -12,7 +12,7 @@ use super::cloudevents::{
 
 /// What the hub said of one object.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ObjectEvent {
+pub(crate) struct ObjectEvent {
     /// `spec` or `status`.
     pub subresource: String,
     /// `create_request`, `update_request`, `delete_request`, `resync_response`.
@@ -23,18 +23,18 @@ pub struct ObjectEvent {
 
 impl ObjectEvent {
     /// The object's `metadata.name` ("" when missing).
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         self.object["metadata"]["name"].as_str().unwrap_or_default()
     }
 
     /// Whether the hub says the object is gone.
-    pub fn deleted(&self) -> bool {
+    pub(crate) fn deleted(&self) -> bool {
         self.action == action::DELETE
     }
 }
 
 /// Decodes a hub event of `data_type` for cluster `ours`; `None` for a heartbeat.
-pub fn decode_object(
+pub(crate) fn decode_object(
     ev: &CloudEvent,
     data_type: &str,
     ours: &str,
@@ -70,7 +70,7 @@ pub fn decode_object(
 /// `<data_type>.<subresource>.<action>` carrying `object` whole, from `source`, with
 /// `clustername`, `resourceid` (the object's name) and, when it has one, `resourceversion`
 /// (OCM's hub writes the object back with it: an update on an old version is refused).
-pub fn object_event(
+pub(crate) fn object_event(
     source: &str,
     cluster: &str,
     data_type: &str,
@@ -95,7 +95,7 @@ pub fn object_event(
 
 /// `<data_type>.spec.resync_request` holding nothing: the hub answers with every object of
 /// the type it has for the cluster.
-pub fn list_request(source: &str, cluster: &str, data_type: &str) -> CloudEvent {
+pub(crate) fn list_request(source: &str, cluster: &str, data_type: &str) -> CloudEvent {
     let body = SpecResyncBody {
         resource_versions: Vec::new(),
     };

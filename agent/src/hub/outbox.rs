@@ -14,7 +14,7 @@ use std::collections::{HashMap, VecDeque};
 /// Invariant: a key is in `order` exactly once while it has an item in `pending`, and not at all
 /// otherwise.
 #[derive(Debug)]
-pub struct Outbox<T> {
+pub(crate) struct Outbox<T> {
     order: VecDeque<String>,
     pending: HashMap<String, T>,
 }
@@ -32,14 +32,14 @@ impl<T> Default for Outbox<T> {
 impl<T> Outbox<T> {
     /// Queues `item` for `key`. An item already queued for the key is replaced in its place: the
     /// newer status supersedes the older, and the work keeps its turn instead of going to the back.
-    pub fn push(&mut self, key: String, item: T) {
+    pub(crate) fn push(&mut self, key: String, item: T) {
         self.push_with(key, item, |queued, item| *queued = item);
     }
 
     /// Queues `item` for `key`, or, when the key is already queued, lets `merge` fold `item` into
     /// the queued one (in its place). For items that are more than "the latest value", such as
     /// the kind of event to send, where a weaker request must not replace a stronger one.
-    pub fn push_with(&mut self, key: String, item: T, merge: impl FnOnce(&mut T, T)) {
+    pub(crate) fn push_with(&mut self, key: String, item: T, merge: impl FnOnce(&mut T, T)) {
         match self.pending.entry(key) {
             Entry::Occupied(mut queued) => merge(queued.get_mut(), item),
             Entry::Vacant(slot) => {
@@ -50,7 +50,7 @@ impl<T> Outbox<T> {
     }
 
     /// Takes the oldest queued key and its item.
-    pub fn pop(&mut self) -> Option<(String, T)> {
+    pub(crate) fn pop(&mut self) -> Option<(String, T)> {
         while let Some(key) = self.order.pop_front() {
             if let Some(item) = self.pending.remove(&key) {
                 return Some((key, item));
@@ -62,7 +62,7 @@ impl<T> Outbox<T> {
     /// Puts back, first in line, an item whose send failed because the connection went away, so
     /// it is the first thing sent once the connection is back. Does nothing when a newer item for
     /// the key was queued meanwhile: that one is what the hub must get.
-    pub fn retry_front(&mut self, key: String, item: T) {
+    pub(crate) fn retry_front(&mut self, key: String, item: T) {
         if let Entry::Vacant(slot) = self.pending.entry(key) {
             self.order.push_front(slot.key().clone());
             slot.insert(item);
@@ -72,7 +72,7 @@ impl<T> Outbox<T> {
     /// Puts back, last in line, an item whose send failed and is retried after a pause, so one
     /// key the receiver keeps refusing does not hold up the others. Does nothing when a newer item
     /// for the key was queued meanwhile: that one is what the hub must get.
-    pub fn retry_back(&mut self, key: String, item: T) {
+    pub(crate) fn retry_back(&mut self, key: String, item: T) {
         if let Entry::Vacant(slot) = self.pending.entry(key) {
             self.order.push_back(slot.key().clone());
             slot.insert(item);
@@ -80,17 +80,17 @@ impl<T> Outbox<T> {
     }
 
     /// Whether an item for `key` is waiting (one sent now is then already outdated).
-    pub fn contains(&self, key: &str) -> bool {
+    pub(crate) fn contains(&self, key: &str) -> bool {
         self.pending.contains_key(key)
     }
 
     /// How many keys wait; each counts once, so this is at most the number of works.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.order.len()
     }
 
     /// Nothing is waiting.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.order.is_empty()
     }
 }

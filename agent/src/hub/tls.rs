@@ -571,7 +571,7 @@ mod tests {
 
     /// Minimal self-signed material without a dev-dependency on rcgen: a fixed test key pair.
     mod rcgen_like {
-        pub fn self_signed() -> (String, String) {
+        pub(super) fn self_signed() -> (String, String) {
             (CERT.to_string(), KEY.to_string())
         }
         // A throwaway EC P-256 self-signed certificate and its key, generated for these tests only.

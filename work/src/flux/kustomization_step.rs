@@ -2,11 +2,10 @@
 //! changed (else its last build is reused), its objects appended to the expansion, and the last
 //! good build kept applied through failures.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::Client;
 use serde_json::Value;
 use spokelet_artifact::registry::Pulled;
 use spokelet_flux::build::BuildLimits;
@@ -15,8 +14,8 @@ use tokio::time::Instant;
 
 use super::build::{build_key, build_objects, variables};
 use super::readiness::{Cond, Failure, Native, Reason, Status};
-use super::{Expansion, FluxMemory, append, refused_by_policy};
-use crate::context::ReconcileContext;
+use super::{FluxMemory, NAME_LABEL, NAMESPACE_LABEL, Step, append, refused_by_policy};
+use crate::expand::Expansion;
 use crate::manifestwork::Manifest;
 
 /// A Kustomization's last build, kept between the work's reconciles.
@@ -53,9 +52,8 @@ impl BuildMemory {
 
 /// What every Kustomization of a work is built with.
 pub(super) struct KustomizationStep<'a> {
-    pub(super) ctx: &'a ReconcileContext,
-    /// The work's identity, for the variables' Secrets and ConfigMaps.
-    pub(super) reader: &'a Client,
+    /// The work, its identity (for the variables' Secrets and ConfigMaps) and its limits.
+    pub(super) step: &'a Step<'a>,
     /// The work's sources' artifacts, by `namespace/name`.
     pub(super) sources: &'a HashMap<String, Option<Pulled>>,
     /// The ordinal the first built manifest gets (after the work's own).
@@ -86,7 +84,11 @@ impl KustomizationStep<'_> {
             }
         };
         if !ks.spec.prune {
-            x.no_prune.insert((ks.name.clone(), ks.namespace.clone()));
+            // What leaves the build is released, not deleted: its objects carry these labels.
+            x.release_labelled.push(BTreeMap::from([
+                (NAME_LABEL.to_string(), ks.name.clone()),
+                (NAMESPACE_LABEL.to_string(), ks.namespace.clone()),
+            ]));
         }
         native.wait = ks.spec.wait;
         native.health_checks = health_checks(&ks);
@@ -101,7 +103,12 @@ impl KustomizationStep<'_> {
     /// The Kustomization, once read and allowed by the policy.
     fn accepted(&self, v: &Value) -> Result<FluxObject<KustomizationSpec>, Failure> {
         let ks = objects::kustomization(v).map_err(|e| Failure::new(Reason::of_spec(&e), e.to_string()))?;
-        if let Some(message) = refused_by_policy(self.ctx, FluxKind::Kustomization, &ks, &ks.spec.reads()) {
+        if let Some(message) = refused_by_policy(
+            self.step.input.policy,
+            FluxKind::Kustomization,
+            &ks,
+            &ks.spec.reads(),
+        ) {
             return Err(Failure::new(Reason::DeniedByPolicy, message));
         }
         Ok(ks)
@@ -120,7 +127,7 @@ impl KustomizationStep<'_> {
         match attempt {
             Attempt::Built(b) => {
                 native.revision = Some(b.revision.clone());
-                x.due(b.built + ks.spec.interval);
+                x.look_again_by(b.built + ks.spec.interval);
                 append(x, native, &b.manifests, self.first_built);
                 // The applied revision stays until the new build is applied; readiness only
                 // while the build is the same.
@@ -135,7 +142,7 @@ impl KustomizationStep<'_> {
                 memory.builds.insert(native.id.clone(), kept);
             }
             Attempt::Failed(failure) => {
-                x.due(Instant::now() + retry);
+                x.look_again_by(Instant::now() + retry);
                 match memory.builds.get(&native.id) {
                     Some(last) => {
                         let (revision, manifests) = (last.revision.clone(), last.manifests.clone());
@@ -157,7 +164,7 @@ impl KustomizationStep<'_> {
                 let status = if reason == Reason::Suspended {
                     Status::Unknown
                 } else {
-                    x.due(Instant::now() + retry);
+                    x.look_again_by(Instant::now() + retry);
                     Status::False
                 };
                 x.keep_all = true;
@@ -187,7 +194,7 @@ impl KustomizationStep<'_> {
         {
             return Attempt::Built(last.again(last.built));
         }
-        let vars = match variables(self.reader, ks).await {
+        let vars = match variables(self.step.input.reader, ks).await {
             Ok(v) => v,
             Err(failure) => return Attempt::Failed(failure),
         };
@@ -200,7 +207,7 @@ impl KustomizationStep<'_> {
             max_objects: self.limit,
             ..BuildLimits::default()
         };
-        match build_objects(ks, pulled.dir.clone(), vars, limits, self.ctx.cfg.limits).await {
+        match build_objects(ks, pulled.dir.clone(), vars, limits, self.step.input.limits).await {
             Ok(manifests) => {
                 tracing::info!(kustomization = %id, revision = %pulled.revision, objects = manifests.len(), "built");
                 Attempt::Built(BuildMemory {

@@ -1,12 +1,13 @@
-//! The Flux step of a reconcile: a work's `OCIRepository` and `Kustomization` manifests are
-//! not sent to the API server. Their artifacts are fetched and built into plain manifests,
-//! appended to the work's own, and the rest of the reconcile applies, records, prunes and
-//! watches those like any other, so an object from an artifact is corrected as fast as an
-//! inline one. The Flux entries' status gets a `Ready` condition and feedback values.
+//! The Flux expander: a work's `OCIRepository` and `Kustomization` manifests are not sent to
+//! the API server. Their artifacts are fetched and built into plain manifests, appended to the
+//! work's own, and the rest of the reconcile applies, records, prunes and watches those like
+//! any other (see `expand`, the seam this plugs into), so an object from an artifact is
+//! corrected as fast as an inline one. The Flux entries' status gets a `Ready` condition and
+//! feedback values.
 //!
-//! By its steps: [`expand`] runs before the reconcile's other steps, each source through
-//! `source_step` and each Kustomization through `kustomization_step` (its build in `build`);
-//! [`finish`] after the applies (`readiness`: typed conditions, reasons as an enum). What a
+//! By its steps: [`FluxExpander`]'s expand runs each source through `source_step` and each
+//! Kustomization through `kustomization_step` (its build in `build`); its finish, after the
+//! applies, judges each entry (`readiness`: typed conditions, reasons as an enum). What a
 //! work's Flux objects fetched and built is kept in its [`FluxMemory`] between reconciles: a
 //! reconcile caused by drift costs no registry request and no build, and a source is looked at
 //! again only when its `interval` has passed.
@@ -19,38 +20,94 @@ mod build;
 mod kustomization_step;
 mod readiness;
 mod source_step;
+mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
-use kube::Client;
+use futures::future::BoxFuture;
 use serde_json::Value;
 use spokelet_artifact::registry::Pulled;
 use spokelet_flux::objects::{FluxKind, FluxObject, ReadRef};
-/// Re-exported: the setting and the shared state live with the Flux crate.
-pub use spokelet_flux::shared::{FluxObjects, FluxSupport};
+/// Re-exported: the agent's setting lives with the Flux crate.
+pub use spokelet_flux::settings::FluxObjects;
 pub use spokelet_flux::source::InsecureRegistries;
-use tokio::time::Instant;
 
 use self::kustomization_step::{BuildMemory, KustomizationStep};
 use self::readiness::Native;
 use self::source_step::{SourceMemory, source_step};
-use super::context::ReconcileContext;
-use super::manifestwork::{Manifest, ManifestWork};
-use super::policy::Target;
-use super::status::ManifestResult;
+use self::support::{FluxSupport, LayerHold};
+use crate::expand::{Detail, ExpandInput, Expander, ExpanderMemory, Expansion};
+use crate::manifestwork::{Manifest, ManifestWork};
+use crate::policy::{Policy, Target};
+use crate::status::ManifestResult;
 
 /// The labels Flux's kustomize-controller puts on what it applies; kept so tools that look
 /// for them (and `kubectl get -l`) find objects from artifacts the same way.
 pub const NAME_LABEL: &str = "kustomize.toolkit.fluxcd.io/name";
 pub const NAMESPACE_LABEL: &str = "kustomize.toolkit.fluxcd.io/namespace";
 
+/// Flux's `OCIRepository` and `Kustomization` as the engine's [`Expander`].
+#[derive(Debug)]
+pub struct FluxExpander {
+    support: FluxSupport,
+}
+
+impl FluxExpander {
+    /// The expander for `mode`; None for passthrough (Flux objects then go to the API server
+    /// like any other).
+    pub fn for_setting(mode: &FluxObjects) -> Option<Arc<dyn Expander>> {
+        let support = FluxSupport::new(mode)?;
+        Some(Arc::new(FluxExpander { support }))
+    }
+}
+
+impl Expander for FluxExpander {
+    fn expand<'a>(
+        &'a self,
+        input: ExpandInput<'a>,
+        memory: &'a mut ExpanderMemory,
+    ) -> BoxFuture<'a, Option<Expansion>> {
+        Box::pin(async move {
+            let x = expand(&self.support, &input, memory.get::<FluxMemory>()).await;
+            if x.is_none() {
+                // Its holds go with it.
+                memory.clear();
+            }
+            x
+        })
+    }
+
+    fn finish(
+        &self,
+        x: &Expansion,
+        results: &mut [ManifestResult],
+        memory: &mut ExpanderMemory,
+        generation: i64,
+    ) -> bool {
+        let Some(natives) = x.detail.get::<Natives>() else {
+            return false;
+        };
+        readiness::finish(natives, results, memory.get::<FluxMemory>(), generation)
+    }
+
+    fn engine_ready(&self) {
+        self.support.allow_collection();
+    }
+}
+
+/// The work's Flux entries in this reconcile, by ordinal: the expansion's [`Detail`].
+type Natives = BTreeMap<usize, Native>;
+
 /// What a work's Flux objects fetched and built, kept between its reconciles.
 #[derive(Debug, Default)]
-pub struct FluxMemory {
+pub(crate) struct FluxMemory {
     /// By `namespace/name` of the OCIRepository.
     sources: HashMap<String, SourceMemory>,
     /// By `namespace/name` of the Kustomization.
     builds: HashMap<String, BuildMemory>,
+    /// The cache layers its sources use, kept from garbage collection while it lives.
+    hold: Option<LayerHold>,
 }
 
 impl FluxMemory {
@@ -73,74 +130,37 @@ impl FluxMemory {
     }
 }
 
-/// The work's Flux objects in this reconcile.
-#[derive(Debug, Default)]
-pub struct Expansion {
-    /// Manifests built from artifacts, appended after the work's own.
-    pub built: Vec<Manifest>,
-    /// By ordinal of the work's Flux manifests.
-    natives: BTreeMap<usize, Native>,
-    /// Nothing may be pruned in this reconcile: a Kustomization has no build to say what it
-    /// wants.
-    pub keep_all: bool,
-    /// When a source or build is due to be looked at again.
-    pub recheck_at: Option<Instant>,
-    /// Kustomizations (name, namespace) with `prune: false`: what leaves their build is
-    /// released, not deleted.
-    pub no_prune: HashSet<(String, String)>,
-    /// Ordinals (in the expanded work) of objects built by Kustomizations with `force: true`:
-    /// an apply refused for an immutable field deletes and recreates them.
-    pub recreate: HashSet<usize>,
+/// What the steps share while expanding one work.
+pub(crate) struct Step<'a> {
+    pub(crate) support: &'a FluxSupport,
+    pub(crate) input: &'a ExpandInput<'a>,
 }
 
-impl Expansion {
-    /// Ordinals of the work's manifests that are reconciled here, not sent to the API server.
-    pub fn is_native(&self, ordinal: usize) -> bool {
-        self.natives.contains_key(&ordinal)
-    }
-
-    /// `work` with the built manifests appended (None when nothing was built).
-    pub fn expanded(&self, work: &ManifestWork) -> Option<ManifestWork> {
-        if self.built.is_empty() {
-            return None;
-        }
-        let mut w = work.clone();
-        w.spec.workload.manifests.extend(self.built.iter().cloned());
-        Some(w)
-    }
-
-    fn due(&mut self, at: Instant) {
-        self.recheck_at = Some(self.recheck_at.map_or(at, |r| r.min(at)));
-    }
-}
-
-/// Fetches and builds the work's Flux objects. None when it has none (or they pass through).
+/// Fetches and builds the work's Flux objects. None when it has none.
 ///
-/// Every Secret and ConfigMap the Flux objects name is read as `reader`, the work's identity
-/// (its executor when it names one, else the agent), and only after the write policy allowed
-/// the Flux object and what it reads.
-pub async fn expand(
-    ctx: &ReconcileContext,
-    work: &ManifestWork,
-    reader: &Client,
+/// Every Secret and ConfigMap the Flux objects name is read as `input.reader`, the work's
+/// identity, and only after the write policy allowed the Flux object and what it reads.
+async fn expand(
+    support: &FluxSupport,
+    input: &ExpandInput<'_>,
     memory: &mut FluxMemory,
 ) -> Option<Expansion> {
-    let support = ctx.flux.as_ref()?;
+    let work = input.work;
     let (repos, kustomizations) = flux_manifests(work);
     if repos.is_empty() && kustomizations.is_empty() {
-        *memory = FluxMemory::default();
         return None;
     }
     let _expanding = support.expansions.clone().acquire_owned().await.ok();
-    let name = work.metadata.name.clone().unwrap_or_default();
+    let step = Step { support, input };
     let mut x = Expansion::default();
+    let mut natives = Natives::new();
     let mut sources: HashMap<String, Option<Pulled>> = HashMap::new();
     let mut downloaded = false;
     for (i, v) in repos {
-        let (native, pulled, new) = source_step(ctx, support, reader, &v, memory, &mut x).await;
+        let (native, pulled, new) = source_step(&step, &v, memory, &mut x).await;
         downloaded |= new;
         sources.insert(native.id.clone(), pulled);
-        x.natives.insert(i, native);
+        natives.insert(i, native);
     }
     let held = memory
         .sources
@@ -148,23 +168,24 @@ pub async fn expand(
         .filter_map(|s| s.pulled.as_ref())
         .map(|p| p.layer.clone())
         .collect();
-    support.hold(&name, held, downloaded);
+    support.hold(&mut memory.hold, held, downloaded);
     let first_built = work.spec.workload.manifests.len();
-    let step = KustomizationStep {
-        ctx,
-        reader,
+    let ks_step = KustomizationStep {
+        step: &step,
         sources: &sources,
         first_built,
-        limit: ctx.cfg.limits.max_manifests.saturating_sub(first_built),
+        limit: input.limits.max_manifests.saturating_sub(first_built),
     };
     for (i, v) in kustomizations {
-        let native = step.run(&v, memory, &mut x).await;
-        x.natives.insert(i, native);
+        let native = ks_step.run(&v, memory, &mut x).await;
+        natives.insert(i, native);
     }
     // Forget what the work no longer has.
-    let ids: HashSet<&String> = x.natives.values().map(|n| &n.id).collect();
+    let ids: HashSet<&String> = natives.values().map(|n| &n.id).collect();
     memory.sources.retain(|k, _| ids.contains(k));
     memory.builds.retain(|k, _| ids.contains(k));
+    x.handled = natives.keys().copied().collect();
+    x.detail = Detail::new(natives);
     Some(x)
 }
 
@@ -186,28 +207,16 @@ fn flux_manifests(work: &ManifestWork) -> (Ordinals, Ordinals) {
     (repos, kustomizations)
 }
 
-/// After the applies: each Flux entry's result (see `readiness`); whether a Kustomization is
-/// still progressing (to look again soon).
-pub fn finish(
-    x: &Expansion,
-    results: &mut [ManifestResult],
-    memory: &mut FluxMemory,
-    generation: i64,
-) -> bool {
-    readiness::finish(&x.natives, results, memory, generation)
-}
-
 /// Why the write policy refuses a Flux object or a Secret or ConfigMap it reads, if it does.
 /// What a Flux object reads is held to the rules of what a work writes: a work may not have
 /// the agent read (and substitute, or send to a registry) what it could not write itself.
 fn refused_by_policy<S>(
-    ctx: &ReconcileContext,
+    policy: &Policy,
     kind: FluxKind,
     obj: &FluxObject<S>,
     reads: &[ReadRef],
 ) -> Option<String> {
     let (ns, name) = (obj.namespace.as_str(), obj.name.as_str());
-    let policy = &ctx.cfg.policy;
     if let Err(d) = policy.check(&Target::new(kind.group(), kind.name(), ns, name)) {
         return Some(format!("{} {ns}/{name}: {d}", kind.name()));
     }

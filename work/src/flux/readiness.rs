@@ -274,7 +274,7 @@ fn write_result(
     generation: i64,
 ) {
     values.push(string_value("ready", ready.status.as_str()));
-    r.error = error.map(|f| ManifestFailure::Flux {
+    r.error = error.map(|f| ManifestFailure::Expansion {
         reason: f.reason.as_str(),
         message: f.message,
     });
@@ -294,7 +294,7 @@ fn write_result(
         r.extra_conditions.push(condition("SourceVerified", verified));
     }
     r.extra_values = values;
-    r.native_available = Some(n.usable);
+    r.handled_available = Some(n.usable);
 }
 
 /// A Kustomization's Ready condition and failure from its objects' outcome, and whether its

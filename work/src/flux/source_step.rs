@@ -3,17 +3,16 @@
 
 use std::time::Duration;
 
-use kube::Client;
 use serde_json::Value;
 use spokelet_artifact::registry::Pulled;
 use spokelet_flux::objects::{self, FluxKind, FluxObject, OciRepositorySpec};
-use spokelet_flux::shared::FluxSupport;
 use spokelet_flux::source::SourceError;
 use tokio::time::Instant;
 
 use super::readiness::{Cond, Failure, Native, Reason, Status, string_value};
-use super::{Expansion, FluxMemory, refused_by_policy};
-use crate::context::ReconcileContext;
+use super::support::FluxSupport;
+use super::{FluxMemory, Step, refused_by_policy};
+use crate::expand::Expansion;
 
 /// How soon a failed source is looked at again (or its interval, when shorter): a registry
 /// that was down is retried without waiting an interval of often many minutes.
@@ -57,42 +56,41 @@ fn fetch_due(known: Option<&SourceMemory>, spec: &OciRepositorySpec, now: Instan
 /// One OCIRepository: fetched when due. Returns its result, its artifact (the last good one
 /// through failures) and whether a layer was downloaded.
 pub(super) async fn source_step(
-    ctx: &ReconcileContext,
-    support: &FluxSupport,
-    reader: &Client,
+    step: &Step<'_>,
     v: &Value,
     memory: &mut FluxMemory,
     x: &mut Expansion,
 ) -> (Native, Option<Pulled>, bool) {
     let mut native = Native::new(FluxKind::OciRepository, v);
-    let repo = match accepted(ctx, support, v) {
+    let repo = match accepted(step, v) {
         Ok(r) => r,
         Err(failure) => {
             native.fail(failure);
             return (native, None, false);
         }
     };
-    let downloaded = fetch_when_due(support, reader, &repo, &native.id, memory).await;
+    let downloaded = fetch_when_due(step.support, step.input.reader, &repo, &native.id, memory).await;
     let Some(m) = memory.sources.get(&native.id) else {
         return (native, None, false);
     };
-    x.due(m.checked + m.wait());
+    x.look_again_by(m.checked + m.wait());
     describe(&mut native, &repo.spec, m);
     (native, m.pulled.clone(), downloaded)
 }
 
 /// The source, once read and allowed by the policy, with a fetcher to fetch it.
-fn accepted(
-    ctx: &ReconcileContext,
-    support: &FluxSupport,
-    v: &Value,
-) -> Result<FluxObject<OciRepositorySpec>, Failure> {
+fn accepted(step: &Step<'_>, v: &Value) -> Result<FluxObject<OciRepositorySpec>, Failure> {
     let repo = objects::oci_repository(v).map_err(|e| Failure::new(Reason::of_spec(&e), e.to_string()))?;
-    if let Some(message) = refused_by_policy(ctx, FluxKind::OciRepository, &repo, &repo.spec.reads()) {
+    if let Some(message) = refused_by_policy(
+        step.input.policy,
+        FluxKind::OciRepository,
+        &repo,
+        &repo.spec.reads(),
+    ) {
         return Err(Failure::new(Reason::DeniedByPolicy, message));
     }
-    if let Err(e) = &support.fetcher {
-        return Err(Failure::new(Reason::ArtifactCacheUnavailable, e.clone()));
+    if let Err(e) = &step.support.fetcher {
+        return Err(Failure::new(Reason::ArtifactCacheUnavailable, e.to_string()));
     }
     Ok(repo)
 }
@@ -101,7 +99,7 @@ fn accepted(
 /// whether a layer was downloaded.
 async fn fetch_when_due(
     support: &FluxSupport,
-    reader: &Client,
+    reader: &kube::Client,
     repo: &FluxObject<OciRepositorySpec>,
     id: &str,
     memory: &mut FluxMemory,

@@ -110,5 +110,5 @@ pub(super) async fn connect(opts: &GrpcHubOptions, tls: Option<&ClientTls>) -> R
 
 /// `http::uri` through tonic, so no direct `http` dependency is needed.
 mod http_uri {
-    pub use tonic::codegen::http::uri::InvalidUri;
+    pub(super) use tonic::codegen::http::uri::InvalidUri;
 }

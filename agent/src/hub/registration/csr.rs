@@ -19,22 +19,22 @@ pub enum CsrError {
 }
 
 /// OCM's group of every registered agent.
-pub const MANAGED_CLUSTERS_GROUP: &str = "system:open-cluster-management:managed-clusters";
+pub(crate) const MANAGED_CLUSTERS_GROUP: &str = "system:open-cluster-management:managed-clusters";
 
 /// The user OCM's hub knows an agent by: `system:open-cluster-management:<cluster>:<agent>`.
-pub fn agent_user(cluster: &str, agent: &str) -> String {
+pub(crate) fn agent_user(cluster: &str, agent: &str) -> String {
     format!("system:open-cluster-management:{cluster}:{agent}")
 }
 
 /// The cluster's own group: `system:open-cluster-management:<cluster>`.
-pub fn cluster_group(cluster: &str) -> String {
+pub(crate) fn cluster_group(cluster: &str) -> String {
     format!("system:open-cluster-management:{cluster}")
 }
 
 /// A fresh key pair and a request for a client certificate naming the agent as OCM's
 /// registration agent does: CN the agent user, O the cluster group and the managed-clusters
 /// group. ECDSA P-256, as OCM's agents use.
-pub struct Request {
+pub(crate) struct Request {
     /// The private key, PKCS#8 PEM; it never leaves the spoke.
     pub key_pem: String,
     /// The PKCS#10 request, PEM.
@@ -49,7 +49,7 @@ impl std::fmt::Debug for Request {
 }
 
 /// Makes [`Request`] for `agent` of `cluster`.
-pub fn request(cluster: &str, agent: &str) -> Result<Request, CsrError> {
+pub(crate) fn request(cluster: &str, agent: &str) -> Result<Request, CsrError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut params = CertificateParams::default();
     let mut name = DistinguishedName::new();
@@ -75,7 +75,7 @@ fn renew_permille(pem: &[u8]) -> u32 {
 
 /// What an issued certificate says, as far as joining cares.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Issued {
+pub(crate) struct Issued {
     /// The subject's common name.
     pub common_name: String,
     /// The subject's organizations (groups).
@@ -91,7 +91,7 @@ pub struct Issued {
 
 impl Issued {
     /// Reads the first certificate of a PEM bundle.
-    pub fn from_pem(pem: &[u8]) -> Result<Issued, CsrError> {
+    pub(crate) fn from_pem(pem: &[u8]) -> Result<Issued, CsrError> {
         let (_, block) =
             x509_parser::pem::parse_x509_pem(pem).map_err(|e| CsrError::NotPem(e.to_string()))?;
         let cert = block
@@ -115,14 +115,14 @@ impl Issued {
 
     /// When it is to be renewed: with 20 % to 25 % of its lifetime left (see
     /// [`Issued::renew_permille`]), as OCM's agents renew.
-    pub fn renew_at(&self) -> SystemTime {
+    pub(crate) fn renew_at(&self) -> SystemTime {
         let life = self.not_after.duration_since(self.not_before).unwrap_or_default();
         self.not_after - life * self.renew_permille / 1000
     }
 
     /// Whether it names `agent` of `cluster`: a certificate for another cluster (or agent) is
     /// never run from.
-    pub fn names(&self, cluster: &str, agent: &str) -> bool {
+    pub(crate) fn names(&self, cluster: &str, agent: &str) -> bool {
         self.common_name == agent_user(cluster, agent)
             && self.organizations.iter().any(|o| *o == cluster_group(cluster))
     }

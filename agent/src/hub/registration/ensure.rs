@@ -12,7 +12,7 @@ use super::store::Credentials;
 /// while it names this cluster and agent and has not expired, else a new one by joining.
 /// Writes the files and returns the config (kubeconfig or gRPC config) to run the hub
 /// transport from.
-pub async fn ensure_joined(s: &JoinSettings) -> Result<PathBuf, JoinError> {
+pub(crate) async fn ensure_joined(s: &JoinSettings) -> Result<PathBuf, JoinError> {
     let (server, ca_pem) = hub_endpoint(s).await?;
     let kept = s
         .keeping

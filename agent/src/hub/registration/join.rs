@@ -32,7 +32,7 @@ const SAY_AGAIN: Duration = Duration::from_secs(30);
 /// The bootstrap credential, a credential allowed only to create the ManagedCluster and CSRs
 /// (OCM's `open-cluster-management:bootstrap` role), and the wire it is used on.
 #[derive(Debug, Clone)]
-pub enum Bootstrap {
+pub(crate) enum Bootstrap {
     /// A kubeconfig of the hub's API server (`--bootstrap-hub-kubeconfig`).
     Kube {
         kubeconfig: PathBuf,
@@ -57,7 +57,7 @@ impl Bootstrap {
 
 /// What joining needs.
 #[derive(Debug, Clone)]
-pub struct JoinSettings {
+pub(crate) struct JoinSettings {
     pub bootstrap: Bootstrap,
     pub cluster: String,
     pub agent: String,
@@ -253,7 +253,7 @@ fn pem_bundle(certs: &[Vec<u8>]) -> Vec<u8> {
 
 /// The spoke's URL and CA as a client of it sees them (the defaults for
 /// `managedClusterClientConfigs`).
-pub fn spoke_endpoint(config: &kube::Config) -> (String, Option<Vec<u8>>) {
+pub(crate) fn spoke_endpoint(config: &kube::Config) -> (String, Option<Vec<u8>>) {
     (
         config.cluster_url.to_string().trim_end_matches('/').to_string(),
         config.root_cert.as_ref().map(|c| pem_bundle(c)),
@@ -261,12 +261,12 @@ pub fn spoke_endpoint(config: &kube::Config) -> (String, Option<Vec<u8>>) {
 }
 
 /// The kubeconfig path the credentials in `dir` are run from.
-pub fn kubeconfig_in(dir: &Path) -> PathBuf {
+pub(crate) fn kubeconfig_in(dir: &Path) -> PathBuf {
     dir.join(super::store::KUBECONFIG)
 }
 
 /// The gRPC config path the credentials in `dir` are run from.
-pub fn grpc_config_in(dir: &Path) -> PathBuf {
+pub(crate) fn grpc_config_in(dir: &Path) -> PathBuf {
     dir.join(super::store::GRPC_CONFIG)
 }
 

@@ -20,8 +20,7 @@ pub(crate) mod over_kube;
 pub(crate) mod renew;
 pub(crate) mod store;
 
-pub use csr::CsrError;
-pub use ensure::ensure_joined;
-pub use join::{Bootstrap, JoinError, JoinSettings, grpc_config_in, kubeconfig_in, spoke_endpoint};
-pub use renew::keep_renewed;
-pub use store::{Keeping, StoreError};
+pub(crate) use ensure::ensure_joined;
+pub(crate) use join::{Bootstrap, JoinError, JoinSettings, grpc_config_in, kubeconfig_in, spoke_endpoint};
+pub(crate) use renew::keep_renewed;
+pub(crate) use store::Keeping;

@@ -37,7 +37,7 @@ enum Wake {
 
 /// Renews the certificate in `s.dir` until `stop`; `rejected` is told of every `401` from the
 /// hub. See the module docs.
-pub async fn keep_renewed(s: JoinSettings, rejected: Arc<Notify>, stop: CancellationToken) {
+pub(crate) async fn keep_renewed(s: JoinSettings, rejected: Arc<Notify>, stop: CancellationToken) {
     let mut task = Renewal {
         s,
         // Failed renewals and joins are tried again with the shared backoff, up to a few

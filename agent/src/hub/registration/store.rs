@@ -39,7 +39,7 @@ pub enum StoreError {
 
 /// Which transport the credentials are for, so which file they are run from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wire {
+pub(crate) enum Wire {
     /// The hub's Kubernetes API: a kubeconfig.
     Kube,
     /// OCM's CloudEvents gRPC server: its config file format.
@@ -61,7 +61,7 @@ impl Wire {
 
 /// A client certificate the hub issued, with what reaching the hub takes.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Credentials {
+pub(crate) struct Credentials {
     /// The transport they are for.
     pub wire: Wire,
     /// The hub's URL, from the bootstrap credential.
@@ -111,7 +111,7 @@ impl Credentials {
 
     /// A kubeconfig naming the certificate and key files beside it (relative paths, resolved
     /// against the kubeconfig's own directory, as OCM's hub kubeconfig does).
-    pub fn kubeconfig(&self) -> String {
+    pub(crate) fn kubeconfig(&self) -> String {
         use base64::Engine;
         let ca = match &self.ca_pem {
             Some(pem) => format!(
@@ -129,7 +129,7 @@ impl Credentials {
 
     /// OCM's gRPC config file naming the certificate and key files in `dir` (absolute: our
     /// config reader, like OCM's, takes paths as written).
-    pub fn grpc_config(&self, dir: &Path) -> String {
+    pub(crate) fn grpc_config(&self, dir: &Path) -> String {
         use base64::Engine;
         let mut out = format!("url: {}\n", self.server);
         if let Some(pem) = &self.ca_pem {
@@ -160,7 +160,7 @@ impl Credentials {
     /// Writes the files the hub transport reads into `dir`: the key and certificate first,
     /// each through a file renamed into place (a reader never sees half of one), the
     /// config (kubeconfig or gRPC config) last. Returns the config's path.
-    pub fn write_files(&self, dir: &Path) -> Result<PathBuf, StoreError> {
+    pub(crate) fn write_files(&self, dir: &Path) -> Result<PathBuf, StoreError> {
         let err = |path: &Path| {
             let path = path.to_path_buf();
             move |source| StoreError::File { path, source }
@@ -177,7 +177,7 @@ impl Credentials {
 
     /// Saves them in the Secret `namespace/name` (created, or replaced whole); a gRPC config
     /// in it names the files in `dir`.
-    pub async fn save(
+    pub(crate) async fn save(
         &self,
         spoke: &kube::Client,
         namespace: &str,
@@ -232,7 +232,7 @@ impl Credentials {
     /// The credentials kept in the Secret `namespace/name`, with `server` and `ca_pem` (the
     /// bootstrap credential's, which may have moved since); None when there is no Secret, it
     /// lacks a key, or it was kept for the other wire.
-    pub async fn load(
+    pub(crate) async fn load(
         spoke: &kube::Client,
         namespace: &str,
         name: &str,
@@ -270,7 +270,7 @@ impl Credentials {
 
 /// Where the credentials a join earned are kept across restarts, beside the files.
 #[derive(Clone)]
-pub enum Keeping {
+pub(crate) enum Keeping {
     /// A Secret in the agent's namespace on the spoke (OCM's `hub-kubeconfig-secret`).
     Secret {
         spoke: kube::Client,
@@ -290,7 +290,7 @@ impl std::fmt::Debug for Keeping {
 
 impl Keeping {
     /// What keeps them, for the log.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Keeping::Secret { namespace, name, .. } => format!("Secret {namespace}/{name}"),
             Keeping::Files => "the credentials directory".to_string(),
@@ -299,7 +299,7 @@ impl Keeping {
 
     /// The credentials kept, if any (see [`Credentials::load`]); from the files, they are
     /// taken as issued to `cluster`/`agent` (the certificate's subject is checked before use).
-    pub async fn load(
+    pub(crate) async fn load(
         &self,
         dir: &Path,
         wire: Wire,
@@ -329,7 +329,7 @@ impl Keeping {
     }
 
     /// Keeps `creds` (the files are written by the caller).
-    pub async fn save(&self, creds: &Credentials, dir: &Path) -> Result<(), StoreError> {
+    pub(crate) async fn save(&self, creds: &Credentials, dir: &Path) -> Result<(), StoreError> {
         match self {
             Keeping::Secret {
                 spoke,
@@ -342,7 +342,7 @@ impl Keeping {
 
     /// Whether what keeps them is gone (deleted by someone): the agent then joins again. An
     /// error reading the Secret is not taken as gone.
-    pub async fn gone(&self, dir: &Path) -> bool {
+    pub(crate) async fn gone(&self, dir: &Path) -> bool {
         match self {
             Keeping::Secret {
                 spoke,
