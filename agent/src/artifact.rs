@@ -8,7 +8,7 @@ use spokelet_artifact::cache::ArtifactCache;
 use spokelet_artifact::registry::{ArtifactRef, PushMeta, Registry, RegistryAuth, RegistryError};
 use spokelet_artifact::unpack::UnpackLimits;
 
-use crate::work::conditions::{now_rfc3339, rfc3339};
+use spokelet_work_api::conditions::{now_rfc3339, rfc3339};
 
 /// `spokelet artifact ...`.
 #[derive(Debug, clap::Subcommand)]

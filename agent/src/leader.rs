@@ -520,15 +520,15 @@ impl<S> tower::Layer<S> for GateLayer {
 /// Lease reports nothing more (the new leader reports the works' state itself).
 #[derive(Debug)]
 pub(crate) struct GatedSink {
-    inner: Arc<dyn crate::work::source::StatusSink>,
+    inner: Arc<dyn spokelet_work_api::source::StatusSink>,
     gate: WriteGate,
 }
 
 impl GatedSink {
     pub(crate) fn wrap(
-        inner: Arc<dyn crate::work::source::StatusSink>,
+        inner: Arc<dyn spokelet_work_api::source::StatusSink>,
         gate: Option<WriteGate>,
-    ) -> Arc<dyn crate::work::source::StatusSink> {
+    ) -> Arc<dyn spokelet_work_api::source::StatusSink> {
         match gate {
             Some(gate) => Arc::new(GatedSink { inner, gate }),
             None => inner,
@@ -536,13 +536,13 @@ impl GatedSink {
     }
 }
 
-impl crate::work::source::StatusSink for GatedSink {
+impl spokelet_work_api::source::StatusSink for GatedSink {
     fn publish(
         &self,
-        update: crate::work::source::StatusUpdate,
-    ) -> futures::future::BoxFuture<'_, Result<(), crate::work::source::SinkError>> {
+        update: spokelet_work_api::source::StatusUpdate,
+    ) -> futures::future::BoxFuture<'_, Result<(), spokelet_work_api::source::SinkError>> {
         if !self.gate.is_open() {
-            return Box::pin(std::future::ready(Err(crate::work::source::SinkError::Failed(
+            return Box::pin(std::future::ready(Err(spokelet_work_api::source::SinkError::Failed(
                 "not the leader: status not reported".into(),
             ))));
         }

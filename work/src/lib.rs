@@ -18,7 +18,6 @@ mod absent_works;
 pub mod applied_work;
 pub mod applier;
 pub mod claims;
-pub mod conditions;
 pub(crate) mod context;
 pub(crate) mod delete;
 pub(crate) mod discovery;
@@ -32,7 +31,6 @@ pub mod feedback;
 pub mod flux;
 pub(crate) mod history;
 pub mod jsonpath;
-pub mod manifestwork;
 pub mod metrics;
 pub mod object;
 pub(crate) mod order;
@@ -41,10 +39,12 @@ pub mod prepare;
 pub(crate) mod prune;
 pub(crate) mod reconcile;
 pub mod schedule;
-pub mod source;
 pub(crate) mod status;
 pub(crate) mod status_fit;
 pub mod validate;
+
+/// Re-exported: the work wire lives in `spokelet-work-api`, shared with the hub transports.
+pub use spokelet_work_api::{conditions, manifestwork, source};
 
 pub use engine::{EngineConfig, EngineError, WorkEngine};
 pub use manifestwork::{ManifestBundle, ManifestWork, ManifestWorkSpec, ManifestWorkStatus};

@@ -79,8 +79,9 @@ pub enum ValidateError {
     },
 }
 
-/// Longest work name: its record is `<64 hex>-<name>`, itself at most 253 characters.
-pub const MAX_WORK_NAME: usize = 253 - 65;
+/// Re-exported: the rule lives with the work wire, which the transports share.
+pub use spokelet_work_api::names::MAX_WORK_NAME;
+use spokelet_work_api::names::{label_fault, subdomain_fault};
 
 fn bad(field: &'static str, value: &str, why: &'static str) -> ValidateError {
     ValidateError::BadName {
@@ -109,35 +110,12 @@ pub fn check_object_name(field: &'static str, name: &str) -> Result<(), Validate
 /// A DNS-1123 label (namespaces): lower-case letters, digits and '-', alphanumeric at both
 /// ends, at most 63 characters.
 pub fn check_label(field: &'static str, value: &str) -> Result<(), ValidateError> {
-    let ok_chars = value
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    let ok_ends = !value.starts_with('-') && !value.ends_with('-');
-    if value.is_empty() || value.len() > 63 || !ok_chars || !ok_ends {
-        return Err(bad(
-            field,
-            value,
-            "must be a DNS-1123 label (a-z, 0-9, '-'; at most 63)",
-        ));
-    }
-    Ok(())
+    label_fault(value).map_or(Ok(()), |why| Err(bad(field, value, why)))
 }
 
 /// A DNS-1123 subdomain of at most `max` characters (work names).
 pub fn check_subdomain(field: &'static str, value: &str, max: usize) -> Result<(), ValidateError> {
-    let ok_chars = value
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
-    let alnum = |c: Option<u8>| c.is_some_and(|b| b.is_ascii_alphanumeric());
-    let ok_ends = alnum(value.bytes().next()) && alnum(value.bytes().last());
-    if value.len() > max || !ok_chars || !ok_ends {
-        return Err(bad(
-            field,
-            value,
-            "must be a DNS-1123 subdomain (a-z, 0-9, '-', '.') within the length limit",
-        ));
-    }
-    Ok(())
+    subdomain_fault(value, max).map_or(Ok(()), |why| Err(bad(field, value, why)))
 }
 
 /// An API group or version: lower-case letters, digits, '-' and '.' only (they go into paths).

@@ -15,7 +15,7 @@ use spokelet_proto::{
     Attr, CloudEvent, CloudEventAttributeValue, Data, HEARTBEAT, MANIFEST_BUNDLES, SPEC_VERSION,
 };
 
-use crate::work::manifestwork::{ManifestBundle, ManifestBundleStatus, ManifestWork, ManifestWorkStatus};
+use spokelet_work_api::manifestwork::{ManifestBundle, ManifestBundleStatus, ManifestWork, ManifestWorkStatus};
 
 /// Extension attribute names (without the `ce-` prefix).
 pub mod ext {
@@ -683,7 +683,7 @@ pub fn sha256_hex(b: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::work::manifestwork::Condition;
+    use spokelet_work_api::manifestwork::Condition;
     use kube::ResourceExt;
 
     fn spec_event(action: &str, data: Option<Data>) -> CloudEvent {
@@ -871,7 +871,7 @@ mod tests {
             }],
             ..Default::default()
         };
-        let hash = crate::work::conditions::status_hash(&status);
+        let hash = spokelet_work_api::conditions::status_hash(&status);
         let meta = WireMeta {
             name: "w1".into(),
             namespace: "c1".into(),

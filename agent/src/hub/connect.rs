@@ -16,7 +16,7 @@ use crate::admin::SharedRegistry;
 use crate::leader::WriteGate;
 use crate::lock::lock;
 use crate::work::applied_work;
-use crate::work::source::StatusSink;
+use spokelet_work_api::source::StatusSink;
 
 /// Why the hub connection could not be set up (a hub that is down is not an error:
 /// the transports retry with backoff).

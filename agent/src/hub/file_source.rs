@@ -10,12 +10,12 @@ use futures::future::BoxFuture;
 use kube::ResourceExt;
 use sha2::{Digest, Sha256};
 
-use crate::work::conditions::{FALSE, cond, now_rfc3339, types};
-use crate::work::manifestwork::{ManifestWork, ManifestWorkStatus};
-use crate::work::source::{
+use spokelet_work_api::conditions::{FALSE, cond, now_rfc3339, types};
+use spokelet_work_api::manifestwork::{ManifestWork, ManifestWorkStatus};
+use spokelet_work_api::source::{
     Listing, SinkError, StatusSink, StatusUpdate, WorkEvent, WorkRef, WorkSource, log_status,
 };
-use crate::work::validate::{MAX_WORK_NAME, check_subdomain};
+use spokelet_work_api::names::{MAX_WORK_NAME, subdomain_fault};
 
 /// File-source failures (only construction can fail; bad files are reported, never fatal).
 #[derive(Debug, thiserror::Error)]
@@ -297,7 +297,7 @@ pub fn parse_works(path: &Path, bytes: &[u8]) -> Result<Vec<ManifestWork>, WorkF
         let name = w.name_any();
         // The engine's own rule (a DNS-1123 subdomain short enough for its record's name), so
         // a file cannot hold a work the engine would refuse; it also keeps NAME.status.yaml safe.
-        if check_subdomain("work name", &name, MAX_WORK_NAME).is_err() {
+        if subdomain_fault(&name, MAX_WORK_NAME).is_some() {
             return Err(WorkFileError::BadName { doc, name });
         }
         out.push(w);

@@ -1,7 +1,7 @@
 //! Where works come from and where their status goes: the hub transports, which receive
 //! ManifestWorks from the hub and send status back over mutual TLS, and the file source, a
-//! directory standing in for a hub. Each is a [`WorkSource`](crate::work::source::WorkSource) and
-//! a [`StatusSink`](crate::work::source::StatusSink); the engine (`work/`) knows only those two.
+//! directory standing in for a hub. Each is a [`WorkSource`](spokelet_work_api::source::WorkSource) and
+//! a [`StatusSink`](spokelet_work_api::source::StatusSink); the engine (`work/`) knows only those two.
 //!
 //! - [`grpc`]: CloudEvents over gRPC (OCM "grpc" driver / Maestro), see [`GrpcHub::start`].
 //! - [`kube_hub`]: the hub's Kubernetes API (classic klusterlet), see [`kube_hub::KubeHub::start`].

@@ -315,7 +315,7 @@ async fn report_loop(args: &NodeArgs, ctx: &RunContext, target: Target) -> Resul
             };
             if due && Instant::now() >= retry_at {
                 let heartbeat = observed.is_some();
-                let observed = observed.unwrap_or_else(crate::work::conditions::now_rfc3339);
+                let observed = observed.unwrap_or_else(spokelet_work_api::conditions::now_rfc3339);
                 match target.write(&report, &observed, heartbeat).await {
                     Ok(()) => {
                         metrics.writes.inc();

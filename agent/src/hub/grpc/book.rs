@@ -17,8 +17,8 @@ use crate::hub::cloudevents::{
 use crate::hub::metrics::HubMetrics;
 use crate::hub::outbox::Outbox;
 use crate::lock::lock;
-use crate::work::conditions::status_hash;
-use crate::work::source::{SinkError, StatusUpdate};
+use spokelet_work_api::conditions::status_hash;
+use spokelet_work_api::source::{SinkError, StatusUpdate};
 
 /// What we know about a work the hub sent.
 #[derive(Debug, Clone, Default)]
@@ -373,7 +373,7 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::work::manifestwork::{Condition, ManifestWorkStatus};
+    use spokelet_work_api::manifestwork::{Condition, ManifestWorkStatus};
 
     fn shared() -> Shared {
         Shared {

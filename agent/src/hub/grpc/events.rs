@@ -9,7 +9,7 @@ use super::book::WorkInfo;
 use super::session::Runner;
 use crate::hub::cloudevents::{self, CodecError, Incoming, SpecEvent, WireMeta};
 use crate::lock::lock;
-use crate::work::source::{WorkEvent, WorkRef};
+use spokelet_work_api::source::{WorkEvent, WorkRef};
 
 impl Runner {
     /// Handles one event: whether it was a spec event (which extends the sync quiet period), and

@@ -32,7 +32,7 @@ use crate::hub::kube_hub::membership::{
     condition_status, merge_conditions, probe_spoke,
 };
 use crate::leader::WriteGate;
-use crate::work::conditions::now_rfc3339;
+use spokelet_work_api::conditions::now_rfc3339;
 
 /// The lease OCM's hub makes for each cluster, in the cluster's namespace.
 const LEASE_NAME: &str = "managed-cluster-lease";

@@ -1,4 +1,4 @@
-//! The CloudEvents-over-gRPC hub transport: a [`WorkSource`](crate::work::source::WorkSource) and
+//! The CloudEvents-over-gRPC hub transport: a [`WorkSource`](spokelet_work_api::source::WorkSource) and
 //! [`StatusSink`] backed by one subscription.
 //!
 //! One background task owns the connection. Per session it dials (mTLS through
@@ -48,7 +48,7 @@ use super::config::HubSettings;
 use super::metrics::HubMetrics;
 use super::tls::{ClientTls, TlsError};
 use super::work_events::{EVENT_BUFFER, HubEvents};
-use crate::work::source::{SinkError, StatusSink, StatusUpdate};
+use spokelet_work_api::source::{SinkError, StatusSink, StatusUpdate};
 
 /// Transport failures. Setup errors are returned by [`GrpcHub::start`]; the rest end one session
 /// (logged, then reconnect).

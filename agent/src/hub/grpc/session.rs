@@ -20,7 +20,7 @@ use crate::backoff::ExponentialBackoff;
 use crate::hub::cloudevents;
 use crate::hub::tls::{ClientTls, error_chain};
 use crate::lock::lock;
-use crate::work::source::{Listing, WorkEvent};
+use spokelet_work_api::source::{Listing, WorkEvent};
 use spokelet_base::deadline::sleep_until_opt;
 
 /// How one session ended.

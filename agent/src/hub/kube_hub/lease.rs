@@ -13,7 +13,7 @@ use super::{KubeHubOptions, LEASE_NAME, is_not_found, retry_backoff};
 /// `metav1.MicroTime` wire format of now.
 pub(crate) fn micro_time_now() -> String {
     let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = crate::work::conditions::now_rfc3339();
+    let secs = spokelet_work_api::conditions::now_rfc3339();
     // now_rfc3339 is `YYYY-MM-DDTHH:MM:SSZ`; MicroTime adds six fractional digits.
     format!("{}.{:06}Z", secs.trim_end_matches('Z'), d.subsec_micros())
 }

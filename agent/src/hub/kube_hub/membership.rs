@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::cluster::managed_cluster_resource;
 use super::{api_code, retry_backoff};
-use crate::work::conditions::now_rfc3339;
+use spokelet_work_api::conditions::now_rfc3339;
 
 /// OCM's lease duration when `spec.leaseDurationSeconds` is 0 or unset.
 const DEFAULT_LEASE_SECONDS: u64 = 60;

@@ -13,7 +13,7 @@ use super::works::remove_finalizer;
 use super::{api_code, is_not_found, pause, retry_backoff};
 use crate::hub::outbox::Outbox;
 use crate::lock::lock;
-use crate::work::source::{SinkError, StatusSink, StatusUpdate};
+use spokelet_work_api::source::{SinkError, StatusSink, StatusUpdate};
 
 /// Status sink writing the `status` subresource; returns at once, writes in the background.
 #[derive(Debug, Clone)]

@@ -11,8 +11,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{CLEANUP_FINALIZER, api_code, is_not_found, pause, retry_backoff};
-use crate::work::manifestwork::{GROUP, ManifestWork, VERSION};
-use crate::work::source::{Listing, WorkEvent, WorkRef};
+use spokelet_work_api::manifestwork::{GROUP, ManifestWork, VERSION};
+use spokelet_work_api::source::{Listing, WorkEvent, WorkRef};
 
 /// Attempts at removing the finalizer when the work keeps changing under us (409 Conflict).
 const FINALIZER_CONFLICT_ATTEMPTS: u32 = 5;
