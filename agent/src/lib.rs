@@ -6,10 +6,9 @@
 pub mod admin;
 pub mod artifact;
 pub mod config;
+pub mod connect;
 pub mod daemon;
-pub mod hub;
 pub mod inventory;
-pub mod kube_client;
 pub(crate) mod leader;
 pub mod node;
 pub mod pool;
@@ -19,5 +18,10 @@ pub mod telemetry;
 
 pub use spokelet_base::duration;
 pub(crate) use spokelet_base::{backoff, lock};
+/// The hub transports, their own crate (`hub/`), under the path the agent has always used.
+pub use spokelet_hub as hub;
+/// The kube clients and the write gate, their own crate (`kube-client/`), under the path the
+/// agent has always used for them.
+pub use spokelet_kube_client as kube_client;
 /// The engine, its own crate (`work/`), under the path the agent has always used for it.
 pub use spokelet_work as work;

@@ -9,8 +9,9 @@ use kube::Config;
 
 use crate::admin::RunContext;
 use crate::artifact::ArtifactLimitArgs;
+use crate::connect::{ConnectError, HubConnection};
+use crate::hub::HubArgs;
 use crate::hub::file_source::{FileSource, FileSourceError, FileStatusSink};
-use crate::hub::{ConnectError, HubArgs, HubConnection};
 use crate::kube_client::{self, ClusterConfigError, HttpVersion, KubeClientError};
 use crate::leader::{
     Elector, GatedSink, LeaderArgs, LeaderError, LeaderMetrics, LeaseSettings, Role, WriteGate,
@@ -20,13 +21,13 @@ use crate::pool::{PoolMetrics, PoolReportArgs, PoolReporter, RunningReporter};
 use crate::work::applied_work::{hub_hash, hub_hash_of_address, legacy_hub_hash};
 use crate::work::engine::{EngineConfig, EngineError, WorkEngine};
 use crate::work::executor::ClientFactory;
-use spokelet_work_api::manifestwork::DEFAULT_FIELD_MANAGER;
 use crate::work::metrics::WorkMetrics;
 use crate::work::policy::{AgentIdentity, Policy, PolicyError};
 use crate::work::schedule::FlapGuard;
-use spokelet_work_api::source::{StatusSink, WorkSource};
 use crate::work::validate::WorkLimits;
 use spokelet_base::duration::parse_duration;
+use spokelet_work_api::manifestwork::DEFAULT_FIELD_MANAGER;
+use spokelet_work_api::source::{StatusSink, WorkSource};
 use tokio_util::sync::CancellationToken;
 
 /// Settings of the work engine.
@@ -512,4 +513,23 @@ pub async fn run_engine(
     });
     engine.run(source, sink, ctx.shutdown.clone()).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn flags_do_not_clash_with_the_engine_flags() {
+        use clap::CommandFactory;
+        #[derive(Parser, Debug)]
+        struct Run {
+            #[command(flatten)]
+            run: RunArgs,
+            #[command(flatten)]
+            hub: HubArgs,
+        }
+        Run::command().debug_assert();
+    }
 }

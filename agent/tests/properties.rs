@@ -33,9 +33,9 @@ use spokelet_proto::{Attr, CloudEvent, CloudEventAttributeValue, Data, HEARTBEAT
 /// The cluster the decoder serves in these tests.
 const OURS: &str = "c1";
 /// A self-signed EC certificate and its key, and a key that does not belong to it.
-const CERT: &str = include_str!("../src/hub/testdata/client.crt");
-const KEY: &str = include_str!("../src/hub/testdata/client.key");
-const OTHER_KEY: &str = include_str!("../src/hub/testdata/other.key");
+const CERT: &str = include_str!("../../hub/src/testdata/client.crt");
+const KEY: &str = include_str!("../../hub/src/testdata/client.key");
+const OTHER_KEY: &str = include_str!("../../hub/src/testdata/other.key");
 
 // ---------------------------------------------------------------------------------------------
 // Shared generators
