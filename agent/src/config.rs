@@ -6,13 +6,12 @@
 //! (`works-dir: /var/lib/spokelet/works`), so every flag is configurable in one place
 //! and nothing has two spellings.
 
-use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{ffi::OsString, path::PathBuf};
 
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser, Subcommand, parser::ValueSource};
 
 use crate::artifact::ArtifactCommand;
 use crate::{hub::HubArgs, inventory::InventoryArgs, run::RunArgs};
-use spokelet_base::duration::parse_duration;
 
 /// Read with [`Cli::load`], which layers the config file under flags and environment.
 #[derive(Debug, Parser)]
@@ -60,28 +59,10 @@ pub struct RunCommand {
     pub admin: AdminArgs,
 }
 
-/// `spokelet node`: the node role plus the admin endpoint.
-#[derive(Debug, clap::Args)]
-pub struct NodeCommand {
-    #[command(flatten)]
-    pub node: crate::node::NodeArgs,
-    /// Admin endpoint and shutdown settings.
-    #[command(flatten)]
-    pub admin: AdminArgs,
-}
-
-/// Settings of every long-running command.
-#[derive(Debug, Clone, clap::Args)]
-pub struct AdminArgs {
-    /// Where `/metrics`, `/healthz` and `/readyz` listen. Loopback by default so a
-    /// bare-metal install exposes nothing; the DaemonSet sets `0.0.0.0:9464`.
-    #[arg(long, env = "SPOKELET_ADMIN_ADDR", default_value = "127.0.0.1:9464")]
-    pub admin_addr: SocketAddr,
-
-    /// How long in-flight work may take to finish after SIGTERM before we exit anyway.
-    #[arg(long, env = "SPOKELET_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
-    pub shutdown_grace: Duration,
-}
+/// Re-exported: `spokelet node` is the node crate's command.
+pub use spokelet_node::command::NodeCommand;
+/// Re-exported: the settings of every long-running command.
+pub use spokelet_runtime::serve::AdminArgs;
 
 /// Errors while reading the command line and config file.
 #[derive(Debug, thiserror::Error)]

@@ -39,7 +39,7 @@ pub fn release_binary(name: &str) -> Result<PathBuf, HarnessError> {
 }
 
 /// The node role's lean binary as the image ships it: `cargo build --profile release-small
-/// --bin spokelet-node -p spokelet` (see the workspace's Cargo.toml), or `SPOKELET_BIN_DIR`'s.
+/// --bin spokelet-node -p spokelet-node` (see the workspace's Cargo.toml), or `SPOKELET_BIN_DIR`'s.
 pub fn node_binary() -> Result<PathBuf, HarnessError> {
     if let Ok(dir) = std::env::var("SPOKELET_BIN_DIR") {
         return Ok(PathBuf::from(dir).join("spokelet-node"));
@@ -50,7 +50,7 @@ pub fn node_binary() -> Result<PathBuf, HarnessError> {
         "--bin",
         "spokelet-node",
         "-p",
-        "spokelet",
+        "spokelet-node",
     ])
     .map_err(HarnessError::AgentBuild)?;
     Ok(Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release-small/spokelet-node"))

@@ -11,12 +11,12 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{Report, inventory_document};
-use crate::admin::RunContext;
-use crate::hub::config::{HubConfigError, HubTransport, ResolvedHub};
-use crate::hub::{
+use spokelet_base::lock::lock;
+use spokelet_hub::config::{HubConfigError, HubTransport, ResolvedHub};
+use spokelet_hub::{
     GrpcError, GrpcHub, GrpcHubOptions, GrpcReportSink, HubArgs, HubCloser, PoolReportSink, Subscription,
 };
-use crate::lock::lock;
+use spokelet_runtime::admin::RunContext;
 
 /// Why the node service could not reach for the hub.
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +29,7 @@ pub enum HubTargetError {
     Grpc(#[from] GrpcError),
     /// Joining the hub with the bootstrap credential failed.
     #[error("joining the hub: {0}")]
-    Join(#[from] crate::hub::registration::JoinError),
+    Join(#[from] spokelet_hub::registration::JoinError),
     /// `--hub-transport kube` was asked for.
     #[error("the node service reports to the hub over gRPC only; --hub-transport kube is for `spokelet run`")]
     KubeTransport,
@@ -76,7 +76,7 @@ impl HubTarget {
         let mut opts = GrpcHubOptions::new(settings);
         opts.rejected = rejected;
         opts.subscription = Subscription::NodeReports;
-        crate::hub::metrics::register(&opts.metrics, &mut lock(&ctx.registry));
+        spokelet_hub::metrics::register(&opts.metrics, &mut lock(&ctx.registry));
         let GrpcHub {
             mut source,
             reports,
@@ -109,11 +109,18 @@ impl HubTarget {
 /// renewal and what tells it of a refused certificate.
 async fn join_as_node(
     args: &HubArgs,
-    bootstrap: crate::hub::HubSettings,
-    join: crate::hub::config::BootstrapSettings,
+    bootstrap: spokelet_hub::HubSettings,
+    join: spokelet_hub::config::BootstrapSettings,
     stop: &CancellationToken,
-) -> Result<(crate::hub::HubSettings, tokio::task::JoinHandle<()>, Arc<Notify>), HubTargetError> {
-    use crate::hub::registration::{self, Bootstrap, JoinSettings, Keeping};
+) -> Result<
+    (
+        spokelet_hub::HubSettings,
+        tokio::task::JoinHandle<()>,
+        Arc<Notify>,
+    ),
+    HubTargetError,
+> {
+    use spokelet_hub::registration::{self, Bootstrap, JoinSettings, Keeping};
     let joining = JoinSettings {
         cluster: bootstrap.cluster_name.clone(),
         agent: bootstrap.agent_id.clone(),

@@ -1,7 +1,8 @@
 //! `spokelet-node`: the node role (`spokelet node`) as a lean binary of its own.
 //!
-//! The same code, flags and `SPOKELET_*` variables as `spokelet node`, without the work engine
-//! and the artifact code linked in (the gRPC transport is, for the bare-metal `--hub-config`). It matters for a process that runs on
+//! The same code, flags and `SPOKELET_*` variables as `spokelet node`. Its package links the
+//! node role, the hub transports (the gRPC one serves the bare-metal `--hub-config`) and the
+//! work wire, never the work engine, Flux or the artifact code. It matters for a process that runs on
 //! every node: most of a small service's resident memory is the pages of its executable that
 //! it touches, and the kernel maps them in 64 KiB fault-around chunks, so a 22 MB binary costs
 //! some 12 MiB of file-backed memory even when only discovery and one API client run. The
@@ -11,7 +12,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use spokelet::{config::NodeCommand, daemon, telemetry};
+use spokelet_node::command::{self, NodeCommand};
+use spokelet_runtime::telemetry;
 
 /// Keep this node's hardware labels and NodeInventory current (the per-node DaemonSet role).
 #[derive(Debug, Parser)]
@@ -38,7 +40,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(daemon::node(cli.node)) {
+    match runtime.block_on(command::node(cli.node)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("spokelet node failed: {err}");

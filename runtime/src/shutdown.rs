@@ -5,7 +5,7 @@ use std::{future::Future, time::Duration};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum ShutdownError {
+pub enum ShutdownError {
     /// The OS refused to install a signal handler.
     #[error("cannot install a handler for {signal}: {source}")]
     Signal {
@@ -17,7 +17,7 @@ pub(crate) enum ShutdownError {
 
 /// How a drained run ended.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Ending<T> {
+pub enum Ending<T> {
     /// The task finished by itself before any signal.
     Finished(T),
     /// A signal arrived and the task finished within the grace period.
@@ -27,7 +27,7 @@ pub(crate) enum Ending<T> {
 }
 
 /// Resolves when SIGTERM (the kubelet, systemd) or SIGINT (Ctrl-C) arrives.
-pub(crate) async fn signal() -> Result<&'static str, ShutdownError> {
+pub async fn signal() -> Result<&'static str, ShutdownError> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(|source| ShutdownError::Signal {
         signal: "SIGTERM",
@@ -48,12 +48,7 @@ pub(crate) async fn signal() -> Result<&'static str, ShutdownError> {
 ///
 /// The grace period exists because a half-written apply is worse than a late exit, but an
 /// agent that never exits blocks node drains and rollouts.
-pub(crate) async fn drain<T, F, S>(
-    task: F,
-    trigger: S,
-    token: CancellationToken,
-    grace: Duration,
-) -> Ending<T>
+pub async fn drain<T, F, S>(task: F, trigger: S, token: CancellationToken, grace: Duration) -> Ending<T>
 where
     F: Future<Output = T>,
     S: Future<Output = ()>,

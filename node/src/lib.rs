@@ -12,6 +12,10 @@
 //! labels anyone else set are never touched. An unchanged inventory costs no request at all,
 //! except one re-apply every `--resync-interval` that repairs a hand edit.
 
+#![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -22,19 +26,21 @@ use prometheus_client::metrics::gauge::Gauge;
 use serde_json::{Value, json};
 use std::sync::atomic::AtomicU64;
 
+pub mod command;
 mod hub_target;
+pub mod inventory;
 mod kube_target;
 
 pub use kube_target::NodeWriter;
 use tokio::time::Instant;
 
-use crate::admin::RunContext;
-use crate::hub::HubArgs;
 use crate::inventory::DiscoveryArgs;
-use crate::kube_client::{self, ClusterConfigError, HttpVersion, KubeClientError};
-use crate::lock::lock;
 use spokelet_base::backoff::ExponentialBackoff;
 use spokelet_base::duration::parse_duration;
+use spokelet_base::lock::lock;
+use spokelet_hub::HubArgs;
+use spokelet_kube_client::{self as kube_client, ClusterConfigError, HttpVersion, KubeClientError};
+use spokelet_runtime::admin::RunContext;
 
 /// The field manager of every write of the node role; owns exactly the labels it sets.
 pub const FIELD_MANAGER: &str = "spokelet-node";

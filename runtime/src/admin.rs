@@ -12,7 +12,7 @@ use axum::{Router, extract::State, http::StatusCode, http::header, response::Int
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
-use crate::lock::lock;
+use spokelet_base::lock::lock;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
