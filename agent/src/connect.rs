@@ -224,7 +224,7 @@ async fn open_kube(
         sink: Arc::new(hub.sink),
         reports: Arc::new(hub.reports),
         address,
-        closer: HubCloser::new(stop, tasks, None),
+        closer: HubCloser::new(stop, tasks),
     })
 }
 
@@ -274,7 +274,7 @@ async fn open_grpc(
         sink: Arc::new(hub.sink),
         reports: Arc::new(reports),
         address,
-        closer: HubCloser::new(stop, tasks, Some(hub.handle)),
+        closer: HubCloser::new(stop, tasks),
     })
 }
 

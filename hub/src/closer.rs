@@ -4,8 +4,6 @@
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::grpc::HubHandle;
-
 /// Stops a hub transport.
 #[derive(Debug)]
 pub struct HubCloser {
@@ -14,14 +12,12 @@ pub struct HubCloser {
     stop: CancellationToken,
     /// Transport tasks to wait for.
     tasks: Vec<JoinHandle<()>>,
-    /// Connection state of the gRPC transport (None for the Kubernetes hub).
-    pub grpc: Option<HubHandle>,
 }
 
 impl HubCloser {
     /// A closer of the transport tasks `tasks`, which end once `stop` is cancelled.
-    pub fn new(stop: CancellationToken, tasks: Vec<JoinHandle<()>>, grpc: Option<HubHandle>) -> Self {
-        HubCloser { stop, tasks, grpc }
+    pub fn new(stop: CancellationToken, tasks: Vec<JoinHandle<()>>) -> Self {
+        HubCloser { stop, tasks }
     }
 
     /// Cancel the transport and wait for its tasks (each bounds its own final flush).

@@ -3,12 +3,11 @@
 //! Flags (and their `SPOKELET_*` environment variables) override the file, field by field.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use super::kube_hub::HubSecurity;
 use super::tls::{PemSource, TlsOptions};
 use spokelet_base::duration::parse_duration;
 
@@ -507,14 +506,14 @@ pub struct BootstrapSettings {
 impl BootstrapSettings {
     /// The kubeconfig the Kubernetes hub's join writes and its transport runs from.
     pub fn runs_from(&self) -> PathBuf {
-        crate::registration::kubeconfig_in(&self.dir)
+        kubeconfig_in(&self.dir)
     }
 
     /// The flags the transport runs with after a gRPC join: the joined config file instead
     /// of the bootstrap, and none of the bootstrap's credential flags.
     pub fn joined_args(&self, args: &HubArgs) -> HubArgs {
         HubArgs {
-            hub_config: Some(crate::registration::grpc_config_in(&self.dir)),
+            hub_config: Some(grpc_config_in(&self.dir)),
             bootstrap_hub_config: None,
             hub_client_cert_file: None,
             hub_client_key_file: None,
@@ -725,6 +724,37 @@ fn pick_token(file: Option<PathBuf>, inline: Option<String>) -> Result<Option<To
         (None, Some(t)) => Ok(Some(TokenSource::Inline(t))),
         (None, None) => Ok(None),
     }
+}
+
+/// What the hub connection may relax. Each only by its own explicit flag, and each logged as a
+/// warning when used: the hub hands the agent cluster-admin work, so by default its server is
+/// `https://`, its certificate verified against the kubeconfig's CA, and TLS 1.3 only (as the
+/// gRPC transport).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HubSecurity {
+    /// `--insecure-plaintext`: an `http://` hub server (works and status unencrypted).
+    pub allow_plaintext: bool,
+    /// `--hub-insecure-skip-tls-verify`: honour the kubeconfig's `insecure-skip-tls-verify`
+    /// (anyone on the path can pose as the hub).
+    pub allow_unverified: bool,
+    /// `--hub-min-tls-version 1.2`: offer TLS 1.2 as well as 1.3.
+    pub allow_tls12: bool,
+}
+
+/// The file a joined agent's Kubernetes-hub credentials run from, in its credentials directory
+/// (also the key in the Secret that keeps them, as OCM's registration agent names it).
+pub const KUBECONFIG: &str = "kubeconfig";
+/// The gRPC transport's config file (OCM's `config.yaml`, naming the files beside it).
+pub const GRPC_CONFIG: &str = "config.yaml";
+
+/// The kubeconfig path the credentials in `dir` are run from.
+pub fn kubeconfig_in(dir: &Path) -> PathBuf {
+    dir.join(KUBECONFIG)
+}
+
+/// The gRPC config path the credentials in `dir` are run from.
+pub fn grpc_config_in(dir: &Path) -> PathBuf {
+    dir.join(GRPC_CONFIG)
 }
 
 #[cfg(test)]

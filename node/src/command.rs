@@ -4,7 +4,7 @@
 use spokelet_runtime::admin::RunContext;
 use spokelet_runtime::serve::{AdminArgs, ServeError, serve, signalled};
 
-use crate::{NodeArgs, NodeError};
+use crate::role::{NodeArgs, NodeError};
 
 /// `spokelet node`: the node role plus the admin endpoint.
 #[derive(Debug, clap::Args)]
@@ -27,5 +27,5 @@ where
     S: std::future::Future<Output = ()>,
 {
     let NodeCommand { node, admin } = cmd;
-    serve(&admin, ctx, trigger, |ctx| crate::run(node, ctx)).await
+    serve(&admin, ctx, trigger, |ctx| crate::role::run(node, ctx)).await
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::{Report, inventory_document};
+use crate::report::{Report, inventory_document};
 use spokelet_base::lock::lock;
 use spokelet_hub::config::{HubConfigError, HubTransport, ResolvedHub};
 use spokelet_hub::{
@@ -93,7 +93,7 @@ impl HubTarget {
         // Its own token, not the shutdown token, so the final report can still be flushed once
         // shutdown is asked for.
         tasks.extend([task, drain]);
-        Ok((target, HubCloser::new(stop, tasks, None)))
+        Ok((target, HubCloser::new(stop, tasks)))
     }
 
     /// Queues the report (the transport delivers the newest).

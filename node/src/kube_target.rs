@@ -4,7 +4,7 @@ use kube::Client;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use serde_json::json;
 
-use super::{FIELD_MANAGER, Report, inventory_document, node_inventory_resource};
+use crate::report::{FIELD_MANAGER, Report, inventory_document, node_inventory_resource};
 
 /// Writes one node's labels and NodeInventory.
 #[derive(Clone)]

@@ -24,9 +24,10 @@ use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use spokelet::work::applied_work::hub_hash;
 use spokelet::work::conditions::find;
+use spokelet::work::engine::{EngineConfig, WorkEngine};
 use spokelet::work::manifestwork::{Manifest, ManifestWork, ManifestWorkSpec, ManifestsTemplate};
 use spokelet::work::metrics::WorkMetrics;
-use spokelet::work::{CancellationToken, EngineConfig, Listing, StatusUpdate, WorkEngine, WorkEvent};
+use spokelet::work::{CancellationToken, Listing, StatusUpdate, WorkEvent};
 use spokelet_e2e::bench::{
     Cost, Mark, Tamper, drift_sample, kubectl_apply, ocm_shaped_floor, percentile, print_costs, proc_cpu,
     proc_status_kib, raw_creates, spokelet_binary,

@@ -14,9 +14,10 @@ use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use spokelet::work::applied_work;
 use spokelet::work::conditions::find;
+use spokelet::work::engine::WorkEngine;
 use spokelet::work::manifestwork::AppliedManifestWork;
 use spokelet::work::metrics::WorkMetrics;
-use spokelet::work::{CancellationToken, Listing, StatusUpdate, WorkEngine, WorkEvent};
+use spokelet::work::{CancellationToken, Listing, StatusUpdate, WorkEvent};
 use spokelet_e2e::{shared_spoke, unique_name};
 use tokio::sync::mpsc;
 

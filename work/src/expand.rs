@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use super::manifestwork::{Manifest, ManifestWork};
 use super::policy::Policy;
 /// Re-exported: the per-manifest result an expander writes its entries' status into.
-pub use super::status::ManifestResult;
+pub use super::result::ManifestResult;
 use super::validate::WorkLimits;
 
 /// A processing step that expands works before they are applied.

@@ -38,6 +38,7 @@ pub mod policy;
 pub mod prepare;
 pub(crate) mod prune;
 pub(crate) mod reconcile;
+pub(crate) mod result;
 pub mod schedule;
 pub(crate) mod status;
 pub(crate) mod status_fit;
@@ -46,7 +47,6 @@ pub mod validate;
 /// Re-exported: the work wire lives in `spokelet-work-api`, shared with the hub transports.
 pub use spokelet_work_api::{conditions, manifestwork, source};
 
-pub use engine::{EngineConfig, EngineError, WorkEngine};
 pub use manifestwork::{ManifestBundle, ManifestWork, ManifestWorkSpec, ManifestWorkStatus};
 pub use source::{Listing, StatusSink, StatusUpdate, WorkEvent, WorkRef, WorkSource};
 

@@ -18,7 +18,7 @@ use super::manifestwork::{
 };
 use super::object::{MANAGED_LABEL, ObjKey, SPEC_HASH_ANNOTATION, normalize_secret};
 use super::policy::Target;
-use super::status::ManifestResult;
+use super::result::ManifestResult;
 use super::validate::{ParsedManifest, ValidateError, parse_manifest};
 
 /// How often, and how many times, a kind defined by a CRD of the same work is looked up again:

@@ -31,7 +31,8 @@ use super::order::plan;
 use super::policy::Target;
 use super::prepare::{self, KindSet, Unresolved};
 use super::prune;
-use super::status::{ManifestResult, build_status, whole_work_status};
+use super::result::ManifestResult;
+use super::status::{build_status, whole_work_status};
 use super::validate::{FirstSeen, ParsedManifest, check_limits};
 use spokelet_base::lock::lock;
 

@@ -1,56 +1,23 @@
 //! The status a work reports: per-manifest conditions and feedback, the work's own conditions,
 //! the status of a deletion, and publishing it to the sink only when its hash changes.
 
-use std::sync::Arc;
-
 use kube::ResourceExt;
-use serde_json::Value;
 
 use super::applier::Action;
 use super::conditions::{FALSE, TRUE, cond, merge_conditions, now_rfc3339, types};
 use super::context::ReconcileContext;
-use super::failure::{ManifestFailure, WorkFailure};
+use super::failure::WorkFailure;
 use super::feedback;
 use super::manifestwork::{
-    Condition, FeedbackRule, FeedbackValue, FieldValue, ManifestCondition, ManifestResourceMeta,
-    ManifestResourceStatus, ManifestWork, ManifestWorkStatus, StatusFeedbackResult, UpdateStrategyType,
-    ValueType,
+    Condition, FeedbackValue, FieldValue, ManifestCondition, ManifestResourceMeta, ManifestResourceStatus,
+    ManifestWork, ManifestWorkStatus, StatusFeedbackResult, UpdateStrategyType, ValueType,
 };
+use super::result::ManifestResult;
 use super::source::{StatusSink, StatusUpdate};
 use super::status_fit::{self, truncate};
 
 /// Longest work-level condition message: a work with many failures still fits a status.
 const MAX_MESSAGE: usize = 4096;
-
-/// What a reconcile found out about one manifest, the input of its status.
-#[derive(Debug, Default)]
-pub struct ManifestResult {
-    /// Identity as far as it is known (all of it once the kind resolved).
-    pub meta: ManifestResourceMeta,
-    /// Why it was not applied.
-    pub error: Option<ManifestFailure>,
-    /// Remarks appended to the Applied message (a defaulted namespace, an unusable path).
-    pub notes: Vec<String>,
-    /// The object as it is after the apply (or as cached while a flap hold lasts).
-    pub live: Option<Arc<Value>>,
-    /// Feedback rules of its manifest config.
-    pub rules: Vec<FeedbackRule>,
-    /// Rule problems found before apply (reported with the evaluation's own).
-    pub rule_errors: Vec<String>,
-    pub strategy: UpdateStrategyType,
-    pub action: Option<Action>,
-    /// Set while its drift corrections are held back: the message of the Degraded condition.
-    pub flapping: Option<String>,
-    /// Drift corrections so far (from the work's history).
-    pub drift_corrections: i64,
-    /// For an entry the engine's expander handles itself (see `expand`): whether it has
-    /// something to serve, which stands for the live object it does not have.
-    pub handled_available: Option<bool>,
-    /// Conditions beyond Applied and Available (an expander's, such as Flux's `Ready`).
-    pub extra_conditions: Vec<Condition>,
-    /// Feedback values beyond the rules' (an expander's, such as Flux's revisions and counts).
-    pub extra_values: Vec<FeedbackValue>,
-}
 
 /// What the per-manifest pass tells the work-level conditions.
 #[derive(Debug, Default)]
@@ -489,6 +456,8 @@ mod tests {
     use super::*;
     use crate::applier::ApplyError;
     use crate::conditions::find;
+    use crate::failure::ManifestFailure;
+    use std::sync::Arc;
 
     fn ok(i: usize, kind: &str) -> ManifestResult {
         ManifestResult {

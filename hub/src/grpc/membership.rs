@@ -22,7 +22,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::objects::{ObjectFeed, Refusal};
 use super::{GrpcError, dial_hub};
-use crate::PoolReportSink;
 use crate::cloudevents::action;
 use crate::config::HubSettings;
 use crate::kube_hub::lease::{jittered, micro_time_now};
@@ -30,6 +29,7 @@ use crate::kube_hub::membership::{
     CLOCK_SYNCED, FAILING_PROBE_PERIOD, HEALTH_PERIOD, Health, JOINED, Membership, condition,
     condition_status, merge_conditions, probe_spoke,
 };
+use crate::pool_report::PoolReportSink;
 use spokelet_base::backoff::ExponentialBackoff;
 use spokelet_kube_client::gate::WriteGate;
 use spokelet_work_api::conditions::now_rfc3339;
@@ -478,7 +478,7 @@ mod tests {
     use serde_json::json;
 
     fn options() -> MembershipOptions {
-        let settings = crate::HubArgs {
+        let settings = crate::config::HubArgs {
             hub_url: Some("https://127.0.0.1:1".into()),
             cluster_name: Some("pool-a".into()),
             ..Default::default()
@@ -488,7 +488,7 @@ mod tests {
         let shared = std::sync::Arc::new(super::super::book::Shared::new(
             "pool-a",
             "pool-a",
-            crate::HubMetrics::default(),
+            crate::metrics::HubMetrics::default(),
         ));
         MembershipOptions {
             settings,

@@ -277,7 +277,7 @@ pub struct GrpcReportSink {
     shared: Arc<Shared>,
 }
 
-impl crate::PoolReportSink for GrpcReportSink {
+impl crate::pool_report::PoolReportSink for GrpcReportSink {
     fn cluster_status(&self, status: serde_json::Value, resend: bool) {
         self.shared
             .enqueue_report(crate::cloudevents::ReportBody::ClusterStatus(status), resend);

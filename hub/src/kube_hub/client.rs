@@ -11,6 +11,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use super::KubeHubError;
+pub use crate::config::HubSecurity;
 use crate::tls::{PemSource, ReloadingClientCert};
 use spokelet_kube_client::{Guards, IdentityVersion};
 
@@ -28,21 +29,6 @@ pub async fn config_from_kubeconfig(path: &Path) -> Result<kube::Config, KubeHub
 /// relaxed; see [`hub_client`].
 pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, KubeHubError> {
     hub_client(config_from_kubeconfig(path).await?, path, HubSecurity::default())
-}
-
-/// What the hub connection may relax. Each only by its own explicit flag, and each logged as a
-/// warning when used: the hub hands the agent cluster-admin work, so by default its server is
-/// `https://`, its certificate verified against the kubeconfig's CA, and TLS 1.3 only (as the
-/// gRPC transport).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct HubSecurity {
-    /// `--insecure-plaintext`: an `http://` hub server (works and status unencrypted).
-    pub allow_plaintext: bool,
-    /// `--hub-insecure-skip-tls-verify`: honour the kubeconfig's `insecure-skip-tls-verify`
-    /// (anyone on the path can pose as the hub).
-    pub allow_unverified: bool,
-    /// `--hub-min-tls-version 1.2`: offer TLS 1.2 as well as 1.3.
-    pub allow_tls12: bool,
 }
 
 impl HubSecurity {

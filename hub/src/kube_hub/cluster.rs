@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{api_code, is_not_found, pause, retry_backoff};
-use crate::PoolReportSink;
+use crate::pool_report::PoolReportSink;
 
 /// The ManagedCluster kind (cluster-scoped, `cluster.open-cluster-management.io/v1`).
 pub fn managed_cluster_resource() -> ApiResource {

@@ -3,7 +3,7 @@
 //! an issued certificate once it is checked to name this cluster and agent. The joins
 //! themselves are [`super::over_kube`] and [`super::over_grpc`]; [`super::ensure`] picks one.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use base64::Engine;
@@ -11,9 +11,11 @@ use serde_json::json;
 
 use super::csr::{self, Issued};
 use super::store::{Credentials, Keeping, StoreError, Wire};
+use crate::config::HubSecurity;
 use crate::config::HubSettings;
+pub use crate::config::{grpc_config_in, kubeconfig_in};
 use crate::grpc::GrpcError;
-use crate::kube_hub::{HubSecurity, KubeHubError, config_from_kubeconfig};
+use crate::kube_hub::{KubeHubError, config_from_kubeconfig};
 
 /// OCM's label naming a CSR's cluster; its hub approves only CSRs that carry it.
 pub(super) const CLUSTER_NAME_LABEL: &str = "open-cluster-management.io/cluster-name";
@@ -258,16 +260,6 @@ pub fn spoke_endpoint(config: &kube::Config) -> (String, Option<Vec<u8>>) {
         config.cluster_url.to_string().trim_end_matches('/').to_string(),
         config.root_cert.as_ref().map(|c| pem_bundle(c)),
     )
-}
-
-/// The kubeconfig path the credentials in `dir` are run from.
-pub fn kubeconfig_in(dir: &Path) -> PathBuf {
-    dir.join(super::store::KUBECONFIG)
-}
-
-/// The gRPC config path the credentials in `dir` are run from.
-pub fn grpc_config_in(dir: &Path) -> PathBuf {
-    dir.join(super::store::GRPC_CONFIG)
 }
 
 #[cfg(test)]

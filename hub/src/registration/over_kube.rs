@@ -13,7 +13,8 @@ use super::join::{
     AGENT_NAME_LABEL, CLUSTER_NAME_LABEL, JoinError, JoinSettings, Waiting, endpoint_of, keep, kubeconfig_in,
     new_managed_cluster, say_csr_wait,
 };
-use crate::kube_hub::{HubSecurity, config_from_kubeconfig, hub_client, managed_cluster_resource};
+use crate::config::HubSecurity;
+use crate::kube_hub::{config_from_kubeconfig, hub_client, managed_cluster_resource};
 
 /// The signer of client certificates the hub's API server accepts.
 const CLIENT_SIGNER: &str = "kubernetes.io/kube-apiserver-client";

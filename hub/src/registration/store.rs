@@ -10,11 +10,10 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ObjectMeta, PostParams};
 
-/// The Secret's keys, as OCM's registration agent writes them.
-pub(crate) const KUBECONFIG: &str = "kubeconfig";
+/// The Secret's keys, as OCM's registration agent writes them (the kubeconfig and the gRPC
+/// config file are named with the hub settings, which run from them).
+use crate::config::{GRPC_CONFIG, KUBECONFIG};
 pub(crate) const CERT: &str = "tls.crt";
-/// The gRPC transport's config file (OCM's `config.yaml`, naming the files beside it).
-pub(crate) const GRPC_CONFIG: &str = "config.yaml";
 const KEY: &str = "tls.key";
 const CLUSTER: &str = "cluster-name";
 const AGENT: &str = "agent-name";

@@ -11,13 +11,12 @@ use kube::api::Api;
 use serde_json::{Value, json};
 use spokelet::work::applied_work::{applied_name, hub_hash};
 use spokelet::work::conditions::find;
+use spokelet::work::engine::{EngineConfig, WorkEngine};
 use spokelet::work::manifestwork::{
     AppliedManifestWork, Manifest, ManifestWork, ManifestWorkSpec, ManifestsTemplate,
 };
 use spokelet::work::metrics::WorkMetrics;
-use spokelet::work::{
-    CancellationToken, EngineConfig, Listing, StatusUpdate, WorkEngine, WorkEvent, WorkRef,
-};
+use spokelet::work::{CancellationToken, Listing, StatusUpdate, WorkEvent, WorkRef};
 use spokelet_e2e::{eventually, shared_spoke, unique_name};
 use tokio::sync::mpsc;
 

@@ -40,7 +40,7 @@ use self::support::{FluxSupport, LayerHold};
 use crate::expand::{Detail, ExpandInput, Expander, ExpanderMemory, Expansion};
 use crate::manifestwork::{Manifest, ManifestWork};
 use crate::policy::{Policy, Target};
-use crate::status::ManifestResult;
+use crate::result::ManifestResult;
 
 /// The labels Flux's kustomize-controller puts on what it applies; kept so tools that look
 /// for them (and `kubectl get -l`) find objects from artifacts the same way.

@@ -13,7 +13,7 @@ use crate::conditions::{FALSE, TRUE, UNKNOWN, cond};
 use crate::failure::ManifestFailure;
 use crate::manifestwork::{FeedbackValue, FieldValue, ValueType};
 use crate::policy::DENIED_REASON;
-use crate::status::ManifestResult;
+use crate::result::ManifestResult;
 
 /// A condition's status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
