@@ -46,7 +46,7 @@ pub mod code {
     pub const GPU_ROW_REMAP_FAILED: &str = "GpuRowRemapFailed";
     /// At or above the slowdown temperature: the GPU throttles.
     pub const GPU_TEMPERATURE_HIGH: &str = "GpuTemperatureHigh";
-    /// Drawing more than [`super::POWER_TOLERANCE_PERCENT`] % above the enforced limit.
+    /// Drawing more than [`POWER_TOLERANCE_PERCENT`] % above the enforced limit.
     pub const GPU_POWER_OVER_LIMIT: &str = "GpuPowerOverLimit";
     /// A GPU bound to the `nvidia` driver on PCI is missing from NVML's device list.
     pub const GPU_NOT_VISIBLE_TO_NVML: &str = "GpuNotVisibleToNvml";

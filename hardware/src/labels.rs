@@ -7,8 +7,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::Inventory;
 use crate::gpu::GpuSource;
+use crate::inventory::Inventory;
 use crate::topology::{PeerKind, Relation};
 
 const NVIDIA: &str = "nvidia.com/";

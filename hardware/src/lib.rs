@@ -12,9 +12,11 @@
 pub mod cpu;
 pub mod gpu;
 pub mod health;
+mod inventory;
 pub mod labels;
 pub mod memory;
 pub mod net;
+mod options;
 pub mod pci;
 pub mod rdma;
 pub(crate) mod sysfs;
@@ -24,86 +26,21 @@ pub mod topology;
 #[cfg(feature = "test-support")]
 pub mod testing;
 
-use std::path::PathBuf;
-
-use serde::{Deserialize, Serialize};
-
 pub use crate::cpu::CpuInfo;
 pub use crate::gpu::{
     ComputeCapability, Gpu, GpuError, GpuHealth, GpuInventory, GpuSource, MigDevice, MigMode, RemappedRows,
 };
 pub use crate::health::{HealthReason, NodeHealth};
+pub use crate::inventory::Inventory;
 pub use crate::labels::labels;
 pub use crate::memory::{HugePages, MemoryInfo, NumaMemory};
 pub use crate::net::{Nic, Sriov};
+pub use crate::options::{DiscoverOptions, NvmlSource};
 pub use crate::pci::PciDevice;
 pub use crate::rdma::{RdmaDevice, RdmaPort};
 pub use crate::sysfs::SysfsError;
 pub use crate::table::render_table;
 pub use crate::topology::{GpuTopology, PeerKind, Relation, TopologyPeer};
-
-/// Where NVML comes from.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum NvmlSource {
-    /// The system's `libnvidia-ml.so.1`, found by the dynamic loader.
-    #[default]
-    Auto,
-    /// A specific library file (a driver install outside the loader path,
-    /// or a test double).
-    Library(PathBuf),
-    /// Do not use NVML; GPUs come from the PCI scan only.
-    Disabled,
-}
-
-/// What to discover and from where.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiscoverOptions {
-    /// Filesystem root that `proc/` and `sys/` are read below: `/` normally,
-    /// the host mount in a container, a fixture tree in tests.
-    pub root: PathBuf,
-    /// How to load NVML.
-    pub nvml: NvmlSource,
-}
-
-impl Default for DiscoverOptions {
-    fn default() -> Self {
-        Self {
-            root: PathBuf::from("/"),
-            nvml: NvmlSource::Auto,
-        }
-    }
-}
-
-/// Everything discovered about a node.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Inventory {
-    /// The kernel's hostname (empty when unreadable).
-    pub hostname: String,
-    /// Kernel release (`uname -r`), empty when unreadable.
-    pub kernel: String,
-    /// Machine architecture (`x86_64`, `aarch64`).
-    pub architecture: String,
-    /// Processors.
-    pub cpu: CpuInfo,
-    /// RAM and huge pages.
-    pub memory: MemoryInfo,
-    /// Network interfaces, physical and virtual, in name order.
-    pub nics: Vec<Nic>,
-    /// RDMA devices (InfiniBand HCAs, RoCE NICs).
-    pub rdma: Vec<RdmaDevice>,
-    /// GPUs and how they were found.
-    pub gpus: GpuInventory,
-    /// Network, display and accelerator PCI functions, for presence labels.
-    pub pci_devices: Vec<PciDevice>,
-    /// GPU to NIC/HCA placement.
-    pub topology: Vec<GpuTopology>,
-    /// Whether the node can take work, judged from everything above by
-    /// [`health::assess`].
-    pub health: NodeHealth,
-    /// Everything that could not be read, each naming the path or call.
-    pub warnings: Vec<String>,
-}
 
 /// Where the hostname is read: `/proc/sys/kernel/hostname` is the UTS hostname of the reading
 /// process; `/etc/hostname` covers trees (and containers) without it.

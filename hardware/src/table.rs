@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use crate::Inventory;
+use crate::inventory::Inventory;
 
 /// Placeholder for unknown values, so columns stay aligned.
 const NONE: &str = "-";
@@ -122,7 +122,7 @@ fn cpu(inv: &Inventory, out: &mut String) {
     let _ = writeln!(out, "  AI flags  {flags}");
 }
 
-fn hugepages(pools: &[crate::HugePages]) -> String {
+fn hugepages(pools: &[crate::memory::HugePages]) -> String {
     if pools.is_empty() {
         return NONE.to_owned();
     }
@@ -236,7 +236,7 @@ fn rdma(inv: &Inventory, out: &mut String) {
     }
     let mut rows = Vec::new();
     for d in &inv.rdma {
-        let ports: Vec<Option<&crate::RdmaPort>> = if d.ports.is_empty() {
+        let ports: Vec<Option<&crate::rdma::RdmaPort>> = if d.ports.is_empty() {
             vec![None]
         } else {
             d.ports.iter().map(Some).collect()
@@ -350,7 +350,7 @@ fn yes_no(v: Option<bool>, yes: &str, no: &str) -> String {
     v.map_or_else(|| NONE.to_owned(), |v| if v { yes } else { no }.to_owned())
 }
 
-fn remap(rows: Option<crate::RemappedRows>) -> String {
+fn remap(rows: Option<crate::gpu::RemappedRows>) -> String {
     let Some(r) = rows else {
         return NONE.to_owned();
     };
@@ -365,7 +365,7 @@ fn remap(rows: Option<crate::RemappedRows>) -> String {
 }
 
 /// One row of the GPU health table; `None` for a GPU without health (PCI scan).
-fn gpu_health_row(d: &crate::Gpu) -> Option<Vec<String>> {
+fn gpu_health_row(d: &crate::gpu::Gpu) -> Option<Vec<String>> {
     let h = d.health.as_ref()?;
     Some(vec![
         d.index.to_string(),

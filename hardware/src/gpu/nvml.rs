@@ -12,7 +12,7 @@ use nvml_wrapper::sys_exports::field_id::{
 };
 use nvml_wrapper::{Device, Nvml};
 
-use super::{
+use super::types::{
     ComputeCapability, Gpu, GpuError, GpuHealth, GpuInventory, GpuSource, MigDevice, MigMode, RemappedRows,
 };
 use crate::pci::{self, PciEntry};

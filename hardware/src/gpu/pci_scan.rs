@@ -1,6 +1,6 @@
 //! GPU fallback: NVIDIA display/3D controllers found on PCI, named from a built-in table.
 
-use super::{ComputeCapability, Gpu};
+use super::types::{ComputeCapability, Gpu};
 use crate::pci::PciEntry;
 
 /// Data-center GPUs by PCI device id: the name NVML would report and the

@@ -159,7 +159,7 @@ impl Shared {
 
     /// Holds the works of the spoke's records at version 0, so the first resync request asks
     /// the hub about each: it re-sends the ones it has and answers the others with deletes.
-    pub(super) fn hold_recorded(&self, recorded: &[super::RecordedWork]) {
+    pub(super) fn hold_recorded(&self, recorded: &[super::options::RecordedWork]) {
         let mut book = lock(&self.book);
         for r in recorded {
             book.held.entry(r.uid.clone()).or_insert(0);

@@ -7,7 +7,8 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-use super::{GrpcError, GrpcHubOptions};
+use super::options::{GrpcError, GrpcHubOptions};
+use crate::config::HubSettings;
 use crate::config::TokenSource;
 use crate::tls::{ClientTls, HubConnector};
 
@@ -111,4 +112,22 @@ pub(super) async fn connect(opts: &GrpcHubOptions, tls: Option<&ClientTls>) -> R
 /// `http::uri` through tonic, so no direct `http` dependency is needed.
 mod http_uri {
     pub(super) use tonic::codegen::http::uri::InvalidUri;
+}
+
+/// A client of the hub `settings` name, for the registration's own subscriptions (the join,
+/// the membership): dialed with the transport's defaults and TLS.
+pub(crate) async fn dial_hub(settings: &HubSettings) -> Result<Client, GrpcError> {
+    let tls = client_tls(settings)?;
+    connect(&GrpcHubOptions::new(settings.clone()), tls.as_ref()).await
+}
+
+/// The TLS client `settings` ask for: none for a plaintext URL, which must be opted into.
+pub(super) fn client_tls(settings: &HubSettings) -> Result<Option<ClientTls>, GrpcError> {
+    if !settings.url.plaintext {
+        return Ok(Some(ClientTls::new(settings.tls.clone())?));
+    }
+    if !settings.insecure_plaintext {
+        return Err(GrpcError::Plaintext(settings.url.uri()));
+    }
+    Ok(None)
 }

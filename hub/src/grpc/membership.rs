@@ -20,8 +20,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::dial::dial_hub;
 use super::objects::{ObjectFeed, Refusal};
-use super::{GrpcError, dial_hub};
+use super::options::GrpcError;
 use crate::cloudevents::action;
 use crate::config::HubSettings;
 use crate::kube_hub::lease::{jittered, micro_time_now};
@@ -56,7 +57,7 @@ pub struct MembershipOptions {
     /// The work-engine lease's write gate: nothing is written while it is shut.
     pub gate: Option<WriteGate>,
     /// Where the pool status goes on a hub that serves no ManagedCluster.
-    pub fallback: super::GrpcReportSink,
+    pub fallback: super::sinks::GrpcReportSink,
 }
 
 /// The pool reporter's side: its ManagedCluster status reaches the membership task, which
@@ -65,12 +66,12 @@ pub struct MembershipOptions {
 #[derive(Debug, Clone)]
 pub struct MembershipReports {
     status: watch::Sender<Option<(Value, bool)>>,
-    transport: super::GrpcReportSink,
+    transport: super::sinks::GrpcReportSink,
 }
 
 impl MembershipReports {
     /// The sink, and the receiver the membership task reads.
-    pub fn new(transport: super::GrpcReportSink) -> (Self, watch::Receiver<Option<(Value, bool)>>) {
+    pub fn new(transport: super::sinks::GrpcReportSink) -> (Self, watch::Receiver<Option<(Value, bool)>>) {
         let (status, rx) = watch::channel(None);
         (MembershipReports { status, transport }, rx)
     }
@@ -129,7 +130,7 @@ pub async fn keep_membership(
 /// Hands the pool status to the transport's outbox for [`UNMANAGED_RETRY`]; false once
 /// stopped.
 async fn forward_unmanaged(
-    fallback: &super::GrpcReportSink,
+    fallback: &super::sinks::GrpcReportSink,
     reports: &mut watch::Receiver<Option<(Value, bool)>>,
     stop: &CancellationToken,
 ) -> bool {
@@ -494,7 +495,7 @@ mod tests {
             settings,
             spoke: None,
             gate: None,
-            fallback: super::super::GrpcReportSink { shared },
+            fallback: super::super::sinks::GrpcReportSink { shared },
         }
     }
 

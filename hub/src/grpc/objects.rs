@@ -8,8 +8,8 @@ use serde_json::Value;
 use spokelet_proto::{PublishRequest, SubscriptionRequest};
 use tonic::Streaming;
 
-use super::GrpcError;
 use super::dial::Client;
+use super::options::GrpcError;
 use crate::object_events::{ObjectEvent, decode_object, list_request, object_event};
 
 /// How long one RPC (subscribe, publish) may take before it counts as failed.

@@ -12,9 +12,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
-use super::GrpcError;
 use super::book::{Outgoing, Shared};
 use super::dial::Client;
+use super::options::GrpcError;
 use crate::cloudevents::StatusKind;
 use crate::tls::error_chain;
 use spokelet_base::lock::lock;

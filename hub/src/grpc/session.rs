@@ -14,8 +14,8 @@ use tracing::Instrument;
 
 use super::book::Shared;
 use super::dial::{self, Client};
+use super::options::{GrpcError, GrpcHubOptions, HubState, Subscription};
 use super::publish::publish_loop;
-use super::{GrpcError, GrpcHubOptions, HubState, Subscription};
 use crate::cloudevents;
 use crate::tls::{ClientTls, error_chain};
 use spokelet_base::backoff::ExponentialBackoff;
@@ -42,9 +42,9 @@ pub(super) struct Runner {
     pub(super) tls: Option<ClientTls>,
     /// Works held and the status outbox, shared with the sink.
     pub(super) shared: Arc<Shared>,
-    /// The sending end of the engine's [`GrpcHub::source`](super::GrpcHub::source).
+    /// The sending end of the engine's `GrpcHub::source`.
     pub(super) events: mpsc::Sender<WorkEvent>,
-    /// Seen by every [`HubHandle`](super::HubHandle).
+    /// Seen by every `HubHandle`.
     pub(super) state: watch::Sender<HubState>,
     /// Ends the transport, after a bounded flush of the outbox (see `flush`).
     pub(super) shutdown: CancellationToken,
@@ -69,7 +69,7 @@ impl Runner {
                 SessionEnd::Shutdown => break,
                 SessionEnd::Broken { error, heard } => {
                     let mut msg = error_chain(&error);
-                    let refused = super::credentials_refused(&error);
+                    let refused = super::options::credentials_refused(&error);
                     if refused {
                         msg.push_str(" (the hub refused this agent's client certificate)");
                     }

@@ -10,7 +10,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
-use super::KubeHubError;
+use super::error::KubeHubError;
 pub use crate::config::HubSecurity;
 use crate::tls::{PemSource, ReloadingClientCert};
 use spokelet_kube_client::{Guards, IdentityVersion};

@@ -11,7 +11,7 @@ use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{api_code, is_not_found, pause, retry_backoff};
+use super::retry::{api_code, is_not_found, pause, retry_backoff};
 use crate::pool_report::PoolReportSink;
 
 /// The ManagedCluster kind (cluster-scoped, `cluster.open-cluster-management.io/v1`).

@@ -8,7 +8,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::membership::Membership;
-use super::{KubeHubOptions, LEASE_NAME, is_not_found, retry_backoff};
+use super::options::KubeHubOptions;
+use super::retry::{is_not_found, retry_backoff};
+
+/// Name of the lease the agent renews in its cluster namespace.
+pub const LEASE_NAME: &str = "managed-cluster-lease";
 
 /// `metav1.MicroTime` wire format of now.
 pub(crate) fn micro_time_now() -> String {

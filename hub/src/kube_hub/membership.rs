@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::cluster::managed_cluster_resource;
-use super::{api_code, retry_backoff};
+use super::retry::{api_code, retry_backoff};
 use spokelet_work_api::conditions::now_rfc3339;
 
 /// OCM's lease duration when `spec.leaseDurationSeconds` is 0 or unset.

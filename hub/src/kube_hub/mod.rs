@@ -44,13 +44,15 @@
 
 mod client;
 mod cluster;
+mod error;
 pub(crate) mod lease;
 pub(crate) mod membership;
+mod options;
+mod retry;
 mod status;
 mod works;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use kube::api::{Api, DynamicObject};
 use tokio::sync::mpsc;
@@ -64,117 +66,16 @@ pub use self::client::{
 };
 use self::cluster::write_cluster_status;
 pub use self::cluster::{KubeReportSink, managed_cluster_resource};
+pub use self::error::KubeHubError;
+pub use self::lease::LEASE_NAME;
 use self::lease::renew_lease;
 use self::membership::{Membership, follow_cluster, keep_conditions};
+pub use self::options::{DEFAULT_LEASE_DURATION, KubeHubOptions};
 pub use self::status::KubeStatusSink;
 use self::status::{StatusQueue, write_statuses};
+pub use self::works::CLEANUP_FINALIZER;
 use self::works::{watch_works, work_resource};
-use super::tls::TlsError;
 use super::work_events::{EVENT_BUFFER, HubEvents};
-use spokelet_base::backoff::ExponentialBackoff;
-use spokelet_kube_client::KubeClientError;
-
-/// Finalizer that keeps a hub work until the agent has cleaned up after it.
-pub const CLEANUP_FINALIZER: &str = "cluster.open-cluster-management.io/manifest-work-cleanup";
-/// Name of the lease the agent renews in its cluster namespace.
-pub const LEASE_NAME: &str = "managed-cluster-lease";
-/// Default lease duration (the hub marks the cluster unknown after 5 missed durations).
-pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(60);
-/// First retry delay of every retry loop; doubles up to [`KubeHubOptions::retry_max`].
-const RETRY_MIN: Duration = Duration::from_millis(200);
-/// Jitter of the retry delays.
-const RETRY_JITTER: f64 = 0.5;
-
-/// Kubernetes-hub transport failures.
-#[derive(Debug, thiserror::Error)]
-pub enum KubeHubError {
-    /// The hub kubeconfig cannot be read or used.
-    #[error("hub kubeconfig {path}: {source}")]
-    Kubeconfig {
-        /// The kubeconfig path as given.
-        path: String,
-        /// Why kube could not read or use it.
-        #[source]
-        source: kube::config::KubeconfigError,
-    },
-    /// A client could not be built or a request failed.
-    #[error("hub API: {0}")]
-    Api(#[from] kube::Error),
-    /// The HTTP/2 client for the hub could not be built.
-    #[error("hub client: {0}")]
-    Client(#[from] KubeClientError),
-    /// The client certificate files the hub kubeconfig names cannot be loaded.
-    #[error("hub client certificate: {0}")]
-    ClientCert(#[from] TlsError),
-    /// The hub kubeconfig names an `http://` server and `--insecure-plaintext` is not set.
-    #[error(
-        "hub server {server} is plain http; refusing to send credentials and works unencrypted (set --insecure-plaintext to allow it)"
-    )]
-    Plaintext {
-        /// The server URL.
-        server: String,
-    },
-    /// The hub kubeconfig sets `insecure-skip-tls-verify` and `--hub-insecure-skip-tls-verify`
-    /// is not set.
-    #[error(
-        "hub kubeconfig {kubeconfig} sets insecure-skip-tls-verify; refusing a hub whose certificate is not verified (set certificate-authority, or --hub-insecure-skip-tls-verify to allow it)"
-    )]
-    Unverified {
-        /// The kubeconfig path.
-        kubeconfig: String,
-    },
-    /// The hub kubeconfig names no CA and the system has no roots.
-    #[error(
-        "the hub kubeconfig names no certificate-authority and the system has no CA certificates to verify the hub with"
-    )]
-    NoRoots,
-    /// The TLS configuration could not be built.
-    #[error("hub TLS: {0}")]
-    Tls(rustls::Error),
-}
-
-/// Settings of the Kubernetes-hub transport.
-#[derive(Clone)]
-pub struct KubeHubOptions {
-    /// Client for the hub API server.
-    pub client: kube::Client,
-    /// Our cluster name: the namespace our works live in.
-    pub cluster_name: String,
-    /// Our agent id (the lease holder identity).
-    pub agent_id: String,
-    /// Lease duration and renew interval on a hub that serves no ManagedCluster to the agent;
-    /// an OCM hub's ManagedCluster sets its own (`spec.leaseDurationSeconds`).
-    pub lease_duration: Duration,
-    /// The spoke's API server, probed for the ManagedCluster's `Available` condition; without
-    /// one only `Joined` is kept.
-    pub spoke: Option<kube::Client>,
-    /// Largest retry delay of the watch, status writes and lease renewals.
-    pub retry_max: Duration,
-}
-
-impl std::fmt::Debug for KubeHubOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KubeHubOptions")
-            .field("cluster_name", &self.cluster_name)
-            .field("agent_id", &self.agent_id)
-            .field("lease_duration", &self.lease_duration)
-            .finish()
-    }
-}
-
-impl KubeHubOptions {
-    /// Defaults around a client.
-    pub fn new(client: kube::Client, cluster_name: &str, agent_id: &str) -> Self {
-        KubeHubOptions {
-            client,
-            cluster_name: cluster_name.to_string(),
-            agent_id: agent_id.to_string(),
-            lease_duration: DEFAULT_LEASE_DURATION,
-            spoke: None,
-            retry_max: Duration::from_secs(30),
-        }
-    }
-}
 
 /// The running transport.
 #[derive(Debug)]
@@ -248,31 +149,5 @@ impl KubeHub {
             reports: KubeReportSink { latest: reports_tx },
             tasks,
         }
-    }
-}
-
-/// The API status code of a failed request, if the server answered.
-fn api_code(e: &kube::Error) -> Option<u16> {
-    match e {
-        kube::Error::Api(s) => Some(s.code),
-        _ => None,
-    }
-}
-
-/// Whether an API error means the object is gone.
-fn is_not_found(e: &kube::Error) -> bool {
-    api_code(e) == Some(404)
-}
-
-/// The backoff of every retry loop here, up to `max`.
-fn retry_backoff(max: Duration) -> ExponentialBackoff {
-    ExponentialBackoff::new(RETRY_MIN, max, RETRY_JITTER)
-}
-
-/// Sleeps for the next backoff delay; false when shutdown came first.
-async fn pause(backoff: &mut ExponentialBackoff, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        () = shutdown.cancelled() => false,
-        () = tokio::time::sleep(backoff.next_delay()) => true,
     }
 }

@@ -9,8 +9,8 @@ use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::retry::{api_code, is_not_found, pause, retry_backoff};
 use super::works::remove_finalizer;
-use super::{api_code, is_not_found, pause, retry_backoff};
 use crate::outbox::Outbox;
 use spokelet_base::lock::lock;
 use spokelet_work_api::source::{SinkError, StatusSink, StatusUpdate};

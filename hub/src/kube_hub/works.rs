@@ -10,9 +10,12 @@ use kube::runtime::watcher::{self, Event};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{CLEANUP_FINALIZER, api_code, is_not_found, pause, retry_backoff};
+use super::retry::{api_code, is_not_found, pause, retry_backoff};
 use spokelet_work_api::manifestwork::{GROUP, ManifestWork, VERSION};
 use spokelet_work_api::source::{Listing, WorkEvent, WorkRef};
+
+/// Finalizer that keeps a hub work until the agent has cleaned up after it.
+pub const CLEANUP_FINALIZER: &str = "cluster.open-cluster-management.io/manifest-work-cleanup";
 
 /// Attempts at removing the finalizer when the work keeps changing under us (409 Conflict).
 const FINALIZER_CONFLICT_ATTEMPTS: u32 = 5;

@@ -13,10 +13,14 @@ use spokelet_flux::build::{BuildError, BuildLimits, Overlay, build};
 use spokelet_flux::objects::{FluxObject, KustomizationSpec};
 use spokelet_flux::substitute;
 
-use super::readiness::{Failure, Reason};
-use super::{NAME_LABEL, NAMESPACE_LABEL};
+use super::reasons::{Failure, Reason};
 use crate::manifestwork::Manifest;
 use crate::validate::WorkLimits;
+
+/// The labels Flux's kustomize-controller puts on what it applies; kept so tools that look
+/// for them (and `kubectl get -l`) find objects from artifacts the same way.
+pub const NAME_LABEL: &str = "kustomize.toolkit.fluxcd.io/name";
+pub const NAMESPACE_LABEL: &str = "kustomize.toolkit.fluxcd.io/namespace";
 
 /// Builds (in a blocking task: it reads files), substitutes and labels the objects.
 pub(super) async fn build_objects(

@@ -12,43 +12,13 @@ use spokelet_flux::build::BuildLimits;
 use spokelet_flux::objects::{self, FluxKind, FluxObject, KustomizationSpec};
 use tokio::time::Instant;
 
+use super::build::{NAME_LABEL, NAMESPACE_LABEL};
 use super::build::{build_key, build_objects, variables};
-use super::readiness::{Cond, Failure, Native, Reason, Status};
-use super::{FluxMemory, NAME_LABEL, NAMESPACE_LABEL, Step, append, refused_by_policy};
+use super::memory::{BuildMemory, FluxMemory};
+use super::readiness::Native;
+use super::reasons::{Cond, Failure, Reason, Status};
+use super::step::{Step, append, refused_by_policy};
 use crate::expand::Expansion;
-use crate::manifestwork::Manifest;
-
-/// A Kustomization's last build, kept between the work's reconciles.
-#[derive(Debug)]
-pub(super) struct BuildMemory {
-    /// Hash of what the build came from (revision, spec, variables).
-    key: String,
-    /// Hash of the revision and spec alone: while it holds and the interval lasts, the build
-    /// is reused without reading the variables again.
-    source_key: String,
-    /// The last good build.
-    manifests: Arc<Vec<Manifest>>,
-    pub(super) revision: String,
-    built: Instant,
-    /// The revision whose objects were all applied (and healthy, with `wait`).
-    pub(super) last_applied: Option<String>,
-    pub(super) ready: bool,
-}
-
-impl BuildMemory {
-    /// The same objects again, built at `built`, not yet applied.
-    fn again(&self, built: Instant) -> BuildMemory {
-        BuildMemory {
-            key: self.key.clone(),
-            source_key: self.source_key.clone(),
-            manifests: self.manifests.clone(),
-            revision: self.revision.clone(),
-            built,
-            last_applied: None,
-            ready: false,
-        }
-    }
-}
 
 /// What every Kustomization of a work is built with.
 pub(super) struct KustomizationStep<'a> {

@@ -6,9 +6,10 @@
 //! feedback values.
 //!
 //! By its steps: [`FluxExpander`]'s expand runs each source through `source_step` and each
-//! Kustomization through `kustomization_step` (its build in `build`); its finish, after the
-//! applies, judges each entry (`readiness`: typed conditions, reasons as an enum). What a
-//! work's Flux objects fetched and built is kept in its [`FluxMemory`] between reconciles: a
+//! Kustomization through `kustomization_step` (its build in `build`), with what they share in
+//! `step`; its finish, after the applies, judges each entry (`readiness`; the typed conditions
+//! and reasons are in `reasons`). What a work's Flux objects fetched and built is kept in its
+//! `FluxMemory` (`memory`) between reconciles: a
 //! reconcile caused by drift costs no registry request and no build, and a source is looked at
 //! again only when its `interval` has passed.
 //!
@@ -18,8 +19,11 @@
 
 mod build;
 mod kustomization_step;
+mod memory;
 mod readiness;
+mod reasons;
 mod source_step;
+mod step;
 mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -28,24 +32,21 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use serde_json::Value;
 use spokelet_artifact::registry::Pulled;
-use spokelet_flux::objects::{FluxKind, FluxObject, ReadRef};
+use spokelet_flux::objects::FluxKind;
 /// Re-exported: the agent's setting lives with the Flux crate.
 pub use spokelet_flux::settings::FluxObjects;
 pub use spokelet_flux::source::InsecureRegistries;
 
-use self::kustomization_step::{BuildMemory, KustomizationStep};
+pub use self::build::{NAME_LABEL, NAMESPACE_LABEL};
+use self::kustomization_step::KustomizationStep;
+use self::memory::FluxMemory;
 use self::readiness::Native;
-use self::source_step::{SourceMemory, source_step};
-use self::support::{FluxSupport, LayerHold};
+use self::source_step::source_step;
+use self::step::Step;
+use self::support::FluxSupport;
 use crate::expand::{Detail, ExpandInput, Expander, ExpanderMemory, Expansion};
-use crate::manifestwork::{Manifest, ManifestWork};
-use crate::policy::{Policy, Target};
+use crate::manifestwork::ManifestWork;
 use crate::result::ManifestResult;
-
-/// The labels Flux's kustomize-controller puts on what it applies; kept so tools that look
-/// for them (and `kubectl get -l`) find objects from artifacts the same way.
-pub const NAME_LABEL: &str = "kustomize.toolkit.fluxcd.io/name";
-pub const NAMESPACE_LABEL: &str = "kustomize.toolkit.fluxcd.io/namespace";
 
 /// Flux's `OCIRepository` and `Kustomization` as the engine's [`Expander`].
 #[derive(Debug)]
@@ -98,43 +99,6 @@ impl Expander for FluxExpander {
 
 /// The work's Flux entries in this reconcile, by ordinal: the expansion's [`Detail`].
 type Natives = BTreeMap<usize, Native>;
-
-/// What a work's Flux objects fetched and built, kept between its reconciles.
-#[derive(Debug, Default)]
-pub(crate) struct FluxMemory {
-    /// By `namespace/name` of the OCIRepository.
-    sources: HashMap<String, SourceMemory>,
-    /// By `namespace/name` of the Kustomization.
-    builds: HashMap<String, BuildMemory>,
-    /// The cache layers its sources use, kept from garbage collection while it lives.
-    hold: Option<LayerHold>,
-}
-
-impl FluxMemory {
-    /// Records whether Kustomization `id`'s build is ready; a ready build's revision is the
-    /// applied one.
-    fn built(&mut self, id: &str, ready: bool) {
-        if let Some(b) = self.builds.get_mut(id) {
-            b.ready = ready;
-            if ready {
-                b.last_applied = Some(b.revision.clone());
-            }
-        }
-    }
-
-    /// Kustomization `id`'s applied revision (if any) and the one last attempted.
-    fn revisions(&self, id: &str) -> Option<(Option<String>, String)> {
-        self.builds
-            .get(id)
-            .map(|b| (b.last_applied.clone(), b.revision.clone()))
-    }
-}
-
-/// What the steps share while expanding one work.
-pub(crate) struct Step<'a> {
-    pub(crate) support: &'a FluxSupport,
-    pub(crate) input: &'a ExpandInput<'a>,
-}
 
 /// Fetches and builds the work's Flux objects. None when it has none.
 ///
@@ -205,41 +169,4 @@ fn flux_manifests(work: &ManifestWork) -> (Ordinals, Ordinals) {
         }
     }
     (repos, kustomizations)
-}
-
-/// Why the write policy refuses a Flux object or a Secret or ConfigMap it reads, if it does.
-/// What a Flux object reads is held to the rules of what a work writes: a work may not have
-/// the agent read (and substitute, or send to a registry) what it could not write itself.
-fn refused_by_policy<S>(
-    policy: &Policy,
-    kind: FluxKind,
-    obj: &FluxObject<S>,
-    reads: &[ReadRef],
-) -> Option<String> {
-    let (ns, name) = (obj.namespace.as_str(), obj.name.as_str());
-    if let Err(d) = policy.check(&Target::new(kind.group(), kind.name(), ns, name)) {
-        return Some(format!("{} {ns}/{name}: {d}", kind.name()));
-    }
-    reads.iter().find_map(|r| {
-        policy
-            .check(&Target::new("", r.kind, ns, &r.name))
-            .err()
-            .map(|d| {
-                format!(
-                    "{} {ns}/{} ({} of {} {name}): {d}",
-                    r.kind,
-                    r.name,
-                    r.field,
-                    kind.name()
-                )
-            })
-    })
-}
-
-/// Appends a build's manifests to the expansion as the Kustomization's objects.
-fn append(x: &mut Expansion, native: &mut Native, manifests: &[Manifest], first_built: usize) {
-    let start = first_built + x.built.len();
-    x.built.extend(manifests.iter().cloned());
-    native.objects = start..first_built + x.built.len();
-    native.usable = true;
 }

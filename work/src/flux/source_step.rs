@@ -1,48 +1,18 @@
 //! One `OCIRepository` of a work: fetched when due, its last good artifact kept through
 //! failures, its status entry built from what it holds.
 
-use std::time::Duration;
-
 use serde_json::Value;
 use spokelet_artifact::registry::Pulled;
 use spokelet_flux::objects::{self, FluxKind, FluxObject, OciRepositorySpec};
 use spokelet_flux::source::SourceError;
 use tokio::time::Instant;
 
-use super::readiness::{Cond, Failure, Native, Reason, Status, string_value};
+use super::memory::{FluxMemory, SourceMemory};
+use super::readiness::{Native, string_value};
+use super::reasons::{Cond, Failure, Reason, Status};
+use super::step::{Step, refused_by_policy};
 use super::support::FluxSupport;
-use super::{FluxMemory, Step, refused_by_policy};
 use crate::expand::Expansion;
-
-/// How soon a failed source is looked at again (or its interval, when shorter): a registry
-/// that was down is retried without waiting an interval of often many minutes.
-const FAILED_SOURCE_RECHECK: Duration = Duration::from_secs(10);
-
-/// What a source fetched, kept between the work's reconciles.
-#[derive(Debug)]
-pub(super) struct SourceMemory {
-    /// The spec last fetched for: a changed spec is fetched again at once.
-    spec: OciRepositorySpec,
-    /// The last good artifact (kept through failures).
-    pub(super) pulled: Option<Pulled>,
-    checked: Instant,
-    /// Why the last fetch failed.
-    error: Option<Failure>,
-    /// The last fetch failed its signature verification.
-    unverified: bool,
-}
-
-impl SourceMemory {
-    /// How long after its last look the source is looked at again: its interval, or sooner
-    /// after a failure.
-    fn wait(&self) -> Duration {
-        if self.error.is_some() {
-            self.spec.interval.min(FAILED_SOURCE_RECHECK)
-        } else {
-            self.spec.interval
-        }
-    }
-}
 
 /// Whether a source with `spec` is to be fetched at `now`, given what it fetched before.
 fn fetch_due(known: Option<&SourceMemory>, spec: &OciRepositorySpec, now: Instant) -> bool {
@@ -210,6 +180,8 @@ fn verified(m: &SourceMemory) -> Cond {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flux::memory::FAILED_SOURCE_RECHECK;
+    use std::time::Duration;
 
     fn spec(interval: &str) -> OciRepositorySpec {
         let v = serde_json::json!({"apiVersion": "source.toolkit.fluxcd.io/v1", "kind": "OCIRepository",
