@@ -5,11 +5,30 @@
 
 use std::time::Duration;
 
+/// Why a duration does not parse; its message names the input.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("empty duration")]
+    Empty,
+    #[error("invalid duration {input:?}: expected a number before {before:?}")]
+    NoNumber { input: String, before: String },
+    #[error("invalid number {number:?} in duration {input:?}")]
+    BadNumber { input: String, number: String },
+    #[error("invalid duration {input:?}: missing unit after {number} (ms, s, m, h)")]
+    NoUnit { input: String, number: String },
+    #[error("invalid duration {input:?}: unknown unit {unit:?} (ms, s, m, h)")]
+    UnknownUnit { input: String, unit: String },
+    #[error("invalid duration {input:?}: {reason}")]
+    OutOfRange { input: String, reason: String },
+    #[error("invalid duration {input:?}: too long")]
+    TooLong { input: String },
+}
+
 /// Parse a duration such as `250ms`, `30s`, `5m`, `1h`, `1h30m`, or a bare number of seconds.
-pub fn parse_duration(input: &str) -> Result<Duration, String> {
+pub fn parse_duration(input: &str) -> Result<Duration, DurationError> {
     let s = input.trim();
     if s.is_empty() {
-        return Err("empty duration".into());
+        return Err(DurationError::Empty);
     }
     if let Ok(secs) = s.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
@@ -21,14 +40,16 @@ pub fn parse_duration(input: &str) -> Result<Duration, String> {
             .find(|c: char| !c.is_ascii_digit() && c != '.')
             .unwrap_or(rest.len());
         if digits == 0 {
-            return Err(format!(
-                "invalid duration {input:?}: expected a number before {rest:?}"
-            ));
+            return Err(DurationError::NoNumber {
+                input: input.into(),
+                before: rest.into(),
+            });
         }
         let (num, tail) = rest.split_at(digits);
-        let value: f64 = num
-            .parse()
-            .map_err(|_| format!("invalid number {num:?} in duration {input:?}"))?;
+        let value: f64 = num.parse().map_err(|_| DurationError::BadNumber {
+            input: input.into(),
+            number: num.into(),
+        })?;
         let unit_len = tail.find(|c: char| c.is_ascii_digit()).unwrap_or(tail.len());
         let (unit, tail) = tail.split_at(unit_len);
         let seconds = match unit {
@@ -37,21 +58,25 @@ pub fn parse_duration(input: &str) -> Result<Duration, String> {
             "m" => value * 60.0,
             "h" => value * 3600.0,
             "" => {
-                return Err(format!(
-                    "invalid duration {input:?}: missing unit after {num} (ms, s, m, h)"
-                ));
+                return Err(DurationError::NoUnit {
+                    input: input.into(),
+                    number: num.into(),
+                });
             }
             other => {
-                return Err(format!(
-                    "invalid duration {input:?}: unknown unit {other:?} (ms, s, m, h)"
-                ));
+                return Err(DurationError::UnknownUnit {
+                    input: input.into(),
+                    unit: other.into(),
+                });
             }
         };
-        let part =
-            Duration::try_from_secs_f64(seconds).map_err(|e| format!("invalid duration {input:?}: {e}"))?;
+        let part = Duration::try_from_secs_f64(seconds).map_err(|e| DurationError::OutOfRange {
+            input: input.into(),
+            reason: e.to_string(),
+        })?;
         total = total
             .checked_add(part)
-            .ok_or_else(|| format!("invalid duration {input:?}: too long"))?;
+            .ok_or_else(|| DurationError::TooLong { input: input.into() })?;
         rest = tail;
     }
     Ok(total)
@@ -64,7 +89,7 @@ mod tests {
     #[test]
     fn parts_adding_up_past_the_largest_duration_are_an_error() {
         let e = parse_duration("10000000000000000000s10000000000000000000s").unwrap_err();
-        assert!(e.contains("too long"), "{e}");
+        assert!(e.to_string().contains("too long"), "{e}");
     }
 
     #[test]

@@ -493,13 +493,13 @@ fn typed<S: serde::de::DeserializeOwned>(
 }
 
 /// A Flux duration field (the same notation as spokelet's own settings), its error naming it.
-fn duration(text: &str, field: &str) -> Result<Duration, String> {
-    parse_duration(text).map_err(|e| format!("spec.{field}: {e}"))
+fn duration<E: serde::de::Error>(text: &str, field: &str) -> Result<Duration, E> {
+    parse_duration(text).map_err(|e| E::custom(format_args!("spec.{field}: {e}")))
 }
 
 /// `spec.interval`, parsed as the spec is read.
 fn interval<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    duration(&String::deserialize(d)?, "interval").map_err(serde::de::Error::custom)
+    duration(&String::deserialize(d)?, "interval")
 }
 
 /// An optional duration field, parsed as the spec is read.
@@ -508,7 +508,7 @@ fn optional_duration<'de, D: serde::Deserializer<'de>>(
     field: &str,
 ) -> Result<Option<Duration>, D::Error> {
     Option::<String>::deserialize(d)?
-        .map(|text| duration(&text, field).map_err(serde::de::Error::custom))
+        .map(|text| duration(&text, field))
         .transpose()
 }
 

@@ -40,6 +40,7 @@ pub(crate) mod prune;
 pub(crate) mod reconcile;
 pub(crate) mod result;
 pub mod schedule;
+pub(crate) mod startup;
 pub(crate) mod status;
 pub(crate) mod status_fit;
 pub mod validate;
