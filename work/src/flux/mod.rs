@@ -70,12 +70,18 @@ impl Expander for FluxExpander {
         memory: &'a mut ExpanderMemory,
     ) -> BoxFuture<'a, Option<Expansion>> {
         Box::pin(async move {
-            let x = expand(&self.support, &input, memory.get::<FluxMemory>()).await;
-            if x.is_none() {
-                // Its holds go with it.
+            let (repos, kustomizations) = flux_manifests(input.work);
+            if repos.is_empty() && kustomizations.is_empty() {
+                // Nothing to expand: the memory (and its holds) go, and a work that never had
+                // Flux objects costs no allocation here.
                 memory.clear();
+                return None;
             }
-            x
+            let found = FluxManifests {
+                repos,
+                kustomizations,
+            };
+            Some(expand(&self.support, &input, found, memory.get::<FluxMemory>()).await)
         })
     }
 
@@ -100,20 +106,21 @@ impl Expander for FluxExpander {
 /// The work's Flux entries in this reconcile, by ordinal: the expansion's [`Detail`].
 type Natives = BTreeMap<usize, Native>;
 
-/// Fetches and builds the work's Flux objects. None when it has none.
+/// Fetches and builds the work's Flux objects (`found`, at least one).
 ///
 /// Every Secret and ConfigMap the Flux objects name is read as `input.reader`, the work's
 /// identity, and only after the write policy allowed the Flux object and what it reads.
 async fn expand(
     support: &FluxSupport,
     input: &ExpandInput<'_>,
+    found: FluxManifests,
     memory: &mut FluxMemory,
-) -> Option<Expansion> {
+) -> Expansion {
     let work = input.work;
-    let (repos, kustomizations) = flux_manifests(work);
-    if repos.is_empty() && kustomizations.is_empty() {
-        return None;
-    }
+    let FluxManifests {
+        repos,
+        kustomizations,
+    } = found;
     let _expanding = support.expansions.clone().acquire_owned().await.ok();
     let step = Step { support, input };
     let mut x = Expansion::default();
@@ -150,11 +157,17 @@ async fn expand(
     memory.builds.retain(|k, _| ids.contains(k));
     x.handled = natives.keys().copied().collect();
     x.detail = Detail::new(natives);
-    Some(x)
+    x
 }
 
 /// The work's OCIRepository and Kustomization manifests, by ordinal.
 type Ordinals = Vec<(usize, Value)>;
+
+/// The work's Flux manifests, found once per reconcile.
+struct FluxManifests {
+    repos: Ordinals,
+    kustomizations: Ordinals,
+}
 
 fn flux_manifests(work: &ManifestWork) -> (Ordinals, Ordinals) {
     let mut repos = Vec::new();
